@@ -1,0 +1,1 @@
+"""fleetgate broker: the mTLS MQTT broker (built in a later issue)."""

@@ -1,0 +1,200 @@
+"""The fleet's private CA: an offline-style root and an online issuing intermediate.
+
+Both keys are encrypted at rest with the operator's passphrase; the root key is only decrypted by
+``ca init``. Everything day-to-day (device, station and server certificates, CRLs) is signed by
+the issuing key. File layout under ``<home>/ca``::
+
+    root.crt  root.key (encrypted)  issuing.crt  issuing.key (encrypted)
+    chain.pem (issuing + root)      server.crt (+ issuing)  server.key (0600)   crl.der
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from enrollment import profiles
+from enrollment.config import Config
+from enrollment.errors import CANotInitialised, CAPassphraseError, ConfigError
+from enrollment.keyfiles import load_certificates, load_private_key, write_certificates
+from enrollment.keyfiles import write_private_key
+from enrollment.profiles import Issuer, Profile, RevocationPointers, Subject
+
+ROOT_VALIDITY = dt.timedelta(days=365 * 20)
+ISSUING_VALIDITY = dt.timedelta(days=365 * 5)
+
+
+@dataclass(frozen=True)
+class CAPaths:
+    """Where one data directory keeps its CA material."""
+
+    directory: Path
+
+    @property
+    def root_cert(self) -> Path:
+        return self.directory / "root.crt"
+
+    @property
+    def root_key(self) -> Path:
+        return self.directory / "root.key"
+
+    @property
+    def issuing_cert(self) -> Path:
+        return self.directory / "issuing.crt"
+
+    @property
+    def issuing_key(self) -> Path:
+        return self.directory / "issuing.key"
+
+    @property
+    def chain(self) -> Path:
+        return self.directory / "chain.pem"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.directory / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.directory / "server.key"
+
+    @property
+    def crl(self) -> Path:
+        return self.directory / "crl.der"
+
+
+@dataclass(frozen=True)
+class TrustAnchors:
+    """The public half of the CA, enough to verify fleet certificates."""
+
+    root: x509.Certificate
+    issuing: x509.Certificate
+
+
+class CertificateAuthority:
+    """The issuing CA, unlocked: signs certificates and CRLs with the issuing key."""
+
+    def __init__(self, config: Config, anchors: TrustAnchors, issuing_key: ec.EllipticCurvePrivateKey):
+        self.config = config
+        self.anchors = anchors
+        self._issuer = Issuer(key=issuing_key, certificate=anchors.issuing)
+
+    @property
+    def issuer(self) -> Issuer:
+        return self._issuer
+
+    def pointers(self) -> RevocationPointers:
+        return RevocationPointers(crl_url=self.config.ca.crl_url, ocsp_url=self.config.ca.ocsp_url)
+
+    def issue(
+        self,
+        profile: Profile,
+        subject: Subject,
+        public_key: ec.EllipticCurvePublicKey,
+        validity: dt.timedelta,
+        now: dt.datetime | None = None,
+    ) -> x509.Certificate:
+        return profiles.build_certificate(
+            profile,
+            subject=subject,
+            public_key=public_key,
+            issuer=self._issuer,
+            validity=validity,
+            now=now or dt.datetime.now(dt.UTC),
+            pointers=self.pointers(),
+        )
+
+
+def ca_paths(config: Config) -> CAPaths:
+    return CAPaths(config.ca_dir)
+
+
+def is_initialised(config: Config) -> bool:
+    return ca_paths(config).issuing_key.exists()
+
+
+def init_ca(config: Config, *, curve: str | None = None, force: bool = False) -> TrustAnchors:
+    """Create the root and issuing CA and the enrollment server's certificate."""
+    paths = ca_paths(config)
+    if paths.issuing_key.exists() and not force:
+        raise ConfigError(
+            f"a CA already exists in {paths.directory}; pass --force to replace it "
+            "(every certificate it issued stops verifying)"
+        )
+    passphrase = config.read_passphrase()
+    if not passphrase or len(passphrase) < 8:
+        raise CAPassphraseError(
+            "CA keys are encrypted at rest: set FLEETGATE_CA_PASSPHRASE (8+ characters) "
+            "or ca.passphrase_file before `fleetgate ca init`"
+        )
+    curve_name = curve or config.ca.root_curve
+    if curve_name not in profiles.CURVES:
+        raise ConfigError(f"root curve {curve_name!r} is not supported; use P-256 or P-384")
+    now = dt.datetime.now(dt.UTC)
+    root_key = ec.generate_private_key(profiles.CURVES[curve_name])
+    root = profiles.build_certificate(
+        profiles.ROOT,
+        subject=Subject(common_name="fleetgate root CA"),
+        public_key=root_key.public_key(),
+        issuer=Issuer(key=root_key, certificate=None),
+        validity=ROOT_VALIDITY,
+        now=now,
+    )
+    issuing_key = ec.generate_private_key(ec.SECP256R1())
+    issuing = profiles.build_certificate(
+        profiles.ISSUING,
+        subject=Subject(common_name="fleetgate issuing CA"),
+        public_key=issuing_key.public_key(),
+        issuer=Issuer(key=root_key, certificate=root),
+        validity=ISSUING_VALIDITY,
+        now=now,
+    )
+    paths.directory.mkdir(parents=True, exist_ok=True)
+    paths.directory.chmod(0o700)
+    write_private_key(paths.root_key, root_key, passphrase)
+    write_private_key(paths.issuing_key, issuing_key, passphrase)
+    write_certificates(paths.root_cert, [root])
+    write_certificates(paths.issuing_cert, [issuing])
+    write_certificates(paths.chain, [issuing, root])
+    anchors = TrustAnchors(root=root, issuing=issuing)
+    ensure_server_certificate(CertificateAuthority(config, anchors, issuing_key), replace=True)
+    return anchors
+
+
+def load_anchors(config: Config) -> TrustAnchors:
+    paths = ca_paths(config)
+    if not paths.issuing_cert.exists():
+        raise CANotInitialised(
+            f"no CA in {paths.directory}: run `fleetgate ca init` (FLEETGATE_HOME={config.home})"
+        )
+    return TrustAnchors(
+        root=load_certificates(paths.root_cert)[0], issuing=load_certificates(paths.issuing_cert)[0]
+    )
+
+
+def load_ca(config: Config) -> CertificateAuthority:
+    """Unlock the issuing CA with the configured passphrase."""
+    anchors = load_anchors(config)
+    key = load_private_key(ca_paths(config).issuing_key, config.read_passphrase())
+    return CertificateAuthority(config, anchors, key)
+
+
+def ensure_server_certificate(ca: CertificateAuthority, *, replace: bool = False) -> CAPaths:
+    """Issue the HTTPS server certificate (serverAuth, names from config) if it is missing."""
+    paths = ca_paths(ca.config)
+    if paths.server_cert.exists() and not replace:
+        return paths
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = ca.issue(
+        profiles.SERVER,
+        profiles.server_subject(ca.config.enrollment.server_names),
+        key.public_key(),
+        dt.timedelta(days=ca.config.ca.server_validity_days),
+    )
+    write_private_key(paths.server_key, key)
+    write_certificates(paths.server_cert, [cert, ca.anchors.issuing])
+    return paths

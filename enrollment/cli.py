@@ -1,0 +1,342 @@
+"""``fleetgate``: the admin command line (Typer).
+
+Human tables by default, ``--json`` for scripts; failures print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import datetime as dt
+import getpass
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from enrollment import ca as ca_module
+from enrollment import jsonlog
+from enrollment.config import CONFIG_FILE, DEFAULT_CONFIG_TOML, Config, load_config
+from enrollment.errors import FleetgateError
+from enrollment.keyfiles import write_certificates, write_private_key
+from enrollment.registry import DeviceState, Registry, SubjectKind
+from enrollment.registry.models import as_utc
+from enrollment.service import EnrollmentService
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+ca_app = typer.Typer(no_args_is_help=True, help="Create and inspect the fleet CA.")
+station_app = typer.Typer(no_args_is_help=True, help="Production-line stations allowed to enroll.")
+batch_app = typer.Typer(no_args_is_help=True, help="Device ids a station may enroll.")
+device_app = typer.Typer(no_args_is_help=True, help="Enrolled devices: inspect, suspend, revoke.")
+crl_app = typer.Typer(no_args_is_help=True, help="Certificate revocation lists.")
+serve_app = typer.Typer(no_args_is_help=True, help="Run fleetgate services.")
+app.add_typer(ca_app, name="ca")
+app.add_typer(station_app, name="station")
+app.add_typer(batch_app, name="batch")
+app.add_typer(device_app, name="device")
+app.add_typer(crl_app, name="crl")
+app.add_typer(serve_app, name="serve")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+_state: dict[str, Path | None] = {"home": None}
+
+
+@app.callback()
+def _main(
+    home: Annotated[
+        Path | None, typer.Option("--home", envvar="FLEETGATE_HOME", help="Data directory.")
+    ] = None,
+) -> None:
+    _state["home"] = home
+
+
+def _config() -> Config:
+    return load_config(_state["home"])
+
+
+def _actor() -> str:
+    return f"admin:{getpass.getuser()}"
+
+
+def _service(config: Config) -> EnrollmentService:
+    return EnrollmentService(ca_module.load_ca(config), Registry(config.database_url))
+
+
+def _registry(config: Config) -> Registry:
+    ca_module.load_anchors(config)  # a clear "run ca init" error before touching the database
+    return Registry(config.database_url)
+
+
+def _when(value: dt.datetime | None) -> str:
+    return as_utc(value).strftime("%Y-%m-%d %H:%M:%SZ") if value else "-"
+
+
+def _emit(rows: Sequence[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(list(rows), indent=2, default=str))
+        return
+    if not rows:
+        typer.echo("(none)")
+        return
+    headers = list(rows[0])
+    cells = [[str(r[h]) for h in headers] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    typer.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in cells:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cert_summary(cert: x509.Certificate) -> dict[str, Any]:
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "serial": f"{cert.serial_number:x}",
+        "not_after": _when(cert.not_valid_after_utc),
+        "key": f"EC {cert.public_key().curve.name}",  # type: ignore[union-attr]
+    }
+
+
+# -- ca ----------------------------------------------------------------------------------------
+
+
+@ca_app.command("init")
+def ca_init(
+    curve: Annotated[str, typer.Option(help="Root key curve: P-256 or P-384.")] = "",
+    force: Annotated[bool, typer.Option(help="Replace an existing CA.")] = False,
+) -> None:
+    """Create the root and issuing CA (keys encrypted with FLEETGATE_CA_PASSPHRASE)."""
+    config = _config()
+    config.home.mkdir(parents=True, exist_ok=True)
+    if not (config.home / CONFIG_FILE).exists():
+        (config.home / CONFIG_FILE).write_text(DEFAULT_CONFIG_TOML)
+    anchors = ca_module.init_ca(config, curve=curve or None, force=force)
+    registry = Registry(config.database_url)
+    _service(config).publish_crl()
+    from enrollment.registry import AuditRecord
+
+    registry.audit(AuditRecord(_actor(), "ca.init", "ok", None, f"root {_cert_summary(anchors.root)['serial']}"))
+    typer.echo(f"CA created in {config.ca_dir}")
+    typer.echo(f"  root:    {anchors.root.subject.rfc4514_string()}")
+    typer.echo(f"  issuing: {anchors.issuing.subject.rfc4514_string()}")
+    typer.echo(f"  trust anchor for devices and brokers: {config.ca_dir / 'root.crt'}")
+
+
+@ca_app.command("show")
+def ca_show(as_json: JsonFlag = False) -> None:
+    """Show the root and issuing CA certificates."""
+    anchors = ca_module.load_anchors(_config())
+    rows = [{"role": "root", **_cert_summary(anchors.root)}, {"role": "issuing", **_cert_summary(anchors.issuing)}]
+    _emit(rows, as_json)
+
+
+# -- stations ----------------------------------------------------------------------------------
+
+
+@station_app.command("add")
+def station_add(
+    name: str,
+    out: Annotated[Path | None, typer.Option(help="Directory for the station's key and cert.")] = None,
+) -> None:
+    """Issue a station certificate; its key is written 0600 beside it."""
+    config = _config()
+    key, cert = _service(config).add_station(name, actor=_actor())
+    directory = out or config.stations_dir / name
+    write_private_key(directory / "station.key", key)
+    write_certificates(directory / "station.crt", [cert, ca_module.load_anchors(config).issuing])
+    typer.echo(f"station {name} added; key and certificate in {directory}")
+
+
+@station_app.command("list")
+def station_list(as_json: JsonFlag = False) -> None:
+    """List stations."""
+    registry = _registry(_config())
+    rows = []
+    for station in registry.stations():
+        certs = registry.certificates_of(SubjectKind.STATION, station.id)
+        rows.append(
+            {
+                "id": station.id,
+                "state": station.state.value,
+                "certificate": certs[-1].serial if certs else "-",
+                "expires": _when(certs[-1].not_after) if certs else "-",
+            }
+        )
+    _emit(rows, as_json)
+
+
+@station_app.command("revoke")
+def station_revoke(
+    name: str, reason: Annotated[str, typer.Option(help="RFC 5280 reason.")] = "keyCompromise"
+) -> None:
+    """Revoke a station: it can enroll nothing more; the CRL is regenerated."""
+    _service(_config()).revoke_station(name, reason=reason, actor=_actor())
+    typer.echo(f"station {name} revoked ({reason}); CRL regenerated")
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+
+@batch_app.command("add")
+def batch_add(
+    station: str,
+    device_ids: list[str],
+    group: Annotated[str, typer.Option(help="Device group (selects ACL templates).")] = "default",
+    label: Annotated[str, typer.Option(help="Free-text label, e.g. a work order.")] = "",
+) -> None:
+    """Allow STATION to enroll DEVICE_IDS (all are added, or none)."""
+    batch_id = _registry(_config()).add_batch(station, device_ids, group=group, label=label, actor=_actor())
+    typer.echo(f"batch {batch_id}: station {station} may enroll {len(device_ids)} device(s)")
+
+
+@batch_app.command("import")
+def batch_import(csv_file: Path) -> None:
+    """Import batches from CSV with columns station,device_id[,group]."""
+    by_key: dict[tuple[str, str], list[str]] = {}
+    with csv_file.open(newline="") as handle:
+        for line, row in enumerate(csv.DictReader(handle), start=2):
+            if not row.get("station") or not row.get("device_id"):
+                raise typer.BadParameter(f"{csv_file}:{line}: needs 'station' and 'device_id' columns")
+            key = (row["station"].strip(), (row.get("group") or "default").strip())
+            by_key.setdefault(key, []).append(row["device_id"].strip())
+    registry = _registry(_config())
+    for (station, group), ids in by_key.items():
+        batch_id = registry.add_batch(station, ids, group=group, label=csv_file.name, actor=_actor())
+        typer.echo(f"batch {batch_id}: station {station} may enroll {len(ids)} device(s) in group {group}")
+
+
+# -- devices -----------------------------------------------------------------------------------
+
+
+@device_app.command("list")
+def device_list(
+    state: Annotated[DeviceState | None, typer.Option(help="Only devices in this state.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """List devices."""
+    rows = [
+        {"id": d.id, "group": d.group, "state": d.state.value, "station": d.station_id or "-", "updated": _when(d.updated_at)}
+        for d in _registry(_config()).devices(state=state)
+    ]
+    _emit(rows, as_json)
+
+
+@device_app.command("show")
+def device_show(device_id: str, as_json: JsonFlag = False) -> None:
+    """Show one device and its certificates."""
+    registry = _registry(_config())
+    device = registry.device(device_id)
+    certs = [
+        {
+            "serial": c.serial,
+            "status": c.status.value,
+            "not_after": _when(c.not_after),
+            "sha256": c.fingerprint_sha256,
+            "revoked": f"{_when(c.revoked_at)} {c.revocation_reason}" if c.revoked_at else "-",
+        }
+        for c in registry.certificates_of(SubjectKind.DEVICE, device_id)
+    ]
+    info = {"id": device.id, "group": device.group, "state": device.state.value, "station": device.station_id}
+    if as_json:
+        typer.echo(json.dumps({**info, "certificates": certs}, indent=2))
+        return
+    for key, value in info.items():
+        typer.echo(f"{key:8} {value}")
+    typer.echo("")
+    _emit(certs, False)
+
+
+def _change_device(device_id: str, target: DeviceState, reason: str, verb: str) -> None:
+    device, crl = _service(_config()).change_device(device_id, target, reason=reason, actor=_actor())
+    typer.echo(f"device {device.id} {verb}; CRL regenerated ({len(list(crl))} entries)")
+
+
+@device_app.command("suspend")
+def device_suspend(device_id: str, reason: Annotated[str, typer.Option()] = "certificateHold") -> None:
+    """Suspend a device (its certificate goes on hold in the CRL)."""
+    _change_device(device_id, DeviceState.SUSPENDED, reason, "suspended")
+
+
+@device_app.command("reinstate")
+def device_reinstate(device_id: str) -> None:
+    """Re-admit a suspended device (never a revoked one)."""
+    _change_device(device_id, DeviceState.ACTIVE, "reinstated", "reinstated")
+
+
+@device_app.command("revoke")
+def device_revoke(
+    device_id: str,
+    reason: Annotated[str, typer.Option(help="RFC 5280 reason, e.g. keyCompromise.")] = "unspecified",
+) -> None:
+    """Revoke a device for good: every certificate it holds goes into the CRL."""
+    _change_device(device_id, DeviceState.REVOKED, reason, f"revoked ({reason})")
+
+
+# -- crl / audit -------------------------------------------------------------------------------
+
+
+@crl_app.command("export")
+def crl_export(
+    out: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+    pem: Annotated[bool, typer.Option(help="PEM instead of DER.")] = False,
+) -> None:
+    """Sign a fresh CRL from the registry and export it."""
+    crl = _service(_config()).publish_crl()
+    data = crl.public_bytes(Encoding.PEM if pem else Encoding.DER)
+    if out is None:
+        sys.stdout.buffer.write(data)
+    else:
+        out.write_bytes(data)
+        typer.echo(f"CRL with {len(list(crl))} entries written to {out}", err=True)
+
+
+@app.command("audit")
+def audit(
+    device: Annotated[str | None, typer.Option(help="Only events about this device or station.")] = None,
+    limit: Annotated[int, typer.Option(help="How many of the latest events.")] = 50,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show the audit trail, oldest first."""
+    rows = [
+        {
+            "at": _when(e.at),
+            "actor": e.actor,
+            "action": e.action,
+            "subject": e.subject or "-",
+            "outcome": e.outcome,
+            "reason": e.reason,
+        }
+        for e in _registry(_config()).audit_events(subject=device, limit=limit)
+    ]
+    _emit(rows, as_json)
+
+
+@serve_app.command("enrollment")
+def serve_enrollment(
+    port: Annotated[int | None, typer.Option(help="Override enrollment.port.")] = None,
+) -> None:
+    """Serve EST over mutual TLS until interrupted."""
+    from enrollment.server import run_forever
+
+    config = _config()
+    if port is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, enrollment=dataclasses.replace(config.enrollment, port=port))
+    jsonlog.configure(config.log.level, config.logs_dir)
+    asyncio.run(run_forever(config))
+
+
+def main() -> None:
+    """Console entry point: typed errors become one line on stderr and exit code 1."""
+    try:
+        app()
+    except FleetgateError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise SystemExit(1) from None
+    except OSError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None

@@ -1,0 +1,189 @@
+"""Configuration: one data directory, one TOML file, ``FLEETGATE_*`` environment overrides.
+
+The data directory (``./fleet-data`` unless ``FLEETGATE_HOME`` says otherwise) holds
+``fleetgate.toml``, the registry database, CA material and logs. Every setting has a default that
+works on localhost, so an empty directory is a valid configuration. An environment variable
+``FLEETGATE_<SECTION>_<KEY>`` (e.g. ``FLEETGATE_ENROLLMENT_PORT``) overrides the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from enrollment.errors import ConfigError
+
+CONFIG_FILE = "fleetgate.toml"
+PASSPHRASE_ENV = "FLEETGATE_CA_PASSPHRASE"
+
+
+@dataclass(frozen=True)
+class CASettings:
+    """How the CA issues: curves, lifetimes and the URLs printed into certificates."""
+
+    root_curve: str = "P-256"
+    passphrase_file: str = ""
+    device_validity_days: int = 90
+    station_validity_days: int = 365
+    server_validity_days: int = 365
+    crl_next_update_hours: int = 24
+    crl_url: str = "https://localhost:8443/crl"
+    ocsp_url: str = "https://localhost:8443/ocsp"
+
+
+@dataclass(frozen=True)
+class EnrollmentSettings:
+    """The EST (RFC 7030) HTTPS endpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = 8443
+    server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
+    max_body_bytes: int = 16384
+    tls_handshake_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """The registry database; an empty URL means SQLite in the data directory."""
+
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """Structured logs: JSON lines on stderr and in ``logs/fleetgate.log``."""
+
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, bound to its data directory."""
+
+    home: Path
+    ca: CASettings = field(default_factory=CASettings)
+    enrollment: EnrollmentSettings = field(default_factory=EnrollmentSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.home / "ca"
+
+    @property
+    def stations_dir(self) -> Path:
+        return self.home / "stations"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.home / 'registry.db'}"
+
+    def read_passphrase(self) -> bytes | None:
+        """The CA passphrase from ``FLEETGATE_CA_PASSPHRASE`` or ``ca.passphrase_file``."""
+        value = os.environ.get(PASSPHRASE_ENV)
+        if value:
+            return value.encode()
+        if self.ca.passphrase_file:
+            path = Path(self.ca.passphrase_file)
+            if not path.is_absolute():
+                path = self.home / path
+            try:
+                return path.read_bytes().strip() or None
+            except OSError as exc:
+                raise ConfigError(f"cannot read CA passphrase file {path}: {exc.strerror}") from exc
+        return None
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "ca": CASettings,
+    "enrollment": EnrollmentSettings,
+    "database": DatabaseSettings,
+    "log": LogSettings,
+}
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("FLEETGATE_HOME", "fleet-data")).absolute()
+
+
+def load_config(home: Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Read ``<home>/fleetgate.toml`` (optional) and apply ``FLEETGATE_*`` overrides."""
+    home = (home or default_home()).absolute()
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    path = home / CONFIG_FILE
+    if path.exists():
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    unknown = set(raw) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)}")
+    sections = {
+        name: _build_section(name, cls, raw.get(name, {}), env) for name, cls in _SECTIONS.items()
+    }
+    return Config(home=home, **sections)
+
+
+def _build_section(name: str, cls: type[Any], table: dict[str, Any], env: Any) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(table) - set(fields)
+    if unknown:
+        raise ConfigError(f"[{name}] has unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
+    values: dict[str, Any] = {}
+    for key, fld in fields.items():
+        default = fld.default
+        env_name = f"FLEETGATE_{name.upper()}_{key.upper()}"
+        if env_name in env:
+            values[key] = _coerce(env_name, env[env_name], default)
+        elif key in table:
+            values[key] = _coerce(f"[{name}] {key}", table[key], default)
+    return cls(**values)
+
+
+def _coerce(where: str, value: Any, default: Any) -> Any:
+    """Convert a TOML or environment value to the type of the field's default."""
+    try:
+        if isinstance(default, bool):
+            return value if isinstance(value, bool) else str(value).lower() in {"1", "true", "yes"}
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(item).strip() for item in items if str(item).strip())
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {value!r} is not a valid {type(default).__name__}") from exc
+
+
+DEFAULT_CONFIG_TOML = """\
+# fleetgate configuration. Every key is optional; FLEETGATE_<SECTION>_<KEY> overrides it.
+# The CA passphrase is never stored here: set FLEETGATE_CA_PASSPHRASE or ca.passphrase_file.
+
+[ca]
+root_curve = "P-256"          # or "P-384"
+device_validity_days = 90
+crl_next_update_hours = 24
+crl_url = "https://localhost:8443/crl"
+ocsp_url = "https://localhost:8443/ocsp"
+
+[enrollment]
+host = "127.0.0.1"
+port = 8443
+server_names = ["localhost", "127.0.0.1"]
+max_body_bytes = 16384
+
+[database]
+url = ""                      # empty: SQLite at <home>/registry.db; or postgresql+psycopg://...
+"""

@@ -1,0 +1,146 @@
+"""EST (RFC 7030) over HTTPS: the wire format around :class:`EnrollmentService`.
+
+Bodies are base64 DER: PKCS#10 in, PKCS#7 certs-only out, so any EST client or ``curl`` works.
+Errors are ``text/plain`` with one line that says what went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import ssl
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
+
+from enrollment import jsonlog
+from enrollment.errors import FleetgateError
+from enrollment.registry import AuditRecord
+from enrollment.service import EnrollmentService
+
+log = logging.getLogger("fleetgate.est")
+
+EST_PREFIX = "/.well-known/est"
+PKCS7_CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
+
+# CsrAttrs (RFC 7030 section 4.5.2): ecdsa-with-SHA256, and id-ecPublicKey with secp256r1.
+CSR_ATTRS_DER = bytes.fromhex(
+    "3026"
+    "06082a8648ce3d040302"  # OID 1.2.840.10045.4.3.2 ecdsa-with-SHA256
+    "301a"  # Attribute
+    "06072a8648ce3d0201"  # OID 1.2.840.10045.2.1 id-ecPublicKey
+    "310f"  # SET OF
+    "06082a8648ce3d030107"  # OID 1.2.840.10045.3.1.7 secp256r1
+    "0603550403"  # OID 2.5.4.3 commonName: the device id goes in the CN
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _b64_response(der: bytes, content_type: str) -> web.Response:
+    return web.Response(
+        body=base64.encodebytes(der),
+        headers={"Content-Type": content_type, "Content-Transfer-Encoding": "base64"},
+    )
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.Response(status=status, text=message + "\n", content_type="text/plain")
+
+
+def peer_certificate(request: web.Request) -> x509.Certificate | None:
+    """The client certificate the TLS layer verified, if the client sent one."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if not isinstance(ssl_object, ssl.SSLObject):
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+def peer_address(request: web.Request) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{peer[0]}:{peer[1]}" if peer else "unknown"
+
+
+class ESTApp:
+    """The aiohttp application serving EST and the CRL."""
+
+    def __init__(self, service: EnrollmentService, *, crl_path_getter: Callable[[], bytes]) -> None:
+        self.service = service
+        self.max_body = service.config.enrollment.max_body_bytes
+        self._crl = crl_path_getter
+        chain = [service.ca.anchors.issuing, service.ca.anchors.root]
+        self._cacerts = pkcs7.serialize_certificates(chain, Encoding.DER)
+
+    def build(self) -> web.Application:
+        # client_max_size backs up the explicit check in _read_body.
+        app = web.Application(client_max_size=self.max_body, middlewares=[self._request_context])
+        app.router.add_get(f"{EST_PREFIX}/cacerts", self.cacerts)
+        app.router.add_get(f"{EST_PREFIX}/csrattrs", self.csrattrs)
+        app.router.add_post(f"{EST_PREFIX}/simpleenroll", self.simpleenroll)
+        app.router.add_post(f"{EST_PREFIX}/simplereenroll", self.simplereenroll)
+        app.router.add_get("/crl", self.crl)
+        return app
+
+    @web.middleware
+    async def _request_context(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-ID", "")[:64] or uuid.uuid4().hex[:16]
+        token = jsonlog.request_id.set(rid)
+        try:
+            response = await handler(request)
+        finally:
+            jsonlog.request_id.reset(token)
+        response.headers["X-Request-ID"] = rid
+        return response
+
+    async def cacerts(self, request: web.Request) -> web.Response:
+        return _b64_response(self._cacerts, "application/pkcs7-mime")
+
+    async def csrattrs(self, request: web.Request) -> web.Response:
+        return _b64_response(CSR_ATTRS_DER, "application/csrattrs")
+
+    async def crl(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._crl(), content_type="application/pkix-crl")
+
+    async def simpleenroll(self, request: web.Request) -> web.Response:
+        return await self._enroll(request, "enroll", self.service.enroll)
+
+    async def simplereenroll(self, request: web.Request) -> web.Response:
+        return await self._enroll(request, "reenroll", self.service.reenroll)
+
+    async def _enroll(
+        self,
+        request: web.Request,
+        action: str,
+        operation: Callable[..., x509.Certificate],
+    ) -> web.Response:
+        rid = jsonlog.request_id.get()
+        body = await self._read_body(request, action, rid)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            cert = operation(peer_certificate(request), body, request_id=rid)
+        except FleetgateError as exc:
+            log.warning("%s refused: %s", action, exc.message, extra={"code": exc.code})
+            return _error(exc.http_status, f"{exc.code}: {exc.message}")
+        log.info("%s ok", action, extra={"device": cert.subject.rfc4514_string(), "serial": f"{cert.serial_number:x}"})
+        return _b64_response(pkcs7.serialize_certificates([cert], Encoding.DER), PKCS7_CERTS_ONLY)
+
+    async def _read_body(self, request: web.Request, action: str, rid: str | None) -> bytes | web.Response:
+        too_big = f"the request body exceeds {self.max_body} bytes; a P-256 CSR is under 1 KiB"
+        if request.content_length is not None and request.content_length > self.max_body:
+            return self._refuse_body(request, action, rid, too_big)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._refuse_body(request, action, rid, too_big)
+
+    def _refuse_body(self, request: web.Request, action: str, rid: str | None, message: str) -> web.Response:
+        self.service.registry.audit(
+            AuditRecord(f"peer:{peer_address(request)}", action, "refused", None, f"body_too_large: {message}", rid)
+        )
+        log.warning("%s refused: %s", action, message)
+        return _error(413, f"body_too_large: {message}")

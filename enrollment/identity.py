@@ -1,0 +1,61 @@
+"""Who a verified peer certificate names, and whether it may act as that identity.
+
+The TLS layer has already checked the chain to the fleet CA; these pure checks add what TLS does
+not: the certificate's purpose (clientAuth EKU), its validity window (again, in case TLS
+verification was relaxed) and the identity encoded in its URI SAN.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from enrollment.errors import InvalidDeviceId, NotAuthorised
+from enrollment.ids import DEVICE_URI_PREFIX, STATION_URI_PREFIX, id_from_uri
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """The identity a client certificate proves."""
+
+    kind: str  # "device" or "station"
+    id: str
+    serial: int
+    not_after: dt.datetime
+
+    @property
+    def actor(self) -> str:
+        return f"{self.kind}:{self.id}"
+
+
+def identify_client(cert: x509.Certificate, *, now: dt.datetime) -> PeerIdentity:
+    """The device or station a client certificate names; refuses anything else."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = None
+    if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        raise NotAuthorised("the client certificate lacks the clientAuth extended key usage")
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise NotAuthorised(
+            f"the client certificate is outside its validity ({cert.not_valid_before_utc:%Y-%m-%d} "
+            f"to {cert.not_valid_after_utc:%Y-%m-%d}): renew it before it expires, or re-provision"
+        )
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    for kind, prefix in (("device", DEVICE_URI_PREFIX), ("station", STATION_URI_PREFIX)):
+        try:
+            ids = {i for i in (id_from_uri(u, prefix) for u in uris) if i is not None}
+        except InvalidDeviceId as exc:
+            raise NotAuthorised(f"the client certificate names an invalid {kind}: {exc.message}") from exc
+        if len(ids) > 1:
+            raise NotAuthorised(f"the client certificate names several {kind}s; it must name one")
+        if ids:
+            return PeerIdentity(kind, ids.pop(), cert.serial_number, cert.not_valid_after_utc)
+    raise NotAuthorised("the client certificate names no fleetgate device or station (URI SAN)")

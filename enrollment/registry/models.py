@@ -1,0 +1,118 @@
+"""Registry tables (SQLModel): devices, certificates, stations, batches and the audit log."""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Column, DateTime, Index, text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """SQLite hands timestamps back naive; fleetgate only ever writes UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _ts(*, nullable: bool = False, index: bool = False) -> Any:
+    # Timezone-aware on PostgreSQL; SQLite stores text and fleetgate always writes UTC.
+    column = Column(DateTime(timezone=True), nullable=nullable, index=index)
+    if nullable:
+        return Field(default=None, sa_column=column)
+    return Field(default_factory=utcnow, sa_column=column)
+
+
+class DeviceState(StrEnum):
+    PENDING = "pending"  # in a batch, not yet enrolled
+    ACTIVE = "active"
+    SUSPENDED = "suspended"  # certificate on hold; `device reinstate` re-admits it
+    REVOKED = "revoked"  # final: the id can never connect again
+
+
+class CertStatus(StrEnum):
+    ACTIVE = "active"
+    ON_HOLD = "on_hold"  # listed in the CRL as certificateHold while its device is suspended
+    SUPERSEDED = "superseded"  # replaced by re-enrollment; no longer admitted
+    REVOKED = "revoked"
+
+
+class SubjectKind(StrEnum):
+    DEVICE = "device"
+    STATION = "station"
+    SERVER = "server"
+
+
+class StationState(StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+
+
+class Device(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=64)
+    group: str = Field(default="default", max_length=64)
+    state: DeviceState = Field(default=DeviceState.PENDING, index=True)
+    station_id: str | None = Field(default=None, foreign_key="station.id")
+    created_at: dt.datetime = _ts()
+    updated_at: dt.datetime = _ts()
+
+
+class Certificate(SQLModel, table=True):
+    __table_args__ = (
+        # The rule behind "two concurrent enrollments yield exactly one active certificate".
+        Index(
+            "one_active_certificate_per_subject",
+            "subject_kind",
+            "subject_id",
+            unique=True,
+            sqlite_where=text("status = 'active'"),
+            postgresql_where=text("status = 'active'"),
+        ),
+    )
+
+    serial: str = Field(primary_key=True, max_length=42)  # lower-case hex
+    subject_kind: SubjectKind
+    subject_id: str = Field(index=True, max_length=64)
+    fingerprint_sha256: str = Field(unique=True, max_length=64)
+    not_before: dt.datetime = _ts()
+    not_after: dt.datetime = _ts()
+    status: CertStatus = Field(default=CertStatus.ACTIVE, index=True)
+    revoked_at: dt.datetime | None = _ts(nullable=True)
+    revocation_reason: str | None = None
+    pem: str
+
+
+class Station(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=64)
+    state: StationState = Field(default=StationState.ACTIVE)
+    created_at: dt.datetime = _ts()
+
+
+class Batch(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    station_id: str = Field(foreign_key="station.id", index=True)
+    label: str = ""
+    created_at: dt.datetime = _ts()
+
+
+class BatchEntry(SQLModel, table=True):
+    device_id: str = Field(primary_key=True, foreign_key="device.id")
+    batch_id: int = Field(foreign_key="batch.id", index=True)
+    enrolled_at: dt.datetime | None = _ts(nullable=True)
+
+
+class AuditEvent(SQLModel, table=True):
+    """Append-only: the database refuses UPDATE and DELETE on this table (see store.py)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: dt.datetime = _ts(index=True)
+    actor: str  # e.g. "station:line-1", "device:sensor-17", "admin:root", "peer:127.0.0.1"
+    action: str  # e.g. "enroll", "reenroll", "device.revoke", "tls.handshake"
+    subject: str | None = Field(default=None, index=True)  # the device or station concerned
+    outcome: str  # "ok", "refused" or "error"
+    reason: str = ""
+    request_id: str | None = None

@@ -1,0 +1,424 @@
+"""The registry: every state change of devices, stations and certificates, as transactions.
+
+Rules kept here rather than in callers:
+
+* a certificate row is committed before anyone may hand the certificate out;
+* a device leaves ``pending`` exactly once (a conditional UPDATE, so two concurrent enrollments
+  of one id cannot both win), and a partial unique index allows one active certificate per subject;
+* the audit log is append-only, enforced by the database itself.
+
+SQLite runs in WAL mode with ``BEGIN IMMEDIATE`` transactions, so writers queue instead of
+failing on lock upgrades; PostgreSQL gets the same guarantees from row locks and the index.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import event, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
+from sqlmodel import Session, SQLModel, col, create_engine, select
+
+from enrollment.errors import EnrollmentRefused, InvalidStateChange, NotFound
+from enrollment.ids import validate_id
+from enrollment.registry.models import (
+    AuditEvent,
+    Batch,
+    BatchEntry,
+    Certificate,
+    CertStatus,
+    Device,
+    DeviceState,
+    Station,
+    StationState,
+    SubjectKind,
+    as_utc,
+    utcnow,
+)
+
+_SQLITE_AUDIT_TRIGGERS = (
+    "CREATE TRIGGER IF NOT EXISTS auditevent_append_only_update BEFORE UPDATE ON auditevent "
+    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS auditevent_append_only_delete BEFORE DELETE ON auditevent "
+    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+)
+_POSTGRES_AUDIT_TRIGGERS = (
+    "CREATE OR REPLACE FUNCTION fleetgate_audit_append_only() RETURNS trigger AS $$ "
+    "BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$ LANGUAGE plpgsql",
+    "DROP TRIGGER IF EXISTS auditevent_append_only ON auditevent",
+    "CREATE TRIGGER auditevent_append_only BEFORE UPDATE OR DELETE ON auditevent "
+    "FOR EACH ROW EXECUTE FUNCTION fleetgate_audit_append_only()",
+)
+
+
+def serial_hex(serial: int) -> str:
+    return format(serial, "x")
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """What one audit entry says; ``Registry.audit`` stamps and stores it."""
+
+    actor: str
+    action: str
+    outcome: str
+    subject: str | None = None
+    reason: str = ""
+    request_id: str | None = None
+
+
+def create_registry_engine(url: str) -> Engine:
+    """An engine with fleetgate's SQLite settings (WAL, FKs, IMMEDIATE transactions)."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    memory = url in {"sqlite://", "sqlite:///:memory:"}
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": 30},
+        poolclass=StaticPool if memory else None,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # transactions are begun below, not by pysqlite
+        cursor = dbapi_conn.cursor()
+        if not memory:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class Registry:
+    """Typed operations on the registry database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_registry_engine(url)
+        SQLModel.metadata.create_all(self.engine)
+        triggers = (
+            _SQLITE_AUDIT_TRIGGERS if self.engine.dialect.name == "sqlite" else _POSTGRES_AUDIT_TRIGGERS
+        )
+        with self.engine.begin() as conn:
+            for statement in triggers:
+                conn.exec_driver_sql(statement)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One unit of work: committed on success, rolled back (registry unchanged) on error."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    # -- audit -----------------------------------------------------------------------------
+
+    def audit(self, record: AuditRecord, session: Session | None = None) -> None:
+        """Append ``record``; inside ``session`` when the entry must commit with a change."""
+        row = AuditEvent(
+            actor=record.actor,
+            action=record.action,
+            subject=record.subject,
+            outcome=record.outcome,
+            reason=record.reason,
+            request_id=record.request_id,
+        )
+        if session is not None:
+            session.add(row)
+            return
+        with self.transaction() as own:
+            own.add(row)
+
+    def audit_events(self, *, subject: str | None = None, limit: int = 100) -> list[AuditEvent]:
+        with self.transaction() as s:
+            query = select(AuditEvent).order_by(col(AuditEvent.id).desc()).limit(limit)
+            if subject is not None:
+                query = query.where(AuditEvent.subject == subject)
+            return list(reversed(s.exec(query).all()))
+
+    # -- stations --------------------------------------------------------------------------
+
+    def add_station(self, station_id: str, cert: x509.Certificate, actor: str) -> None:
+        validate_id(station_id, kind="station")
+        with self.transaction() as s:
+            existing = s.get(Station, station_id)
+            if existing is not None and existing.state == StationState.ACTIVE:
+                raise InvalidStateChange(
+                    f"station {station_id} exists and is active; revoke it first to replace it"
+                )
+            if existing is None:
+                s.add(Station(id=station_id))
+            else:
+                existing.state = StationState.ACTIVE
+            s.flush()
+            s.add(_certificate_row(cert, SubjectKind.STATION, station_id))
+            self.audit(AuditRecord(actor, "station.add", "ok", subject=station_id), s)
+
+    def station(self, station_id: str) -> Station:
+        with self.transaction() as s:
+            row = s.get(Station, station_id)
+            if row is None:
+                raise NotFound(f"no station {station_id!r}: add it with `fleetgate station add`")
+            return row
+
+    def stations(self) -> list[Station]:
+        with self.transaction() as s:
+            return list(s.exec(select(Station).order_by(Station.id)).all())
+
+    def revoke_station(self, station_id: str, reason: str, actor: str) -> None:
+        with self.transaction() as s:
+            row = s.get(Station, station_id)
+            if row is None:
+                raise NotFound(f"no station {station_id!r}")
+            if row.state == StationState.REVOKED:
+                raise InvalidStateChange(f"station {station_id} is already revoked")
+            row.state = StationState.REVOKED
+            _revoke_certificates(s, SubjectKind.STATION, station_id, reason)
+            self.audit(AuditRecord(actor, "station.revoke", "ok", station_id, reason), s)
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def add_batch(
+        self, station_id: str, device_ids: Sequence[str], *, group: str, label: str, actor: str
+    ) -> int:
+        """Allow ``station_id`` to enroll ``device_ids``: all are added, or none."""
+        ids = [validate_id(d) for d in device_ids]
+        validate_id(group, kind="group")
+        if len(set(ids)) != len(ids):
+            raise EnrollmentRefused("the batch names a device id twice")
+        with self.transaction() as s:
+            station = s.get(Station, station_id)
+            if station is None or station.state != StationState.ACTIVE:
+                raise NotFound(f"no active station {station_id!r}: add it with `fleetgate station add`")
+            taken = s.exec(select(Device.id).where(col(Device.id).in_(ids))).all()
+            if taken:
+                raise EnrollmentRefused(
+                    f"device id(s) already registered: {', '.join(sorted(taken)[:10])}; "
+                    "ids are never reused"
+                )
+            batch = Batch(station_id=station_id, label=label)
+            s.add(batch)
+            s.flush()
+            assert batch.id is not None
+            for device_id in ids:
+                s.add(Device(id=device_id, group=group, station_id=station_id))
+            s.flush()
+            for device_id in ids:
+                s.add(BatchEntry(device_id=device_id, batch_id=batch.id))
+            self.audit(
+                AuditRecord(actor, "batch.add", "ok", station_id, f"{len(ids)} device(s), group {group}"),
+                s,
+            )
+            return batch.id
+
+    # -- enrollment ------------------------------------------------------------------------
+
+    def check_may_enroll(self, station_id: str, device_id: str) -> None:
+        """Refuse early (before signing) when ``station_id`` may not enroll ``device_id`` now."""
+        with self.transaction() as s:
+            entry = s.get(BatchEntry, device_id)
+            batch = s.get(Batch, entry.batch_id) if entry else None
+            if batch is None or batch.station_id != station_id:
+                raise EnrollmentRefused(
+                    f"device {device_id} is not in any batch of station {station_id}: "
+                    f"add it with `fleetgate batch add {station_id} {device_id}`"
+                )
+            device = s.get(Device, device_id)
+            if device is None or device.state != DeviceState.PENDING:
+                state = device.state if device else "unknown"
+                raise EnrollmentRefused(
+                    f"device {device_id} is already enrolled (state {state}); "
+                    "an enrolled device renews with simplereenroll"
+                )
+
+    def record_enrollment(
+        self, station_id: str, device_id: str, cert: x509.Certificate, audit: AuditRecord
+    ) -> None:
+        """Commit the first certificate of a pending device; exactly one concurrent caller wins."""
+        try:
+            with self.transaction() as s:
+                won = s.exec(  # type: ignore[call-overload]
+                    update(Device)
+                    .where(col(Device.id) == device_id)
+                    .where(col(Device.state) == DeviceState.PENDING)
+                    .where(col(Device.station_id) == station_id)
+                    .values(state=DeviceState.ACTIVE, updated_at=utcnow())
+                ).rowcount
+                if won != 1:
+                    raise EnrollmentRefused(
+                        f"device {device_id} was enrolled by a concurrent request; "
+                        "this request's certificate was discarded"
+                    )
+                s.exec(  # type: ignore[call-overload]
+                    update(BatchEntry)
+                    .where(col(BatchEntry.device_id) == device_id)
+                    .values(enrolled_at=utcnow())
+                )
+                s.add(_certificate_row(cert, SubjectKind.DEVICE, device_id))
+                self.audit(audit, s)
+        except IntegrityError as exc:  # the partial unique index caught a race
+            raise EnrollmentRefused(
+                f"device {device_id} already has an active certificate; this one was discarded"
+            ) from exc
+
+    def record_reenrollment(
+        self, device_id: str, old_serial: int, cert: x509.Certificate, audit: AuditRecord
+    ) -> None:
+        """Swap the device's active certificate for ``cert``, if ``old_serial`` is still it."""
+        try:
+            with self.transaction() as s:
+                device = s.get(Device, device_id)
+                if device is None or device.state != DeviceState.ACTIVE:
+                    raise EnrollmentRefused(f"device {device_id} is not active; it may not renew")
+                swapped = s.exec(  # type: ignore[call-overload]
+                    update(Certificate)
+                    .where(col(Certificate.serial) == serial_hex(old_serial))
+                    .where(col(Certificate.status) == CertStatus.ACTIVE)
+                    .values(status=CertStatus.SUPERSEDED)
+                ).rowcount
+                if swapped != 1:
+                    raise EnrollmentRefused(
+                        f"certificate {serial_hex(old_serial)} of {device_id} is no longer current "
+                        "(renewed concurrently, suspended or revoked)"
+                    )
+                s.add(_certificate_row(cert, SubjectKind.DEVICE, device_id))
+                self.audit(audit, s)
+        except IntegrityError as exc:
+            raise EnrollmentRefused(
+                f"device {device_id} already has another active certificate"
+            ) from exc
+
+    # -- devices ---------------------------------------------------------------------------
+
+    def device(self, device_id: str) -> Device:
+        with self.transaction() as s:
+            row = s.get(Device, device_id)
+            if row is None:
+                raise NotFound(f"no device {device_id!r} in the registry")
+            return row
+
+    def devices(self, *, state: DeviceState | None = None) -> list[Device]:
+        with self.transaction() as s:
+            query = select(Device).order_by(Device.id)
+            if state is not None:
+                query = query.where(Device.state == state)
+            return list(s.exec(query).all())
+
+    def certificates_of(self, kind: SubjectKind, subject_id: str) -> list[Certificate]:
+        with self.transaction() as s:
+            query = (
+                select(Certificate)
+                .where(Certificate.subject_kind == kind, Certificate.subject_id == subject_id)
+                .order_by(col(Certificate.not_before))
+            )
+            return list(s.exec(query).all())
+
+    def certificate(self, serial: int) -> Certificate | None:
+        with self.transaction() as s:
+            return s.get(Certificate, serial_hex(serial))
+
+    def change_device_state(
+        self, device_id: str, target: DeviceState, *, reason: str, actor: str
+    ) -> Device:
+        """Suspend, reinstate or revoke a device, moving its certificates along."""
+        allowed = {
+            DeviceState.SUSPENDED: {DeviceState.ACTIVE},
+            DeviceState.ACTIVE: {DeviceState.SUSPENDED},
+            DeviceState.REVOKED: {DeviceState.PENDING, DeviceState.ACTIVE, DeviceState.SUSPENDED},
+        }[target]
+        action = {
+            DeviceState.SUSPENDED: "device.suspend",
+            DeviceState.ACTIVE: "device.reinstate",
+            DeviceState.REVOKED: "device.revoke",
+        }[target]
+        with self.transaction() as s:
+            device = s.get(Device, device_id)
+            if device is None:
+                raise NotFound(f"no device {device_id!r} in the registry")
+            if device.state not in allowed:
+                hint = " (revocation is final: enroll a new device id)" if device.state == "revoked" else ""
+                raise InvalidStateChange(
+                    f"device {device_id} is {device.state}; cannot {action.split('.')[1]} it{hint}"
+                )
+            if target == DeviceState.REVOKED:
+                _revoke_certificates(s, SubjectKind.DEVICE, device_id, reason)
+            else:
+                source, dest = (
+                    (CertStatus.ACTIVE, CertStatus.ON_HOLD)
+                    if target == DeviceState.SUSPENDED
+                    else (CertStatus.ON_HOLD, CertStatus.ACTIVE)
+                )
+                s.exec(  # type: ignore[call-overload]
+                    update(Certificate)
+                    .where(col(Certificate.subject_kind) == SubjectKind.DEVICE)
+                    .where(col(Certificate.subject_id) == device_id)
+                    .where(col(Certificate.status) == source)
+                    .values(
+                        status=dest,
+                        revoked_at=utcnow() if dest == CertStatus.ON_HOLD else None,
+                        revocation_reason="certificateHold" if dest == CertStatus.ON_HOLD else None,
+                    )
+                )
+            device.state = target
+            device.updated_at = utcnow()
+            self.audit(AuditRecord(actor, action, "ok", device_id, reason), s)
+            return device
+
+    def crl_entries(self) -> list[tuple[str, dt.datetime, str]]:
+        """(serial hex, revocation time, reason) of every revoked or on-hold, unexpired cert."""
+        now = utcnow()
+        with self.transaction() as s:
+            rows = s.exec(
+                select(Certificate).where(
+                    col(Certificate.status).in_([CertStatus.REVOKED, CertStatus.ON_HOLD])
+                )
+            ).all()
+            return [
+                (r.serial, as_utc(r.revoked_at or now), r.revocation_reason or "unspecified")
+                for r in rows
+                if as_utc(r.not_after) > now
+            ]
+
+
+def _certificate_row(cert: x509.Certificate, kind: SubjectKind, subject_id: str) -> Certificate:
+    return Certificate(
+        serial=serial_hex(cert.serial_number),
+        subject_kind=kind,
+        subject_id=subject_id,
+        fingerprint_sha256=fingerprint(cert),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        status=CertStatus.ACTIVE,
+        pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+    )
+
+
+def _revoke_certificates(s: Session, kind: SubjectKind, subject_id: str, reason: str) -> None:
+    s.exec(  # type: ignore[call-overload]
+        update(Certificate)
+        .where(col(Certificate.subject_kind) == kind)
+        .where(col(Certificate.subject_id) == subject_id)
+        .where(col(Certificate.status).in_([CertStatus.ACTIVE, CertStatus.ON_HOLD, CertStatus.SUPERSEDED]))
+        .values(status=CertStatus.REVOKED, revoked_at=utcnow(), revocation_reason=reason)
+    )

@@ -1,0 +1,92 @@
+"""Runs the enrollment service: loads the CA and registry, serves EST over mutual TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+
+from aiohttp import web
+
+from enrollment.ca import ca_paths, ensure_server_certificate, load_ca
+from enrollment.config import Config
+from enrollment.est import ESTApp
+from enrollment.registry import AuditRecord, Registry
+from enrollment.service import EnrollmentService
+from enrollment.tls import serve_tls, server_context
+
+log = logging.getLogger("fleetgate.server")
+
+
+class EnrollmentServer:
+    """The EST endpoint bound to a data directory; ``start``/``stop`` for tests and the CLI."""
+
+    def __init__(self, config: Config, *, port: int | None = None) -> None:
+        self.config = config
+        self.registry = Registry(config.database_url)
+        self.service = EnrollmentService(load_ca(config), self.registry)
+        self.port = config.enrollment.port if port is None else port
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+
+    def _read_crl(self) -> bytes:
+        path = ca_paths(self.config).crl
+        if not path.exists():
+            self.service.publish_crl()
+        return path.read_bytes()
+
+    def _on_handshake_refused(self, peer: str, reason: str) -> None:
+        log.warning("TLS handshake refused", extra={"peer": peer, "reason": reason})
+        self.registry.audit(AuditRecord(f"peer:{peer}", "tls.handshake", "refused", None, reason))
+
+    async def start(self) -> int:
+        """Start listening; returns the bound port (useful with ``port=0``)."""
+        paths = ensure_server_certificate(self.service.ca)
+        if not paths.crl.exists():
+            self.service.publish_crl()
+        context = server_context(
+            cert_chain=paths.server_cert,
+            key=paths.server_key,
+            client_ca=paths.chain,
+            client_cert="optional",  # cacerts and csrattrs are public (RFC 7030 section 3.2.3)
+        )
+        app = ESTApp(self.service, crl_path_getter=self._read_crl).build()
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        factory = self._runner.server
+        assert factory is not None
+        self._server = await serve_tls(
+            factory,
+            host=self.config.enrollment.host,
+            port=self.port,
+            context=context,
+            on_refused=self._on_handshake_refused,
+            handshake_timeout=self.config.enrollment.tls_handshake_timeout_s,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("enrollment service listening", extra={"host": self.config.enrollment.host, "port": self.port})
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        timings = {k: round(v, 6) for k, v in self.service.timer.seconds.items()}
+        log.info("enrollment service stopped", extra={"stage_seconds": json.dumps(timings)})
+        self.registry.close()
+
+
+async def run_forever(config: Config) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    server = EnrollmentServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()

@@ -1,0 +1,206 @@
+"""The enrollment service: who may get which certificate, and the registry changes that follow.
+
+Transport-free: the EST endpoint and the CLI both call in here with already-authenticated
+peers and raw request bodies. Every refusal is audited (in its own transaction, after the failed
+one rolled back) and re-raised as a typed error; every success is audited in the same transaction
+as the change it describes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from enrollment import profiles
+from enrollment.ca import CertificateAuthority, ca_paths
+from enrollment.crl import RevokedEntry, build_crl, parse_reason
+from enrollment.csr import check_device_csr, decode_est_body
+from enrollment.errors import FleetgateError, NotAuthorised
+from enrollment.identity import PeerIdentity, identify_client
+from enrollment.ids import device_uri, station_uri, validate_id
+from enrollment.keyfiles import write_atomic
+from enrollment.registry import (
+    AuditRecord,
+    CertStatus,
+    Device,
+    DeviceState,
+    Registry,
+    StationState,
+)
+from enrollment.registry.models import as_utc
+
+
+class StageTimer:
+    """Wall-clock seconds spent per stage; the enrollment benchmark reports the split."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+class EnrollmentService:
+    """Issues, renews and revokes certificates against the registry."""
+
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        registry: Registry,
+        *,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.ca = ca
+        self.registry = registry
+        self.config = ca.config
+        self.clock = clock
+        self.timer = StageTimer()
+
+    # -- EST operations ----------------------------------------------------------------------
+
+    def enroll(
+        self, station_cert: x509.Certificate | None, body: bytes, *, request_id: str | None = None
+    ) -> x509.Certificate:
+        """simpleenroll: a station asks for a device's first certificate."""
+        actor = "anonymous"
+        subject = None
+        try:
+            station = self._authenticate(station_cert, expected_kind="station")
+            actor = station.actor
+            with self.timer.stage("csr"):
+                checked = check_device_csr(decode_est_body(body))
+            subject = checked.device_id
+            with self.timer.stage("db"):
+                self.registry.check_may_enroll(station.id, checked.device_id)
+            with self.timer.stage("sign"):
+                cert = self._issue_device(checked.device_id, checked.public_key)
+            audit = AuditRecord(actor, "enroll", "ok", subject, f"serial {cert.serial_number:x}", request_id)
+            with self.timer.stage("db"):
+                self.registry.record_enrollment(station.id, checked.device_id, cert, audit)
+            return cert
+        except FleetgateError as exc:
+            self._audit_refusal(actor, "enroll", subject, exc, request_id)
+            raise
+
+    def reenroll(
+        self, device_cert: x509.Certificate | None, body: bytes, *, request_id: str | None = None
+    ) -> x509.Certificate:
+        """simplereenroll: a device renews with its current certificate; a new key is allowed."""
+        actor = "anonymous"
+        subject = None
+        try:
+            device = self._authenticate(device_cert, expected_kind="device")
+            actor, subject = device.actor, device.id
+            checked = check_device_csr(decode_est_body(body))
+            if checked.device_id != device.id:
+                raise NotAuthorised(
+                    f"device {device.id} may renew only its own certificate, "
+                    f"not one for {checked.device_id}"
+                )
+            cert = self._issue_device(device.id, checked.public_key)
+            audit = AuditRecord(actor, "reenroll", "ok", subject, f"serial {cert.serial_number:x}", request_id)
+            self.registry.record_reenrollment(device.id, device.serial, cert, audit)
+            return cert
+        except FleetgateError as exc:
+            self._audit_refusal(actor, "reenroll", subject, exc, request_id)
+            raise
+
+    def _authenticate(self, cert: x509.Certificate | None, *, expected_kind: str) -> PeerIdentity:
+        if cert is None:
+            raise NotAuthorised(f"this request needs a {expected_kind} client certificate (mutual TLS)")
+        peer = identify_client(cert, now=self.clock())
+        if peer.kind != expected_kind:
+            raise NotAuthorised(
+                f"a {peer.kind} certificate ({peer.id}) cannot be used here; "
+                f"this request needs a {expected_kind} certificate"
+            )
+        record = self.registry.certificate(peer.serial)
+        if record is None or record.subject_id != peer.id or record.subject_kind != expected_kind:
+            raise NotAuthorised(f"{peer.actor}: certificate {peer.serial:x} is not in the registry")
+        if record.status != CertStatus.ACTIVE:
+            when = f" on {as_utc(record.revoked_at):%Y-%m-%d %H:%M}Z" if record.revoked_at else ""
+            reason = f" ({record.revocation_reason}{when})" if record.revocation_reason else ""
+            raise NotAuthorised(
+                f"{peer.actor}: certificate {peer.serial:x} is {record.status}{reason}; "
+                + (
+                    "ask an operator for a new station certificate"
+                    if expected_kind == "station"
+                    else "the device must be reinstated or re-provisioned"
+                )
+            )
+        if expected_kind == "station" and self.registry.station(peer.id).state != StationState.ACTIVE:
+            raise NotAuthorised(f"station {peer.id} is revoked")
+        return peer
+
+    def _issue_device(self, device_id: str, key: ec.EllipticCurvePublicKey) -> x509.Certificate:
+        subject = profiles.Subject(common_name=device_id, uris=(device_uri(device_id),))
+        validity = dt.timedelta(days=self.config.ca.device_validity_days)
+        return self.ca.issue(profiles.DEVICE, subject, key, validity, now=self.clock())
+
+    def _audit_refusal(
+        self, actor: str, action: str, subject: str | None, exc: FleetgateError, request_id: str | None
+    ) -> None:
+        self.registry.audit(
+            AuditRecord(actor, action, "refused", subject, f"{exc.code}: {exc.message}", request_id)
+        )
+
+    # -- administration --------------------------------------------------------------------
+
+    def add_station(self, station_id: str, *, actor: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        """A new station key and certificate; the caller stores the key."""
+        validate_id(station_id, kind="station")
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = self.ca.issue(
+            profiles.STATION,
+            profiles.Subject(common_name=station_id, uris=(station_uri(station_id),)),
+            key.public_key(),
+            dt.timedelta(days=self.config.ca.station_validity_days),
+            now=self.clock(),
+        )
+        self.registry.add_station(station_id, cert, actor)
+        return key, cert
+
+    def revoke_station(self, station_id: str, *, reason: str, actor: str) -> x509.CertificateRevocationList:
+        parse_reason(reason)
+        self.registry.revoke_station(station_id, reason, actor)
+        return self.publish_crl()
+
+    def change_device(
+        self, device_id: str, target: DeviceState, *, reason: str, actor: str
+    ) -> tuple[Device, x509.CertificateRevocationList]:
+        """Suspend, reinstate or revoke a device and publish the CRL that reflects it."""
+        if target == DeviceState.REVOKED:
+            parse_reason(reason)
+        try:
+            device = self.registry.change_device_state(device_id, target, reason=reason, actor=actor)
+        except FleetgateError as exc:
+            self._audit_refusal(actor, f"device.{target}", device_id, exc, None)
+            raise
+        return device, self.publish_crl()
+
+    def publish_crl(self) -> x509.CertificateRevocationList:
+        """Sign a CRL of the registry's revoked and held certificates and write ``ca/crl.der``."""
+        entries = [
+            RevokedEntry(int(serial, 16), at, parse_reason(reason))
+            for serial, at, reason in self.registry.crl_entries()
+        ]
+        crl = build_crl(
+            self.ca.issuer,
+            entries,
+            now=self.clock(),
+            next_update=dt.timedelta(hours=self.config.ca.crl_next_update_hours),
+        )
+        write_atomic(ca_paths(self.config).crl, crl.public_bytes(Encoding.DER), mode=0o644)
+        return crl

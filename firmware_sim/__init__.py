@@ -1,0 +1,1 @@
+"""fleetgate firmware simulator: simulated devices and fleets (built in a later issue)."""
