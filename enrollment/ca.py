@@ -20,8 +20,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from enrollment import profiles
 from enrollment.config import Config
 from enrollment.errors import CANotInitialised, CAPassphraseError, ConfigError
-from enrollment.keyfiles import load_certificates, load_private_key, write_certificates
-from enrollment.keyfiles import write_private_key
+from enrollment.keyfiles import (
+    load_certificates,
+    load_private_key,
+    write_certificates,
+    write_private_key,
+)
 from enrollment.profiles import Issuer, Profile, RevocationPointers, Subject
 
 ROOT_VALIDITY = dt.timedelta(days=365 * 20)
@@ -78,7 +82,9 @@ class TrustAnchors:
 class CertificateAuthority:
     """The issuing CA, unlocked: signs certificates and CRLs with the issuing key."""
 
-    def __init__(self, config: Config, anchors: TrustAnchors, issuing_key: ec.EllipticCurvePrivateKey):
+    def __init__(
+        self, config: Config, anchors: TrustAnchors, issuing_key: ec.EllipticCurvePrivateKey
+    ):
         self.config = config
         self.anchors = anchors
         self._issuer = Issuer(key=issuing_key, certificate=anchors.issuing)

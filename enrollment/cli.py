@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from enrollment import ca as ca_module
 from enrollment import jsonlog
 from enrollment.config import CONFIG_FILE, DEFAULT_CONFIG_TOML, Config, load_config
-from enrollment.errors import FleetgateError
+from enrollment.errors import CAPassphraseError, FleetgateError
 from enrollment.keyfiles import write_certificates, write_private_key
-from enrollment.registry import DeviceState, Registry, SubjectKind
+from enrollment.registry import AuditRecord, DeviceState, Registry, SubjectKind
 from enrollment.registry.models import as_utc
 from enrollment.service import EnrollmentService
 
@@ -64,7 +64,16 @@ def _actor() -> str:
 
 
 def _service(config: Config) -> EnrollmentService:
-    return EnrollmentService(ca_module.load_ca(config), Registry(config.database_url))
+    """The service with the CA unlocked; a failed unlock is audited before it is reported."""
+    registry = _registry(config)
+    try:
+        ca = ca_module.load_ca(config)
+    except CAPassphraseError as exc:
+        registry.audit(
+            AuditRecord(_actor(), "ca.unlock", "refused", None, f"{exc.code}: {exc.message}")
+        )
+        raise
+    return EnrollmentService(ca, registry)
 
 
 def _registry(config: Config) -> Registry:
@@ -116,9 +125,11 @@ def ca_init(
     anchors = ca_module.init_ca(config, curve=curve or None, force=force)
     registry = Registry(config.database_url)
     _service(config).publish_crl()
-    from enrollment.registry import AuditRecord
-
-    registry.audit(AuditRecord(_actor(), "ca.init", "ok", None, f"root {_cert_summary(anchors.root)['serial']}"))
+    registry.audit(
+        AuditRecord(
+            _actor(), "ca.init", "ok", None, f"root {_cert_summary(anchors.root)['serial']}"
+        )
+    )
     typer.echo(f"CA created in {config.ca_dir}")
     typer.echo(f"  root:    {anchors.root.subject.rfc4514_string()}")
     typer.echo(f"  issuing: {anchors.issuing.subject.rfc4514_string()}")
@@ -129,7 +140,10 @@ def ca_init(
 def ca_show(as_json: JsonFlag = False) -> None:
     """Show the root and issuing CA certificates."""
     anchors = ca_module.load_anchors(_config())
-    rows = [{"role": "root", **_cert_summary(anchors.root)}, {"role": "issuing", **_cert_summary(anchors.issuing)}]
+    rows = [
+        {"role": "root", **_cert_summary(anchors.root)},
+        {"role": "issuing", **_cert_summary(anchors.issuing)},
+    ]
     _emit(rows, as_json)
 
 
@@ -139,7 +153,9 @@ def ca_show(as_json: JsonFlag = False) -> None:
 @station_app.command("add")
 def station_add(
     name: str,
-    out: Annotated[Path | None, typer.Option(help="Directory for the station's key and cert.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory for the station's key and cert.")
+    ] = None,
 ) -> None:
     """Issue a station certificate; its key is written 0600 beside it."""
     config = _config()
@@ -188,7 +204,9 @@ def batch_add(
     label: Annotated[str, typer.Option(help="Free-text label, e.g. a work order.")] = "",
 ) -> None:
     """Allow STATION to enroll DEVICE_IDS (all are added, or none)."""
-    batch_id = _registry(_config()).add_batch(station, device_ids, group=group, label=label, actor=_actor())
+    batch_id = _registry(_config()).add_batch(
+        station, device_ids, group=group, label=label, actor=_actor()
+    )
     typer.echo(f"batch {batch_id}: station {station} may enroll {len(device_ids)} device(s)")
 
 
@@ -199,13 +217,19 @@ def batch_import(csv_file: Path) -> None:
     with csv_file.open(newline="") as handle:
         for line, row in enumerate(csv.DictReader(handle), start=2):
             if not row.get("station") or not row.get("device_id"):
-                raise typer.BadParameter(f"{csv_file}:{line}: needs 'station' and 'device_id' columns")
+                raise typer.BadParameter(
+                    f"{csv_file}:{line}: needs 'station' and 'device_id' columns"
+                )
             key = (row["station"].strip(), (row.get("group") or "default").strip())
             by_key.setdefault(key, []).append(row["device_id"].strip())
     registry = _registry(_config())
     for (station, group), ids in by_key.items():
-        batch_id = registry.add_batch(station, ids, group=group, label=csv_file.name, actor=_actor())
-        typer.echo(f"batch {batch_id}: station {station} may enroll {len(ids)} device(s) in group {group}")
+        batch_id = registry.add_batch(
+            station, ids, group=group, label=csv_file.name, actor=_actor()
+        )
+        typer.echo(
+            f"batch {batch_id}: station {station} may enroll {len(ids)} device(s) in group {group}"
+        )
 
 
 # -- devices -----------------------------------------------------------------------------------
@@ -218,7 +242,13 @@ def device_list(
 ) -> None:
     """List devices."""
     rows = [
-        {"id": d.id, "group": d.group, "state": d.state.value, "station": d.station_id or "-", "updated": _when(d.updated_at)}
+        {
+            "id": d.id,
+            "group": d.group,
+            "state": d.state.value,
+            "station": d.station_id or "-",
+            "updated": _when(d.updated_at),
+        }
         for d in _registry(_config()).devices(state=state)
     ]
     _emit(rows, as_json)
@@ -239,7 +269,12 @@ def device_show(device_id: str, as_json: JsonFlag = False) -> None:
         }
         for c in registry.certificates_of(SubjectKind.DEVICE, device_id)
     ]
-    info = {"id": device.id, "group": device.group, "state": device.state.value, "station": device.station_id}
+    info = {
+        "id": device.id,
+        "group": device.group,
+        "state": device.state.value,
+        "station": device.station_id,
+    }
     if as_json:
         typer.echo(json.dumps({**info, "certificates": certs}, indent=2))
         return
@@ -250,12 +285,16 @@ def device_show(device_id: str, as_json: JsonFlag = False) -> None:
 
 
 def _change_device(device_id: str, target: DeviceState, reason: str, verb: str) -> None:
-    device, crl = _service(_config()).change_device(device_id, target, reason=reason, actor=_actor())
+    device, crl = _service(_config()).change_device(
+        device_id, target, reason=reason, actor=_actor()
+    )
     typer.echo(f"device {device.id} {verb}; CRL regenerated ({len(list(crl))} entries)")
 
 
 @device_app.command("suspend")
-def device_suspend(device_id: str, reason: Annotated[str, typer.Option()] = "certificateHold") -> None:
+def device_suspend(
+    device_id: str, reason: Annotated[str, typer.Option()] = "certificateHold"
+) -> None:
     """Suspend a device (its certificate goes on hold in the CRL)."""
     _change_device(device_id, DeviceState.SUSPENDED, reason, "suspended")
 
@@ -269,7 +308,9 @@ def device_reinstate(device_id: str) -> None:
 @device_app.command("revoke")
 def device_revoke(
     device_id: str,
-    reason: Annotated[str, typer.Option(help="RFC 5280 reason, e.g. keyCompromise.")] = "unspecified",
+    reason: Annotated[
+        str, typer.Option(help="RFC 5280 reason, e.g. keyCompromise.")
+    ] = "unspecified",
 ) -> None:
     """Revoke a device for good: every certificate it holds goes into the CRL."""
     _change_device(device_id, DeviceState.REVOKED, reason, f"revoked ({reason})")
@@ -295,7 +336,9 @@ def crl_export(
 
 @app.command("audit")
 def audit(
-    device: Annotated[str | None, typer.Option(help="Only events about this device or station.")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Only events about this device or station.")
+    ] = None,
     limit: Annotated[int, typer.Option(help="How many of the latest events.")] = 50,
     as_json: JsonFlag = False,
 ) -> None:
@@ -325,7 +368,9 @@ def serve_enrollment(
     if port is not None:
         import dataclasses
 
-        config = dataclasses.replace(config, enrollment=dataclasses.replace(config.enrollment, port=port))
+        config = dataclasses.replace(
+            config, enrollment=dataclasses.replace(config.enrollment, port=port)
+        )
     jsonlog.configure(config.log.level, config.logs_dir)
     asyncio.run(run_forever(config))
 

@@ -18,7 +18,7 @@ from typing import Any
 from enrollment.errors import ConfigError
 
 CONFIG_FILE = "fleetgate.toml"
-PASSPHRASE_ENV = "FLEETGATE_CA_PASSPHRASE"
+PASSPHRASE_ENV = "FLEETGATE_CA_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,9 @@ def load_config(home: Path | None = None, environ: dict[str, str] | None = None)
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     unknown = set(raw) - set(_SECTIONS)
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)}")
+        raise ConfigError(
+            f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)}"
+        )
     sections = {
         name: _build_section(name, cls, raw.get(name, {}), env) for name, cls in _SECTIONS.items()
     }

@@ -102,4 +102,3 @@ def _check_requested_extensions(csr: x509.CertificateSigningRequest, device_id: 
                 f"the CSR's subjectAltName must be exactly the URI {expected.value} "
                 f"(matching its CN); it asks for {[str(n.value) for n in ext.value]}"
             )
-

@@ -126,10 +126,16 @@ class ESTApp:
         except FleetgateError as exc:
             log.warning("%s refused: %s", action, exc.message, extra={"code": exc.code})
             return _error(exc.http_status, f"{exc.code}: {exc.message}")
-        log.info("%s ok", action, extra={"device": cert.subject.rfc4514_string(), "serial": f"{cert.serial_number:x}"})
+        log.info(
+            "%s ok",
+            action,
+            extra={"device": cert.subject.rfc4514_string(), "serial": f"{cert.serial_number:x}"},
+        )
         return _b64_response(pkcs7.serialize_certificates([cert], Encoding.DER), PKCS7_CERTS_ONLY)
 
-    async def _read_body(self, request: web.Request, action: str, rid: str | None) -> bytes | web.Response:
+    async def _read_body(
+        self, request: web.Request, action: str, rid: str | None
+    ) -> bytes | web.Response:
         too_big = f"the request body exceeds {self.max_body} bytes; a P-256 CSR is under 1 KiB"
         if request.content_length is not None and request.content_length > self.max_body:
             return self._refuse_body(request, action, rid, too_big)
@@ -138,9 +144,18 @@ class ESTApp:
         except web.HTTPRequestEntityTooLarge:
             return self._refuse_body(request, action, rid, too_big)
 
-    def _refuse_body(self, request: web.Request, action: str, rid: str | None, message: str) -> web.Response:
+    def _refuse_body(
+        self, request: web.Request, action: str, rid: str | None, message: str
+    ) -> web.Response:
         self.service.registry.audit(
-            AuditRecord(f"peer:{peer_address(request)}", action, "refused", None, f"body_too_large: {message}", rid)
+            AuditRecord(
+                f"peer:{peer_address(request)}",
+                action,
+                "refused",
+                None,
+                f"body_too_large: {message}",
+                rid,
+            )
         )
         log.warning("%s refused: %s", action, message)
         return _error(413, f"body_too_large: {message}")

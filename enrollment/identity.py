@@ -53,7 +53,9 @@ def identify_client(cert: x509.Certificate, *, now: dt.datetime) -> PeerIdentity
         try:
             ids = {i for i in (id_from_uri(u, prefix) for u in uris) if i is not None}
         except InvalidDeviceId as exc:
-            raise NotAuthorised(f"the client certificate names an invalid {kind}: {exc.message}") from exc
+            raise NotAuthorised(
+                f"the client certificate names an invalid {kind}: {exc.message}"
+            ) from exc
         if len(ids) > 1:
             raise NotAuthorised(f"the client certificate names several {kind}s; it must name one")
         if ids:

@@ -38,13 +38,22 @@ class Profile:
 ROOT = Profile("root", is_ca=True, path_length=1, key_cert_sign=True)
 ISSUING = Profile("issuing", is_ca=True, path_length=0, key_cert_sign=True)
 DEVICE = Profile(
-    "device", is_ca=False, digital_signature=True, extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,)
+    "device",
+    is_ca=False,
+    digital_signature=True,
+    extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,),
 )
 STATION = Profile(
-    "station", is_ca=False, digital_signature=True, extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,)
+    "station",
+    is_ca=False,
+    digital_signature=True,
+    extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,),
 )
 SERVER = Profile(
-    "server", is_ca=False, digital_signature=True, extended_key_usage=(ExtendedKeyUsageOID.SERVER_AUTH,)
+    "server",
+    is_ca=False,
+    digital_signature=True,
+    extended_key_usage=(ExtendedKeyUsageOID.SERVER_AUTH,),
 )
 
 
@@ -110,7 +119,7 @@ def build_certificate(
     validity: dt.timedelta,
     now: dt.datetime,
     serial: int | None = None,
-    pointers: RevocationPointers = RevocationPointers(),  # noqa: B008 - frozen, immutable
+    pointers: RevocationPointers = RevocationPointers(),
 ) -> x509.Certificate:
     """Sign a certificate of ``profile`` for ``subject``; pure apart from the random serial."""
     issuer_name = issuer.certificate.subject if issuer.certificate else subject.name()
@@ -182,6 +191,6 @@ def _add_revocation_pointers(
     return builder
 
 
-def _hash_for(key: ec.EllipticCurvePrivateKey) -> hashes.HashAlgorithm:
+def _hash_for(key: ec.EllipticCurvePrivateKey) -> hashes.SHA256 | hashes.SHA384:
     """SHA-384 for a P-384 signer, SHA-256 otherwise (RFC 5480 section 4)."""
     return hashes.SHA384() if key.curve.key_size >= 384 else hashes.SHA256()

@@ -66,7 +66,10 @@ class EnrollmentServer:
             handshake_timeout=self.config.enrollment.tls_handshake_timeout_s,
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("enrollment service listening", extra={"host": self.config.enrollment.host, "port": self.port})
+        log.info(
+            "enrollment service listening",
+            extra={"host": self.config.enrollment.host, "port": self.port},
+        )
         return self.port
 
     async def stop(self) -> None:

@@ -35,6 +35,7 @@ from enrollment.registry import (
     StationState,
 )
 from enrollment.registry.models import as_utc
+from enrollment.registry.store import DEVICE_ACTIONS
 
 
 class StageTimer:
@@ -86,7 +87,9 @@ class EnrollmentService:
                 self.registry.check_may_enroll(station.id, checked.device_id)
             with self.timer.stage("sign"):
                 cert = self._issue_device(checked.device_id, checked.public_key)
-            audit = AuditRecord(actor, "enroll", "ok", subject, f"serial {cert.serial_number:x}", request_id)
+            audit = AuditRecord(
+                actor, "enroll", "ok", subject, f"serial {cert.serial_number:x}", request_id
+            )
             with self.timer.stage("db"):
                 self.registry.record_enrollment(station.id, checked.device_id, cert, audit)
             return cert
@@ -110,7 +113,9 @@ class EnrollmentService:
                     f"not one for {checked.device_id}"
                 )
             cert = self._issue_device(device.id, checked.public_key)
-            audit = AuditRecord(actor, "reenroll", "ok", subject, f"serial {cert.serial_number:x}", request_id)
+            audit = AuditRecord(
+                actor, "reenroll", "ok", subject, f"serial {cert.serial_number:x}", request_id
+            )
             self.registry.record_reenrollment(device.id, device.serial, cert, audit)
             return cert
         except FleetgateError as exc:
@@ -119,7 +124,9 @@ class EnrollmentService:
 
     def _authenticate(self, cert: x509.Certificate | None, *, expected_kind: str) -> PeerIdentity:
         if cert is None:
-            raise NotAuthorised(f"this request needs a {expected_kind} client certificate (mutual TLS)")
+            raise NotAuthorised(
+                f"this request needs a {expected_kind} client certificate (mutual TLS)"
+            )
         peer = identify_client(cert, now=self.clock())
         if peer.kind != expected_kind:
             raise NotAuthorised(
@@ -140,7 +147,10 @@ class EnrollmentService:
                     else "the device must be reinstated or re-provisioned"
                 )
             )
-        if expected_kind == "station" and self.registry.station(peer.id).state != StationState.ACTIVE:
+        if (
+            expected_kind == "station"
+            and self.registry.station(peer.id).state != StationState.ACTIVE
+        ):
             raise NotAuthorised(f"station {peer.id} is revoked")
         return peer
 
@@ -150,7 +160,12 @@ class EnrollmentService:
         return self.ca.issue(profiles.DEVICE, subject, key, validity, now=self.clock())
 
     def _audit_refusal(
-        self, actor: str, action: str, subject: str | None, exc: FleetgateError, request_id: str | None
+        self,
+        actor: str,
+        action: str,
+        subject: str | None,
+        exc: FleetgateError,
+        request_id: str | None,
     ) -> None:
         self.registry.audit(
             AuditRecord(actor, action, "refused", subject, f"{exc.code}: {exc.message}", request_id)
@@ -158,7 +173,9 @@ class EnrollmentService:
 
     # -- administration --------------------------------------------------------------------
 
-    def add_station(self, station_id: str, *, actor: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    def add_station(
+        self, station_id: str, *, actor: str
+    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         """A new station key and certificate; the caller stores the key."""
         validate_id(station_id, kind="station")
         key = ec.generate_private_key(ec.SECP256R1())
@@ -172,7 +189,9 @@ class EnrollmentService:
         self.registry.add_station(station_id, cert, actor)
         return key, cert
 
-    def revoke_station(self, station_id: str, *, reason: str, actor: str) -> x509.CertificateRevocationList:
+    def revoke_station(
+        self, station_id: str, *, reason: str, actor: str
+    ) -> x509.CertificateRevocationList:
         parse_reason(reason)
         self.registry.revoke_station(station_id, reason, actor)
         return self.publish_crl()
@@ -184,9 +203,11 @@ class EnrollmentService:
         if target == DeviceState.REVOKED:
             parse_reason(reason)
         try:
-            device = self.registry.change_device_state(device_id, target, reason=reason, actor=actor)
+            device = self.registry.change_device_state(
+                device_id, target, reason=reason, actor=actor
+            )
         except FleetgateError as exc:
-            self._audit_refusal(actor, f"device.{target}", device_id, exc, None)
+            self._audit_refusal(actor, DEVICE_ACTIONS[target], device_id, exc, None)
             raise
         return device, self.publish_crl()
 

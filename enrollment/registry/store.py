@@ -60,6 +60,14 @@ _POSTGRES_AUDIT_TRIGGERS = (
 )
 
 
+# The audit action recorded for each target state of a device.
+DEVICE_ACTIONS = {
+    DeviceState.SUSPENDED: "device.suspend",
+    DeviceState.ACTIVE: "device.reinstate",
+    DeviceState.REVOKED: "device.revoke",
+}
+
+
 def serial_hex(serial: int) -> str:
     return format(serial, "x")
 
@@ -117,7 +125,9 @@ class Registry:
         self.engine = create_registry_engine(url)
         SQLModel.metadata.create_all(self.engine)
         triggers = (
-            _SQLITE_AUDIT_TRIGGERS if self.engine.dialect.name == "sqlite" else _POSTGRES_AUDIT_TRIGGERS
+            _SQLITE_AUDIT_TRIGGERS
+            if self.engine.dialect.name == "sqlite"
+            else _POSTGRES_AUDIT_TRIGGERS
         )
         with self.engine.begin() as conn:
             for statement in triggers:
@@ -210,7 +220,9 @@ class Registry:
         with self.transaction() as s:
             station = s.get(Station, station_id)
             if station is None or station.state != StationState.ACTIVE:
-                raise NotFound(f"no active station {station_id!r}: add it with `fleetgate station add`")
+                raise NotFound(
+                    f"no active station {station_id!r}: add it with `fleetgate station add`"
+                )
             taken = s.exec(select(Device.id).where(col(Device.id).in_(ids))).all()
             if taken:
                 raise EnrollmentRefused(
@@ -227,7 +239,9 @@ class Registry:
             for device_id in ids:
                 s.add(BatchEntry(device_id=device_id, batch_id=batch.id))
             self.audit(
-                AuditRecord(actor, "batch.add", "ok", station_id, f"{len(ids)} device(s), group {group}"),
+                AuditRecord(
+                    actor, "batch.add", "ok", station_id, f"{len(ids)} device(s), group {group}"
+                ),
                 s,
             )
             return batch.id
@@ -258,7 +272,7 @@ class Registry:
         """Commit the first certificate of a pending device; exactly one concurrent caller wins."""
         try:
             with self.transaction() as s:
-                won = s.exec(  # type: ignore[call-overload]
+                won = s.exec(
                     update(Device)
                     .where(col(Device.id) == device_id)
                     .where(col(Device.state) == DeviceState.PENDING)
@@ -270,7 +284,7 @@ class Registry:
                         f"device {device_id} was enrolled by a concurrent request; "
                         "this request's certificate was discarded"
                     )
-                s.exec(  # type: ignore[call-overload]
+                s.exec(
                     update(BatchEntry)
                     .where(col(BatchEntry.device_id) == device_id)
                     .values(enrolled_at=utcnow())
@@ -291,7 +305,7 @@ class Registry:
                 device = s.get(Device, device_id)
                 if device is None or device.state != DeviceState.ACTIVE:
                     raise EnrollmentRefused(f"device {device_id} is not active; it may not renew")
-                swapped = s.exec(  # type: ignore[call-overload]
+                swapped = s.exec(
                     update(Certificate)
                     .where(col(Certificate.serial) == serial_hex(old_serial))
                     .where(col(Certificate.status) == CertStatus.ACTIVE)
@@ -347,17 +361,17 @@ class Registry:
             DeviceState.ACTIVE: {DeviceState.SUSPENDED},
             DeviceState.REVOKED: {DeviceState.PENDING, DeviceState.ACTIVE, DeviceState.SUSPENDED},
         }[target]
-        action = {
-            DeviceState.SUSPENDED: "device.suspend",
-            DeviceState.ACTIVE: "device.reinstate",
-            DeviceState.REVOKED: "device.revoke",
-        }[target]
+        action = DEVICE_ACTIONS[target]
         with self.transaction() as s:
             device = s.get(Device, device_id)
             if device is None:
                 raise NotFound(f"no device {device_id!r} in the registry")
             if device.state not in allowed:
-                hint = " (revocation is final: enroll a new device id)" if device.state == "revoked" else ""
+                hint = (
+                    " (revocation is final: enroll a new device id)"
+                    if device.state == "revoked"
+                    else ""
+                )
                 raise InvalidStateChange(
                     f"device {device_id} is {device.state}; cannot {action.split('.')[1]} it{hint}"
                 )
@@ -369,7 +383,7 @@ class Registry:
                     if target == DeviceState.SUSPENDED
                     else (CertStatus.ON_HOLD, CertStatus.ACTIVE)
                 )
-                s.exec(  # type: ignore[call-overload]
+                s.exec(
                     update(Certificate)
                     .where(col(Certificate.subject_kind) == SubjectKind.DEVICE)
                     .where(col(Certificate.subject_id) == device_id)
@@ -415,10 +429,14 @@ def _certificate_row(cert: x509.Certificate, kind: SubjectKind, subject_id: str)
 
 
 def _revoke_certificates(s: Session, kind: SubjectKind, subject_id: str, reason: str) -> None:
-    s.exec(  # type: ignore[call-overload]
+    s.exec(
         update(Certificate)
         .where(col(Certificate.subject_kind) == kind)
         .where(col(Certificate.subject_id) == subject_id)
-        .where(col(Certificate.status).in_([CertStatus.ACTIVE, CertStatus.ON_HOLD, CertStatus.SUPERSEDED]))
+        .where(
+            col(Certificate.status).in_(
+                [CertStatus.ACTIVE, CertStatus.ON_HOLD, CertStatus.SUPERSEDED]
+            )
+        )
         .values(status=CertStatus.REVOKED, revoked_at=utcnow(), revocation_reason=reason)
     )

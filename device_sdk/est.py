@@ -1,0 +1,106 @@
+"""A small EST (RFC 7030) client on the standard library: ``http.client`` over mutual TLS 1.3.
+
+Stations use it with their station certificate for ``simpleenroll``; devices use it with their
+own certificate for ``simplereenroll``. One connection is kept alive across requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import ssl
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
+from cryptography.x509.oid import NameOID
+
+EST_PREFIX = "/.well-known/est"
+
+
+class EstError(Exception):
+    """The EST server refused a request; ``message`` is its one-line reason."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"EST server answered {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def device_csr(device_id: str, key: ec.EllipticCurvePrivateKey) -> x509.CertificateSigningRequest:
+    """The CSR a fleetgate device sends: CN and URI SAN name the device, signed with its key."""
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"urn:fleetgate:device:{device_id}")]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+
+
+def client_context(
+    trust: Path, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    """TLS 1.3 with server verification against the fleet root, and a client cert if given."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(trust))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if cert is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class EstClient:
+    """EST operations against one server, over one kept-alive HTTPS connection."""
+
+    def __init__(self, base_url: str, context: ssl.SSLContext, *, timeout: float = 30.0) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(f"EST needs an https:// URL, not {base_url!r}")
+        self._conn = http.client.HTTPSConnection(
+            parts.hostname, parts.port or 443, context=context, timeout=timeout
+        )
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> EstClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def cacerts(self) -> list[x509.Certificate]:
+        return _certificates(self._request("GET", "cacerts"))
+
+    def simpleenroll(self, csr: x509.CertificateSigningRequest) -> x509.Certificate:
+        return _certificates(self._request("POST", "simpleenroll", csr))[0]
+
+    def simplereenroll(self, csr: x509.CertificateSigningRequest) -> x509.Certificate:
+        return _certificates(self._request("POST", "simplereenroll", csr))[0]
+
+    def _request(
+        self, method: str, operation: str, csr: x509.CertificateSigningRequest | None = None
+    ) -> bytes:
+        body = base64.encodebytes(csr.public_bytes(Encoding.DER)) if csr is not None else None
+        headers = {"Content-Type": "application/pkcs10"} if body is not None else {}
+        try:
+            self._conn.request(method, f"{EST_PREFIX}/{operation}", body=body, headers=headers)
+            response = self._conn.getresponse()
+            data = response.read()
+        except (http.client.HTTPException, ConnectionError):
+            self._conn.close()  # a fresh connection next time
+            raise
+        if response.status != 200:
+            raise EstError(response.status, data.decode(errors="replace").strip())
+        return data
+
+
+def _certificates(body: bytes) -> list[x509.Certificate]:
+    return pkcs7.load_der_pkcs7_certificates(base64.b64decode(body))
