@@ -11,6 +11,7 @@ import datetime as dt
 import getpass
 import json
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,13 +19,22 @@ from typing import Annotated, Any
 import typer
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from sqlmodel import col, select
 
 from enrollment import ca as ca_module
 from enrollment import jsonlog
 from enrollment.config import CONFIG_FILE, DEFAULT_CONFIG_TOML, Config, load_config
-from enrollment.errors import CAPassphraseError, FleetgateError
+from enrollment.errors import CAPassphraseError, EnrollmentRefused, FleetgateError, NotFound
+from enrollment.ids import validate_id
 from enrollment.keyfiles import write_certificates, write_private_key
-from enrollment.registry import AuditRecord, DeviceState, Registry, SubjectKind
+from enrollment.registry import (
+    AuditRecord,
+    Device,
+    DeviceState,
+    Registry,
+    StationState,
+    SubjectKind,
+)
 from enrollment.registry.models import as_utc
 from enrollment.service import EnrollmentService
 
@@ -223,12 +233,34 @@ def batch_import(csv_file: Path) -> None:
             key = (row["station"].strip(), (row.get("group") or "default").strip())
             by_key.setdefault(key, []).append(row["device_id"].strip())
     registry = _registry(_config())
+    _check_import(csv_file, registry, by_key)
     for (station, group), ids in by_key.items():
         batch_id = registry.add_batch(
             station, ids, group=group, label=csv_file.name, actor=_actor()
         )
         typer.echo(
             f"batch {batch_id}: station {station} may enroll {len(ids)} device(s) in group {group}"
+        )
+
+
+def _check_import(
+    csv_file: Path, registry: Registry, by_key: dict[tuple[str, str], list[str]]
+) -> None:
+    """Refuse the whole file up front, so a bad row in a later batch adds no earlier one."""
+    ids = [validate_id(d) for batch in by_key.values() for d in batch]
+    for station, group in by_key:
+        validate_id(group, kind="group")
+        if registry.station(station).state != StationState.ACTIVE:
+            raise NotFound(f"{csv_file}: station {station} is revoked")
+    twice = sorted(d for d, n in Counter(ids).items() if n > 1)
+    if twice:
+        raise EnrollmentRefused(f"{csv_file}: device id(s) listed twice: {', '.join(twice[:10])}")
+    with registry.transaction() as s:
+        taken = sorted(s.exec(select(Device.id).where(col(Device.id).in_(ids))).all())
+    if taken:
+        raise EnrollmentRefused(
+            f"{csv_file}: device id(s) already registered: {', '.join(taken[:10])}; "
+            "ids are never reused; nothing was imported"
         )
 
 

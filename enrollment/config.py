@@ -136,7 +136,9 @@ def load_config(home: Path | None = None, environ: dict[str, str] | None = None)
     return Config(home=home, **sections)
 
 
-def _build_section(name: str, cls: type[Any], table: dict[str, Any], env: Any) -> Any:
+def _build_section(name: str, cls: type[Any], table: Any, env: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table of settings, not {table!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(table) - set(fields)
     if unknown:
@@ -157,14 +159,20 @@ def _coerce(where: str, value: Any, default: Any) -> Any:
     try:
         if isinstance(default, bool):
             return value if isinstance(value, bool) else str(value).lower() in {"1", "true", "yes"}
+        if isinstance(value, bool):  # TOML true/false is no number or text
+            raise TypeError(value)
         if isinstance(default, int):
+            if isinstance(value, float):  # int() would silently truncate 8443.5
+                raise TypeError(value)
             return int(value)
         if isinstance(default, float):
             return float(value)
         if isinstance(default, tuple):
             items = value.split(",") if isinstance(value, str) else list(value)
             return tuple(str(item).strip() for item in items if str(item).strip())
-        return str(value)
+        if not isinstance(value, str):  # str() would turn a list into "['...']"
+            raise TypeError(value)
+        return value
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {value!r} is not a valid {type(default).__name__}") from exc
 

@@ -30,11 +30,11 @@ PKCS7_CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only"
 CSR_ATTRS_DER = bytes.fromhex(
     "3026"
     "06082a8648ce3d040302"  # OID 1.2.840.10045.4.3.2 ecdsa-with-SHA256
-    "301a"  # Attribute
+    "3015"  # Attribute
     "06072a8648ce3d0201"  # OID 1.2.840.10045.2.1 id-ecPublicKey
-    "310f"  # SET OF
+    "310a"  # SET OF: the allowed curves, and nothing else
     "06082a8648ce3d030107"  # OID 1.2.840.10045.3.1.7 secp256r1
-    "0603550403"  # OID 2.5.4.3 commonName: the device id goes in the CN
+    "0603550403"  # OID 2.5.4.3 commonName (top level): the device id goes in the CN
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -78,8 +78,9 @@ class EnrollmentService:
         actor = "anonymous"
         subject = None
         try:
-            station = self._authenticate(station_cert, expected_kind="station")
-            actor = station.actor
+            peer = self._identify(station_cert, expected_kind="station")
+            actor = peer.actor  # refusals below are audited under the verified identity
+            station = self._admit(peer, expected_kind="station")
             with self.timer.stage("csr"):
                 checked = check_device_csr(decode_est_body(body))
             subject = checked.device_id
@@ -104,8 +105,10 @@ class EnrollmentService:
         actor = "anonymous"
         subject = None
         try:
-            device = self._authenticate(device_cert, expected_kind="device")
-            actor, subject = device.actor, device.id
+            peer = self._identify(device_cert, expected_kind="device")
+            actor = peer.actor  # refusals below are audited under the verified identity
+            subject = peer.id if peer.kind == "device" else None
+            device = self._admit(peer, expected_kind="device")
             checked = check_device_csr(decode_est_body(body))
             if checked.device_id != device.id:
                 raise NotAuthorised(
@@ -122,12 +125,16 @@ class EnrollmentService:
             self._audit_refusal(actor, "reenroll", subject, exc, request_id)
             raise
 
-    def _authenticate(self, cert: x509.Certificate | None, *, expected_kind: str) -> PeerIdentity:
+    def _identify(self, cert: x509.Certificate | None, *, expected_kind: str) -> PeerIdentity:
+        """Who the TLS-verified client certificate names; not yet whether it may act."""
         if cert is None:
             raise NotAuthorised(
                 f"this request needs a {expected_kind} client certificate (mutual TLS)"
             )
-        peer = identify_client(cert, now=self.clock())
+        return identify_client(cert, now=self.clock())
+
+    def _admit(self, peer: PeerIdentity, *, expected_kind: str) -> PeerIdentity:
+        """``peer`` if it is of ``expected_kind`` and its certificate is active in the registry."""
         if peer.kind != expected_kind:
             raise NotAuthorised(
                 f"a {peer.kind} certificate ({peer.id}) cannot be used here; "

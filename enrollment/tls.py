@@ -2,14 +2,16 @@
 
 asyncio's own TLS server swallows a failed handshake (it is logged only in debug mode), so a
 client certificate from a foreign CA or an expired one would leave no trace. :func:`serve_tls`
-accepts plain TCP, runs the handshake itself with ``loop.start_tls``, reports each failure with
-the peer and OpenSSL's reason, and only then hands the TLS transport to the application protocol.
+accepts plain TCP, runs the handshake itself (``loop.start_tls``, made to send the refused
+client its TLS alert), reports each failure with the peer and OpenSSL's reason, and only then
+hands the TLS transport to the application protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from asyncio import sslproto
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -18,6 +20,7 @@ HandshakeRefused = Callable[[str, str], None]
 """Called as ``on_refused(peer, reason)`` for every failed TLS handshake."""
 
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+_LINGER_S = 2.0  # how long a refused client gets to read the alert before the socket goes
 
 
 def server_context(
@@ -53,6 +56,81 @@ def describe_handshake_error(exc: BaseException) -> str:
     return f"TLS handshake failed: {exc}"
 
 
+class _Linger(asyncio.Protocol):
+    """Takes over a connection whose handshake failed so the client can read why.
+
+    Sends the TLS alert, closes the write side, and drops whatever the client still sends until
+    it hangs up (at most ``_LINGER_S``). Closing at once would leave the client's first request
+    unread, and the kernel would answer with a reset that destroys the alert in flight.
+    """
+
+    def __init__(self, tcp: asyncio.Transport, alert: bytes) -> None:
+        self._timer = asyncio.get_running_loop().call_later(_LINGER_S, tcp.abort)
+        tcp.set_protocol(self)
+        if alert:
+            tcp.write(alert)
+        if tcp.can_write_eof():
+            tcp.write_eof()
+        tcp.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        """The refused client's request: nobody will answer it."""
+
+    def eof_received(self) -> bool | None:
+        return None  # the client hung up: the transport closes itself, cleanly
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+
+
+class _AlertingSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's server-side TLS, except that a refused handshake still sends its alert.
+
+    On a failed handshake asyncio aborts the connection with OpenSSL's alert (unknown CA,
+    certificate expired, ...) unsent, so the client learns nothing but "connection reset".
+    """
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        tcp = self._transport
+        if handshake_exc is not None and isinstance(tcp, asyncio.Transport):
+            alert = self._outgoing.read()  # type: ignore[attr-defined]  # asyncio internals
+            self._transport = None  # so asyncio does not abort it: _Linger closes it
+            _Linger(tcp, alert)
+        super()._on_handshake_complete(handshake_exc)
+
+
+async def _start_tls(
+    tcp: asyncio.Transport, app: asyncio.Protocol, context: ssl.SSLContext, timeout: float
+) -> asyncio.Transport:
+    """``loop.start_tls(server_side=True)``, with :class:`_AlertingSSLProtocol`.
+
+    On failure the connection is closed (by :class:`_Linger` after a refused handshake, here
+    otherwise) and the handshake's exception is raised.
+    """
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    tls = _AlertingSSLProtocol(
+        loop,
+        app,
+        context,
+        waiter,
+        server_side=True,
+        call_connection_made=False,
+        ssl_handshake_timeout=timeout,  # type: ignore[arg-type]  # a float works, as in start_tls
+    )
+    tcp.pause_reading()
+    tcp.set_protocol(tls)
+    loop.call_soon(tls.connection_made, tcp)
+    loop.call_soon(tcp.resume_reading)
+    try:
+        await waiter
+    except BaseException:
+        if not isinstance(tcp.get_protocol(), _Linger):
+            tcp.abort()
+        raise
+    return tls._app_transport
+
+
 class _HandshakeFirst(asyncio.Protocol):
     """Runs the TLS handshake on a fresh TCP connection, then becomes a pass-through."""
 
@@ -80,14 +158,10 @@ class _HandshakeFirst(asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
 
     async def _handshake(self, tcp: asyncio.Transport) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            tls = await loop.start_tls(
-                tcp, self, self._context, server_side=True, ssl_handshake_timeout=self._timeout
-            )
+            tls = await _start_tls(tcp, self, self._context, self._timeout)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             self._on_refused(self._peer, describe_handshake_error(exc))
-            tcp.abort()
             return
         if tls is None:  # the peer went away during the handshake
             return

@@ -61,6 +61,11 @@ class Device(SQLModel, table=True):
     updated_at: dt.datetime = _ts()
 
 
+# SQLAlchemy's Enum stores a member's *name* ("ACTIVE"), not its value ("active"): SQLite keeps
+# the name as text and PostgreSQL's enum type has only the names as labels, so raw SQL must use it.
+_ACTIVE_CERT = text(f"status = '{CertStatus.ACTIVE.name}'")
+
+
 class Certificate(SQLModel, table=True):
     __table_args__ = (
         # The rule behind "two concurrent enrollments yield exactly one active certificate".
@@ -69,8 +74,8 @@ class Certificate(SQLModel, table=True):
             "subject_kind",
             "subject_id",
             unique=True,
-            sqlite_where=text("status = 'active'"),
-            postgresql_where=text("status = 'active'"),
+            sqlite_where=_ACTIVE_CERT,
+            postgresql_where=_ACTIVE_CERT,
         ),
     )
 

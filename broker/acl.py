@@ -1,0 +1,76 @@
+"""Topic ACLs: per-group templates where ``%d`` stands for the device id. Pure, default deny.
+
+A device may PUBLISH to a topic name matched by one of its publish patterns, and SUBSCRIBE to a
+filter only if every topic that filter could match is inside one of its subscribe patterns
+(filter containment, not mere overlap): ``devices/+/commands/#`` is refused even though it
+overlaps ``devices/d1/commands/#``, because it would also deliver other devices' commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+DEVICE_PLACEHOLDER = "%d"
+
+
+@dataclass(frozen=True)
+class AclTemplate:
+    """What a group of devices may do; patterns are MQTT topic filters with ``%d``."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+    def for_device(self, device_id: str) -> DeviceAcl:
+        """Bind the template to one device; ids are validated upstream (no wildcards in them)."""
+        return DeviceAcl(
+            publish=tuple(p.replace(DEVICE_PLACEHOLDER, device_id) for p in self.publish),
+            subscribe=tuple(p.replace(DEVICE_PLACEHOLDER, device_id) for p in self.subscribe),
+        )
+
+
+DEFAULT_TEMPLATE = AclTemplate(publish=("devices/%d/#",), subscribe=("devices/%d/commands/#",))
+
+
+@dataclass(frozen=True)
+class DeviceAcl:
+    """A template bound to one device id."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+    def may_publish(self, topic: str) -> bool:
+        return any(filter_contains(pattern, topic) for pattern in self.publish)
+
+    def may_subscribe(self, topic_filter: str) -> bool:
+        return any(filter_contains(pattern, topic_filter) for pattern in self.subscribe)
+
+
+def filter_contains(outer: str, inner: str) -> bool:
+    """True if every topic matched by filter ``inner`` is matched by filter ``outer``.
+
+    A plain topic name is a filter that matches itself, so this also answers "may publish".
+    Topics starting with ``$`` are never reached through a leading wildcard (MQTT 4.7.2).
+    """
+    outer_levels = outer.split("/")
+    inner_levels = inner.split("/")
+    if inner.startswith("$") and outer_levels[0] in {"+", "#"}:
+        return False
+    for i, level in enumerate(outer_levels):
+        if level == "#":
+            return True
+        if i >= len(inner_levels):
+            return False
+        candidate = inner_levels[i]
+        if candidate == "#":
+            return False  # inner reaches deeper/wider than outer at this level
+        if level == "+":
+            continue
+        if candidate != level:  # a literal contains only the same literal, never '+'
+            return False
+    return len(inner_levels) == len(outer_levels)
+
+
+def parse_patterns(values: Iterable[str]) -> tuple[str, ...]:
+    """Normalise a list of patterns from config or the CLI (strip, drop empties)."""
+    return tuple(v.strip() for v in values if v.strip())

@@ -1,0 +1,381 @@
+"""The registry's promises, proven against a real PostgreSQL server (tests/postgres_server.py).
+
+fleetgate says "SQLite by default, PostgreSQL supported". These tests start a throwaway
+PostgreSQL cluster once per session, give every test a fresh database, and run the registry and
+the enrollment service against it: schema and the append-only audit trigger, all-or-nothing
+batches, enrollment end to end, one winner among concurrent enrollments, revocation into the CRL,
+and timezone-aware timestamps. If the server binaries are missing the tests fail (never skip) and
+say to run `make test`, which installs them.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import itertools
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from postgres_server import PostgresServer, PostgresUnavailable, postgres_server
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlmodel import select
+
+from device_sdk.est import device_csr
+from enrollment.ca import init_ca, load_ca
+from enrollment.config import load_config
+from enrollment.errors import EnrollmentRefused, NotAuthorised, NotFound
+from enrollment.registry import (
+    AuditEvent,
+    AuditRecord,
+    Certificate,
+    CertStatus,
+    Device,
+    DeviceState,
+    Registry,
+    StationState,
+    SubjectKind,
+)
+from enrollment.registry.models import BatchEntry
+from enrollment.registry.store import _certificate_row
+from enrollment.service import EnrollmentService
+
+PASSPHRASE = "pg-test-passphrase-0123"
+_database_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster for the whole session."""
+    try:
+        with postgres_server() as server:
+            yield server
+    except PostgresUnavailable as exc:
+        pytest.fail(f"cannot start the test PostgreSQL server: {exc}", pytrace=False)
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> str:
+    """A fresh, empty database on the session's server."""
+    return pg_server.create_database(f"fleetgate_{next(_database_names)}")
+
+
+@pytest.fixture
+def registry(pg_url: str) -> Iterator[Registry]:
+    reg = Registry(pg_url)
+    yield reg
+    reg.close()
+
+
+@dataclass
+class PgFleet:
+    """A data directory with a CA whose registry lives in PostgreSQL, and one station."""
+
+    service: EnrollmentService
+    registry: Registry
+    station_cert: x509.Certificate
+
+    def batch(self, *device_ids: str) -> None:
+        self.registry.add_batch("line-1", list(device_ids), group="g", label="t", actor="test")
+
+    def enroll(self, device_id: str) -> x509.Certificate:
+        key = ec.generate_private_key(ec.SECP256R1())
+        return self.service.enroll(self.station_cert, csr_body(device_id, key))
+
+
+def csr_body(device_id: str, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The EST simpleenroll body: the device's DER CSR, base64-encoded."""
+    return base64.b64encode(device_csr(device_id, key).public_bytes(Encoding.DER))
+
+
+@pytest.fixture
+def pg_fleet(home: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[PgFleet]:
+    """Configured as an operator would: the database URL comes from the environment."""
+    monkeypatch.setenv("FLEETGATE_CA_PASSPHRASE", PASSPHRASE)
+    monkeypatch.setenv("FLEETGATE_DATABASE_URL", pg_url)
+    config = load_config(home)
+    assert config.database_url == pg_url
+    init_ca(config)
+    reg = Registry(config.database_url)
+    assert reg.engine.dialect.name == "postgresql"
+    service = EnrollmentService(load_ca(config), reg)
+    _key, station_cert = service.add_station("line-1", actor="test")
+    yield PgFleet(service, reg, station_cert)
+    reg.close()
+
+
+def audit_of(reg: Registry, subject: str) -> list[tuple[str, str]]:
+    return [(e.action, e.outcome) for e in reg.audit_events(subject=subject, limit=1000)]
+
+
+# -- schema ------------------------------------------------------------------------------------
+
+
+def test_schema_enum_types_and_partial_index_are_created(registry: Registry) -> None:
+    inspector = inspect(registry.engine)
+    assert {"device", "certificate", "station", "batch", "batchentry", "auditevent"} <= set(
+        inspector.get_table_names()
+    )
+    with registry.engine.connect() as conn:
+        enums = set(conn.execute(text("SELECT typname FROM pg_type WHERE typtype = 'e'")).scalars())
+        indexdef = conn.execute(
+            text(
+                "SELECT indexdef FROM pg_indexes "
+                "WHERE indexname = 'one_active_certificate_per_subject'"
+            )
+        ).scalar_one()
+    assert {"devicestate", "certstatus", "subjectkind", "stationstate"} <= enums
+    assert "UNIQUE" in indexdef and "WHERE" in indexdef
+
+
+def test_audit_log_is_append_only(registry: Registry, pg_url: str) -> None:
+    registry.audit(AuditRecord("admin:test", "probe", "ok", subject="x", reason="first"))
+    with pytest.raises(DBAPIError, match="append-only"), registry.engine.begin() as conn:
+        conn.execute(text("UPDATE auditevent SET reason = 'rewritten'"))
+    with pytest.raises(DBAPIError, match="append-only"), registry.engine.begin() as conn:
+        conn.execute(text("DELETE FROM auditevent"))
+    # Opening the registry again re-creates the trigger idempotently; it still holds.
+    again = Registry(pg_url)
+    try:
+        with pytest.raises(DBAPIError, match="append-only"), again.engine.begin() as conn:
+            conn.execute(text("DELETE FROM auditevent WHERE subject = 'x'"))
+        assert [e.reason for e in again.audit_events(subject="x")] == ["first"]
+    finally:
+        again.close()
+
+
+def test_partial_index_allows_one_active_certificate_per_subject(registry: Registry) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    first, second, third = (_self_signed(key, serial) for serial in (0xA1, 0xA2, 0xA3))
+    with registry.transaction() as s:
+        s.add(_certificate_row(first, SubjectKind.DEVICE, "dev-1"))
+    with pytest.raises(IntegrityError), registry.transaction() as s:
+        s.add(_certificate_row(second, SubjectKind.DEVICE, "dev-1"))
+    with registry.transaction() as s:  # a superseded one beside it is fine
+        row = _certificate_row(second, SubjectKind.DEVICE, "dev-1")
+        row.status = CertStatus.SUPERSEDED
+        s.add(row)
+        s.add(_certificate_row(third, SubjectKind.DEVICE, "dev-2"))  # another subject too
+    statuses = sorted(c.status for c in registry.certificates_of(SubjectKind.DEVICE, "dev-1"))
+    assert statuses == [CertStatus.ACTIVE, CertStatus.SUPERSEDED]
+
+
+def test_partial_index_also_holds_on_sqlite(tmp_path: Path) -> None:
+    """The same index predicate must match what SQLite stores (the enum's member names)."""
+    reg = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    try:
+        test_partial_index_allows_one_active_certificate_per_subject(reg)
+    finally:
+        reg.close()
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+
+def test_add_batch_is_all_or_nothing(pg_fleet: PgFleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = pg_fleet.registry
+    pg_fleet.batch("dev-1", "dev-2")
+    batches_before = _count(reg, "batch")
+
+    with pytest.raises(EnrollmentRefused, match="dev-2"):  # one id already taken
+        pg_fleet.batch("dev-3", "dev-2", "dev-4")
+    with pytest.raises(EnrollmentRefused, match="twice"):
+        pg_fleet.batch("dev-5", "dev-5")
+    with pytest.raises(NotFound):
+        reg.add_batch("no-such-station", ["dev-6"], group="g", label="t", actor="test")
+
+    # A failure after the rows were flushed to PostgreSQL rolls all of them back.
+    def failing_audit(record: AuditRecord, session: object = None) -> None:
+        raise RuntimeError("audit write failed")
+
+    monkeypatch.setattr(reg, "audit", failing_audit)
+    with pytest.raises(RuntimeError, match="audit write failed"):
+        pg_fleet.batch("dev-7", "dev-8")
+    monkeypatch.undo()
+
+    assert [d.id for d in reg.devices()] == ["dev-1", "dev-2"]
+    assert _count(reg, "batch") == batches_before
+    assert _count(reg, "batchentry") == 2
+    pg_fleet.batch("dev-7", "dev-8")  # the ids were not consumed by the failed attempts
+    assert [d.id for d in reg.devices()] == ["dev-1", "dev-2", "dev-7", "dev-8"]
+
+
+# -- enrollment --------------------------------------------------------------------------------
+
+
+def test_enroll_and_reenroll_through_the_service(pg_fleet: PgFleet) -> None:
+    reg = pg_fleet.registry
+    pg_fleet.batch("sensor-1")
+    cert = pg_fleet.enroll("sensor-1")
+
+    assert reg.device("sensor-1").state == DeviceState.ACTIVE
+    (row,) = reg.certificates_of(SubjectKind.DEVICE, "sensor-1")
+    assert row.serial == f"{cert.serial_number:x}"
+    assert row.status == CertStatus.ACTIVE
+    assert x509.load_pem_x509_certificate(row.pem.encode()) == cert
+    with reg.transaction() as s:
+        entry = s.get(BatchEntry, "sensor-1")
+        assert entry is not None and entry.enrolled_at is not None
+
+    with pytest.raises(EnrollmentRefused, match="already enrolled"):
+        pg_fleet.enroll("sensor-1")
+
+    # simplereenroll swaps the active certificate (the partial index sees one active at a time).
+    renewed = pg_fleet.service.reenroll(
+        cert, csr_body("sensor-1", ec.generate_private_key(ec.SECP256R1()))
+    )
+    statuses = {c.serial: c.status for c in reg.certificates_of(SubjectKind.DEVICE, "sensor-1")}
+    assert statuses == {
+        f"{cert.serial_number:x}": CertStatus.SUPERSEDED,
+        f"{renewed.serial_number:x}": CertStatus.ACTIVE,
+    }
+    assert audit_of(reg, "sensor-1") == [
+        ("enroll", "ok"),
+        ("enroll", "refused"),
+        ("reenroll", "ok"),
+    ]
+
+
+def test_concurrent_enrollments_of_one_device_have_exactly_one_winner(pg_fleet: PgFleet) -> None:
+    reg = pg_fleet.registry
+    pg_fleet.batch("racer-1")
+    n = 16
+    bodies = [csr_body("racer-1", ec.generate_private_key(ec.SECP256R1())) for _ in range(n)]
+    start = threading.Barrier(n)
+    issued: list[x509.Certificate] = []
+    refused: list[EnrollmentRefused] = []
+    other: list[BaseException] = []
+    lock = threading.Lock()
+
+    def attempt(body: bytes) -> None:
+        start.wait(timeout=10)
+        try:
+            cert = pg_fleet.service.enroll(pg_fleet.station_cert, body)
+        except EnrollmentRefused as exc:
+            with lock:
+                refused.append(exc)
+        except BaseException as exc:
+            with lock:
+                other.append(exc)
+        else:
+            with lock:
+                issued.append(cert)
+
+    threads = [threading.Thread(target=attempt, args=(b,)) for b in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+    assert other == []
+    assert (len(issued), len(refused)) == (1, n - 1)
+    (row,) = reg.certificates_of(SubjectKind.DEVICE, "racer-1")
+    assert row.serial == f"{issued[0].serial_number:x}" and row.status == CertStatus.ACTIVE
+    assert reg.device("racer-1").state == DeviceState.ACTIVE
+    outcomes = sorted(outcome for action, outcome in audit_of(reg, "racer-1"))
+    assert outcomes == ["ok"] + ["refused"] * (n - 1)
+
+
+# -- revocation --------------------------------------------------------------------------------
+
+
+def test_suspend_reinstate_and_revoke_reach_the_crl(pg_fleet: PgFleet) -> None:
+    reg, service = pg_fleet.registry, pg_fleet.service
+    pg_fleet.batch("sensor-9")
+    cert = pg_fleet.enroll("sensor-9")
+    serial = f"{cert.serial_number:x}"
+
+    _, crl = service.change_device("sensor-9", DeviceState.SUSPENDED, reason="", actor="test")
+    assert [(s, r) for s, _, r in reg.crl_entries()] == [(serial, "certificateHold")]
+    assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+
+    _, crl = service.change_device("sensor-9", DeviceState.ACTIVE, reason="", actor="test")
+    assert reg.crl_entries() == []
+    assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is None
+
+    before = dt.datetime.now(dt.UTC)
+    _, crl = service.change_device(
+        "sensor-9", DeviceState.REVOKED, reason="keyCompromise", actor="test"
+    )
+    ((listed, revoked_at, reason),) = reg.crl_entries()
+    assert (listed, reason) == (serial, "keyCompromise")
+    assert revoked_at.tzinfo is not None and before <= revoked_at <= dt.datetime.now(dt.UTC)
+    entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+    assert entry is not None
+    assert reg.device("sensor-9").state == DeviceState.REVOKED
+    (row,) = reg.certificates_of(SubjectKind.DEVICE, "sensor-9")
+    assert row.status == CertStatus.REVOKED
+
+
+def test_revoked_station_is_listed_and_can_no_longer_enroll(pg_fleet: PgFleet) -> None:
+    reg, service = pg_fleet.registry, pg_fleet.service
+    pg_fleet.batch("sensor-5")
+    crl = service.revoke_station("line-1", reason="cessationOfOperation", actor="test")
+    serial = pg_fleet.station_cert.serial_number
+    assert [(s, r) for s, _, r in reg.crl_entries()] == [(f"{serial:x}", "cessationOfOperation")]
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    assert reg.station("line-1").state == StationState.REVOKED
+    with pytest.raises(NotAuthorised, match="cessationOfOperation"):
+        pg_fleet.enroll("sensor-5")
+    assert reg.device("sensor-5").state == DeviceState.PENDING
+
+
+# -- timestamps --------------------------------------------------------------------------------
+
+
+def test_timestamps_come_back_timezone_aware_and_equal(pg_fleet: PgFleet) -> None:
+    reg = pg_fleet.registry
+    written = dt.datetime(2031, 5, 17, 8, 9, 10, 123456, tzinfo=dt.UTC)
+    elsewhere = dt.datetime(
+        2031, 5, 17, 13, 39, 10, 654321, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30))
+    )
+    with reg.transaction() as s:
+        s.add(Device(id="clock-1", created_at=written, updated_at=elsewhere))
+    device = reg.device("clock-1")
+    for value, expected in ((device.created_at, written), (device.updated_at, elsewhere)):
+        assert value.tzinfo is not None and value.utcoffset() is not None
+        assert value == expected
+
+    pg_fleet.batch("clock-2")
+    cert = pg_fleet.enroll("clock-2")
+    (row,) = reg.certificates_of(SubjectKind.DEVICE, "clock-2")
+    assert row.not_before.tzinfo is not None and row.not_after.tzinfo is not None
+    assert row.not_before == cert.not_valid_before_utc
+    assert row.not_after == cert.not_valid_after_utc
+    with reg.transaction() as s:
+        events = s.exec(select(AuditEvent).where(AuditEvent.subject == "clock-2")).all()
+        certs = s.exec(select(Certificate).where(Certificate.subject_id == "clock-2")).all()
+    assert events and all(e.at.tzinfo is not None for e in events)
+    assert [c.not_before for c in certs] == [cert.not_valid_before_utc]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _count(reg: Registry, table: str) -> int:
+    with reg.engine.connect() as conn:
+        return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+def _self_signed(key: ec.EllipticCurvePrivateKey, serial: int) -> x509.Certificate:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"probe-{serial:x}")])
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
