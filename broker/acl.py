@@ -11,7 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from broker.mqtt.topics import InvalidTopic, validate_topic_filter
+from enrollment.errors import FleetgateError
+
 DEVICE_PLACEHOLDER = "%d"
+
+
+class InvalidAcl(FleetgateError):
+    """An ACL template an operator typed is not a set of valid topic filters."""
+
+    code = "invalid_acl"
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,18 @@ def filter_contains(outer: str, inner: str) -> bool:
     return len(inner_levels) == len(outer_levels)
 
 
-def parse_patterns(values: Iterable[str]) -> tuple[str, ...]:
-    """Normalise a list of patterns from config or the CLI (strip, drop empties)."""
-    return tuple(v.strip() for v in values if v.strip())
+def check_template(publish: Iterable[str], subscribe: Iterable[str]) -> AclTemplate:
+    """An :class:`AclTemplate` from operator input; malformed filters raise :class:`InvalidAcl`."""
+    for pattern in (*publish, *subscribe):
+        try:
+            validate_topic_filter(pattern.replace(DEVICE_PLACEHOLDER, "x"))
+        except InvalidTopic as exc:
+            raise InvalidAcl(
+                f"ACL pattern {pattern!r} is not a valid MQTT topic filter: {exc}"
+            ) from exc
+        if DEVICE_PLACEHOLDER in pattern and any(
+            level != DEVICE_PLACEHOLDER and DEVICE_PLACEHOLDER in level
+            for level in pattern.split("/")
+        ):
+            raise InvalidAcl(f"ACL pattern {pattern!r}: %d must be a whole topic level")
+    return AclTemplate(publish=tuple(publish), subscribe=tuple(subscribe))

@@ -44,12 +44,14 @@ station_app = typer.Typer(no_args_is_help=True, help="Production-line stations a
 batch_app = typer.Typer(no_args_is_help=True, help="Device ids a station may enroll.")
 device_app = typer.Typer(no_args_is_help=True, help="Enrolled devices: inspect, suspend, revoke.")
 crl_app = typer.Typer(no_args_is_help=True, help="Certificate revocation lists.")
+acl_app = typer.Typer(no_args_is_help=True, help="Per-group topic ACL templates (%d = device id).")
 serve_app = typer.Typer(no_args_is_help=True, help="Run fleetgate services.")
 app.add_typer(ca_app, name="ca")
 app.add_typer(station_app, name="station")
 app.add_typer(batch_app, name="batch")
 app.add_typer(device_app, name="device")
 app.add_typer(crl_app, name="crl")
+app.add_typer(acl_app, name="acl")
 app.add_typer(serve_app, name="serve")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -346,6 +348,42 @@ def device_revoke(
 ) -> None:
     """Revoke a device for good: every certificate it holds goes into the CRL."""
     _change_device(device_id, DeviceState.REVOKED, reason, f"revoked ({reason})")
+
+
+# -- acl -----------------------------------------------------------------------------------------
+
+
+@acl_app.command("set")
+def acl_set(
+    group: str,
+    publish: Annotated[list[str], typer.Option(help="Topic filter a device may publish to.")],
+    subscribe: Annotated[list[str], typer.Option(help="Topic filter a device may subscribe to.")],
+) -> None:
+    """Replace GROUP's ACL template, e.g. --publish 'devices/%d/#'."""
+    from broker.acl import check_template
+
+    check_template(publish, subscribe)
+    _registry(_config()).set_acl(group, publish=publish, subscribe=subscribe, actor=_actor())
+    typer.echo(f"ACL of group {group} set: publish {publish}, subscribe {subscribe}")
+
+
+@acl_app.command("show")
+def acl_show(group: str, as_json: JsonFlag = False) -> None:
+    """Show GROUP's ACL template (the built-in default when none is stored)."""
+    from broker.acl import DEFAULT_TEMPLATE
+
+    stored = _registry(_config()).acl_patterns(group)
+    source = "stored" if stored else "default"
+    template = stored or DEFAULT_TEMPLATE
+    rows = [
+        {"group": group, "action": "publish", "pattern": p, "source": source}
+        for p in template.publish
+    ]
+    rows += [
+        {"group": group, "action": "subscribe", "pattern": p, "source": source}
+        for p in template.subscribe
+    ]
+    _emit(rows, as_json)
 
 
 # -- crl / audit -------------------------------------------------------------------------------

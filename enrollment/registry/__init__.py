@@ -5,19 +5,30 @@ from enrollment.registry.models import (
     Certificate,
     CertStatus,
     Device,
+    DeviceChange,
     DeviceState,
     Station,
     StationState,
     SubjectKind,
 )
-from enrollment.registry.store import AuditRecord, Registry, fingerprint, serial_hex
+from enrollment.registry.store import (
+    AclPatterns,
+    Admission,
+    AuditRecord,
+    Registry,
+    fingerprint,
+    serial_hex,
+)
 
 __all__ = [
+    "AclPatterns",
+    "Admission",
     "AuditEvent",
     "AuditRecord",
     "CertStatus",
     "Certificate",
     "Device",
+    "DeviceChange",
     "DeviceState",
     "Registry",
     "Station",

@@ -121,3 +121,25 @@ class AuditEvent(SQLModel, table=True):
     outcome: str  # "ok", "refused" or "error"
     reason: str = ""
     request_id: str | None = None
+
+
+class DeviceChange(SQLModel, table=True):
+    """The revocation change feed: one row per device state change, in commit order.
+
+    Brokers poll ``id > last_seen`` (see ``Registry.changes_since``) so that a revoke or suspend
+    made by any process reaches every broker sharing the registry, without a side channel.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=64)
+    state: DeviceState
+    reason: str = ""
+    at: dt.datetime = _ts()
+
+
+class AclRule(SQLModel, table=True):
+    """One topic pattern of a group's ACL template; ``%d`` stands for the device id."""
+
+    group: str = Field(primary_key=True, max_length=64)
+    action: str = Field(primary_key=True, max_length=16)  # "publish" or "subscribe"
+    pattern: str = Field(primary_key=True, max_length=512)

@@ -31,12 +31,14 @@ from sqlmodel import Session, SQLModel, col, create_engine, select
 from enrollment.errors import EnrollmentRefused, InvalidStateChange, NotFound
 from enrollment.ids import validate_id
 from enrollment.registry.models import (
+    AclRule,
     AuditEvent,
     Batch,
     BatchEntry,
     Certificate,
     CertStatus,
     Device,
+    DeviceChange,
     DeviceState,
     Station,
     StationState,
@@ -74,6 +76,23 @@ def serial_hex(serial: int) -> str:
 
 def fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whether a device presenting a certificate may connect now, and if not, why."""
+
+    allowed: bool
+    reason: str
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class AclPatterns:
+    """A group's stored ACL template (raw patterns; the broker interprets them)."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -396,8 +415,83 @@ class Registry:
                 )
             device.state = target
             device.updated_at = utcnow()
+            s.add(DeviceChange(device_id=device_id, state=target, reason=reason))
             self.audit(AuditRecord(actor, action, "ok", device_id, reason), s)
             return device
+
+    # -- what brokers ask --------------------------------------------------------------------
+
+    def admission(self, device_id: str, serial: int) -> Admission:
+        """May ``device_id`` connect with the certificate ``serial``? Only its active one may."""
+        with self.transaction() as s:
+            device = s.get(Device, device_id)
+            if device is None:
+                return Admission(False, f"device {device_id} is not in the registry")
+            cert = s.get(Certificate, serial_hex(serial))
+            if device.state != DeviceState.ACTIVE:
+                return Admission(False, f"device {device_id} is {device.state}", device.group)
+            if (
+                cert is None
+                or cert.subject_kind != SubjectKind.DEVICE
+                or cert.subject_id != device_id
+            ):
+                return Admission(
+                    False, f"certificate {serial_hex(serial)} was not issued to {device_id}"
+                )
+            if cert.status != CertStatus.ACTIVE:
+                return Admission(
+                    False,
+                    f"certificate {cert.serial} of {device_id} is {cert.status}"
+                    + (
+                        ": connect with the renewed certificate"
+                        if cert.status == CertStatus.SUPERSEDED
+                        else ""
+                    ),
+                    device.group,
+                )
+            return Admission(True, "", device.group)
+
+    def changes_since(self, after_id: int, *, limit: int = 1000) -> list[DeviceChange]:
+        """Device state changes committed after ``after_id``, oldest first."""
+        with self.transaction() as s:
+            query = (
+                select(DeviceChange)
+                .where(col(DeviceChange.id) > after_id)
+                .order_by(col(DeviceChange.id))
+                .limit(limit)
+            )
+            return list(s.exec(query).all())
+
+    def last_change_id(self) -> int:
+        with self.transaction() as s:
+            latest = s.exec(select(DeviceChange.id).order_by(col(DeviceChange.id).desc())).first()
+            return latest or 0
+
+    def acl_patterns(self, group: str) -> AclPatterns | None:
+        """The group's stored ACL template, or None when it has none (the broker's default)."""
+        with self.transaction() as s:
+            rows = s.exec(select(AclRule).where(AclRule.group == group)).all()
+        if not rows:
+            return None
+        return AclPatterns(
+            publish=tuple(sorted(r.pattern for r in rows if r.action == "publish")),
+            subscribe=tuple(sorted(r.pattern for r in rows if r.action == "subscribe")),
+        )
+
+    def set_acl(
+        self, group: str, *, publish: Sequence[str], subscribe: Sequence[str], actor: str
+    ) -> None:
+        """Replace a group's ACL template in one transaction."""
+        validate_id(group, kind="group")
+        with self.transaction() as s:
+            for row in s.exec(select(AclRule).where(AclRule.group == group)).all():
+                s.delete(row)
+            s.flush()
+            for action, patterns in (("publish", publish), ("subscribe", subscribe)):
+                for pattern in dict.fromkeys(patterns):
+                    s.add(AclRule(group=group, action=action, pattern=pattern))
+            summary = f"publish {list(publish)} subscribe {list(subscribe)}"
+            self.audit(AuditRecord(actor, "acl.set", "ok", group, summary), s)
 
     def crl_entries(self) -> list[tuple[str, dt.datetime, str]]:
         """(serial hex, revocation time, reason) of every revoked or on-hold, unexpired cert."""
