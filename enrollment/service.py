@@ -32,10 +32,22 @@ from enrollment.registry import (
     Device,
     DeviceState,
     Registry,
-    StationState,
+    SubjectKind,
 )
-from enrollment.registry.models import as_utc
 from enrollment.registry.store import DEVICE_ACTIONS
+
+# What a refused client should do next, by the kind of credential and its status.
+_CREDENTIAL_HINTS = {
+    (SubjectKind.STATION, CertStatus.REVOKED): "ask an operator for a new station certificate",
+    (SubjectKind.STATION, CertStatus.SUPERSEDED): "use the station's newest certificate",
+    (SubjectKind.STATION, CertStatus.ON_HOLD): "ask an operator to reinstate the station",
+    (SubjectKind.DEVICE, CertStatus.REVOKED): "revocation is final: provision a new device id",
+    (SubjectKind.DEVICE, CertStatus.SUPERSEDED): "renew with the device's newest certificate",
+    (
+        SubjectKind.DEVICE,
+        CertStatus.ON_HOLD,
+    ): "the device is suspended until an operator reinstates it",
+}
 
 
 class StageTimer:
@@ -140,25 +152,19 @@ class EnrollmentService:
                 f"a {peer.kind} certificate ({peer.id}) cannot be used here; "
                 f"this request needs a {expected_kind} certificate"
             )
-        record = self.registry.certificate(peer.serial)
-        if record is None or record.subject_id != peer.id or record.subject_kind != expected_kind:
+        kind = SubjectKind.STATION if expected_kind == "station" else SubjectKind.DEVICE
+        record = self.registry.credential(kind, peer.id, peer.serial)
+        if record is None:
             raise NotAuthorised(f"{peer.actor}: certificate {peer.serial:x} is not in the registry")
         if record.status != CertStatus.ACTIVE:
-            when = f" on {as_utc(record.revoked_at):%Y-%m-%d %H:%M}Z" if record.revoked_at else ""
-            reason = f" ({record.revocation_reason}{when})" if record.revocation_reason else ""
+            when = f" on {record.revoked_at:%Y-%m-%d %H:%M}Z" if record.revoked_at else ""
+            reason = f" ({record.reason}{when})" if record.reason else ""
             raise NotAuthorised(
                 f"{peer.actor}: certificate {peer.serial:x} is {record.status}{reason}; "
-                + (
-                    "ask an operator for a new station certificate"
-                    if expected_kind == "station"
-                    else "the device must be reinstated or re-provisioned"
-                )
+                + _CREDENTIAL_HINTS[(kind, record.status)]
             )
-        if (
-            expected_kind == "station"
-            and self.registry.station(peer.id).state != StationState.ACTIVE
-        ):
-            raise NotAuthorised(f"station {peer.id} is revoked")
+        if not record.holder_active:
+            raise NotAuthorised(f"{peer.actor} is not active in the registry")
         return peer
 
     def _issue_device(self, device_id: str, key: ec.EllipticCurvePublicKey) -> x509.Certificate:

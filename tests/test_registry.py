@@ -27,9 +27,13 @@ from enrollment.registry import (
     serial_hex,
 )
 from enrollment.registry.models import Batch, BatchEntry
-from enrollment.registry.store import _certificate_row
+from enrollment.registry.store import _certificate_values
 
 NOW = dt.datetime.now(dt.UTC)
+
+
+def _certificate_row(cert, kind, subject_id):
+    return Certificate(**_certificate_values(cert, kind, subject_id))
 
 
 class Signer:

@@ -43,11 +43,15 @@ from enrollment.registry import (
     SubjectKind,
 )
 from enrollment.registry.models import BatchEntry
-from enrollment.registry.store import _certificate_row
+from enrollment.registry.store import _certificate_values
 from enrollment.service import EnrollmentService
 
 PASSPHRASE = "pg-test-passphrase-0123"
 _database_names = itertools.count(1)
+
+
+def _certificate_row(cert, kind, subject_id):
+    return Certificate(**_certificate_values(cert, kind, subject_id))
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import event, update
+from sqlalchemy import Connection, event, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
@@ -30,6 +30,7 @@ from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from enrollment.errors import EnrollmentRefused, InvalidStateChange, NotFound
 from enrollment.ids import validate_id
+from enrollment.registry import statements as sql
 from enrollment.registry.models import (
     AclRule,
     AuditEvent,
@@ -107,6 +108,19 @@ class AuditRecord:
     request_id: str | None = None
 
 
+_READ_ONLY = "fleetgate_read_only"
+
+
+@dataclass(frozen=True)
+class Credential:
+    """The registry's view of a client certificate: its status and its holder's."""
+
+    status: CertStatus
+    revoked_at: dt.datetime | None
+    reason: str | None
+    holder_active: bool
+
+
 def create_registry_engine(url: str) -> Engine:
     """An engine with fleetgate's SQLite settings (WAL, FKs, IMMEDIATE transactions)."""
     if not url.startswith("sqlite"):
@@ -131,7 +145,11 @@ def create_registry_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the lock up front, so they queue rather than fail on a lock upgrade;
+        # readers (marked by Registry._read) do not block them.
+        deferred = conn.info.pop(_READ_ONLY, False)
+        # Straight to the driver: SQLAlchemy's own execute path costs more than the BEGIN.
+        conn.connection.driver_connection.execute("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -161,23 +179,24 @@ class Registry:
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             yield session
 
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read-only Core transaction (deferred on SQLite): the hot paths avoid the ORM."""
+        with self.engine.connect() as conn:
+            conn.info[_READ_ONLY] = True
+            with conn.begin():
+                yield conn
+
     # -- audit -----------------------------------------------------------------------------
 
     def audit(self, record: AuditRecord, session: Session | None = None) -> None:
         """Append ``record``; inside ``session`` when the entry must commit with a change."""
-        row = AuditEvent(
-            actor=record.actor,
-            action=record.action,
-            subject=record.subject,
-            outcome=record.outcome,
-            reason=record.reason,
-            request_id=record.request_id,
-        )
+        row = AuditEvent(**_audit_values(record))
         if session is not None:
             session.add(row)
             return
-        with self.transaction() as own:
-            own.add(row)
+        with self.engine.begin() as conn:
+            conn.execute(sql.INSERT_AUDIT, _audit_values(record))
 
     def audit_events(self, *, subject: str | None = None, limit: int = 100) -> list[AuditEvent]:
         with self.transaction() as s:
@@ -201,7 +220,7 @@ class Registry:
             else:
                 existing.state = StationState.ACTIVE
             s.flush()
-            s.add(_certificate_row(cert, SubjectKind.STATION, station_id))
+            s.add(Certificate(**_certificate_values(cert, SubjectKind.STATION, station_id)))
             self.audit(AuditRecord(actor, "station.add", "ok", subject=station_id), s)
 
     def station(self, station_id: str) -> Station:
@@ -269,47 +288,48 @@ class Registry:
 
     def check_may_enroll(self, station_id: str, device_id: str) -> None:
         """Refuse early (before signing) when ``station_id`` may not enroll ``device_id`` now."""
-        with self.transaction() as s:
-            entry = s.get(BatchEntry, device_id)
-            batch = s.get(Batch, entry.batch_id) if entry else None
-            if batch is None or batch.station_id != station_id:
-                raise EnrollmentRefused(
-                    f"device {device_id} is not in any batch of station {station_id}: "
-                    f"add it with `fleetgate batch add {station_id} {device_id}`"
-                )
-            device = s.get(Device, device_id)
-            if device is None or device.state != DeviceState.PENDING:
-                state = device.state if device else "unknown"
-                raise EnrollmentRefused(
-                    f"device {device_id} is already enrolled (state {state}); "
-                    "an enrolled device renews with simplereenroll"
-                )
+        with self._read() as conn:
+            row = conn.execute(sql.DEVICE_BATCH, {"device_id": device_id}).first()
+        if row is None or row.station_id != station_id:
+            raise EnrollmentRefused(
+                f"device {device_id} is not in any batch of station {station_id}: "
+                f"add it with `fleetgate batch add {station_id} {device_id}`"
+            )
+        if row.state != DeviceState.PENDING:
+            raise EnrollmentRefused(
+                f"device {device_id} is already enrolled (state {row.state}); "
+                "an enrolled device renews with simplereenroll"
+            )
+
+    def credential(self, kind: SubjectKind, subject_id: str, serial: int) -> Credential | None:
+        """The status of certificate ``serial`` if it was issued to ``kind`` ``subject_id``."""
+        station = kind == SubjectKind.STATION
+        query = sql.STATION_CREDENTIAL if station else sql.DEVICE_CREDENTIAL
+        active = StationState.ACTIVE if station else DeviceState.ACTIVE
+        params = {"serial": serial_hex(serial), "kind": kind, "subject_id": subject_id}
+        with self._read() as conn:
+            row = conn.execute(query, params).first()  # type: ignore[call-overload]
+        if row is None:
+            return None
+        revoked_at = as_utc(row.revoked_at) if row.revoked_at else None
+        return Credential(row.status, revoked_at, row.revocation_reason, row.state == active)
 
     def record_enrollment(
         self, station_id: str, device_id: str, cert: x509.Certificate, audit: AuditRecord
     ) -> None:
         """Commit the first certificate of a pending device; exactly one concurrent caller wins."""
+        now = utcnow()
         try:
-            with self.transaction() as s:
-                won = s.exec(
-                    update(Device)
-                    .where(col(Device.id) == device_id)
-                    .where(col(Device.state) == DeviceState.PENDING)
-                    .where(col(Device.station_id) == station_id)
-                    .values(state=DeviceState.ACTIVE, updated_at=utcnow())
-                ).rowcount
+            with self.engine.begin() as conn:
+                params = {"b_device_id": device_id, "b_station_id": station_id, "now": now}
+                won = conn.execute(sql.ACTIVATE_PENDING_DEVICE, params).rowcount
                 if won != 1:
                     raise EnrollmentRefused(
                         f"device {device_id} was enrolled by a concurrent request; "
                         "this request's certificate was discarded"
                     )
-                s.exec(
-                    update(BatchEntry)
-                    .where(col(BatchEntry.device_id) == device_id)
-                    .values(enrolled_at=utcnow())
-                )
-                s.add(_certificate_row(cert, SubjectKind.DEVICE, device_id))
-                self.audit(audit, s)
+                conn.execute(sql.MARK_BATCH_ENTRY_ENROLLED, params)
+                self._insert_issued(conn, cert, device_id, audit)
         except IntegrityError as exc:  # the partial unique index caught a race
             raise EnrollmentRefused(
                 f"device {device_id} already has an active certificate; this one was discarded"
@@ -320,27 +340,32 @@ class Registry:
     ) -> None:
         """Swap the device's active certificate for ``cert``, if ``old_serial`` is still it."""
         try:
-            with self.transaction() as s:
-                device = s.get(Device, device_id)
-                if device is None or device.state != DeviceState.ACTIVE:
+            with self.engine.begin() as conn:
+                state = conn.execute(sql.DEVICE_STATE, {"device_id": device_id}).scalar()
+                if state != DeviceState.ACTIVE:
                     raise EnrollmentRefused(f"device {device_id} is not active; it may not renew")
-                swapped = s.exec(
-                    update(Certificate)
-                    .where(col(Certificate.serial) == serial_hex(old_serial))
-                    .where(col(Certificate.status) == CertStatus.ACTIVE)
-                    .values(status=CertStatus.SUPERSEDED)
+                swapped = conn.execute(
+                    sql.SUPERSEDE_ACTIVE_CERTIFICATE, {"b_old_serial": serial_hex(old_serial)}
                 ).rowcount
                 if swapped != 1:
                     raise EnrollmentRefused(
                         f"certificate {serial_hex(old_serial)} of {device_id} is no longer current "
                         "(renewed concurrently, suspended or revoked)"
                     )
-                s.add(_certificate_row(cert, SubjectKind.DEVICE, device_id))
-                self.audit(audit, s)
+                self._insert_issued(conn, cert, device_id, audit)
         except IntegrityError as exc:
             raise EnrollmentRefused(
                 f"device {device_id} already has another active certificate"
             ) from exc
+
+    @staticmethod
+    def _insert_issued(
+        conn: Connection, cert: x509.Certificate, device_id: str, audit: AuditRecord
+    ) -> None:
+        conn.execute(
+            sql.INSERT_CERTIFICATE, _certificate_values(cert, SubjectKind.DEVICE, device_id)
+        )
+        conn.execute(sql.INSERT_AUDIT, _audit_values(audit))
 
     # -- devices ---------------------------------------------------------------------------
 
@@ -509,17 +534,34 @@ class Registry:
             ]
 
 
-def _certificate_row(cert: x509.Certificate, kind: SubjectKind, subject_id: str) -> Certificate:
-    return Certificate(
-        serial=serial_hex(cert.serial_number),
-        subject_kind=kind,
-        subject_id=subject_id,
-        fingerprint_sha256=fingerprint(cert),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-        status=CertStatus.ACTIVE,
-        pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
-    )
+def _audit_values(record: AuditRecord) -> dict[str, Any]:
+    return {
+        "at": utcnow(),
+        "actor": record.actor,
+        "action": record.action,
+        "subject": record.subject,
+        "outcome": record.outcome,
+        "reason": record.reason,
+        "request_id": record.request_id,
+    }
+
+
+def _certificate_values(
+    cert: x509.Certificate, kind: SubjectKind, subject_id: str
+) -> dict[str, Any]:
+    """A new certificate row as plain values (building a SQLModel instance costs ~0.1 ms)."""
+    return {
+        "serial": serial_hex(cert.serial_number),
+        "subject_kind": kind,
+        "subject_id": subject_id,
+        "fingerprint_sha256": fingerprint(cert),
+        "not_before": cert.not_valid_before_utc,
+        "not_after": cert.not_valid_after_utc,
+        "status": CertStatus.ACTIVE,
+        "revoked_at": None,
+        "revocation_reason": None,
+        "pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
+    }
 
 
 def _revoke_certificates(s: Session, kind: SubjectKind, subject_id: str, reason: str) -> None:

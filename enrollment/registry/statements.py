@@ -1,0 +1,76 @@
+"""The enrollment hot path's SQL, built once with bind parameters (``b_`` names in UPDATEs).
+
+SQLAlchemy spends far longer building and cache-keying a statement than SQLite spends running
+it (about 130 µs against 10 µs for a one-row read here), so the statements every enrollment
+runs are constructed at import and executed with parameter dictionaries.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import bindparam, insert, select, update
+from sqlmodel import SQLModel
+
+from enrollment.registry import models  # noqa: F401 - registers the tables in the metadata
+from enrollment.registry.models import CertStatus, DeviceState
+
+DEVICES = SQLModel.metadata.tables["device"]
+CERTIFICATES = SQLModel.metadata.tables["certificate"]
+STATIONS = SQLModel.metadata.tables["station"]
+BATCHES = SQLModel.metadata.tables["batch"]
+BATCH_ENTRIES = SQLModel.metadata.tables["batchentry"]
+AUDIT = SQLModel.metadata.tables["auditevent"]
+
+
+def _credential(holder_table: str) -> object:
+    holder = SQLModel.metadata.tables[holder_table]
+    return (
+        select(
+            CERTIFICATES.c.status,
+            CERTIFICATES.c.revoked_at,
+            CERTIFICATES.c.revocation_reason,
+            holder.c.state,
+        )
+        .select_from(CERTIFICATES)
+        .join(holder, holder.c.id == CERTIFICATES.c.subject_id)
+        .where(CERTIFICATES.c.serial == bindparam("serial"))
+        .where(CERTIFICATES.c.subject_kind == bindparam("kind"))
+        .where(CERTIFICATES.c.subject_id == bindparam("subject_id"))
+    )
+
+
+STATION_CREDENTIAL = _credential("station")
+DEVICE_CREDENTIAL = _credential("device")
+
+DEVICE_BATCH = (
+    select(DEVICES.c.state, BATCHES.c.station_id)
+    .select_from(DEVICES)
+    .join(BATCH_ENTRIES, BATCH_ENTRIES.c.device_id == DEVICES.c.id)
+    .join(BATCHES, BATCHES.c.id == BATCH_ENTRIES.c.batch_id)
+    .where(DEVICES.c.id == bindparam("device_id"))
+)
+
+DEVICE_STATE = select(DEVICES.c.state).where(DEVICES.c.id == bindparam("device_id"))
+
+ACTIVATE_PENDING_DEVICE = (
+    update(DEVICES)
+    .where(DEVICES.c.id == bindparam("b_device_id"))
+    .where(DEVICES.c.state == DeviceState.PENDING)
+    .where(DEVICES.c.station_id == bindparam("b_station_id"))
+    .values(state=DeviceState.ACTIVE, updated_at=bindparam("now"))
+)
+
+MARK_BATCH_ENTRY_ENROLLED = (
+    update(BATCH_ENTRIES)
+    .where(BATCH_ENTRIES.c.device_id == bindparam("b_device_id"))
+    .values(enrolled_at=bindparam("now"))
+)
+
+SUPERSEDE_ACTIVE_CERTIFICATE = (
+    update(CERTIFICATES)
+    .where(CERTIFICATES.c.serial == bindparam("b_old_serial"))
+    .where(CERTIFICATES.c.status == CertStatus.ACTIVE)
+    .values(status=CertStatus.SUPERSEDED)
+)
+
+INSERT_CERTIFICATE = insert(CERTIFICATES)
+INSERT_AUDIT = insert(AUDIT)
