@@ -3,28 +3,33 @@
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: bootstrap demo test lint typecheck unit bench-enroll clean
+.PHONY: bootstrap bootstrap-test demo test lint typecheck unit bench-enroll clean
 
+# `make demo` needs the runtime packages; tests and benchmarks also need the real peers.
 bootstrap:
-	@scripts/bootstrap.sh
+	@scripts/bootstrap.sh scripts/debian-packages.txt
+
+bootstrap-test:
+	@scripts/bootstrap.sh scripts/debian-packages.txt scripts/debian-packages-test.txt
 
 demo: bootstrap
 	$(VENV)/python scripts/demo.py
 
-lint: bootstrap
+lint: bootstrap-test
 	$(VENV)/ruff check enrollment broker device_sdk firmware_sim tests scripts
 	$(VENV)/ruff format --check enrollment broker device_sdk firmware_sim tests scripts
 
-typecheck: bootstrap
+typecheck: bootstrap-test
 	$(VENV)/mypy
 
-unit: bootstrap
+unit: bootstrap-test
 	$(VENV)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck unit
 
-bench-enroll: bootstrap
+bench-enroll: bootstrap-test
 	$(VENV)/python scripts/bench_enroll.py
 
+# Never removes fleet-data: that is the default data directory, CA keys included.
 clean:
-	rm -rf .venv fleet-data demo-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .venv demo-data .pytest_cache .mypy_cache .ruff_cache

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Prepares this checkout to run: the Debian packages in scripts/debian-packages.txt (installed
-# when run as root, otherwise named in a clear message) and a .venv with fleetgate installed.
+# Prepares this checkout to run: the Debian packages in the list files given as arguments
+# (default scripts/debian-packages.txt; installed when run as root, otherwise named in a clear
+# message) and a .venv with fleetgate installed.
 # Re-running is cheap: the venv is rebuilt only when pyproject.toml changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-mapfile -t wanted < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' scripts/debian-packages.txt)
+lists=("$@")
+[ ${#lists[@]} -gt 0 ] || lists=(scripts/debian-packages.txt)
+mapfile -t wanted < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^[[:space:]]*$/d' "${lists[@]}")
 missing=()
 for pkg in "${wanted[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,11 +56,21 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return data
 
 
+@pytest.fixture(scope="session")
+def _ca_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One CA made per session (its scrypt-stretched keys take ~0.1 s each to write)."""
+    template = tmp_path_factory.mktemp("ca-template") / "fleet-data"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLEETGATE_CA_PASSPHRASE", PASSPHRASE)
+        init_ca(load_config(template, environ={}))
+    return template / "ca"
+
+
 @pytest.fixture
-def config(home: Path) -> Config:
-    """A data directory with an initialised CA."""
+def config(home: Path, _ca_template: Path) -> Config:
+    """A data directory with an initialised CA (a copy of the session's CA)."""
     cfg = load_config(home)
-    init_ca(cfg)
+    shutil.copytree(_ca_template, cfg.ca_dir)
     return cfg
 
 

@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 from device_sdk.est import device_csr
 from enrollment.ca import load_ca
 from enrollment.config import load_config
+from enrollment.errors import CAPassphraseError
+from enrollment.keyfiles import load_private_key
 from enrollment.registry import DeviceState, Registry, StationState, SubjectKind
 from enrollment.service import EnrollmentService
 
@@ -215,14 +217,19 @@ def test_ca_init_writes_both_ca_keys_encrypted_and_owner_only(fresh):
         path = ca_dir / name
         assert _mode(path) == 0o600, name
         data = path.read_bytes()
-        assert data.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n"), name
-        key = load_pem_private_key(data, password=PASSPHRASE.encode())
+        kdf_line, pem = data.split(b"\n", 1)
+        assert kdf_line.startswith(b"Fleetgate-KDF: scrypt n=32768 r=8 p=1 salt="), name
+        assert pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n"), name
+        key = load_private_key(path, PASSPHRASE.encode())
         cert = x509.load_pem_x509_certificate((ca_dir / cert_name).read_bytes())
         assert key.public_key() == cert.public_key()
+        with pytest.raises(CAPassphraseError):
+            load_private_key(path, WRONG_PASSPHRASE.encode())
+        # The passphrase is stretched with scrypt: on its own it does not open the PKCS#8 file.
         with pytest.raises(ValueError):
-            load_pem_private_key(data, password=WRONG_PASSPHRASE.encode())
+            load_pem_private_key(pem, password=PASSPHRASE.encode())
         with pytest.raises(TypeError):
-            load_pem_private_key(data, password=None)
+            load_pem_private_key(pem, password=None)
     assert _mode(ca_dir / "server.key") == 0o600
     assert (fresh.home / "fleetgate.toml").exists()
     assert (ca_dir / "crl.der").exists()
