@@ -10,6 +10,7 @@ import csv
 import datetime as dt
 import getpass
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -445,11 +446,50 @@ def serve_enrollment(
     asyncio.run(run_forever(config))
 
 
+def _audit_cli_refusal(exc: FleetgateError) -> None:
+    """Record a refused admin command, if there is a registry to record it in."""
+    if exc.audited:
+        return
+    words = [w for w in sys.argv[1:] if not w.startswith("-")][:2]
+    try:
+        config = _config()
+        if not ca_module.is_initialised(config):
+            return  # no fleet here yet: nothing to audit into
+        registry = Registry(config.database_url)
+        reason = f"{exc.code}: {exc.message}"
+        registry.audit(AuditRecord(_actor(), "cli." + ".".join(words), "refused", None, reason))
+        registry.close()
+    except FleetgateError:
+        return  # the configuration itself is what failed; the message already says so
+
+
+@serve_app.command("broker")
+def serve_broker(
+    port: Annotated[int | None, typer.Option(help="Override broker.port.")] = None,
+) -> None:
+    """Serve MQTT over mutual TLS until interrupted (SIGINT or SIGTERM)."""
+    from broker.server import run_forever
+
+    config = _config()
+    if port is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, broker=dataclasses.replace(config.broker, port=port))
+    jsonlog.configure(config.log.level, config.logs_dir)
+    asyncio.run(run_forever(config))
+
+
 def main() -> None:
-    """Console entry point: typed errors become one line on stderr and exit code 1."""
+    """Console entry point: typed errors become one line on stderr and exit code 1.
+
+    Files fleetgate creates are private to their owner unless it widens them on purpose
+    (the CRL is world-readable), so the database and configuration are 0600 too.
+    """
+    os.umask(0o077)
     try:
         app()
     except FleetgateError as exc:
+        _audit_cli_refusal(exc)
         typer.echo(f"error: {exc.message}", err=True)
         raise SystemExit(1) from None
     except OSError as exc:

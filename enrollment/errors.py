@@ -16,6 +16,7 @@ class FleetgateError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        self.audited = False  # set once the refusal is in the audit log, so it is logged once
 
 
 class ConfigError(FleetgateError):

@@ -89,9 +89,11 @@ class ESTApp:
     async def _request_context(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         rid = request.headers.get("X-Request-ID", "")[:64] or uuid.uuid4().hex[:16]
         token = jsonlog.request_id.set(rid)
+        device_token = jsonlog.device_id.set(None)  # the service sets it once it knows the id
         try:
             response = await handler(request)
         finally:
+            jsonlog.device_id.reset(device_token)
             jsonlog.request_id.reset(token)
         response.headers["X-Request-ID"] = rid
         return response
@@ -126,11 +128,7 @@ class ESTApp:
         except FleetgateError as exc:
             log.warning("%s refused: %s", action, exc.message, extra={"code": exc.code})
             return _error(exc.http_status, f"{exc.code}: {exc.message}")
-        log.info(
-            "%s ok",
-            action,
-            extra={"device": cert.subject.rfc4514_string(), "serial": f"{cert.serial_number:x}"},
-        )
+        log.info("%s ok", action, extra={"serial": f"{cert.serial_number:x}"})
         return _b64_response(pkcs7.serialize_certificates([cert], Encoding.DER), PKCS7_CERTS_ONLY)
 
     async def _read_body(

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from enrollment.ca import ca_paths, ensure_server_certificate, load_ca
 from enrollment.config import Config
+from enrollment.errors import CAPassphraseError
 from enrollment.est import ESTApp
 from enrollment.registry import AuditRecord, Registry
 from enrollment.service import EnrollmentService
@@ -26,7 +27,17 @@ class EnrollmentServer:
     def __init__(self, config: Config, *, port: int | None = None) -> None:
         self.config = config
         self.registry = Registry(config.database_url)
-        self.service = EnrollmentService(load_ca(config), self.registry)
+        try:
+            ca = load_ca(config)
+        except CAPassphraseError as exc:
+            reason = f"{exc.code}: {exc.message}"
+            self.registry.audit(
+                AuditRecord("service:enrollment", "ca.unlock", "refused", None, reason)
+            )
+            exc.audited = True
+            self.registry.close()
+            raise
+        self.service = EnrollmentService(ca, self.registry)
         self.port = config.enrollment.port if port is None else port
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None

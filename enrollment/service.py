@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from enrollment import profiles
+from enrollment import jsonlog, profiles
 from enrollment.ca import CertificateAuthority, ca_paths
 from enrollment.crl import RevokedEntry, build_crl, parse_reason
 from enrollment.csr import check_device_csr, decode_est_body
@@ -96,6 +96,7 @@ class EnrollmentService:
             with self.timer.stage("csr"):
                 checked = check_device_csr(decode_est_body(body))
             subject = checked.device_id
+            jsonlog.device_id.set(subject)
             with self.timer.stage("db"):
                 self.registry.check_may_enroll(station.id, checked.device_id)
             with self.timer.stage("sign"):
@@ -183,6 +184,7 @@ class EnrollmentService:
         self.registry.audit(
             AuditRecord(actor, action, "refused", subject, f"{exc.code}: {exc.message}", request_id)
         )
+        exc.audited = True
 
     # -- administration --------------------------------------------------------------------
 

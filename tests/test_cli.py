@@ -645,3 +645,38 @@ def test_no_secret_reaches_any_output_or_the_logs(fleet):
 
 def _read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
+
+
+def test_a_refused_admin_command_leaves_an_audit_entry(fleet):
+    fleet("batch", "add", "no-such-station", "d9").failed()
+    fleet("device", "revoke", "d1", "--reason", "bogus").failed()
+    with _open_registry(fleet.home) as registry:
+        refused = [(e.action, e.reason) for e in registry.audit_events() if e.outcome == "refused"]
+    assert ("cli.batch.add", refused[-2][1]) == refused[-2]
+    assert "no-such-station" in refused[-2][1]
+    assert refused[-1][0] == "cli.device.revoke"
+    assert "bogus" in refused[-1][1]
+
+
+def test_files_the_cli_creates_are_private_to_their_owner(fresh):
+    fresh("ca", "init").ok()
+    assert _mode(fresh.home / "registry.db") == 0o600
+    assert _mode(fresh.home / "fleetgate.toml") == 0o600
+    assert _mode(fresh.home / "ca" / "crl.der") == 0o644  # published on purpose
+
+
+def test_the_enrollment_service_audits_a_wrong_passphrase_and_does_not_start(fleet):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETGATE_")}
+    env.update(FLEETGATE_HOME=str(fleet.home), FLEETGATE_CA_PASSPHRASE=WRONG_PASSPHRASE)
+    proc = subprocess.run(
+        [str(FLEETGATE), "serve", "enrollment", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "FLEETGATE_CA_PASSPHRASE" in proc.stderr
+    with _open_registry(fleet.home) as registry:
+        last = registry.audit_events()[-1]
+    assert (last.actor, last.action, last.outcome) == ("service:enrollment", "ca.unlock", "refused")
