@@ -7,10 +7,12 @@ Errors are ``text/plain`` with one line that says what went wrong and what to do
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable
+from urllib.parse import unquote
 
 from aiohttp import web
 from cryptography import x509
@@ -83,6 +85,8 @@ class ESTApp:
         app.router.add_post(f"{EST_PREFIX}/simpleenroll", self.simpleenroll)
         app.router.add_post(f"{EST_PREFIX}/simplereenroll", self.simplereenroll)
         app.router.add_get("/crl", self.crl)
+        app.router.add_post("/ocsp", self.ocsp_post)
+        app.router.add_get("/ocsp/{request:.+}", self.ocsp_get)
         return app
 
     @web.middleware
@@ -106,6 +110,23 @@ class ESTApp:
 
     async def crl(self, request: web.Request) -> web.Response:
         return web.Response(body=self._crl(), content_type="application/pkix-crl")
+
+    async def ocsp_post(self, request: web.Request) -> web.Response:
+        """RFC 6960 A.1: a DER OCSPRequest in the body."""
+        body = await request.read()
+        return self._ocsp_response(body)
+
+    async def ocsp_get(self, request: web.Request) -> web.Response:
+        """RFC 6960 A.1: the base64 DER OCSPRequest, URL-encoded, as the last path segment."""
+        try:
+            der = base64.b64decode(unquote(request.match_info["request"]), validate=True)
+        except (binascii.Error, ValueError):
+            der = b""  # answered as malformedRequest
+        return self._ocsp_response(der)
+
+    def _ocsp_response(self, der: bytes) -> web.Response:
+        answer = self.service.ocsp_response(der)
+        return web.Response(body=answer, content_type="application/ocsp-response")
 
     async def simpleenroll(self, request: web.Request) -> web.Response:
         return await self._enroll(request, "enroll", self.service.enroll)

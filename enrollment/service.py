@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from enrollment import jsonlog, profiles
+from enrollment import jsonlog, ocsp, profiles
 from enrollment.ca import CertificateAuthority, ca_paths
 from enrollment.crl import RevokedEntry, build_crl, parse_reason
 from enrollment.csr import check_device_csr, decode_est_body
@@ -34,6 +34,7 @@ from enrollment.registry import (
     Registry,
     SubjectKind,
 )
+from enrollment.registry.models import as_utc
 from enrollment.registry.store import DEVICE_ACTIONS
 
 # What a refused client should do next, by the kind of credential and its status.
@@ -225,6 +226,28 @@ class EnrollmentService:
             self._audit_refusal(actor, DEVICE_ACTIONS[target], device_id, exc, None)
             raise
         return device, self.publish_crl()
+
+    def ocsp_response(self, request_der: bytes) -> bytes:
+        """Answer an OCSP request from the registry as it is now: revocation shows at once."""
+        return ocsp.respond(
+            request_der,
+            issuer=self.ca.issuer,
+            lookup=self._certificate_status,
+            now=self.clock(),
+            validity=dt.timedelta(minutes=self.config.ca.ocsp_validity_minutes),
+        )
+
+    def _certificate_status(self, serial: int) -> ocsp.CertificateStatus | None:
+        record = self.registry.certificate(serial)
+        if record is None:
+            return None
+        if record.status in (CertStatus.REVOKED, CertStatus.ON_HOLD):
+            return ocsp.CertificateStatus(
+                revoked=True,
+                revoked_at=as_utc(record.revoked_at) if record.revoked_at else None,
+                reason=parse_reason(record.revocation_reason or "unspecified"),
+            )
+        return ocsp.CertificateStatus(revoked=False)
 
     def publish_crl(self) -> x509.CertificateRevocationList:
         """Sign a CRL of the registry's revoked and held certificates and write ``ca/crl.der``."""
