@@ -31,6 +31,7 @@ class CASettings:
     station_validity_days: int = 365
     server_validity_days: int = 365
     crl_next_update_hours: int = 24
+    ocsp_validity_minutes: int = 60
     crl_url: str = "https://localhost:8443/crl"
     ocsp_url: str = "https://localhost:8443/ocsp"
 
