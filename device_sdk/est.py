@@ -18,10 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from cryptography.x509.oid import NameOID
 
+from device_sdk.errors import DeviceSdkError
+
 EST_PREFIX = "/.well-known/est"
 
 
-class EstError(Exception):
+class EstError(DeviceSdkError):
     """The EST server refused a request; ``message`` is its one-line reason."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -1,0 +1,266 @@
+"""Shared parts of the device SDK tests: Debian's Mosquitto as the broker, and enrolled devices.
+
+Mosquitto runs as a subprocess with a generated configuration: TLS 1.3 only on a free loopback
+port, the fleet's server certificate, client certificates required and verified against the
+fleet CA chain, the certificate's CN as user name. Devices are enrolled through the real EST
+server fixture with station credentials, exactly as on the production line.
+
+Test modules import the fixture functions (``from sdk_helpers import broker_fixture``); pytest
+registers them under their ``name=``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Fleet, RunningServer
+from cryptography import x509
+
+from device_sdk import Backoff, DeviceClient, FileKeyStore, Message
+
+MASK_AES_NI = "~0x200000200000000:~0x0"  # AES-NI and PCLMUL off, nothing else (NOTES §5)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A free TCP port on loopback below 32768, outside Linux's ephemeral range."""
+    for _ in range(200):
+        port = random.randint(20000, 32767)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port between 20000 and 32767")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail the test naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.02)
+
+
+class Mosquitto:
+    """Debian's mosquitto on 127.0.0.1:<port>, started and stopped by PID."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        cafile: Path,
+        certfile: Path,
+        keyfile: Path,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.log = directory / "mosquitto.log"
+        self.config = directory / "mosquitto.conf"
+        directory.mkdir(parents=True, exist_ok=True)
+        lines = [
+            "per_listener_settings false",
+            "user root" if os.geteuid() == 0 else "",  # the CA directory is 0700 root
+            "persistence true",
+            f"persistence_location {directory}/",
+            "autosave_interval 1",  # with autosave_on_changes: save after every change, so
+            "autosave_on_changes true",  # sessions survive even a SIGKILL
+            f"log_dest file {self.log}",
+            "log_type all",
+            "connection_messages true",
+            "set_tcp_nodelay true",  # else Nagle delays each CONNACK and PUBACK by ~40 ms
+            f"listener {self.port} 127.0.0.1",
+            f"cafile {cafile}",
+            f"certfile {certfile}",
+            f"keyfile {keyfile}",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "tls_version tlsv1.3",
+            *extra,
+        ]
+        self.config.write_text("\n".join(line for line in lines if line) + "\n")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Mosquitto:
+        assert self._process is None
+        self._process = subprocess.Popen(
+            ["mosquitto", "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while "listen socket on port" not in self.log_text():
+            if self._process.poll() is not None:
+                _, err = self._process.communicate()
+                raise RuntimeError(f"mosquitto exited: {err.decode()} {self.log_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not listen within 10 s: {self.log_text()}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM (mosquitto saves its persistent sessions), then wait for the PID to exit."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(10)
+        if process.stderr is not None:
+            process.stderr.close()
+
+    def kill(self) -> None:
+        """SIGKILL: the broker dies at once, as on a crash or power loss."""
+        process, self._process = self._process, None
+        assert process is not None
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+        if process.stderr is not None:
+            process.stderr.close()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@pytest.fixture(name="broker")
+def broker_fixture(fleet: Fleet, tmp_path: Path) -> Iterator[Mosquitto]:
+    """Mosquitto with the fleet's server certificate, admitting fleet device certificates."""
+    ca_dir = fleet.config.ca_dir
+    server = Mosquitto(
+        tmp_path / "mosquitto",
+        cafile=fleet.chain,
+        certfile=ca_dir / "server.crt",
+        keyfile=ca_dir / "server.key",
+    ).start()
+    yield server
+    server.stop()
+
+
+class Devices:
+    """Enrolls devices through the EST fixture as station ``line-1`` and builds their clients."""
+
+    def __init__(self, fleet: Fleet, est: RunningServer, root: Path) -> None:
+        self.fleet = fleet
+        self.est = est
+        self.root = root
+        self.station = fleet.add_station("line-1")
+        self._clients: list[DeviceClient] = []
+
+    def store(self, device_id: str) -> FileKeyStore:
+        """A key store provisioned with the fleet root, not yet enrolled."""
+        store = FileKeyStore(self.root / device_id)
+        store.set_trust_anchors(x509.load_pem_x509_certificates(self.fleet.root.read_bytes()))
+        return store
+
+    def enroll(self, device_id: str) -> FileKeyStore:
+        self.fleet.batch("line-1", device_id)
+        store = self.store(device_id)
+        self.client(store, device_id).enroll(
+            station_cert=self.station.cert, station_key=self.station.key
+        )
+        return store
+
+    def client(
+        self,
+        store: FileKeyStore,
+        device_id: str,
+        broker: Mosquitto | None = None,
+        **options: Any,
+    ) -> DeviceClient:
+        """A client of ``broker`` (or of a port nobody listens on) with quick reconnects.
+
+        It knows the EST server, and is closed at the end of the test.
+        """
+        options.setdefault("backoff", Backoff(initial=0.05, maximum=0.5))
+        options.setdefault("connect_timeout", 5.0)
+        options.setdefault("est_url", self.est.url)
+        port = broker.port if broker is not None else free_port()
+        client = DeviceClient(store, device_id, host="localhost", port=port, **options)
+        self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+
+
+@pytest.fixture(name="devices")
+def devices_fixture(fleet: Fleet, est_server: RunningServer, tmp_path: Path) -> Iterator[Devices]:
+    handle = Devices(fleet, est_server, tmp_path / "devices")
+    yield handle
+    handle.close()
+
+
+class Inbox:
+    """Collects received messages; a subscription handler."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    def __call__(self, message: Message) -> None:
+        self.messages.append(message)
+
+    @property
+    def payloads(self) -> list[bytes]:
+        return [m.payload for m in self.messages]
+
+
+_PROBE = """
+import json, sys
+from pathlib import Path
+from device_sdk import DeviceClient, FileKeyStore
+from device_sdk.ciphers import local_hardware_aes
+store_dir, device_id, port, policy = sys.argv[1:5]
+store = FileKeyStore(Path(store_dir))
+versions, ciphers, info_ciphers = [], [], []
+for _ in range(3):  # three handshakes, each with a fresh context
+    with DeviceClient(store, device_id, port=int(port), cipher_policy=policy) as client:
+        info = client.wait_connected(10)
+        sock = client.tls_socket
+        versions.append(sock.version())
+        ciphers.append(sock.cipher()[0])
+        info_ciphers.append(info.cipher)
+print(json.dumps({
+    "versions": versions,
+    "ciphers": ciphers,
+    "info_ciphers": info_ciphers,
+    "hardware_aes": local_hardware_aes(),
+}))
+"""
+
+
+def probe_cipher(
+    store: FileKeyStore, device_id: str, broker: Mosquitto, policy: str, *, mask: str | None
+) -> dict[str, Any]:
+    """Connect three times from a fresh Python process (OpenSSL reads OPENSSL_ia32cap at load)."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENSSL_ia32cap"}
+    if mask is not None:
+        env["OPENSSL_ia32cap"] = mask
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(store.directory), device_id, str(broker.port), policy],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    probe: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return probe
