@@ -3,7 +3,7 @@
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: bootstrap bootstrap-test demo test lint typecheck unit bench-enroll clean
+.PHONY: bootstrap bootstrap-test demo test lint typecheck unit bench-enroll bench-chacha clean
 
 # `make demo` needs the runtime packages; tests and benchmarks also need the real peers.
 bootstrap:
@@ -33,3 +33,7 @@ bench-enroll: bootstrap-test
 # Never removes fleet-data: that is the default data directory, CA keys included.
 clean:
 	rm -rf .venv demo-data .pytest_cache .mypy_cache .ruff_cache
+
+# Device SDK TLS 1.3 bulk throughput, ChaCha20 vs AES-GCM policy, with AES-NI masked and natively.
+bench-chacha: bootstrap-test
+	$(VENV)/python scripts/bench_chacha.py

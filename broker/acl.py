@@ -15,6 +15,9 @@ from broker.mqtt.topics import InvalidTopic, validate_topic_filter
 from enrollment.errors import FleetgateError
 
 DEVICE_PLACEHOLDER = "%d"
+RESERVED_PREFIX = "$"
+"""Topics starting with ``$`` (``$SYS/...``) belong to the server (MQTT 4.7.2): no template
+grants them to a device."""
 
 
 class InvalidAcl(FleetgateError):
@@ -49,10 +52,14 @@ class DeviceAcl:
     subscribe: tuple[str, ...]
 
     def may_publish(self, topic: str) -> bool:
-        return any(filter_contains(pattern, topic) for pattern in self.publish)
+        return not topic.startswith(RESERVED_PREFIX) and any(
+            filter_contains(pattern, topic) for pattern in self.publish
+        )
 
     def may_subscribe(self, topic_filter: str) -> bool:
-        return any(filter_contains(pattern, topic_filter) for pattern in self.subscribe)
+        return not topic_filter.startswith(RESERVED_PREFIX) and any(
+            filter_contains(pattern, topic_filter) for pattern in self.subscribe
+        )
 
 
 def filter_contains(outer: str, inner: str) -> bool:

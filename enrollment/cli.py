@@ -351,6 +351,31 @@ def device_revoke(
     _change_device(device_id, DeviceState.REVOKED, reason, f"revoked ({reason})")
 
 
+@device_app.command("run")
+def device_run(
+    directory: Annotated[Path, typer.Argument(help="The device's key store directory.")],
+    count: Annotated[int | None, typer.Option(help="Stop after this many messages.")] = None,
+    interval: Annotated[float | None, typer.Option(help="Seconds between messages.")] = None,
+) -> None:
+    """Run a device agent from its data directory (device.key, device.crt, ca.crt, device.toml)."""
+    import signal
+    import threading
+
+    from device_sdk.agent import run_agent
+    from device_sdk.errors import DeviceSdkError
+
+    jsonlog.configure("INFO")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        sent = run_agent(directory, stop=stop, count=count, interval_s=interval)
+    except DeviceSdkError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
+    typer.echo(f"device agent stopped after {sent} message(s)")
+
+
 # -- acl -----------------------------------------------------------------------------------------
 
 
@@ -444,6 +469,33 @@ def serve_enrollment(
         )
     jsonlog.configure(config.log.level, config.logs_dir)
     asyncio.run(run_forever(config))
+
+
+@app.command("sim")
+def sim(
+    devices: Annotated[int, typer.Option(help="How many simulated devices.")] = 100,
+    messages: Annotated[int, typer.Option(help="Telemetry messages per device.")] = 5,
+    misbehaving: Annotated[int, typer.Option(help="Devices that misbehave on purpose.")] = 3,
+    interval: Annotated[float, typer.Option(help="Seconds between a device's messages.")] = 0.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Simulate a fleet: enroll over EST, connect over mTLS, publish, misbehave; then report."""
+    from rich.progress import Progress
+
+    from firmware_sim.fleet import FleetPlan
+    from firmware_sim.runner import simulate
+
+    config = _config()
+    plan = FleetPlan(
+        devices=devices, messages=messages, misbehaving=misbehaving, interval_s=interval
+    )
+    with Progress(transient=True, disable=as_json) as bar:
+        tasks = {
+            "enrolled": bar.add_task("enrolling", total=devices),
+            "ran": bar.add_task("running", total=devices),
+        }
+        report = asyncio.run(simulate(config, plan, lambda stage, n: bar.advance(tasks[stage], n)))
+    typer.echo(report.to_json() if as_json else report.to_text())
 
 
 def _audit_cli_refusal(exc: FleetgateError) -> None:

@@ -48,6 +48,29 @@ class EnrollmentSettings:
 
 
 @dataclass(frozen=True)
+class BrokerSettings:
+    """The MQTT broker: a mutual-TLS listener, an optional plaintext test listener, /metrics.
+
+    ``plaintext_port`` and ``metrics_port`` of 0 turn those listeners off; the plaintext one
+    binds only to a loopback address and maps every client to ``plaintext_identity``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8883
+    server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
+    allow_tls12: bool = False
+    tls_handshake_timeout_s: float = 10.0
+    plaintext_host: str = "127.0.0.1"
+    plaintext_port: int = 0
+    plaintext_identity: str = ""
+    metrics_port: int = 9883
+    max_packet_size: int = 262144
+    max_queued_messages: int = 1000
+    receive_maximum: int = 64
+    feed_poll_interval_s: float = 0.1
+
+
+@dataclass(frozen=True)
 class DatabaseSettings:
     """The registry database; an empty URL means SQLite in the data directory."""
 
@@ -68,6 +91,7 @@ class Config:
     home: Path
     ca: CASettings = field(default_factory=CASettings)
     enrollment: EnrollmentSettings = field(default_factory=EnrollmentSettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
@@ -106,6 +130,7 @@ class Config:
 _SECTIONS: dict[str, type[Any]] = {
     "ca": CASettings,
     "enrollment": EnrollmentSettings,
+    "broker": BrokerSettings,
     "database": DatabaseSettings,
     "log": LogSettings,
 }
@@ -194,6 +219,18 @@ host = "127.0.0.1"
 port = 8443
 server_names = ["localhost", "127.0.0.1"]
 max_body_bytes = 16384
+
+[broker]
+host = "127.0.0.1"            # 0.0.0.0 to accept devices on every interface
+port = 8883                   # MQTT over mutual TLS; TLS 1.3 unless allow_tls12 = true
+server_names = ["localhost", "127.0.0.1"]
+allow_tls12 = false
+plaintext_port = 0            # test suites only: loopback, every client = plaintext_identity
+plaintext_identity = ""
+metrics_port = 9883           # Prometheus /metrics on 127.0.0.1; 0 turns it off
+max_packet_size = 262144
+max_queued_messages = 1000    # per session, QoS 1/2 while the device is away
+feed_poll_interval_s = 0.1    # how often revocations are read from the registry
 
 [database]
 url = ""                      # empty: SQLite at <home>/registry.db; or postgresql+psycopg://...

@@ -1,46 +1,51 @@
-"""`make demo`: the whole enrollment flow on the embedded defaults (SQLite, loopback).
+"""`make demo`: the whole story on the embedded defaults (SQLite, loopback, no hardware).
 
-Creates a CA and a station in ./demo-data, starts the EST service, enrolls devices over mutual
-TLS as a production-line station would, revokes one and shows that the CRL (and openssl) agree.
-Each step runs the real `fleetgate` command, printed before it runs.
+A CA and a production-line station; 20 devices enrolled over EST and streaming telemetry to
+the broker over mutual TLS through the device SDK; one device revoked from the CLI and thrown
+off the broker within a second; its reconnects refused; a summary. Each admin step runs the real
+`fleetgate` command, printed before it runs.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import secrets
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
 
-from device_sdk.est import EstClient, client_context, device_csr
-from enrollment.keyfiles import write_certificates, write_private_key
+from device_sdk import DeviceClient, FileKeyStore, Message
+from device_sdk.provisioning import enroll
+from enrollment.config import load_config
+from enrollment.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / "demo-data"
 FLEETGATE = str(Path(sys.executable).with_name("fleetgate"))
-DEVICES = [f"sensor-{n:02d}" for n in range(1, 11)]
+DEVICES = [f"sensor-{n:02d}" for n in range(1, 21)]
+VICTIM = "sensor-07"
 
 
 def step(title: str) -> None:
-    print(f"\n== {title}")
+    print(f"\n== {title}", flush=True)
 
 
-def run(*args: str) -> str:
-    print("$ fleetgate " + " ".join(args))
+def run(*args: str, show: bool = True) -> str:
+    print("$ fleetgate " + " ".join(args), flush=True)
     result = subprocess.run([FLEETGATE, *args], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         sys.exit(f"demo failed: {result.stderr.strip()}")
-    print(result.stdout.rstrip())
+    if show:
+        print(result.stdout.rstrip())
     return result.stdout
 
 
@@ -50,113 +55,176 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_tls(port: int, trust: Path, deadline_s: float = 15.0) -> None:
-    ctx = ssl.create_default_context(cafile=str(trust))
+def wait_for_port(port: int, what: str, deadline_s: float = 20.0) -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         try:
-            with (
-                socket.create_connection(("localhost", port), timeout=1) as raw,
-                ctx.wrap_socket(raw, server_hostname="localhost"),
-            ):
-                return
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
         except OSError:
             time.sleep(0.1)
-    sys.exit(f"demo failed: the enrollment service did not come up on port {port}")
+    sys.exit(f"demo failed: {what} did not come up on port {port} (see {HOME}/*.log)")
+
+
+def start_service(name: str, port: int) -> subprocess.Popen[bytes]:
+    log = (HOME / f"{name}.log").open("w")
+    process = subprocess.Popen([FLEETGATE, "serve", name], stdout=log, stderr=log)
+    wait_for_port(port, f"the {name} service")
+    return process
 
 
 def main() -> None:
     shutil.rmtree(HOME, ignore_errors=True)
-    os.environ["FLEETGATE_HOME"] = str(HOME)
-    # A throwaway passphrase for this demo's CA; a real deployment keeps it in a secret store.
-    os.environ["FLEETGATE_CA_PASSPHRASE"] = secrets.token_urlsafe(24)
-    port = free_port()
-    os.environ["FLEETGATE_ENROLLMENT_PORT"] = str(port)
-    ca_dir = HOME / "ca"
+    HOME.mkdir()
+    ports = {name: free_port() for name in ("enrollment", "broker", "metrics")}
+    os.environ.update(
+        FLEETGATE_HOME=str(HOME),
+        # A throwaway passphrase for this demo's CA; a real deployment keeps it in a secret store.
+        FLEETGATE_CA_PASSPHRASE=secrets.token_urlsafe(24),
+        FLEETGATE_ENROLLMENT_PORT=str(ports["enrollment"]),
+        FLEETGATE_BROKER_PORT=str(ports["broker"]),
+        FLEETGATE_BROKER_METRICS_PORT=str(ports["metrics"]),
+        FLEETGATE_LOG_LEVEL="WARNING",
+    )
+    est_url = f"https://localhost:{ports['enrollment']}"
 
     step("1. Create the fleet CA (root + issuing, keys encrypted at rest)")
     run("ca", "init")
-    run("ca", "show")
 
-    step("2. Register a production-line station and the device ids it may enroll")
+    step("2. A production-line station, the ids it may enroll, and a dashboard identity")
     run("station", "add", "line-1")
     run("batch", "add", "line-1", *DEVICES, "--group", "sensors", "--label", "WO-1001")
+    run("batch", "add", "line-1", "dashboard", "--group", "dashboards")
+    run("acl", "set", "dashboards", "--publish", "devices/+/commands/#",
+        "--subscribe", "devices/+/telemetry")  # fmt: skip
+    run("acl", "show", "sensors")
 
-    step(f"3. Start the EST enrollment service on https://localhost:{port}")
-    log = (HOME / "enrollment-service.log").open("w")
-    server = subprocess.Popen([FLEETGATE, "serve", "enrollment"], stdout=log, stderr=log)
+    step("3. Start the EST enrollment service and the MQTT broker (mutual TLS 1.3 only)")
+    services = [start_service("enrollment", ports["enrollment"])]
     try:
-        wait_for_tls(port, ca_dir / "root.crt")
-        print("service is up (mutual TLS 1.3)")
-
-        step(f"4. The station enrolls {len(DEVICES)} devices over EST (simpleenroll)")
-        station = HOME / "stations" / "line-1"
-        context = client_context(
-            ca_dir / "root.crt", station / "station.crt", station / "station.key"
-        )
-        started = time.perf_counter()
-        with EstClient(f"https://localhost:{port}", context) as est:
-            for device_id in DEVICES:
-                key = ec.generate_private_key(ec.SECP256R1())
-                cert = est.simpleenroll(device_csr(device_id, key))
-                write_private_key(HOME / "devices" / device_id / "device.key", key)
-                write_certificates(HOME / "devices" / device_id / "device.crt", [cert])
-        elapsed = time.perf_counter() - started
-        print(f"enrolled {len(DEVICES)} devices in {elapsed * 1000:.0f} ms over one connection")
-        run("device", "list")
-
-        step("5. A replayed enrollment is refused")
-        with EstClient(f"https://localhost:{port}", context) as est:
-            try:
-                est.simpleenroll(device_csr(DEVICES[0], ec.generate_private_key(ec.SECP256R1())))
-                sys.exit("demo failed: a second enrollment of an enrolled id was accepted")
-            except Exception as exc:
-                print(f"refused as expected: {exc}")
-
-        victim = DEVICES[2]
-        step(f"6. {victim} is reported stolen: revoke it")
-        run("device", "revoke", victim, "--reason", "keyCompromise")
-
-        step("7. The CRL the service publishes at /crl lists it, and openssl agrees")
-        trust = ssl.create_default_context(cafile=str(ca_dir / "root.crt"))
-        with urllib.request.urlopen(f"https://localhost:{port}/crl", context=trust) as response:
-            crl = x509.load_der_x509_crl(response.read())
-        crl_pem = HOME / "fleet-crl.pem"
-        crl_pem.write_bytes(crl.public_bytes(Encoding.PEM))
-        next_update = f"{crl.next_update_utc:%Y-%m-%d %H:%M}Z"
-        print(f"GET /crl -> {len(list(crl))} entry, next update {next_update}")
-        for entry in crl:
-            reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason.value
-            print(f"  serial {entry.serial_number:x}  {reason}")
-        for device_id in (DEVICES[0], victim):
-            result = subprocess.run(
-                [
-                    "openssl",
-                    "verify",
-                    "-crl_check",
-                    "-CAfile",
-                    str(ca_dir / "chain.pem"),
-                    "-CRLfile",
-                    str(crl_pem),
-                    str(HOME / "devices" / device_id / "device.crt"),
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            verdict = "valid" if result.returncode == 0 else "REJECTED (certificate revoked)"
-            print(f"  openssl verify {device_id}: {verdict}")
-
-        step(f"8. The audit trail for {victim}")
-        run("audit", "--device", victim)
+        services.append(start_service("broker", ports["broker"]))
+        print(f"EST on {est_url}, MQTT on localhost:{ports['broker']}")
+        demo(est_url, ports)
     finally:
-        server.terminate()
-        server.wait(10)
-        log.close()
+        for process in services:
+            process.terminate()
+            process.wait(15)
+    print(f"\nDemo complete. Data directory: {HOME} (service logs: {HOME}/*.log)")
 
-    print(
-        f"\nDemo complete. Data directory: {HOME} (service log: {HOME / 'enrollment-service.log'})"
+
+def demo(est_url: str, ports: dict[str, int]) -> None:
+    station = HOME / "stations" / "line-1"
+    trust = x509.load_pem_x509_certificates((HOME / "ca" / "chain.pem").read_bytes())
+
+    step("4. The station enrolls 20 devices over EST: each key is made on its device")
+    stores: dict[str, FileKeyStore] = {}
+    started = time.perf_counter()
+    for device_id in [*DEVICES, "dashboard"]:
+        store = FileKeyStore(HOME / "devices" / device_id)
+        store.set_trust_anchors(trust)
+        credentials = {
+            "station_cert": station / "station.crt",
+            "station_key": station / "station.key",
+        }
+        enroll(store, device_id, est_url=est_url, **credentials)
+        stores[device_id] = store
+    print(f"enrolled {len(stores)} identities in {time.perf_counter() - started:.2f} s")
+
+    step("5. The devices connect with the SDK and stream telemetry; a dashboard subscribes")
+    received: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def on_telemetry(message: Message) -> None:
+        with lock:
+            received[message.topic.split("/")[1]] += 1
+
+    port = ports["broker"]
+    dashboard = DeviceClient(stores["dashboard"], "dashboard", port=port).start()
+    dashboard.wait_connected(15)
+    dashboard.subscribe("devices/+/telemetry", on_telemetry).wait(15)
+    clients = {d: DeviceClient(stores[d], d, port=port).start() for d in DEVICES}
+    for client in clients.values():
+        client.wait_connected(15)
+    info = clients[DEVICES[0]].connection
+    assert info is not None
+    print(f"20 devices connected: MQTT {info.mqtt_version}, {info.tls_version}, {info.cipher}")
+    stop = threading.Event()
+    sent: Counter[str] = Counter()
+
+    def stream(device_id: str) -> None:
+        while not stop.is_set():
+            clients[device_id].publish(f"devices/{device_id}/telemetry", b'{"t": 21.5}', qos=1)
+            sent[device_id] += 1
+            stop.wait(0.1)
+
+    streams = [threading.Thread(target=stream, args=(d,), daemon=True) for d in DEVICES]
+    for thread in streams:
+        thread.start()
+    time.sleep(2)
+    with lock:
+        print(f"after 2 s the dashboard has {sum(received.values())} messages "
+              f"from {len(received)} devices")  # fmt: skip
+
+    step("6. A device tries another device's topic: refused by the ACL")
+    try:
+        clients[DEVICES[0]].publish(f"devices/{DEVICES[1]}/telemetry", b"spoof").wait(10)
+        sys.exit("demo failed: a publish to another device's topic was accepted")
+    except Exception as exc:  # the SDK's PublishRefused, shown as the device sees it
+        print(f"{DEVICES[0]} -> devices/{DEVICES[1]}/telemetry: {exc}")
+
+    step(f"7. {VICTIM} is reported stolen: revoke it (registry, CRL, OCSP, live session)")
+    victim = clients[VICTIM]
+    run("device", "revoke", VICTIM, "--reason", "keyCompromise")
+    while victim.connection is not None:
+        time.sleep(0.005)
+    kicked_at = dt.datetime.now(dt.UTC)
+    registry = Registry(load_config(HOME).database_url)
+    revoked_at = next(
+        e.at for e in reversed(registry.audit_events(subject=VICTIM)) if e.action == "device.revoke"
     )
+    latency_ms = (kicked_at - revoked_at.replace(tzinfo=dt.UTC)).total_seconds() * 1000
+    print(f"{VICTIM}'s session was closed {latency_ms:.0f} ms after the revocation was committed")
+    print(f"  the device was told: {victim.last_error}")
+
+    step(f"8. {VICTIM} keeps trying to reconnect: every attempt is refused")
+    time.sleep(2.5)
+    print(f"  reconnect attempts so far: {len(victim.reconnect_delays)}; last: {victim.last_error}")
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics']}/metrics") as response:
+        metrics = response.read().decode()
+    for line in metrics.splitlines():
+        if line.startswith(("fleetgate_broker_kicks", "fleetgate_broker_connect_refusals")):
+            print(f"  /metrics: {line}")
+
+    step("9. Summary")
+    stop.set()
+    for thread in streams:
+        thread.join()
+    for device_id, client in clients.items():
+        if device_id != VICTIM:
+            client.flush(15)
+    time.sleep(0.5)
+    for client in [*clients.values(), dashboard]:
+        client.close()
+    honest = [d for d in DEVICES if d != VICTIM]
+    delivered = sum(received[d] for d in honest)
+    print(f"  {len(honest)} devices sent {sum(sent[d] for d in honest)} messages; "
+          f"the dashboard received {delivered}")  # fmt: skip
+    print(f"  {VICTIM}: {received[VICTIM]} messages delivered before the revocation, none after")
+    run("device", "show", VICTIM)
+    run("audit", "--device", VICTIM)
+    ocsp_check(ports["enrollment"])
+
+
+def ocsp_check(port: int) -> None:
+    """openssl asks the OCSP responder about the revoked device's certificate."""
+    result = subprocess.run(
+        ["openssl", "ocsp", "-issuer", str(HOME / "ca" / "issuing.crt"),
+         "-cert", str(HOME / "devices" / VICTIM / "device.crt"),
+         "-url", f"https://localhost:{port}/ocsp", "-CAfile", str(HOME / "ca" / "chain.pem")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    print("$ openssl ocsp ... -cert devices/sensor-07/device.crt")
+    print("  " + "\n  ".join(result.stdout.strip().splitlines()))
 
 
 if __name__ == "__main__":

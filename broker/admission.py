@@ -1,0 +1,95 @@
+"""Who a connection is and whether it may connect: the certificate, then the registry.
+
+:func:`identify_certificate` is pure (certificate in, identity or refusal out) and runs right after
+the TLS handshake; :func:`check_admission` asks the registry and runs off the event loop, once per
+CONNECT.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from broker.acl import DEFAULT_TEMPLATE, AclTemplate, DeviceAcl
+from broker.mqtt import ReasonCode
+from enrollment.errors import NotAuthorised, NotFound
+from enrollment.identity import identify_client
+from enrollment.registry import DeviceState, Registry
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The device a connection speaks for.
+
+    ``serial`` is ``None`` only for the plaintext listener's configured test identity, which
+    presents no certificate; there, ``client_id_bound`` is False so that a test suite may use
+    many client ids under that one identity.
+    """
+
+    device_id: str
+    serial: int | None
+    client_id_bound: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Unidentified:
+    """A verified certificate that still names no device this broker admits."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    group: str
+    acl: DeviceAcl
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """``code`` is the MQTT 5 CONNACK reason; the codec maps it to a 3.1.1 return code."""
+
+    reason: str
+    code: ReasonCode = ReasonCode.NOT_AUTHORIZED
+
+
+def identify_certificate(der: bytes | None, *, now: dt.datetime) -> Identity | Unidentified:
+    """The device named by a TLS-verified client certificate (clientAuth EKU, URI SAN, validity)."""
+    if der is None:
+        return Unidentified("no client certificate (mutual TLS is required)")
+    try:
+        peer = identify_client(x509.load_der_x509_certificate(der), now=now)
+    except NotAuthorised as exc:
+        return Unidentified(exc.message)
+    if peer.kind != "device":
+        return Unidentified(
+            f"a {peer.kind} certificate ({peer.id}) cannot connect to the broker: devices only"
+        )
+    return Identity(peer.id, peer.serial)
+
+
+def check_admission(registry: Registry, identity: Identity) -> Admitted | Refused:
+    """The registry's verdict and, if admitted, the device's ACL. Blocking: run it in a thread.
+
+    A certificate identity must be the device's current active certificate. The plaintext test
+    identity needs no registry entry (it then gets the ``default`` group), but one that exists
+    must be active, so that suspending it works as for any device.
+    """
+    if identity.serial is None:
+        try:
+            device = registry.device(identity.device_id)
+        except NotFound:
+            group = "default"
+        else:
+            if device.state != DeviceState.ACTIVE:
+                return Refused(f"test identity {identity.device_id} is {device.state}")
+            group = device.group
+    else:
+        admission = registry.admission(identity.device_id, identity.serial)
+        if not admission.allowed:
+            return Refused(admission.reason)
+        group = admission.group or "default"
+    patterns = registry.acl_patterns(group)
+    template = AclTemplate(patterns.publish, patterns.subscribe) if patterns else DEFAULT_TEMPLATE
+    return Admitted(group, template.for_device(identity.device_id))

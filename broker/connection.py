@@ -1,0 +1,637 @@
+"""One client's network connection as a state machine: bytes and time in, bytes and actions out.
+
+No sockets and no event loop here (the h11 shape): the I/O layer feeds :meth:`receive_data`, asks
+the registry when it returns an :class:`AdmissionRequest` and answers with :meth:`admission_done`,
+writes :meth:`take_output` and closes the transport once :attr:`closing` is set. Everything the
+MQTT 3.1.1 and 5.0 specifications ask of a server's side of one connection lives here; what
+connections share (routing, sessions, retained messages) is :class:`broker.core.BrokerCore`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from enum import Enum
+
+from broker.acl import DeviceAcl
+from broker.admission import Admitted, Identity, Refused, Unidentified
+from broker.core import BrokerCore
+from broker.mqtt import (
+    NO_PROPERTIES,
+    Auth,
+    ConnAck,
+    Connect,
+    Decoder,
+    Disconnect,
+    Packet,
+    PingReq,
+    PingResp,
+    Properties,
+    ProtocolError,
+    ProtocolLevel,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    QoS,
+    ReasonCode,
+    RetainHandling,
+    SubAck,
+    Subscribe,
+    UnsubAck,
+    Unsubscribe,
+    UnsupportedProtocolVersion,
+    Will,
+    encode,
+    parse_shared_subscription,
+)
+from broker.routing import Message, SubscriptionOptions
+from broker.session import NEVER_EXPIRES, Delivery, Session
+from enrollment.registry import AuditRecord, DeviceState
+
+_V3 = ProtocolLevel.MQTT_3_1_1
+_V5 = ProtocolLevel.MQTT_5
+_R = ReasonCode
+_ACL_MEMORY = 64
+KEEP_ALIVE_GRACE = 1.5
+"""A client silent for 1.5 times its keep-alive is gone (MQTT-3.1.2-24)."""
+
+
+class State(Enum):
+    AWAITING_CONNECT = "awaiting CONNECT"
+    ADMITTING = "admitting"  # CONNECT read; the registry is being asked
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    """Ask the registry whether this identity may connect, then call ``admission_done``."""
+
+    identity: Identity
+
+
+class Connection:
+    """The server side of one MQTT connection."""
+
+    __slots__ = (
+        "_aliases",
+        "_allowed",
+        "_connect",
+        "_created",
+        "_decoder",
+        "_out",
+        "_send_window",
+        "_will",
+        "acl",
+        "client_id",
+        "closing",
+        "core",
+        "group",
+        "identity",
+        "keep_alive",
+        "last_received",
+        "level",
+        "listener",
+        "max_send_size",
+        "peer",
+        "session",
+        "state",
+        "writable",
+    )
+
+    def __init__(
+        self,
+        core: BrokerCore,
+        *,
+        peer: str,
+        identity: Identity | Unidentified,
+        listener: str,
+        now: float,
+    ) -> None:
+        self.core = core
+        self.peer = peer
+        self.identity = identity
+        self.listener = listener
+        self.state = State.AWAITING_CONNECT
+        self.level: ProtocolLevel = _V3  # until CONNECT says otherwise
+        self.client_id = ""
+        self.group = ""
+        self.acl: DeviceAcl | None = None
+        self.session: Session | None = None
+        self.keep_alive = 0
+        self.last_received = now
+        self.closing = False
+        self.writable = True
+        self.max_send_size: int | None = None
+        self._created = now
+        self._decoder = Decoder(max_packet_size=core.settings.max_packet_size)
+        self._out: list[bytes] = []
+        self._connect: Connect | None = None
+        self._will: Will | None = None
+        self._aliases: dict[int, str] = {}
+        self._allowed: dict[str, bool] = {}
+        self._send_window = core.settings.receive_maximum
+        core.connections.add(self)
+
+    @property
+    def device_id(self) -> str:
+        return self.identity.device_id if isinstance(self.identity, Identity) else ""
+
+    # -- the I/O layer's side ------------------------------------------------------------------
+
+    def receive_data(self, data: bytes, now: float) -> AdmissionRequest | None:
+        """Bytes from the client; returns a request when CONNECT needs the registry's verdict."""
+        if self.state is State.CLOSED:
+            return None
+        self.last_received = now
+        self._decoder.feed(data)
+        return self._process(now)
+
+    def admission_done(self, result: Admitted | Refused, now: float) -> None:
+        """The registry's verdict on the CONNECT; a connection closed meanwhile ignores it."""
+        if self.state is not State.ADMITTING:
+            return
+        assert self._connect is not None
+        if isinstance(result, Refused):
+            self._refuse(result.code, result.reason, "admission")
+            return
+        self.group, self.acl = result.group, result.acl
+        will = self._connect.will
+        if will is not None and not result.acl.may_publish(will.topic):
+            self._deny("will", will.topic)
+            self._refuse(_R.NOT_AUTHORIZED, f"will topic {will.topic!r} is not permitted", "will")
+            return
+        self._accept(self._connect, now)
+        self._process(now)  # packets the client sent before its CONNACK (MQTT 5 section 3.1.4)
+
+    def take_output(self) -> bytes:
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+    def connection_lost(self, now: float) -> None:
+        """The transport is gone: an unexpected close publishes the will."""
+        if self.state is not State.CLOSED:
+            self._close(now, publish_will=True)
+
+    def check_timeouts(self, now: float) -> None:
+        if self.state is State.AWAITING_CONNECT:
+            if now - self._created > self.core.settings.connect_timeout_s:
+                self._close(now, publish_will=False)
+        elif (
+            self.state is State.CONNECTED
+            and self.keep_alive
+            and now - self.last_received > KEEP_ALIVE_GRACE * self.keep_alive
+        ):
+            self._disconnect(_R.KEEP_ALIVE_TIMEOUT, "keep-alive timeout", now, publish_will=True)
+
+    def take_over(self, now: float) -> None:
+        """Another connection claimed this client id (MQTT-3.1.4-3)."""
+        self._disconnect(_R.SESSION_TAKEN_OVER, "session taken over", now, publish_will=True)
+
+    def kick(self, state: DeviceState, reason: str, now: float) -> bool:
+        """The device was revoked or suspended: close without its will; True if it was open."""
+        if self.state is State.CLOSED:
+            return False
+        if self.state is State.CONNECTED:
+            self.core.audit(
+                AuditRecord(
+                    self._actor(), "mqtt.kick", "ok", self.device_id, f"device {state}: {reason}"
+                )
+            )
+            self.core.metrics.kicks[state.value] += 1
+        self._disconnect(_R.ADMINISTRATIVE_ACTION, f"device {state}", now, publish_will=False)
+        return True
+
+    def shut_down(self, now: float) -> None:
+        self._disconnect(_R.SERVER_SHUTTING_DOWN, "server shutting down", now, publish_will=False)
+
+    # -- packets in ------------------------------------------------------------------------------
+
+    def _process(self, now: float) -> AdmissionRequest | None:
+        while self.state in (State.AWAITING_CONNECT, State.CONNECTED):
+            try:
+                packet = self._decoder.next_packet()
+            except ProtocolError as exc:
+                self._protocol_error(exc, now)
+                return None
+            if packet is None:
+                return None
+            if isinstance(packet, Connect):
+                return self._on_connect(packet)
+            self._on_packet(packet, now)
+        return None
+
+    def _on_packet(self, packet: Packet, now: float) -> None:
+        match packet:
+            case Publish():
+                self._on_publish(packet, now)
+            case PubAck():
+                self._finish(packet.packet_id, now, released=False, qos=QoS.AT_LEAST_ONCE)
+            case PubComp():
+                self._finish(packet.packet_id, now, released=True, qos=QoS.EXACTLY_ONCE)
+            case PubRec():
+                self._on_pubrec(packet, now)
+            case PubRel():
+                self._on_pubrel(packet)
+            case Subscribe():
+                self._on_subscribe(packet, now)
+            case Unsubscribe():
+                self._on_unsubscribe(packet)
+            case PingReq():
+                self._write(PingResp())
+            case Disconnect():
+                self._on_disconnect(packet, now)
+            case Auth():
+                self._disconnect(_R.PROTOCOL_ERROR, "AUTH without an authentication method", now)
+            case _:
+                name = type(packet).__name__.upper()
+                self._disconnect(_R.PROTOCOL_ERROR, f"a client may not send {name}", now)
+
+    def _on_connect(self, packet: Connect) -> AdmissionRequest | None:
+        level = self._decoder.protocol_level
+        assert level is not None
+        self.level = level
+        identity = self.identity
+        if isinstance(identity, Unidentified):
+            self._refuse(_R.NOT_AUTHORIZED, identity.reason, "identity")
+            return None
+        if packet.properties.authentication_method is not None:
+            self._refuse(
+                _R.BAD_AUTHENTICATION_METHOD, "enhanced authentication is not supported", "auth"
+            )
+            return None
+        client_id = packet.client_id
+        if identity.client_id_bound:
+            if client_id and client_id != identity.device_id:
+                self._refuse(
+                    _R.CLIENT_IDENTIFIER_NOT_VALID,
+                    f"client id {client_id!r} is not the certificate's device id "
+                    f"{identity.device_id!r}; use that id or an empty one",
+                    "client_id",
+                )
+                return None
+            client_id = identity.device_id
+        elif not client_id:
+            if level is _V3 and not packet.clean_start:
+                self._refuse(
+                    _R.CLIENT_IDENTIFIER_NOT_VALID,
+                    "an empty client id needs clean session (MQTT-3.1.3-8)",
+                    "client_id",
+                )
+                return None
+            client_id = self.core.assign_client_id()
+        self.client_id = client_id
+        self._connect = packet
+        self.state = State.ADMITTING
+        return AdmissionRequest(identity)
+
+    def _accept(self, packet: Connect, now: float) -> None:
+        if self.level is _V5:
+            expiry = packet.properties.session_expiry_interval or 0
+            self._send_window = min(
+                packet.properties.receive_maximum or 0xFFFF, self.core.settings.receive_maximum
+            )
+            self.max_send_size = packet.properties.maximum_packet_size
+        else:
+            expiry = 0 if packet.clean_start else NEVER_EXPIRES
+        self.keep_alive = packet.keep_alive
+        self._will = packet.will
+        self._connect = None
+        session, present = self.core.attach(
+            self, self.client_id, clean_start=packet.clean_start, expiry=expiry, now=now
+        )
+        self.session = session
+        self.state = State.CONNECTED
+        self.core.metrics.connections_total[self.listener] += 1
+        properties = NO_PROPERTIES
+        if self.level is _V5:
+            settings = self.core.settings
+            properties = Properties(
+                receive_maximum=settings.receive_maximum,
+                maximum_packet_size=settings.max_packet_size,
+                topic_alias_maximum=settings.topic_alias_maximum,
+                shared_subscription_available=False,
+                assigned_client_identifier=(
+                    self.client_id if self.client_id != packet.client_id else None
+                ),
+            )
+        self._write(ConnAck(session_present=present, properties=properties))
+        for packet_id, pending in list(session.inflight.items()):  # resume (MQTT-4.4.0-1)
+            if isinstance(pending, Publish):
+                self._write_publish(replace(pending, dup=True), packet_id)
+            else:
+                self._write(pending)
+        self._drain(now)
+
+    def _on_publish(self, packet: Publish, now: float) -> None:
+        assert self.session is not None and self.acl is not None
+        topic = packet.topic
+        alias = packet.properties.topic_alias
+        if alias is not None:
+            if alias > self.core.settings.topic_alias_maximum:
+                self._disconnect(_R.TOPIC_ALIAS_INVALID, f"topic alias {alias} is too large", now)
+                return
+            if topic:
+                self._aliases[alias] = topic
+            elif (known := self._aliases.get(alias)) is not None:
+                topic = known
+            else:
+                self._disconnect(_R.PROTOCOL_ERROR, f"topic alias {alias} is not set", now)
+                return
+        self.core.metrics.messages_received[packet.qos] += 1
+        packet_id = packet.packet_id
+        if packet.qos == QoS.EXACTLY_ONCE:
+            assert packet_id is not None
+            if packet_id in self.session.incoming_qos2:  # a resend: delivered once already
+                self._write(PubRec(packet_id=packet_id))
+                return
+            if (
+                self.level is _V5
+                and len(self.session.incoming_qos2) >= self.core.settings.receive_maximum
+            ):
+                self._disconnect(_R.RECEIVE_MAXIMUM_EXCEEDED, "too many QoS 2 in flight", now)
+                return
+        if not self._may_publish(topic):
+            self._deny("publish", topic)
+            self._answer_publish(packet, _R.NOT_AUTHORIZED)
+            return
+        props = packet.properties
+        expiry = props.message_expiry_interval
+        if alias is not None or expiry is not None or props.subscription_identifiers:
+            props = replace(
+                props, topic_alias=None, subscription_identifiers=(), message_expiry_interval=None
+            )
+        self.core.publish(
+            Message(
+                topic=topic,
+                payload=packet.payload,
+                qos=packet.qos,
+                retain=packet.retain,
+                properties=props,
+                sender=self.client_id,
+                expires_at=None if expiry is None else now + expiry,
+            ),
+            now,
+        )
+        self._answer_publish(packet, _R.SUCCESS)
+
+    def _may_publish(self, topic: str) -> bool:
+        """The ACL's answer, remembered: a device publishes to a handful of topics, over and
+        over, and its ACL does not change while it is connected."""
+        allowed = self._allowed.get(topic)
+        if allowed is None:
+            assert self.acl is not None
+            allowed = self.acl.may_publish(topic)
+            if len(self._allowed) >= _ACL_MEMORY:
+                self._allowed.clear()
+            self._allowed[topic] = allowed
+        return allowed
+
+    def _answer_publish(self, packet: Publish, code: ReasonCode) -> None:
+        """PUBACK/PUBREC with ``code`` on MQTT 5; 3.1.1 has no refusal, so a refused message is
+        acknowledged as if delivered, as Mosquitto does, and the client is not left waiting."""
+        assert self.session is not None
+        if packet.packet_id is None:
+            return
+        if self.level is _V3:
+            code = _R.SUCCESS
+        if packet.qos == QoS.AT_LEAST_ONCE:
+            self._write(PubAck(packet_id=packet.packet_id, reason_code=code))
+        else:
+            if code == _R.SUCCESS:
+                self.session.incoming_qos2.add(packet.packet_id)
+            self._write(PubRec(packet_id=packet.packet_id, reason_code=code))
+
+    def _on_pubrel(self, packet: PubRel) -> None:
+        assert self.session is not None
+        known = packet.packet_id in self.session.incoming_qos2
+        self.session.incoming_qos2.discard(packet.packet_id)
+        code = _R.SUCCESS if known or self.level is _V3 else _R.PACKET_IDENTIFIER_NOT_FOUND
+        self._write(PubComp(packet_id=packet.packet_id, reason_code=code))
+
+    def _on_pubrec(self, packet: PubRec, now: float) -> None:
+        assert self.session is not None
+        if packet.reason_code >= 0x80:  # the client refused the message: the flow ends here
+            self._finish(packet.packet_id, now, released=False, qos=QoS.EXACTLY_ONCE)
+            return
+        pending = self.session.inflight.get(packet.packet_id)
+        if isinstance(pending, Publish) and pending.qos == QoS.EXACTLY_ONCE:
+            pending = PubRel(packet_id=packet.packet_id)
+            self.session.inflight[packet.packet_id] = pending
+        if isinstance(pending, PubRel):
+            self._write(pending)
+        elif pending is None:
+            code = _R.SUCCESS if self.level is _V3 else _R.PACKET_IDENTIFIER_NOT_FOUND
+            self._write(PubRel(packet_id=packet.packet_id, reason_code=code))
+
+    def _finish(self, packet_id: int, now: float, *, released: bool, qos: QoS) -> None:
+        """PUBACK ends QoS 1, PUBCOMP (or a refusing PUBREC) ends QoS 2; the window moves on.
+        An acknowledgement that matches no flow in that stage is ignored."""
+        assert self.session is not None
+        pending = self.session.inflight.get(packet_id)
+        if pending is None or isinstance(pending, PubRel) != released:
+            return
+        if isinstance(pending, Publish) and pending.qos != qos:
+            return
+        del self.session.inflight[packet_id]
+        self._drain(now)
+
+    def _on_subscribe(self, packet: Subscribe, now: float) -> None:
+        assert self.session is not None and self.acl is not None
+        ids = packet.properties.subscription_identifiers
+        subscription_id = ids[0] if ids else None
+        codes: list[ReasonCode] = []
+        retained: list[Delivery] = []
+        for sub in packet.subscriptions:
+            topic_filter = sub.topic_filter
+            if parse_shared_subscription(topic_filter) is not None:
+                codes.append(
+                    _R.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
+                    if self.level is _V5
+                    else _R.UNSPECIFIED_ERROR
+                )
+                continue
+            if not self.acl.may_subscribe(topic_filter):
+                self._deny("subscribe", topic_filter)
+                codes.append(_R.NOT_AUTHORIZED if self.level is _V5 else _R.UNSPECIFIED_ERROR)
+                continue
+            options = SubscriptionOptions(
+                qos=sub.qos,
+                no_local=sub.no_local,
+                retain_as_published=sub.retain_as_published,
+                subscription_id=subscription_id,
+            )
+            new = self.core.subscribe(self.session, topic_filter, options)
+            codes.append(_R(sub.qos))
+            handling = sub.retain_handling
+            if handling == RetainHandling.SEND_ON_SUBSCRIBE or (
+                handling == RetainHandling.SEND_IF_NEW_SUBSCRIPTION and new
+            ):
+                sub_ids = () if subscription_id is None else (subscription_id,)
+                retained.extend(
+                    Delivery(message, min(message.qos, sub.qos), True, sub_ids)
+                    for message in self.core.retained.matching(topic_filter)
+                )
+        self._write(SubAck(packet_id=packet.packet_id, reason_codes=tuple(codes)))
+        for delivery in retained:
+            self.send(delivery, now)
+
+    def _on_unsubscribe(self, packet: Unsubscribe) -> None:
+        assert self.session is not None
+        codes = tuple(
+            _R.SUCCESS if self.core.unsubscribe(self.session, f) else _R.NO_SUBSCRIPTION_EXISTED
+            for f in packet.topic_filters
+        )
+        self._write(
+            UnsubAck(packet_id=packet.packet_id, reason_codes=codes if self.level is _V5 else ())
+        )
+
+    def _on_disconnect(self, packet: Disconnect, now: float) -> None:
+        assert self.session is not None
+        expiry = packet.properties.session_expiry_interval
+        if expiry is not None:
+            if self.session.expiry_interval == 0 and expiry != 0:
+                self._disconnect(
+                    _R.PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT", now
+                )
+                return
+            self.session.expiry_interval = expiry
+        with_will = packet.reason_code == _R.DISCONNECT_WITH_WILL_MESSAGE
+        self._close(now, publish_will=with_will)
+
+    # -- packets out -----------------------------------------------------------------------------
+
+    def send(self, delivery: Delivery, now: float) -> None:
+        """Deliver to this client: QoS 0 at once (dropped while its socket is backed up), QoS 1/2
+        within its receive window, else behind the session's queue."""
+        session = self.session
+        if session is None or self.state is not State.CONNECTED:
+            return
+        if delivery.qos == QoS.AT_MOST_ONCE:
+            if self.writable:
+                self._send_publish(delivery, None, now)
+            else:
+                self.core.metrics.dropped["slow_consumer"] += 1
+        elif session.queue or len(session.inflight) >= self._send_window:
+            self.core.enqueue(session, delivery)
+        else:
+            self._send_publish(delivery, session.next_packet_id(), now)
+
+    def _drain(self, now: float) -> None:
+        session = self.session
+        assert session is not None
+        while session.queue and len(session.inflight) < self._send_window:
+            delivery = session.queue.popleft()
+            self._send_publish(delivery, session.next_packet_id(), now)
+
+    def _send_publish(self, delivery: Delivery, packet_id: int | None, now: float) -> None:
+        message = delivery.message
+        props = message.properties
+        if self.level is _V3:
+            props = NO_PROPERTIES
+        else:
+            if message.expires_at is not None:
+                remaining = message.expires_at - now
+                if remaining <= 0:
+                    self.core.metrics.dropped["expired"] += 1
+                    return
+                props = replace(props, message_expiry_interval=math.ceil(remaining))
+            if delivery.subscription_ids:
+                props = replace(props, subscription_identifiers=delivery.subscription_ids)
+        packet = Publish(
+            topic=message.topic,
+            payload=message.payload,
+            qos=delivery.qos,
+            retain=delivery.retain,
+            packet_id=packet_id,
+            properties=props,
+        )
+        if self._write_publish(packet, packet_id) and packet_id is not None:
+            assert self.session is not None
+            self.session.inflight[packet_id] = packet
+
+    def _write_publish(self, packet: Publish, packet_id: int | None) -> bool:
+        """False if the packet exceeds the client's Maximum Packet Size: it is then dropped, as
+        if delivered (MQTT-3.1.2-25)."""
+        data = encode(packet, self.level)
+        if self.max_send_size is not None and len(data) > self.max_send_size:
+            self.core.metrics.dropped["too_large"] += 1
+            if packet_id is not None and self.session is not None:
+                self.session.inflight.pop(packet_id, None)
+            return False
+        self.core.metrics.messages_sent[packet.qos] += 1
+        self._emit(data)
+        return True
+
+    def _write(self, packet: Packet) -> None:
+        self._emit(encode(packet, self.level))
+
+    def _emit(self, data: bytes) -> None:
+        self._out.append(data)
+        self.core.dirty.add(self)
+
+    # -- refusals and closing ----------------------------------------------------------------------
+
+    def _actor(self) -> str:
+        return f"device:{self.device_id}" if self.device_id else f"peer:{self.peer}"
+
+    def _deny(self, action: str, topic: str) -> None:
+        self.core.metrics.acl_denials[action] += 1
+        self.core.audit(
+            AuditRecord(
+                self._actor(),
+                f"mqtt.{action}",
+                "refused",
+                self.device_id,
+                f"topic {topic!r} is outside the ACL of group {self.group}",
+            )
+        )
+
+    def _refuse(self, code: ReasonCode | None, reason: str, label: str) -> None:
+        """CONNACK with ``code`` (3.1.1: its return code; ``None``: no CONNACK), audited, close."""
+        self.core.metrics.connect_refusals[label] += 1
+        self.core.audit(
+            AuditRecord(self._actor(), "mqtt.connect", "refused", self.device_id or None, reason)
+        )
+        if code is not None:
+            properties = Properties(reason_string=reason) if self.level is _V5 else NO_PROPERTIES
+            self._write(ConnAck(reason_code=code, properties=properties))
+        self.core.dirty.add(self)
+        self.state = State.CLOSED
+        self.closing = True
+        self.core.connections.discard(self)
+
+    def _protocol_error(self, exc: ProtocolError, now: float) -> None:
+        if self.state is State.AWAITING_CONNECT:
+            level = self._decoder.protocol_level
+            if isinstance(exc, UnsupportedProtocolVersion):  # MQTT-3.1.2-2
+                self.level = _V5 if level is _V5 else _V3
+                self._refuse(exc.reason_code, exc.message, "protocol")
+            elif level is _V5:
+                self.level = _V5
+                self._refuse(exc.reason_code, exc.message, "protocol")
+            else:  # a 3.1.1 server closes without CONNACK (MQTT-3.1.4-1)
+                self._refuse(None, exc.message, "protocol")
+            return
+        self._disconnect(exc.reason_code, exc.message, now)
+
+    def _disconnect(
+        self, code: ReasonCode, reason: str, now: float, *, publish_will: bool = True
+    ) -> None:
+        """Close from the server side, telling an MQTT 5 client why (section 4.13)."""
+        if self.state is State.CONNECTED and self.level is _V5:
+            self._write(Disconnect(reason_code=code, properties=Properties(reason_string=reason)))
+        self._close(now, publish_will=publish_will)
+
+    def _close(self, now: float, *, publish_will: bool) -> None:
+        self.state = State.CLOSED
+        self.closing = True
+        self.core.dirty.add(self)
+        self.core.connections.discard(self)
+        session, self.session = self.session, None
+        if session is not None:
+            self.core.detach(session, self._will if publish_will else None, now)
+        self._will = None

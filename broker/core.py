@@ -1,0 +1,248 @@
+"""The broker's shared state and rules, without I/O: sessions, routing, retained messages, wills.
+
+Connections (:mod:`broker.connection`) call in here when a packet needs the rest of the broker;
+packets for other clients land in those clients' output buffers, and the connections with new
+output are collected in :attr:`BrokerCore.dirty` for the I/O layer to write once per loop turn.
+The clock is a number passed in (the event loop's monotonic time), so tests can drive it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from broker.metrics import Metrics
+from broker.mqtt import NO_PROPERTIES, QoS, Will
+from broker.routing import Message, RetainedMessages, SubscriptionOptions, SubscriptionTree
+from broker.session import NEVER_EXPIRES, Delivery, PendingWill, Session
+from enrollment.registry import AuditRecord, DeviceState
+
+if TYPE_CHECKING:
+    from broker.connection import Connection
+
+AuditSink = Callable[[AuditRecord], None]
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    """Limits of the protocol core; ``receive_maximum`` caps QoS 1/2 in flight each way."""
+
+    max_packet_size: int = 256 * 1024
+    max_queued_messages: int = 1000
+    receive_maximum: int = 64
+    topic_alias_maximum: int = 64
+    connect_timeout_s: float = 10.0
+
+
+class BrokerCore:
+    """Everything connections share; single-threaded, driven by the event loop."""
+
+    def __init__(self, settings: CoreSettings, *, metrics: Metrics, audit: AuditSink) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.audit = audit
+        self.sessions: dict[str, Session] = {}
+        self.connections: set[Connection] = set()
+        self.subscriptions = SubscriptionTree()
+        self.retained = RetainedMessages()
+        self.dirty: set[Connection] = set()
+        self._assigned_ids = itertools.count(1)
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def assign_client_id(self) -> str:
+        """An id for a plaintext client that sent none (MQTT 5 Assigned Client Identifier)."""
+        while True:
+            client_id = f"auto-{next(self._assigned_ids)}"
+            if client_id not in self.sessions:
+                return client_id
+
+    def attach(
+        self, conn: Connection, client_id: str, *, clean_start: bool, expiry: int, now: float
+    ) -> tuple[Session, bool]:
+        """Give ``conn`` the session of ``client_id``; True if an existing session was resumed.
+
+        A live connection holding that session is taken over first (MQTT-3.1.4-3); its will
+        then follows the usual rules, so a delayed will is cancelled by this resumption.
+        """
+        existing = self.sessions.get(client_id)
+        if existing is not None and existing.connection is not None:
+            existing.connection.take_over(now)
+            existing = self.sessions.get(client_id)
+        if existing is not None and clean_start:
+            self.end_session(existing, now)
+            existing = None
+        if existing is None:
+            session = Session(client_id, conn.device_id)
+            self.sessions[client_id] = session
+        else:
+            session = existing
+            session.pending_will = None  # reconnected before the will delay passed
+        session.connection = conn
+        session.expires_at = None
+        session.expiry_interval = expiry
+        return session, existing is not None
+
+    def detach(self, session: Session, will: Will | None, now: float) -> None:
+        """The session's connection is gone; ``will`` is published now, later or with the end."""
+        session.connection = None
+        if session.expiry_interval == 0:
+            self.end_session(session, now)
+            if will is not None:
+                self.publish_will(session, will, now)
+            return
+        if session.expiry_interval != NEVER_EXPIRES:
+            session.expires_at = now + session.expiry_interval
+        if will is None:
+            return
+        delay = will.properties.will_delay_interval or 0
+        if delay == 0:
+            self.publish_will(session, will, now)
+        else:
+            session.pending_will = PendingWill(now + min(delay, session.expiry_interval), will)
+
+    def end_session(self, session: Session, now: float) -> None:
+        """Forget the session; a will still waiting for its delay is published now."""
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+        for topic_filter in session.subscriptions:
+            self.subscriptions.remove(topic_filter, session.client_id)
+        session.subscriptions.clear()
+        session.queue.clear()
+        if session.pending_will is not None:
+            will, session.pending_will = session.pending_will.will, None
+            self.publish_will(session, will, now)
+
+    # -- subscriptions -------------------------------------------------------------------------
+
+    def subscribe(self, session: Session, topic_filter: str, options: SubscriptionOptions) -> bool:
+        """Add or replace a subscription; True if the session did not have this filter."""
+        session.subscriptions[topic_filter] = options
+        return self.subscriptions.add(topic_filter, session.client_id, options)
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
+        if session.subscriptions.pop(topic_filter, None) is None:
+            return False
+        return self.subscriptions.remove(topic_filter, session.client_id)
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def publish(self, message: Message, now: float) -> None:
+        """An authorised message enters the broker: retain it if asked, deliver it."""
+        if message.retain:
+            self.retained.store(message)
+        self._route(message, now)
+
+    def publish_will(self, session: Session, will: Will, now: float) -> None:
+        """The will's ACL was checked when the client connected."""
+        props = will.properties
+        expiry = props.message_expiry_interval
+        message_props = (
+            NO_PROPERTIES
+            if props == NO_PROPERTIES
+            else replace(props, will_delay_interval=None, message_expiry_interval=None)
+        )
+        self.publish(
+            Message(
+                topic=will.topic,
+                payload=will.payload,
+                qos=will.qos,
+                retain=will.retain,
+                properties=message_props,
+                sender=session.client_id,
+                expires_at=None if expiry is None else now + expiry,
+            ),
+            now,
+        )
+
+    def _route(self, message: Message, now: float) -> None:
+        """One copy per subscribed session (MQTT-3.3.4-2): the highest QoS of its matching
+        subscriptions, and all their subscription identifiers."""
+        matches = [
+            (client_id, options)
+            for client_id, options in self.subscriptions.match(message.topic)
+            if not (options.no_local and client_id == message.sender)
+        ]
+        if len(matches) == 1:  # the common case, without the merging below
+            client_id, options = matches[0]
+            delivery = Delivery(
+                message,
+                min(options.qos, message.qos),
+                message.retain and options.retain_as_published,
+                () if options.subscription_id is None else (options.subscription_id,),
+            )
+            self.deliver(self.sessions[client_id], delivery, now)
+            return
+        grants: dict[str, tuple[QoS, bool, list[int]]] = {}
+        for client_id, options in matches:
+            qos, as_published, ids = grants.get(client_id, (QoS.AT_MOST_ONCE, False, []))
+            if options.subscription_id is not None:
+                ids.append(options.subscription_id)
+            grants[client_id] = (
+                max(qos, options.qos),
+                as_published or options.retain_as_published,
+                ids,
+            )
+        for client_id, (qos, as_published, ids) in grants.items():
+            delivery = Delivery(
+                message,
+                min(qos, message.qos),
+                message.retain and as_published,
+                tuple(sorted(ids)),
+            )
+            self.deliver(self.sessions[client_id], delivery, now)
+
+    def deliver(self, session: Session, delivery: Delivery, now: float) -> None:
+        """Send now if the client is connected; keep QoS 1/2 for it while it is away."""
+        if session.connection is not None:
+            session.connection.send(delivery, now)
+        elif delivery.qos != QoS.AT_MOST_ONCE:
+            self.enqueue(session, delivery)
+
+    def enqueue(self, session: Session, delivery: Delivery) -> None:
+        """Queue behind the receive window; bounded, and every drop is counted."""
+        if len(session.queue) >= self.settings.max_queued_messages:
+            self.metrics.dropped["queue_full"] += 1
+        else:
+            session.queue.append(delivery)
+
+    def queued(self) -> int:
+        return sum(len(session.queue) for session in self.sessions.values())
+
+    # -- time and administration -----------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Keep-alive and CONNECT timeouts, delayed wills, expired sessions."""
+        for conn in list(self.connections):
+            conn.check_timeouts(now)
+        for session in list(self.sessions.values()):
+            if session.connection is not None:
+                continue
+            if session.expires_at is not None and now >= session.expires_at:
+                self.end_session(session, now)
+            elif session.pending_will is not None and now >= session.pending_will.due:
+                will, session.pending_will = session.pending_will.will, None
+                self.publish_will(session, will, now)
+
+    def kick(self, device_id: str, state: DeviceState, reason: str, now: float) -> int:
+        """Close every live connection of a device that was revoked or suspended.
+
+        Its will is not published (the certificate is no longer trusted to speak); a revoked
+        device's sessions are discarded, a suspended one's keep their queue for a reinstate.
+        """
+        kicked = 0
+        for conn in list(self.connections):
+            if conn.device_id == device_id and conn.kick(state, reason, now):
+                kicked += 1
+        if state == DeviceState.REVOKED:
+            for session in list(self.sessions.values()):
+                if session.device_id == device_id:
+                    session.pending_will = None
+                    self.end_session(session, now)
+        return kicked
+
+    def shutdown(self, now: float) -> None:
+        for conn in list(self.connections):
+            conn.shut_down(now)

@@ -1,0 +1,78 @@
+"""The revocation change feed, as a broker reads it.
+
+``fleetgate device revoke|suspend`` commits a ``DeviceChange`` row in the same transaction as the
+state change; every broker sharing the registry polls ``changes_since(cursor)`` and closes the
+device's live sessions. The registry is the only channel, so the CLI, the enrollment service and
+any number of brokers (on any host that reaches the database) need no other link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from broker.metrics import Metrics
+from enrollment.registry import DeviceChange, DeviceState, Registry
+
+log = logging.getLogger("fleetgate.broker.feed")
+
+CHANGES_PER_POLL = 1000
+
+
+class RevocationFeed:
+    """Polls the registry every ``interval`` seconds and reports each device change once."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        metrics: Metrics,
+        *,
+        interval: float,
+        on_change: Callable[[DeviceChange], None],
+    ) -> None:
+        self._registry = registry
+        self._metrics = metrics
+        self._interval = interval
+        self._on_change = on_change
+        self._latest: dict[str, tuple[int, DeviceState]] = {}
+        self.cursor = 0
+        self.last_read = 0.0
+
+    async def start(self) -> None:
+        """Begin after the changes already committed: admission covers those."""
+        self.cursor = await asyncio.to_thread(self._registry.last_change_id)
+        self.last_read = asyncio.get_running_loop().time()
+
+    async def run(self) -> None:
+        """Poll until cancelled; a failed poll is counted and retried at the next interval."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                changes = await asyncio.to_thread(
+                    self._registry.changes_since, self.cursor, limit=CHANGES_PER_POLL
+                )
+            except SQLAlchemyError:
+                self._metrics.feed_errors += 1
+                log.exception("the registry's change feed could not be read")
+                changes = []
+            else:
+                self.last_read = loop.time()
+            for change in changes:
+                assert change.id is not None
+                self._latest[change.device_id] = (change.id, change.state)
+                self.cursor = change.id
+                self._on_change(change)
+            if len(changes) < CHANGES_PER_POLL:
+                await asyncio.sleep(self._interval)
+
+    def barred_since(self, device_id: str, cursor: int) -> bool:
+        """Whether the feed saw ``device_id`` leave the active state after ``cursor``.
+
+        Closes the race where a revoke commits while that device's admission is being checked:
+        the check read the registry before the change, and the kick found no session yet.
+        """
+        latest = self._latest.get(device_id)
+        return latest is not None and latest[0] > cursor and latest[1] != DeviceState.ACTIVE

@@ -1,0 +1,126 @@
+"""Broker counters, rendered in the Prometheus text exposition format (version 0.0.4).
+
+Plain integers bumped on the hot path; labels are small closed sets (QoS, a reason label), never
+free text, so a misbehaving client cannot grow the number of series.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from broker.mqtt import QoS
+
+_PREFIX = "fleetgate_broker_"
+
+
+class Metrics:
+    """Everything ``/metrics`` reports; gauges that the core already knows are read at scrape."""
+
+    def __init__(self) -> None:
+        self.connections_total: Counter[str] = Counter()  # by listener: "tls" | "plaintext"
+        self.handshake_failures: Counter[str] = Counter()  # by reason label
+        self.connect_refusals: Counter[str] = Counter()  # by reason label
+        self.messages_received: Counter[int] = Counter()  # by QoS
+        self.messages_sent: Counter[int] = Counter()  # by QoS
+        self.acl_denials: Counter[str] = Counter()  # "publish" | "subscribe" | "will"
+        self.kicks: Counter[str] = Counter()  # by device state: "revoked" | "suspended"
+        self.dropped: Counter[str] = Counter()  # by reason label
+        self.audit_dropped = 0
+        self.audit_written = 0
+        self.feed_errors = 0
+
+    def render(
+        self, *, connections: int, sessions: int, queued: int, retained: int, feed_lag_s: float
+    ) -> str:
+        """The exposition text; the arguments are gauges read from the live broker."""
+        lines: list[str] = []
+
+        def family(name: str, kind: str, text: str, samples: Iterable[tuple[str, float]]) -> None:
+            lines.append(f"# HELP {_PREFIX}{name} {text}")
+            lines.append(f"# TYPE {_PREFIX}{name} {kind}")
+            lines.extend(f"{_PREFIX}{name}{labels} {value:g}" for labels, value in samples)
+
+        def by(label: str, counter: Counter[str] | Counter[int]) -> list[tuple[str, float]]:
+            return [(f'{{{label}="{key}"}}', value) for key, value in sorted(counter.items())]
+
+        def qos(counter: Counter[int]) -> list[tuple[str, float]]:
+            return [(f'{{qos="{q}"}}', counter[q]) for q in QoS]
+
+        def gauge(value: float) -> list[tuple[str, float]]:
+            return [("", value)]
+
+        family("connections", "gauge", "Open MQTT connections.", gauge(connections))
+        family(
+            "connections_total",
+            "counter",
+            "MQTT connections accepted (CONNACK success), by listener.",
+            by("listener", self.connections_total),
+        )
+        family("sessions", "gauge", "Sessions, connected or persisted.", gauge(sessions))
+        family(
+            "tls_handshake_failures_total",
+            "counter",
+            "Refused TLS handshakes, by reason.",
+            by("reason", self.handshake_failures),
+        )
+        family(
+            "connect_refusals_total",
+            "counter",
+            "CONNECTs refused after TLS, by reason.",
+            by("reason", self.connect_refusals),
+        )
+        family(
+            "messages_received_total",
+            "counter",
+            "PUBLISH packets received from clients.",
+            qos(self.messages_received),
+        )
+        family(
+            "messages_sent_total",
+            "counter",
+            "PUBLISH packets sent to clients.",
+            qos(self.messages_sent),
+        )
+        family(
+            "acl_denials_total",
+            "counter",
+            "ACL refusals, by action.",
+            by("action", self.acl_denials),
+        )
+        family(
+            "kicks_total", "counter", "Live sessions closed by revocation.", by("state", self.kicks)
+        )
+        family(
+            "messages_dropped_total",
+            "counter",
+            "Messages not delivered, by reason.",
+            by("reason", self.dropped),
+        )
+        family("messages_queued", "gauge", "QoS 1/2 messages waiting in sessions.", gauge(queued))
+        family("retained_messages", "gauge", "Retained messages held.", gauge(retained))
+        family(
+            "audit_events_written_total",
+            "counter",
+            "Audit events stored.",
+            gauge(self.audit_written),
+        )
+        family(
+            "audit_events_dropped_total",
+            "counter",
+            "Audit events lost because the audit queue was full.",
+            gauge(self.audit_dropped),
+        )
+        family(
+            "revocation_feed_errors_total",
+            "counter",
+            "Failed polls of the registry's change feed.",
+            gauge(self.feed_errors),
+        )
+        family(
+            "revocation_feed_lag_seconds",
+            "gauge",
+            "Seconds since the change feed was last read successfully.",
+            gauge(feed_lag_s),
+        )
+        return "\n".join(lines) + "\n"

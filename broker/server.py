@@ -1,0 +1,391 @@
+"""The asyncio shell: listeners, the registry off the loop, timers, the change feed, /metrics.
+
+Everything MQTT means happens in :mod:`broker.connection` and :mod:`broker.core`; this module
+moves bytes between sockets and those state machines, runs blocking registry calls in threads,
+and writes each connection's pending output once per event-loop turn (so a burst of messages to
+one subscriber becomes one TLS write).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+
+from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
+
+from broker.admission import (
+    Admitted,
+    Identity,
+    Refused,
+    Unidentified,
+    check_admission,
+    identify_certificate,
+)
+from broker.audit import AuditWriter
+from broker.connection import AdmissionRequest, Connection
+from broker.core import BrokerCore, CoreSettings
+from broker.feed import RevocationFeed
+from broker.metrics import Metrics
+from broker.mqtt import MAX_PACKET_SIZE, ReasonCode
+from broker.tls import (
+    broker_context,
+    ensure_broker_certificate,
+    handshake_label,
+    shrink_read_buffer,
+)
+from enrollment.config import Config
+from enrollment.errors import ConfigError, InvalidDeviceId
+from enrollment.ids import validate_id
+from enrollment.registry import AuditRecord, DeviceChange, DeviceState, Registry
+from enrollment.tls import serve_tls
+
+log = logging.getLogger("fleetgate.broker")
+
+TICK_S = 0.5
+"""How often keep-alives, delayed wills and session expiry are checked."""
+_CLOSE_GRACE_S = 2.0
+
+
+@dataclass(frozen=True)
+class BoundPorts:
+    """Where the broker listens once started (0: that listener is off)."""
+
+    tls: int
+    plaintext: int
+    metrics: int
+
+
+class _MqttProtocol(asyncio.Protocol):
+    """Feeds one transport's bytes to its :class:`Connection`."""
+
+    def __init__(self, broker: Broker, listener: str) -> None:
+        self._broker = broker
+        self._listener = listener
+        self._admitting = False
+        self._write_paused = False
+        self.transport: asyncio.Transport | None = None
+        self.conn: Connection | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peername = transport.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if peername else "unknown"
+        self.conn = self._broker.open_connection(self, peer, self._listener)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.conn is not None
+        request = self.conn.receive_data(data, self._broker.now())
+        if request is not None:
+            self._admitting = True
+            self._update_reading()
+            self._broker.admit(self, request)
+        self._broker.wake()
+
+    def admission_finished(self) -> None:
+        self._admitting = False
+        self._update_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.conn.connection_lost(self._broker.now())
+            self._broker.forget(self.conn)
+            self._broker.wake()
+
+    def pause_writing(self) -> None:
+        """The client is not reading: stop reading it, and drop QoS 0 messages for it."""
+        self._write_paused = True
+        if self.conn is not None:
+            self.conn.writable = False
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.conn is not None:
+            self.conn.writable = True
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self._admitting or self._write_paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+
+class Broker:
+    """The fleetgate MQTT broker bound to a data directory; ``start``/``stop`` for tests and CLI."""
+
+    def __init__(self, config: Config, *, registry: Registry | None = None) -> None:
+        settings = config.broker
+        _check_settings(config)
+        self.config = config
+        self.registry = registry or Registry(config.database_url)
+        self._own_registry = registry is None
+        self.metrics = Metrics()
+        self.audit = AuditWriter(self.registry, self.metrics)
+        self.core = BrokerCore(
+            CoreSettings(
+                max_packet_size=settings.max_packet_size,
+                max_queued_messages=settings.max_queued_messages,
+                receive_maximum=settings.receive_maximum,
+            ),
+            metrics=self.metrics,
+            audit=self.audit.submit,
+        )
+        self.feed = RevocationFeed(
+            self.registry,
+            self.metrics,
+            interval=settings.feed_poll_interval_s,
+            on_change=self._on_device_change,
+        )
+        self.ports = BoundPorts(0, 0, 0)
+        self._protocols: dict[Connection, _MqttProtocol] = {}
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._metrics_runner: web.AppRunner | None = None
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> BoundPorts:
+        """Listen; ports configured as 0 stay off, except that tests may pass real ones."""
+        self._loop = asyncio.get_running_loop()
+        settings = self.config.broker
+        cert, key = await asyncio.to_thread(ensure_broker_certificate, self.config)
+        context = broker_context(self.config, cert, key)
+        await self.feed.start()
+        tls_server = await serve_tls(
+            lambda: _MqttProtocol(self, "tls"),
+            host=settings.host,
+            port=settings.port,
+            context=context,
+            on_refused=self._on_handshake_refused,
+            handshake_timeout=settings.tls_handshake_timeout_s,
+        )
+        self._servers.append(tls_server)
+        plaintext_port = 0
+        if settings.plaintext_port:
+            plain = await self._loop.create_server(
+                lambda: _MqttProtocol(self, "plaintext"),
+                settings.plaintext_host,
+                settings.plaintext_port,
+                reuse_address=True,
+            )
+            self._servers.append(plain)
+            plaintext_port = plain.sockets[0].getsockname()[1]
+            log.warning(
+                "PLAINTEXT MQTT listener enabled for tests: no TLS, every client is one identity",
+                extra={
+                    "host": settings.plaintext_host,
+                    "port": plaintext_port,
+                    "identity": settings.plaintext_identity,
+                },
+            )
+        metrics_port = await self._start_metrics() if settings.metrics_port else 0
+        for job in (self.feed.run(), self.audit.run(), self._tick()):
+            task = self._loop.create_task(job)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self.ports = BoundPorts(
+            tls_server.sockets[0].getsockname()[1], plaintext_port, metrics_port
+        )
+        log.info(
+            "broker listening",
+            extra={"host": settings.host, "port": self.ports.tls, "metrics": metrics_port},
+        )
+        return self.ports
+
+    async def stop(self) -> None:
+        """Stop listening, tell MQTT 5 clients the server is shutting down, store the audit."""
+        for server in self._servers:
+            server.close()
+        self.core.shutdown(self.now())
+        self._flush()
+        deadline = self.now() + _CLOSE_GRACE_S
+        while self._protocols and self.now() < deadline:
+            await asyncio.sleep(0.02)
+        for protocol in list(self._protocols.values()):
+            if protocol.transport is not None:
+                protocol.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.audit.flush()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+        if self._own_registry:
+            self.registry.close()
+        log.info("broker stopped")
+
+    # -- connections -------------------------------------------------------------------------------
+
+    def now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def open_connection(self, protocol: _MqttProtocol, peer: str, listener: str) -> Connection:
+        assert protocol.transport is not None
+        identity: Identity | Unidentified
+        if listener == "tls":
+            shrink_read_buffer(protocol.transport)
+            ssl_object = protocol.transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            identity = identify_certificate(der, now=dt.datetime.now(dt.UTC))
+        else:
+            identity = Identity(
+                self.config.broker.plaintext_identity, serial=None, client_id_bound=False
+            )
+        conn = Connection(
+            self.core, peer=peer, identity=identity, listener=listener, now=self.now()
+        )
+        self._protocols[conn] = protocol
+        return conn
+
+    def forget(self, conn: Connection) -> None:
+        self._protocols.pop(conn, None)
+
+    def admit(self, protocol: _MqttProtocol, request: AdmissionRequest) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(self._admit(protocol, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _admit(self, protocol: _MqttProtocol, request: AdmissionRequest) -> None:
+        cursor = self.feed.cursor
+        identity = request.identity
+        result: Admitted | Refused
+        try:
+            result = await asyncio.to_thread(check_admission, self.registry, identity)
+        except SQLAlchemyError:
+            log.exception("admission check failed", extra={"device": identity.device_id})
+            result = Refused("the registry is unavailable", ReasonCode.SERVER_UNAVAILABLE)
+        if isinstance(result, Admitted) and self.feed.barred_since(identity.device_id, cursor):
+            result = Refused(f"device {identity.device_id} was barred while connecting")
+        assert protocol.conn is not None
+        protocol.conn.admission_done(result, self.now())
+        protocol.admission_finished()
+        self.wake()
+
+    def wake(self) -> None:
+        """Write pending output at the end of this loop turn."""
+        if self.core.dirty and not self._flush_scheduled:
+            assert self._loop is not None
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self.core.dirty = self.core.dirty, set()
+        for conn in dirty:
+            protocol = self._protocols.get(conn)
+            if protocol is None or protocol.transport is None:
+                continue
+            data = conn.take_output()
+            if data:
+                protocol.transport.write(data)
+            if conn.closing:
+                protocol.transport.close()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            self.core.tick(self.now())
+            self.wake()
+
+    # -- events from outside ---------------------------------------------------------------------
+
+    def _on_device_change(self, change: DeviceChange) -> None:
+        if change.state not in (DeviceState.REVOKED, DeviceState.SUSPENDED):
+            return
+        kicked = self.core.kick(change.device_id, change.state, change.reason, self.now())
+        if kicked:
+            log.warning(
+                "device session closed by revocation",
+                extra={"device": change.device_id, "state": str(change.state)},
+            )
+        self.wake()
+
+    def _on_handshake_refused(self, peer: str, reason: str) -> None:
+        self.metrics.handshake_failures[handshake_label(reason)] += 1
+        self.audit.submit(
+            AuditRecord(f"peer:{peer}", "mqtt.tls_handshake", "refused", None, reason)
+        )
+        log.info("TLS handshake refused", extra={"peer": peer, "reason": reason})
+
+    # -- /metrics --------------------------------------------------------------------------------
+
+    async def _start_metrics(self) -> int:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_handler)
+        self._metrics_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._metrics_runner.setup()
+        sock = socket.create_server(("127.0.0.1", self.config.broker.metrics_port))
+        await web.SockSite(self._metrics_runner, sock).start()
+        return int(sock.getsockname()[1])
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        text = self.metrics.render(
+            connections=len(self.core.connections),
+            sessions=len(self.core.sessions),
+            queued=self.core.queued(),
+            retained=self.core.retained.count,
+            feed_lag_s=self.now() - self.feed.last_read,
+        )
+        return web.Response(
+            body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
+
+
+def _check_settings(config: Config) -> None:
+    """Refuse settings that would open the broker wider than intended, or make no sense."""
+    settings = config.broker
+    if settings.plaintext_port:
+        host = settings.plaintext_host
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(
+                f"[broker] plaintext_host {host!r} is not a loopback address: the plaintext "
+                "listener is for local test suites only; use 127.0.0.1 or ::1"
+            )
+        try:
+            validate_id(settings.plaintext_identity)
+        except InvalidDeviceId as exc:
+            raise ConfigError(
+                "[broker] plaintext_identity must name the device id every plaintext client is "
+                f"mapped to: {exc.message}"
+            ) from exc
+    if not 1 <= settings.receive_maximum <= 0xFFFF:
+        raise ConfigError("[broker] receive_maximum must be between 1 and 65535")
+    if not 128 <= settings.max_packet_size <= MAX_PACKET_SIZE:
+        raise ConfigError(f"[broker] max_packet_size must be between 128 and {MAX_PACKET_SIZE}")
+    if settings.max_queued_messages < 0 or settings.feed_poll_interval_s <= 0:
+        raise ConfigError("[broker] max_queued_messages must be >= 0, feed_poll_interval_s > 0")
+
+
+async def run_forever(config: Config) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    broker = Broker(config)
+    await broker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await broker.stop()

@@ -1,0 +1,79 @@
+"""A client's session: the state MQTT keeps across network connections (spec section 4.1).
+
+Subscriptions, outgoing QoS 1/2 messages not yet acknowledged (resent with DUP on resume),
+messages queued while the client is away or its receive window is full, and the QoS 2 packet
+ids received but not yet released. Pure data; :mod:`broker.core` decides when it changes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from broker.mqtt import Publish, PubRel, QoS, Will
+from broker.routing import Message, SubscriptionOptions
+
+if TYPE_CHECKING:
+    from broker.connection import Connection
+
+NEVER_EXPIRES = 0xFFFFFFFF
+"""Session Expiry Interval meaning "keep the session for ever" (MQTT 5 section 3.1.2.11.2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message on its way to one session, with the QoS and flags its subscriptions grant."""
+
+    message: Message
+    qos: QoS
+    retain: bool
+    subscription_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PendingWill:
+    """A will waiting for its delay (or the end of the session, whichever comes first)."""
+
+    due: float
+    will: Will
+
+
+class Session:
+    """One client id's session; ``connection`` is ``None`` while the client is away."""
+
+    __slots__ = (
+        "_next_packet_id",
+        "client_id",
+        "connection",
+        "device_id",
+        "expires_at",
+        "expiry_interval",
+        "incoming_qos2",
+        "inflight",
+        "pending_will",
+        "queue",
+        "subscriptions",
+    )
+
+    def __init__(self, client_id: str, device_id: str) -> None:
+        self.client_id = client_id
+        self.device_id = device_id
+        self.subscriptions: dict[str, SubscriptionOptions] = {}
+        # Outgoing QoS 1/2 in send order: the PUBLISH until PUBACK/PUBREC, then PUBREL (QoS 2).
+        self.inflight: dict[int, Publish | PubRel] = {}
+        self.queue: deque[Delivery] = deque()
+        self.incoming_qos2: set[int] = set()
+        self.expiry_interval = 0
+        self.connection: Connection | None = None
+        self.expires_at: float | None = None
+        self.pending_will: PendingWill | None = None
+        self._next_packet_id = 1
+
+    def next_packet_id(self) -> int:
+        """A packet id not in flight; the window is capped well below 65535, so one exists."""
+        while True:
+            packet_id = self._next_packet_id
+            self._next_packet_id = packet_id % 0xFFFF + 1
+            if packet_id not in self.inflight:
+                return packet_id
