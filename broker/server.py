@@ -34,12 +34,8 @@ from broker.core import BrokerCore, CoreSettings
 from broker.feed import RevocationFeed
 from broker.metrics import Metrics
 from broker.mqtt import MAX_PACKET_SIZE, ReasonCode
-from broker.tls import (
-    broker_context,
-    ensure_broker_certificate,
-    handshake_label,
-    shrink_read_buffer,
-)
+from broker.tls import TLS_READ_BUFFER, broker_context, broker_credentials, handshake_label
+from enrollment.ca import ensure_server_certificate
 from enrollment.config import Config
 from enrollment.errors import ConfigError, InvalidDeviceId
 from enrollment.ids import validate_id
@@ -164,8 +160,10 @@ class Broker:
         """Listen; ports configured as 0 stay off, except that tests may pass real ones."""
         self._loop = asyncio.get_running_loop()
         settings = self.config.broker
-        cert, key = await asyncio.to_thread(ensure_broker_certificate, self.config)
-        context = broker_context(self.config, cert, key)
+        credentials = await asyncio.to_thread(
+            ensure_server_certificate, self.config, broker_credentials(self.config)
+        )
+        context = broker_context(self.config, credentials.cert, credentials.key)
         await self.feed.start()
         tls_server = await serve_tls(
             lambda: _MqttProtocol(self, "tls"),
@@ -174,6 +172,7 @@ class Broker:
             context=context,
             on_refused=self._on_handshake_refused,
             handshake_timeout=settings.tls_handshake_timeout_s,
+            read_buffer_size=TLS_READ_BUFFER,
         )
         self._servers.append(tls_server)
         plaintext_port = 0
@@ -240,7 +239,6 @@ class Broker:
         assert protocol.transport is not None
         identity: Identity | Unidentified
         if listener == "tls":
-            shrink_read_buffer(protocol.transport)
             ssl_object = protocol.transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
             identity = identify_certificate(der, now=dt.datetime.now(dt.UTC))

@@ -8,19 +8,11 @@ handshake with OpenSSL's reason; :func:`handshake_label` folds those reasons int
 
 from __future__ import annotations
 
-import asyncio
-import datetime as dt
 import ssl
-from asyncio import sslproto
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from enrollment import profiles
-from enrollment.ca import ca_paths, load_ca
+from enrollment.ca import ServerCredentials, ca_paths
 from enrollment.config import Config
-from enrollment.keyfiles import load_certificates, write_certificates, write_private_key
 from enrollment.tls import server_context
 
 OP_PRIORITIZE_CHACHA = 0x00200000
@@ -32,7 +24,6 @@ TLS_READ_BUFFER = 4 * 1024
 4 KiB an idle mutual-TLS connection measured 62 KiB of broker RSS instead of 73 KiB at 16 KiB
 (1,000 connections)."""
 
-_RENEW_BEFORE = dt.timedelta(days=30)
 _HANDSHAKE_LABELS = (
     ("no certificate", "no_client_certificate"),
     ("expired", "certificate_expired"),
@@ -48,40 +39,12 @@ _HANDSHAKE_LABELS = (
 )
 
 
-def ensure_broker_certificate(config: Config) -> tuple[Path, Path]:
-    """``ca/broker.crt`` (with the issuing CA) and ``ca/broker.key`` for ``broker.server_names``.
-
-    Issued by the fleet CA when missing, naming other hosts, or within 30 days of expiry; only
-    then does the broker need the CA passphrase.
-    """
+def broker_credentials(config: Config) -> ServerCredentials:
+    """``ca/broker.crt`` (+ issuing CA) and ``ca/broker.key``, for ``broker.server_names``."""
     directory = ca_paths(config).directory
-    cert_path, key_path = directory / "broker.crt", directory / "broker.key"
-    names = config.broker.server_names
-    now = dt.datetime.now(dt.UTC)
-    if cert_path.exists() and key_path.exists():
-        current = load_certificates(cert_path)[0]
-        if _names(current) == set(names) and current.not_valid_after_utc - now > _RENEW_BEFORE:
-            return cert_path, key_path
-    ca = load_ca(config)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = ca.issue(
-        profiles.SERVER,
-        profiles.server_subject(names),
-        key.public_key(),
-        dt.timedelta(days=config.ca.server_validity_days),
+    return ServerCredentials(
+        directory / "broker.crt", directory / "broker.key", config.broker.server_names
     )
-    write_private_key(key_path, key)
-    write_certificates(cert_path, [cert, ca.anchors.issuing])
-    return cert_path, key_path
-
-
-def _names(cert: x509.Certificate) -> set[str]:
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return set()
-    ips = {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
-    return set(sans.get_values_for_type(x509.DNSName)) | ips
 
 
 def broker_context(config: Config, cert: Path, key: Path) -> ssl.SSLContext:
@@ -96,21 +59,6 @@ def broker_context(config: Config, cert: Path, key: Path) -> ssl.SSLContext:
     )
     context.options |= OP_PRIORITIZE_CHACHA
     return context
-
-
-def shrink_read_buffer(transport: asyncio.BaseTransport, size: int = TLS_READ_BUFFER) -> None:
-    """Replace asyncio's 256 KiB TLS read buffer of this connection with ``size`` bytes.
-
-    ``SSLProtocol`` reads at most ``max_size`` bytes at a time into ``_ssl_buffer``; both are
-    per instance once set here, so other TLS servers in the process are unaffected.
-    """
-    protocol = getattr(transport, "_ssl_protocol", None)
-    if not isinstance(protocol, sslproto.SSLProtocol) or protocol.max_size <= size:
-        return
-    buffer = bytearray(size)
-    setattr(protocol, "max_size", size)  # noqa: B010 - a ClassVar in typeshed, per instance here
-    setattr(protocol, "_ssl_buffer", buffer)  # noqa: B010
-    setattr(protocol, "_ssl_buffer_view", memoryview(buffer))  # noqa: B010
 
 
 def handshake_label(reason: str) -> str:

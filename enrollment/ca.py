@@ -30,6 +30,7 @@ from enrollment.profiles import Issuer, Profile, RevocationPointers, Subject
 
 ROOT_VALIDITY = dt.timedelta(days=365 * 20)
 ISSUING_VALIDITY = dt.timedelta(days=365 * 5)
+SERVER_RENEW_BEFORE = dt.timedelta(days=30)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,10 @@ def init_ca(config: Config, *, curve: str | None = None, force: bool = False) ->
     write_certificates(paths.issuing_cert, [issuing])
     write_certificates(paths.chain, [issuing, root])
     anchors = TrustAnchors(root=root, issuing=issuing)
-    ensure_server_certificate(CertificateAuthority(config, anchors, issuing_key), replace=True)
+    authority = CertificateAuthority(config, anchors, issuing_key)
+    ensure_server_certificate(
+        config, enrollment_server_credentials(config), ca=authority, replace=True
+    )
     return anchors
 
 
@@ -189,18 +193,56 @@ def load_ca(config: Config) -> CertificateAuthority:
     return CertificateAuthority(config, anchors, key)
 
 
-def ensure_server_certificate(ca: CertificateAuthority, *, replace: bool = False) -> CAPaths:
-    """Issue the HTTPS server certificate (serverAuth, names from config) if it is missing."""
-    paths = ca_paths(ca.config)
-    if paths.server_cert.exists() and not replace:
-        return paths
+@dataclass(frozen=True)
+class ServerCredentials:
+    """Where a TLS server's certificate (with the issuing CA) and key live, and its names."""
+
+    cert: Path
+    key: Path
+    names: tuple[str, ...]
+
+
+def enrollment_server_credentials(config: Config) -> ServerCredentials:
+    paths = ca_paths(config)
+    return ServerCredentials(paths.server_cert, paths.server_key, config.enrollment.server_names)
+
+
+def ensure_server_certificate(
+    config: Config,
+    credentials: ServerCredentials,
+    *,
+    ca: CertificateAuthority | None = None,
+    replace: bool = False,
+) -> ServerCredentials:
+    """Issue a serverAuth certificate when missing, naming other hosts, or near expiry.
+
+    Without ``ca`` the CA is unlocked only if a certificate must be issued, so a server whose
+    certificate is current runs without the CA passphrase.
+    """
+    if not replace and _is_current(credentials):
+        return credentials
+    authority = ca or load_ca(config)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = ca.issue(
+    cert = authority.issue(
         profiles.SERVER,
-        profiles.server_subject(ca.config.enrollment.server_names),
+        profiles.server_subject(credentials.names),
         key.public_key(),
-        dt.timedelta(days=ca.config.ca.server_validity_days),
+        dt.timedelta(days=config.ca.server_validity_days),
     )
-    write_private_key(paths.server_key, key)
-    write_certificates(paths.server_cert, [cert, ca.anchors.issuing])
-    return paths
+    write_private_key(credentials.key, key)
+    write_certificates(credentials.cert, [cert, authority.anchors.issuing])
+    return credentials
+
+
+def _is_current(credentials: ServerCredentials) -> bool:
+    if not (credentials.cert.exists() and credentials.key.exists()):
+        return False
+    cert = load_certificates(credentials.cert)[0]
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    names = set(sans.get_values_for_type(x509.DNSName))
+    names |= {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    remaining = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    return names == set(credentials.names) and remaining > SERVER_RENEW_BEFORE

@@ -10,7 +10,12 @@ import signal
 
 from aiohttp import web
 
-from enrollment.ca import ca_paths, ensure_server_certificate, load_ca
+from enrollment.ca import (
+    ca_paths,
+    enrollment_server_credentials,
+    ensure_server_certificate,
+    load_ca,
+)
 from enrollment.config import Config
 from enrollment.errors import CAPassphraseError
 from enrollment.est import ESTApp
@@ -54,12 +59,15 @@ class EnrollmentServer:
 
     async def start(self) -> int:
         """Start listening; returns the bound port (useful with ``port=0``)."""
-        paths = ensure_server_certificate(self.service.ca)
+        credentials = ensure_server_certificate(
+            self.config, enrollment_server_credentials(self.config), ca=self.service.ca
+        )
+        paths = ca_paths(self.config)
         if not paths.crl.exists():
             self.service.publish_crl()
         context = server_context(
-            cert_chain=paths.server_cert,
-            key=paths.server_key,
+            cert_chain=credentials.cert,
+            key=credentials.key,
             client_ca=paths.chain,
             client_cert="optional",  # cacerts and csrattrs are public (RFC 7030 section 3.2.3)
         )

@@ -13,8 +13,9 @@ import asyncio
 import ssl
 from asyncio import sslproto
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 HandshakeRefused = Callable[[str, str], None]
 """Called as ``on_refused(peer, reason)`` for every failed TLS handshake."""
@@ -90,6 +91,13 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
     certificate expired, ...) unsent, so the client learns nothing but "connection reset".
     """
 
+    def __init__(self, *args: Any, read_buffer_size: int | None, **kwargs: Any) -> None:
+        if read_buffer_size is not None:
+            # asyncio allocates max_size (256 KiB) per connection for decrypted reads; an
+            # instance value set before __init__ sizes that buffer, so idle connections stay small.
+            self.max_size = read_buffer_size  # type: ignore[misc]  # a ClassVar in typeshed
+        super().__init__(*args, **kwargs)
+
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
         tcp = self._transport
         if handshake_exc is not None and isinstance(tcp, asyncio.Transport):
@@ -100,7 +108,11 @@ class _AlertingSSLProtocol(sslproto.SSLProtocol):
 
 
 async def _start_tls(
-    tcp: asyncio.Transport, app: asyncio.Protocol, context: ssl.SSLContext, timeout: float
+    tcp: asyncio.Transport,
+    app: asyncio.Protocol,
+    context: ssl.SSLContext,
+    timeout: float,
+    read_buffer_size: int | None,
 ) -> asyncio.Transport:
     """``loop.start_tls(server_side=True)``, with :class:`_AlertingSSLProtocol`.
 
@@ -116,7 +128,8 @@ async def _start_tls(
         waiter,
         server_side=True,
         call_connection_made=False,
-        ssl_handshake_timeout=timeout,  # type: ignore[arg-type]  # a float works, as in start_tls
+        ssl_handshake_timeout=timeout,
+        read_buffer_size=read_buffer_size,
     )
     tcp.pause_reading()
     tcp.set_protocol(tls)
@@ -131,20 +144,22 @@ async def _start_tls(
     return tls._app_transport
 
 
+@dataclass(frozen=True)
+class _Listener:
+    """What every connection of one TLS listener shares."""
+
+    app_factory: Callable[[], asyncio.Protocol]
+    context: ssl.SSLContext
+    handshake_timeout: float
+    on_refused: HandshakeRefused
+    read_buffer_size: int | None
+
+
 class _HandshakeFirst(asyncio.Protocol):
     """Runs the TLS handshake on a fresh TCP connection, then becomes a pass-through."""
 
-    def __init__(
-        self,
-        app_factory: Callable[[], asyncio.Protocol],
-        context: ssl.SSLContext,
-        timeout: float,
-        on_refused: HandshakeRefused,
-    ) -> None:
-        self._app_factory = app_factory
-        self._context = context
-        self._timeout = timeout
-        self._on_refused = on_refused
+    def __init__(self, listener: _Listener) -> None:
+        self._listener = listener
         self._app: asyncio.Protocol | None = None
         self._early: list[bytes] = []
         self._peer = "unknown"
@@ -158,14 +173,19 @@ class _HandshakeFirst(asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
 
     async def _handshake(self, tcp: asyncio.Transport) -> None:
+        listener = self._listener
         try:
-            tls = await _start_tls(tcp, self, self._context, self._timeout)
+            tls = await _start_tls(
+                tcp, self, listener.context, listener.handshake_timeout, listener.read_buffer_size
+            )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            self._on_refused(self._peer, describe_handshake_error(exc))
+            listener.on_refused(self._peer, describe_handshake_error(exc))
             return
+        finally:
+            self._task = None
         if tls is None:  # the peer went away during the handshake
             return
-        self._app = self._app_factory()
+        self._app = listener.app_factory()
         self._app.connection_made(tls)
         for chunk in self._early:
             self._app.data_received(chunk)
@@ -201,11 +221,17 @@ async def serve_tls(
     context: ssl.SSLContext,
     on_refused: HandshakeRefused,
     handshake_timeout: float = 10.0,
+    read_buffer_size: int | None = None,
 ) -> asyncio.Server:
-    """Listen on ``host:port``; every accepted connection is TLS or is refused and reported."""
+    """Listen on ``host:port``; every accepted connection is TLS or is refused and reported.
+
+    ``read_buffer_size`` replaces asyncio's 256 KiB per-connection read buffer (a server with
+    thousands of idle connections wants one TLS record's worth or less).
+    """
     loop = asyncio.get_running_loop()
+    listener = _Listener(app_factory, context, handshake_timeout, on_refused, read_buffer_size)
     return await loop.create_server(
-        lambda: _HandshakeFirst(app_factory, context, handshake_timeout, on_refused),
+        lambda: _HandshakeFirst(listener),
         host,
         port,
         reuse_address=True,

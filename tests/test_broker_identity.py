@@ -192,7 +192,7 @@ def test_suspended_device_is_refused_at_connect_by_all_three_clients(fleet, brok
     with pytest.raises(ConnectError):
         asyncio.run(amqtt_connect(broker, creds))
     audited_connect(broker, "sensor-1", "device sensor-1 is suspended")
-    assert broker.metric("connect_refusals_total", 'reason="admission"') == 4
+    wait_for(lambda: broker.metric("connect_refusals_total", 'reason="admission"') == 4)
 
 
 def test_superseded_certificate_is_refused_after_renewal(fleet, broker):

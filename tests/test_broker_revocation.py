@@ -92,6 +92,7 @@ def test_revoked_device_is_disconnected_within_one_second_with_reason_0x98(broke
     assert (code, props.ReasonString) == (135, "device sensor-1 is revoked")
     again.close()
     assert broker.call(lambda: "sensor-1" in broker.broker.core.sessions) is False
+    wait_for(lambda: broker.audit_events("sensor-1", action="mqtt.kick"), what="the kick audited")
     kicks = broker.audit_events("sensor-1", action="mqtt.kick")
     assert [e.reason for e in kicks] == ["device revoked: keyCompromise"]
     assert broker.metric("kicks_total", 'state="revoked"') == 1

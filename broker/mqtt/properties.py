@@ -20,7 +20,7 @@ from broker.mqtt._wire import (
     write_varint,
 )
 from broker.mqtt.errors import MalformedPacket, ProtocolError
-from broker.mqtt.packets import PacketType, Properties, ReasonCode
+from broker.mqtt.packets import NO_PROPERTIES, PacketType, Properties, ReasonCode
 from broker.mqtt.topics import InvalidTopic, validate_topic_name
 
 
@@ -192,6 +192,8 @@ def _present(properties: Properties, prop: PropertyId) -> bool:
 
 def check_properties(properties: Properties, context: Context) -> None:
     """Apply the rules on property values that hold whichever side encoded them."""
+    if properties is NO_PROPERTIES:
+        return  # the common case on the hot path: nothing to check
     allowed = ALLOWED[context]
     for prop in FIELDS:
         if _present(properties, prop) and prop not in allowed:
@@ -242,7 +244,10 @@ def _read_value(reader: Reader, prop: PropertyId, data_type: DataType) -> Any:
 
 def decode_properties(reader: Reader, context: Context) -> Properties:
     """Read a property length and that many bytes of properties."""
-    block = reader.sub(reader.varint())
+    length = reader.varint()
+    if length == 0:
+        return NO_PROPERTIES
+    block = reader.sub(length)
     values: dict[str, Any] = {}
     repeated: dict[str, list[Any]] = {"user_properties": [], "subscription_identifiers": []}
     while block.remaining:
@@ -292,6 +297,8 @@ def _write_value(data_type: DataType, value: Any) -> bytes:
 
 def encode_properties(properties: Properties) -> bytes:
     """Property length and properties, in identifier order; call :func:`check_properties` first."""
+    if properties is NO_PROPERTIES:
+        return b"\x00"
     out = bytearray()
     for prop, (field, data_type) in FIELDS.items():
         value = getattr(properties, field)
