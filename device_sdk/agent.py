@@ -114,7 +114,7 @@ def run_agent(
     def on_command(message: Message) -> None:
         log.info("command received", extra={"topic": message.topic, "bytes": len(message.payload)})
 
-    with client.start():
+    with client:
         client.subscribe(f"devices/{config.device_id}/commands/#", on_command)
         while not stop.is_set() and (count is None or sent < count):
             payload = {"seq": sent, "uptime_s": round(time.monotonic() - started, 3)}
