@@ -9,11 +9,9 @@ one subscriber becomes one TLS write).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import ipaddress
 import logging
-import signal
 import socket
 from dataclasses import dataclass
 
@@ -39,6 +37,7 @@ from enrollment.ca import ensure_server_certificate
 from enrollment.config import Config
 from enrollment.errors import ConfigError, InvalidDeviceId
 from enrollment.ids import validate_id
+from enrollment.lifecycle import run_until_signalled
 from enrollment.registry import AuditRecord, DeviceChange, DeviceState, Registry
 from enrollment.tls import serve_tls
 
@@ -378,12 +377,4 @@ def _check_settings(config: Config) -> None:
 
 async def run_forever(config: Config) -> None:
     """Serve until SIGINT or SIGTERM."""
-    broker = Broker(config)
-    await broker.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await broker.stop()
+    await run_until_signalled(Broker(config))

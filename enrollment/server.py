@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import signal
 
 from aiohttp import web
 
@@ -19,6 +17,7 @@ from enrollment.ca import (
 from enrollment.config import Config
 from enrollment.errors import CAPassphraseError
 from enrollment.est import ESTApp
+from enrollment.lifecycle import run_until_signalled
 from enrollment.registry import AuditRecord, Registry
 from enrollment.service import EnrollmentService
 from enrollment.tls import serve_tls, server_context
@@ -103,12 +102,4 @@ class EnrollmentServer:
 
 async def run_forever(config: Config) -> None:
     """Serve until SIGINT or SIGTERM."""
-    server = EnrollmentServer(config)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
+    await run_until_signalled(EnrollmentServer(config))
