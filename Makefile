@@ -3,7 +3,7 @@
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: bootstrap bootstrap-test demo test lint typecheck unit bench-enroll bench-chacha clean
+.PHONY: bootstrap bootstrap-test demo test lint typecheck unit bench-enroll bench-chacha bench-broker clean
 
 # `make demo` needs the runtime packages; tests and benchmarks also need the real peers.
 bootstrap:
@@ -37,3 +37,8 @@ clean:
 # Device SDK TLS 1.3 bulk throughput, ChaCha20 vs AES-GCM policy, with AES-NI masked and natively.
 bench-chacha: bootstrap-test
 	$(VENV)/python scripts/bench_chacha.py
+
+# fleetgate's MQTT broker beside Debian's Mosquitto, same certificates and load generator:
+# mTLS connects/s, QoS 0/1 fan-in, memory per idle connection, revoke -> kick latency.
+bench-broker: bootstrap-test
+	$(VENV)/python scripts/bench_broker.py
