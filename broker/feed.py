@@ -20,6 +20,10 @@ from enrollment.registry import DeviceChange, DeviceState, Registry
 log = logging.getLogger("fleetgate.broker.feed")
 
 CHANGES_PER_POLL = 1000
+REREAD = 32
+"""How many ids behind the cursor each poll reads again. PostgreSQL hands out ids before commit,
+so two concurrent revocations may commit in the opposite order; a change whose id is below the
+cursor when it becomes visible is still read, and ids already seen are skipped."""
 
 
 class RevocationFeed:
@@ -38,13 +42,19 @@ class RevocationFeed:
         self._interval = interval
         self._on_change = on_change
         self._latest: dict[str, tuple[int, DeviceState]] = {}
+        self._seen: set[int] = set()
         self.cursor = 0
         self.last_read = 0.0
 
     async def start(self) -> None:
         """Begin after the changes already committed: admission covers those."""
         self.cursor = await asyncio.to_thread(self._registry.last_change_id)
+        already = await asyncio.to_thread(self._registry.changes_since, self._floor())
+        self._seen = {change.id for change in already if change.id is not None}
         self.last_read = asyncio.get_running_loop().time()
+
+    def _floor(self) -> int:
+        return max(0, self.cursor - REREAD)
 
     async def run(self) -> None:
         """Poll until cancelled; a failed poll is counted and retried at the next interval."""
@@ -52,7 +62,7 @@ class RevocationFeed:
         while True:
             try:
                 changes = await asyncio.to_thread(
-                    self._registry.changes_since, self.cursor, limit=CHANGES_PER_POLL
+                    self._registry.changes_since, self._floor(), limit=CHANGES_PER_POLL
                 )
             except SQLAlchemyError:
                 self._metrics.feed_errors += 1
@@ -60,11 +70,14 @@ class RevocationFeed:
                 changes = []
             else:
                 self.last_read = loop.time()
-            for change in changes:
+            fresh = [c for c in changes if c.id is not None and c.id not in self._seen]
+            for change in fresh:
                 assert change.id is not None
+                self._seen.add(change.id)
                 self._latest[change.device_id] = (change.id, change.state)
-                self.cursor = change.id
+                self.cursor = max(self.cursor, change.id)
                 self._on_change(change)
+            self._seen = {i for i in self._seen if i > self._floor()}
             if len(changes) < CHANGES_PER_POLL:
                 await asyncio.sleep(self._interval)
 

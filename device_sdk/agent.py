@@ -24,15 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
 from device_sdk.ciphers import CipherPolicy
 from device_sdk.client import DeviceClient, Message, MqttVersion
 from device_sdk.errors import DeviceSdkError, KeyStoreError
-from device_sdk.keystore import FileKeyStore
+from device_sdk.keystore import FileKeyStore, device_id_of
 
 log = logging.getLogger("fleetgate.agent")
-DEVICE_URI_PREFIX = "urn:fleetgate:device:"
 
 
 class AgentConfigError(DeviceSdkError):
@@ -48,19 +45,6 @@ class AgentConfig:
     interval_s: float = 5.0
     cipher_policy: CipherPolicy = "auto"
     mqtt_version: MqttVersion = "5"
-
-
-def device_id_of(cert: x509.Certificate) -> str:
-    """The device id a fleetgate device certificate names (its ``urn:fleetgate:device:`` SAN)."""
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        sans = None
-    uris = sans.get_values_for_type(x509.UniformResourceIdentifier) if sans else []
-    ids = [u[len(DEVICE_URI_PREFIX) :] for u in uris if u.startswith(DEVICE_URI_PREFIX)]
-    if len(ids) != 1:
-        raise AgentConfigError("the device certificate names no single fleetgate device id")
-    return ids[0]
 
 
 def load_agent_config(store: FileKeyStore) -> AgentConfig:
@@ -125,4 +109,4 @@ def run_agent(
     return sent
 
 
-__all__ = ["AgentConfig", "AgentConfigError", "device_id_of", "load_agent_config", "run_agent"]
+__all__ = ["AgentConfig", "AgentConfigError", "load_agent_config", "run_agent"]

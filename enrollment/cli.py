@@ -85,6 +85,7 @@ def _service(config: Config) -> EnrollmentService:
         registry.audit(
             AuditRecord(_actor(), "ca.unlock", "refused", None, f"{exc.code}: {exc.message}")
         )
+        exc.audited = True
         raise
     return EnrollmentService(ca, registry)
 
@@ -498,11 +499,25 @@ def sim(
     typer.echo(report.to_json() if as_json else report.to_text())
 
 
+def _command_words(argv: list[str]) -> list[str]:
+    """The command path (e.g. ["device", "revoke"]), skipping global options and their values."""
+    words: list[str] = []
+    skip_next = False
+    for word in argv:
+        if skip_next:
+            skip_next = False
+        elif word == "--home":
+            skip_next = True
+        elif not word.startswith("-"):
+            words.append(word)
+    return words[:2]
+
+
 def _audit_cli_refusal(exc: FleetgateError) -> None:
     """Record a refused admin command, if there is a registry to record it in."""
     if exc.audited:
         return
-    words = [w for w in sys.argv[1:] if not w.startswith("-")][:2]
+    words = _command_words(sys.argv[1:])
     try:
         config = _config()
         if not ca_module.is_initialised(config):

@@ -122,6 +122,7 @@ class EnrollmentService:
             peer = self._identify(device_cert, expected_kind="device")
             actor = peer.actor  # refusals below are audited under the verified identity
             subject = peer.id if peer.kind == "device" else None
+            jsonlog.device_id.set(subject)
             device = self._admit(peer, expected_kind="device")
             checked = check_device_csr(decode_est_body(body))
             if checked.device_id != device.id:

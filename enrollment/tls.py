@@ -54,6 +54,8 @@ def describe_handshake_error(exc: BaseException) -> str:
         return f"TLS handshake failed: {reason}"
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "TLS handshake timed out"
+    if isinstance(exc, ConnectionError) or not str(exc):
+        return "connection closed before the TLS handshake finished (a port probe or health check?)"
     return f"TLS handshake failed: {exc}"
 
 

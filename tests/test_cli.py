@@ -680,3 +680,10 @@ def test_the_enrollment_service_audits_a_wrong_passphrase_and_does_not_start(fle
     with _open_registry(fleet.home) as registry:
         last = registry.audit_events()[-1]
     assert (last.actor, last.action, last.outcome) == ("service:enrollment", "ca.unlock", "refused")
+
+
+def test_the_audited_command_path_skips_the_home_option_and_its_value():
+    from enrollment.cli import _command_words
+
+    assert _command_words(["--home", "/x", "device", "show", "nosuch"]) == ["device", "show"]
+    assert _command_words(["batch", "add", "--group", "g", "s1", "d1"]) == ["batch", "add"]

@@ -187,6 +187,12 @@ class Registry:
             with conn.begin():
                 yield conn
 
+    @contextmanager
+    def _read_session(self) -> Iterator[Session]:
+        """An ORM session over a read-only transaction (deferred on SQLite: no write lock)."""
+        with self._read() as conn, Session(bind=conn, expire_on_commit=False) as session:
+            yield session
+
     # -- audit -----------------------------------------------------------------------------
 
     def audit(self, record: AuditRecord, session: Session | None = None) -> None:
@@ -199,7 +205,7 @@ class Registry:
             conn.execute(sql.INSERT_AUDIT, _audit_values(record))
 
     def audit_events(self, *, subject: str | None = None, limit: int = 100) -> list[AuditEvent]:
-        with self.transaction() as s:
+        with self._read_session() as s:
             query = select(AuditEvent).order_by(col(AuditEvent.id).desc()).limit(limit)
             if subject is not None:
                 query = query.where(AuditEvent.subject == subject)
@@ -224,14 +230,14 @@ class Registry:
             self.audit(AuditRecord(actor, "station.add", "ok", subject=station_id), s)
 
     def station(self, station_id: str) -> Station:
-        with self.transaction() as s:
+        with self._read_session() as s:
             row = s.get(Station, station_id)
             if row is None:
                 raise NotFound(f"no station {station_id!r}: add it with `fleetgate station add`")
             return row
 
     def stations(self) -> list[Station]:
-        with self.transaction() as s:
+        with self._read_session() as s:
             return list(s.exec(select(Station).order_by(Station.id)).all())
 
     def revoke_station(self, station_id: str, reason: str, actor: str) -> None:
@@ -370,21 +376,21 @@ class Registry:
     # -- devices ---------------------------------------------------------------------------
 
     def device(self, device_id: str) -> Device:
-        with self.transaction() as s:
+        with self._read_session() as s:
             row = s.get(Device, device_id)
             if row is None:
                 raise NotFound(f"no device {device_id!r} in the registry")
             return row
 
     def devices(self, *, state: DeviceState | None = None) -> list[Device]:
-        with self.transaction() as s:
+        with self._read_session() as s:
             query = select(Device).order_by(Device.id)
             if state is not None:
                 query = query.where(Device.state == state)
             return list(s.exec(query).all())
 
     def certificates_of(self, kind: SubjectKind, subject_id: str) -> list[Certificate]:
-        with self.transaction() as s:
+        with self._read_session() as s:
             query = (
                 select(Certificate)
                 .where(Certificate.subject_kind == kind, Certificate.subject_id == subject_id)
@@ -393,7 +399,7 @@ class Registry:
             return list(s.exec(query).all())
 
     def certificate(self, serial: int) -> Certificate | None:
-        with self.transaction() as s:
+        with self._read_session() as s:
             return s.get(Certificate, serial_hex(serial))
 
     def change_device_state(
@@ -448,7 +454,7 @@ class Registry:
 
     def admission(self, device_id: str, serial: int) -> Admission:
         """May ``device_id`` connect with the certificate ``serial``? Only its active one may."""
-        with self.transaction() as s:
+        with self._read_session() as s:
             device = s.get(Device, device_id)
             if device is None:
                 return Admission(False, f"device {device_id} is not in the registry")
@@ -478,7 +484,7 @@ class Registry:
 
     def changes_since(self, after_id: int, *, limit: int = 1000) -> list[DeviceChange]:
         """Device state changes committed after ``after_id``, oldest first."""
-        with self.transaction() as s:
+        with self._read_session() as s:
             query = (
                 select(DeviceChange)
                 .where(col(DeviceChange.id) > after_id)
@@ -488,13 +494,13 @@ class Registry:
             return list(s.exec(query).all())
 
     def last_change_id(self) -> int:
-        with self.transaction() as s:
+        with self._read_session() as s:
             latest = s.exec(select(DeviceChange.id).order_by(col(DeviceChange.id).desc())).first()
             return latest or 0
 
     def acl_patterns(self, group: str) -> AclPatterns | None:
         """The group's stored ACL template, or None when it has none (the broker's default)."""
-        with self.transaction() as s:
+        with self._read_session() as s:
             rows = s.exec(select(AclRule).where(AclRule.group == group)).all()
         if not rows:
             return None
@@ -521,7 +527,7 @@ class Registry:
     def crl_entries(self) -> list[tuple[str, dt.datetime, str]]:
         """(serial hex, revocation time, reason) of every revoked or on-hold, unexpired cert."""
         now = utcnow()
-        with self.transaction() as s:
+        with self._read_session() as s:
             rows = s.exec(
                 select(Certificate).where(
                     col(Certificate.status).in_([CertStatus.REVOKED, CertStatus.ON_HOLD])
