@@ -32,6 +32,7 @@ from broker.mqtt import (
     PubAck,
     PubComp,
     Publish,
+    PublishResponse,
     PubRec,
     PubRel,
     QoS,
@@ -556,7 +557,7 @@ class Connection:
     def _write_publish(self, packet: Publish, packet_id: int | None) -> bool:
         """False if the packet exceeds the client's Maximum Packet Size: it is then dropped, as
         if delivered (MQTT-3.1.2-25)."""
-        data = encode(packet, self.level)
+        data = encode(packet, self.level, validate=False)  # built from a validated message
         if self.max_send_size is not None and len(data) > self.max_send_size:
             self.core.metrics.dropped["too_large"] += 1
             if packet_id is not None and self.session is not None:
@@ -567,7 +568,8 @@ class Connection:
         return True
 
     def _write(self, packet: Packet) -> None:
-        self._emit(encode(packet, self.level))
+        # Acknowledgements are the per-message hot path and carry nothing but checked ids/codes.
+        self._emit(encode(packet, self.level, validate=not isinstance(packet, PublishResponse)))
 
     def _emit(self, data: bytes) -> None:
         self._out.append(data)

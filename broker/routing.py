@@ -73,14 +73,21 @@ def _prune(path: list[_Node[_T]], levels: list[str], empty: bool) -> None:
         empty = path[depth - 1].value is None
 
 
+MATCH_CACHE_TOPICS = 65536
+
+
 class SubscriptionTree:
     """Subscriptions of every session, keyed by topic filter levels."""
 
     def __init__(self) -> None:
         self._root: _Node[dict[str, SubscriptionOptions]] = _Node()
+        # Devices publish to the same few topics over and over: remember each topic's matches
+        # until the subscriptions change.
+        self._matches: dict[str, list[tuple[str, SubscriptionOptions]]] = {}
 
     def add(self, topic_filter: str, client_id: str, options: SubscriptionOptions) -> bool:
         """Subscribe (or replace the options of) ``client_id``; True if the filter is new to it."""
+        self._matches.clear()
         node = self._root
         for level in topic_filter.split("/"):
             node = node.children.setdefault(level, _Node())
@@ -92,6 +99,7 @@ class SubscriptionTree:
 
     def remove(self, topic_filter: str, client_id: str) -> bool:
         """Unsubscribe; False if ``client_id`` had no such subscription."""
+        self._matches.clear()
         levels = topic_filter.split("/")
         path = _path(self._root, levels)
         if path is None or path[-1].value is None or client_id not in path[-1].value:
@@ -103,8 +111,16 @@ class SubscriptionTree:
             _prune(path, levels, empty=True)
         return True
 
-    def match(self, topic: str) -> Iterator[tuple[str, SubscriptionOptions]]:
+    def match(self, topic: str) -> list[tuple[str, SubscriptionOptions]]:
         """Every (client id, options) whose filter matches the topic name."""
+        found = self._matches.get(topic)
+        if found is None:
+            if len(self._matches) >= MATCH_CACHE_TOPICS:
+                self._matches.clear()
+            found = self._matches[topic] = list(self._walk(topic))
+        return found
+
+    def _walk(self, topic: str) -> Iterator[tuple[str, SubscriptionOptions]]:
         levels = topic.split("/")
         dollar = topic.startswith("$")
         stack: list[tuple[_Node[dict[str, SubscriptionOptions]], int]] = [(self._root, 0)]

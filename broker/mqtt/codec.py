@@ -421,16 +421,23 @@ def _encode_body(packet: Packet, level: ProtocolLevel) -> tuple[int, bytes]:
             return 0, b""
 
 
-def encode(packet: Packet, protocol_level: int) -> bytes:
+def encode(packet: Packet, protocol_level: int, *, validate: bool = True) -> bytes:
     """The packet's bytes for MQTT 3.1.1 (level 4) or 5.0 (level 5).
 
     Raises :class:`ValueError` for a packet the spec forbids or that the level cannot express.
+    ``validate=False`` skips those rules for a packet built only from values this side already
+    validated (a broker forwarding a decoded PUBLISH, an acknowledgement): the hot path.
     """
-    level = ProtocolLevel(protocol_level)
-    try:
-        _check(packet, level)
-    except ProtocolError as exc:
-        raise ValueError(f"cannot encode {type(packet).__name__}: {exc.message}") from exc
+    level = (
+        protocol_level
+        if isinstance(protocol_level, ProtocolLevel)
+        else ProtocolLevel(protocol_level)
+    )
+    if validate:
+        try:
+            _check(packet, level)
+        except ProtocolError as exc:
+            raise ValueError(f"cannot encode {type(packet).__name__}: {exc.message}") from exc
     flags, body = _encode_body(packet, level)
     if len(body) > MAX_VARINT:
         raise ValueError(f"{type(packet).__name__} of {len(body)} bytes is too large for MQTT")
