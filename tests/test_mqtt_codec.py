@@ -7,6 +7,7 @@ produced by the encoder under test, and paho-mqtt serves as an independent imple
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import select
 import socket
@@ -1627,3 +1628,25 @@ def test_replace_keeps_packets_immutable_values() -> None:
         packet.topic = "b"
     assert replace(packet, topic="b") == Publish(topic="b", payload=b"1")
     assert hash(packet) == hash(Publish(topic="a", payload=b"1"))
+
+
+@pytest.mark.parametrize("level", [4, 5])
+@pytest.mark.parametrize(
+    "packet",
+    [
+        Publish(topic="devices/d1/telemetry", payload=b"21.5"),
+        Publish(topic="a/b", payload=b"x" * 300, qos=QoS.AT_LEAST_ONCE, packet_id=7, retain=True),
+        Publish(topic="ü/ñ", payload=b"", qos=QoS.EXACTLY_ONCE, packet_id=65535, dup=True),
+        Publish(
+            topic="devices/d1/telemetry",
+            payload=b"{}",
+            qos=QoS.AT_LEAST_ONCE,
+            packet_id=1,
+            properties=Properties(message_expiry_interval=30, subscription_identifiers=(5,)),
+        ),
+    ],
+)
+def test_the_trusted_publish_fast_path_writes_the_same_bytes(packet, level) -> None:
+    if level == 4 and packet.properties != NO_PROPERTIES:
+        packet = dataclasses.replace(packet, properties=NO_PROPERTIES)
+    assert encode(packet, level, validate=False) == encode(packet, level)

@@ -75,6 +75,9 @@ _V5 = ProtocolLevel.MQTT_5
 _R = ReasonCode
 _FLAGS_0010 = frozenset({PacketType.PUBREL, PacketType.SUBSCRIBE, PacketType.UNSUBSCRIBE})
 _LEVELS = frozenset(ProtocolLevel)
+# Enum construction by value costs about a microsecond; the decoder's hot path indexes instead.
+_PACKET_TYPES = {int(t): t for t in PacketType}
+_QOS_BY_VALUE = (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE, QoS.EXACTLY_ONCE)
 _RESPONSES: dict[PacketType, type[PubAck] | type[PubRec] | type[PubRel] | type[PubComp]] = {
     PacketType.PUBACK: PubAck,
     PacketType.PUBREC: PubRec,
@@ -444,6 +447,20 @@ def encode(packet: Packet, protocol_level: int, *, validate: bool = True) -> byt
     return bytes([packet.packet_type << 4 | flags]) + write_varint(len(body)) + body
 
 
+def _encode_trusted_publish(packet: Publish, level: ProtocolLevel) -> bytes:
+    """PUBLISH bytes straight from already-validated fields: the broker's per-delivery path."""
+    topic = packet.topic.encode()
+    body = bytearray(len(topic).to_bytes(2, "big"))
+    body += topic
+    if packet.packet_id is not None:
+        body += packet.packet_id.to_bytes(2, "big")
+    if level is _V5:
+        body += _properties_bytes(packet.properties, level)
+    body += packet.payload
+    first = 0x30 | (8 if packet.dup else 0) | packet.qos << 1 | (1 if packet.retain else 0)
+    return bytes((first,)) + write_varint(len(body)) + body
+
+
 # --- decoding ---------------------------------------------------------------------------------
 
 
@@ -515,7 +532,7 @@ def _decode_connack(reader: Reader, level: ProtocolLevel) -> ConnAck:
 
 
 def _decode_publish(reader: Reader, flags: int, level: ProtocolLevel) -> Publish:
-    qos = QoS(flags >> 1 & 3)
+    qos = _QOS_BY_VALUE[flags >> 1 & 3]  # 3 was refused with the first byte
     topic = reader.utf8()
     packet_id = reader.uint16() if qos else None
     properties = _read_properties(reader, PacketType.PUBLISH, level)
@@ -689,7 +706,7 @@ class Decoder:
         code, flags = first >> 4, first & 0x0F
         if code == 0 or (code == PacketType.AUTH and self._level is _V3):
             raise malformed(f"reserved packet type {code}")
-        packet_type = PacketType(code)
+        packet_type = _PACKET_TYPES[code]
         if self._expect_connect and packet_type is not PacketType.CONNECT:
             raise _protocol_error(f"the first packet must be CONNECT, not {packet_type.name}")
         if not self._expect_connect and packet_type is PacketType.CONNECT:
