@@ -50,11 +50,12 @@ class Reader:
         return self._end - self._pos
 
     def take(self, count: int) -> bytes:
-        if count > self.remaining:
+        start = self._pos
+        end = start + count
+        if end > self._end:
             raise malformed("packet ends inside a field")
-        chunk = self._data[self._pos : self._pos + count]
-        self._pos += count
-        return chunk
+        self._pos = end
+        return self._data[start:end]
 
     def rest(self) -> bytes:
         return self.take(self.remaining)
@@ -72,10 +73,18 @@ class Reader:
             raise malformed(f"{self.remaining} byte(s) left over after the last field")
 
     def byte(self) -> int:
-        return self.take(1)[0]
+        pos = self._pos
+        if pos >= self._end:
+            raise malformed("packet ends inside a field")
+        self._pos = pos + 1
+        return self._data[pos]
 
     def uint16(self) -> int:
-        return int.from_bytes(self.take(2), "big")
+        pos = self._pos
+        if pos + 2 > self._end:
+            raise malformed("packet ends inside a field")
+        self._pos = pos + 2
+        return self._data[pos] << 8 | self._data[pos + 1]
 
     def uint32(self) -> int:
         return int.from_bytes(self.take(4), "big")
