@@ -10,6 +10,7 @@ say to run `make test`, which installs them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import itertools
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from postgres_server import PostgresServer, PostgresUnavailable, postgres_server
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from device_sdk.est import device_csr
 from enrollment.ca import init_ca, load_ca
@@ -383,3 +384,41 @@ def _self_signed(key: ec.EllipticCurvePrivateKey, serial: int) -> x509.Certifica
         .not_valid_after(now + dt.timedelta(days=1))
         .sign(key, hashes.SHA256())
     )
+
+
+def test_the_revocation_feed_sees_a_change_that_commits_after_a_later_id(
+    registry: Registry,
+) -> None:
+    """PostgreSQL hands out ids before commit: id N can become visible after id N+1 did. A
+    broker's feed must still report it (else that device's live session would never be kicked)."""
+    from broker.feed import RevocationFeed
+    from broker.metrics import Metrics
+    from enrollment.registry import DeviceChange
+
+    seen: list[str] = []
+
+    async def scenario() -> None:
+        feed = RevocationFeed(
+            registry, Metrics(), interval=0.01, on_change=lambda c: seen.append(c.device_id)
+        )
+        await feed.start()
+        task = asyncio.create_task(feed.run())
+        with Session(registry.engine) as slow:  # takes the lower id, commits last
+            slow.add(DeviceChange(device_id="slow", state=DeviceState.REVOKED))
+            slow.flush()
+            with Session(registry.engine) as fast:
+                fast.add(DeviceChange(device_id="fast", state=DeviceState.REVOKED))
+                fast.commit()
+            for _ in range(200):
+                if "fast" in seen:
+                    break
+                await asyncio.sleep(0.01)
+            slow.commit()
+        for _ in range(200):
+            if "slow" in seen:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert seen == ["fast", "slow"]
