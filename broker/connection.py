@@ -193,16 +193,21 @@ class Connection:
         self._disconnect(_R.SESSION_TAKEN_OVER, "session taken over", now, publish_will=True)
 
     def kick(self, state: DeviceState, reason: str, now: float) -> bool:
-        """The device was revoked or suspended: close without its will; True if it was open."""
-        if self.state is State.CLOSED:
+        """The device was revoked or suspended: close its session without its will.
+
+        Only a connected session is kicked; True if it was. A connection still before its
+        CONNACK is left to admission, which reads the new state (or, if it read the registry
+        just before the change, is stopped by the feed's ``barred_since``), so the client is
+        told why with a refusing CONNACK instead of losing the connection unexplained.
+        """
+        if self.state is not State.CONNECTED:
             return False
-        if self.state is State.CONNECTED:
-            self.core.audit(
-                AuditRecord(
-                    self._actor(), "mqtt.kick", "ok", self.device_id, f"device {state}: {reason}"
-                )
+        self.core.audit(
+            AuditRecord(
+                self._actor(), "mqtt.kick", "ok", self.device_id, f"device {state}: {reason}"
             )
-            self.core.metrics.kicks[state.value] += 1
+        )
+        self.core.metrics.kicks[state.value] += 1
         self._disconnect(_R.ADMINISTRATIVE_ACTION, f"device {state}", now, publish_will=False)
         return True
 
