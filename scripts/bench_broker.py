@@ -66,7 +66,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import ssl
 import struct
 import subprocess
@@ -81,6 +80,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchlib import cpu_seconds, free_port, percentile
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
@@ -117,7 +117,6 @@ HOST = "127.0.0.1"
 SERVER_NAME = "localhost"
 BROKER_CORE = 0
 GENERATOR_CORE = 1
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 MQTT5 = 5
 IDLE_KEEP_ALIVE = 3600
 GENERATOR_TLS_BUFFER = 16 * 1024  # one TLS record; asyncio's default is 256 KiB per connection
@@ -259,25 +258,6 @@ class BrokerProcess:
         return self.proc.pid
 
 
-_TAKEN: set[int] = set()
-
-
-def free_port(low: int = 20000, high: int = 32767) -> int:
-    """A free loopback port below the ephemeral range (the generator's 10,000s of client
-    connections take their ports from 32768 up), not handed out before in this run."""
-    for port in random.sample(range(low, high + 1), 200):
-        if port in _TAKEN:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind((HOST, port))
-            except OSError:
-                continue
-            _TAKEN.add(port)
-            return port
-    raise RuntimeError(f"no free port in {low}-{high}")
-
-
 def raise_nofile() -> None:
     """Soft RLIMIT_NOFILE up to the hard limit (the generator, and each broker via preexec)."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -394,12 +374,6 @@ def stop_broker(broker: BrokerProcess) -> None:
         print(f"warning: {broker.name} ignored SIGTERM for 15 s; killing it", file=sys.stderr)
         broker.proc.kill()
         broker.proc.wait()
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def rss_kib(pid: int) -> int:
@@ -1184,13 +1158,6 @@ async def exercise(broker: BrokerProcess, fleet: Fleet, args: argparse.Namespace
 
 
 # -- report ---------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def ratio(a: float | None, b: float | None) -> float:

@@ -18,7 +18,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import random
 import shutil
 import socket
 import ssl
@@ -29,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import free_port
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sdk import FileKeyStore, device_context
@@ -127,18 +127,6 @@ def send(directory: Path, port: int, policy: str, mib: int) -> None:
         seconds = time.perf_counter() - start
         cipher = tls.cipher()
         print(json.dumps({"cipher": cipher[0] if cipher else "", "mb_s": total / seconds / 1e6}))
-
-
-def free_port() -> int:
-    for _ in range(200):
-        port = random.randint(20000, 32767)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free loopback port between 20000 and 32767")
 
 
 def pinned(core: int) -> list[str]:

@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchlib import cpu_seconds, free_port, percentile
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -54,7 +55,6 @@ STATION = "bench"
 ENROLL_PATH = "/.well-known/est/simpleenroll"
 SERVER_CORE = 0
 GENERATOR_CORE = 1
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOST = "127.0.0.1"
 SERVER_NAME = "localhost"  # in the server certificate's SAN (enrollment.server_names)
 
@@ -166,20 +166,6 @@ def pregenerate(device_ids: list[str]) -> list[Enrollment]:
 
 
 # -- the server process ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def start_server(
@@ -396,13 +382,6 @@ def check_certificates(
         if cert.public_key().public_bytes(*raw) != item.key.public_key().public_bytes(*raw):
             problems.append(f"{item.device_id}: certificate key differs from the CSR key")
     return problems
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def print_profile(path: Path, top: int) -> None:

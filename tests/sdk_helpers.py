@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from broker_helpers import free_port
 from conftest import Fleet, RunningServer
 from cryptography import x509
 
@@ -31,19 +30,6 @@ from device_sdk import Backoff, DeviceClient, FileKeyStore, Message
 
 MASK_AES_NI = "~0x200000200000000:~0x0"  # AES-NI and PCLMUL off, nothing else (NOTES §5)
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """A free TCP port on loopback below 32768, outside Linux's ephemeral range."""
-    for _ in range(200):
-        port = random.randint(20000, 32767)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free loopback port between 20000 and 32767")
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -1,0 +1,44 @@
+"""What the benchmark scripts share: free loopback ports, process CPU time, percentiles."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+from pathlib import Path
+
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+_TAKEN: set[int] = set()
+
+
+def free_port(low: int = 20000, high: int = 32767) -> int:
+    """A free loopback port below the ephemeral range (a load generator's many client
+    connections take their ports from 32768 up), not handed out before in this run."""
+    for port in random.sample(range(low, high + 1), 200):
+        if port in _TAKEN:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            _TAKEN.add(port)
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile by rank; NaN when there are no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
