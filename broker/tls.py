@@ -20,9 +20,9 @@ OP_PRIORITIZE_CHACHA = 0x00200000
 picks ChaCha20-Poly1305 when the client lists it first (a client without AES instructions)."""
 
 TLS_READ_BUFFER = 4 * 1024
-"""asyncio allocates 256 KiB per TLS connection for reads; device packets are small, and at
-4 KiB an idle mutual-TLS connection measured 62 KiB of broker RSS instead of 73 KiB at 16 KiB
-(1,000 connections)."""
+"""asyncio allocates 256 KiB per TLS connection for reads; device packets are small. Sized at
+the listener (``serve_tls(read_buffer_size=...)``), an idle mutual-TLS connection measured
+48-50 KiB of broker RSS in ``make bench-broker`` (5,000 and 1,000 connections)."""
 
 _HANDSHAKE_LABELS = (
     ("no certificate", "no_client_certificate"),
