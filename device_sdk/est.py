@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import ssl
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -87,11 +89,34 @@ class EstClient:
     def simplereenroll(self, csr: x509.CertificateSigningRequest) -> x509.Certificate:
         return _certificates(self._request("POST", "simplereenroll", csr))[0]
 
+    def attestation_json(self, operation: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """A fleetgate attestation step (``fleetgate/tpm/challenge``): JSON in, JSON out."""
+        answer = json.loads(self._post_json(operation, payload))
+        if not isinstance(answer, dict):
+            raise EstError(200, f"{operation} answered {type(answer).__name__}, not an object")
+        return answer
+
+    def attested_enroll(self, operation: str, payload: dict[str, Any]) -> x509.Certificate:
+        """An attested enrollment (``fleetgate/tpm/enroll``, ``fleetgate/piv/enroll``).
+
+        The answer is the same certs-only PKCS#7 as ``simpleenroll``.
+        """
+        return _certificates(self._post_json(operation, payload))[0]
+
+    def _post_json(self, operation: str, payload: dict[str, Any]) -> bytes:
+        body = json.dumps(payload).encode()
+        return self._send("POST", operation, body, {"Content-Type": "application/json"})
+
     def _request(
         self, method: str, operation: str, csr: x509.CertificateSigningRequest | None = None
     ) -> bytes:
         body = base64.encodebytes(csr.public_bytes(Encoding.DER)) if csr is not None else None
         headers = {"Content-Type": "application/pkcs10"} if body is not None else {}
+        return self._send(method, operation, body, headers)
+
+    def _send(
+        self, method: str, operation: str, body: bytes | None, headers: dict[str, str]
+    ) -> bytes:
         try:
             self._conn.request(method, f"{EST_PREFIX}/{operation}", body=body, headers=headers)
             response = self._conn.getresponse()

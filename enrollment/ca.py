@@ -11,6 +11,7 @@ the issuing key. File layout under ``<home>/ca``::
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,7 @@ class CertificateAuthority:
         public_key: ec.EllipticCurvePublicKey,
         validity: dt.timedelta,
         now: dt.datetime | None = None,
+        policies: Sequence[x509.ObjectIdentifier] = (),
     ) -> x509.Certificate:
         return profiles.build_certificate(
             profile,
@@ -113,6 +115,7 @@ class CertificateAuthority:
             validity=validity,
             now=now or dt.datetime.now(dt.UTC),
             pointers=self.pointers(),
+            policies=policies,
         )
 
 

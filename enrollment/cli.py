@@ -46,6 +46,7 @@ batch_app = typer.Typer(no_args_is_help=True, help="Device ids a station may enr
 device_app = typer.Typer(no_args_is_help=True, help="Enrolled devices: inspect, suspend, revoke.")
 crl_app = typer.Typer(no_args_is_help=True, help="Certificate revocation lists.")
 acl_app = typer.Typer(no_args_is_help=True, help="Per-group topic ACL templates (%d = device id).")
+group_app = typer.Typer(no_args_is_help=True, help="Device groups' key-protection policy.")
 serve_app = typer.Typer(no_args_is_help=True, help="Run fleetgate services.")
 app.add_typer(ca_app, name="ca")
 app.add_typer(station_app, name="station")
@@ -53,6 +54,7 @@ app.add_typer(batch_app, name="batch")
 app.add_typer(device_app, name="device")
 app.add_typer(crl_app, name="crl")
 app.add_typer(acl_app, name="acl")
+app.add_typer(group_app, name="group")
 app.add_typer(serve_app, name="serve")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -310,6 +312,9 @@ def device_show(device_id: str, as_json: JsonFlag = False) -> None:
         "group": device.group,
         "state": device.state.value,
         "station": device.station_id,
+        "key": device.key_protection,
+        "bound_to": device.hardware_binding or "-",
+        "evidence": device.attestation or "-",
     }
     if as_json:
         typer.echo(json.dumps({**info, "certificates": certs}, indent=2))
@@ -409,6 +414,31 @@ def acl_show(group: str, as_json: JsonFlag = False) -> None:
     rows += [
         {"group": group, "action": "subscribe", "pattern": p, "source": source}
         for p in template.subscribe
+    ]
+    _emit(rows, as_json)
+
+
+@group_app.command("require")
+def group_require(
+    group: str,
+    protection: Annotated[
+        str, typer.Argument(help="none, tpm, smartcard or any-hardware.", show_default=False)
+    ],
+) -> None:
+    """Require GROUP's devices to prove their key protection at enrollment and renewal."""
+    from enrollment.policy import parse_requirement
+
+    requirement = parse_requirement(protection)
+    _registry(_config()).set_group_policy(group, requirement.value, actor=_actor())
+    typer.echo(f"group {group} now requires key protection: {requirement}")
+
+
+@group_app.command("list")
+def group_list(as_json: JsonFlag = False) -> None:
+    """Groups with a key-protection policy (other groups accept any key)."""
+    rows = [
+        {"group": p.group, "requires": p.required_protection}
+        for p in _registry(_config()).group_policies()
     ]
     _emit(rows, as_json)
 

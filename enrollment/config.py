@@ -71,6 +71,62 @@ class BrokerSettings:
 
 
 @dataclass(frozen=True)
+class AttestationSettings:
+    """Hardware key attestation: whose TPMs and cards are trusted, and how long a nonce lives.
+
+    Each trust store is a directory of PEM certificates (relative paths are under the data
+    directory): the TPM manufacturers' EK-certificate CAs, and the card manufacturers'
+    attestation CAs. An empty or missing directory trusts no hardware of that kind.
+    """
+
+    tpm_manufacturer_cas: str = "trust/tpm-manufacturers"
+    card_manufacturer_cas: str = "trust/card-manufacturers"
+    challenge_ttl_s: int = 120
+
+
+@dataclass(frozen=True)
+class BridgeRule:
+    """One topic mapping of a bridge: ``local`` filter <-> ``remote`` filter; ``{site}`` in
+    either is the bridge's ``site``, and wildcards map to wildcards in order."""
+
+    local: str
+    remote: str
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    """One ``[[bridge]]``: store-and-forward to one upstream MQTT broker over mutual TLS 1.3.
+
+    ``keystore`` is a device-SDK key store directory (``device.key``, ``device.crt``,
+    ``ca.crt``) holding the bridge's client identity at the upstream; ``ca_file`` (default: the
+    key store's ``ca.crt``) verifies the upstream's server certificate for ``server_name``
+    (default: ``host``). Relative paths are under the data directory. Inbound messages are
+    published locally under the ACL template of ``local_group``, with ``%d`` = ``name``.
+    """
+
+    name: str
+    host: str
+    port: int = 8883
+    protocol: str = "5"
+    keystore: str = ""
+    ca_file: str = ""
+    server_name: str = ""
+    client_id: str = ""
+    site: str = ""
+    local_group: str = "bridges"
+    out: tuple[BridgeRule, ...] = ()
+    inbound: tuple[BridgeRule, ...] = ()
+    queue_max_messages: int = 100_000
+    queue_max_bytes: int = 64 * 1024 * 1024
+    max_inflight: int = 64
+    keepalive_s: int = 30
+    session_expiry_s: int = 86400
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    connect_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class DatabaseSettings:
     """The registry database; an empty URL means SQLite in the data directory."""
 
@@ -92,8 +148,10 @@ class Config:
     ca: CASettings = field(default_factory=CASettings)
     enrollment: EnrollmentSettings = field(default_factory=EnrollmentSettings)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
+    attestation: AttestationSettings = field(default_factory=AttestationSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    bridges: tuple[BridgeSettings, ...] = ()
 
     @property
     def ca_dir(self) -> Path:
@@ -106,6 +164,11 @@ class Config:
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
+
+    def data_path(self, setting: str) -> Path:
+        """A path setting resolved against the data directory unless it is absolute."""
+        path = Path(setting)
+        return path if path.is_absolute() else self.home / path
 
     @property
     def database_url(self) -> str:
@@ -131,6 +194,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "ca": CASettings,
     "enrollment": EnrollmentSettings,
     "broker": BrokerSettings,
+    "attestation": AttestationSettings,
     "database": DatabaseSettings,
     "log": LogSettings,
 }
@@ -151,15 +215,80 @@ def load_config(home: Path | None = None, environ: dict[str, str] | None = None)
             raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    unknown = set(raw) - set(_SECTIONS)
+    unknown = set(raw) - set(_SECTIONS) - {_BRIDGE_SECTION}
     if unknown:
         raise ConfigError(
-            f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(_SECTIONS)}"
+            f"{path}: unknown section(s) {sorted(unknown)}; "
+            f"known: {sorted([*_SECTIONS, _BRIDGE_SECTION])}"
         )
     sections = {
         name: _build_section(name, cls, raw.get(name, {}), env) for name, cls in _SECTIONS.items()
     }
-    return Config(home=home, **sections)
+    return Config(home=home, **sections, bridges=_build_bridges(raw.get(_BRIDGE_SECTION, [])))
+
+
+_BRIDGE_SECTION = "bridge"
+_BRIDGE_RULE_KEYS = {"out": "out", "in": "inbound"}  # TOML key -> BridgeSettings field
+
+
+def _build_bridges(tables: Any) -> tuple[BridgeSettings, ...]:
+    """``[[bridge]]`` tables, each with ``[[bridge.out]]`` / ``[[bridge.in]]`` rule tables.
+
+    Bridges are a list, so they take no ``FLEETGATE_*`` overrides; the topic rules themselves
+    are checked when the broker starts (:mod:`broker.bridge`).
+    """
+    if not isinstance(tables, list):
+        raise ConfigError("bridges are [[bridge]] tables (an array of tables), not [bridge]")
+    fields = {f.name: f for f in dataclasses.fields(BridgeSettings)}
+    scalar = {k: f for k, f in fields.items() if k not in _BRIDGE_RULE_KEYS.values()}
+    bridges: list[BridgeSettings] = []
+    for index, table in enumerate(tables):
+        where = f"[[bridge]] #{index + 1}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table of settings, not {table!r}")
+        if not isinstance(table.get("name"), str) or not table.get("name"):
+            raise ConfigError(f'{where} needs a name (name = "central")')
+        where = f"[[bridge]] {table['name']}"
+        known = set(scalar) | set(_BRIDGE_RULE_KEYS)
+        unknown = set(table) - known
+        if unknown:
+            raise ConfigError(
+                f"{where} has unknown key(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
+        values: dict[str, Any] = {}
+        for key, fld in scalar.items():
+            if key not in table:
+                continue
+            if fld.default is dataclasses.MISSING:  # name, host: text without a default
+                if not isinstance(table[key], str):
+                    raise ConfigError(f"{where} {key}: {table[key]!r} is not a valid str")
+                values[key] = table[key]
+            else:
+                values[key] = _coerce(f"{where} {key}", table[key], fld.default)
+        for toml_key, field_name in _BRIDGE_RULE_KEYS.items():
+            values[field_name] = _build_rules(f"{where} {toml_key}", table.get(toml_key, []))
+        if "host" not in values:
+            raise ConfigError(f"{where} needs the upstream broker's host")
+        bridges.append(BridgeSettings(**values))
+    names = [bridge.name for bridge in bridges]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"bridge names must be unique, got {names}")
+    return tuple(bridges)
+
+
+def _build_rules(where: str, tables: Any) -> tuple[BridgeRule, ...]:
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{where}: rules are tables with local and remote, e.g. [[bridge.out]]")
+    rules = []
+    for table in tables:
+        if set(table) != {"local", "remote"} or not all(
+            isinstance(v, str) and v for v in table.values()
+        ):
+            raise ConfigError(
+                f"{where}: each rule has exactly a local and a remote topic filter, not {table!r}"
+            )
+        rules.append(BridgeRule(local=table["local"], remote=table["remote"]))
+    return tuple(rules)
 
 
 def _build_section(name: str, cls: type[Any], table: Any, env: Any) -> Any:

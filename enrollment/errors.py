@@ -77,3 +77,24 @@ class InvalidStateChange(FleetgateError):
 
     code = "invalid_state"
     http_status = 409
+
+
+class AttestationRefused(FleetgateError):
+    """Hardware key attestation failed: the key is not proven to live in a trusted TPM or card."""
+
+    code = "attestation_refused"
+    http_status = 403
+
+
+class KeyProtectionRequired(FleetgateError):
+    """The device's group requires a stronger key protection than this enrollment proved."""
+
+    code = "key_protection_required"
+    http_status = 403
+
+
+class MalformedRequest(FleetgateError):
+    """A request body is not the JSON message the endpoint documents."""
+
+    code = "bad_request"
+    http_status = 400

@@ -12,6 +12,7 @@ import logging
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -40,6 +41,7 @@ CSR_ATTRS_DER = bytes.fromhex(
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 def _b64_response(der: bytes, content_type: str) -> web.Response:
@@ -84,6 +86,9 @@ class ESTApp:
         app.router.add_get(f"{EST_PREFIX}/csrattrs", self.csrattrs)
         app.router.add_post(f"{EST_PREFIX}/simpleenroll", self.simpleenroll)
         app.router.add_post(f"{EST_PREFIX}/simplereenroll", self.simplereenroll)
+        app.router.add_post(f"{EST_PREFIX}/fleetgate/tpm/challenge", self.tpm_challenge)
+        app.router.add_post(f"{EST_PREFIX}/fleetgate/tpm/enroll", self.tpm_enroll)
+        app.router.add_post(f"{EST_PREFIX}/fleetgate/piv/enroll", self.piv_enroll)
         app.router.add_get("/crl", self.crl)
         app.router.add_post("/ocsp", self.ocsp_post)
         app.router.add_get("/ocsp/{request:.+}", self.ocsp_get)
@@ -134,23 +139,46 @@ class ESTApp:
     async def simplereenroll(self, request: web.Request) -> web.Response:
         return await self._enroll(request, "reenroll", self.service.reenroll)
 
+    async def tpm_challenge(self, request: web.Request) -> web.Response:
+        """fleetgate extension, TPM step 1: JSON evidence in, a JSON challenge out."""
+        answer = await self._call(request, "tpm.challenge", self.service.tpm_challenge)
+        if isinstance(answer, web.Response):
+            return answer
+        return web.json_response(answer)
+
+    async def tpm_enroll(self, request: web.Request) -> web.Response:
+        """fleetgate extension, TPM step 2: the answered challenge in, a certificate out."""
+        return await self._enroll(request, "tpm.enroll", self.service.enroll_tpm)
+
+    async def piv_enroll(self, request: web.Request) -> web.Response:
+        """fleetgate extension: a CSR with its smartcard attestation in, a certificate out."""
+        return await self._enroll(request, "piv.enroll", self.service.enroll_piv)
+
     async def _enroll(
         self,
         request: web.Request,
         action: str,
         operation: Callable[..., x509.Certificate],
     ) -> web.Response:
+        cert = await self._call(request, action, operation)
+        if isinstance(cert, web.Response):
+            return cert
+        log.info("%s ok", action, extra={"serial": f"{cert.serial_number:x}"})
+        return _b64_response(pkcs7.serialize_certificates([cert], Encoding.DER), PKCS7_CERTS_ONLY)
+
+    async def _call(
+        self, request: web.Request, action: str, operation: Callable[..., T]
+    ) -> T | web.Response:
+        """Run a service operation on the request body; a refusal becomes a one-line error."""
         rid = jsonlog.request_id.get()
         body = await self._read_body(request, action, rid)
         if isinstance(body, web.Response):
             return body
         try:
-            cert = operation(peer_certificate(request), body, request_id=rid)
+            return operation(peer_certificate(request), body, request_id=rid)
         except FleetgateError as exc:
             log.warning("%s refused: %s", action, exc.message, extra={"code": exc.code})
             return _error(exc.http_status, f"{exc.code}: {exc.message}")
-        log.info("%s ok", action, extra={"serial": f"{cert.serial_number:x}"})
-        return _b64_response(pkcs7.serialize_certificates([cert], Encoding.DER), PKCS7_CERTS_ONLY)
 
     async def _read_body(
         self, request: web.Request, action: str, rid: str | None

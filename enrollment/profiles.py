@@ -23,6 +23,28 @@ CLOCK_SKEW = dt.timedelta(minutes=5)
 CURVES: dict[str, ec.EllipticCurve] = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1()}
 
 
+# Certificate policies (RFC 5280 4.2.1.4) that record how a device key was proven to be held:
+# generated in a TPM (TPM2_Certify + credential activation) or on a smartcard (card attestation).
+# fleetgate's arc is a UUID OID (ITU-T X.667, 2.25.<uuid>): globally unique, no registry needed.
+FLEETGATE_OID_ARC = "2.25.230117198723474299173587402156458684374"
+TPM_KEY_POLICY = x509.ObjectIdentifier(f"{FLEETGATE_OID_ARC}.1.1")
+SMARTCARD_KEY_POLICY = x509.ObjectIdentifier(f"{FLEETGATE_OID_ARC}.1.2")
+KEY_PROTECTION_POLICIES = {"tpm": TPM_KEY_POLICY, "smartcard": SMARTCARD_KEY_POLICY}
+
+
+def key_protection_of(cert: x509.Certificate) -> str:
+    """The key protection a fleetgate certificate records ("software" when it records none)."""
+    try:
+        policies = cert.extensions.get_extension_for_class(x509.CertificatePolicies).value
+    except x509.ExtensionNotFound:
+        return "software"
+    found = {p.policy_identifier for p in policies}
+    for name, oid in KEY_PROTECTION_POLICIES.items():
+        if oid in found:
+            return name
+    return "software"
+
+
 @dataclass(frozen=True)
 class Profile:
     """The shape of one kind of certificate."""
@@ -120,6 +142,7 @@ def build_certificate(
     now: dt.datetime,
     serial: int | None = None,
     pointers: RevocationPointers = RevocationPointers(),
+    policies: Sequence[x509.ObjectIdentifier] = (),
 ) -> x509.Certificate:
     """Sign a certificate of ``profile`` for ``subject``; pure apart from the random serial."""
     issuer_name = issuer.certificate.subject if issuer.certificate else subject.name()
@@ -152,6 +175,11 @@ def build_certificate(
     general_names = subject.general_names()
     if general_names:
         builder = builder.add_extension(x509.SubjectAlternativeName(general_names), critical=False)
+    if policies:
+        builder = builder.add_extension(
+            x509.CertificatePolicies([x509.PolicyInformation(oid, None) for oid in policies]),
+            critical=False,
+        )
     if not profile.is_ca:
         builder = _add_revocation_pointers(builder, pointers)
     return builder.sign(issuer.key, _hash_for(issuer.key))

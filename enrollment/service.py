@@ -8,7 +8,11 @@ as the change it describes.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
+import hmac
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -19,13 +23,26 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from enrollment import jsonlog, ocsp, profiles
+from enrollment.attestation import AttestedKey, KeyProtection
+from enrollment.attestation.messages import (
+    PivEnrollRequest,
+    TpmChallengeRequest,
+    TpmEnrollRequest,
+)
+from enrollment.attestation.trust import load_trust_store
 from enrollment.ca import CertificateAuthority, ca_paths
 from enrollment.crl import RevokedEntry, build_crl, parse_reason
-from enrollment.csr import check_device_csr, decode_est_body
-from enrollment.errors import FleetgateError, NotAuthorised
+from enrollment.csr import CheckedCSR, check_device_csr, decode_est_body
+from enrollment.errors import (
+    AttestationRefused,
+    FleetgateError,
+    KeyProtectionRequired,
+    NotAuthorised,
+)
 from enrollment.identity import PeerIdentity, identify_client
 from enrollment.ids import device_uri, station_uri, validate_id
 from enrollment.keyfiles import write_atomic
+from enrollment.policy import check_protection
 from enrollment.registry import (
     AuditRecord,
     CertStatus,
@@ -34,7 +51,7 @@ from enrollment.registry import (
     Registry,
     SubjectKind,
 )
-from enrollment.registry.models import as_utc
+from enrollment.registry.models import AttestationChallenge, as_utc
 from enrollment.registry.store import DEVICE_ACTIONS
 
 # What a refused client should do next, by the kind of credential and its status.
@@ -99,7 +116,13 @@ class EnrollmentService:
             subject = checked.device_id
             jsonlog.device_id.set(subject)
             with self.timer.stage("db"):
-                self.registry.check_may_enroll(station.id, checked.device_id)
+                target = self.registry.check_may_enroll(station.id, checked.device_id)
+            check_protection(
+                device_id=checked.device_id,
+                group=target.group,
+                required=target.required_protection,
+                proven=KeyProtection.SOFTWARE,
+            )
             with self.timer.stage("sign"):
                 cert = self._issue_device(checked.device_id, checked.public_key)
             audit = AuditRecord(
@@ -130,7 +153,9 @@ class EnrollmentService:
                     f"device {device.id} may renew only its own certificate, "
                     f"not one for {checked.device_id}"
                 )
-            cert = self._issue_device(device.id, checked.public_key)
+            assert device_cert is not None  # _identify refused a missing certificate
+            protection = self._renewal_protection(device.id, device_cert, checked)
+            cert = self._issue_device(device.id, checked.public_key, protection)
             audit = AuditRecord(
                 actor, "reenroll", "ok", subject, f"serial {cert.serial_number:x}", request_id
             )
@@ -139,6 +164,221 @@ class EnrollmentService:
         except FleetgateError as exc:
             self._audit_refusal(actor, "reenroll", subject, exc, request_id)
             raise
+
+    def _renewal_protection(
+        self, device_id: str, current: x509.Certificate, checked: CheckedCSR
+    ) -> KeyProtection:
+        """The protection a plain renewal keeps: a hardware key's only if the key is unchanged.
+
+        A new key arrives without evidence, so a hardware-protected device must rotate its key
+        through attested enrollment instead; and the group's requirement must still hold.
+        """
+        key = self.registry.device_key(device_id)
+        protection = KeyProtection(key.key_protection)
+        if protection != KeyProtection.SOFTWARE and checked.public_key != current.public_key():
+            raise KeyProtectionRequired(
+                f"device {device_id}'s key is {protection}-protected; a renewal with a new key "
+                "must prove where the new key lives: rotate it with attested enrollment "
+                "(or renew with the current key)"
+            )
+        check_protection(
+            device_id=device_id,
+            group=key.group,
+            required=key.required_protection,
+            proven=protection,
+        )
+        return protection
+
+    # -- attested enrollment (TPM, smartcard) ------------------------------------------------
+
+    def tpm_challenge(
+        self, client_cert: x509.Certificate | None, body: bytes, *, request_id: str | None = None
+    ) -> dict[str, str]:
+        """Step 1 of TPM enrollment: check the EK and AK, and challenge the TPM to prove both.
+
+        The answer carries a nonce for TPM2_Certify and a secret wrapped to the EK for the AK's
+        name (MakeCredential): only the TPM holding both can unwrap it.
+        """
+        from enrollment.attestation import tpm  # tpm2-pytss is needed only on this path
+
+        actor, subject = "anonymous", None
+        try:
+            peer = self._identify(client_cert, expected_kind="station or device")
+            actor = peer.actor
+            request = TpmChallengeRequest.parse(body)
+            subject = validate_id(request.device_id)
+            jsonlog.device_id.set(subject)
+            group, required, binding = self._attesting_target(peer, subject)
+            check_protection(
+                device_id=subject, group=group, required=required, proven=KeyProtection.TPM
+            )
+            now = self.clock()
+            challenge = tpm.make_challenge(
+                ek_certificate=request.ek_certificate,
+                ek_chain=request.ek_chain,
+                ak_public=request.ak_public,
+                anchors=self._anchors(self.config.attestation.tpm_manufacturer_cas),
+                now=now,
+            )
+            _check_binding(subject, binding, challenge.ek_fingerprint, "TPM's EK")
+            challenge_id = secrets.token_urlsafe(18)
+            expires_at = now + dt.timedelta(seconds=self.config.attestation.challenge_ttl_s)
+            self.registry.add_challenge(
+                AttestationChallenge(
+                    id=challenge_id,
+                    actor=actor,
+                    device_id=subject,
+                    ak_public=base64.b64encode(request.ak_public).decode(),
+                    nonce=challenge.nonce.hex(),
+                    secret_sha256=hashlib.sha256(challenge.secret).hexdigest(),
+                    ek_fingerprint=challenge.ek_fingerprint,
+                    ek_summary=challenge.ek_summary,
+                    expires_at=expires_at,
+                ),
+                AuditRecord(
+                    actor,
+                    "tpm.challenge",
+                    "ok",
+                    subject,
+                    f"challenge {challenge_id}; {challenge.ek_summary}",
+                    request_id,
+                ),
+            )
+            return {
+                "challenge_id": challenge_id,
+                "nonce": _b64(challenge.nonce),
+                "credential_blob": _b64(challenge.credential_blob),
+                "encrypted_secret": _b64(challenge.encrypted_secret),
+                "expires_at": expires_at.isoformat(),
+            }
+        except FleetgateError as exc:
+            self._audit_refusal(actor, "tpm.challenge", subject, exc, request_id)
+            raise
+
+    def enroll_tpm(
+        self, client_cert: x509.Certificate | None, body: bytes, *, request_id: str | None = None
+    ) -> x509.Certificate:
+        """Step 2 of TPM enrollment: check the answer to the challenge, then issue."""
+        from enrollment.attestation import tpm
+
+        actor, subject = "anonymous", None
+        try:
+            peer = self._identify(client_cert, expected_kind="station or device")
+            actor = peer.actor
+            request = TpmEnrollRequest.parse(body)
+            challenge = self.registry.consume_challenge(
+                request.challenge_id, actor=actor, now=self.clock()
+            )
+            subject = challenge.device_id
+            jsonlog.device_id.set(subject)
+            answer = hashlib.sha256(request.activated_secret).hexdigest()
+            if not hmac.compare_digest(answer, challenge.secret_sha256):
+                raise AttestationRefused(
+                    "the activated credential secret is wrong: the attestation key is not in "
+                    "the TPM whose EK certificate was presented"
+                )
+            checked = self._csr_for(subject, request.csr)
+            tpm.verify_certify(
+                ak_public=base64.b64decode(challenge.ak_public),
+                nonce=bytes.fromhex(challenge.nonce),
+                key_public=request.key_public,
+                certify_info=request.certify_info,
+                certify_signature=request.certify_signature,
+                csr_key=checked.public_key,
+            )
+            attested = AttestedKey(
+                KeyProtection.TPM,
+                checked.public_key,
+                challenge.ek_fingerprint,
+                challenge.ek_summary,
+            )
+            return self._issue_attested(peer, subject, attested, "tpm.enroll", request_id)
+        except FleetgateError as exc:
+            self._audit_refusal(actor, "tpm.enroll", subject, exc, request_id)
+            raise
+
+    def enroll_piv(
+        self, client_cert: x509.Certificate | None, body: bytes, *, request_id: str | None = None
+    ) -> x509.Certificate:
+        """Smartcard enrollment: the card's attestation must vouch for the CSR's key."""
+        from enrollment.attestation import piv
+
+        actor, subject = "anonymous", None
+        try:
+            peer = self._identify(client_cert, expected_kind="station or device")
+            actor = peer.actor
+            request = PivEnrollRequest.parse(body)
+            checked = check_device_csr(request.csr)
+            subject = checked.device_id
+            jsonlog.device_id.set(subject)
+            attested = piv.verify_piv_attestation(
+                attestation_certificate=request.attestation_certificate,
+                attestation_intermediate=request.attestation_intermediate,
+                anchors=self._anchors(self.config.attestation.card_manufacturer_cas),
+                csr_key=checked.public_key,
+                now=self.clock(),
+            )
+            return self._issue_attested(peer, subject, attested, "piv.enroll", request_id)
+        except FleetgateError as exc:
+            self._audit_refusal(actor, "piv.enroll", subject, exc, request_id)
+            raise
+
+    def _attesting_target(self, peer: PeerIdentity, device_id: str) -> tuple[str, str, str | None]:
+        """(group, required protection, hardware binding) if ``peer`` may attest ``device_id``.
+
+        A station enrolls a pending device of its batches; a device rotates only its own key.
+        """
+        if peer.kind == "station":
+            station = self._admit(peer, expected_kind="station")
+            target = self.registry.check_may_enroll(station.id, device_id)
+            return target.group, target.required_protection, target.hardware_binding
+        device = self._admit(peer, expected_kind="device")
+        if device.id != device_id:
+            raise NotAuthorised(
+                f"device {device.id} may rotate only its own key, not {device_id}'s"
+            )
+        key = self.registry.device_key(device_id)
+        return key.group, key.required_protection, key.hardware_binding
+
+    def _issue_attested(
+        self,
+        peer: PeerIdentity,
+        device_id: str,
+        attested: AttestedKey,
+        action: str,
+        request_id: str | None,
+    ) -> x509.Certificate:
+        """Policy, binding, signature and registry update for verified hardware evidence."""
+        group, required, binding = self._attesting_target(peer, device_id)
+        check_protection(
+            device_id=device_id, group=group, required=required, proven=attested.protection
+        )
+        _check_binding(device_id, binding, attested.binding, f"{attested.protection}'s root key")
+        cert = self._issue_device(device_id, attested.public_key, attested.protection)
+        audit = AuditRecord(
+            peer.actor,
+            action,
+            "ok",
+            device_id,
+            f"serial {cert.serial_number:x}; {attested.summary}",
+            request_id,
+        )
+        if peer.kind == "station":
+            self.registry.record_enrollment(peer.id, device_id, cert, audit, attested)
+        else:
+            self.registry.record_reenrollment(device_id, peer.serial, cert, audit, attested)
+        return cert
+
+    def _csr_for(self, device_id: str, der: bytes) -> CheckedCSR:
+        checked = check_device_csr(der)
+        if checked.device_id != device_id:
+            raise NotAuthorised(
+                f"the CSR names device {checked.device_id}, but the challenge was for {device_id}"
+            )
+        return checked
+
+    def _anchors(self, setting: str) -> list[x509.Certificate]:
+        return load_trust_store(self.config.data_path(setting))
 
     def _identify(self, cert: x509.Certificate | None, *, expected_kind: str) -> PeerIdentity:
         """Who the TLS-verified client certificate names; not yet whether it may act."""
@@ -170,10 +410,23 @@ class EnrollmentService:
             raise NotAuthorised(f"{peer.actor} is not active in the registry")
         return peer
 
-    def _issue_device(self, device_id: str, key: ec.EllipticCurvePublicKey) -> x509.Certificate:
+    def _issue_device(
+        self,
+        device_id: str,
+        key: ec.EllipticCurvePublicKey,
+        protection: KeyProtection = KeyProtection.SOFTWARE,
+    ) -> x509.Certificate:
         subject = profiles.Subject(common_name=device_id, uris=(device_uri(device_id),))
         validity = dt.timedelta(days=self.config.ca.device_validity_days)
-        return self.ca.issue(profiles.DEVICE, subject, key, validity, now=self.clock())
+        policy = profiles.KEY_PROTECTION_POLICIES.get(protection)
+        return self.ca.issue(
+            profiles.DEVICE,
+            subject,
+            key,
+            validity,
+            now=self.clock(),
+            policies=(policy,) if policy is not None else (),
+        )
 
     def _audit_refusal(
         self,
@@ -264,3 +517,17 @@ class EnrollmentService:
         )
         write_atomic(ca_paths(self.config).crl, crl.public_bytes(Encoding.DER), mode=0o644)
         return crl
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _check_binding(device_id: str, bound: str | None, presented: str, what: str) -> None:
+    """A device id stays with the hardware it was first attested on."""
+    if bound is not None and bound != presented:
+        raise AttestationRefused(
+            f"device {device_id} is bound to hardware {bound[:16]}..., but this {what} is "
+            f"{presented[:16]}...; a device id never moves to other hardware: provision a new "
+            "device id for it"
+        )

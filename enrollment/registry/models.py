@@ -59,6 +59,12 @@ class Device(SQLModel, table=True):
     station_id: str | None = Field(default=None, foreign_key="station.id")
     created_at: dt.datetime = _ts()
     updated_at: dt.datetime = _ts()
+    # Where the current key lives, as proven at enrollment: "software", "tpm" or "smartcard".
+    key_protection: str = Field(default="software", max_length=16)
+    # SHA-256 of the hardware root's public key (TPM EK, card attestation key) this id is bound
+    # to from its first attested enrollment on; a later enrollment from other hardware is refused.
+    hardware_binding: str | None = Field(default=None, max_length=64)
+    attestation: str = ""  # one line describing the attestation evidence, for `device show`
 
 
 # SQLAlchemy's Enum stores a member's *name* ("ACTIVE"), not its value ("active"): SQLite keeps
@@ -135,6 +141,31 @@ class DeviceChange(SQLModel, table=True):
     state: DeviceState
     reason: str = ""
     at: dt.datetime = _ts()
+
+
+class GroupPolicy(SQLModel, table=True):
+    """What a device group demands of its members' keys (``enrollment.policy``)."""
+
+    group: str = Field(primary_key=True, max_length=64)
+    required_protection: str = Field(default="none", max_length=16)
+
+
+class AttestationChallenge(SQLModel, table=True):
+    """A TPM attestation challenge: issued once, answered once, within its time to live.
+
+    Only a hash of the credential secret is kept, so a database reader cannot answer it.
+    """
+
+    id: str = Field(primary_key=True, max_length=64)
+    actor: str = Field(max_length=128)  # who asked; only they may answer
+    device_id: str = Field(max_length=64)
+    ak_public: str  # base64 of the marshalled TPM2B_PUBLIC of the attestation key
+    nonce: str = Field(max_length=64)  # hex
+    secret_sha256: str = Field(max_length=64)
+    ek_fingerprint: str = Field(max_length=64)
+    ek_summary: str = ""
+    expires_at: dt.datetime = _ts()
+    used_at: dt.datetime | None = _ts(nullable=True)
 
 
 class AclRule(SQLModel, table=True):

@@ -7,7 +7,7 @@ runs are constructed at import and executed with parameter dictionaries.
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlmodel import SQLModel
 
 from enrollment.registry import models  # noqa: F401 - registers the tables in the metadata
@@ -41,12 +41,50 @@ def _credential(holder_table: str) -> object:
 STATION_CREDENTIAL = _credential("station")
 DEVICE_CREDENTIAL = _credential("device")
 
+GROUP_POLICIES = SQLModel.metadata.tables["grouppolicy"]
+
 DEVICE_BATCH = (
-    select(DEVICES.c.state, BATCHES.c.station_id)
+    select(
+        DEVICES.c.state,
+        DEVICES.c.group,
+        DEVICES.c.hardware_binding,
+        BATCHES.c.station_id,
+        GROUP_POLICIES.c.required_protection,
+    )
     .select_from(DEVICES)
     .join(BATCH_ENTRIES, BATCH_ENTRIES.c.device_id == DEVICES.c.id)
     .join(BATCHES, BATCHES.c.id == BATCH_ENTRIES.c.batch_id)
+    .outerjoin(GROUP_POLICIES, GROUP_POLICIES.c.group == DEVICES.c.group)
     .where(DEVICES.c.id == bindparam("device_id"))
+)
+
+DEVICE_KEY = (
+    select(
+        DEVICES.c.group,
+        DEVICES.c.key_protection,
+        DEVICES.c.hardware_binding,
+        GROUP_POLICIES.c.required_protection,
+    )
+    .select_from(DEVICES)
+    .outerjoin(GROUP_POLICIES, GROUP_POLICIES.c.group == DEVICES.c.group)
+    .where(DEVICES.c.id == bindparam("device_id"))
+)
+
+# Binding is first-come: set when empty, kept when equal, refused (no row) when different.
+BIND_HARDWARE = (
+    update(DEVICES)
+    .where(DEVICES.c.id == bindparam("b_device_id"))
+    .where(
+        or_(
+            DEVICES.c.hardware_binding.is_(None),
+            DEVICES.c.hardware_binding == bindparam("b_binding"),
+        )
+    )
+    .values(
+        hardware_binding=bindparam("b_binding"),
+        key_protection=bindparam("protection"),
+        attestation=bindparam("summary"),
+    )
 )
 
 DEVICE_STATE = select(DEVICES.c.state).where(DEVICES.c.id == bindparam("device_id"))

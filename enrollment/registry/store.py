@@ -22,17 +22,19 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import Connection, event, update
+from sqlalchemy import Connection, event, inspect, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
-from enrollment.errors import EnrollmentRefused, InvalidStateChange, NotFound
+from enrollment.attestation import AttestedKey
+from enrollment.errors import AttestationRefused, EnrollmentRefused, InvalidStateChange, NotFound
 from enrollment.ids import validate_id
 from enrollment.registry import statements as sql
 from enrollment.registry.models import (
     AclRule,
+    AttestationChallenge,
     AuditEvent,
     Batch,
     BatchEntry,
@@ -41,6 +43,7 @@ from enrollment.registry.models import (
     Device,
     DeviceChange,
     DeviceState,
+    GroupPolicy,
     Station,
     StationState,
     SubjectKind,
@@ -108,7 +111,36 @@ class AuditRecord:
     request_id: str | None = None
 
 
+@dataclass(frozen=True)
+class EnrollmentTarget:
+    """What an enrollment must respect about its device: its group's key policy and binding."""
+
+    device_id: str
+    group: str
+    required_protection: str  # enrollment.policy.Requirement value; "none" without a policy
+    hardware_binding: str | None
+
+
+@dataclass(frozen=True)
+class DeviceKey:
+    """What renewal must respect: where the device's key lives and what its group demands."""
+
+    group: str
+    key_protection: str
+    hardware_binding: str | None
+    required_protection: str
+
+
 _READ_ONLY = "fleetgate_read_only"
+
+# Columns added after the first release, with the DDL that adds them to an older database.
+_ADDED_COLUMNS = {
+    "device": {
+        "key_protection": "VARCHAR(16) NOT NULL DEFAULT 'software'",
+        "hardware_binding": "VARCHAR(64)",
+        "attestation": "VARCHAR NOT NULL DEFAULT ''",
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -161,6 +193,7 @@ class Registry:
         self.url = url
         self.engine = create_registry_engine(url)
         SQLModel.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         triggers = (
             _SQLITE_AUDIT_TRIGGERS
             if self.engine.dialect.name == "sqlite"
@@ -292,7 +325,7 @@ class Registry:
 
     # -- enrollment ------------------------------------------------------------------------
 
-    def check_may_enroll(self, station_id: str, device_id: str) -> None:
+    def check_may_enroll(self, station_id: str, device_id: str) -> EnrollmentTarget:
         """Refuse early (before signing) when ``station_id`` may not enroll ``device_id`` now."""
         with self._read() as conn:
             row = conn.execute(sql.DEVICE_BATCH, {"device_id": device_id}).first()
@@ -306,6 +339,19 @@ class Registry:
                 f"device {device_id} is already enrolled (state {row.state}); "
                 "an enrolled device renews with simplereenroll"
             )
+        return EnrollmentTarget(
+            device_id, row.group, row.required_protection or "none", row.hardware_binding
+        )
+
+    def device_key(self, device_id: str) -> DeviceKey:
+        """The device's key protection and its group's requirement, for renewal decisions."""
+        with self._read() as conn:
+            row = conn.execute(sql.DEVICE_KEY, {"device_id": device_id}).first()
+        if row is None:
+            raise NotFound(f"no device {device_id!r} in the registry")
+        return DeviceKey(
+            row.group, row.key_protection, row.hardware_binding, row.required_protection or "none"
+        )
 
     def credential(self, kind: SubjectKind, subject_id: str, serial: int) -> Credential | None:
         """The status of certificate ``serial`` if it was issued to ``kind`` ``subject_id``."""
@@ -321,9 +367,17 @@ class Registry:
         return Credential(row.status, revoked_at, row.revocation_reason, row.state == active)
 
     def record_enrollment(
-        self, station_id: str, device_id: str, cert: x509.Certificate, audit: AuditRecord
+        self,
+        station_id: str,
+        device_id: str,
+        cert: x509.Certificate,
+        audit: AuditRecord,
+        attested: AttestedKey | None = None,
     ) -> None:
-        """Commit the first certificate of a pending device; exactly one concurrent caller wins."""
+        """Commit the first certificate of a pending device; exactly one concurrent caller wins.
+
+        With ``attested``, the device is bound to that hardware in the same transaction.
+        """
         now = utcnow()
         try:
             with self.engine.begin() as conn:
@@ -335,6 +389,8 @@ class Registry:
                         "this request's certificate was discarded"
                     )
                 conn.execute(sql.MARK_BATCH_ENTRY_ENROLLED, params)
+                if attested is not None:
+                    _bind_hardware(conn, device_id, attested)
                 self._insert_issued(conn, cert, device_id, audit)
         except IntegrityError as exc:  # the partial unique index caught a race
             raise EnrollmentRefused(
@@ -342,14 +398,24 @@ class Registry:
             ) from exc
 
     def record_reenrollment(
-        self, device_id: str, old_serial: int, cert: x509.Certificate, audit: AuditRecord
+        self,
+        device_id: str,
+        old_serial: int,
+        cert: x509.Certificate,
+        audit: AuditRecord,
+        attested: AttestedKey | None = None,
     ) -> None:
-        """Swap the device's active certificate for ``cert``, if ``old_serial`` is still it."""
+        """Swap the device's active certificate for ``cert``, if ``old_serial`` is still it.
+
+        With ``attested`` (a hardware key rotation), the binding must hold and is re-recorded.
+        """
         try:
             with self.engine.begin() as conn:
                 state = conn.execute(sql.DEVICE_STATE, {"device_id": device_id}).scalar()
                 if state != DeviceState.ACTIVE:
                     raise EnrollmentRefused(f"device {device_id} is not active; it may not renew")
+                if attested is not None:
+                    _bind_hardware(conn, device_id, attested)
                 swapped = conn.execute(
                     sql.SUPERSEDE_ACTIVE_CERTIFICATE, {"b_old_serial": serial_hex(old_serial)}
                 ).rowcount
@@ -450,6 +516,58 @@ class Registry:
             self.audit(AuditRecord(actor, action, "ok", device_id, reason), s)
             return device
 
+    # -- hardware attestation ----------------------------------------------------------------
+
+    def add_challenge(self, challenge: AttestationChallenge, audit: AuditRecord) -> None:
+        with self.transaction() as s:
+            s.add(challenge)
+            self.audit(audit, s)
+
+    def consume_challenge(
+        self, challenge_id: str, *, actor: str, now: dt.datetime
+    ) -> AttestationChallenge:
+        """Mark the challenge answered and return it; each challenge is answered at most once.
+
+        Committed before the evidence is checked: a failed answer burns the challenge too, so
+        evidence cannot be retried against the same nonce.
+        """
+        with self.transaction() as s:
+            row = s.get(AttestationChallenge, challenge_id, with_for_update=True)
+            if row is None or row.actor != actor:
+                raise AttestationRefused(
+                    f"unknown attestation challenge {challenge_id!r} for {actor}; "
+                    "request a new challenge"
+                )
+            if row.used_at is not None:
+                raise AttestationRefused(
+                    f"attestation challenge {challenge_id} was already answered at "
+                    f"{as_utc(row.used_at):%H:%M:%S}Z (a replay?); request a new challenge"
+                )
+            expires_at = as_utc(row.expires_at)
+            if now >= expires_at:
+                raise AttestationRefused(
+                    f"attestation challenge {challenge_id} expired at {expires_at:%H:%M:%S}Z; "
+                    "request a new challenge and answer it promptly"
+                )
+            row.used_at = now
+            s.add(row)
+            return row
+
+    def set_group_policy(self, group: str, required_protection: str, actor: str) -> None:
+        validate_id(group, kind="group")
+        with self.transaction() as s:
+            row = s.get(GroupPolicy, group) or GroupPolicy(group=group)
+            row.required_protection = required_protection
+            s.add(row)
+            self.audit(
+                AuditRecord(actor, "group.policy", "ok", group, f"require {required_protection}"),
+                s,
+            )
+
+    def group_policies(self) -> list[GroupPolicy]:
+        with self._read_session() as s:
+            return list(s.exec(select(GroupPolicy).order_by(GroupPolicy.group)).all())
+
     # -- what brokers ask --------------------------------------------------------------------
 
     def admission(self, device_id: str, serial: int) -> Admission:
@@ -538,6 +656,32 @@ class Registry:
                 for r in rows
                 if as_utc(r.not_after) > now
             ]
+
+
+def _bind_hardware(conn: Connection, device_id: str, attested: AttestedKey) -> None:
+    """Record the key's protection; refuse if the device is bound to other hardware."""
+    params = {
+        "b_device_id": device_id,
+        "b_binding": attested.binding,
+        "protection": str(attested.protection),
+        "summary": attested.summary,
+    }
+    if conn.execute(sql.BIND_HARDWARE, params).rowcount != 1:
+        raise AttestationRefused(
+            f"device {device_id} is bound to other hardware; a device id never moves to "
+            "another TPM or card: provision a new device id for this hardware"
+        )
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring a registry created by an older fleetgate up to the current columns."""
+    with engine.begin() as conn:
+        inspector = inspect(conn)
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {c["name"] for c in inspector.get_columns(table)}
+            for name, ddl in columns.items():
+                if name not in present:
+                    conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}")
 
 
 def _audit_values(record: AuditRecord) -> dict[str, Any]:
