@@ -16,7 +16,7 @@ import ssl
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -54,6 +54,16 @@ class KeyStore(Protocol):
 
     def install(self, key: ec.EllipticCurvePrivateKey, chain: Sequence[x509.Certificate]) -> None:
         """Switch to ``key`` and its certificate ``chain`` in one step (no half-renewed state)."""
+        ...
+
+
+@runtime_checkable
+class RenewingKeyStore(KeyStore, Protocol):
+    """A key store that renews in its own way (a TPM store that rotates its key re-attests it
+    instead of a plain ``simplereenroll``); :class:`DeviceClient` calls :meth:`renew`."""
+
+    def renew(self, device_id: str, *, est_url: str, timeout: float = 30.0) -> x509.Certificate:
+        """Obtain and install the next certificate, authenticated by the current one."""
         ...
 
 

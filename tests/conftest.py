@@ -27,6 +27,9 @@ from enrollment.registry import Registry
 from enrollment.server import EnrollmentServer
 from enrollment.service import EnrollmentService
 
+# Fixtures of hardware stand-ins, loaded once so their session-scoped processes are shared.
+pytest_plugins = ["tpm_helpers"]
+
 PASSPHRASE = "test-passphrase-0123"
 
 

@@ -1,0 +1,259 @@
+"""TPM 2.0 attestation verifier: proof that a CSR's key was made in, and cannot leave, a TPM.
+
+Two pure steps around the station's TPM work (no I/O; bytes and trust anchors in):
+
+1. :func:`make_challenge` checks the EK certificate against the manufacturers' CAs and the
+   offered attestation key (AK), then wraps a fresh secret to the EK for the AK's name
+   (MakeCredential, in software). Only a TPM holding both that EK and an object with that
+   name can unwrap it, so a correct answer ties the AK to the certified TPM.
+2. :func:`verify_certify` checks the AK's ``TPM2_Certify`` of the device key: a restricted
+   AK signs only structures the TPM made itself (they start with ``TPM_GENERATED_VALUE``), so
+   the signed name and attributes are the TPM's own statement about a key it holds, and the
+   nonce inside makes the statement fresh.
+
+What they rest on: the TPM enforces that ``fixedTPM`` can be set only on a key it generated
+under a ``fixedTPM`` parent and never duplicates such a key; the name (nameAlg || hash of the
+public area) commits to the attributes. The service compares the activated secret (constant
+time) and keeps each nonce single-use with a short TTL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
+from tpm2_pytss.constants import (  # type: ignore[import-untyped]
+    TPM2_ALG,
+    TPM2_GENERATED,
+    TPM2_ST,
+    TPMA_OBJECT,
+)
+from tpm2_pytss.types import (  # type: ignore[import-untyped]
+    TPM2B_PUBLIC,
+    TPMS_ATTEST,
+    TPMT_PUBLIC,
+    TPMT_SIGNATURE,
+    TPMT_SYM_DEF_OBJECT,
+    TPMU_SYM_KEY_BITS,
+    TPMU_SYM_MODE,
+)
+from tpm2_pytss.utils import make_credential  # type: ignore[import-untyped]
+
+from enrollment.attestation.trust import describe, key_fingerprint, verify_chain
+from enrollment.errors import AttestationRefused
+
+__all__ = ["NONCE_BYTES", "TpmChallenge", "make_challenge", "verify_certify"]
+
+NONCE_BYTES = 32
+SECRET_BYTES = 32
+
+# A key the TPM generated (sensitiveDataOrigin) that can never leave it (fixedTPM) nor move to
+# another parent (fixedParent), and that signs (sign) but does not decrypt.
+_REQUIRED_KEY_ATTRIBUTES = {
+    TPMA_OBJECT.FIXEDTPM: "fixedTPM",
+    TPMA_OBJECT.FIXEDPARENT: "fixedParent",
+    TPMA_OBJECT.SENSITIVEDATAORIGIN: "sensitiveDataOrigin",
+    TPMA_OBJECT.SIGN_ENCRYPT: "sign",
+}
+_REQUIRED_AK_ATTRIBUTES = {**_REQUIRED_KEY_ATTRIBUTES, TPMA_OBJECT.RESTRICTED: "restricted"}
+_STRONG_NAME_ALGS = {TPM2_ALG.SHA256, TPM2_ALG.SHA384, TPM2_ALG.SHA512}
+
+
+@dataclass(frozen=True)
+class TpmChallenge:
+    """What the service keeps (``secret``, ``nonce``) and sends (the rest) for one enrollment."""
+
+    nonce: bytes  # NONCE_BYTES random bytes; Certify's qualifying data
+    secret: bytes  # SECRET_BYTES random bytes wrapped to the EK (MakeCredential, AK's name)
+    credential_blob: bytes  # marshalled TPM2B_ID_OBJECT
+    encrypted_secret: bytes  # marshalled TPM2B_ENCRYPTED_SECRET
+    ek_fingerprint: str  # trust.key_fingerprint of the EK certificate
+    ek_summary: str  # e.g. "EK RSA-2048 issued by CN=swtpm-localca"
+
+
+def make_challenge(
+    *,
+    ek_certificate: bytes,
+    ek_chain: Sequence[bytes],
+    ak_public: bytes,
+    anchors: Sequence[x509.Certificate],
+    now: dt.datetime,
+) -> TpmChallenge:
+    """Check the EK certificate chain and the AK; wrap a fresh secret to the EK for the AK."""
+    ek_cert = _certificate(ek_certificate, "EK certificate")
+    chain = [_certificate(der, "EK chain certificate") for der in ek_chain]
+    verify_chain(ek_cert, chain, anchors, now=now, what="EK certificate")
+    ak = _public_area(ak_public, "AK public area")
+    _require_attributes(ak, _REQUIRED_AK_ATTRIBUTES, "attestation key")
+    if ak.publicArea.objectAttributes & TPMA_OBJECT.DECRYPT:
+        raise AttestationRefused("the attestation key has the decrypt attribute; an AK only signs")
+    _require_strong_name(ak, "attestation key")
+    ek_public, kind = _ek_public_area(ek_cert)
+    secret = secrets.token_bytes(SECRET_BYTES)
+    blob, encrypted = make_credential(ek_public, secret, ak.get_name())
+    return TpmChallenge(
+        nonce=secrets.token_bytes(NONCE_BYTES),
+        secret=secret,
+        credential_blob=blob.marshal(),
+        encrypted_secret=encrypted.marshal(),
+        ek_fingerprint=key_fingerprint(ek_cert),
+        ek_summary=f"EK {kind} issued by {ek_cert.issuer.rfc4514_string() or describe(ek_cert)}",
+    )
+
+
+def verify_certify(
+    *,
+    ak_public: bytes,
+    nonce: bytes,
+    key_public: bytes,
+    certify_info: bytes,
+    certify_signature: bytes,
+    csr_key: ec.EllipticCurvePublicKey,
+) -> None:
+    """The AK vouches, over ``nonce``, for the TPM-bound key that signed the CSR; else refuse."""
+    ak = _public_area(ak_public, "AK public area")
+    key = _public_area(key_public, "device key public area")
+    try:
+        signature, _ = TPMT_SIGNATURE.unmarshal(certify_signature)
+        signature.verify_signature(ak, certify_info)
+    except InvalidSignature:
+        raise AttestationRefused(
+            "the Certify signature does not verify with the challenged attestation key: it was "
+            "signed by a different AK (or altered); certify with the AK the challenge was for"
+        ) from None
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise AttestationRefused(
+            f"the Certify signature is malformed or unsupported ({exc})"
+        ) from exc
+    attest = _attestation(certify_info)
+    if int(attest.magic) != int(TPM2_GENERATED.VALUE) or attest.type != TPM2_ST.ATTEST_CERTIFY:
+        raise AttestationRefused(
+            "certify_info is not a TPM-generated Certify statement "
+            f"(magic 0x{int(attest.magic):08x}, type 0x{int(attest.type):04x})"
+        )
+    if not secrets.compare_digest(bytes(attest.extraData), nonce):
+        raise AttestationRefused(
+            "the Certify statement is not over this challenge's nonce: it is replayed or made "
+            "for another challenge; request a new challenge and certify over its nonce"
+        )
+    if bytes(attest.attested.certify.name) != bytes(key.get_name()):
+        raise AttestationRefused(
+            "the Certify statement is about a different key than key_public: certify the key "
+            "that signed the CSR"
+        )
+    _require_attributes(key, _REQUIRED_KEY_ATTRIBUTES, "device key")
+    attributes = key.publicArea.objectAttributes
+    if attributes & TPMA_OBJECT.DECRYPT:
+        raise AttestationRefused("the device key has the decrypt attribute; it must only sign")
+    if attributes & TPMA_OBJECT.RESTRICTED:
+        raise AttestationRefused("the device key is restricted; it could not sign TLS handshakes")
+    _require_strong_name(key, "device key")
+    if _spki(_to_key(key)) != _spki(csr_key):
+        raise AttestationRefused(
+            "the certified TPM key is not the CSR's key: sign the CSR with the certified key"
+        )
+
+
+def _certificate(der: bytes, what: str) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise AttestationRefused(f"the {what} is not a DER X.509 certificate ({exc})") from exc
+
+
+def _public_area(data: bytes, what: str) -> Any:
+    try:
+        public, used = TPM2B_PUBLIC.unmarshal(data)
+    except Exception as exc:  # tss2's unmarshal raises TSS2_Exception, or cffi errors
+        raise AttestationRefused(f"the {what} is not a marshalled TPM2B_PUBLIC ({exc})") from exc
+    if used != len(data):
+        raise AttestationRefused(f"the {what} has {len(data) - used} trailing bytes")
+    return public
+
+
+def _attestation(data: bytes) -> Any:
+    try:
+        attest, used = TPMS_ATTEST.unmarshal(data)
+    except Exception as exc:  # as in _public_area
+        raise AttestationRefused(f"certify_info is not a marshalled TPMS_ATTEST ({exc})") from exc
+    if used != len(data):
+        raise AttestationRefused(f"certify_info has {len(data) - used} trailing bytes")
+    return attest
+
+
+def _require_attributes(public: Any, required: dict[Any, str], what: str) -> None:
+    attributes = public.publicArea.objectAttributes
+    missing = [name for bit, name in required.items() if not attributes & bit]
+    if missing:
+        hint = (
+            " (a key imported into the TPM, or made to be duplicable, lacks fixedTPM: it may "
+            "exist outside this TPM)"
+            if "fixedTPM" in missing
+            else ""
+        )
+        raise AttestationRefused(f"the {what} lacks the attribute(s) {', '.join(missing)}{hint}")
+
+
+def _require_strong_name(public: Any, what: str) -> None:
+    if public.publicArea.nameAlg not in _STRONG_NAME_ALGS:
+        raise AttestationRefused(
+            f"the {what}'s name algorithm 0x{int(public.publicArea.nameAlg):04x} is not "
+            "SHA-256/384/512; a weak name hash would let another public area pass for it"
+        )
+
+
+def _to_key(public: Any) -> Any:
+    return load_pem_public_key(public.to_pem())
+
+
+def _spki(key: Any) -> bytes:
+    return bytes(key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+
+
+# What the TCG default EK templates (EK Credential Profile 2.0) use for MakeCredential: the name
+# algorithm (KDF and HMAC) and the symmetric algorithm; RSA-2048 and P-256 are L-1/L-2 (or
+# H-1/H-2, same values), P-384 is H-3.
+_EK_PARAMETERS = {
+    "RSA-2048": (TPM2_ALG.SHA256, 128),
+    "ECC P-256": (TPM2_ALG.SHA256, 128),
+    "ECC P-384": (TPM2_ALG.SHA384, 256),
+}
+_EK_CURVES = {"secp256r1": "ECC P-256", "secp384r1": "ECC P-384"}
+
+
+def _ek_public_area(cert: x509.Certificate) -> tuple[Any, str]:
+    """The EK's public area as the TPM holds it, rebuilt from the certificate's key."""
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size == 2048:
+        kind = "RSA-2048"
+    elif isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _EK_CURVES:
+        kind = _EK_CURVES[key.curve.name]
+    else:
+        raise AttestationRefused(
+            f"the EK certificate's key ({type(key).__name__}) is not RSA-2048, ECC P-256 or "
+            "ECC P-384, the EK types fleetgate can make a credential for"
+        )
+    name_alg, aes_bits = _EK_PARAMETERS[kind]
+    symmetric = TPMT_SYM_DEF_OBJECT(
+        algorithm=TPM2_ALG.AES,
+        keyBits=TPMU_SYM_KEY_BITS(aes=aes_bits),
+        mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
+    )
+    area = TPMT_PUBLIC.from_pem(
+        _spki(key),
+        nameAlg=name_alg,
+        objectAttributes=TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT,
+        symmetric=symmetric,
+    )
+    return area, kind

@@ -1,0 +1,139 @@
+"""Virtual TPMs for the TPM tests: swtpm + tpm2-abrmd, manufactured by test TPM-manufacturer CAs.
+
+One private session bus serves every TPM of the run (the tabrmd TCTI uses the session bus named
+in this process's environment, and GLib keeps one connection to it). The trusted manufacturer
+and its TPM live for the whole session (manufacturing takes ~0.7 s); tests that break a TPM
+get their own. tests/conftest.py loads this file as a plugin (``pytest_plugins``) rather than
+test modules importing the fixtures: imported fixtures are defined once per module, so a
+session-scoped TPM would be manufactured again for every module.
+
+Anything that signs TLS with a TPM key runs in a subprocess (:func:`run_device`): the
+tpm2-openssl provider is process-wide, and the broker and EST server in the test process sign
+with software keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Fleet
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from firmware_sim.vtpm import DbusSession, TpmManufacturer, VirtualTpm
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(name="tpm_bus", scope="session")
+def tpm_bus_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DbusSession]:
+    bus = DbusSession(tmp_path_factory.mktemp("dbus")).start()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**bus.environment, "TSS2_LOG": "all+none"}.items():
+            mp.setenv(key, value)
+        yield bus
+    bus.stop()
+
+
+@pytest.fixture(name="tpm_maker", scope="session")
+def tpm_maker_fixture(tmp_path_factory: pytest.TempPathFactory) -> TpmManufacturer:
+    """The TPM manufacturer the enrollment service trusts."""
+    return TpmManufacturer(tmp_path_factory.mktemp("tpm-maker"))
+
+
+@pytest.fixture(name="vtpm", scope="session")
+def vtpm_fixture(
+    tmp_path_factory: pytest.TempPathFactory, tpm_bus: DbusSession, tpm_maker: TpmManufacturer
+) -> Iterator[VirtualTpm]:
+    """A genuine TPM from the trusted manufacturer, shared by the session."""
+    with VirtualTpm.manufacture(
+        tmp_path_factory.mktemp("vtpm"), manufacturer=tpm_maker, bus=tpm_bus, name="genuine"
+    ) as tpm:
+        yield tpm
+
+
+@pytest.fixture(name="second_vtpm", scope="session")
+def second_vtpm_fixture(
+    tmp_path_factory: pytest.TempPathFactory, tpm_bus: DbusSession, tpm_maker: TpmManufacturer
+) -> Iterator[VirtualTpm]:
+    """Another genuine TPM: the "different TPM" of mix-and-match attacks."""
+    with VirtualTpm.manufacture(
+        tmp_path_factory.mktemp("vtpm2"), manufacturer=tpm_maker, bus=tpm_bus, name="second"
+    ) as tpm:
+        yield tpm
+
+
+@pytest.fixture(name="foreign_vtpm", scope="session")
+def foreign_vtpm_fixture(
+    tmp_path_factory: pytest.TempPathFactory, tpm_bus: DbusSession
+) -> Iterator[VirtualTpm]:
+    """A TPM whose EK certificate comes from a manufacturer CA nobody configured."""
+    maker = TpmManufacturer(tmp_path_factory.mktemp("unknown-maker"))
+    with VirtualTpm.manufacture(
+        tmp_path_factory.mktemp("vtpm-foreign"), manufacturer=maker, bus=tpm_bus, name="foreign"
+    ) as tpm:
+        yield tpm
+
+
+def anchors(maker: TpmManufacturer) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(maker.ca_certificate.read_bytes())
+
+
+def ek_chain(maker: TpmManufacturer) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(maker.issuer_certificate.read_bytes())
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def trust_manufacturer(fleet: Fleet, maker: TpmManufacturer) -> None:
+    """Put the manufacturer's root into the service's TPM trust store directory."""
+    store = fleet.config.data_path(fleet.config.attestation.tpm_manufacturer_cas)
+    store.mkdir(parents=True, exist_ok=True)
+    (store / "test-maker.pem").write_bytes(maker.ca_certificate.read_bytes())
+
+
+def resigned(
+    cert: x509.Certificate, maker: TpmManufacturer, *, not_after: dt.datetime
+) -> x509.Certificate:
+    """``cert`` re-issued by the manufacturer's intermediate with another end of validity."""
+    text = maker.issuer_key.read_bytes()
+    key = serialization.load_pem_private_key(text[text.index(b"-----BEGIN") :], None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())
+        .serial_number(cert.serial_number)
+        .not_valid_before(min(cert.not_valid_before_utc, not_after - dt.timedelta(days=365)))
+        .not_valid_after(not_after)
+    )
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    return builder.sign(key, hashes.SHA256())
+
+
+def run_device(script: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``script`` in a fresh Python (repo on the path); its last stdout line is JSON."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return answer
