@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import paho.mqtt.client as mqtt
 from cryptography import x509
@@ -49,7 +49,7 @@ from device_sdk.errors import (
     QueueFull,
     SubscribeRefused,
 )
-from device_sdk.keystore import KeyStore, device_id_of
+from device_sdk.keystore import KeyStore, RenewingKeyStore, device_id_of
 from device_sdk.provisioning import RenewalPolicy, renewal_due
 from device_sdk.tls import device_context
 
@@ -159,9 +159,43 @@ class _Subscription:
     ack: Ack
 
 
+@runtime_checkable
+class TlsConnection(Protocol):
+    """A live TLS connection: paho's socket calls, plus what ``ssl.SSLSocket`` tells of itself."""
+
+    def version(self) -> str | None: ...
+
+    def cipher(self) -> tuple[str, str, int] | None: ...
+
+
+class TlsConnector(Protocol):
+    """Makes the device's TLS connections itself (for keys Python's ``ssl`` cannot use)."""
+
+    def connect(self, host: str, port: int, timeout: float) -> TlsConnection: ...
+
+
+@runtime_checkable
+class ConnectingKeyStore(Protocol):
+    """A key store that connects instead of filling an ``ssl.SSLContext`` (a smartcard)."""
+
+    def tls_connector(self, cipher_policy: CipherPolicy) -> TlsConnector: ...
+
+
+class _ConnectorClient(mqtt.Client):
+    """paho with its connection made by a :class:`TlsConnector`; paho 2 has no public hook for
+    the socket, so this overrides the one method that creates it."""
+
+    def __init__(self, connector: TlsConnector, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connector = connector
+
+    def _create_socket(self) -> Any:
+        return self._connector.connect(self._host, self._port, self._connect_timeout)
+
+
 @dataclass(frozen=True)
 class _Identity:
-    context: ssl.SSLContext
+    context: ssl.SSLContext | TlsConnector
     serial: int
 
 
@@ -464,7 +498,10 @@ class DeviceClient:
         """Renew the certificate now (EST ``simplereenroll``) and move the session to it."""
         est_url = self._require_est_url("renew")
         with self._renew_lock:
-            cert = provisioning.reenroll(self.keystore, self.device_id, est_url=est_url)
+            if isinstance(self.keystore, RenewingKeyStore):
+                cert = self.keystore.renew(self.device_id, est_url=est_url)
+            else:
+                cert = provisioning.reenroll(self.keystore, self.device_id, est_url=est_url)
             self._events.put(_NewIdentity(self._load_identity()))
         log.info(
             "%s renewed its certificate: serial %x, valid until %s",
@@ -514,6 +551,8 @@ class DeviceClient:
                 f"the certificate in {self.keystore.certificate_path} is for {named}, "
                 f"not {self.device_id}: use that device id or this device's key store"
             )
+        if isinstance(self.keystore, ConnectingKeyStore):
+            return _Identity(self.keystore.tls_connector(self.cipher_policy), leaf.serial_number)
         return _Identity(device_context(self.keystore, self.cipher_policy), leaf.serial_number)
 
     # -- the worker: connection, queue, subscriptions --------------------------------------
@@ -606,16 +645,19 @@ class DeviceClient:
         self._state = _State.CONNECTING
         self._deadline = time.monotonic() + self.connect_timeout
 
-    def _new_paho_client(self, context: ssl.SSLContext) -> mqtt.Client:
+    def _new_paho_client(self, context: ssl.SSLContext | TlsConnector) -> mqtt.Client:
         v5 = self.mqtt_version == "5"
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.device_id,
-            clean_session=None if v5 else self.session_expiry == 0,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            reconnect_on_failure=False,
-        )
-        client.tls_set_context(context)
+        options: dict[str, Any] = {
+            "client_id": self.device_id,
+            "clean_session": None if v5 else self.session_expiry == 0,
+            "protocol": mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            "reconnect_on_failure": False,
+        }
+        if isinstance(context, ssl.SSLContext):
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, **options)
+            client.tls_set_context(context)
+        else:
+            client = _ConnectorClient(context, CallbackAPIVersion.VERSION2, **options)
         client.connect_timeout = self.connect_timeout
         client.max_inflight_messages_set(_WINDOW)
         client.on_connect = self._paho_on_connect
@@ -675,7 +717,7 @@ class DeviceClient:
         identity = self._identity
         assert client is not None and identity is not None
         sock = client.socket()
-        if not isinstance(sock, ssl.SSLSocket):
+        if not isinstance(sock, TlsConnection):
             self._drop(f"the connection to {self.host}:{self.port} closed right after CONNACK")
             return
         cipher = sock.cipher()

@@ -1,0 +1,373 @@
+"""A device identity whose key is slot 9A of a PIV smartcard, and mutual TLS 1.3 with it.
+
+The key is generated on the card and never leaves it. The issued certificate is written back to
+the card (PUT DATA, where OpenSC and any PKCS#11 application find it) and kept, with the fleet
+trust anchors, in the store's directory.
+
+Python's ``ssl`` cannot sign with a card key on Debian 12: it loads key files only, and the
+OpenSSL 3 ``pkcs11-provider`` is not packaged. So TLS runs on the same system OpenSSL 3.0 through
+M2Crypto, with the key as an engine key: OpenSSL -> libengine-pkcs11-openssl -> OpenSC's PKCS#11
+module -> pcscd -> the card. Every CertificateVerify signature is a GENERAL AUTHENTICATE on the
+card. The context gets the SDK's cipher policy (TLS 1.3 only, the policy's suites) through
+``SSL_CTX_set_ciphersuites`` on M2Crypto's own ``SSL_CTX`` pointer, since M2Crypto 0.51 has no
+call for it, and the result is read back before use. :class:`DeviceClient` connects through
+:meth:`SmartcardKeyStore.tls_connector` instead of an ``ssl.SSLContext``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, SupportsInt, TypeVar, cast
+from urllib.parse import quote
+
+import M2Crypto._m2crypto as _m2crypto
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from M2Crypto import Engine, m2
+from M2Crypto.SSL.Connection import Connection
+from M2Crypto.SSL.Context import Context
+from M2Crypto.SSL.SSLError import SSLError
+from M2Crypto.SSL.timeout import timeout as SocketTimeout
+
+from device_sdk.ciphers import CipherPolicy, resolve
+from device_sdk.errors import DeviceSdkError, KeyStoreError
+from device_sdk.keystore import _pem, _public_der, _write_atomic
+from device_sdk.piv import CardAbsent, PivCard, PivCardKey, PivError
+
+_T = TypeVar("_T")
+CARD_KEY_LABEL = "PIV AUTH key"  # OpenSC's PKCS#11 label for slot 9A's private key
+_TLS1_3_VERSION = 0x0304
+_SSL_CTRL_MODE = 33
+_SSL_CTRL_SET_MIN_PROTO_VERSION = 123
+_SSL_MODE_PARTIAL_WRITE_MOVING_BUFFER = 0x1 | 0x2  # paho resends the unsent rest
+
+
+class CardTlsError(DeviceSdkError, OSError):
+    """TLS with the card key failed (handshake, verification, or the PKCS#11 stack)."""
+
+
+class SmartcardKeyStore:
+    """A PIV card's slot 9A key, with ``device.crt`` and ``ca.crt`` in ``directory``.
+
+    ``pin`` unlocks the card for signing; ``reader`` picks the reader (a substring of its name).
+    """
+
+    def __init__(self, directory: Path, *, pin: str, reader: str | None = None) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.reader = reader
+        self._pin = pin
+        self._lock = threading.Lock()
+        self._card: PivCard | None = None
+
+    @property
+    def trust_anchors_path(self) -> Path:
+        return self.directory / "ca.crt"
+
+    @property
+    def certificate_path(self) -> Path:
+        return self.directory / "device.crt"
+
+    def set_trust_anchors(self, certs: Sequence[x509.Certificate]) -> None:
+        """Provision the fleet CA certificates (from the factory, or EST ``cacerts``)."""
+        _write_atomic(self.trust_anchors_path, _pem(certs), mode=0o644)
+
+    def certificates(self) -> list[x509.Certificate]:
+        try:
+            data = self.certificate_path.read_bytes()
+        except FileNotFoundError:
+            raise KeyStoreError(
+                f"no device certificate in {self.directory}: enroll the smartcard first "
+                "(device_sdk.piv_provisioning.enroll_smartcard)"
+            ) from None
+        return x509.load_pem_x509_certificates(data)
+
+    def card(self) -> PivCard:
+        """The card, PIV application selected and PIN verified; reopened after a removal."""
+        with self._lock:
+            if self._card is None:
+                card = PivCard.open(self.reader)
+                try:
+                    card.verify_pin(self._pin)
+                except PivError:
+                    card.close()
+                    raise
+                self._card = card
+            return self._card
+
+    def close(self) -> None:
+        with self._lock:
+            card, self._card = self._card, None
+        if card is not None:
+            card.close()
+
+    def load_identity(self, context: Any) -> None:
+        raise KeyStoreError(
+            "a smartcard key cannot be loaded into Python's ssl (it takes key files only, and "
+            "Debian 12 packages no pkcs11-provider): connect through tls_connector(), as "
+            "DeviceClient does"
+        )
+
+    def new_key(self) -> PivCardKey:
+        """Generate a P-256 key in slot 9A on the card (this replaces the slot's key)."""
+        card = self.card()
+        return PivCardKey(card, self._on_card(lambda c: c.generate_key()))
+
+    def install(self, key: ec.EllipticCurvePrivateKey, chain: Sequence[x509.Certificate]) -> None:
+        """Write the certificate to the card (slot 9A's object) and then to the directory."""
+        if not chain:
+            raise KeyStoreError("install() needs the device certificate (an empty chain was given)")
+        if not isinstance(key, PivCardKey):
+            raise KeyStoreError(
+                "a smartcard store installs only keys from its new_key(): a software key would "
+                "not be on the card"
+            )
+        if _public_der(chain[0].public_key()) != _public_der(key.public_key()):
+            raise KeyStoreError(
+                f"certificate {chain[0].serial_number:x} is not for the key in slot 9A: the CSR "
+                "and the certificate must come from the same new_key()"
+            )
+        self._on_card(lambda c: c.put_certificate(chain[0]))
+        _write_atomic(self.certificate_path, _pem(chain), mode=0o644)
+
+    def tls_connector(self, cipher_policy: CipherPolicy = "auto") -> CardTlsConnector:
+        """What DeviceClient connects with: mutual TLS 1.3 signed by the card."""
+        self.certificates()  # enrolled?
+        if not self.trust_anchors_path.exists():
+            raise KeyStoreError(
+                f"no trust anchors at {self.trust_anchors_path}: provision the fleet root CA "
+                "certificate there (set_trust_anchors) before connecting"
+            )
+        return CardTlsConnector(
+            certificate_path=self.certificate_path,
+            trust_anchors_path=self.trust_anchors_path,
+            pin=self._pin,
+            suites=resolve(cipher_policy),
+        )
+
+    def _on_card(self, action: Callable[[PivCard], _T]) -> _T:
+        """``action(card)``; after a card removal the next operation reopens the card."""
+        try:
+            return action(self.card())
+        except CardAbsent:
+            self.close()
+            raise
+
+
+# -- TLS with the card key --------------------------------------------------------------------
+
+
+def _dpkg_file(package: str, suffix: str) -> str:
+    try:
+        listing = subprocess.run(  # noqa: S603 (our own arguments)
+            ["dpkg", "-L", package],  # noqa: S607 (dpkg from PATH, as the shell would)
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise CardTlsError(f"cannot list {package} ({exc}): apt-get install {package}") from exc
+    for line in listing.splitlines():
+        if line.endswith(suffix):
+            return line
+    raise CardTlsError(f"{package} has no {suffix}: reinstall {package}")
+
+
+class _Pkcs11Engine:
+    """OpenSSL's pkcs11 engine on OpenSC's module; one per process (engines are global)."""
+
+    def __init__(self) -> None:
+        engine_path = _dpkg_file("libengine-pkcs11-openssl", "/engines-3/pkcs11.so")
+        module_path = _dpkg_file("opensc-pkcs11", "/opensc-pkcs11.so")
+        try:
+            Engine.load_dynamic()
+            self._engine = Engine.load_dynamic_engine(b"pkcs11", engine_path)
+            self._engine.ctrl_cmd_string("MODULE_PATH", module_path)
+            self._engine.init()
+        except Engine.EngineError as exc:
+            raise CardTlsError(f"cannot load the pkcs11 engine {engine_path}: {exc}") from exc
+        self._lock = threading.Lock()
+
+    def load_private_key(self, uri: str, pin: str) -> Any:
+        """The key's EVP_PKEY; the engine signs with it through PKCS#11 (login with ``pin``).
+
+        libp11 keeps the token's objects from its first load for the life of the process, and
+        its RE_ENUMERATE control crashes (libp11 0.4.12), so a card swapped under a running
+        process still shows its predecessor's key; the key check in CardTlsConnector catches it.
+        """
+        with self._lock:
+            self._engine.ctrl_cmd_string("PIN", pin)
+            return self._engine.load_private_key(uri)
+
+
+@functools.cache
+def _pkcs11_engine() -> _Pkcs11Engine:
+    return _Pkcs11Engine()
+
+
+@functools.cache
+def _libssl() -> ctypes.CDLL:
+    """The system libssl that M2Crypto is linked against (symbols resolve through it)."""
+    lib = ctypes.CDLL(_m2crypto.__file__)
+    lib.SSL_CTX_set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    lib.SSL_CTX_get_ciphers.argtypes = [ctypes.c_void_p]
+    lib.SSL_CTX_get_ciphers.restype = ctypes.c_void_p
+    lib.OPENSSL_sk_num.argtypes = [ctypes.c_void_p]
+    lib.OPENSSL_sk_num.restype = ctypes.c_int
+    lib.OPENSSL_sk_value.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.OPENSSL_sk_value.restype = ctypes.c_void_p
+    lib.SSL_CIPHER_get_name.argtypes = [ctypes.c_void_p]
+    lib.SSL_CIPHER_get_name.restype = ctypes.c_char_p
+    return lib
+
+
+def _tls13_suites(ssl_ctx: int) -> list[str]:
+    """The TLS 1.3 suites an ``SSL_CTX`` offers, in order (read back, not assumed)."""
+    lib = _libssl()
+    stack = lib.SSL_CTX_get_ciphers(ssl_ctx)
+    names = [
+        lib.SSL_CIPHER_get_name(lib.OPENSSL_sk_value(stack, i)).decode()
+        for i in range(lib.OPENSSL_sk_num(stack))
+    ]
+    return [name for name in names if name.startswith("TLS_")]
+
+
+class CardTlsConnector:
+    """Makes mutual TLS 1.3 connections that sign with the card's slot 9A key (via PKCS#11)."""
+
+    def __init__(
+        self,
+        *,
+        certificate_path: Path,
+        trust_anchors_path: Path,
+        pin: str,
+        suites: tuple[str, ...],
+    ) -> None:
+        self.suites = suites
+        engine = _pkcs11_engine()
+        uri = f"pkcs11:object={quote(CARD_KEY_LABEL)};type=private"
+        try:
+            self._key = engine.load_private_key(uri, pin)
+        except Engine.EngineError as exc:
+            raise CardTlsError(
+                f"OpenSC found no usable key {uri} ({exc}): is the card inserted, enrolled, and "
+                "the PIN right?"
+            ) from exc
+        ctx = Context("tls")
+        address = int(cast(SupportsInt, ctx.ctx))  # a SWIG pointer: the SSL_CTX *
+        lib = _libssl()
+        if lib.SSL_CTX_ctrl(address, _SSL_CTRL_SET_MIN_PROTO_VERSION, _TLS1_3_VERSION, None) != 1:
+            raise CardTlsError("OpenSSL refused TLS 1.3 as the minimum version")
+        lib.SSL_CTX_ctrl(address, _SSL_CTRL_MODE, _SSL_MODE_PARTIAL_WRITE_MOVING_BUFFER, None)
+        if lib.SSL_CTX_set_ciphersuites(address, ":".join(suites).encode()) != 1:
+            raise CardTlsError(f"OpenSSL knows none of the TLS 1.3 suites {':'.join(suites)}")
+        if ctx.load_verify_locations(str(trust_anchors_path)) != 1:
+            raise CardTlsError(f"cannot load the fleet trust anchors {trust_anchors_path}")
+        ctx.set_verify(m2.SSL_VERIFY_PEER | m2.SSL_VERIFY_FAIL_IF_NO_PEER_CERT, depth=4)
+        if m2.ssl_ctx_use_cert_chain(ctx.ctx, str(certificate_path)) != 1:
+            raise CardTlsError(f"cannot load the device certificate chain {certificate_path}")
+        try:
+            paired = m2.ssl_ctx_use_pkey_privkey(ctx.ctx, self._key.pkey) == 1 and (
+                m2.ssl_ctx_check_privkey(ctx.ctx) == 1
+            )
+        except SSLError:
+            paired = False
+        if not paired:
+            raise CardTlsError(
+                f"the card's slot 9A key does not match {certificate_path}: the card was "
+                "re-keyed after enrollment (enroll the device again), or swapped while this "
+                "process ran (OpenSC's PKCS#11 view is loaded once per process: restart it)"
+            )
+        self._ctx = ctx
+        offered = _tls13_suites(address)
+        if offered != list(suites):
+            raise CardTlsError(f"the TLS context offers {offered}, not the policy's {suites}")
+
+    def connect(self, host: str, port: int, timeout: float) -> CardTlsConnection:
+        """TCP, then a blocking handshake bounded by ``timeout``; the server must verify."""
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise CardTlsError(f"cannot reach {host}:{port}: {exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)  # M2Crypto's BIO wants a blocking descriptor; timeouts below
+        conn = Connection(self._ctx, sock=sock)
+        try:
+            bound = SocketTimeout(sec=int(timeout), microsec=int(timeout % 1 * 1e6))
+            conn.set_socket_read_timeout(bound)
+            conn.set_socket_write_timeout(bound)
+            conn.set_tlsext_host_name(host)
+            conn.set1_host(host)
+            conn.setup_ssl()
+            conn.set_connect_state()
+            if conn.connect_ssl() != 1:
+                raise SSLError("handshake did not complete")
+        except (SSLError, OSError) as exc:
+            result = conn.get_verify_result()
+            conn.close()
+            reason = m2.x509_get_verify_error(result) if result != m2.X509_V_OK else f"{exc}"
+            raise CardTlsError(
+                f"TLS with {host}:{port} using the card key failed ({reason}): the broker must "
+                "chain to the fleet CA and name the host; a broker that refuses the device "
+                "certificate, or offers none of the policy's suites, also ends here"
+            ) from exc
+        return CardTlsConnection(conn)
+
+
+class CardTlsConnection:
+    """An M2Crypto TLS connection with the socket calls paho makes and ``SSLSocket``'s
+    ``version()``/``cipher()``; non-blocking reads and writes map to ``BlockingIOError``."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def recv(self, size: int) -> bytes:
+        try:
+            data = m2.ssl_read_nbio(self._conn.ssl, size)
+        except SSLError as exc:
+            raise ConnectionResetError(f"TLS read failed: {exc}") from exc
+        if data is None:  # want read/write: nothing decrypted yet
+            raise BlockingIOError
+        return bytes(data)  # b"" on close_notify: paho sees the end of the connection
+
+    def send(self, data: bytes | bytearray) -> int:
+        if not data:
+            return 0
+        try:
+            sent = m2.ssl_write_nbio(self._conn.ssl, bytes(data))
+        except SSLError as exc:
+            raise ConnectionResetError(f"TLS write failed: {exc}") from exc
+        if sent is None or sent < 0:
+            raise BlockingIOError
+        return int(sent)
+
+    def pending(self) -> int:
+        return int(self._conn.pending())
+
+    def fileno(self) -> int:
+        return int(self._conn.fileno())
+
+    def setblocking(self, flag: bool) -> None:
+        self._conn.setblocking(1 if flag else 0)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def version(self) -> str | None:
+        version = self._conn.get_version()
+        return str(version) if version else None
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        cipher = self._conn.get_cipher()
+        if cipher is None:
+            return None
+        return cipher.name(), cipher.version(), len(cipher)  # len(): secret bits
