@@ -9,6 +9,7 @@ must be answered 403 with its reason, leave an audit event and leave the device 
 from __future__ import annotations
 
 import base64
+import json
 import stat
 import subprocess
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from device_sdk.tpm import Tpm
 from device_sdk.tpm_keystore import TpmKeyStore
 from device_sdk.tpm_provisioning import CHALLENGE, ENROLL, enroll_tpm
 from enrollment.attestation.trust import key_fingerprint
+from enrollment.errors import AttestationRefused
 from enrollment.profiles import key_protection_of
 from enrollment.registry import DeviceState
 from firmware_sim.vtpm import VirtualTpm
@@ -197,3 +199,42 @@ def test_a_challenge_answered_twice_is_refused_as_a_replay(
     assert replayed.value.status == 403
     assert "was already answered" in replayed.value.message
     assert fleet.registry.device(DEVICE).state == DeviceState.PENDING
+
+
+def test_an_enrolled_id_cannot_move_to_another_tpm(
+    fleet, est_server, station, vtpm, second_vtpm, tpm_maker, tmp_path
+):
+    """Enrolled on one TPM; a key rotation presenting a second genuine TPM is refused.
+
+    The device's own certificate authenticates the rotation. The service is transport-free, so
+    it is called with that certificate directly: no TLS client needs the first TPM's key here.
+    """
+    store = store_for(fleet, vtpm, tmp_path / DEVICE)
+    cert = enroll_tpm(
+        store,
+        DEVICE,
+        est_url=est_server.url,
+        station_cert=station.cert,
+        station_key=station.key,
+        ek_chain=ek_chain(tpm_maker),
+    )
+    bound = fleet.registry.device(DEVICE).hardware_binding
+    with Tpm(second_vtpm.tcti) as chip:
+        endorsement = chip.endorsement()
+        ak = chip.create_attestation_key()
+    body = {
+        "device_id": DEVICE,
+        "ek_certificate": b64(endorsement.certificate),
+        "ek_chain": [b64(der(c)) for c in ek_chain(tpm_maker)],
+        "ak_public": b64(ak.public),
+    }
+    with pytest.raises(AttestationRefused, match="never moves to other hardware"):
+        fleet.service.tpm_challenge(cert, json.dumps(body).encode())
+    device = fleet.registry.device(DEVICE)
+    assert (device.state, device.hardware_binding) == (DeviceState.ACTIVE, bound)
+    assert fleet.registry.certificate(cert.serial_number).status == "active"
+    events = fleet.registry.audit_events(subject=DEVICE)
+    assert any(
+        (e.action, e.outcome) == ("tpm.challenge", "refused") and "other hardware" in e.reason
+        for e in events
+    ), events
