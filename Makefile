@@ -3,7 +3,7 @@
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: bootstrap bootstrap-test demo test lint typecheck unit bench-enroll bench-chacha bench-broker clean
+.PHONY: bootstrap bootstrap-test demo test lint typecheck unit bench-enroll bench-chacha bench-broker bench-bridge clean
 
 # `make demo` needs the runtime packages; tests and benchmarks also need the real peers.
 bootstrap:
@@ -42,3 +42,8 @@ bench-chacha: bootstrap-test
 # mTLS connects/s, QoS 0/1 fan-in, memory per idle connection, revoke -> kick latency.
 bench-broker: bootstrap-test
 	$(VENV)/python scripts/bench_broker.py
+
+# Bridge: device -> fleetgate -> bridge -> upstream Mosquitto beside devices -> Mosquitto, and the
+# catch-up after a 30 s upstream outage. Last line: bridged_ratio=… outage_lost=… catchup_msgs_per_s=…
+bench-bridge: bootstrap-test
+	$(VENV)/python scripts/bench_bridge.py

@@ -10,12 +10,13 @@ connections share (routing, sessions, retained messages) is :class:`broker.core.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, replace
 from enum import Enum
 
 from broker.acl import DeviceAcl
 from broker.admission import Admitted, Identity, Refused, Unidentified
-from broker.core import BrokerCore
+from broker.core import BrokerCore, GateVerdict
 from broker.mqtt import (
     NO_PROPERTIES,
     Auth,
@@ -66,6 +67,21 @@ class State(Enum):
     CLOSED = "closed"
 
 
+class _HeldAck:
+    """A PUBACK/PUBREC held until the bridge's queue has the message on disk; later
+    acknowledgements wait behind it, so the client sees them in the order it published."""
+
+    __slots__ = ("conn", "packet", "ready")
+
+    def __init__(self, conn: Connection, packet: PubAck | PubRec | None, *, ready: bool) -> None:
+        self.conn = conn
+        self.packet = packet
+        self.ready = ready
+
+    def stored(self, ok: bool, now: float) -> None:
+        self.conn._ack_stored(self, ok, now)
+
+
 @dataclass(frozen=True, slots=True)
 class AdmissionRequest:
     """Ask the registry whether this identity may connect, then call ``admission_done``."""
@@ -82,6 +98,7 @@ class Connection:
         "_connect",
         "_created",
         "_decoder",
+        "_held",
         "_out",
         "_send_window",
         "_will",
@@ -134,6 +151,7 @@ class Connection:
         self._aliases: dict[int, str] = {}
         self._allowed: dict[str, bool] = {}
         self._send_window = core.settings.receive_maximum
+        self._held: deque[_HeldAck] = deque()
         core.connections.add(self)
 
     @property
@@ -370,19 +388,40 @@ class Connection:
             props = replace(
                 props, topic_alias=None, subscription_identifiers=(), message_expiry_interval=None
             )
-        self.core.publish(
-            Message(
-                topic=topic,
-                payload=packet.payload,
-                qos=packet.qos,
-                retain=packet.retain,
-                properties=props,
-                sender=self.client_id,
-                expires_at=None if expiry is None else now + expiry,
-            ),
-            now,
+        message = Message(
+            topic=topic,
+            payload=packet.payload,
+            qos=packet.qos,
+            retain=packet.retain,
+            properties=props,
+            sender=self.client_id,
+            expires_at=None if expiry is None else now + expiry,
         )
-        self._answer_publish(packet, _R.SUCCESS)
+        held: _HeldAck | None = None
+        if self.core.gate is not None:
+            held = _HeldAck(self, None, ready=False)
+            verdict = self.core.gate.admit(message, packet.dup, held.stored)
+            if verdict is GateVerdict.LOOP:  # an echo of a message this broker forwarded
+                self._answer_publish(packet, _R.SUCCESS)
+                return
+            if verdict is GateVerdict.FULL:
+                self._queue_full(packet, now)
+                return
+            if verdict is GateVerdict.ROUTE:
+                held = None
+        self.core.publish(message, now)
+        self._answer_publish(packet, _R.SUCCESS, held=held)
+
+    def _queue_full(self, packet: Publish, now: float) -> None:
+        """A bridge's queue is full: MQTT 5 gets PUBACK/PUBREC 0x97; 3.1.1 cannot refuse a
+        message, so the connection is closed without acknowledging it (the client keeps it
+        and resends it on reconnect). QoS 0 is dropped (the gate counted it)."""
+        if packet.qos == QoS.AT_MOST_ONCE:
+            return
+        if self.level is _V5:
+            self._answer_publish(packet, _R.QUOTA_EXCEEDED)
+        else:
+            self._disconnect(_R.QUOTA_EXCEEDED, "bridge queue full", now)
 
     def _may_publish(self, topic: str) -> bool:
         """The ACL's answer, remembered: a device publishes to a handful of topics, over and
@@ -396,20 +435,46 @@ class Connection:
             self._allowed[topic] = allowed
         return allowed
 
-    def _answer_publish(self, packet: Publish, code: ReasonCode) -> None:
+    def _answer_publish(
+        self, packet: Publish, code: ReasonCode, *, held: _HeldAck | None = None
+    ) -> None:
         """PUBACK/PUBREC with ``code`` on MQTT 5; 3.1.1 has no refusal, so a refused message is
-        acknowledged as if delivered, as Mosquitto does, and the client is not left waiting."""
+        acknowledged as if delivered, as Mosquitto does, and the client is not left waiting.
+        ``held`` keeps the acknowledgement until the bridge stored the message."""
         assert self.session is not None
         if packet.packet_id is None:
             return
         if self.level is _V3:
             code = _R.SUCCESS
+        ack: PubAck | PubRec
         if packet.qos == QoS.AT_LEAST_ONCE:
-            self._write(PubAck(packet_id=packet.packet_id, reason_code=code))
+            ack = PubAck(packet_id=packet.packet_id, reason_code=code)
         else:
             if code == _R.SUCCESS:
                 self.session.incoming_qos2.add(packet.packet_id)
-            self._write(PubRec(packet_id=packet.packet_id, reason_code=code))
+            ack = PubRec(packet_id=packet.packet_id, reason_code=code)
+        if held is not None:
+            held.packet = ack
+            self._held.append(held)
+        elif self._held:
+            self._held.append(_HeldAck(self, ack, ready=True))
+        else:
+            self._write(ack)
+
+    def _ack_stored(self, held: _HeldAck, ok: bool, now: float) -> None:
+        """The bridge's write for ``held`` finished: release it and those queued behind it."""
+        if self.state is not State.CONNECTED or held.packet is None:
+            return
+        if not ok:
+            if self.level is _V3:  # no way to say "not stored": the client resends on reconnect
+                self._disconnect(_R.UNSPECIFIED_ERROR, "bridge queue write failed", now)
+                return
+            held.packet = replace(held.packet, reason_code=_R.IMPLEMENTATION_SPECIFIC_ERROR)
+        held.ready = True
+        while self._held and self._held[0].ready:
+            packet = self._held.popleft().packet
+            assert packet is not None
+            self._write(packet)
 
     def _on_pubrel(self, packet: PubRel) -> None:
         assert self.session is not None
@@ -634,6 +699,7 @@ class Connection:
         self._close(now, publish_will=publish_will)
 
     def _close(self, now: float, *, publish_will: bool) -> None:
+        self._held.clear()  # never sent: the client resends those messages
         self.state = State.CLOSED
         self.closing = True
         self.core.dirty.add(self)

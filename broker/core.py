@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol
 
 from broker.metrics import Metrics
 from broker.mqtt import NO_PROPERTIES, QoS, Will
@@ -23,6 +24,27 @@ if TYPE_CHECKING:
     from broker.connection import Connection
 
 AuditSink = Callable[[AuditRecord], None]
+
+
+class GateVerdict(Enum):
+    """What a :class:`PublishGate` says about a client's PUBLISH."""
+
+    ROUTE = "route"  # not for a bridge: route it and acknowledge it now
+    HOLD = "hold"  # route it now; acknowledge once the gate calls back (durably stored)
+    LOOP = "loop"  # it came back from a bridge: acknowledge it, do not route it again
+    FULL = "full"  # the bridge's queue is full: refuse it
+
+
+class PublishGate(Protocol):
+    """Sees every authorised client PUBLISH before it is routed: the bridges (issue 5).
+
+    For ``HOLD``, ``on_stored(True, now)`` comes later from the event loop once the message is
+    committed, or ``on_stored(False, now)`` if it could not be.
+    """
+
+    def admit(
+        self, message: Message, dup: bool, on_stored: Callable[[bool, float], None]
+    ) -> GateVerdict: ...
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,7 @@ class BrokerCore:
         self.subscriptions = SubscriptionTree()
         self.retained = RetainedMessages()
         self.dirty: set[Connection] = set()
+        self.gate: PublishGate | None = None
         self._assigned_ids = itertools.count(1)
 
     # -- sessions ------------------------------------------------------------------------------

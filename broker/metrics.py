@@ -14,6 +14,15 @@ from broker.mqtt import QoS
 _PREFIX = "fleetgate_broker_"
 
 
+def family_lines(
+    name: str, kind: str, text: str, samples: Iterable[tuple[str, float]]
+) -> list[str]:
+    """One metric family: HELP, TYPE and its samples (``labels`` like ``{bridge="x"}``)."""
+    lines = [f"# HELP {_PREFIX}{name} {text}", f"# TYPE {_PREFIX}{name} {kind}"]
+    lines.extend(f"{_PREFIX}{name}{labels} {value:g}" for labels, value in samples)
+    return lines
+
+
 class Metrics:
     """Everything ``/metrics`` reports; gauges that the core already knows are read at scrape."""
 
@@ -37,9 +46,7 @@ class Metrics:
         lines: list[str] = []
 
         def family(name: str, kind: str, text: str, samples: Iterable[tuple[str, float]]) -> None:
-            lines.append(f"# HELP {_PREFIX}{name} {text}")
-            lines.append(f"# TYPE {_PREFIX}{name} {kind}")
-            lines.extend(f"{_PREFIX}{name}{labels} {value:g}" for labels, value in samples)
+            lines.extend(family_lines(name, kind, text, samples))
 
         def by(label: str, counter: Counter[str] | Counter[int]) -> list[tuple[str, float]]:
             return [(f'{{{label}="{key}"}}', value) for key, value in sorted(counter.items())]

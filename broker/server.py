@@ -27,6 +27,7 @@ from broker.admission import (
     identify_certificate,
 )
 from broker.audit import AuditWriter
+from broker.bridge import BridgeManager
 from broker.connection import AdmissionRequest, Connection
 from broker.core import BrokerCore, CoreSettings
 from broker.feed import RevocationFeed
@@ -145,6 +146,11 @@ class Broker:
             interval=settings.feed_poll_interval_s,
             on_change=self._on_device_change,
         )
+        self.bridges = (
+            BridgeManager(config, self.core, self.registry, wake=self.wake)
+            if config.bridges
+            else None
+        )
         self.ports = BoundPorts(0, 0, 0)
         self._protocols: dict[Connection, _MqttProtocol] = {}
         self._servers: list[asyncio.Server] = []
@@ -164,6 +170,8 @@ class Broker:
         )
         context = broker_context(self.config, credentials.cert, credentials.key)
         await self.feed.start()
+        if self.bridges is not None:  # before listening: queued messages and the gate first
+            await self.bridges.start()
         tls_server = await serve_tls(
             lambda: _MqttProtocol(self, "tls"),
             host=settings.host,
@@ -218,6 +226,8 @@ class Broker:
         for protocol in list(self._protocols.values()):
             if protocol.transport is not None:
                 protocol.transport.abort()
+        if self.bridges is not None:
+            await self.bridges.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -327,6 +337,7 @@ class Broker:
     async def _start_metrics(self) -> int:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics_handler)
+        app.router.add_get("/bridges", self._bridges_handler)
         self._metrics_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._metrics_runner.setup()
         sock = socket.create_server(("127.0.0.1", self.config.broker.metrics_port))
@@ -341,9 +352,17 @@ class Broker:
             retained=self.core.retained.count,
             feed_lag_s=self.now() - self.feed.last_read,
         )
+        if self.bridges is not None:
+            text += self.bridges.render_metrics()
         return web.Response(
             body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
         )
+
+    async def _bridges_handler(self, request: web.Request) -> web.Response:
+        """Per-bridge figures as JSON, for ``fleetgate bridge status``."""
+        if self.bridges is None:
+            return web.json_response({"origin": None, "loops_dropped": 0, "bridges": []})
+        return web.json_response(self.bridges.status_json())
 
 
 def _check_settings(config: Config) -> None:

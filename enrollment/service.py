@@ -301,7 +301,7 @@ class EnrollmentService:
         self, client_cert: x509.Certificate | None, body: bytes, *, request_id: str | None = None
     ) -> x509.Certificate:
         """Smartcard enrollment: the card's attestation must vouch for the CSR's key."""
-        from enrollment.attestation import piv
+        from enrollment.attestation.piv import verify_piv_attestation
 
         actor, subject = "anonymous", None
         try:
@@ -311,7 +311,7 @@ class EnrollmentService:
             checked = check_device_csr(request.csr)
             subject = checked.device_id
             jsonlog.device_id.set(subject)
-            attested = piv.verify_piv_attestation(
+            attested = verify_piv_attestation(
                 attestation_certificate=request.attestation_certificate,
                 attestation_intermediate=request.attestation_intermediate,
                 anchors=self._anchors(self.config.attestation.card_manufacturer_cas),

@@ -1,0 +1,304 @@
+"""One bridge's upstream connection on asyncio: TLS 1.3, reconnects with backoff, the send
+window, keep-alive. The MQTT rules are in :mod:`broker.bridge.protocol`; this module moves its
+bytes and decides when to try again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import NoReturn, Protocol
+
+from broker.bridge.plan import BridgePlan
+from broker.bridge.protocol import (
+    Accepted,
+    Acknowledged,
+    ConnectRefused,
+    Received,
+    ServerClosed,
+    Subscribed,
+    UpstreamSession,
+)
+from broker.bridge.queue import OutQueue, Queued
+from broker.bridge.status import BridgeCounters, LinkState
+from broker.mqtt import ProtocolError, Publish, ReasonCode
+from device_sdk.client import Backoff
+from device_sdk.errors import KeyStoreError
+
+log = logging.getLogger("fleetgate.broker.bridge")
+
+SUBSCRIBE_PACKET_ID = 1
+"""SUBSCRIBE goes out before any PUBLISH of a connection, so its id cannot clash with one."""
+
+
+class LinkDown(Exception):
+    """Why an upstream connection ended or could not start; ``failure`` grows the backoff."""
+
+    def __init__(self, reason: str, *, failure: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.failure = failure
+
+
+class LinkOwner(Protocol):
+    """What a link asks of the broker's bridge manager."""
+
+    async def connected(self, name: str) -> None: ...
+
+    def inbound(self, name: str, publish: Publish) -> None: ...
+
+    def acked(self, name: str, item: Queued) -> None: ...
+
+    def sent(self, name: str, seq: int) -> None: ...
+
+    def want_more(self, name: str) -> None: ...
+
+
+class BridgeLink:
+    """Keeps one bridge connected, forwarding its queue and receiving its in rules."""
+
+    def __init__(
+        self,
+        plan: BridgePlan,
+        queue: OutQueue,
+        counters: BridgeCounters,
+        state: LinkState,
+        owner: LinkOwner,
+        context: Callable[[], ssl.SSLContext],
+        client_id: Callable[[], str],
+    ) -> None:
+        self.plan = plan
+        self.queue = queue
+        self.counters = counters
+        self.state = state
+        self._owner = owner
+        self._context = context
+        self._client_id = client_id
+        self._wake = asyncio.Event()
+        self._last_received = 0.0
+        settings = plan.settings
+        self._backoff = Backoff(initial=settings.backoff_initial_s, maximum=settings.backoff_max_s)
+
+    def wake(self) -> None:
+        """New messages (or a free window): the sender looks again."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Connect, forward, reconnect; until cancelled. Each failed attempt is logged once,
+        with its reason, and the next one waits longer (full jitter, capped)."""
+        failures = 0
+        name = self.plan.name
+        while True:
+            try:
+                await self._session()
+            except LinkDown as exc:
+                down = exc
+            self.queue.rewind()
+            self.state.down(down.reason, time.time())
+            failures = failures + 1 if down.failure else 0
+            if down.failure:
+                self.counters.connect_failures += 1
+            delay = self._backoff.delay(failures)
+            log.warning(
+                "bridge %s: %s; retrying in %.1f s",
+                name,
+                down.reason,
+                delay,
+                extra={"bridge": name, "reason": down.reason, "attempt": failures},
+            )
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> NoReturn:
+        settings = self.plan.settings
+        upstream = f"{settings.host}:{settings.port}"
+        try:
+            context = self._context()
+            client_id = self._client_id()
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    settings.host,
+                    settings.port,
+                    ssl=context,
+                    server_hostname=self.plan.server_name,
+                    ssl_handshake_timeout=settings.connect_timeout_s,
+                ),
+                settings.connect_timeout_s,
+            )
+        except KeyStoreError as exc:
+            raise LinkDown(exc.message) from None
+        except ssl.SSLError as exc:
+            raise LinkDown(f"TLS with {upstream} failed: {exc.reason or exc}") from None
+        except (OSError, TimeoutError) as exc:
+            raise LinkDown(f"cannot reach {upstream}: {exc or 'timed out'}") from None
+        session = UpstreamSession(
+            self.plan.level,
+            client_id=client_id,
+            keep_alive=settings.keepalive_s,
+            session_expiry=settings.session_expiry_s,
+            receive_maximum=0xFFFF,
+        )
+        try:
+            await self._converse(reader, writer, session, upstream)
+        finally:
+            writer.close()
+
+    async def _converse(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        session: UpstreamSession,
+        upstream: str,
+    ) -> NoReturn:
+        settings = self.plan.settings
+        writer.write(session.connect())
+        try:
+            accepted = await asyncio.wait_for(
+                self._handshake(reader, session, upstream), settings.connect_timeout_s
+            )
+        except TimeoutError:
+            raise LinkDown(
+                f"no CONNACK from {upstream} within {settings.connect_timeout_s} s"
+            ) from None
+        await self._owner.connected(self.plan.name)
+        self.state.up(time.time())
+        log.info(
+            "bridge %s connected to %s", self.plan.name, upstream, extra={"bridge": self.plan.name}
+        )
+        filters = tuple(rule.source for rule in self.plan.inbound)
+        if filters:
+            writer.write(session.subscribe(SUBSCRIBE_PACKET_ID, filters))
+        window = min(settings.max_inflight, accepted.receive_maximum)
+        tasks = [
+            asyncio.create_task(self._read(reader, writer, session, upstream, filters)),
+            asyncio.create_task(self._send(writer, session, window)),
+        ]
+        if settings.keepalive_s:
+            tasks.append(asyncio.create_task(self._keep_alive(writer, session)))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, LinkDown):
+                raise exc
+            if isinstance(exc, ssl.SSLError | OSError):
+                raise LinkDown(f"connection to {upstream} lost: {exc}", failure=False)
+            if exc is not None:
+                raise exc
+        raise LinkDown(f"connection to {upstream} ended", failure=False)
+
+    async def _handshake(
+        self, reader: asyncio.StreamReader, session: UpstreamSession, upstream: str
+    ) -> Accepted:
+        while True:
+            try:
+                data = await reader.read(65536)
+            except ssl.SSLError as exc:  # TLS 1.3: a refused client certificate shows up here
+                raise LinkDown(f"{upstream} refused the TLS session: {exc.reason or exc}") from None
+            except OSError as exc:
+                raise LinkDown(f"{upstream} closed the connection: {exc}") from None
+            if not data:
+                raise LinkDown(f"{upstream} closed the connection before CONNACK")
+            try:
+                events = session.receive(data)
+            except ProtocolError as exc:
+                raise LinkDown(f"{upstream} broke the protocol: {exc.message}") from None
+            for event in events:
+                if isinstance(event, ConnectRefused):
+                    raise LinkDown(f"{upstream} refused CONNECT: 0x{event.code:02x} {event.reason}")
+                if isinstance(event, Accepted):
+                    return event
+                raise LinkDown(f"{upstream} sent {type(event).__name__} before CONNACK")
+
+    async def _read(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        session: UpstreamSession,
+        upstream: str,
+        filters: tuple[str, ...],
+    ) -> None:
+        name = self.plan.name
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                raise LinkDown(f"{upstream} closed the connection", failure=False)
+            self._last_received = asyncio.get_running_loop().time()
+            try:
+                events = session.receive(data)
+            except ProtocolError as exc:
+                raise LinkDown(f"{upstream} broke the protocol: {exc.message}") from None
+            acks: list[bytes] = []
+            for event in events:
+                match event:
+                    case Acknowledged(packet_id=packet_id, code=code, reason=reason):
+                        if code >= 0x80:
+                            raise LinkDown(
+                                f"{upstream} refused a forwarded message: 0x{code:02x} "
+                                f"{reason or ReasonCode(code).name.lower()} (kept in the queue; "
+                                "check the bridge identity's ACL upstream)"
+                            )
+                        item = self.queue.acked(packet_id)
+                        if item is not None:
+                            self.counters.forwarded += 1
+                            self._owner.acked(name, item)
+                            self._wake.set()
+                    case Received(publish=publish):
+                        self._owner.inbound(name, publish)
+                        if publish.packet_id is not None:
+                            acks.append(session.puback(publish.packet_id))
+                    case Subscribed(codes=codes):
+                        refused = [f for f, c in zip(filters, codes, strict=False) if c >= 0x80]
+                        if refused:
+                            self.state.last_error = f"{upstream} refused subscriptions {refused}"
+                            log.error(
+                                "bridge %s: %s refused subscriptions %s: commands will not "
+                                "arrive; check the bridge identity's ACL upstream",
+                                name,
+                                upstream,
+                                refused,
+                                extra={"bridge": name},
+                            )
+                    case ServerClosed(code=code, reason=reason):
+                        raise LinkDown(
+                            f"{upstream} sent DISCONNECT 0x{code:02x} {reason}".rstrip(),
+                            failure=code >= 0x80,
+                        )
+            if acks:
+                writer.write(b"".join(acks))
+
+    async def _send(
+        self, writer: asyncio.StreamWriter, session: UpstreamSession, window: int
+    ) -> None:
+        name = self.plan.name
+        while True:
+            self._wake.clear()
+            batch = self.queue.take(window - self.queue.in_flight)
+            if not batch:
+                self._owner.want_more(name)
+                await self._wake.wait()
+                continue
+            data = []
+            for item in batch:
+                if item.sent:
+                    self.counters.duplicates_out += 1
+                data.append(session.publish(item))
+                item.sent = True
+            writer.write(b"".join(data))
+            self._owner.sent(name, batch[-1].seq)
+            await writer.drain()
+
+    async def _keep_alive(self, writer: asyncio.StreamWriter, session: UpstreamSession) -> None:
+        interval = self.plan.settings.keepalive_s
+        loop = asyncio.get_running_loop()
+        self._last_received = loop.time()
+        while True:
+            await asyncio.sleep(interval / 2)
+            if loop.time() - self._last_received > 1.5 * interval:
+                raise LinkDown(f"no answer from the upstream for {1.5 * interval:.0f} s")
+            writer.write(session.ping())

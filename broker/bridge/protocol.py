@@ -1,0 +1,199 @@
+"""The bridge's client side of one upstream MQTT connection, without I/O (the h11 shape).
+
+Bytes in (:meth:`UpstreamSession.receive`) become events; what the bridge wants to say becomes
+bytes, through the same :mod:`broker.mqtt` codec the broker uses. The asyncio shell that owns
+the socket is :mod:`broker.bridge.link`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.bridge.queue import Queued
+from broker.mqtt import (
+    NO_PROPERTIES,
+    ConnAck,
+    ConnackReturnCodeV3,
+    Connect,
+    Decoder,
+    Disconnect,
+    PingReq,
+    PingResp,
+    Properties,
+    ProtocolError,
+    ProtocolLevel,
+    PubAck,
+    Publish,
+    QoS,
+    ReasonCode,
+    SubAck,
+    Subscribe,
+    Subscription,
+    encode,
+)
+
+_V5 = ProtocolLevel.MQTT_5
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """CONNACK success; ``receive_maximum`` caps the bridge's QoS 1 window."""
+
+    session_present: bool
+    receive_maximum: int
+    maximum_packet_size: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRefused:
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledged:
+    """PUBACK for one forwarded message; a ``code`` of 0x80 or more is a refusal."""
+
+    packet_id: int
+    code: ReasonCode
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    codes: tuple[ReasonCode, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A message from the upstream; QoS 1 is acknowledged with :meth:`UpstreamSession.puback`
+    once it is published locally."""
+
+    publish: Publish
+
+
+@dataclass(frozen=True, slots=True)
+class ServerClosed:
+    code: int
+    reason: str
+
+
+Event = Accepted | ConnectRefused | Acknowledged | Subscribed | Received | ServerClosed
+
+_V3_REFUSALS = {
+    ConnackReturnCodeV3.UNACCEPTABLE_PROTOCOL_VERSION: "unacceptable protocol version",
+    ConnackReturnCodeV3.IDENTIFIER_REJECTED: "client identifier rejected",
+    ConnackReturnCodeV3.SERVER_UNAVAILABLE: "server unavailable",
+    ConnackReturnCodeV3.BAD_USER_NAME_OR_PASSWORD: "bad user name or password",
+    ConnackReturnCodeV3.NOT_AUTHORIZED: "not authorized",
+}
+
+
+class UpstreamSession:
+    """A persistent session (clean start off), so the upstream keeps queueing inbound
+    messages while the bridge is away; subscriptions are QoS 1, with no-local on MQTT 5."""
+
+    def __init__(
+        self,
+        level: ProtocolLevel,
+        *,
+        client_id: str,
+        keep_alive: int,
+        session_expiry: int,
+        receive_maximum: int,
+    ) -> None:
+        self.level = level
+        self._client_id = client_id
+        self._keep_alive = keep_alive
+        self._session_expiry = session_expiry
+        self._receive_maximum = receive_maximum
+        self._decoder = Decoder(protocol_level=level)
+
+    def connect(self) -> bytes:
+        properties = NO_PROPERTIES
+        if self.level is _V5:
+            properties = Properties(
+                session_expiry_interval=self._session_expiry,
+                receive_maximum=self._receive_maximum,
+            )
+        packet = Connect(
+            client_id=self._client_id,
+            clean_start=False,
+            keep_alive=self._keep_alive,
+            properties=properties,
+        )
+        return encode(packet, self.level)
+
+    def subscribe(self, packet_id: int, filters: tuple[str, ...]) -> bytes:
+        no_local = self.level is _V5  # our own forwarded messages must not come back
+        subscriptions = tuple(
+            Subscription(topic_filter=f, qos=QoS.AT_LEAST_ONCE, no_local=no_local) for f in filters
+        )
+        return encode(Subscribe(packet_id=packet_id, subscriptions=subscriptions), self.level)
+
+    def publish(self, item: Queued) -> bytes:
+        """QoS 1 PUBLISH of a queued message; DUP when it was sent before. MQTT 3.1.1 cannot
+        carry properties (origin marker included), so they stay behind."""
+        packet = Publish(
+            topic=item.topic,
+            payload=item.payload,
+            qos=QoS.AT_LEAST_ONCE,
+            retain=item.retain,
+            dup=item.sent,
+            packet_id=item.packet_id,
+            properties=item.properties if self.level is _V5 else NO_PROPERTIES,
+        )
+        # Built from a topic and properties the broker already validated: the hot path.
+        return encode(packet, self.level, validate=False)
+
+    def puback(self, packet_id: int) -> bytes:
+        return encode(PubAck(packet_id=packet_id), self.level, validate=False)
+
+    def ping(self) -> bytes:
+        return encode(PingReq(), self.level)
+
+    def disconnect(self) -> bytes:
+        return encode(Disconnect(), self.level)
+
+    def receive(self, data: bytes) -> list[Event]:
+        """Events from the upstream's bytes; :class:`ProtocolError` if it broke the protocol."""
+        self._decoder.feed(data)
+        events: list[Event] = []
+        while (packet := self._decoder.next_packet()) is not None:
+            match packet:
+                case ConnAck():
+                    events.append(self._connack(packet))
+                case PubAck():
+                    reason = packet.properties.reason_string or ""
+                    events.append(Acknowledged(packet.packet_id, packet.reason_code, reason))
+                case SubAck():
+                    events.append(Subscribed(packet.reason_codes))
+                case Publish() if packet.qos != QoS.EXACTLY_ONCE:
+                    events.append(Received(packet))
+                case Disconnect():
+                    reason = packet.properties.reason_string or ""
+                    events.append(ServerClosed(packet.reason_code, reason))
+                case PingResp():
+                    pass
+                case _:
+                    raise ProtocolError(
+                        ReasonCode.PROTOCOL_ERROR,
+                        f"unexpected {type(packet).__name__} from the upstream (the bridge "
+                        "subscribes at QoS 1 and never sends QoS 2)",
+                    )
+        return events
+
+    def _connack(self, packet: ConnAck) -> Accepted | ConnectRefused:
+        code = int(packet.reason_code)
+        if code == 0:
+            props = packet.properties
+            return Accepted(
+                packet.session_present,
+                props.receive_maximum or 0xFFFF,
+                props.maximum_packet_size,
+            )
+        if self.level is _V5:
+            reason = packet.properties.reason_string or ReasonCode(code).name.lower()
+        else:
+            reason = _V3_REFUSALS.get(ConnackReturnCodeV3(code), "refused")
+        return ConnectRefused(code, reason)

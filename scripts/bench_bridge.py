@@ -1,0 +1,316 @@
+"""Bridge benchmark: device publish -> upstream delivery through fleetgate's bridge, beside
+devices publishing straight to the same upstream Mosquitto, and the catch-up after an outage.
+
+``make bench-bridge`` runs this. It provisions a throw-away fleet with ``bench_broker.provision``
+(CA, station, devices and a backend identity enrolled in-process), enrolls a ``bench-bridge``
+identity into a key store directory, and starts Debian's Mosquitto 2.0.11 as the upstream with
+``bench_broker``'s configuration (client certificates required, TLS 1.3, no persistence,
+``max_queued_messages 0``). Then, loopback only:
+
+1. direct: P publishers -> Mosquitto ``devices/<id>/telemetry``; one subscriber on Mosquitto.
+2. bridged: P publishers -> ``fleetgate serve broker`` with one ``[[bridge]]`` (MQTT 5, out
+   ``devices/+/telemetry`` -> ``sites/bench/devices/+/telemetry``) -> Mosquitto; the same
+   subscriber counts ``sites/bench/#``.
+3. outage: the bridged set-up again; Mosquitto is frozen (SIGSTOP) for 30 s while devices keep
+   publishing (the bridge's keep-alive notices; the messages pile up in its SQLite queue), then
+   resumed (SIGCONT). Catch-up rate = messages queued / time from resume until the subscriber
+   has them all; ``outage_lost`` = device-acknowledged messages that never arrived.
+
+Messages/s are counted at the upstream subscriber over a timed window, in a closed loop: each
+publisher keeps W messages in flight (sent, not yet PUBACKed by the broker it talks to). The
+broker under test (Mosquitto for direct, fleetgate for bridged) and the upstream Mosquitto are
+pinned to core 0, the load generator (publishers and subscriber, one asyncio process on the
+broker's own sans-I/O codec) to core 1; the generator's ceiling is 1 / its CPU per message,
+measured in the direct run. The last line is::
+
+    bridged_ratio=<bridged/direct> outage_lost=<n> catchup_msgs_per_s=<x>
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import ssl
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench_broker import (
+    BACKEND,
+    GENERATOR_CORE,
+    HOST,
+    SERVER_NAME,
+    Fleet,
+    provision,
+    start_fleetgate,
+    start_mosquitto,
+    stop_broker,
+)
+from benchlib import cpu_seconds
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from broker.mqtt import QoS
+from device_sdk.est import device_csr
+from enrollment.keyfiles import write_certificates, write_private_key
+from firmware_sim.mqtt_client import SimClient
+
+SITE = "bench"
+BRIDGE_ID = "bench-bridge"
+BRIDGE_STATION = "bench-bridge-line"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--publishers", type=int, default=20, help="publishing devices (P)")
+    parser.add_argument("--window", type=int, default=16, help="QoS 1 in flight per publisher")
+    parser.add_argument("--duration", type=float, default=10.0, help="timed seconds per run")
+    parser.add_argument("--outage", type=float, default=30.0, help="upstream outage, seconds")
+    parser.add_argument("--payload", type=int, default=64, help="payload bytes")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return parser.parse_args()
+
+
+def enroll_bridge(fleet: Fleet, tmp: Path) -> Path:
+    """A key store directory (device.crt, device.key, ca.crt) for the bridge identity."""
+    _, station_cert = fleet.service.add_station(BRIDGE_STATION, actor="bench")
+    fleet.registry.add_batch(
+        BRIDGE_STATION, [BRIDGE_ID], group="bridges", label="bench", actor="bench"
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    body = base64.b64encode(device_csr(BRIDGE_ID, key).public_bytes(Encoding.DER))
+    cert = fleet.service.enroll(station_cert, body)
+    store = tmp / "bridge-keystore"
+    write_private_key(store / "device.key", key)
+    write_certificates(store / "device.crt", [cert, fleet.service.ca.anchors.issuing])
+    shutil.copy(fleet.root, store / "ca.crt")
+    return store
+
+
+def write_bridge_config(fleet: Fleet, store: Path, upstream_port: int) -> None:
+    (fleet.home / "fleetgate.toml").write_text(
+        f"""[[bridge]]
+name = "central"
+host = "{SERVER_NAME}"
+port = {upstream_port}
+protocol = "5"
+keystore = "{store}"
+site = "{SITE}"
+keepalive_s = 4
+backoff_initial_s = 0.2
+backoff_max_s = 1.0
+queue_max_messages = 10000000
+queue_max_bytes = 4000000000
+[[bridge.out]]
+local = "devices/+/telemetry"
+remote = "sites/{{site}}/devices/+/telemetry"
+"""
+    )
+
+
+def pin_generator() -> None:
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, {GENERATOR_CORE})
+
+
+# -- the load ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    acked: set[bytes]
+    received: set[bytes]
+    received_count: int = 0
+    acked_count: int = 0
+
+
+async def connect(port: int, fleet: Fleet, client_id: str) -> SimClient:
+    context: ssl.SSLContext = fleet.contexts[client_id]
+    return await SimClient.connect(
+        HOST, port, client_id=client_id, context=context, server_hostname=SERVER_NAME, keep_alive=0
+    )
+
+
+async def subscriber(port: int, fleet: Fleet, topic_filter: str, load: Load) -> SimClient:
+    client = await connect(port, fleet, BACKEND)
+    await client.subscribe(topic_filter)
+
+    async def count() -> None:
+        while True:
+            message = await client.messages.get()
+            load.received_count += 1
+            load.received.add(message.payload)
+
+    asyncio.get_running_loop().create_task(count())
+    return client
+
+
+async def publishers(
+    port: int, fleet: Fleet, args: argparse.Namespace, load: Load, stop: asyncio.Event
+) -> list[SimClient]:
+    clients = [await connect(port, fleet, device) for device in fleet.devices[: args.publishers]]
+
+    async def lane(client: SimClient, device: str, lane_no: int) -> None:
+        n = 0
+        topic = f"devices/{device}/telemetry"
+        while not stop.is_set():
+            payload = f"{device}:{lane_no}:{n}".encode().ljust(args.payload, b".")
+            try:
+                code = await client.publish(topic, payload, QoS.AT_LEAST_ONCE)
+            except ConnectionError:
+                return
+            if code == 0:
+                load.acked.add(payload)
+                load.acked_count += 1
+            n += 1
+
+    for client, device in zip(clients, fleet.devices, strict=False):
+        for lane_no in range(args.window):
+            asyncio.get_running_loop().create_task(lane(client, device, lane_no))
+    return clients
+
+
+async def timed(
+    port: int, sub_port: int, fleet: Fleet, args: argparse.Namespace, topic_filter: str
+) -> tuple[float, float]:
+    """Messages/s at the subscriber over ``duration`` after a 2 s warm-up; generator CPU/msg."""
+    load = Load(set(), set())
+    sub = await subscriber(sub_port, fleet, topic_filter, load)
+    stop = asyncio.Event()
+    pubs = await publishers(port, fleet, args, load, stop)
+    await asyncio.sleep(2.0)
+    start_count, start_cpu, started = load.received_count, cpu_seconds(os.getpid()), time.time()
+    await asyncio.sleep(args.duration)
+    count = load.received_count - start_count
+    cpu = cpu_seconds(os.getpid()) - start_cpu
+    elapsed = time.time() - started
+    stop.set()
+    await asyncio.sleep(0.5)
+    for client in [*pubs, sub]:
+        await client.disconnect()
+    return count / elapsed, cpu / max(count, 1)
+
+
+def bridge_status(metrics_port: int) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{metrics_port}/bridges"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        data: dict[str, Any] = json.loads(response.read())
+    return data
+
+
+async def outage(
+    broker_port: int,
+    metrics_port: int,
+    upstream_pid: int,
+    upstream_port: int,
+    fleet: Fleet,
+    args: argparse.Namespace,
+) -> tuple[int, float, int]:
+    """(messages lost, catch-up msgs/s, messages queued at resume)."""
+    load = Load(set(), set())
+    sub = await subscriber(upstream_port, fleet, f"sites/{SITE}/#", load)
+    stop = asyncio.Event()
+    pubs = await publishers(broker_port, fleet, args, load, stop)
+    await asyncio.sleep(2.0)
+    os.kill(upstream_pid, signal.SIGSTOP)
+    await asyncio.sleep(args.outage)
+    stop.set()
+    await asyncio.sleep(1.0)  # the last PUBACKs
+    queued = int(bridge_status(metrics_port)["bridges"][0]["queue_messages"])
+    missing_before = len(load.acked - load.received)
+    os.kill(upstream_pid, signal.SIGCONT)
+    resumed = time.time()
+    deadline = resumed + 300
+    while load.acked - load.received and time.time() < deadline:
+        await asyncio.sleep(0.05)
+    caught_up = time.time() - resumed
+    lost = len(load.acked - load.received)
+    for client in [*pubs, sub]:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+    return lost, missing_before / caught_up if caught_up else 0.0, queued
+
+
+def main() -> int:
+    args = parse_args()
+    pin_generator()
+    tmp = Path(tempfile.mkdtemp(prefix="fleetgate-bench-bridge-"))
+    brokers = []
+    try:
+        setup = argparse.Namespace(idle=args.publishers, kicks=0)
+        print(f"provisioning {args.publishers} devices in {tmp} ...", flush=True)
+        fleet = provision(tmp, setup)
+        store = enroll_bridge(fleet, tmp)
+        fleet.registry.set_acl("bridges", publish=[], subscribe=[], actor="bench")
+        upstream = start_mosquitto(tmp, fleet, pin=True)
+        brokers.append(upstream)
+        time.sleep(0.5)
+        direct, gen_cpu = asyncio.run(
+            timed(upstream.port, upstream.port, fleet, args, "devices/+/telemetry")
+        )
+        print(
+            f"direct   P={args.publishers} W={args.window}: {direct:9.0f} msgs/s at the subscriber"
+        )
+        ceiling = 1 / gen_cpu if gen_cpu else float("nan")
+        print(
+            f"         generator CPU {gen_cpu * 1e6:.1f} us/msg -> ceiling ~{ceiling:,.0f} msgs/s"
+        )
+
+        write_bridge_config(fleet, store, upstream.port)
+        fleetgate = start_fleetgate(tmp, fleet, True, "WARNING", None)
+        brokers.append(fleetgate)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if bridge_status(fleetgate.metrics_port)["bridges"][0]["connected"]:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        before = cpu_seconds(fleetgate.pid)
+        bridged, _ = asyncio.run(
+            timed(fleetgate.port, upstream.port, fleet, args, f"sites/{SITE}/#")
+        )
+        broker_cpu = cpu_seconds(fleetgate.pid) - before
+        print(
+            f"bridged  P={args.publishers} W={args.window}: {bridged:9.0f} msgs/s at the subscriber"
+        )
+        total = bridged * (args.duration + 2.5)
+        print(
+            f"         fleetgate CPU ~{broker_cpu / max(total, 1) * 1e6:.0f} us/msg "
+            "(receive, queue, forward)"
+        )
+
+        lost, catchup, queued = asyncio.run(
+            outage(fleetgate.port, fleetgate.metrics_port, upstream.pid, upstream.port, fleet, args)
+        )
+        print(
+            f"outage   {args.outage:.0f} s upstream frozen: {queued} queued, {lost} lost, "
+            f"catch-up {catchup:,.0f} msgs/s"
+        )
+        ratio = bridged / direct if direct else float("nan")
+        print(f"bridged_ratio={ratio:.2f} outage_lost={lost} catchup_msgs_per_s={catchup:.0f}")
+        return 0
+    finally:
+        for broker in reversed(brokers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(broker.pid, signal.SIGCONT)
+            stop_broker(broker)
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
