@@ -1,13 +1,16 @@
 """The device agent behind ``fleetgate device run``: one device, from its data directory.
 
-The directory is a :class:`FileKeyStore` (``device.key``, ``device.crt``, ``ca.crt``) plus an
-optional ``device.toml``::
+The directory is a :class:`FileKeyStore` (``device.key``, ``device.crt``, ``ca.crt``), or a
+:class:`~device_sdk.tpm_keystore.TpmKeyStore` when it holds ``device.tss2.pem`` (a key in the
+device's TPM) instead of ``device.key``, plus an optional ``device.toml``::
 
     broker = "localhost:8883"
     est_url = "https://localhost:8443"   # enables automatic renewal
     interval_s = 5.0
     cipher_policy = "auto"               # auto | chacha20 | aes
     mqtt_version = "5"                   # or "3.1.1"
+    tcti = "device:/dev/tpmrm0"          # TPM key stores: the resource manager to reach
+    tpm_key_renewal = "reuse"            # TPM key stores: reuse | rotate the key on renewal
 
 It publishes telemetry to ``devices/<id>/telemetry`` every ``interval_s`` (QoS 1, queued while
 offline) and logs what arrives on ``devices/<id>/commands/#``.
@@ -22,14 +25,20 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from device_sdk.ciphers import CipherPolicy
 from device_sdk.client import DeviceClient, Message, MqttVersion
 from device_sdk.errors import DeviceSdkError, KeyStoreError
 from device_sdk.keystore import FileKeyStore, device_id_of
 
+if TYPE_CHECKING:
+    from device_sdk.tpm_keystore import KeyRenewal
+
 log = logging.getLogger("fleetgate.agent")
+
+DEFAULT_TCTI = "device:/dev/tpmrm0"  # the kernel's TPM resource manager
+TPM_KEY_FILES = ("device.tss2.pem", "device.tss2.pem.new")  # a TPM key, or one being installed
 
 
 class AgentConfigError(DeviceSdkError):
@@ -45,30 +54,60 @@ class AgentConfig:
     interval_s: float = 5.0
     cipher_policy: CipherPolicy = "auto"
     mqtt_version: MqttVersion = "5"
+    tcti: str = DEFAULT_TCTI
+    tpm_key_renewal: KeyRenewal = "reuse"
 
 
-def load_agent_config(store: FileKeyStore) -> AgentConfig:
-    """``device.toml`` from the key store's directory; the device id comes from the certificate."""
-    try:
-        certs = store.certificates()
-    except KeyStoreError as exc:
-        raise AgentConfigError(f"{exc}; enroll the device first") from exc
+def open_agent(directory: Path) -> tuple[FileKeyStore, AgentConfig]:
+    """The key store in ``directory`` and ``device.toml``; the device id is the certificate's.
+
+    The store's kind is chosen from the files before it is opened: opening a TPM store's
+    directory as a file store would "recover" its half-installed certificate without its key.
+    """
+    path = directory / "device.toml"
     raw: dict[str, Any] = {}
-    path = store.directory / "device.toml"
     if path.exists():
         try:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise AgentConfigError(f"{path} is not valid TOML: {exc}") from exc
     host, _, port = str(raw.pop("broker", "localhost:8883")).rpartition(":")
-    known = {"est_url", "interval_s", "cipher_policy", "mqtt_version"}
+    known = {
+        "est_url",
+        "interval_s",
+        "cipher_policy",
+        "mqtt_version",
+        "tcti",
+        "tpm_key_renewal",
+    }
     if set(raw) - known:
         raise AgentConfigError(f"{path}: unknown key(s) {sorted(set(raw) - known)}")
+    store = _key_store(directory, raw, path)
     try:
-        return AgentConfig(
+        certs = store.certificates()
+    except KeyStoreError as exc:
+        raise AgentConfigError(f"{exc}; enroll the device first") from exc
+    try:
+        config = AgentConfig(
             device_id=device_id_of(certs[0]), host=host or "localhost", port=int(port), **raw
         )
     except (TypeError, ValueError) as exc:
+        raise AgentConfigError(f"{path}: {exc}") from exc
+    return store, config
+
+
+def _key_store(directory: Path, raw: dict[str, Any], path: Path) -> FileKeyStore:
+    if not any((directory / name).exists() for name in TPM_KEY_FILES):
+        return FileKeyStore(directory)
+    from device_sdk.tpm_keystore import TpmKeyStore  # tpm2-pytss only where there is a TPM key
+
+    try:
+        return TpmKeyStore(
+            directory,
+            tcti=str(raw.get("tcti", DEFAULT_TCTI)),
+            renewal=raw.get("tpm_key_renewal", "reuse"),
+        )
+    except ValueError as exc:
         raise AgentConfigError(f"{path}: {exc}") from exc
 
 
@@ -80,8 +119,7 @@ def run_agent(
     interval_s: float | None = None,
 ) -> int:
     """Publish telemetry until ``stop`` is set or ``count`` messages went out; returns the count."""
-    store = FileKeyStore(directory)
-    config = load_agent_config(store)
+    store, config = open_agent(directory)
     period = config.interval_s if interval_s is None else interval_s
     client = DeviceClient(
         store,
@@ -109,4 +147,4 @@ def run_agent(
     return sent
 
 
-__all__ = ["AgentConfig", "AgentConfigError", "load_agent_config", "run_agent"]
+__all__ = ["AgentConfig", "AgentConfigError", "open_agent", "run_agent"]

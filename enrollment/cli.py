@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlmodel import col, select
 
+from broker.bridge.cli import bridge_app
 from enrollment import ca as ca_module
 from enrollment import jsonlog
 from enrollment.config import CONFIG_FILE, DEFAULT_CONFIG_TOML, Config, load_config
@@ -56,6 +57,7 @@ app.add_typer(crl_app, name="crl")
 app.add_typer(acl_app, name="acl")
 app.add_typer(group_app, name="group")
 app.add_typer(serve_app, name="serve")
+app.add_typer(bridge_app, name="bridge")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 _state: dict[str, Path | None] = {"home": None}
@@ -506,26 +508,45 @@ def serve_enrollment(
 def sim(
     devices: Annotated[int, typer.Option(help="How many simulated devices.")] = 100,
     messages: Annotated[int, typer.Option(help="Telemetry messages per device.")] = 5,
-    misbehaving: Annotated[int, typer.Option(help="Devices that misbehave on purpose.")] = 3,
-    interval: Annotated[float, typer.Option(help="Seconds between a device's messages.")] = 0.0,
+    misbehaving: Annotated[
+        int, typer.Option(help="Devices that misbehave on purpose (--key-store file).")
+    ] = 3,
+    interval: Annotated[
+        float, typer.Option(help="Seconds between a device's messages (--key-store file).")
+    ] = 0.0,
+    key_store: Annotated[
+        str,
+        typer.Option(
+            help="file: thousands of software-key devices; tpm or smartcard: a line of at most "
+            "20 virtual hardware devices (attested enrollment, one revoked, one software key "
+            "refused)."
+        ),
+    ] = "file",
     as_json: JsonFlag = False,
 ) -> None:
     """Simulate a fleet: enroll over EST, connect over mTLS, publish, misbehave; then report."""
     from rich.progress import Progress
 
     from firmware_sim.fleet import FleetPlan
-    from firmware_sim.runner import simulate
+    from firmware_sim.hardware_line import LinePlan, parse_kind
+    from firmware_sim.runner import simulate, simulate_hardware
 
     config = _config()
-    plan = FleetPlan(
-        devices=devices, messages=messages, misbehaving=misbehaving, interval_s=interval
-    )
     with Progress(transient=True, disable=as_json) as bar:
         tasks = {
             "enrolled": bar.add_task("enrolling", total=devices),
             "ran": bar.add_task("running", total=devices),
         }
-        report = asyncio.run(simulate(config, plan, lambda stage, n: bar.advance(tasks[stage], n)))
+        if key_store == "file":
+            plan = FleetPlan(
+                devices=devices, messages=messages, misbehaving=misbehaving, interval_s=interval
+            )
+            run = simulate(config, plan, lambda stage, n: bar.advance(tasks[stage], n))
+        else:
+            line = LinePlan(kind=parse_kind(key_store), devices=devices, messages=messages)
+            tasks["manufactured"] = bar.add_task(f"making {key_store}s", total=devices)
+            run = simulate_hardware(config, line, lambda stage, n: bar.advance(tasks[stage], n))
+        report = asyncio.run(run)
     typer.echo(report.to_json() if as_json else report.to_text())
 
 

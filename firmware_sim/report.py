@@ -18,7 +18,12 @@ def percentile(samples: list[float], fraction: float) -> float | None:
 
 @dataclass
 class FleetReport:
-    """Counts and latencies of one run; ``refused`` is keyed by "what: reason"."""
+    """Counts and latencies of one run; ``refused`` is keyed by "what: reason".
+
+    A hardware run (``key_store`` tpm or smartcard) also counts the revocation and its kick, the
+    attested enrollments' times, and each device's key protection and hardware binding as the
+    registry recorded them.
+    """
 
     devices: int = 0
     enrolled: int = 0
@@ -33,13 +38,20 @@ class FleetReport:
     ack_ms: list[float] = field(default_factory=list)
     delivery_ms: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    key_store: str = "file"
+    hardware: str = ""  # what stood in for the devices' TPMs or cards
+    revoked: int = 0
+    kicked: int = 0
+    enroll_ms: list[float] = field(default_factory=list)
+    revoke_kick_ms: list[float] = field(default_factory=list)
+    identities: list[dict[str, str]] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
         def ms(samples: list[float], fraction: float) -> float | None:
             value = percentile(samples, fraction)
             return None if value is None else round(value, 2)
 
-        return {
+        summary: dict[str, object] = {
             "devices": self.devices,
             "enrolled": self.enrolled,
             "connected": self.connected,
@@ -54,6 +66,20 @@ class FleetReport:
             "delivery_ms": {"p50": ms(self.delivery_ms, 0.5), "p99": ms(self.delivery_ms, 0.99)},
             "seconds": round(self.seconds, 2),
         }
+        if self.key_store != "file":
+            summary |= {
+                "key_store": self.key_store,
+                "hardware": self.hardware,
+                "revoked": self.revoked,
+                "kicked": self.kicked,
+                "enroll_ms": {"p50": ms(self.enroll_ms, 0.5), "p99": ms(self.enroll_ms, 0.99)},
+                "revoke_to_kick_ms": {
+                    "p50": ms(self.revoke_kick_ms, 0.5),
+                    "p99": ms(self.revoke_kick_ms, 0.99),
+                },
+                "identities": self.identities,
+            }
+        return summary
 
     def to_json(self) -> str:
         return json.dumps(self.summary(), indent=2)
@@ -62,6 +88,7 @@ class FleetReport:
         data = self.summary()
         lines = [
             f"devices      {self.devices} ({sum(self.misbehaved.values())} misbehaving on purpose)",
+            *self._hardware_head(),
             f"enrolled     {self.enrolled}",
             f"connected    {self.connected}",
             f"sent         {self.sent} telemetry messages (QoS 1)",
@@ -69,11 +96,32 @@ class FleetReport:
             f"delivered    {self.delivered} to the backend subscriber",
             f"commands     {self.commands_delivered} delivered to devices",
         ]
-        for name in ("connect_ms", "publish_ack_ms", "delivery_ms"):
+        if self.key_store != "file":
+            lines.append(f"revoked      {self.revoked}, kicked by the broker {self.kicked}")
+        names = ["connect_ms", "publish_ack_ms", "delivery_ms"]
+        if self.key_store != "file":
+            names = ["enroll_ms", *names, "revoke_to_kick_ms"]
+        for name in names:
             stats = data[name]
             assert isinstance(stats, dict)
             lines.append(f"{name:12} p50 {stats['p50']}  p99 {stats['p99']}")
         lines.append("refused:" if self.refused else "refused      none")
         lines += [f"  {count:5}  {reason}" for reason, count in sorted(self.refused.items())]
+        lines += self._identity_lines()
         lines.append(f"took {self.seconds:.1f} s")
         return "\n".join(lines)
+
+    def _hardware_head(self) -> list[str]:
+        if self.key_store == "file":
+            return []
+        return [f"key store    {self.key_store}: {self.hardware}"]
+
+    def _identity_lines(self) -> list[str]:
+        """Each device's protection and binding (SHA-256 of the EK's or card F9 key's SPKI)."""
+        if not self.identities:
+            return []
+        lines = ["registry (key protection, hardware binding):"]
+        for item in self.identities:
+            binding = item["hardware_binding"] or "none"
+            lines.append(f"  {item['device_id']}  {item['key_protection']:9}  {binding}")
+        return lines

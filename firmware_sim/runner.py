@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 from broker.server import Broker
 from enrollment.ca import load_ca
@@ -13,6 +14,7 @@ from enrollment.registry import Registry
 from enrollment.server import EnrollmentServer
 from enrollment.service import EnrollmentService
 from firmware_sim.fleet import Endpoints, FleetPlan, FleetSimulation
+from firmware_sim.hardware_line import HardwareLine, LinePlan
 from firmware_sim.report import FleetReport
 
 Progress = Callable[[str, int], None]
@@ -29,8 +31,9 @@ def _on_free_ports(config: Config) -> Config:
     )
 
 
-async def simulate(config: Config, plan: FleetPlan, progress: Progress) -> FleetReport:
-    """Start both services on free ports, provision and run the fleet, stop the services."""
+@asynccontextmanager
+async def _services(config: Config) -> AsyncIterator[tuple[EnrollmentService, Endpoints]]:
+    """Both services on free ports for the length of the block, then stopped."""
     config = _on_free_ports(config)
     est = EnrollmentServer(config)
     broker = Broker(config)
@@ -39,11 +42,28 @@ async def simulate(config: Config, plan: FleetPlan, progress: Progress) -> Fleet
     registry = Registry(config.database_url)
     try:
         endpoints = Endpoints(f"https://localhost:{est_port}", "127.0.0.1", ports.tls)
-        service = EnrollmentService(load_ca(config), registry)
-        simulation = FleetSimulation(service, endpoints, plan, progress=progress)
-        await asyncio.to_thread(simulation.provision)  # blocking EST client, served by this loop
-        return await simulation.run()
+        yield EnrollmentService(load_ca(config), registry), endpoints
     finally:
         registry.close()
         await broker.stop()
         await est.stop()
+
+
+async def simulate(config: Config, plan: FleetPlan, progress: Progress) -> FleetReport:
+    """Start both services on free ports, provision and run the fleet, stop the services."""
+    async with _services(config) as (service, endpoints):
+        simulation = FleetSimulation(service, endpoints, plan, progress=progress)
+        await asyncio.to_thread(simulation.provision)  # blocking EST client, served by this loop
+        return await simulation.run()
+
+
+async def simulate_hardware(config: Config, plan: LinePlan, progress: Progress) -> FleetReport:
+    """Make the virtual hardware, serve EST (trusting only its maker) and the broker, run the
+    line; every process the line started is stopped at the end, however it ends."""
+    line = HardwareLine(config, plan, progress=progress)
+    try:
+        line.manufacture()  # on this (the main) thread: card daemons die with their thread
+        async with _services(line.trusting(config)) as (service, endpoints):
+            return await line.run(service, endpoints)
+    finally:
+        line.close()

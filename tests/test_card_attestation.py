@@ -13,7 +13,10 @@ from enrollment.attestation.piv import verify_piv_attestation
 from enrollment.attestation.trust import key_fingerprint
 from enrollment.errors import AttestationRefused
 
-NOW = dt.datetime.now(dt.UTC)
+
+def _now() -> dt.datetime:
+    """The time of the check: each test's cards are made when the test runs."""
+    return dt.datetime.now(dt.UTC)
 
 
 def _device_key() -> ec.EllipticCurvePublicKey:
@@ -27,7 +30,7 @@ def test_genuine_attestation_is_accepted_and_bound_to_the_card() -> None:
         attestation_intermediate=der(card.f9),
         anchors=[card.ca],
         csr_key=key,
-        now=NOW,
+        now=_now(),
     )
     assert attested.protection is KeyProtection.SMARTCARD
     assert attested.public_key == key
@@ -43,7 +46,7 @@ def test_attestation_from_a_foreign_card_maker_is_refused() -> None:
             attestation_intermediate=der(foreign.f9),
             anchors=[trusted.ca],
             csr_key=key,
-            now=NOW,
+            now=_now(),
         )
 
 
@@ -55,7 +58,7 @@ def test_attestation_for_a_different_key_is_refused() -> None:
             attestation_intermediate=der(card.f9),
             anchors=[card.ca],
             csr_key=_device_key(),
-            now=NOW,
+            now=_now(),
         )
 
 
@@ -68,7 +71,7 @@ def test_attestation_signed_by_another_cards_f9_is_refused() -> None:
             attestation_intermediate=der(card.f9),
             anchors=[card.ca],
             csr_key=key,
-            now=NOW,
+            now=_now(),
         )
 
 
@@ -82,13 +85,13 @@ def test_attestation_signed_by_the_maker_itself_is_refused() -> None:
             attestation_intermediate=der(card.f9),
             anchors=[card.ca],
             csr_key=key,
-            now=NOW,
+            now=_now(),
         )
 
 
 def test_expired_card_certificate_is_refused() -> None:
     card, key = software_card(), _device_key()
-    past = NOW - dt.timedelta(days=30)
+    past = _now() - dt.timedelta(days=30)
     f9 = make_cert(
         cn_name("card F9"),
         card.ca.subject,
@@ -105,7 +108,7 @@ def test_expired_card_certificate_is_refused() -> None:
             attestation_intermediate=der(f9),
             anchors=[card.ca],
             csr_key=key,
-            now=NOW,
+            now=_now(),
         )
 
 
@@ -117,7 +120,7 @@ def test_no_configured_card_maker_refuses_everything() -> None:
             attestation_intermediate=der(card.f9),
             anchors=[],
             csr_key=key,
-            now=NOW,
+            now=_now(),
         )
 
 
@@ -129,5 +132,5 @@ def test_garbage_evidence_is_refused_not_crashed() -> None:
             attestation_intermediate=der(card.f9),
             anchors=[card.ca],
             csr_key=key,
-            now=NOW,
+            now=_now(),
         )
