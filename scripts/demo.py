@@ -1,9 +1,11 @@
-"""`make demo`: the whole story on the embedded defaults (SQLite, loopback, no hardware).
+"""`make demo`: the whole story on the embedded defaults (SQLite, loopback, virtual TPMs).
 
 A CA and a production-line station; 20 devices enrolled over EST and streaming telemetry to
 the broker over mutual TLS through the device SDK; one device revoked from the CLI and thrown
-off the broker within a second; its reconnects refused; a summary. Each admin step runs the real
-`fleetgate` command, printed before it runs.
+off the broker within a second; its reconnects refused; a summary. Then a second line of
+meters whose keys are made in their TPMs (swtpm behind tpm2-abrmd) and proven by attestation
+before they get certificates. Each admin step runs the real `fleetgate` command, printed before
+it runs.
 """
 
 from __future__ import annotations
@@ -22,17 +24,23 @@ from collections import Counter
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sdk import DeviceClient, FileKeyStore, Message
+from device_sdk.est import EstClient, EstError, client_context, device_csr
 from device_sdk.provisioning import enroll
+from device_sdk.tpm_keystore import TpmKeyStore
+from device_sdk.tpm_provisioning import enroll_tpm
 from enrollment.config import load_config
 from enrollment.registry import Registry
+from firmware_sim.vtpm import DbusSession, TpmManufacturer, VirtualTpm, quiet_tss_env
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / "demo-data"
 FLEETGATE = str(Path(sys.executable).with_name("fleetgate"))
 DEVICES = [f"sensor-{n:02d}" for n in range(1, 21)]
 VICTIM = "sensor-07"
+METERS = ["meter-01", "meter-02"]
 
 
 def step(title: str) -> None:
@@ -105,6 +113,7 @@ def main() -> None:
         services.append(start_service("broker", ports["broker"]))
         print(f"EST on {est_url}, MQTT on localhost:{ports['broker']}")
         demo(est_url, ports)
+        tpm_line(est_url, ports)
     finally:
         for process in services:
             process.terminate()
@@ -213,6 +222,80 @@ def demo(est_url: str, ports: dict[str, int]) -> None:
     run("device", "show", VICTIM)
     run("audit", "--device", VICTIM)
     ocsp_check(ports["enrollment"])
+
+
+def tpm_line(est_url: str, ports: dict[str, int]) -> None:
+    """A second line whose meters carry TPMs: attested enrollment, then mTLS from the TPM key."""
+    step("10. A line of meters with TPMs: each key is made in its TPM and proven by attestation")
+    hardware = HOME / "hardware"
+    maker = TpmManufacturer(hardware / "tpm-maker")
+    bus = DbusSession(hardware / "dbus").start()
+    tpms: list[VirtualTpm] = []
+    try:
+        os.environ.update(bus.environment)  # the tabrmd TCTI finds its resource manager here
+        os.environ.update(quiet_tss_env())  # no ERROR lines for the EK indexes swtpm lacks
+        for n, meter in enumerate(METERS):
+            tpms.append(
+                VirtualTpm.manufacture(
+                    hardware / meter, manufacturer=maker, bus=bus, name=f"demo_meter_{n}"
+                )
+            )
+        print(f"manufactured {len(tpms)} virtual TPMs with EK certificates from a test vendor CA")
+        trust = HOME / "trust" / "tpm-manufacturers"
+        trust.mkdir(parents=True, exist_ok=True)
+        shutil.copy(maker.ca_certificate, trust / "demo-vendor.pem")
+        print(f"trusting that vendor: {trust.relative_to(ROOT)}/demo-vendor.pem")
+        run("group", "require", "meters", "tpm")
+        run("batch", "add", "line-1", *METERS, "meter-99", "--group", "meters")
+        enroll_meters(est_url, ports, tpms, maker)
+    finally:
+        for tpm in tpms:
+            tpm.stop()
+        bus.stop()
+
+
+def enroll_meters(
+    est_url: str, ports: dict[str, int], tpms: list[VirtualTpm], maker: TpmManufacturer
+) -> None:
+    station = HOME / "stations" / "line-1"
+    credentials = {"station_cert": station / "station.crt", "station_key": station / "station.key"}
+    root = x509.load_pem_x509_certificates((HOME / "ca" / "root.crt").read_bytes())
+    ek_chain = x509.load_pem_x509_certificates(maker.issuer_certificate.read_bytes())
+    for meter, tpm in zip(METERS, tpms, strict=True):
+        store = TpmKeyStore(HOME / "devices" / meter, tcti=tpm.tcti)
+        store.set_trust_anchors(root)
+        started = time.perf_counter()
+        enroll_tpm(store, meter, est_url=est_url, ek_chain=ek_chain, **credentials)
+        took = (time.perf_counter() - started) * 1000
+        (store.directory / "device.toml").write_text(
+            f'broker = "localhost:{ports["broker"]}"\ntcti = "{tpm.tcti}"\n'
+        )
+        print(f"{meter}: EK checked, credential activated, TPM2_Certify verified ({took:.0f} ms)")
+    run("device", "show", METERS[0])
+
+    print("meter-99, whose key is a file rather than in a TPM, asks for a certificate:")
+    key = ec.generate_private_key(ec.SECP256R1())
+    context = client_context(
+        HOME / "ca" / "root.crt", station / "station.crt", station / "station.key"
+    )
+    try:
+        with EstClient(est_url, context) as est:
+            est.simpleenroll(device_csr("meter-99", key))
+        print("  issued (this should not happen!)")
+    except EstError as exc:
+        print(f"  refused: {exc.message}")
+
+    print(f"{METERS[0]} connects with its TPM key (tpm2-openssl) and publishes:")
+    agent = subprocess.run(
+        [FLEETGATE, "device", "run", str(HOME / "devices" / METERS[0]), "--count", "3",
+         "--interval", "0.2"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    print(f"  $ fleetgate device run demo-data/devices/{METERS[0]} --count 3")
+    print(f"  {agent.stdout.strip()}")
+    if agent.returncode != 0:
+        print(agent.stderr[-2000:])
+        raise SystemExit(f"the TPM meter's agent failed (exit {agent.returncode})")
 
 
 def ocsp_check(port: int) -> None:
