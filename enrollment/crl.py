@@ -72,3 +72,20 @@ def build_crl(
             revoked = revoked.add_extension(x509.CRLReason(entry.reason), critical=False)
         builder = builder.add_revoked_certificate(revoked.build())
     return builder.sign(issuer.key, hashes.SHA256())
+
+
+def needs_refresh(crl_der: bytes, *, now: dt.datetime) -> bool:
+    """True once half of the CRL's validity has passed (or it cannot be read).
+
+    The serving process re-signs it then, so relying parties never hold an expired CRL and
+    certificates superseded by renewal reach the list within half a CRL period.
+    """
+    try:
+        crl = x509.load_der_x509_crl(crl_der)
+    except ValueError:
+        return True
+    next_update = crl.next_update_utc
+    if next_update is None:
+        return True
+    return now >= crl.last_update_utc + (next_update - crl.last_update_utc) / 2
+

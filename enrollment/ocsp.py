@@ -1,9 +1,9 @@
 """An OCSP responder (RFC 6960), as a pure function of a request and the registry's answer.
 
 The issuing CA signs the responses itself (RFC 6960 section 4.2.2.2 allows the CA as responder),
-so relying parties need no extra trust anchor. A certificate is ``good`` while active or
-superseded (still within validity, merely renewed), ``revoked`` once revoked or on hold
-(suspension answers ``revoked`` with reason certificateHold), ``unknown`` if never issued here.
+so relying parties need no extra trust anchor. A certificate is ``good`` while active,
+``revoked`` once revoked, on hold (reason certificateHold) or renewed (reason superseded: the
+broker and EST refuse it too), ``unknown`` if never issued here.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from enrollment.ca import (
     load_ca,
 )
 from enrollment.config import Config
+from enrollment.crl import needs_refresh
 from enrollment.errors import CAPassphraseError
 from enrollment.est import ESTApp
 from enrollment.lifecycle import run_until_signalled
@@ -48,7 +49,7 @@ class EnrollmentServer:
 
     def _read_crl(self) -> bytes:
         path = ca_paths(self.config).crl
-        if not path.exists():
+        if not path.exists() or needs_refresh(path.read_bytes(), now=self.service.clock()):
             self.service.publish_crl()
         return path.read_bytes()
 

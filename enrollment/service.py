@@ -495,7 +495,7 @@ class EnrollmentService:
         record = self.registry.certificate(serial)
         if record is None:
             return None
-        if record.status in (CertStatus.REVOKED, CertStatus.ON_HOLD):
+        if record.status != CertStatus.ACTIVE:  # revoked, on hold, or superseded by renewal
             return ocsp.CertificateStatus(
                 revoked=True,
                 revoked_at=as_utc(record.revoked_at) if record.revoked_at else None,

@@ -22,6 +22,7 @@ from cryptography.x509 import ocsp
 
 from device_sdk.est import device_csr
 from enrollment import profiles
+from enrollment.crl import needs_refresh
 from enrollment.profiles import Issuer, Subject
 from enrollment.registry import DeviceState
 
@@ -143,3 +144,36 @@ def test_a_request_about_another_ca_is_unauthorized(fleet, est_server, enrolled)
 def test_garbage_is_a_malformed_request(fleet, est_server):
     response = ocsp_get(est_server, fleet, b"not an OCSP request")
     assert response.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+
+
+def test_a_renewed_certificate_is_revoked_as_superseded_in_ocsp_and_the_crl(
+    fleet, est_server, enrolled
+):
+    """Renewal withdraws the old certificate: OCSP says so at once, the next CRL lists it."""
+    old_cert, old_path = enrolled
+    # The service is transport-free: renew as the device whose certificate this is.
+    new_key = ec.generate_private_key(ec.SECP256R1())
+    body = base64.b64encode(
+        device_csr("sensor-1", new_key).public_bytes(serialization.Encoding.DER)
+    )
+    fleet.service.reenroll(old_cert, body)
+    out = openssl_ocsp(fleet, est_server, old_path)
+    assert f"{old_path}: revoked" in out
+    assert "Reason: superseded" in out
+    crl = x509.load_der_x509_crl(
+        fleet.service.publish_crl().public_bytes(serialization.Encoding.DER)
+    )
+    entry = crl.get_revoked_certificate_by_serial_number(old_cert.serial_number)
+    assert entry is not None
+    reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    assert reason == x509.ReasonFlags.superseded
+
+
+def test_the_served_crl_is_re_signed_once_half_its_validity_has_passed(fleet):
+    """A running service never hands out a CRL that is about to lapse."""
+    crl = fleet.service.publish_crl()
+    der = crl.public_bytes(serialization.Encoding.DER)
+    half = (crl.next_update_utc - crl.last_update_utc) / 2
+    assert not needs_refresh(der, now=crl.last_update_utc + half - dt.timedelta(seconds=1))
+    assert needs_refresh(der, now=crl.last_update_utc + half)
+    assert needs_refresh(b"not a crl", now=crl.last_update_utc)

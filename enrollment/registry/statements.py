@@ -107,7 +107,13 @@ SUPERSEDE_ACTIVE_CERTIFICATE = (
     update(CERTIFICATES)
     .where(CERTIFICATES.c.serial == bindparam("b_old_serial"))
     .where(CERTIFICATES.c.status == CertStatus.ACTIVE)
-    .values(status=CertStatus.SUPERSEDED)
+    # A renewed certificate is withdrawn: OCSP answers revoked (superseded) at once, and the
+    # CRL lists it from its next publication until it expires.
+    .values(
+        status=CertStatus.SUPERSEDED,
+        revoked_at=bindparam("now"),
+        revocation_reason="superseded",
+    )
 )
 
 INSERT_CERTIFICATE = insert(CERTIFICATES)

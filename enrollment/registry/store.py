@@ -417,7 +417,8 @@ class Registry:
                 if attested is not None:
                     _bind_hardware(conn, device_id, attested)
                 swapped = conn.execute(
-                    sql.SUPERSEDE_ACTIVE_CERTIFICATE, {"b_old_serial": serial_hex(old_serial)}
+                    sql.SUPERSEDE_ACTIVE_CERTIFICATE,
+                    {"b_old_serial": serial_hex(old_serial), "now": utcnow()},
                 ).rowcount
                 if swapped != 1:
                     raise EnrollmentRefused(
@@ -643,13 +644,15 @@ class Registry:
             self.audit(AuditRecord(actor, "acl.set", "ok", group, summary), s)
 
     def crl_entries(self) -> list[tuple[str, dt.datetime, str]]:
-        """(serial hex, revocation time, reason) of every revoked or on-hold, unexpired cert."""
+        """(serial hex, revocation time, reason) of every withdrawn, unexpired certificate.
+
+        Withdrawn: revoked, on hold, or superseded by a renewal.
+        """
         now = utcnow()
+        withdrawn = [CertStatus.REVOKED, CertStatus.ON_HOLD, CertStatus.SUPERSEDED]
         with self._read_session() as s:
             rows = s.exec(
-                select(Certificate).where(
-                    col(Certificate.status).in_([CertStatus.REVOKED, CertStatus.ON_HOLD])
-                )
+                select(Certificate).where(col(Certificate.status).in_(withdrawn))
             ).all()
             return [
                 (r.serial, as_utc(r.revoked_at or now), r.revocation_reason or "unspecified")
