@@ -37,6 +37,12 @@ BACKEND_GROUP = "sim-backend"
 BACKEND_ACL = {"publish": ["devices/+/commands/#"], "subscribe": ["devices/+/telemetry"]}
 
 
+def retire_station(service: EnrollmentService, station_id: str) -> None:
+    """Revoke a simulation's station once its devices are enrolled: its key sits on disk under
+    ``<home>/sim/``, so it must not outlive the run as an active enrollment credential."""
+    service.revoke_station(station_id, reason="cessationOfOperation", actor="sim")
+
+
 class Behaviour(enum.StrEnum):
     """What a simulated device does; all but NORMAL are refusals the services must produce."""
 
@@ -145,6 +151,7 @@ class FleetSimulation:
                 if device.behaviour == Behaviour.EXPIRED_CERT:
                     cert = self._expired_certificate(device.device_id, key)
                 device.credentials = self._store(device.device_id, key, cert)
+        retire_station(self.service, station_id)
 
     def _store(
         self, device_id: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate

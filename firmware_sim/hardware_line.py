@@ -39,7 +39,7 @@ from enrollment.errors import FleetgateError
 from enrollment.keyfiles import write_certificates, write_private_key, write_secret
 from enrollment.registry import DeviceState
 from enrollment.service import EnrollmentService
-from firmware_sim.fleet import BACKEND_ACL, BACKEND_GROUP, Endpoints
+from firmware_sim.fleet import BACKEND_ACL, BACKEND_GROUP, Endpoints, retire_station
 from firmware_sim.mqtt_client import Refused, SimClient
 from firmware_sim.report import FleetReport
 from firmware_sim.vcard import CardManufacturer, PcscDaemon, VirtualCard, VirtualCardError
@@ -337,6 +337,7 @@ class HardwareLine:
         station = await asyncio.to_thread(self._provision, service, endpoints)
         await self._enroll_all(endpoints, *station)
         await asyncio.to_thread(self._misbehave, endpoints, *station)
+        await asyncio.to_thread(retire_station, service, f"{self.run_id}-station")
         self._record_identities(service)
         backend = await self._connect_backend(endpoints)
         receiver = asyncio.create_task(self._receive(backend))

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from enrollment.registry import Registry, StationState
+
 FLEETGATE = Path(sys.executable).with_name("fleetgate")
 
 
@@ -44,3 +46,10 @@ def test_simulated_fleet_reports_every_message_delivered_and_every_misbehaviour_
     }
     assert report["connect_ms"]["p99"] is not None
     assert report["delivery_ms"]["p50"] <= report["delivery_ms"]["p99"]
+    # The run's station served only this run: it is revoked, so its key left on disk is useless.
+    registry = Registry(config.database_url)
+    try:
+        stations = [s for s in registry.stations() if s.id.startswith("sim-")]
+    finally:
+        registry.close()
+    assert [s.state for s in stations] == [StationState.REVOKED]
