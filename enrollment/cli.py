@@ -11,6 +11,7 @@ import datetime as dt
 import getpass
 import json
 import os
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -163,6 +164,32 @@ def ca_show(as_json: JsonFlag = False) -> None:
         {"role": "issuing", **_cert_summary(anchors.issuing)},
     ]
     _emit(rows, as_json)
+
+
+@ca_app.command("server-cert")
+def ca_server_cert(
+    names: Annotated[
+        list[str], typer.Option("--name", help="DNS name or IP the server answers to; repeat.")
+    ],
+    out: Annotated[Path, typer.Option(help="Directory for broker.crt, broker.key, chain.pem.")],
+) -> None:
+    """Issue a broker (or EST server) certificate for another host, which then needs no CA key.
+
+    Copy the directory's files to that host's ``<home>/ca/``; ``serve broker`` there uses them
+    as long as its ``broker.server_names`` match and more than 30 days remain.
+    """
+    config = _config()
+    credentials = ca_module.ServerCredentials(
+        out / "broker.crt", out / "broker.key", tuple(dict.fromkeys(names))
+    )
+    ca_module.ensure_server_certificate(config, credentials, replace=True)
+    shutil.copyfile(ca_module.ca_paths(config).chain, out / "chain.pem")
+    cert = x509.load_pem_x509_certificates(credentials.cert.read_bytes())[0]
+    typer.echo(
+        f"server certificate {cert.serial_number:x} for {', '.join(credentials.names)} "
+        f"(until {_when(cert.not_valid_after_utc)}) in {out}: copy broker.crt, broker.key "
+        "and chain.pem to the host's <home>/ca/"
+    )
 
 
 # -- stations ----------------------------------------------------------------------------------
