@@ -237,6 +237,16 @@ def ensure_server_certificate(
     return credentials
 
 
+def renew_server_certificate_if_due(
+    config: Config, credentials: ServerCredentials, *, ca: CertificateAuthority
+) -> bool:
+    """For a running server: reissue a due certificate; True when new files were written."""
+    if _is_current(credentials):
+        return False
+    ensure_server_certificate(config, credentials, ca=ca, replace=True)
+    return True
+
+
 def _is_current(credentials: ServerCredentials) -> bool:
     if not (credentials.cert.exists() and credentials.key.exists()):
         return False

@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 
 from aiohttp import web
 
 from enrollment.ca import (
+    ServerCredentials,
     ca_paths,
     enrollment_server_credentials,
     ensure_server_certificate,
     load_ca,
+    renew_server_certificate_if_due,
 )
 from enrollment.config import Config
 from enrollment.crl import needs_refresh
-from enrollment.errors import CAPassphraseError
+from enrollment.errors import CAPassphraseError, FleetgateError
 from enrollment.est import ESTApp
 from enrollment.lifecycle import run_until_signalled
 from enrollment.registry import AuditRecord, Registry
@@ -24,6 +27,8 @@ from enrollment.service import EnrollmentService
 from enrollment.tls import serve_tls, server_context
 
 log = logging.getLogger("fleetgate.server")
+
+CERTIFICATE_CHECK_INTERVAL_S = 3600.0
 
 
 class EnrollmentServer:
@@ -46,6 +51,8 @@ class EnrollmentServer:
         self.port = config.enrollment.port if port is None else port
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self.certificate_check_interval_s = CERTIFICATE_CHECK_INTERVAL_S
 
     def _read_crl(self) -> bytes:
         path = ca_paths(self.config).crl
@@ -85,13 +92,34 @@ class EnrollmentServer:
             handshake_timeout=self.config.enrollment.tls_handshake_timeout_s,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._renewer = asyncio.create_task(self._keep_certificate_current(context, credentials))
         log.info(
             "enrollment service listening",
             extra={"host": self.config.enrollment.host, "port": self.port},
         )
         return self.port
 
+    async def _keep_certificate_current(
+        self, context: ssl.SSLContext, credentials: ServerCredentials
+    ) -> None:
+        """Renew the server's own certificate while it runs, not only at start: a service up
+        for longer than the renewal margin would otherwise serve an expiring certificate."""
+        while True:
+            await asyncio.sleep(self.certificate_check_interval_s)
+            try:
+                renewed = renew_server_certificate_if_due(
+                    self.config, credentials, ca=self.service.ca
+                )
+            except (OSError, FleetgateError) as exc:
+                log.error("server certificate renewal failed: %s", exc)
+                continue
+            if renewed:
+                context.load_cert_chain(credentials.cert, credentials.key)  # new handshakes
+                log.info("server certificate renewed", extra={"names": list(credentials.names)})
+
     async def stop(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
         if self._server is not None:
             self._server.close()
         if self._runner is not None:

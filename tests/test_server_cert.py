@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
+import socket
+import ssl
 import stat
 import subprocess
+import time
 
+from conftest import RunningServer
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
 from broker.tls import broker_credentials
-from enrollment.ca import ensure_server_certificate
+from enrollment import profiles
+from enrollment.ca import ca_paths, ensure_server_certificate
 from enrollment.cli import app
 from enrollment.config import load_config
+from enrollment.keyfiles import write_certificates, write_private_key
 
 
 def test_a_certificate_issued_for_another_host_lets_it_run_without_the_ca_key(fleet, tmp_path):
@@ -46,3 +54,43 @@ def test_a_certificate_issued_for_another_host_lets_it_run_without_the_ca_key(fl
     credentials = broker_credentials(remote)
     assert ensure_server_certificate(remote, credentials) == credentials  # current: no CA needed
     assert not (remote.ca_dir / "issuing.key").exists()
+
+
+def _served_serial(port: int, root) -> int:
+    context = ssl.create_default_context(cafile=str(root))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_a_running_enrollment_service_renews_its_own_certificate_when_due(fleet):
+    server = RunningServer(fleet.config)
+    server._server.certificate_check_interval_s = 0.1
+    server.start()
+    try:
+        paths = ca_paths(fleet.config)
+        # Swap in a certificate 10 days from expiry, as if the service had run for months.
+        key = ec.generate_private_key(ec.SECP256R1())
+        short = fleet.service.ca.issue(
+            profiles.SERVER,
+            profiles.server_subject(fleet.config.enrollment.server_names),
+            key.public_key(),
+            dt.timedelta(days=10),
+        )
+        write_private_key(paths.server_key, key)
+        write_certificates(paths.server_cert, [short, fleet.service.ca.anchors.issuing])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            on_disk = x509.load_pem_x509_certificates(paths.server_cert.read_bytes())[0]
+            if on_disk.serial_number != short.serial_number:
+                break
+            time.sleep(0.05)
+        assert on_disk.serial_number != short.serial_number, "the due certificate was not renewed"
+        assert on_disk.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=300)
+        time.sleep(0.2)  # the reload follows the write within the same check
+        assert _served_serial(server.port, fleet.root) == on_disk.serial_number
+    finally:
+        server.stop()
