@@ -16,7 +16,7 @@ from broker.acl import DEFAULT_TEMPLATE, AclTemplate, DeviceAcl
 from broker.mqtt import ReasonCode
 from enrollment.errors import NotAuthorised, NotFound
 from enrollment.identity import identify_client
-from enrollment.registry import DeviceState, Registry
+from enrollment.registry import AclPatterns, DeviceState, Registry
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +86,21 @@ def check_admission(registry: Registry, identity: Identity) -> Admitted | Refuse
                 return Refused(f"test identity {identity.device_id} is {device.state}")
             group = device.group
     else:
-        admission = registry.admission(identity.device_id, identity.serial)
-        if not admission.allowed:
-            return Refused(admission.reason)
-        group = admission.group or "default"
-    patterns = registry.acl_patterns(group)
-    template = AclTemplate(patterns.publish, patterns.subscribe) if patterns else DEFAULT_TEMPLATE
-    return Admitted(group, template.for_device(identity.device_id))
+        return _admit_certificate(registry, identity.device_id, identity.serial)
+    return _admitted(registry, identity.device_id, group)
+
+
+def _admitted(registry: Registry, device_id: str, group: str) -> Admitted:
+    return Admitted(group, _template(registry.acl_patterns(group)).for_device(device_id))
+
+
+def _template(patterns: AclPatterns | None) -> AclTemplate:
+    return AclTemplate(patterns.publish, patterns.subscribe) if patterns else DEFAULT_TEMPLATE
+
+
+def _admit_certificate(registry: Registry, device_id: str, serial: int) -> Admitted | Refused:
+    """Only the device's active certificate gets in; the ACL comes from the same read."""
+    admission = registry.admission(device_id, serial)
+    if not admission.allowed:
+        return Refused(admission.reason)
+    return Admitted(admission.group or "default", _template(admission.acl).for_device(device_id))

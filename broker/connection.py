@@ -46,6 +46,7 @@ from broker.mqtt import (
     UnsupportedProtocolVersion,
     Will,
     encode,
+    encode_publish,
     parse_shared_subscription,
 )
 from broker.routing import Message, SubscriptionOptions
@@ -56,6 +57,7 @@ _V3 = ProtocolLevel.MQTT_3_1_1
 _V5 = ProtocolLevel.MQTT_5
 _R = ReasonCode
 _ACL_MEMORY = 64
+_PUBACK_HEAD = b"\x40\x02"
 KEEP_ALIVE_GRACE = 1.5
 """A client silent for 1.5 times its keep-alive is gone (MQTT-3.1.2-24)."""
 
@@ -243,9 +245,13 @@ class Connection:
                 return None
             if packet is None:
                 return None
-            if isinstance(packet, Connect):
-                return self._on_connect(packet)
-            self._on_packet(packet, now)
+            kind = type(packet)
+            if kind is Publish:  # the hot path, without the dispatch below
+                self._on_publish(packet, now)  # type: ignore[arg-type]
+            elif kind is Connect:
+                return self._on_connect(packet)  # type: ignore[arg-type]
+            else:
+                self._on_packet(packet, now)
         return None
 
     def _on_packet(self, packet: Packet, now: float) -> None:
@@ -442,17 +448,22 @@ class Connection:
         acknowledged as if delivered, as Mosquitto does, and the client is not left waiting.
         ``held`` keeps the acknowledgement until the bridge stored the message."""
         assert self.session is not None
-        if packet.packet_id is None:
+        packet_id = packet.packet_id
+        if packet_id is None:
             return
         if self.level is _V3:
             code = _R.SUCCESS
         ack: PubAck | PubRec
         if packet.qos == QoS.AT_LEAST_ONCE:
-            ack = PubAck(packet_id=packet.packet_id, reason_code=code)
+            if held is None and not self._held and code == _R.SUCCESS:
+                # PUBACK, success, no properties: the same bytes at either level.
+                self._emit(_PUBACK_HEAD + packet_id.to_bytes(2, "big"))
+                return
+            ack = PubAck(packet_id=packet_id, reason_code=code)
         else:
             if code == _R.SUCCESS:
-                self.session.incoming_qos2.add(packet.packet_id)
-            ack = PubRec(packet_id=packet.packet_id, reason_code=code)
+                self.session.incoming_qos2.add(packet_id)
+            ack = PubRec(packet_id=packet_id, reason_code=code)
         if held is not None:
             held.packet = ack
             self._held.append(held)
@@ -601,7 +612,8 @@ class Connection:
     def _send_publish(self, delivery: Delivery, packet_id: int | None, now: float) -> None:
         message = delivery.message
         props = message.properties
-        if self.level is _V3:
+        level = self.level
+        if level is _V3:
             props = NO_PROPERTIES
         else:
             if message.expires_at is not None:
@@ -612,26 +624,39 @@ class Connection:
                 props = replace(props, message_expiry_interval=math.ceil(remaining))
             if delivery.subscription_ids:
                 props = replace(props, subscription_identifiers=delivery.subscription_ids)
-        packet = Publish(
-            topic=message.topic,
-            payload=message.payload,
-            qos=delivery.qos,
-            retain=delivery.retain,
-            packet_id=packet_id,
-            properties=props,
+        # Built from a validated message: encoded without the codec's checks or a Publish.
+        data = encode_publish(
+            message.topic, message.payload, delivery.qos, delivery.retain, packet_id, props, level
         )
-        if self._write_publish(packet, packet_id) and packet_id is not None:
+        if not self._fits(data, packet_id):
+            return
+        self.core.metrics.messages_sent[delivery.qos] += 1
+        self._emit(data)
+        if packet_id is not None:
             assert self.session is not None
-            self.session.inflight[packet_id] = packet
+            self.session.inflight[packet_id] = Publish(
+                topic=message.topic,
+                payload=message.payload,
+                qos=delivery.qos,
+                retain=delivery.retain,
+                packet_id=packet_id,
+                properties=props,
+            )
 
-    def _write_publish(self, packet: Publish, packet_id: int | None) -> bool:
+    def _fits(self, data: bytes, packet_id: int | None) -> bool:
         """False if the packet exceeds the client's Maximum Packet Size: it is then dropped, as
         if delivered (MQTT-3.1.2-25)."""
-        data = encode(packet, self.level, validate=False)  # built from a validated message
         if self.max_send_size is not None and len(data) > self.max_send_size:
             self.core.metrics.dropped["too_large"] += 1
             if packet_id is not None and self.session is not None:
                 self.session.inflight.pop(packet_id, None)
+            return False
+        return True
+
+    def _write_publish(self, packet: Publish, packet_id: int | None) -> bool:
+        """A stored PUBLISH again (resent with DUP on resume); False if it is too large."""
+        data = encode(packet, self.level, validate=False)  # built from a validated message
+        if not self._fits(data, packet_id):
             return False
         self.core.metrics.messages_sent[packet.qos] += 1
         self._emit(data)

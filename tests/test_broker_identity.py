@@ -26,6 +26,8 @@ from broker_helpers import (  # running_broker: the `broker` fixture
     wait_for,
 )
 
+from broker.acl import DEFAULT_TEMPLATE, AclTemplate
+from broker.admission import Admitted, Identity, Refused, check_admission
 from enrollment import profiles
 from enrollment.registry import DeviceState
 
@@ -260,3 +262,66 @@ async def amqtt_connect(broker: RunningBroker, creds: Creds) -> int:
     code = await client.connect(f"mqtts://localhost:{broker.port}/", cafile=str(broker.fleet.root))
     await client.disconnect()
     return code
+
+
+def _reference_admission(registry, identity):
+    """The verdict from Registry.admission, the ACL from a separate Registry.acl_patterns read."""
+    admission = registry.admission(identity.device_id, identity.serial)
+    if not admission.allowed:
+        return Refused(admission.reason)
+    group = admission.group or "default"
+    patterns = registry.acl_patterns(group)
+    template = AclTemplate(patterns.publish, patterns.subscribe) if patterns else DEFAULT_TEMPLATE
+    return Admitted(group, template.for_device(identity.device_id))
+
+
+def test_merged_admission_read_gives_the_registrys_own_verdicts_and_acls(fleet):
+    """check_admission reads device, certificate and ACL in one statement: every verdict and
+    reason matches the registry's, the ACL equals a separate acl_patterns read, and an ACL
+    change or a state change shows at the next CONNECT (nothing is cached)."""
+    from enrollment.registry.models import Certificate, CertStatus
+
+    registry = fleet.registry
+    creds = {name: enroll(fleet, name) for name in ("sensor-1", "sensor-2", "sensor-3")}
+    enroll(fleet, "pump-1", group="pumps")
+    serial = {
+        name: int(registry.certificates_of("device", name)[0].serial, 16)
+        for name in (*creds, "pump-1")
+    }
+    station_serial = int(registry.certificates_of("station", "line-1")[0].serial, 16)
+    registry.change_device_state("sensor-2", DeviceState.SUSPENDED, reason="t", actor="test")
+    registry.change_device_state("sensor-3", DeviceState.REVOKED, reason="t", actor="test")
+
+    def cases():
+        return [
+            Identity("sensor-1", serial["sensor-1"]),
+            Identity("sensor-1", serial["sensor-2"]),  # another device's certificate
+            Identity("sensor-1", station_serial),  # a station's certificate
+            Identity("sensor-1", 12345),  # no such certificate
+            Identity("sensor-2", serial["sensor-2"]),  # suspended
+            Identity("sensor-3", serial["sensor-3"]),  # revoked
+            Identity("ghost-1", serial["sensor-1"]),  # not in the registry
+            Identity("pump-1", serial["pump-1"]),  # a group with its own ACL (none yet)
+        ]
+
+    def same() -> None:
+        for identity in cases():
+            assert check_admission(registry, identity) == _reference_admission(registry, identity)
+
+    same()
+    assert check_admission(registry, cases()[0]) == Admitted(
+        "default", DEFAULT_TEMPLATE.for_device("sensor-1")
+    )
+    registry.set_acl("pumps", publish=["pumps/%d/#", "a/b"], subscribe=["pumps/#"], actor="t")
+    registry.set_acl("default", publish=["devices/%d/up"], subscribe=[], actor="t")
+    same()
+    pump = check_admission(registry, cases()[-1])
+    assert isinstance(pump, Admitted)
+    assert pump.acl.publish == ("a/b", "pumps/pump-1/#")
+    with registry.transaction() as s:
+        s.get(Certificate, format(serial["sensor-1"], "x")).status = CertStatus.SUPERSEDED
+    same()
+    refused = check_admission(registry, cases()[0])
+    assert isinstance(refused, Refused) and "renewed certificate" in refused.reason
+    registry.change_device_state("sensor-2", DeviceState.ACTIVE, reason="t", actor="test")
+    same()

@@ -60,6 +60,7 @@ from broker.mqtt import (
     UnsupportedProtocolVersion,
     Will,
     encode,
+    encode_publish,
     parse_shared_subscription,
     topic_matches,
     validate_topic_filter,
@@ -1650,3 +1651,110 @@ def test_the_trusted_publish_fast_path_writes_the_same_bytes(packet, level) -> N
     if level == 4 and packet.properties != NO_PROPERTIES:
         packet = dataclasses.replace(packet, properties=NO_PROPERTIES)
     assert encode(packet, level, validate=False) == encode(packet, level)
+
+
+# --- the PUBLISH/PUBACK hot paths agree with the generic decoder and encoder -------------------
+
+
+def generic_decode(data: bytes, level: int) -> Packet | ProtocolError:
+    """The generic path alone: the fast paths switched off for this decoder."""
+    decoder = Decoder(level)
+    decoder._fast_publish = lambda *args: None  # type: ignore[method-assign]
+    decoder._fast_puback = lambda *args: None  # type: ignore[method-assign]
+    decoder.feed(data)
+    try:
+        return decoder.next_packet()  # type: ignore[return-value]
+    except ProtocolError as exc:
+        return exc
+
+
+def fast_decode(data: bytes, level: int) -> Packet | ProtocolError:
+    try:
+        return decode_one(data, level)
+    except ProtocolError as exc:
+        return exc
+
+
+def publish_frame(first: int, topic: bytes, tail: bytes) -> bytes:
+    return frame(first, len(topic).to_bytes(2, "big") + topic + tail)
+
+
+HOT_PATH_CASES = [
+    (0x30, b"a/b", b"\x00payload"),  # QoS 0, empty properties (MQTT 5)
+    (0x31, b"a/b", b"\x00"),  # retained, empty payload
+    (0x32, b"a/b", b"\x00\x07\x00x"),  # QoS 1
+    (0x3D, b"a/b", b"\x00\x07\x00x"),  # QoS 2, DUP, retain
+    (0x38, b"a/b", b"\x00x"),  # DUP on QoS 0
+    (0x32, b"a/b", b"\x00\x00\x00x"),  # packet id 0
+    (0x30, b"a/+", b"\x00x"),  # wildcards in a topic name
+    (0x30, b"a/#", b"\x00x"),
+    (0x30, b"a\x00b", b"\x00x"),  # U+0000
+    (0x30, b"\xff\xfe", b"\x00x"),  # not UTF-8
+    (0x30, b"", b"\x00x"),  # empty topic, no alias
+    (0x30, b"", b"\x03\x23\x00\x01x"),  # empty topic with an alias (MQTT 5)
+    (0x30, b"a/b", b"\x03\x23\x00\x01x"),  # properties present
+    (0x30, b"a/b", b"\x05\x02\x00\x00\x00\x0ax"),  # message expiry
+    (0x30, b"a/b", b"\x02\x23\x00"),  # properties cut short
+    (0x32, b"a/b", b"\x00"),  # packet id cut short
+]
+
+
+@pytest.mark.parametrize("level", [V3, V5])
+@pytest.mark.parametrize(("first", "topic", "tail"), HOT_PATH_CASES)
+def test_publish_hot_path_decodes_and_refuses_as_the_generic_path(level, first, topic, tail):
+    data = publish_frame(first, topic, tail)
+    fast, generic = fast_decode(data, level), generic_decode(data, level)
+    if isinstance(generic, ProtocolError):
+        assert isinstance(fast, type(generic))
+        assert (fast.reason_code, fast.message) == (generic.reason_code, generic.message)
+    else:
+        assert fast == generic
+
+
+@pytest.mark.parametrize("level", [V3, V5])
+@pytest.mark.parametrize(
+    "data", [h("40020007"), h("40020000"), h("4003000710"), h("4004000787 00"), h("400100")]
+)
+def test_puback_hot_path_agrees_with_the_generic_path(level, data):
+    fast, generic = fast_decode(data, level), generic_decode(data, level)
+    if isinstance(generic, ProtocolError):
+        assert isinstance(fast, type(generic)) and fast.message == generic.message
+    else:
+        assert fast == generic
+
+
+def test_publish_and_puback_before_connect_are_still_refused():
+    for data in (publish_frame(0x30, b"a", b"x"), h("40020001")):
+        assert "must be CONNECT" in decode_error(data).message
+
+
+@pytest.mark.parametrize("level", [V3, V5])
+@pytest.mark.parametrize("qos", [0, 1, 2])
+@pytest.mark.parametrize("retain", [False, True])
+@pytest.mark.parametrize("size", [0, 60, 200, 20000])
+def test_encode_publish_is_byte_for_byte_encode(level, qos, retain, size):
+    props = (
+        Properties(content_type="text/plain", user_properties=(("k", "v"),))
+        if level == V5 and size == 60
+        else NO_PROPERTIES
+    )
+    packet = Publish(
+        topic="devices/d1/telemetry",
+        payload=bytes(range(256)) * (size // 256) + b"p" * (size % 256),
+        qos=QoS(qos),
+        retain=retain,
+        dup=qos == 2,
+        packet_id=9 if qos else None,
+        properties=props,
+    )
+    ours = encode_publish(
+        packet.topic,
+        packet.payload,
+        packet.qos,
+        packet.retain,
+        packet.packet_id,
+        packet.properties,
+        ProtocolLevel(level),
+        dup=packet.dup,
+    )
+    assert ours == encode(packet, level)

@@ -9,7 +9,7 @@ Shared by the broker, the bridge and the device simulator::
     sock.sendall(encode(ConnAck(), decoder.protocol_level))
 """
 
-from broker.mqtt.codec import MAX_PACKET_SIZE, Decoder, encode
+from broker.mqtt.codec import MAX_PACKET_SIZE, Decoder, encode, encode_publish
 from broker.mqtt.errors import (
     MalformedPacket,
     PacketTooLarge,
@@ -91,6 +91,7 @@ __all__ = [
     "UnsupportedProtocolVersion",
     "Will",
     "encode",
+    "encode_publish",
     "parse_shared_subscription",
     "topic_matches",
     "validate_topic_filter",

@@ -77,6 +77,8 @@ _FLAGS_0010 = frozenset({PacketType.PUBREL, PacketType.SUBSCRIBE, PacketType.UNS
 _LEVELS = frozenset(ProtocolLevel)
 # Enum construction by value costs about a microsecond; the decoder's hot path indexes instead.
 _PACKET_TYPES = {int(t): t for t in PacketType}
+_PUBLISH = PacketType.PUBLISH
+_PUBACK = PacketType.PUBACK
 _QOS_BY_VALUE = (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE, QoS.EXACTLY_ONCE)
 _RESPONSES: dict[PacketType, type[PubAck] | type[PubRec] | type[PubRel] | type[PubComp]] = {
     PacketType.PUBACK: PubAck,
@@ -447,18 +449,38 @@ def encode(packet: Packet, protocol_level: int, *, validate: bool = True) -> byt
     return bytes([packet.packet_type << 4 | flags]) + write_varint(len(body)) + body
 
 
-def _encode_trusted_publish(packet: Publish, level: ProtocolLevel) -> bytes:
-    """PUBLISH bytes straight from already-validated fields: the broker's per-delivery path."""
-    topic = packet.topic.encode()
-    body = bytearray(len(topic).to_bytes(2, "big"))
-    body += topic
-    if packet.packet_id is not None:
-        body += packet.packet_id.to_bytes(2, "big")
-    if level is _V5:
-        body += _properties_bytes(packet.properties, level)
-    body += packet.payload
-    first = 0x30 | (8 if packet.dup else 0) | packet.qos << 1 | (1 if packet.retain else 0)
-    return bytes((first,)) + write_varint(len(body)) + body
+def encode_publish(
+    topic: str,
+    payload: bytes,
+    qos: int,
+    retain: bool,
+    packet_id: int | None,
+    properties: Properties,
+    protocol_level: ProtocolLevel,
+    *,
+    dup: bool = False,
+) -> bytes:
+    """PUBLISH bytes straight from already-validated fields, without a :class:`Publish`: the
+    broker's per-delivery path. The same bytes as ``encode(Publish(...), level)``."""
+    name = topic.encode()
+    if protocol_level is _V5:
+        props = b"\x00" if properties is NO_PROPERTIES else encode_properties(properties)
+    else:
+        props = b""
+    size = len(name)
+    remaining = 2 + size + len(props) + len(payload)
+    pid = b""
+    if packet_id is not None:
+        remaining += 2
+        pid = packet_id.to_bytes(2, "big")
+    first = 0x30 | (8 if dup else 0) | qos << 1 | (1 if retain else 0)
+    if remaining < 0x80:
+        head = bytes((first, remaining))
+    else:
+        if remaining > MAX_VARINT:
+            raise ValueError(f"Publish of {remaining} bytes is too large for MQTT")
+        head = bytes((first,)) + write_varint(remaining)
+    return b"".join((head, size.to_bytes(2, "big"), name, pid, props, payload))
 
 
 # --- decoding ---------------------------------------------------------------------------------
@@ -687,7 +709,14 @@ class Decoder:
         buffer = self._buffer
         if not buffer:
             return None
-        packet_type = self._check_first_byte(buffer[0])
+        first = buffer[0]
+        # PUBLISH (QoS 0-2) and a bare PUBACK pass the first-byte checks by construction.
+        hot = not self._expect_connect and (
+            (first & 0xF0 == 0x30 and first & 6 != 6) or first == 0x40
+        )
+        packet_type = (
+            (_PUBLISH if first != 0x40 else _PUBACK) if hot else self._check_first_byte(first)
+        )
         header = decode_varint(buffer, 1, len(buffer))
         if header is None:
             return None
@@ -697,10 +726,66 @@ class Decoder:
             raise PacketTooLarge(size, self.max_packet_size)
         if len(buffer) < size:
             return None
+        if hot:
+            fast = (
+                self._fast_puback(buffer, body_start, size)
+                if first == 0x40
+                else self._fast_publish(buffer, first, body_start, size)
+            )
+            if fast is not None:
+                del buffer[:size]
+                return fast
         reader = Reader(bytes(buffer[body_start:size]))
         packet = self._decode(packet_type, buffer[0] & 0x0F, reader)
         del buffer[:size]
         return packet
+
+    def _fast_publish(self, buffer: bytearray, first: int, start: int, end: int) -> Publish | None:
+        """The common PUBLISH (a topic name, no properties) without the generic reader.
+
+        ``None`` means "not that case": the generic path then decodes or refuses the packet, so
+        every error and every unusual packet is handled exactly as before.
+        """
+        if end - start < 2:
+            return None
+        topic_end = start + 2 + (buffer[start] << 8 | buffer[start + 1])
+        qos = first >> 1 & 3
+        at = topic_end + 2 if qos else topic_end
+        if topic_end == start + 2 or at > end:
+            return None
+        if self._level is _V5:
+            if at >= end or buffer[at]:
+                return None
+            at += 1
+        try:
+            topic = buffer[start + 2 : topic_end].decode()
+        except UnicodeDecodeError:
+            return None
+        if "+" in topic or "#" in topic or "\x00" in topic:
+            return None
+        packet_id: int | None = None
+        if qos:
+            packet_id = buffer[topic_end] << 8 | buffer[topic_end + 1]
+            if not packet_id:
+                return None
+        elif first & 8:
+            return None
+        return Publish(
+            topic=topic,
+            payload=bytes(buffer[at:end]),
+            qos=_QOS_BY_VALUE[qos],
+            retain=bool(first & 1),
+            dup=bool(first & 8),
+            packet_id=packet_id,
+        )
+
+    @staticmethod
+    def _fast_puback(buffer: bytearray, start: int, end: int) -> PubAck | None:
+        """A PUBACK of two bytes: a non-zero packet id, success, no properties."""
+        if end - start != 2:
+            return None
+        packet_id = buffer[start] << 8 | buffer[start + 1]
+        return PubAck(packet_id=packet_id) if packet_id else None
 
     def _check_first_byte(self, first: int) -> PacketType:
         code, flags = first >> 4, first & 0x0F
