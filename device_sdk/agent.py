@@ -2,7 +2,10 @@
 
 The directory is a :class:`FileKeyStore` (``device.key``, ``device.crt``, ``ca.crt``), or a
 :class:`~device_sdk.tpm_keystore.TpmKeyStore` when it holds ``device.tss2.pem`` (a key in the
-device's TPM) instead of ``device.key``, plus an optional ``device.toml``::
+device's TPM) instead of ``device.key``, or a
+:class:`~device_sdk.smartcard_keystore.SmartcardKeyStore` (no key file: the key is slot 9A of a
+PIV card) when ``device.toml`` has a ``[smartcard]`` table. ``device.toml`` is optional
+otherwise::
 
     broker = "localhost:8883"
     est_url = "https://localhost:8443"   # enables automatic renewal
@@ -12,6 +15,14 @@ device's TPM) instead of ``device.key``, plus an optional ``device.toml``::
     tcti = "device:/dev/tpmrm0"          # TPM key stores: the resource manager to reach
     tpm_key_renewal = "reuse"            # TPM key stores: reuse | rotate the key on renewal
 
+    [smartcard]                          # card key stores only
+    reader = "Virtual PCD"               # optional: part of the PC/SC reader's name
+    pin_file = "card.pin"                # the PIN, in a file of mode 0600 (relative paths are
+    # pin_env = "DEVICE_CARD_PIN"        # in the directory), or in an environment variable
+
+The PIN never goes into ``device.toml`` or onto the command line, where other users could read
+it (``ps``, a world-readable config).
+
 It publishes telemetry to ``devices/<id>/telemetry`` every ``interval_s`` (QoS 1, queued while
 offline) and logs what arrives on ``devices/<id>/commands/#``.
 """
@@ -20,6 +31,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import threading
 import time
 import tomllib
@@ -30,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from device_sdk.ciphers import CipherPolicy
 from device_sdk.client import DeviceClient, Message, MqttVersion
 from device_sdk.errors import DeviceSdkError, KeyStoreError
-from device_sdk.keystore import FileKeyStore, device_id_of
+from device_sdk.keystore import FileKeyStore, KeyStore, device_id_of
 
 if TYPE_CHECKING:
     from device_sdk.tpm_keystore import KeyRenewal
@@ -39,6 +52,8 @@ log = logging.getLogger("fleetgate.agent")
 
 DEFAULT_TCTI = "device:/dev/tpmrm0"  # the kernel's TPM resource manager
 TPM_KEY_FILES = ("device.tss2.pem", "device.tss2.pem.new")  # a TPM key, or one being installed
+KEY_FILES = ("device.key", "device.key.new", *TPM_KEY_FILES)
+CARD_SETTINGS = {"reader", "pin_file", "pin_env"}
 
 
 class AgentConfigError(DeviceSdkError):
@@ -58,7 +73,7 @@ class AgentConfig:
     tpm_key_renewal: KeyRenewal = "reuse"
 
 
-def open_agent(directory: Path) -> tuple[FileKeyStore, AgentConfig]:
+def open_agent(directory: Path) -> tuple[KeyStore, AgentConfig]:
     """The key store in ``directory`` and ``device.toml``; the device id is the certificate's.
 
     The store's kind is chosen from the files before it is opened: opening a TPM store's
@@ -79,10 +94,12 @@ def open_agent(directory: Path) -> tuple[FileKeyStore, AgentConfig]:
         "mqtt_version",
         "tcti",
         "tpm_key_renewal",
+        "smartcard",
     }
     if set(raw) - known:
         raise AgentConfigError(f"{path}: unknown key(s) {sorted(set(raw) - known)}")
-    store = _key_store(directory, raw, path)
+    card = raw.pop("smartcard", None)
+    store = _key_store(directory, raw, path) if card is None else _card_store(directory, card, path)
     try:
         certs = store.certificates()
     except KeyStoreError as exc:
@@ -109,6 +126,68 @@ def _key_store(directory: Path, raw: dict[str, Any], path: Path) -> FileKeyStore
         )
     except ValueError as exc:
         raise AgentConfigError(f"{path}: {exc}") from exc
+
+
+def _card_store(directory: Path, table: object, path: Path) -> KeyStore:
+    """The smartcard store that ``[smartcard]`` in ``path`` describes."""
+    if not isinstance(table, dict):
+        raise AgentConfigError(f"{path}: smartcard must be a table ([smartcard]), not a value")
+    if "pin" in table:
+        raise AgentConfigError(
+            f"{path}: a PIN does not belong in device.toml; put it in a 0600 file named by "
+            "pin_file, or in an environment variable named by pin_env"
+        )
+    if set(table) - CARD_SETTINGS:
+        raise AgentConfigError(
+            f"{path}: unknown [smartcard] key(s) {sorted(set(table) - CARD_SETTINGS)} "
+            f"(known: {sorted(CARD_SETTINGS)})"
+        )
+    key_files = [name for name in KEY_FILES if (directory / name).exists()]
+    if key_files:
+        raise AgentConfigError(
+            f"{directory} holds {', '.join(key_files)} and {path} a [smartcard] table: a device "
+            "has one key; remove the table, or the key files of a previous enrollment"
+        )
+    reader = table.get("reader")
+    from device_sdk.smartcard_keystore import SmartcardKeyStore  # pyscard, M2Crypto: cards only
+
+    return SmartcardKeyStore(
+        directory,
+        pin=_card_pin(directory, table, path),
+        reader=None if reader is None else str(reader),
+    )
+
+
+def _card_pin(directory: Path, table: dict[str, Any], path: Path) -> str:
+    """The PIN from ``pin_file`` (mode 0600, a regular file) or ``pin_env``."""
+    sources = CARD_SETTINGS.intersection(table) - {"reader"}
+    if len(sources) != 1:
+        raise AgentConfigError(
+            f"{path}: [smartcard] needs exactly one PIN source: pin_file (a file of mode 0600) "
+            "or pin_env (an environment variable)"
+        )
+    if "pin_env" in table:
+        name = str(table["pin_env"])
+        pin = os.environ.get(name, "")
+        if not pin:
+            raise AgentConfigError(
+                f"{path}: pin_env names {name}, which is not set: export the card's PIN in {name}"
+            )
+        return pin
+    pin_path = directory / str(table["pin_file"])
+    try:
+        mode = pin_path.stat().st_mode
+        if not stat.S_ISREG(mode) or mode & 0o077:
+            raise AgentConfigError(
+                f"the PIN file {pin_path} must be a regular file only its owner can read (it is "
+                f"{stat.filemode(mode)}): chmod 600 {pin_path}"
+            )
+        pin = pin_path.read_text().strip()
+    except OSError as exc:
+        raise AgentConfigError(f"{path}: cannot read the PIN file {pin_path}: {exc}") from exc
+    if not pin:
+        raise AgentConfigError(f"the PIN file {pin_path} is empty: write the card's PIN there")
+    return pin
 
 
 def run_agent(

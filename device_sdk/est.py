@@ -1,7 +1,9 @@
 """A small EST (RFC 7030) client on the standard library: ``http.client`` over mutual TLS 1.3.
 
 Stations use it with their station certificate for ``simpleenroll``; devices use it with their
-own certificate for ``simplereenroll``. One connection is kept alive across requests.
+own certificate for ``simplereenroll``. One connection is kept alive across requests. A key that
+Python's ``ssl`` cannot sign with (a smartcard's) brings its own TLS as a
+:data:`ConnectionFactory`; the EST protocol above it stays the same.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import base64
 import http.client
 import json
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,6 +26,9 @@ from cryptography.x509.oid import NameOID
 from device_sdk.errors import DeviceSdkError
 
 EST_PREFIX = "/.well-known/est"
+
+ConnectionFactory = Callable[[str, int, float], http.client.HTTPConnection]
+"""``(host, port, timeout)`` to an unopened HTTP connection that speaks TLS itself."""
 
 
 class EstError(DeviceSdkError):
@@ -61,15 +67,27 @@ def client_context(
 
 
 class EstClient:
-    """EST operations against one server, over one kept-alive HTTPS connection."""
+    """EST operations against one server, over one kept-alive HTTPS connection.
 
-    def __init__(self, base_url: str, context: ssl.SSLContext, *, timeout: float = 30.0) -> None:
+    ``transport`` is the ``ssl.SSLContext`` to connect with, or a :data:`ConnectionFactory`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        transport: ssl.SSLContext | ConnectionFactory,
+        *,
+        timeout: float = 30.0,
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError(f"EST needs an https:// URL, not {base_url!r}")
-        self._conn = http.client.HTTPSConnection(
-            parts.hostname, parts.port or 443, context=context, timeout=timeout
-        )
+        host, port = parts.hostname, parts.port or 443
+        self._conn: http.client.HTTPConnection
+        if isinstance(transport, ssl.SSLContext):
+            self._conn = http.client.HTTPSConnection(host, port, context=transport, timeout=timeout)
+        else:
+            self._conn = transport(host, port, timeout)
 
     def close(self) -> None:
         self._conn.close()

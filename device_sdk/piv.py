@@ -28,6 +28,13 @@ from smartcard.Exceptions import (  # type: ignore[import-untyped]
     SmartcardException,
 )
 from smartcard.pcsc.PCSCExceptions import BaseSCardException  # type: ignore[import-untyped]
+from smartcard.scard import (  # type: ignore[import-untyped]
+    SCARD_LEAVE_CARD,
+    SCARD_S_SUCCESS,
+    SCardBeginTransaction,
+    SCardEndTransaction,
+    SCardGetErrorMessage,
+)
 from smartcard.System import readers as pcsc_readers  # type: ignore[import-untyped]
 
 from device_sdk.errors import DeviceSdkError
@@ -301,7 +308,7 @@ class PivCard:
 
         ``le`` False for commands that return no data (VERIFY, PUT DATA: ISO cases 1 and 3).
         """
-        with self._lock:
+        with self._lock, self._transaction(what):
             apdus = command_apdus(ins, p1, p2, data, le=le)
             for apdu in apdus[:-1]:
                 _, sw = self._exchange(apdu, what)
@@ -312,6 +319,23 @@ class PivCard:
                 answer += more
         check_status(sw, what)
         return answer
+
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[None]:
+        """Hold the card for one command (a PC/SC transaction), so a chained exchange does not
+        interleave with another client's: OpenSC, signing a TLS handshake in this process or
+        another, shares the card and takes transactions itself (pcscd then makes us wait)."""
+        hcard = self._connection.component.hcard  # pyscard's PCSCCardConnection handle
+        result = SCardBeginTransaction(hcard)
+        if result != SCARD_S_SUCCESS:
+            raise CardAbsent(
+                f"cannot hold the card in {self.reader!r} to {what} "
+                f"({SCardGetErrorMessage(result).strip()}): reinsert it and start again"
+            )
+        try:
+            yield
+        finally:
+            SCardEndTransaction(hcard, SCARD_LEAVE_CARD)
 
     def _exchange(self, apdu: bytes, what: str) -> tuple[bytes, int]:
         try:
@@ -327,6 +351,12 @@ class PivCard:
 
     def select(self) -> None:
         self.transmit(0xA4, 0x04, 0x00, PIV_AID, what="select the PIV application")
+
+    def resume(self, pin: str) -> None:
+        """SELECT and VERIFY again, before writing after other clients had the card: one of them
+        may have selected another application (OpenSC probes several while it connects)."""
+        self.select()
+        self.verify_pin(pin)
 
     def verify_pin(self, pin: str) -> None:
         """Unlock the card's keys for this session; :class:`WrongPin` says the tries left."""

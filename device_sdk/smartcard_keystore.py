@@ -12,12 +12,19 @@ card. The context gets the SDK's cipher policy (TLS 1.3 only, the policy's suite
 ``SSL_CTX_set_ciphersuites`` on M2Crypto's own ``SSL_CTX`` pointer, since M2Crypto 0.51 has no
 call for it, and the result is read back before use. :class:`DeviceClient` connects through
 :meth:`SmartcardKeyStore.tls_connector` instead of an ``ssl.SSLContext``.
+
+Renewal (:meth:`SmartcardKeyStore.renew`) is EST ``simplereenroll`` with the same card key, over
+the same card-key TLS (``http.client`` on an M2Crypto connection, handed to
+:class:`~device_sdk.est.EstClient` as its transport).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import http.client
+import io
+import logging
 import socket
 import subprocess
 import threading
@@ -36,9 +43,13 @@ from M2Crypto.SSL.SSLError import SSLError
 from M2Crypto.SSL.timeout import timeout as SocketTimeout
 
 from device_sdk.ciphers import CipherPolicy, resolve
-from device_sdk.errors import DeviceSdkError, KeyStoreError
-from device_sdk.keystore import _pem, _public_der, _write_atomic
+from device_sdk.errors import DeviceSdkError, EnrollmentError, KeyStoreError
+from device_sdk.est import EstClient, EstError, device_csr
+from device_sdk.keystore import _pem, _public_der, _write_atomic, device_id_of
 from device_sdk.piv import CardAbsent, PivCard, PivCardKey, PivError
+from device_sdk.provisioning import _issuers
+
+log = logging.getLogger("fleetgate.device_sdk")
 
 _T = TypeVar("_T")
 CARD_KEY_LABEL = "PIV AUTH key"  # OpenSC's PKCS#11 label for slot 9A's private key
@@ -136,6 +147,76 @@ class SmartcardKeyStore:
         self._on_card(lambda c: c.put_certificate(chain[0]))
         _write_atomic(self.certificate_path, _pem(chain), mode=0o644)
 
+    def renew(self, device_id: str, *, est_url: str, timeout: float = 30.0) -> x509.Certificate:
+        """EST ``simplereenroll`` for the card's current key, over mutual TLS signed by that key.
+
+        The key stays in slot 9A: the service keeps a hardware key's protection only for the same
+        key (a new one would have to be attested again), and this process's pkcs11 engine would
+        not see a new key until it restarts. :class:`DeviceClient` calls this when renewal is due.
+        """
+        current = self.certificates()[0]
+        connector = self.tls_connector()  # the card's key must still be device.crt's
+        try:
+            key = PivCardKey(self.card(), _ec_public_key(current))
+            csr = device_csr(device_id, key)  # signed on the card
+            if not csr.is_signature_valid:
+                raise KeyStoreError(
+                    f"the card's slot 9A key no longer matches {self.certificate_path} (the card "
+                    "was re-keyed or swapped): enroll the device again"
+                )
+            try:
+                with EstClient(est_url, connector.https_connection, timeout=timeout) as est:
+                    ca_certs = est.cacerts()
+                    cert = est.simplereenroll(csr)
+            except EstError as exc:
+                raise EnrollmentError(
+                    f"the EST server at {est_url} refused to renew {device_id}: {exc.message}"
+                ) from exc
+            except CardTlsError:
+                raise  # the handshake: its message says what to check
+            except (SSLError, http.client.HTTPException, OSError) as exc:
+                raise EnrollmentError(
+                    f"the connection to the EST server at {est_url} failed while renewing "
+                    f"{device_id} ({exc!r}); the current certificate stays in use: retry"
+                ) from exc
+            if device_id_of(cert) != device_id or _public_der(cert.public_key()) != _public_der(
+                current.public_key()
+            ):
+                raise EnrollmentError(
+                    f"the EST server at {est_url} issued certificate {cert.serial_number:x} for "
+                    f"{device_id_of(cert)} or another key, not for {device_id}'s card key; "
+                    "nothing was installed"
+                )
+            self._install_renewed([cert, *_issuers(cert, ca_certs)])
+        finally:
+            self.close()  # a long-lived agent holds no PC/SC handle between renewals
+        return cert
+
+    def _install_renewed(self, chain: Sequence[x509.Certificate]) -> None:
+        """``device.crt`` first, then the card.
+
+        The service superseded the old certificate when it issued this one, so the new one must
+        reach the file TLS loads from even if the card is pulled now. The card's copy is for
+        other PKCS#11 applications (OpenSC finds the key by the same public key either way);
+        a failed write is logged, and the next renewal writes the card again.
+        """
+        _write_atomic(self.certificate_path, _pem(chain), mode=0o644)
+
+        def put(card: PivCard) -> None:
+            card.resume(self._pin)  # OpenSC signed the EST handshake in between
+            card.put_certificate(chain[0])
+
+        try:
+            self._on_card(put)
+        except PivError as exc:
+            log.warning(
+                "renewed certificate %x is in %s, but not on the card yet (%s); the next "
+                "renewal writes it there",
+                chain[0].serial_number,
+                self.certificate_path,
+                exc,
+            )
+
     def tls_connector(self, cipher_policy: CipherPolicy = "auto") -> CardTlsConnector:
         """What DeviceClient connects with: mutual TLS 1.3 signed by the card."""
         self.certificates()  # enrolled?
@@ -158,6 +239,16 @@ class SmartcardKeyStore:
         except CardAbsent:
             self.close()
             raise
+
+
+def _ec_public_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise KeyStoreError(
+            f"certificate {cert.serial_number:x} holds a {type(key).__name__}, not the card's "
+            "P-256 key: enroll the device again"
+        )
+    return key
 
 
 # -- TLS with the card key --------------------------------------------------------------------
@@ -294,6 +385,14 @@ class CardTlsConnector:
 
     def connect(self, host: str, port: int, timeout: float) -> CardTlsConnection:
         """TCP, then a blocking handshake bounded by ``timeout``; the server must verify."""
+        return CardTlsConnection(self.handshake(host, port, timeout, peer="the broker"))
+
+    def https_connection(self, host: str, port: int, timeout: float) -> http.client.HTTPConnection:
+        """An HTTPS connection signed by the card: :class:`EstClient`'s transport for renewal."""
+        return _CardHttpsConnection(self, host, port, timeout)
+
+    def handshake(self, host: str, port: int, timeout: float, *, peer: str) -> Connection:
+        """A blocking M2Crypto TLS connection to ``peer`` at ``host:port``, handshake done."""
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
@@ -316,11 +415,74 @@ class CardTlsConnector:
             conn.close()
             reason = m2.x509_get_verify_error(result) if result != m2.X509_V_OK else f"{exc}"
             raise CardTlsError(
-                f"TLS with {host}:{port} using the card key failed ({reason}): the broker must "
-                "chain to the fleet CA and name the host; a broker that refuses the device "
+                f"TLS with {host}:{port} using the card key failed ({reason}): {peer} must "
+                "chain to the fleet CA and name the host; a server that refuses the device "
                 "certificate, or offers none of the policy's suites, also ends here"
             ) from exc
-        return CardTlsConnection(conn)
+        return conn
+
+
+class _CardHttpsConnection(http.client.HTTPConnection):
+    """``http.client`` over :meth:`CardTlsConnector.handshake`: the broker connection's
+    verification (OpenSSL's host name check) and time bound. M2Crypto's ``httpslib`` has
+    neither: no handshake timeout, and a name check in Python after the handshake."""
+
+    default_port = 443
+
+    def __init__(self, connector: CardTlsConnector, host: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._connector = connector
+        self._handshake_timeout = timeout
+
+    def connect(self) -> None:
+        conn = self._connector.handshake(
+            self.host, self.port, self._handshake_timeout, peer="the EST server"
+        )
+        self.sock = _BlockingTls(conn)
+
+
+class _BlockingTls:
+    """The socket calls ``http.client`` makes, on a blocking M2Crypto connection.
+
+    Writes loop, because the context allows partial writes (paho's non-blocking sends rely on
+    them). Reads go through a file whose close leaves the connection open, as ``socket``'s
+    does: M2Crypto's own ``makefile`` wraps the connection, so closing one response (which
+    ``http.client`` does) would shut TLS down under the kept-alive connection.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = self._conn.write(bytes(view))
+            if sent <= 0:
+                raise ConnectionResetError("TLS write to the EST server failed")
+            view = view[sent:]
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        if mode != "rb":
+            raise ValueError(f"a card TLS connection reads through mode 'rb' only, not {mode!r}")
+        return io.BufferedReader(_TlsReader(self._conn))
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class _TlsReader(io.RawIOBase):
+    """Reads of a TLS connection; closing it does not close the connection."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._conn.read(len(buffer))  # b"" at close_notify
+        buffer[: len(data)] = data
+        return len(data)
 
 
 class CardTlsConnection:

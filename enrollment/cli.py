@@ -392,7 +392,7 @@ def device_run(
     count: Annotated[int | None, typer.Option(help="Stop after this many messages.")] = None,
     interval: Annotated[float | None, typer.Option(help="Seconds between messages.")] = None,
 ) -> None:
-    """Run a device agent from its data directory (device.key, device.crt, ca.crt, device.toml)."""
+    """Run a device agent from its key-store directory (file, TPM or smartcard; see the README)."""
     import signal
     import threading
 
