@@ -11,18 +11,14 @@ card and to the key store's directory.
 from __future__ import annotations
 
 import base64
-import ssl
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from device_sdk.errors import EnrollmentError
-from device_sdk.est import EstClient, EstError, device_csr
-from device_sdk.keystore import device_id_of
-from device_sdk.provisioning import _issuers
+from device_sdk.est import device_csr
+from device_sdk.provisioning import est_session, install_issued, station_context
 from device_sdk.smartcard_keystore import SmartcardKeyStore
-from device_sdk.tls import trusting_context
 
 PIV_ENROLL = "fleetgate/piv/enroll"
 
@@ -60,38 +56,15 @@ def enroll_smartcard(
     by the service or an unreachable service raises :class:`EnrollmentError`. Nothing is written
     to the directory unless the service issued a certificate.
     """
-    context = trusting_context(keystore)
-    try:
-        context.load_cert_chain(station_cert, station_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise EnrollmentError(
-            f"cannot load the station credentials {station_cert} / {station_key}: {exc}"
-        ) from exc
+    context = station_context(keystore, station_cert, station_key)
     card = keystore.card()  # selected, PIN verified
     key = keystore.new_key()
     csr = device_csr(device_id, key)
     payload = attestation_payload(csr, card.attest(), card.attestation_certificate())
-    try:
-        with EstClient(est_url, context, timeout=timeout) as est:
-            ca_certs = est.cacerts()
-            cert = est.attested_enroll(PIV_ENROLL, payload)
-    except EstError as exc:
-        raise EnrollmentError(
-            f"the enrollment service at {est_url} refused smartcard enrollment of {device_id}: "
-            f"{exc.message}"
-        ) from exc
-    except ssl.SSLError as exc:
-        raise EnrollmentError(
-            f"TLS with the enrollment service at {est_url} failed ({exc.reason or exc}): check "
-            f"the station certificate and that {keystore.trust_anchors_path} holds the fleet root"
-        ) from exc
-    except OSError as exc:
-        raise EnrollmentError(f"cannot reach the enrollment service at {est_url}: {exc}") from exc
-    issued_for = device_id_of(cert)
-    if issued_for != device_id:
-        raise EnrollmentError(
-            f"the enrollment service issued a certificate for {issued_for}, not {device_id}; "
-            "nothing was installed"
-        )
-    keystore.install(key, [cert, *_issuers(cert, ca_certs)])
+    trust = keystore.trust_anchors_path
+    refused = f"enroll smartcard device {device_id}"
+    with est_session(est_url, context, refused=refused, trust=trust, timeout=timeout) as est:
+        ca_certs = est.cacerts()
+        cert = est.attested_enroll(PIV_ENROLL, payload)
+    install_issued(keystore, key, cert, ca_certs, device_id=device_id)
     return cert

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sdk.errors import EnrollmentError
 from device_sdk.est import EstClient, EstError, device_csr
@@ -62,6 +64,12 @@ def enroll(
     timeout: float = 30.0,
 ) -> x509.Certificate:
     """First certificate: EST ``simpleenroll`` authenticated by the station's certificate."""
+    context = station_context(keystore, station_cert, station_key)
+    return _obtain(keystore, device_id, est_url, context, "enroll", timeout)
+
+
+def station_context(keystore: KeyStore, station_cert: Path, station_key: Path) -> ssl.SSLContext:
+    """A client context that trusts the fleet root and presents the station's certificate."""
     context = trusting_context(keystore)
     try:
         context.load_cert_chain(station_cert, station_key)
@@ -69,7 +77,61 @@ def enroll(
         raise EnrollmentError(
             f"cannot load the station credentials {station_cert} / {station_key}: {exc}"
         ) from exc
-    return _obtain(keystore, device_id, est_url, context, "enroll", timeout)
+    return context
+
+
+@contextmanager
+def est_session(
+    est_url: str,
+    context: ssl.SSLContext,
+    *,
+    refused: str,
+    trust: Path,
+    timeout: float,
+) -> Iterator[EstClient]:
+    """An EST connection whose failures become :class:`EnrollmentError` saying what to check.
+
+    ``refused`` completes "the EST server at <url> refused to ...", e.g. "enroll sensor-9".
+    """
+    try:
+        with EstClient(est_url, context, timeout=timeout) as est:
+            yield est
+    except EstError as exc:
+        raise EnrollmentError(
+            f"the EST server at {est_url} refused to {refused}: {exc.message}"
+        ) from exc
+    except ssl.SSLCertVerificationError as exc:
+        raise EnrollmentError(
+            f"the EST server at {est_url} did not verify against {trust} "
+            f"({exc.verify_message}): that file must hold the fleet root CA, and the URL's host "
+            "must be a name in the server's certificate"
+        ) from exc
+    except ssl.SSLError as exc:
+        raise EnrollmentError(
+            f"TLS with the EST server at {est_url} failed ({exc.reason or exc}): the server "
+            "did not accept the client certificate (the station's, or for a renewal the "
+            "device's own)"
+        ) from exc
+    except OSError as exc:
+        raise EnrollmentError(f"cannot reach the EST server at {est_url}: {exc}") from exc
+
+
+def install_issued(
+    keystore: KeyStore,
+    key: ec.EllipticCurvePrivateKey,
+    cert: x509.Certificate,
+    ca_certs: list[x509.Certificate],
+    *,
+    device_id: str,
+) -> None:
+    """Install ``cert`` with its intermediates, once it is checked to name ``device_id``."""
+    issued_for = device_id_of(cert)
+    if issued_for != device_id:
+        raise EnrollmentError(
+            f"the EST server issued a certificate for {issued_for}, not {device_id}; "
+            "nothing was installed"
+        )
+    keystore.install(key, [cert, *issuers_of(cert, ca_certs)])
 
 
 def reenroll(
@@ -91,38 +153,17 @@ def _obtain(
 ) -> x509.Certificate:
     key = keystore.new_key()
     csr = device_csr(device_id, key)
-    try:
-        with EstClient(est_url, context, timeout=timeout) as est:
-            ca_certs = est.cacerts()
-            cert = est.simpleenroll(csr) if operation == "enroll" else est.simplereenroll(csr)
-    except EstError as exc:
-        raise EnrollmentError(
-            f"the EST server at {est_url} refused to {operation} {device_id}: {exc.message}"
-        ) from exc
-    except ssl.SSLCertVerificationError as exc:
-        raise EnrollmentError(
-            f"the EST server at {est_url} did not verify against {keystore.trust_anchors_path} "
-            f"({exc.verify_message}): that file must hold the fleet root CA, and the URL's host "
-            "must be a name in the server's certificate"
-        ) from exc
-    except ssl.SSLError as exc:
-        raise EnrollmentError(
-            f"TLS with the EST server at {est_url} failed ({exc.reason or exc}): the server "
-            f"did not accept the {'station' if operation == 'enroll' else 'device'} certificate"
-        ) from exc
-    except OSError as exc:
-        raise EnrollmentError(f"cannot reach the EST server at {est_url}: {exc}") from exc
-    issued_for = device_id_of(cert)
-    if issued_for != device_id:
-        raise EnrollmentError(
-            f"the EST server issued a certificate for {issued_for}, not {device_id}; "
-            "nothing was installed"
-        )
-    keystore.install(key, [cert, *_issuers(cert, ca_certs)])
+    trust = keystore.trust_anchors_path
+    with est_session(
+        est_url, context, refused=f"{operation} {device_id}", trust=trust, timeout=timeout
+    ) as est:
+        ca_certs = est.cacerts()
+        cert = est.simpleenroll(csr) if operation == "enroll" else est.simplereenroll(csr)
+    install_issued(keystore, key, cert, ca_certs, device_id=device_id)
     return cert
 
 
-def _issuers(leaf: x509.Certificate, ca_certs: list[x509.Certificate]) -> list[x509.Certificate]:
+def issuers_of(leaf: x509.Certificate, ca_certs: list[x509.Certificate]) -> list[x509.Certificate]:
     """The intermediate CAs above ``leaf`` (roots stay out: the broker has them)."""
     by_subject = {c.subject: c for c in ca_certs if c.subject != c.issuer}
     chain: list[x509.Certificate] = []

@@ -26,7 +26,6 @@ import http.client
 import io
 import logging
 import socket
-import subprocess
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,11 +42,12 @@ from M2Crypto.SSL.SSLError import SSLError
 from M2Crypto.SSL.timeout import timeout as SocketTimeout
 
 from device_sdk.ciphers import CipherPolicy, resolve
+from device_sdk.debian import MissingPackageFile, package_file
 from device_sdk.errors import DeviceSdkError, EnrollmentError, KeyStoreError
 from device_sdk.est import EstClient, EstError, device_csr
 from device_sdk.keystore import _pem, _public_der, _write_atomic, device_id_of
 from device_sdk.piv import CardAbsent, PivCard, PivCardKey, PivError
-from device_sdk.provisioning import _issuers
+from device_sdk.provisioning import issuers_of
 
 log = logging.getLogger("fleetgate.device_sdk")
 
@@ -187,7 +187,7 @@ class SmartcardKeyStore:
                     f"{device_id_of(cert)} or another key, not for {device_id}'s card key; "
                     "nothing was installed"
                 )
-            self._install_renewed([cert, *_issuers(cert, ca_certs)])
+            self._install_renewed([cert, *issuers_of(cert, ca_certs)])
         finally:
             self.close()  # a long-lived agent holds no PC/SC handle between renewals
         return cert
@@ -254,28 +254,15 @@ def _ec_public_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
 # -- TLS with the card key --------------------------------------------------------------------
 
 
-def _dpkg_file(package: str, suffix: str) -> str:
-    try:
-        listing = subprocess.run(  # noqa: S603 (our own arguments)
-            ["dpkg", "-L", package],  # noqa: S607 (dpkg from PATH, as the shell would)
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise CardTlsError(f"cannot list {package} ({exc}): apt-get install {package}") from exc
-    for line in listing.splitlines():
-        if line.endswith(suffix):
-            return line
-    raise CardTlsError(f"{package} has no {suffix}: reinstall {package}")
-
-
 class _Pkcs11Engine:
     """OpenSSL's pkcs11 engine on OpenSC's module; one per process (engines are global)."""
 
     def __init__(self) -> None:
-        engine_path = _dpkg_file("libengine-pkcs11-openssl", "/engines-3/pkcs11.so")
-        module_path = _dpkg_file("opensc-pkcs11", "/opensc-pkcs11.so")
+        try:
+            engine_path = str(package_file("libengine-pkcs11-openssl", "/engines-3/pkcs11.so"))
+            module_path = str(package_file("opensc-pkcs11", "/opensc-pkcs11.so"))
+        except MissingPackageFile as exc:
+            raise CardTlsError(exc.args[0]) from exc
         try:
             Engine.load_dynamic()
             self._engine = Engine.load_dynamic_engine(b"pkcs11", engine_path)

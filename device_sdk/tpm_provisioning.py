@@ -24,9 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from device_sdk.errors import EnrollmentError
-from device_sdk.est import EstClient, EstError, device_csr
-from device_sdk.keystore import device_id_of
-from device_sdk.provisioning import _issuers
+from device_sdk.est import device_csr
+from device_sdk.provisioning import est_session, install_issued, station_context
 from device_sdk.tls import trusting_context
 from device_sdk.tpm import Tpm, TpmPrivateKey
 
@@ -54,15 +53,9 @@ def enroll_tpm(
 
     ``ek_chain``: the certificates between the EK certificate and the manufacturer's root, if
     the service's trust store holds only the root; kept in the store for later key rotations.
-    ``timings``, if given, receives the seconds spent in each step (for ``bench-attest``).
+    ``timings``, if given, receives the seconds spent in each step.
     """
-    context = trusting_context(keystore)
-    try:
-        context.load_cert_chain(station_cert, station_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise EnrollmentError(
-            f"cannot load the station credentials {station_cert} / {station_key}: {exc}"
-        ) from exc
+    context = station_context(keystore, station_cert, station_key)
     cert = _attested_enroll(keystore, device_id, est_url, context, ek_chain, timeout, timings)
     keystore.set_ek_chain(ek_chain)
     return cert
@@ -89,7 +82,16 @@ def _attested_enroll(
     timings: dict[str, float] | None,
 ) -> x509.Certificate:
     steps = timings if timings is not None else {}
-    with Tpm(keystore.tcti) as tpm, _est(est_url, context, device_id, timeout) as est:
+    with (
+        Tpm(keystore.tcti) as tpm,
+        est_session(
+            est_url,
+            context,
+            refused=f"enroll TPM device {device_id}",
+            trust=keystore.trust_anchors_path,
+            timeout=timeout,
+        ) as est,
+    ):
         with _timed(steps, "keygen"):
             endorsement = tpm.endorsement()
             key = tpm.create_device_key()
@@ -129,41 +131,8 @@ def _attested_enroll(
                     "certify_signature": _b64(certification.signature),
                 },
             )
-    issued_for = device_id_of(cert)
-    if issued_for != device_id:
-        raise EnrollmentError(
-            f"the EST server issued a certificate for {issued_for}, not {device_id}; "
-            "nothing was installed"
-        )
-    keystore.install(TpmPrivateKey(key, keystore.tcti), [cert, *_issuers(cert, ca_certs)])
+    install_issued(keystore, TpmPrivateKey(key, keystore.tcti), cert, ca_certs, device_id=device_id)
     return cert
-
-
-@contextmanager
-def _est(
-    est_url: str, context: ssl.SSLContext, device_id: str, timeout: float
-) -> Iterator[EstClient]:
-    """An EST connection whose failures become :class:`EnrollmentError` with the server's reason."""
-    try:
-        with EstClient(est_url, context, timeout=timeout) as est:
-            yield est
-    except EstError as exc:
-        raise EnrollmentError(
-            f"the EST server at {est_url} refused the attested enrollment of {device_id}: "
-            f"{exc.message}"
-        ) from exc
-    except ssl.SSLCertVerificationError as exc:
-        raise EnrollmentError(
-            f"the EST server at {est_url} did not verify against the key store's trust anchors "
-            f"({exc.verify_message})"
-        ) from exc
-    except ssl.SSLError as exc:
-        raise EnrollmentError(
-            f"TLS with the EST server at {est_url} failed ({exc.reason or exc}): the server did "
-            "not accept the station's (or, for a rotation, the device's) certificate"
-        ) from exc
-    except OSError as exc:
-        raise EnrollmentError(f"cannot reach the EST server at {est_url}: {exc}") from exc
 
 
 @contextmanager

@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from device_sdk.debian import MissingPackageFile, package_file
+
 APPLET = Path(__file__).resolve().parent / "piv_applet.py"
 VPCD_PORT = 30000  # inside pcscd's own network namespace; below the ephemeral range anyway
 DEFAULT_PIN = "123456"
@@ -48,21 +50,9 @@ class VirtualCardError(RuntimeError):
 def dpkg_file(package: str, suffix: str) -> Path:
     """The first file of installed Debian ``package`` whose path ends with ``suffix``."""
     try:
-        listing = subprocess.run(  # noqa: S603 (our own arguments)
-            ["dpkg", "-L", package],  # noqa: S607 (dpkg from PATH, as the shell would)
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise VirtualCardError(
-            f"cannot list the files of {package} ({exc}): install it with apt-get install "
-            f"{package} (scripts/debian-packages-test.txt)"
-        ) from exc
-    for line in listing.splitlines():
-        if line.endswith(suffix):
-            return Path(line)
-    raise VirtualCardError(f"{package} has no file ending in {suffix}: reinstall {package}")
+        return package_file(package, suffix)
+    except MissingPackageFile as exc:
+        raise VirtualCardError(f"{exc.args[0]} (scripts/debian-packages-test.txt)") from exc
 
 
 def virtualsmartcard_path() -> Path:
