@@ -3,6 +3,7 @@ order, the SQLite store, the upstream session's bytes, and the connection's held
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from broker.admission import Admitted, Identity
 from broker.bridge.plan import plan_bridge
 from broker.bridge.protocol import Accepted, Acknowledged, ConnectRefused, Received, UpstreamSession
 from broker.bridge.queue import OutQueue, Queued
-from broker.bridge.store import NewMessage, QueueStore
+from broker.bridge.store import Acked, NewMessage, QueueStore
 from broker.bridge.topics import (
     InvalidBridgeRule,
     compile_rule,
@@ -39,6 +40,7 @@ from broker.mqtt import (
     Subscribe,
     encode,
 )
+from broker.mqtt.properties import encode_properties
 from broker.routing import Message
 from enrollment.config import CONFIG_FILE, load_config
 from enrollment.errors import ConfigError
@@ -238,7 +240,7 @@ def test_bridge_settings_the_broker_cannot_run_are_refused_at_start(tmp_path, ch
 
 
 def item(seq: int, size: int = 10, topic: str = "t") -> Queued:
-    return Queued(seq, topic, b"x", False, NO_PROPERTIES, 1000.0 + seq, size)
+    return Queued(seq, topic, b"x", False, b"\x00", 1000.0 + seq, size)
 
 
 def test_the_queue_refuses_beyond_its_message_and_byte_bounds_and_frees_room_on_ack():
@@ -305,9 +307,12 @@ def test_the_store_keeps_messages_in_order_across_reopening_and_forgets_acked_on
     path = tmp_path / "bridge" / "queue.db"
     store = QueueStore(path)
     origin = store.origin
-    seqs = store.write([new("a", 1), new("b", 2), new("a", 3)], [], {})
-    assert seqs == sorted(seqs) and len(set(seqs)) == 3
-    store.write([], [seqs[0]], {"a": seqs[0]})
+    first = store.write([new("a", 1), new("b", 2), new("a", 3)], [], {})
+    seqs = [first, first + 1, first + 2]
+    assert store.load("b", 0, 10, 0)[0].seq == seqs[1]
+    # a's first message acknowledged: a's rows below seqs[1] go, b's row in range stays
+    store.write([], [Acked("a", 0, seqs[2])], {"a": seqs[0]})
+    assert [i.seq for i in store.load("b", 0, 10, 0)] == [seqs[1]]
     store.close()
 
     store = QueueStore(path)
@@ -326,22 +331,38 @@ def test_the_store_keeps_messages_in_order_across_reopening_and_forgets_acked_on
         False,
         False,
     )
-    store.write([new("a", 4)], [seqs[2]], {})
+    store.write([new("a", 4)], [Acked("a", seqs[2], seqs[2], (seqs[2],))], {})
     (later,) = store.load("a", 0, 100, 0)
     assert later.seq > seqs[2]  # sequence numbers are never reused
     store.close()
 
 
 def test_user_properties_survive_the_store(tmp_path):
-    from broker.mqtt.properties import encode_properties
-
     props = Properties(user_properties=(("fleetgate-via", "abc"),), content_type="json")
     store = QueueStore(tmp_path / "q.db")
     row = NewMessage("a", "t", b"p", False, encode_properties(props), 1.0)
     store.write([row], [], {})
     (loaded,) = store.load("a", 0, 10, 0)
-    assert loaded.properties == props
+    assert loaded.properties == encode_properties(props)
     store.close()
+
+
+def test_the_queue_floor_is_the_lowest_unacknowledged_sequence_number():
+    queue = OutQueue(max_messages=100, max_bytes=10_000, ram_limit=4)
+    assert queue.floor() == 1
+    for seq in range(1, 7):
+        queue.reserve(10)
+        queue.stored(item(seq))  # 5 and 6 stay on disk
+    sent = queue.take(3)
+    assert queue.floor() == 1
+    queue.acked(sent[1].packet_id)  # out of order: 1 still unacknowledged
+    assert queue.floor() == 1
+    queue.acked(sent[0].packet_id)
+    assert queue.floor() == 3
+    queue.acked(sent[2].packet_id)
+    assert queue.floor() == 4
+    queue.acked(queue.take(1)[0].packet_id)
+    assert queue.floor() == 5  # the first one still on disk
 
 
 # -- the upstream session, bytes only ---------------------------------------------------------
@@ -394,11 +415,46 @@ def test_the_session_turns_upstream_bytes_into_events_and_resends_with_dup():
 
 def test_mqtt_311_forwarding_carries_no_properties():
     session = UpstreamSession(V3, client_id="b", keep_alive=0, session_expiry=0, receive_maximum=8)
-    queued = Queued(1, "t", b"p", False, Properties(user_properties=(("k", "v"),)), 0.0, 1)
+    props = encode_properties(Properties(user_properties=(("k", "v"),)))
+    queued = Queued(1, "t", b"p", False, props, 0.0, 1)
     decoder = Decoder(protocol_level=V3)
     decoder.feed(session.publish(queued))
     packet = decoder.next_packet()
     assert isinstance(packet, Publish) and packet.properties == NO_PROPERTIES
+
+
+@pytest.mark.parametrize("level", [V5, V3])
+@pytest.mark.parametrize("sent", [False, True])
+@pytest.mark.parametrize("retain", [False, True])
+@pytest.mark.parametrize("payload_size", [0, 64, 200, 20_000])
+def test_forwarded_publish_bytes_are_the_codecs_bytes(level, sent, retain, payload_size):
+    """The session puts the PUBLISH together from stored bytes; the codec must agree."""
+    props = Properties(
+        content_type="json", user_properties=(("a", "b"), ("fleetgate-via", "0123456789abcdef"))
+    )
+    for properties in (NO_PROPERTIES, props):
+        for seq in (1, 0xFFFE, 0xFFFF, 70_000):
+            session = UpstreamSession(
+                level, client_id="b", keep_alive=0, session_expiry=0, receive_maximum=8
+            )
+            topic = "sites/s/devices/dé/telemetry"
+            payload = bytes(range(256)) * (payload_size // 256) + b"x" * (payload_size % 256)
+            queued = Queued(seq, topic, payload, retain, encode_properties(properties), 0.0, 1)
+            queued.sent = sent
+            expected = encode(
+                Publish(
+                    topic=topic,
+                    payload=payload,
+                    qos=QoS.AT_LEAST_ONCE,
+                    retain=retain,
+                    dup=sent,
+                    packet_id=seq % 0xFFFF + 1,
+                    properties=properties if level is V5 else NO_PROPERTIES,
+                ),
+                level,
+            )
+            assert session.publish(queued) == expected
+            assert session.publish(queued) == expected  # the topic from the cache
 
 
 # -- held acknowledgements in the sans-I/O connection -------------------------------------------
@@ -480,3 +536,22 @@ def test_an_echo_of_a_forwarded_message_is_acknowledged_but_not_routed():
     publish(conn, V5, "bridged/a", 1)
     assert answers(conn, decoder) == [PubAck(packet_id=1)]
     assert routed == []
+
+
+def test_the_origin_marker_is_appended_as_the_codec_would_encode_it():
+    from broker.bridge.manager import ORIGIN_PROPERTY, _property_block, _strip_length
+
+    marker = encode_properties(Properties(user_properties=((ORIGIN_PROPERTY, "0" * 16),)))
+    for props in (
+        Properties(content_type="json"),
+        Properties(user_properties=(("k", "v" * 200),), payload_format_indicator=1),
+        Properties(correlation_data=b"c" * 300, response_topic="r"),
+    ):
+        expected = encode_properties(
+            dataclasses.replace(
+                props, user_properties=(*props.user_properties, (ORIGIN_PROPERTY, "0" * 16))
+            )
+        )
+        assert _property_block(_strip_length(encode_properties(props)) + _strip_length(marker)) == (
+            expected
+        )

@@ -78,12 +78,32 @@ class BridgeLink:
         self._client_id = client_id
         self._wake = asyncio.Event()
         self._last_received = 0.0
+        self._out: tuple[asyncio.StreamWriter, UpstreamSession, int] | None = None
         settings = plan.settings
         self._backoff = Backoff(initial=settings.backoff_initial_s, maximum=settings.backoff_max_s)
 
     def wake(self) -> None:
-        """New messages (or a free window): the sender looks again."""
-        self._wake.set()
+        """New messages (or a free window): sent at once if the window has room."""
+        if self._out is None or not self._fill():
+            self._wake.set()
+
+    def _fill(self) -> bool:
+        """Write as many queued messages as the window takes, now (no round trip through the
+        event loop); False when there was nothing to send."""
+        assert self._out is not None
+        writer, session, window = self._out
+        batch = self.queue.take(window - self.queue.in_flight)
+        if not batch:
+            return False
+        data = []
+        for item in batch:
+            if item.sent:
+                self.counters.duplicates_out += 1
+            data.append(session.publish(item))
+            item.sent = True
+        writer.write(b"".join(data))
+        self._owner.sent(self.plan.name, batch[-1].seq)
+        return True
 
     async def run(self) -> None:
         """Connect, forward, reconnect; until cancelled. Each failed attempt is logged once,
@@ -179,6 +199,7 @@ class BridgeLink:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._out = None
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -234,6 +255,7 @@ class BridgeLink:
             except ProtocolError as exc:
                 raise LinkDown(f"{upstream} broke the protocol: {exc.message}") from None
             acks: list[bytes] = []
+            freed = False
             for event in events:
                 match event:
                     case Acknowledged(packet_id=packet_id, code=code, reason=reason):
@@ -247,7 +269,7 @@ class BridgeLink:
                         if item is not None:
                             self.counters.forwarded += 1
                             self._owner.acked(name, item)
-                            self._wake.set()
+                            freed = True
                     case Received(publish=publish):
                         self._owner.inbound(name, publish)
                         if publish.packet_id is not None:
@@ -271,26 +293,20 @@ class BridgeLink:
                         )
             if acks:
                 writer.write(b"".join(acks))
+            if freed and self._out is not None and not self._fill():
+                self._wake.set()  # the sender asks for more from disk
 
     async def _send(
         self, writer: asyncio.StreamWriter, session: UpstreamSession, window: int
     ) -> None:
-        name = self.plan.name
+        """Sends when woken; PUBACKs and commits also send directly (:meth:`_fill`)."""
+        self._out = (writer, session, window)
         while True:
             self._wake.clear()
-            batch = self.queue.take(window - self.queue.in_flight)
-            if not batch:
-                self._owner.want_more(name)
+            if not self._fill():
+                self._owner.want_more(self.plan.name)
                 await self._wake.wait()
                 continue
-            data = []
-            for item in batch:
-                if item.sent:
-                    self.counters.duplicates_out += 1
-                data.append(session.publish(item))
-                item.sent = True
-            writer.write(b"".join(data))
-            self._owner.sent(name, batch[-1].seq)
             await writer.drain()
 
     async def _keep_alive(self, writer: asyncio.StreamWriter, session: UpstreamSession) -> None:

@@ -36,12 +36,12 @@ from broker.bridge.status import (
     iso,
     render_metrics,
 )
-from broker.bridge.store import NewMessage, QueueStore, message_size
+from broker.bridge.store import Acked, QueueStore, Row
 from broker.bridge.topics import first_remap
 from broker.core import BrokerCore, GateVerdict
 from broker.metrics import family_lines
-from broker.mqtt import NO_PROPERTIES, Properties, Publish, QoS
-from broker.mqtt.properties import encode_properties
+from broker.mqtt import NO_PROPERTIES, PacketType, Properties, Publish, QoS
+from broker.mqtt.properties import check_properties, encode_properties
 from broker.routing import Message
 from device_sdk.errors import KeyStoreError
 from device_sdk.est import client_context
@@ -115,15 +115,32 @@ class _Bridge:
     loading: bool = False
     alarmed: bool = False
     denied_topics: set[str] = field(default_factory=set)
+    acked_out_of_order: list[int] = field(default_factory=list)
+    deleted_to: int = 0  # every acknowledged row below this seq is deleted from the store
 
 
-@dataclass
-class _Pending:
-    bridge: _Bridge
-    row: NewMessage
-    properties: Properties
-    size: int
-    join: _Join
+_Pending = tuple["_Bridge", Row, int, Callable[[bool, float], None] | None]
+"""A message waiting for the next commit: its bridge, its row, its size, and what to call
+once it is stored (the publisher's held PUBACK, through a :class:`_Join` when several bridges
+take it; ``None`` for QoS 0)."""
+
+
+def _strip_length(block: bytes) -> bytes:
+    """The properties of an MQTT 5 property block, without its length prefix."""
+    skip = 1
+    while block[skip - 1] & 0x80:
+        skip += 1
+    return block[skip:]
+
+
+def _property_block(inner: bytes) -> bytes:
+    """Length prefix (a variable byte integer) and properties."""
+    n, out = len(inner), bytearray()
+    while True:
+        n, digit = divmod(n, 0x80)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out) + inner
 
 
 class BridgeManager:
@@ -156,9 +173,10 @@ class BridgeManager:
         self._store: QueueStore | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-queue")
         self._pending: list[_Pending] = []
-        self._done: list[int] = []
         self._writing = False
-        self._routes: dict[str, list[tuple[_Bridge, str]]] = {}
+        self._routes: dict[str, list[tuple[_Bridge, str, int]]] = {}
+        self._origin_property = b""  # the origin marker, encoded as one MQTT 5 property
+        self._origin_block = b"\x00"  # ... as the whole property block of a plain message
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runners: list[asyncio.Task[Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -174,6 +192,10 @@ class BridgeManager:
         except sqlite3.Error as exc:
             raise OSError(f"the bridge queue {path} cannot be opened: {exc}") from exc
         self.origin = store.origin
+        marker = Properties(user_properties=((ORIGIN_PROPERTY, self.origin),))
+        check_properties(marker, PacketType.PUBLISH)
+        self._origin_block = encode_properties(marker)
+        self._origin_property = _strip_length(self._origin_block)
         for name, bridge in self._bridges.items():
             backlog = await self._db(store.backlog, name)
             bridge.queue.recovered(
@@ -212,7 +234,7 @@ class BridgeManager:
             task.cancel()
         while self._tasks:  # writes and reads in progress finish; links and timers end
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._pending or self._done:
+        if self._pending or any(self._deletable(b) for b in self._bridges.values()):
             await self._write()
         if self._store is not None:
             await self._db(self._store.close)
@@ -324,7 +346,8 @@ class BridgeManager:
 
     def acked(self, name: str, item: Queued) -> None:
         bridge = self._bridges[name]
-        self._done.append(item.seq)
+        if item.seq > bridge.queue.floor():  # behind an unacknowledged one: deleted by itself
+            bridge.acked_out_of_order.append(item.seq)
         if (
             bridge.alarmed
             and bridge.queue.messages < 0.9 * bridge.queue.max_messages
@@ -368,38 +391,51 @@ class BridgeManager:
         if props.user_properties and carries_origin(props, self.origin):
             self.loops += 1
             return GateVerdict.LOOP
-        routes = self._routes_for(message.topic)
+        routes = self._routes.get(message.topic)
+        if routes is None:
+            routes = self._routes_for(message.topic)
         if not routes:
             return GateVerdict.ROUTE
-        out_props = replace(
-            props, user_properties=(*props.user_properties, (ORIGIN_PROPERTY, self.origin))
-        )
-        blob = encode_properties(out_props)
-        now = time.time()
-        rows = [
-            (b, NewMessage(b.plan.name, topic, message.payload, message.retain, blob, now))
-            for b, topic in routes
-        ]
-        sizes = [message_size(row) for _, row in rows]
-        reserved: list[tuple[_Bridge, int]] = []
-        for (bridge, _), size in zip(rows, sizes, strict=True):
+        if props is NO_PROPERTIES:
+            block = self._origin_block
+        else:  # user properties are the last PUBLISH property: the marker goes at the end
+            block = _property_block(_strip_length(encode_properties(props)) + self._origin_property)
+        payload, retain, now = message.payload, message.retain, time.time()
+        extra = len(payload) + len(block)
+        callback = on_stored if message.qos else None
+        if len(routes) == 1:
+            ((bridge, topic, topic_size),) = routes
+            size = topic_size + extra
             if not bridge.queue.reserve(size):
-                for done, done_size in reserved:
-                    done.queue.unreserve(done_size)
                 self._refuse_full(bridge, message.qos)
                 return GateVerdict.FULL
-            reserved.append((bridge, size))
-        join = _Join(len(rows), on_stored if message.qos else None)
-        for (bridge, row), size in zip(rows, sizes, strict=True):
             if dup:
                 bridge.counters.duplicates_in += 1
-            self._pending.append(_Pending(bridge, row, out_props, size, join))
+            row: Row = (bridge.plan.name, topic, payload, retain, block, now)
+            self._pending.append((bridge, row, size, callback))
+        else:
+            reserved: list[tuple[_Bridge, int]] = []
+            for bridge, _, topic_size in routes:
+                if not bridge.queue.reserve(topic_size + extra):
+                    for done, done_size in reserved:
+                        done.queue.unreserve(done_size)
+                    self._refuse_full(bridge, message.qos)
+                    return GateVerdict.FULL
+                reserved.append((bridge, topic_size + extra))
+            if callback is not None:
+                callback = _Join(len(routes), callback).finish
+            for bridge, topic, topic_size in routes:
+                if dup:
+                    bridge.counters.duplicates_in += 1
+                row = (bridge.plan.name, topic, payload, retain, block, now)
+                self._pending.append((bridge, row, topic_size + extra, callback))
         if not self._writing:
             self._writing = True
             self._spawn(self._write_all())
         return GateVerdict.HOLD
 
-    def _routes_for(self, topic: str) -> list[tuple[_Bridge, str]]:
+    def _routes_for(self, topic: str) -> list[tuple[_Bridge, str, int]]:
+        """The bridges a topic goes to, with its upstream name and that name's size."""
         routes = self._routes.get(topic)
         if routes is None:
             if len(self._routes) >= ROUTE_CACHE:
@@ -408,7 +444,7 @@ class BridgeManager:
             for bridge in self._bridges.values():
                 remote = first_remap(bridge.plan.out, topic)
                 if remote is not None:
-                    routes.append((bridge, remote))
+                    routes.append((bridge, remote, len(remote.encode())))
             self._routes[topic] = routes
         return routes
 
@@ -442,45 +478,57 @@ class BridgeManager:
         finally:
             self._writing = False
 
+    def _deletable(self, bridge: _Bridge) -> bool:
+        return bool(bridge.acked_out_of_order) or bridge.queue.floor() > bridge.deleted_to
+
     async def _write(self) -> bool:
         """One transaction: the next pending messages, the acknowledged deletes, the send
         marks. False if it failed (the messages' publishers get an error)."""
         assert self._store is not None and self._loop is not None
-        batch, self._pending = self._pending[:COMMIT_BATCH], self._pending[COMMIT_BATCH:]
-        done, self._done = self._done, []
+        batch = self._pending
+        if len(batch) > COMMIT_BATCH:
+            batch, self._pending = batch[:COMMIT_BATCH], batch[COMMIT_BATCH:]
+        else:
+            self._pending = []
+        acked: list[Acked] = []
+        for name, bridge in self._bridges.items():
+            floor = bridge.queue.floor()
+            if floor > bridge.deleted_to or bridge.acked_out_of_order:
+                single = tuple(s for s in bridge.acked_out_of_order if s >= floor)
+                acked.append(Acked(name, bridge.deleted_to, floor, single))
+                bridge.acked_out_of_order = []
         sent = {n: b.sent_to for n, b in self._bridges.items() if b.sent_to > b.sent_saved}
         try:
-            seqs = await self._db(self._store.write, [p.row for p in batch], done, sent)
+            first = await self._db(self._store.write, [p[1] for p in batch], acked, sent)
         except sqlite3.Error as exc:
             log.error("bridge queue write failed: %s", exc, extra={"count": len(batch)})
-            self._done[:0] = done
+            for done in acked:  # deleted with a later commit
+                self._bridges[done.bridge].acked_out_of_order[:0] = done.single
             now = self._loop.time()
-            for pending in batch:
-                pending.bridge.queue.unreserve(pending.size)
-                pending.bridge.counters.store_errors += 1
-                pending.join.finish(False, now)
+            for bridge, _, size, callback in batch:
+                bridge.queue.unreserve(size)
+                bridge.counters.store_errors += 1
+                if callback is not None:
+                    callback(False, now)
             self._wake_broker()
             return False
+        for done in acked:
+            bridge = self._bridges[done.bridge]
+            bridge.deleted_to = max(bridge.deleted_to, done.below)
         for name, seq in sent.items():
             self._bridges[name].sent_saved = seq
         now = self._loop.time()
-        for pending, seq in zip(batch, seqs, strict=True):
-            row = pending.row
-            pending.bridge.queue.stored(
-                Queued(
-                    seq=seq,
-                    topic=row.topic,
-                    payload=row.payload,
-                    retain=row.retain,
-                    properties=pending.properties,
-                    enqueued_at=row.enqueued_at,
-                    size=pending.size,
-                )
-            )
-            pending.join.finish(True, now)
-        for bridge in {p.bridge.plan.name: p.bridge for p in batch}.values():
-            if bridge.link is not None:
-                bridge.link.wake()
+        woken: set[str] = set()
+        for seq, (bridge, row, size, callback) in enumerate(batch, first):
+            _, topic, payload, retain, block, enqueued_at = row
+            bridge.queue.stored(Queued(seq, topic, payload, retain, block, enqueued_at, size))
+            if callback is not None:
+                callback(True, now)
+            woken.add(row[0])
+        for name in woken:
+            link = self._bridges[name].link
+            if link is not None:
+                link.wake()
         self._wake_broker()
         return True
 
@@ -489,8 +537,8 @@ class BridgeManager:
         of a spilled queue from disk."""
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
-            if not self._writing and (
-                self._done or any(b.sent_to > b.sent_saved for b in self._bridges.values())
+            if not self._writing and any(
+                b.sent_to > b.sent_saved or self._deletable(b) for b in self._bridges.values()
             ):
                 self._writing = True
                 try:

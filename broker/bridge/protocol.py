@@ -33,6 +33,23 @@ from broker.mqtt import (
 )
 
 _V5 = ProtocolLevel.MQTT_5
+_PUBLISH_QOS1 = 0x32  # PUBLISH, QoS 1
+_DUP = 0x08
+_RETAIN = 0x01
+_HEADER = [bytes((i,)) for i in range(256)]
+_TOPIC_CACHE = 65536
+
+
+def _varint(value: int) -> bytes:
+    """MQTT variable byte integer (the remaining length)."""
+    if value < 0x80:
+        return _HEADER[value]
+    out = bytearray()
+    while True:
+        value, digit = divmod(value, 0x80)
+        out.append(digit | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +125,8 @@ class UpstreamSession:
         self._session_expiry = session_expiry
         self._receive_maximum = receive_maximum
         self._decoder = Decoder(protocol_level=level)
+        self._v5 = level is _V5
+        self._topics: dict[str, bytes] = {}  # topic -> its UTF-8 string field
 
     def connect(self) -> bytes:
         properties = NO_PROPERTIES
@@ -133,18 +152,26 @@ class UpstreamSession:
 
     def publish(self, item: Queued) -> bytes:
         """QoS 1 PUBLISH of a queued message; DUP when it was sent before. MQTT 3.1.1 cannot
-        carry properties (origin marker included), so they stay behind."""
-        packet = Publish(
-            topic=item.topic,
-            payload=item.payload,
-            qos=QoS.AT_LEAST_ONCE,
-            retain=item.retain,
-            dup=item.sent,
-            packet_id=item.packet_id,
-            properties=item.properties if self.level is _V5 else NO_PROPERTIES,
-        )
-        # Built from a topic and properties the broker already validated: the hot path.
-        return encode(packet, self.level, validate=False)
+        carry properties (origin marker included), so they stay behind.
+
+        The hot path: the topic was validated by the broker and the properties are stored
+        already encoded, so the packet is put together from bytes (the same bytes
+        :func:`broker.mqtt.encode` makes of it; a unit test holds them together)."""
+        name = self._topics.get(item.topic)
+        if name is None:
+            if len(self._topics) >= _TOPIC_CACHE:
+                self._topics.clear()
+            encoded = item.topic.encode()
+            name = self._topics[item.topic] = len(encoded).to_bytes(2, "big") + encoded
+        packet_id = (item.seq % 0xFFFF + 1).to_bytes(2, "big")
+        payload = item.payload
+        first = _PUBLISH_QOS1 | (_DUP if item.sent else 0) | (_RETAIN if item.retain else 0)
+        if self._v5:
+            props = item.properties
+            length = len(name) + 2 + len(props) + len(payload)
+            return b"".join((_HEADER[first], _varint(length), name, packet_id, props, payload))
+        length = len(name) + 2 + len(payload)
+        return b"".join((_HEADER[first], _varint(length), name, packet_id, payload))
 
     def puback(self, packet_id: int) -> bytes:
         return encode(PubAck(packet_id=packet_id), self.level, validate=False)

@@ -12,21 +12,21 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from broker.mqtt import Properties
-
 RAM_LIMIT = 4096
 """Messages of one bridge held in memory, ready to send; the rest waits on disk."""
 
 
 @dataclass(slots=True)
 class Queued:
-    """A message on its way upstream; ``topic`` is already the upstream's name for it."""
+    """A message on its way upstream; ``topic`` is already the upstream's name for it and
+    ``properties`` the MQTT 5 encoding of its properties (length first, origin marker in), as
+    stored: forwarding copies bytes, it does not encode properties again."""
 
     seq: int
     topic: str
     payload: bytes
     retain: bool
-    properties: Properties
+    properties: bytes
     enqueued_at: float  # wall clock, seconds since the epoch
     size: int
     sent: bool = False  # sent before: sending again may duplicate it upstream
@@ -124,6 +124,19 @@ class OutQueue:
         """The connection is gone: unacknowledged messages go first on the next one."""
         self._ram.extendleft(sorted(self._inflight.values(), key=lambda q: q.seq, reverse=True))
         self._inflight.clear()
+
+    def floor(self) -> int:
+        """The lowest sequence number of this bridge not yet acknowledged upstream (or the next
+        one to be stored): every stored message of this bridge below it was acknowledged."""
+        first = next(iter(self._inflight.values()), None)
+        low = self._stored_to + 1
+        if self._read_to < self._stored_to:
+            low = self._read_to + 1
+        if self._ram:
+            low = min(low, self._ram[0].seq)
+        if first is not None:
+            low = min(low, first.seq)
+        return low
 
     @property
     def in_flight(self) -> int:
