@@ -185,18 +185,20 @@ def _name(context: Context) -> str:
     return "will properties" if context == WILL else f"{context.name} properties"
 
 
-def _present(properties: Properties, prop: PropertyId) -> bool:
-    value = getattr(properties, FIELDS[prop][0])
-    return value is not None and value != ()
+# Per context, the (property, field) pairs that must be absent.
+_DISALLOWED = {
+    context: tuple((prop, name) for prop, (name, _) in FIELDS.items() if prop not in allowed)
+    for context, allowed in ALLOWED.items()
+}
 
 
 def check_properties(properties: Properties, context: Context) -> None:
     """Apply the rules on property values that hold whichever side encoded them."""
     if properties is NO_PROPERTIES:
         return  # the common case on the hot path: nothing to check
-    allowed = ALLOWED[context]
-    for prop in FIELDS:
-        if _present(properties, prop) and prop not in allowed:
+    for prop, name in _DISALLOWED[context]:
+        value = getattr(properties, name)
+        if value is not None and value != ():
             raise malformed(f"{prop.name} is not allowed in {_name(context)}")
     for prop in (_P.PAYLOAD_FORMAT_INDICATOR, _P.MAXIMUM_QOS):
         if getattr(properties, FIELDS[prop][0]) not in (None, 0, 1):
@@ -268,13 +270,12 @@ def decode_properties(reader: Reader, context: Context) -> Properties:
             )
         else:
             values[field] = value
-    properties = Properties(
+    # The decoded packet's properties are checked with the whole packet (check_properties).
+    return Properties(
         **values,
         user_properties=tuple(repeated["user_properties"]),
         subscription_identifiers=tuple(repeated["subscription_identifiers"]),
     )
-    check_properties(properties, context)
-    return properties
 
 
 def _write_value(data_type: DataType, value: Any) -> bytes:
