@@ -88,4 +88,3 @@ def needs_refresh(crl_der: bytes, *, now: dt.datetime) -> bool:
     if next_update is None:
         return True
     return now >= crl.last_update_utc + (next_update - crl.last_update_utc) / 2
-
