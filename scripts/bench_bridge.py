@@ -37,6 +37,7 @@ import os
 import shutil
 import signal
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,6 +81,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--outage", type=float, default=30.0, help="upstream outage, seconds")
     parser.add_argument("--payload", type=int, default=64, help="payload bytes")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--no-outage", action="store_true", help="skip the outage run (quicker profiling rounds)"
+    )
+    parser.add_argument(
+        "--py-spy",
+        metavar="OUT",
+        help="record fleetgate with py-spy (--native, speedscope JSON) during the bridged run",
+    )
     return parser.parse_args()
 
 
@@ -262,6 +271,7 @@ async def timed(
     args: argparse.Namespace,
     topic_filter: str,
     broker_pids: tuple[int, ...] = (),
+    profile_pid: int | None = None,
 ) -> Timed:
     """Messages/s at the subscriber over ``duration`` after a 2 s warm-up; CPU per message."""
     load = Load(set(), set())
@@ -272,6 +282,27 @@ async def timed(
     start_count, start_acked = load.received_count, load.acked_count
     start_cpu, started = cpu_seconds(os.getpid()), time.time()
     start_broker = [cpu_seconds(pid) for pid in broker_pids]
+    spy = None
+    if profile_pid is not None and args.py_spy:
+        spy = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("py-spy")),
+                "record",
+                "--native",
+                "-r",
+                "100",
+                "-f",
+                "speedscope",
+                "-d",
+                str(int(args.duration)),
+                "-p",
+                str(profile_pid),
+                "-o",
+                args.py_spy,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     await asyncio.sleep(args.duration)
     count = load.received_count - start_count
     acked = load.acked_count - start_acked
@@ -283,6 +314,8 @@ async def timed(
     for client in pubs:
         await client.disconnect()
     close_subscriber(sub)
+    if spy is not None:
+        await asyncio.to_thread(spy.wait)
     per = max(count, 1)
     return Timed(count / elapsed, acked / elapsed, cpu / per, [b / per for b in broker])
 
@@ -374,6 +407,7 @@ def main() -> int:
                 args,
                 f"sites/{SITE}/#",
                 (fleetgate.pid, upstream.pid),
+                fleetgate.pid,
             )
         )
         print(
@@ -386,6 +420,10 @@ def main() -> int:
             f"Mosquitto {bridged.broker_cpu[1] * 1e6:.1f} us/msg"
         )
 
+        if args.no_outage:
+            ratio = bridged.received_per_s / direct.received_per_s if direct.received_per_s else 0
+            print(f"bridged_ratio={ratio:.2f} (no outage run)")
+            return 0
         lost, catchup, queued = asyncio.run(
             outage(fleetgate.port, fleetgate.metrics_port, upstream.pid, upstream.port, fleet, args)
         )

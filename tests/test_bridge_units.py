@@ -12,7 +12,14 @@ import pytest
 from broker.acl import AclTemplate
 from broker.admission import Admitted, Identity
 from broker.bridge.plan import plan_bridge
-from broker.bridge.protocol import Accepted, Acknowledged, ConnectRefused, Received, UpstreamSession
+from broker.bridge.protocol import (
+    Accepted,
+    AckedMany,
+    Acknowledged,
+    ConnectRefused,
+    Received,
+    UpstreamSession,
+)
 from broker.bridge.queue import OutQueue, Queued
 from broker.bridge.store import Acked, NewMessage, QueueStore
 from broker.bridge.topics import (
@@ -32,6 +39,7 @@ from broker.mqtt import (
     Decoder,
     Packet,
     Properties,
+    ProtocolError,
     ProtocolLevel,
     PubAck,
     Publish,
@@ -411,6 +419,34 @@ def test_the_session_turns_upstream_bytes_into_events_and_resends_with_dup():
     decoder.feed(session.publish(resend))
     packet = decoder.next_packet()
     assert isinstance(packet, Publish) and packet.dup and packet.packet_id == resend.packet_id
+
+
+@pytest.mark.parametrize("step", [1, 3, 5, 1000])
+def test_success_pubacks_are_read_in_bulk_however_the_bytes_are_split(step):
+    session = UpstreamSession(V5, client_id="b", keep_alive=0, session_expiry=0, receive_maximum=8)
+    stream = (
+        encode(ConnAck(), V5)
+        + encode(PubAck(packet_id=1), V5)
+        + encode(PubAck(packet_id=2, reason_code=ReasonCode.NOT_AUTHORIZED), V5)
+        + encode(Publish(topic="x", payload=b"p" * 300, qos=QoS.AT_LEAST_ONCE, packet_id=3), V5)
+        + encode(PubAck(packet_id=0x1234), V5)
+    )
+    events = []
+    for at in range(0, len(stream), step):
+        events += session.receive(stream[at : at + step])
+    ids = [i for e in events if isinstance(e, AckedMany) for i in e.packet_ids]
+    assert ids == [1, 0x1234]
+    assert [type(e) for e in events if not isinstance(e, AckedMany)] == [
+        Accepted,
+        Acknowledged,
+        Received,
+    ]
+
+
+def test_a_malformed_length_from_the_upstream_is_a_protocol_error():
+    session = UpstreamSession(V5, client_id="b", keep_alive=0, session_expiry=0, receive_maximum=8)
+    with pytest.raises(ProtocolError):
+        session.receive(b"\x30\xff\xff\xff\xff\x01")
 
 
 def test_mqtt_311_forwarding_carries_no_properties():

@@ -14,6 +14,7 @@ from typing import NoReturn, Protocol
 from broker.bridge.plan import BridgePlan
 from broker.bridge.protocol import (
     Accepted,
+    AckedMany,
     Acknowledged,
     ConnectRefused,
     Received,
@@ -49,9 +50,11 @@ class LinkOwner(Protocol):
 
     def inbound(self, name: str, publish: Publish) -> None: ...
 
-    def acked(self, name: str, item: Queued) -> None: ...
+    def acked(self, name: str, items: list[Queued]) -> None: ...
 
     def sent(self, name: str, seq: int) -> None: ...
+
+    def disconnected(self, name: str) -> None: ...
 
     def want_more(self, name: str) -> None: ...
 
@@ -117,6 +120,7 @@ class BridgeLink:
                 down = exc
             self.queue.rewind()
             self.state.down(down.reason, time.time())
+            self._owner.disconnected(name)
             failures = failures + 1 if down.failure else 0
             if down.failure:
                 self.counters.connect_failures += 1
@@ -255,9 +259,15 @@ class BridgeLink:
             except ProtocolError as exc:
                 raise LinkDown(f"{upstream} broke the protocol: {exc.message}") from None
             acks: list[bytes] = []
-            freed = False
+            done: list[Queued] = []
             for event in events:
                 match event:
+                    case AckedMany(packet_ids=packet_ids):
+                        acked = self.queue.acked
+                        for packet_id in packet_ids:
+                            item = acked(packet_id)
+                            if item is not None:
+                                done.append(item)
                     case Acknowledged(packet_id=packet_id, code=code, reason=reason):
                         if code >= 0x80:
                             raise LinkDown(
@@ -267,9 +277,7 @@ class BridgeLink:
                             )
                         item = self.queue.acked(packet_id)
                         if item is not None:
-                            self.counters.forwarded += 1
-                            self._owner.acked(name, item)
-                            freed = True
+                            done.append(item)
                     case Received(publish=publish):
                         self._owner.inbound(name, publish)
                         if publish.packet_id is not None:
@@ -293,7 +301,11 @@ class BridgeLink:
                         )
             if acks:
                 writer.write(b"".join(acks))
-            if freed and self._out is not None and not self._fill():
+            if not done:
+                continue
+            self.counters.forwarded += len(done)
+            self._owner.acked(name, done)
+            if self._out is not None and not self._fill():
                 self._wake.set()  # the sender asks for more from disk
 
     async def _send(

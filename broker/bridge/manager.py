@@ -57,6 +57,13 @@ COMMIT_BATCH = 4096
 LOAD_BATCH = 2048
 HOUSEKEEPING_S = 0.2
 ROUTE_CACHE = 65536
+PACE_MESSAGES = 1024
+"""While a bridge is connected, a device's acknowledgement for a message committed for it is
+held back (after the commit) as long as more than this many of its messages wait for the
+upstream. Ingress then runs at the forwarding rate instead of filling the queue faster than
+the link empties it (CPU spent receiving what cannot be forwarded, spilled to disk and read
+back). While the link is down nothing is held back: the queue takes everything, up to its
+bounds."""
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -117,6 +124,11 @@ class _Bridge:
     denied_topics: set[str] = field(default_factory=set)
     acked_out_of_order: list[int] = field(default_factory=list)
     deleted_to: int = 0  # every acknowledged row below this seq is deleted from the store
+    paced: list[Callable[[bool, float], None]] = field(default_factory=list)  # held back acks
+
+    def congested(self) -> bool:
+        """Connected, with more than ``PACE_MESSAGES`` waiting for the upstream."""
+        return self.state.connected and self.queue.messages > PACE_MESSAGES
 
 
 _Pending = tuple["_Bridge", Row, int, Callable[[bool, float], None] | None]
@@ -236,6 +248,8 @@ class BridgeManager:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._pending or any(self._deletable(b) for b in self._bridges.values()):
             await self._write()
+        for bridge in self._bridges.values():  # committed: their publishers may have them
+            self._release(bridge)
         if self._store is not None:
             await self._db(self._store.close)
         self._thread.shutdown(wait=True)
@@ -344,10 +358,13 @@ class BridgeManager:
             hint = "" if bridge.group_has_acl else f"; group {group} has no ACL: set one"
             log.warning("bridge %s: inbound %s%s", name, reason, hint, extra={"bridge": name})
 
-    def acked(self, name: str, item: Queued) -> None:
+    def acked(self, name: str, items: list[Queued]) -> None:
         bridge = self._bridges[name]
-        if item.seq > bridge.queue.floor():  # behind an unacknowledged one: deleted by itself
-            bridge.acked_out_of_order.append(item.seq)
+        floor = bridge.queue.floor()  # every stored row below it is acknowledged now
+        # those behind one still unacknowledged are deleted by themselves
+        bridge.acked_out_of_order.extend(i.seq for i in items if i.seq > floor)
+        if bridge.paced and bridge.queue.messages <= PACE_MESSAGES:
+            self._release(bridge)
         if (
             bridge.alarmed
             and bridge.queue.messages < 0.9 * bridge.queue.max_messages
@@ -355,6 +372,21 @@ class BridgeManager:
         ):
             bridge.alarmed = False
             log.warning("bridge %s: queue below 90%%, accepting bridged publishes again", name)
+
+    def disconnected(self, name: str) -> None:
+        """The link is down: the queue takes everything again."""
+        self._release(self._bridges[name])
+
+    def _release(self, bridge: _Bridge) -> None:
+        """Send the acknowledgements held back for ``bridge`` (see ``PACE_MESSAGES``)."""
+        paced, bridge.paced = bridge.paced, []
+        if not paced:
+            return
+        assert self._loop is not None
+        now = self._loop.time()
+        for callback in paced:
+            callback(True, now)
+        self._wake_broker()
 
     def sent(self, name: str, seq: int) -> None:
         bridge = self._bridges[name]
@@ -523,7 +555,10 @@ class BridgeManager:
             _, topic, payload, retain, block, enqueued_at = row
             bridge.queue.stored(Queued(seq, topic, payload, retain, block, enqueued_at, size))
             if callback is not None:
-                callback(True, now)
+                if bridge.paced or bridge.congested():
+                    bridge.paced.append(callback)
+                else:
+                    callback(True, now)
             woken.add(row[0])
         for name in woken:
             link = self._bridges[name].link
@@ -548,7 +583,9 @@ class BridgeManager:
                     if self._pending:
                         self._writing = True
                         self._spawn(self._write_all())
-            for name in self._bridges:
+            for name, bridge in self._bridges.items():
+                if bridge.paced and not bridge.congested():
+                    self._release(bridge)
                 self.want_more(name)
 
     # -- figures -------------------------------------------------------------------------------
