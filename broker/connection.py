@@ -16,7 +16,7 @@ from enum import Enum
 
 from broker.acl import DeviceAcl
 from broker.admission import Admitted, Identity, Refused, Unidentified
-from broker.core import BrokerCore, GateVerdict
+from broker.core import BrokerCore, CoreSettings, GateVerdict
 from broker.mqtt import (
     NO_PROPERTIES,
     Auth,
@@ -60,6 +60,32 @@ _ACL_MEMORY = 64
 _PUBACK_HEAD = b"\x40\x02"
 KEEP_ALIVE_GRACE = 1.5
 """A client silent for 1.5 times its keep-alive is gone (MQTT-3.1.2-24)."""
+
+
+_CONNACKS: dict[tuple[ProtocolLevel, bool, CoreSettings], bytes] = {}
+
+
+def _connack_success(
+    level: ProtocolLevel, present: bool, settings: CoreSettings, assigned: str | None
+) -> bytes:
+    """The accepting CONNACK: the same few bytes for every client of a broker, so encoded (and
+    checked by the codec) once per level and session-present flag, unless an id was assigned."""
+    key = (level, present, settings)
+    if assigned is None and (cached := _CONNACKS.get(key)) is not None:
+        return cached
+    properties = NO_PROPERTIES
+    if level is _V5:
+        properties = Properties(
+            receive_maximum=settings.receive_maximum,
+            maximum_packet_size=settings.max_packet_size,
+            topic_alias_maximum=settings.topic_alias_maximum,
+            shared_subscription_available=False,
+            assigned_client_identifier=assigned,
+        )
+    data = encode(ConnAck(session_present=present, properties=properties), level)
+    if assigned is None:
+        _CONNACKS[key] = data
+    return data
 
 
 class State(Enum):
@@ -336,19 +362,8 @@ class Connection:
         self.session = session
         self.state = State.CONNECTED
         self.core.metrics.connections_total[self.listener] += 1
-        properties = NO_PROPERTIES
-        if self.level is _V5:
-            settings = self.core.settings
-            properties = Properties(
-                receive_maximum=settings.receive_maximum,
-                maximum_packet_size=settings.max_packet_size,
-                topic_alias_maximum=settings.topic_alias_maximum,
-                shared_subscription_available=False,
-                assigned_client_identifier=(
-                    self.client_id if self.client_id != packet.client_id else None
-                ),
-            )
-        self._write(ConnAck(session_present=present, properties=properties))
+        assigned = self.client_id if self.client_id != packet.client_id else None
+        self._emit(_connack_success(self.level, present, self.core.settings, assigned))
         for packet_id, pending in list(session.inflight.items()):  # resume (MQTT-4.4.0-1)
             if isinstance(pending, Publish):
                 self._write_publish(replace(pending, dup=True), packet_id)

@@ -2,14 +2,15 @@
 
 asyncio's own TLS server swallows a failed handshake (it is logged only in debug mode), so a
 client certificate from a foreign CA or an expired one would leave no trace. :func:`serve_tls`
-accepts plain TCP, runs the handshake itself (``loop.start_tls``, made to send the refused
+accepts plain TCP, runs the handshake itself (asyncio's TLS protocol, made to send the refused
 client its TLS alert), reports each failure with the peer and OpenSSL's reason, and only then
-hands the TLS transport to the application protocol.
+makes the application protocol and hands it the TLS transport.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from asyncio import sslproto
 from collections.abc import Callable
@@ -76,7 +77,9 @@ class _Linger(asyncio.Protocol):
         if alert:
             tcp.write(alert)
         if tcp.can_write_eof():
-            tcp.write_eof()
+            # The client may be gone already: its EOF can be what ended the handshake.
+            with contextlib.suppress(OSError):
+                tcp.write_eof()
         tcp.resume_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -87,66 +90,6 @@ class _Linger(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._timer.cancel()
-
-
-class _AlertingSSLProtocol(sslproto.SSLProtocol):
-    """asyncio's server-side TLS, except that a refused handshake still sends its alert.
-
-    On a failed handshake asyncio aborts the connection with OpenSSL's alert (unknown CA,
-    certificate expired, ...) unsent, so the client learns nothing but "connection reset".
-    """
-
-    def __init__(self, *args: Any, read_buffer_size: int | None, **kwargs: Any) -> None:
-        if read_buffer_size is not None:
-            # asyncio allocates max_size (256 KiB) per connection for decrypted reads; an
-            # instance value set before __init__ sizes that buffer, so idle connections stay small.
-            self.max_size = read_buffer_size  # type: ignore[misc]  # a ClassVar in typeshed
-        super().__init__(*args, **kwargs)
-
-    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
-        tcp = self._transport
-        if handshake_exc is not None and isinstance(tcp, asyncio.Transport):
-            alert = self._outgoing.read()  # type: ignore[attr-defined]  # asyncio internals
-            self._transport = None  # so asyncio does not abort it: _Linger closes it
-            _Linger(tcp, alert)
-        super()._on_handshake_complete(handshake_exc)
-
-
-async def _start_tls(
-    tcp: asyncio.Transport,
-    app: asyncio.Protocol,
-    context: ssl.SSLContext,
-    timeout: float,
-    read_buffer_size: int | None,
-) -> asyncio.Transport:
-    """``loop.start_tls(server_side=True)``, with :class:`_AlertingSSLProtocol`.
-
-    On failure the connection is closed (by :class:`_Linger` after a refused handshake, here
-    otherwise) and the handshake's exception is raised.
-    """
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-    tls = _AlertingSSLProtocol(
-        loop,
-        app,
-        context,
-        waiter,
-        server_side=True,
-        call_connection_made=False,
-        ssl_handshake_timeout=timeout,
-        read_buffer_size=read_buffer_size,
-    )
-    tcp.pause_reading()
-    tcp.set_protocol(tls)
-    loop.call_soon(tls.connection_made, tcp)
-    loop.call_soon(tcp.resume_reading)
-    try:
-        await waiter
-    except BaseException:
-        if not isinstance(tcp.get_protocol(), _Linger):
-            tcp.abort()
-        raise
-    return tls._app_transport
 
 
 @dataclass(frozen=True)
@@ -160,62 +103,88 @@ class _Listener:
     read_buffer_size: int | None
 
 
-class _HandshakeFirst(asyncio.Protocol):
-    """Runs the TLS handshake on a fresh TCP connection, then becomes a pass-through."""
+_NO_APP_YET = asyncio.Protocol()
+"""Stands in for the application protocol until the handshake succeeds (it is made only then)."""
 
-    def __init__(self, listener: _Listener) -> None:
+
+class _ServerTLS(sslproto.SSLProtocol):
+    """asyncio's server-side TLS as the accepted socket's own protocol, reporting its handshake.
+
+    What differs from ``loop.create_server(ssl=...)``: a refused handshake still sends its alert
+    (asyncio aborts the connection with OpenSSL's alert -- unknown CA, certificate expired, ...
+    -- unsent, so the client learns nothing but "connection reset"), every failure is reported
+    with the peer and the reason, and the application protocol is made only once the handshake
+    succeeded. The handshake runs from the socket's callbacks: no task, no waiter future, no
+    pass-through protocol between the TLS layer and the application (each of those cost the
+    broker CPU on every connection, and the pass-through on every packet).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, listener: _Listener) -> None:
+        if listener.read_buffer_size is not None:
+            # asyncio allocates max_size (256 KiB) per connection for decrypted reads; an
+            # instance value set before __init__ sizes that buffer, so idle connections stay small.
+            self.max_size = listener.read_buffer_size  # type: ignore[misc]  # a ClassVar in typeshed
+        super().__init__(
+            loop,
+            _NO_APP_YET,
+            listener.context,
+            None,  # type: ignore[arg-type]  # no waiter: _wakeup_waiter reports the outcome
+            server_side=True,
+            ssl_handshake_timeout=listener.handshake_timeout,  # type: ignore[arg-type]
+        )
         self._listener = listener
-        self._app: asyncio.Protocol | None = None
-        self._early: list[bytes] = []
         self._peer = "unknown"
-        self._task: asyncio.Task[None] | None = None
+        self._handshaking = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         if peer:
             self._peer = f"{peer[0]}:{peer[1]}"
-        assert isinstance(transport, asyncio.Transport)
-        self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
+        super().connection_made(transport)  # starts the handshake (and its timeout)
 
-    async def _handshake(self, tcp: asyncio.Transport) -> None:
-        listener = self._listener
-        try:
-            tls = await _start_tls(
-                tcp, self, listener.context, listener.handshake_timeout, listener.read_buffer_size
-            )
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            listener.on_refused(self._peer, describe_handshake_error(exc))
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            tcp = self._transport
+            if isinstance(tcp, asyncio.Transport):
+                alert = self._outgoing.read()  # type: ignore[attr-defined]  # asyncio internals
+                self._transport = None  # so asyncio does not abort it: _Linger closes it
+                _Linger(tcp, alert)
+            super()._on_handshake_complete(handshake_exc)  # reports it through _wakeup_waiter
             return
-        finally:
-            self._task = None
-        if tls is None:  # the peer went away during the handshake
+        # asyncio's success path (Python 3.11-3.13), except that the application protocol is
+        # made here, and the peer certificate is not decoded into the text form of
+        # get_extra_info("peercert") for every connection: use ssl_object.getpeercert().
+        tls: Any = self  # asyncio internals, which typeshed does not describe
+        if tls._handshake_timeout_handle is not None:
+            tls._handshake_timeout_handle.cancel()
+            tls._handshake_timeout_handle = None
+        tls._set_state(sslproto.SSLProtocolState.WRAPPED)
+        sslobj = tls._sslobj
+        tls._extra.update(
+            cipher=sslobj.cipher(), compression=sslobj.compression(), ssl_object=sslobj
+        )
+        self._handshaking = False
+        app = self._listener.app_factory()
+        tls._set_app_protocol(app)
+        tls._app_state = sslproto.AppProtocolState.STATE_CON_MADE
+        app.connection_made(tls._get_app_transport())
+        tls._do_read()  # what the client sent right after its Finished: its CONNECT, say
+
+    def _check_handshake_timeout(self) -> None:
+        if self._handshaking:  # reported as a timeout, not as the abort asyncio follows it with
+            self._wakeup_waiter(TimeoutError())
+        super()._check_handshake_timeout()
+
+    def _wakeup_waiter(self, exc: BaseException | type[BaseException] | None = None) -> None:
+        """asyncio's end of the handshake (or of the connection during it): report a failure."""
+        if not self._handshaking:
             return
-        self._app = listener.app_factory()
-        self._app.connection_made(tls)
-        for chunk in self._early:
-            self._app.data_received(chunk)
-        self._early.clear()
-
-    def data_received(self, data: bytes) -> None:
-        if self._app is None:
-            self._early.append(data)
-        else:
-            self._app.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._app.eof_received() if self._app is not None else None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._app is not None:
-            self._app.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self._app is not None:
-            self._app.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._app is not None:
-            self._app.resume_writing()
+        self._handshaking = False
+        if exc is None:  # the peer went away cleanly during the handshake
+            return
+        if isinstance(exc, type):  # asyncio passes ConnectionResetError itself on an early EOF
+            exc = exc()
+        self._listener.on_refused(self._peer, describe_handshake_error(exc))
 
 
 async def serve_tls(
@@ -236,7 +205,7 @@ async def serve_tls(
     loop = asyncio.get_running_loop()
     listener = _Listener(app_factory, context, handshake_timeout, on_refused, read_buffer_size)
     return await loop.create_server(
-        lambda: _HandshakeFirst(listener),
+        lambda: _ServerTLS(loop, listener),
         host,
         port,
         reuse_address=True,

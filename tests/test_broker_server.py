@@ -4,14 +4,17 @@ listener (off unless asked for, loopback only), ``/metrics`` and the ``[broker]`
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -27,11 +30,17 @@ from broker_helpers import (  # running_broker: the `broker` fixture
     tls_context,
     wait_for,
 )
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker import Broker
+from enrollment import profiles
+from enrollment.ca import is_initialised
 from enrollment.config import CONFIG_FILE, DEFAULT_CONFIG_TOML, load_config
 from enrollment.errors import ConfigError
+from enrollment.keyfiles import write_certificates, write_private_key
+from enrollment.registry import DeviceState
 
 FLEETGATE = str(Path(sys.executable).with_name("fleetgate"))
 
@@ -255,3 +264,137 @@ def test_broker_stops_promptly_with_clients_connected(fleet):
     assert time.monotonic() - started < 3
     assert client.disconnect_code(timeout=5)[0] == 0x8B
     client.close()
+
+
+# -- the connect path: handshake reports, admission off the loop, the broker's own certificate -----
+
+
+def test_a_client_that_hangs_up_during_the_handshake_is_reported_without_an_asyncio_error(
+    broker, caplog
+):
+    caplog.set_level(logging.INFO)
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as raw:
+        raw.shutdown(socket.SHUT_WR)  # a port probe: connect, then EOF before any ClientHello
+        assert raw.recv(100) == b""  # the broker closes its side too
+    wait_for(lambda: broker.metric("tls_handshake_failures_total", 'reason="other"'))
+    refused = broker.audit_events(action="mqtt.tls_handshake", outcome="refused")
+    assert [e.reason for e in refused] == [
+        "connection closed before the TLS handshake finished (a port probe or health check?)"
+    ]
+    assert not [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    # The listener still serves the next client normally.
+    client = Paho(broker, enroll(broker.fleet, "sensor-1"))
+    assert client.connect()[0] == 0
+    client.close()
+
+
+def test_a_handshake_that_never_starts_times_out_and_is_reported(fleet):
+    running = RunningBroker(fleet, tls_handshake_timeout_s=0.3).start()
+    try:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as raw:
+            assert raw.recv(100) == b""  # closed by the broker after 0.3 s of silence
+        wait_for(lambda: running.metric("tls_handshake_failures_total", 'reason="timeout"'))
+        refused = running.audit_events(action="mqtt.tls_handshake", outcome="refused")
+        assert [e.reason for e in refused] == ["TLS handshake timed out"]
+    finally:
+        running.stop()
+
+
+def test_admission_in_a_thread_as_for_postgresql_gives_the_same_verdicts(fleet):
+    """SQLite is read on the event loop; a remote database in a thread, with the connection's
+    reading paused meanwhile. Both paths read the registry at every CONNECT."""
+    running = RunningBroker(fleet)
+    assert running.broker._admit_inline  # the fleet's registry is SQLite
+    running.broker._admit_inline = False
+    running.start()
+    try:
+        creds = enroll(fleet, "sensor-1")
+        client = Paho(running, creds)
+        assert client.connect()[0] == 0
+        client.close()
+        fleet.service.change_device("sensor-1", DeviceState.SUSPENDED, reason="test", actor="test")
+        refused = Paho(running, creds)
+        assert refused.connect()[0] == 0x87  # the current registry state, not a cached verdict
+        refused.close()
+    finally:
+        running.stop()
+
+
+def _short_lived_broker_certificate(fleet, ca_dir: Path, names: tuple[str, ...]) -> int:
+    """Swap in a broker certificate 10 days from expiry, as if the broker had run for months."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    short = fleet.service.ca.issue(
+        profiles.SERVER, profiles.server_subject(names), key.public_key(), dt.timedelta(days=10)
+    )
+    write_private_key(ca_dir / "broker.key", key)
+    write_certificates(ca_dir / "broker.crt", [short, fleet.service.ca.anchors.issuing])
+    return int(short.serial_number)
+
+
+def _served_serial(port: int, root: Path) -> int:
+    context = ssl.create_default_context(cafile=str(root))
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the server's certificate is all this looks at
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def _on_disk_serial(path: Path) -> int:
+    return int(x509.load_pem_x509_certificates(path.read_bytes())[0].serial_number)
+
+
+def test_a_running_broker_renews_its_own_certificate_when_due(fleet):
+    running = RunningBroker(fleet)
+    running.broker.certificate_check_interval_s = 0.1
+    running.start()
+    try:
+        ca_dir = fleet.config.ca_dir
+        short = _short_lived_broker_certificate(fleet, ca_dir, running.config.broker.server_names)
+        renewed = wait_for(
+            lambda: (serial := _on_disk_serial(ca_dir / "broker.crt")) != short and serial,
+            what="the due broker certificate to be renewed",
+        )
+        cert = x509.load_pem_x509_certificates((ca_dir / "broker.crt").read_bytes())[0]
+        assert cert.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=300)
+        wait_for(lambda: _served_serial(running.port, fleet.root) == renewed, what="the reload")
+    finally:
+        running.stop()
+
+
+def test_a_broker_host_without_the_ca_logs_once_that_its_certificate_is_due(
+    fleet, tmp_path, caplog
+):
+    # A broker host as `fleetgate ca server-cert` sets one up: public CA files, its certificate
+    # and key, no issuing key.
+    RunningBroker(fleet).start().stop()  # issues ca/broker.crt on the CA host
+    remote = load_config(tmp_path / "broker-host", environ={})
+    remote.ca_dir.mkdir(parents=True)
+    for name in ("broker.crt", "broker.key", "chain.pem", "root.crt"):
+        shutil.copy(fleet.config.ca_dir / name, remote.ca_dir / name)
+    assert not is_initialised(remote)
+    caplog.set_level(logging.WARNING, logger="fleetgate.broker")
+    running = RunningBroker(types.SimpleNamespace(config=remote, root=fleet.root))
+    running.broker.certificate_check_interval_s = 0.05
+    running.start()
+    try:
+        short = _short_lived_broker_certificate(
+            fleet, remote.ca_dir, running.config.broker.server_names
+        )
+
+        def due_warnings() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if "due for renewal" in r.getMessage()]
+
+        wait_for(due_warnings, what="the warning")
+        time.sleep(0.3)  # several more checks
+        assert len(due_warnings()) == 1
+        message = due_warnings()[0].getMessage()
+        assert "fleetgate ca server-cert" in message and str(remote.ca_dir) in message
+        assert _on_disk_serial(remote.ca_dir / "broker.crt") == short  # nothing was issued
+        assert _served_serial(running.port, fleet.root) != short  # still the one it started with
+    finally:
+        running.stop()
