@@ -29,7 +29,7 @@ from broker_helpers import (  # running_broker: the `broker` fixture
 from broker.acl import DEFAULT_TEMPLATE, AclTemplate
 from broker.admission import Admitted, Identity, Refused, check_admission
 from enrollment import profiles
-from enrollment.registry import DeviceState
+from enrollment.registry import DeviceState, Registry
 
 VERSIONS = [("mqttv311", 5), ("mqttv5", 135)]  # mosquitto's -V, and the CONNACK code expected
 PAHO_NOT_AUTHORIZED = 135  # paho 2 reports 3.1.1's return code 5 as reason code 135 too
@@ -304,9 +304,17 @@ def test_merged_admission_read_gives_the_registrys_own_verdicts_and_acls(fleet):
             Identity("pump-1", serial["pump-1"]),  # a group with its own ACL (none yet)
         ]
 
+    # The same registry file read through SQLAlchemy rather than plain sqlite3 (the fast read).
+    orm_reads = Registry(registry.url)
+    orm_reads._fast_reads = None
+    assert registry._fast_reads is not None
+
     def same() -> None:
         for identity in cases():
             assert check_admission(registry, identity) == _reference_admission(registry, identity)
+            assert registry.admission(identity.device_id, identity.serial) == orm_reads.admission(
+                identity.device_id, identity.serial
+            )
 
     same()
     assert check_admission(registry, cases()[0]) == Admitted(
@@ -325,3 +333,4 @@ def test_merged_admission_read_gives_the_registrys_own_verdicts_and_acls(fleet):
     assert isinstance(refused, Refused) and "renewed certificate" in refused.reason
     registry.change_device_state("sensor-2", DeviceState.ACTIVE, reason="t", actor="test")
     same()
+    orm_reads.close()

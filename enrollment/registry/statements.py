@@ -7,7 +7,17 @@ runs are constructed at import and executed with parameter dictionaries.
 
 from __future__ import annotations
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlmodel import SQLModel
 
 from enrollment.registry import models  # noqa: F401 - registers the tables in the metadata
@@ -42,6 +52,15 @@ STATION_CREDENTIAL = _credential("station")
 DEVICE_CREDENTIAL = _credential("device")
 
 GROUP_POLICIES = SQLModel.metadata.tables["grouppolicy"]
+
+
+def _sql_text(value: str) -> ColumnElement[str]:
+    """A constant in the SQL text rather than a bind parameter: ADMISSION also runs on plain
+    sqlite3 (Registry's fast read), which binds only the caller's parameters."""
+    assert "'" not in value
+    return literal_column(f"'{value}'")
+
+
 ACL_RULES = SQLModel.metadata.tables["aclrule"]
 DEFAULT_GROUP = "default"
 
@@ -64,8 +83,9 @@ ADMISSION = (
     .outerjoin(
         ACL_RULES,
         and_(
-            ACL_RULES.c.group == func.coalesce(func.nullif(DEVICES.c.group, ""), DEFAULT_GROUP),
-            DEVICES.c.state == DeviceState.ACTIVE,
+            ACL_RULES.c.group
+            == func.coalesce(func.nullif(DEVICES.c.group, _sql_text("")), _sql_text(DEFAULT_GROUP)),
+            DEVICES.c.state == _sql_text(DeviceState.ACTIVE.name),  # enums are stored by name
         ),
     )
     .where(DEVICES.c.id == bindparam("device_id"))

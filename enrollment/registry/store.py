@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -190,12 +192,63 @@ def create_registry_engine(url: str) -> Engine:
     return engine
 
 
+class _SqliteReader:
+    """Plain sqlite3 connections (one per thread) for the read every broker CONNECT makes.
+
+    SQLAlchemy's checkout, BEGIN and COMMIT around the ~10 µs indexed admission read cost
+    ~140 µs. A single SELECT in autocommit mode reads one consistent WAL snapshot, so nothing is
+    lost by skipping them. Rows come back raw: enum columns hold member *names*.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        database = engine.url.database
+        assert database is not None
+        self._path = database
+        self._dialect = engine.dialect
+        self._local = threading.local()
+        self._compiled: dict[object, tuple[str, tuple[str, ...]]] = {}
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def rows(self, statement: Any, params: dict[str, Any]) -> list[Any]:
+        compiled = self._compiled.get(statement)
+        if compiled is None:
+            query = statement.compile(dialect=self._dialect)
+            compiled = (str(query), tuple(query.positiontup or ()))
+            self._compiled[statement] = compiled
+        text, order = compiled
+        return self._connection().execute(text, [params[name] for name in order]).fetchall()
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self._path, timeout=30, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+
 class Registry:
     """Typed operations on the registry database."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = create_registry_engine(url)
+        file_sqlite = self.engine.dialect.name == "sqlite" and url not in {
+            "sqlite://",
+            "sqlite:///:memory:",
+        }
+        self._fast_reads = _SqliteReader(self.engine) if file_sqlite else None
         SQLModel.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
         triggers = (
@@ -208,6 +261,8 @@ class Registry:
                 conn.exec_driver_sql(statement)
 
     def close(self) -> None:
+        if self._fast_reads is not None:
+            self._fast_reads.close()
         self.engine.dispose()
 
     @contextmanager
@@ -582,11 +637,17 @@ class Registry:
         pays for this read, so it avoids the ORM).
         """
         params = {"device_id": device_id, "serial": serial_hex(serial)}
-        with self._read() as conn:
-            rows = conn.execute(sql.ADMISSION, params).all()
+        if self._fast_reads is not None:
+            rows = self._fast_reads.rows(sql.ADMISSION, params)
+        else:
+            with self._read() as conn:
+                rows = list(conn.execute(sql.ADMISSION, params).all())
         if not rows:
             return Admission(False, f"device {device_id} is not in the registry")
         state, group, cert_serial, kind, subject, status = rows[0][:6]
+        state = _member(DeviceState, state)
+        kind = _member(SubjectKind, kind) if kind is not None else None
+        status = _member(CertStatus, status) if status is not None else None
         group = group or sql.DEFAULT_GROUP
         if state != DeviceState.ACTIVE:
             return Admission(False, f"device {device_id} is {state}", group)
@@ -655,6 +716,11 @@ class Registry:
                 for r in rows
                 if as_utc(r.not_after) > now
             ]
+
+
+def _member(enum: Any, value: Any) -> Any:
+    """An enum member from a processed row (the member) or a raw one (its stored name)."""
+    return value if isinstance(value, enum) else enum[value]
 
 
 def _acl_patterns(rules: Sequence[tuple[str, str]]) -> AclPatterns | None:
