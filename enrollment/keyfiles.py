@@ -99,8 +99,9 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> ec.Elliptic
 
 
 def write_certificates(path: Path, certs: list[x509.Certificate]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
+    """Replace a PEM bundle atomically: a running server renews its certificate in place."""
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+    write_atomic(path, pem, mode=0o644)
 
 
 def load_certificates(path: Path) -> list[x509.Certificate]:
