@@ -10,8 +10,6 @@ a device in group ``bridges``.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
 import os
 import queue
@@ -28,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from broker_helpers import Creds, enroll, free_port, wait_for
+from broker_helpers import Creds, ThreadedBroker, enroll, free_port, wait_for
 from conftest import PASSPHRASE, Fleet
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties as PahoProperties
 from sdk_helpers import Mosquitto
 
-from broker import Broker
 from enrollment.config import CONFIG_FILE, Config, load_config
 
 BRIDGE_GROUP = "bridges"
@@ -106,49 +103,8 @@ def second_home(fleet: Fleet, directory: Path) -> Path:
     return home
 
 
-class InProcessBroker:
-    """A fleetgate broker built from ``config`` on its own event loop in a thread."""
-
-    def __init__(self, config: Config, *, port: int | None = None) -> None:
-        settings = dataclasses.replace(
-            config.broker, port=port or free_port(), metrics_port=free_port()
-        )
-        self.config = dataclasses.replace(config, broker=settings)
-        self.broker = Broker(self.config)
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self.broker.start())
-        except BaseException as exc:  # reported to the test thread by start()
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
-
-    def start(self) -> InProcessBroker:
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("the broker did not start within 30 s")
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def stop(self) -> None:
-        if self._error is None:
-            asyncio.run_coroutine_threadsafe(self.broker.stop(), self._loop).result(30)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
-        self._loop.close()
-
-    @property
-    def port(self) -> int:
-        return self.broker.ports.tls
+class InProcessBroker(ThreadedBroker):
+    """A fleetgate broker built from ``config`` (a bridging one), with its bridge status."""
 
     @property
     def metrics_port(self) -> int:

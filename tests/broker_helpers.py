@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -39,6 +39,7 @@ from broker import Broker
 from broker.mqtt import ConnAck, Connect, Decoder, Packet, encode
 from device_sdk.est import device_csr
 from enrollment import profiles
+from enrollment.config import Config
 from enrollment.keyfiles import load_certificates, write_certificates, write_private_key
 from enrollment.registry import AuditEvent
 
@@ -157,15 +158,18 @@ def foreign_ca_device(fleet: Fleet, device_id: str) -> Creds:
 # -- the broker -----------------------------------------------------------------------------------
 
 
-class RunningBroker:
-    """A :class:`Broker` on its own event loop in a thread, on free loopback ports."""
+class ThreadedBroker:
+    """A :class:`Broker` built from ``config`` on its own event loop in a thread.
 
-    def __init__(self, fleet: Fleet, **settings: Any) -> None:
-        self.fleet = fleet
+    ``port`` fixes the MQTT port (a test that restarts a broker needs the same one); the
+    metrics port, and by default the MQTT port, are free loopback ports.
+    """
+
+    def __init__(self, config: Config, *, port: int | None = None, **settings: Any) -> None:
         broker_settings = dataclasses.replace(
-            fleet.config.broker, port=free_port(), metrics_port=free_port(), **settings
+            config.broker, port=port or free_port(), metrics_port=free_port(), **settings
         )
-        self.config = dataclasses.replace(fleet.config, broker=broker_settings)
+        self.config = dataclasses.replace(config, broker=broker_settings)
         self.broker = Broker(self.config)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -183,7 +187,7 @@ class RunningBroker:
         self._ready.set()
         self._loop.run_forever()
 
-    def start(self) -> RunningBroker:
+    def start(self) -> Self:
         self._thread.start()
         if not self._ready.wait(30):
             raise RuntimeError("the broker did not start within 30 s")
@@ -209,6 +213,14 @@ class RunningBroker:
     @property
     def port(self) -> int:
         return self.broker.ports.tls
+
+
+class RunningBroker(ThreadedBroker):
+    """A broker of ``fleet``'s data directory, with helpers to read its metrics and audit."""
+
+    def __init__(self, fleet: Fleet, **settings: Any) -> None:
+        super().__init__(fleet.config, **settings)
+        self.fleet = fleet
 
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.broker.ports.metrics}/metrics"
