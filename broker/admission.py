@@ -1,13 +1,14 @@
 """Who a connection is and whether it may connect: the certificate, then the registry.
 
-:func:`identify_certificate` is pure (certificate in, identity or refusal out) and runs right after
-the TLS handshake; :func:`check_admission` asks the registry and runs off the event loop, once per
-CONNECT.
+:class:`CertificateIdentities` reads the identity a verified certificate names right after the TLS
+handshake (remembering, per certificate, what does not change); :func:`check_admission` asks the
+registry, once per CONNECT.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -15,7 +16,7 @@ from cryptography import x509
 from broker.acl import DEFAULT_TEMPLATE, AclTemplate, DeviceAcl
 from broker.mqtt import ReasonCode
 from enrollment.errors import NotAuthorised, NotFound
-from enrollment.identity import identify_client
+from enrollment.identity import PeerIdentity, named_identity
 from enrollment.registry import AclPatterns, DeviceState, Registry
 
 
@@ -54,19 +55,53 @@ class Refused:
     code: ReasonCode = ReasonCode.NOT_AUTHORIZED
 
 
-def identify_certificate(der: bytes | None, *, now: dt.datetime) -> Identity | Unidentified:
-    """The device named by a TLS-verified client certificate (clientAuth EKU, URI SAN, validity)."""
-    if der is None:
-        return Unidentified("no client certificate (mutual TLS is required)")
-    try:
-        peer = identify_client(x509.load_der_x509_certificate(der), now=now)
-    except NotAuthorised as exc:
-        return Unidentified(exc.message)
-    if peer.kind != "device":
-        return Unidentified(
-            f"a {peer.kind} certificate ({peer.id}) cannot connect to the broker: devices only"
-        )
-    return Identity(peer.id, peer.serial)
+class CertificateIdentities:
+    """The device each TLS-verified client certificate names (clientAuth EKU, URI SAN), kept by
+    the certificate's SHA-256 digest.
+
+    A device reconnects with the same certificate many times in its life (network loss, sleep,
+    a broker restart), and reading its extensions is ~30 µs of the broker's own CPU per connect.
+    Only facts of the certificate itself are kept: its validity window is compared with the
+    clock on every connect, and the registry is asked every time (:func:`check_admission`).
+    At most ``capacity`` certificates are remembered; the oldest is forgotten first.
+    """
+
+    def __init__(self, capacity: int = 16_384) -> None:
+        self.capacity = capacity
+        self._named: dict[bytes, PeerIdentity | str] = {}
+
+    def identify(self, der: bytes | None, *, now: dt.datetime) -> Identity | Unidentified:
+        if der is None:
+            return Unidentified("no client certificate (mutual TLS is required)")
+        digest = hashlib.sha256(der).digest()
+        peer = self._named.get(digest)
+        if peer is None:
+            peer = self._read(der)
+            if len(self._named) >= self.capacity:
+                del self._named[next(iter(self._named))]
+            self._named[digest] = peer
+        if isinstance(peer, str):
+            return Unidentified(peer)
+        try:
+            peer.check_validity(now)
+        except NotAuthorised as exc:
+            return Unidentified(exc.message)
+        if peer.kind != "device":
+            return Unidentified(
+                f"a {peer.kind} certificate ({peer.id}) cannot connect to the broker: devices only"
+            )
+        return Identity(peer.id, peer.serial)
+
+    def __len__(self) -> int:
+        return len(self._named)
+
+    @staticmethod
+    def _read(der: bytes) -> PeerIdentity | str:
+        """The identity, or why there is none."""
+        try:
+            return named_identity(x509.load_der_x509_certificate(der))
+        except NotAuthorised as exc:
+            return exc.message
 
 
 def check_admission(registry: Registry, identity: Identity) -> Admitted | Refused:

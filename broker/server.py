@@ -23,11 +23,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from broker.admission import (
     Admitted,
+    CertificateIdentities,
     Identity,
     Refused,
     Unidentified,
     check_admission,
-    identify_certificate,
 )
 from broker.audit import AuditWriter
 from broker.bridge import BridgeManager
@@ -157,6 +157,7 @@ class Broker:
             if config.bridges
             else None
         )
+        self.identities = CertificateIdentities()
         self._admit_inline = self.registry.engine.dialect.name == "sqlite"
         self.ports = BoundPorts(0, 0, 0)
         self._protocols: dict[Connection, _MqttProtocol] = {}
@@ -293,7 +294,7 @@ class Broker:
         if listener == "tls":
             ssl_object = protocol.transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-            identity = identify_certificate(der, now=dt.datetime.now(dt.UTC))
+            identity = self.identities.identify(der, now=dt.datetime.now(dt.UTC))
         else:
             identity = Identity(
                 self.config.broker.plaintext_identity, serial=None, client_id_bound=False

@@ -25,25 +25,37 @@ class PeerIdentity:
     id: str
     serial: int
     not_after: dt.datetime
+    not_before: dt.datetime
 
     @property
     def actor(self) -> str:
         return f"{self.kind}:{self.id}"
 
+    def check_validity(self, now: dt.datetime) -> None:
+        """Raises :class:`NotAuthorised` outside the certificate's validity window."""
+        if not self.not_before <= now <= self.not_after:
+            raise NotAuthorised(
+                f"the client certificate is outside its validity ({self.not_before:%Y-%m-%d} "
+                f"to {self.not_after:%Y-%m-%d}): renew it before it expires, or re-provision"
+            )
+
 
 def identify_client(cert: x509.Certificate, *, now: dt.datetime) -> PeerIdentity:
     """The device or station a client certificate names; refuses anything else."""
+    peer = named_identity(cert)
+    peer.check_validity(now)
+    return peer
+
+
+def named_identity(cert: x509.Certificate) -> PeerIdentity:
+    """Who the certificate names and whether it is for client authentication: facts of the
+    certificate alone, whatever the time (its validity is :meth:`PeerIdentity.check_validity`)."""
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         eku = None
     if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         raise NotAuthorised("the client certificate lacks the clientAuth extended key usage")
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise NotAuthorised(
-            f"the client certificate is outside its validity ({cert.not_valid_before_utc:%Y-%m-%d} "
-            f"to {cert.not_valid_after_utc:%Y-%m-%d}): renew it before it expires, or re-provision"
-        )
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
@@ -59,5 +71,11 @@ def identify_client(cert: x509.Certificate, *, now: dt.datetime) -> PeerIdentity
         if len(ids) > 1:
             raise NotAuthorised(f"the client certificate names several {kind}s; it must name one")
         if ids:
-            return PeerIdentity(kind, ids.pop(), cert.serial_number, cert.not_valid_after_utc)
+            return PeerIdentity(
+                kind,
+                ids.pop(),
+                cert.serial_number,
+                cert.not_valid_after_utc,
+                cert.not_valid_before_utc,
+            )
     raise NotAuthorised("the client certificate names no fleetgate device or station (URI SAN)")

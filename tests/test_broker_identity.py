@@ -25,10 +25,20 @@ from broker_helpers import (  # running_broker: the `broker` fixture
     running_broker,  # noqa: F401
     wait_for,
 )
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker.acl import DEFAULT_TEMPLATE, AclTemplate
-from broker.admission import Admitted, Identity, Refused, check_admission
+from broker.admission import (
+    Admitted,
+    CertificateIdentities,
+    Identity,
+    Refused,
+    Unidentified,
+    check_admission,
+)
 from enrollment import profiles
+from enrollment.keyfiles import load_certificates
 from enrollment.registry import DeviceState, Registry
 
 VERSIONS = [("mqttv311", 5), ("mqttv5", 135)]  # mosquitto's -V, and the CONNACK code expected
@@ -334,3 +344,56 @@ def test_merged_admission_read_gives_the_registrys_own_verdicts_and_acls(fleet):
     registry.change_device_state("sensor-2", DeviceState.ACTIVE, reason="t", actor="test")
     same()
     orm_reads.close()
+
+
+# -- what a certificate names, remembered per certificate ----------------------------------------
+
+
+def der_of(creds: Creds) -> bytes:
+    return load_certificates(creds.cert)[0].public_bytes(Encoding.DER)
+
+
+def load_serial(creds: Creds) -> int:
+    return load_certificates(creds.cert)[0].serial_number
+
+
+def load_serial_der(der: bytes) -> int:
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_a_remembered_certificate_is_still_checked_against_the_clock(fleet):
+    identities = CertificateIdentities()
+    creds = craft(fleet, "clock-1", profiles.DEVICE, uris=("urn:fleetgate:device:clock-1",))
+    der = der_of(creds)
+    assert identities.identify(der, now=NOW) == Identity("clock-1", load_serial(creds))
+    later = identities.identify(der, now=NOW + dt.timedelta(days=31))
+    assert isinstance(later, Unidentified)
+    assert "outside its validity" in later.reason
+    earlier = identities.identify(der, now=NOW - dt.timedelta(days=1))
+    assert isinstance(earlier, Unidentified)
+    assert len(identities) == 1
+
+
+def test_a_refused_certificate_is_refused_again_with_the_same_reason(fleet):
+    identities = CertificateIdentities()
+    no_eku = profiles.Profile("no-eku", is_ca=False, digital_signature=True)
+    der = der_of(craft(fleet, "bare-2", no_eku, uris=("urn:fleetgate:device:bare-2",)))
+    first, second = identities.identify(der, now=NOW), identities.identify(der, now=NOW)
+    assert (
+        first
+        == second
+        == Unidentified("the client certificate lacks the clientAuth extended key usage")
+    )
+
+
+def test_at_most_capacity_certificates_are_remembered_oldest_forgotten_first(fleet):
+    identities = CertificateIdentities(capacity=2)
+    ders = [
+        der_of(craft(fleet, f"cap-{n}", profiles.DEVICE, uris=(f"urn:fleetgate:device:cap-{n}",)))
+        for n in range(3)
+    ]
+    for der in ders:
+        identities.identify(der, now=NOW)
+    assert len(identities) == 2
+    for n, der in enumerate(ders):  # each still identified, whether remembered or read again
+        assert identities.identify(der, now=NOW) == Identity(f"cap-{n}", load_serial_der(der))
