@@ -101,7 +101,9 @@ class _HeldAck:
 
     __slots__ = ("conn", "packet", "ready")
 
-    def __init__(self, conn: Connection, packet: PubAck | PubRec | None, *, ready: bool) -> None:
+    def __init__(
+        self, conn: Connection, packet: PubAck | PubRec | bytes | None, *, ready: bool
+    ) -> None:
         self.conn = conn
         self.packet = packet
         self.ready = ready
@@ -468,13 +470,16 @@ class Connection:
             return
         if self.level is _V3:
             code = _R.SUCCESS
-        ack: PubAck | PubRec
+        ack: PubAck | PubRec | bytes
         if packet.qos == QoS.AT_LEAST_ONCE:
-            if held is None and not self._held and code == _R.SUCCESS:
+            if code == _R.SUCCESS:
                 # PUBACK, success, no properties: the same bytes at either level.
-                self._emit(_PUBACK_HEAD + packet_id.to_bytes(2, "big"))
-                return
-            ack = PubAck(packet_id=packet_id, reason_code=code)
+                ack = _PUBACK_HEAD + packet_id.to_bytes(2, "big")
+                if held is None and not self._held:
+                    self._emit(ack)
+                    return
+            else:
+                ack = PubAck(packet_id=packet_id, reason_code=code)
         else:
             if code == _R.SUCCESS:
                 self.session.incoming_qos2.add(packet_id)
@@ -484,6 +489,8 @@ class Connection:
             self._held.append(held)
         elif self._held:
             self._held.append(_HeldAck(self, ack, ready=True))
+        elif isinstance(ack, bytes):
+            self._emit(ack)
         else:
             self._write(ack)
 
@@ -495,12 +502,20 @@ class Connection:
             if self.level is _V3:  # no way to say "not stored": the client resends on reconnect
                 self._disconnect(_R.UNSPECIFIED_ERROR, "bridge queue write failed", now)
                 return
-            held.packet = replace(held.packet, reason_code=_R.IMPLEMENTATION_SPECIFIC_ERROR)
+            error = _R.IMPLEMENTATION_SPECIFIC_ERROR
+            if isinstance(held.packet, bytes):  # a success PUBACK's bytes: id in the last two
+                held.packet = PubAck(packet_id=int.from_bytes(held.packet[2:4]), reason_code=error)
+            else:
+                held.packet = replace(held.packet, reason_code=error)
         held.ready = True
-        while self._held and self._held[0].ready:
-            packet = self._held.popleft().packet
-            assert packet is not None
-            self._write(packet)
+        queue = self._held
+        while queue and queue[0].ready:
+            packet = queue.popleft().packet
+            if type(packet) is bytes:  # a success PUBACK, the hot path: its four bytes as is
+                self._emit(packet)
+            else:
+                assert packet is not None and not isinstance(packet, bytes)
+                self._write(packet)
 
     def _on_pubrel(self, packet: PubRel) -> None:
         assert self.session is not None

@@ -21,7 +21,9 @@ publisher keeps W messages in flight (sent, not yet PUBACKed by the broker it ta
 broker under test (Mosquitto for direct, fleetgate for bridged) and the upstream Mosquitto are
 pinned to core 0, the load generator (publishers and subscriber, one asyncio process on the
 broker's own sans-I/O codec) to core 1; the generator's ceiling is 1 / its CPU per message,
-measured in the direct run. The last line is::
+measured in the direct run. Each timed run also prints how busy each core was and how much of
+that was not the benchmark's own processes (the machine is shared: a run with much "not ours"
+CPU was disturbed). The last line is::
 
     bridged_ratio=<bridged/direct> outage_lost=<n> catchup_msgs_per_s=<x>
 """
@@ -48,10 +50,12 @@ from typing import Any
 
 from bench_broker import (
     BACKEND,
+    BROKER_CORE,
     GENERATOR_CORE,
     HOST,
     SERVER_NAME,
     Fleet,
+    core_ticks,
     provision,
     read_varint,
     start_fleetgate,
@@ -262,6 +266,18 @@ class Timed:
     acked_per_s: float
     generator_cpu: float
     broker_cpu: list[float]  # per process in ``broker_pids``
+    core_busy: dict[int, float]  # share of each core busy (irq and softirq included), 0..1
+    not_ours: dict[int, float]  # ... of which not the brokers' (core 0) or generator's (core 1)
+
+    def interference(self) -> str:
+        """How busy both cores were and how much of that was not this benchmark's processes
+        (loopback softirq outside them, or other work on the machine: a shared machine's
+        noise shows here, not in the per-message figures' names)."""
+        return "; ".join(
+            f"core {core} {self.core_busy.get(core, float('nan')):.0%} busy, "
+            f"{self.not_ours.get(core, float('nan')):.0%} not ours"
+            for core in (BROKER_CORE, GENERATOR_CORE)
+        )
 
 
 async def timed(
@@ -282,6 +298,7 @@ async def timed(
     start_count, start_acked = load.received_count, load.acked_count
     start_cpu, started = cpu_seconds(os.getpid()), time.time()
     start_broker = [cpu_seconds(pid) for pid in broker_pids]
+    start_cores = core_ticks()
     spy = None
     if profile_pid is not None and args.py_spy:
         spy = subprocess.Popen(
@@ -309,6 +326,13 @@ async def timed(
     cpu = cpu_seconds(os.getpid()) - start_cpu
     broker = [cpu_seconds(pid) - s for pid, s in zip(broker_pids, start_broker, strict=True)]
     elapsed = time.time() - started
+    busy, not_ours = {}, {}
+    ours = {BROKER_CORE: sum(broker), GENERATOR_CORE: cpu}
+    for core, (busy1, total1) in core_ticks().items():
+        busy0, total0 = start_cores.get(core, (busy1, total1))
+        if total1 > total0 and core in ours:
+            busy[core] = (busy1 - busy0) / (total1 - total0)
+            not_ours[core] = max(0.0, busy[core] - ours[core] / elapsed)
     stop.set()
     await asyncio.sleep(0.5)
     for client in pubs:
@@ -317,7 +341,9 @@ async def timed(
     if spy is not None:
         await asyncio.to_thread(spy.wait)
     per = max(count, 1)
-    return Timed(count / elapsed, acked / elapsed, cpu / per, [b / per for b in broker])
+    return Timed(
+        count / elapsed, acked / elapsed, cpu / per, [b / per for b in broker], busy, not_ours
+    )
 
 
 def bridge_status(metrics_port: int) -> dict[str, Any]:
@@ -387,6 +413,7 @@ def main() -> int:
             f"         generator CPU {direct.generator_cpu * 1e6:.1f} us/msg -> ceiling "
             f"~{ceiling:,.0f} msgs/s; Mosquitto CPU {direct.broker_cpu[0] * 1e6:.1f} us/msg"
         )
+        print(f"         {direct.interference()}")
 
         write_bridge_config(fleet, store, upstream.port)
         fleetgate = start_fleetgate(tmp, fleet, True, "WARNING", None)
@@ -419,6 +446,7 @@ def main() -> int:
             f"{bridged.broker_cpu[0] * 1e6:.1f} us/msg (receive, queue, forward); upstream "
             f"Mosquitto {bridged.broker_cpu[1] * 1e6:.1f} us/msg"
         )
+        print(f"         {bridged.interference()}")
 
         if args.no_outage:
             ratio = bridged.received_per_s / direct.received_per_s if direct.received_per_s else 0

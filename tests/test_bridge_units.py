@@ -266,6 +266,18 @@ def test_the_queue_refuses_beyond_its_message_and_byte_bounds_and_frees_room_on_
     assert queue.reserve(10)
 
 
+def test_acked_many_is_acked_for_each_id_and_skips_ids_not_in_flight():
+    queue = OutQueue(max_messages=10, max_bytes=1_000)
+    for seq in (1, 2, 3):
+        queue.reserve(10)
+        queue.stored(item(seq))
+    sent = queue.take(10)
+    done = queue.acked_many([sent[2].packet_id, 999, sent[0].packet_id, sent[0].packet_id])
+    assert done == [sent[2], sent[0]]
+    assert (queue.messages, queue.bytes, queue.in_flight) == (1, 10, 1)
+    assert queue.floor() == 2
+
+
 def test_unacknowledged_messages_go_first_again_in_order_after_a_lost_connection():
     queue = OutQueue(max_messages=100, max_bytes=10_000)
     for seq in range(1, 7):

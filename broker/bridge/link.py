@@ -98,11 +98,12 @@ class BridgeLink:
         batch = self.queue.take(window - self.queue.in_flight)
         if not batch:
             return False
+        publish = session.publish
         data = []
         for item in batch:
             if item.sent:
                 self.counters.duplicates_out += 1
-            data.append(session.publish(item))
+            data.append(publish(item))
             item.sent = True
         writer.write(b"".join(data))
         self._owner.sent(self.plan.name, batch[-1].seq)
@@ -263,11 +264,7 @@ class BridgeLink:
             for event in events:
                 match event:
                     case AckedMany(packet_ids=packet_ids):
-                        acked = self.queue.acked
-                        for packet_id in packet_ids:
-                            item = acked(packet_id)
-                            if item is not None:
-                                done.append(item)
+                        done += self.queue.acked_many(packet_ids)
                     case Acknowledged(packet_id=packet_id, code=code, reason=reason):
                         if code >= 0x80:
                             raise LinkDown(

@@ -550,17 +550,22 @@ class BridgeManager:
         for name, seq in sent.items():
             self._bridges[name].sent_saved = seq
         now = self._loop.time()
-        woken: set[str] = set()
+        # Whether a bridge's acknowledgements are held back (pacing) is decided once per
+        # commit: nothing in this loop changes a queue's count or a link's state, and once one
+        # is held the later ones are held behind it anyway.
+        held: dict[str, list[Callable[[bool, float], None]] | None] = {}
         for seq, (bridge, row, size, callback) in enumerate(batch, first):
-            _, topic, payload, retain, block, enqueued_at = row
+            name, topic, payload, retain, block, enqueued_at = row
             bridge.queue.stored(Queued(seq, topic, payload, retain, block, enqueued_at, size))
+            if name not in held:
+                held[name] = bridge.paced if bridge.paced or bridge.congested() else None
             if callback is not None:
-                if bridge.paced or bridge.congested():
-                    bridge.paced.append(callback)
+                paced = held[name]
+                if paced is not None:
+                    paced.append(callback)
                 else:
                     callback(True, now)
-            woken.add(row[0])
-        for name in woken:
+        for name in held:
             link = self._bridges[name].link
             if link is not None:
                 link.wake()

@@ -120,6 +120,18 @@ class OutQueue:
             self.bytes -= item.size
         return item
 
+    def acked_many(self, packet_ids: list[int]) -> list[Queued]:
+        """:meth:`acked` for each of ``packet_ids`` (ids not in flight are skipped)."""
+        pop, done, size = self._inflight.pop, [], 0
+        for packet_id in packet_ids:
+            item = pop(packet_id, None)
+            if item is not None:
+                done.append(item)
+                size += item.size
+        self.messages -= len(done)
+        self.bytes -= size
+        return done
+
     def rewind(self) -> None:
         """The connection is gone: unacknowledged messages go first on the next one."""
         self._ram.extendleft(sorted(self._inflight.values(), key=lambda q: q.seq, reverse=True))
