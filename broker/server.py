@@ -14,6 +14,7 @@ import gc
 import ipaddress
 import logging
 import socket
+import sqlite3
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,7 +332,7 @@ class Broker:
         """:func:`check_admission`; a registry that cannot answer refuses (server unavailable)."""
         try:
             return check_admission(self.registry, request.identity)
-        except SQLAlchemyError:
+        except (SQLAlchemyError, sqlite3.Error):  # sqlite3: the registry's plain local reads
             log.exception("admission check failed", extra={"device": request.identity.device_id})
             return Refused("the registry is unavailable", ReasonCode.SERVER_UNAVAILABLE)
 

@@ -351,6 +351,37 @@ def test_reinstate_returns_a_suspended_device_and_its_certificate_to_active(regi
     assert _actions(registry, "d1")[-2:] == [("device.suspend", "ok"), ("device.reinstate", "ok")]
 
 
+def test_the_change_feed_reads_the_same_through_plain_sqlite3_as_through_sqlalchemy(
+    registry, enrolled
+):
+    """Brokers poll changes_since on a local file through plain sqlite3 (``reads_locally``)."""
+    registry.change_device_state("d1", DeviceState.SUSPENDED, reason="lost", actor="t")
+    registry.change_device_state("d1", DeviceState.ACTIVE, reason="found", actor="t")
+    registry.change_device_state("d2", DeviceState.REVOKED, reason="keyCompromise", actor="t")
+    orm_reads = Registry(registry.url)
+    orm_reads._fast_reads = None
+    assert registry.reads_locally and not orm_reads.reads_locally
+
+    def rows(reg: Registry, after: int, limit: int = 1000) -> list[tuple]:
+        return [
+            (c.id, c.device_id, c.state, c.reason, c.at)
+            for c in reg.changes_since(after, limit=limit)
+        ]
+
+    everything = rows(registry, 0)
+    assert [(r[1], r[2], r[3]) for r in everything] == [
+        ("d1", DeviceState.SUSPENDED, "lost"),
+        ("d1", DeviceState.ACTIVE, "found"),
+        ("d2", DeviceState.REVOKED, "keyCompromise"),
+    ]
+    assert all(isinstance(r[4], dt.datetime) for r in everything)
+    first = everything[0][0]
+    for after, limit in ((0, 1000), (first, 1000), (0, 2), (everything[-1][0], 10)):
+        assert rows(registry, after, limit) == rows(orm_reads, after, limit)
+    assert rows(registry, first, 1) == everything[1:2]
+    orm_reads.close()
+
+
 @pytest.mark.parametrize("first", [None, DeviceState.SUSPENDED])
 def test_revoke_is_final_and_lists_the_certificate_with_its_reason(registry, enrolled, first):
     if first is not None:

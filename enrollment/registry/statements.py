@@ -166,3 +166,22 @@ SUPERSEDE_ACTIVE_CERTIFICATE = (
 
 INSERT_CERTIFICATE = insert(CERTIFICATES)
 INSERT_AUDIT = insert(AUDIT)
+
+DEVICE_CHANGES = SQLModel.metadata.tables["devicechange"]
+
+# The revocation change feed's poll: every broker runs it several times a second, idle or not.
+# SQLite compiles LIMIT with an OFFSET parameter; it is named, because the plain sqlite3 read
+# binds only the caller's parameters.
+CHANGES_SINCE = (
+    select(
+        DEVICE_CHANGES.c.id,
+        DEVICE_CHANGES.c.device_id,
+        DEVICE_CHANGES.c.state,
+        DEVICE_CHANGES.c.reason,
+        DEVICE_CHANGES.c.at,
+    )
+    .where(DEVICE_CHANGES.c.id > bindparam("after_id"))
+    .order_by(DEVICE_CHANGES.c.id)
+    .limit(bindparam("limit"))
+    .offset(bindparam("offset"))
+)

@@ -667,14 +667,28 @@ class Registry:
 
     def changes_since(self, after_id: int, *, limit: int = 1000) -> list[DeviceChange]:
         """Device state changes committed after ``after_id``, oldest first."""
-        with self._read_session() as s:
-            query = (
-                select(DeviceChange)
-                .where(col(DeviceChange.id) > after_id)
-                .order_by(col(DeviceChange.id))
-                .limit(limit)
+        params = {"after_id": after_id, "limit": limit, "offset": 0}
+        if self._fast_reads is not None:
+            rows = self._fast_reads.rows(sql.CHANGES_SINCE, params)
+        else:
+            with self._read() as conn:
+                rows = list(conn.execute(sql.CHANGES_SINCE, params).all())
+        return [
+            DeviceChange(
+                id=change_id,
+                device_id=device_id,
+                state=_member(DeviceState, state),
+                reason=reason,
+                at=at if isinstance(at, dt.datetime) else dt.datetime.fromisoformat(at),
             )
-            return list(s.exec(query).all())
+            for change_id, device_id, state, reason, at in rows
+        ]
+
+    @property
+    def reads_locally(self) -> bool:
+        """Whether :meth:`admission` and :meth:`changes_since` read a local file (SQLite), cheap
+        enough for an event loop; else they cross a network (PostgreSQL): use a thread."""
+        return self._fast_reads is not None
 
     def last_change_id(self) -> int:
         with self._read_session() as s:
