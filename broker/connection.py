@@ -95,6 +95,19 @@ class State(Enum):
     CLOSED = "closed"
 
 
+# Module constants for the per-message path: reading a member off an enum class costs about
+# 0.15 µs in Python 3.11, several times per message.
+_CONNECTED = State.CONNECTED
+_LIVE = (State.AWAITING_CONNECT, State.CONNECTED)
+_QOS0 = QoS.AT_MOST_ONCE
+_QOS1 = QoS.AT_LEAST_ONCE
+_QOS2 = QoS.EXACTLY_ONCE
+_SUCCESS = ReasonCode.SUCCESS
+_HOLD = GateVerdict.HOLD
+_ROUTE = GateVerdict.ROUTE
+_LOOP = GateVerdict.LOOP
+
+
 class _HeldAck:
     """A PUBACK/PUBREC held until the bridge's queue has the message on disk; later
     acknowledgements wait behind it, so the client sees them in the order it published."""
@@ -102,7 +115,7 @@ class _HeldAck:
     __slots__ = ("conn", "packet", "ready")
 
     def __init__(
-        self, conn: Connection, packet: PubAck | PubRec | bytes | None, *, ready: bool
+        self, conn: Connection, packet: PubAck | PubRec | bytes | None = None, ready: bool = False
     ) -> None:
         self.conn = conn
         self.packet = packet
@@ -265,27 +278,38 @@ class Connection:
     # -- packets in ------------------------------------------------------------------------------
 
     def _process(self, now: float) -> AdmissionRequest | None:
-        while self.state in (State.AWAITING_CONNECT, State.CONNECTED):
+        decoder = self._decoder
+        while self.state in _LIVE:
             try:
-                packet = self._decoder.next_packet()
+                item = decoder.next_item()
             except ProtocolError as exc:
                 self._protocol_error(exc, now)
                 return None
-            if packet is None:
+            if item is None:
                 return None
-            kind = type(packet)
-            if kind is Publish:  # the hot path, without the dispatch below
-                self._on_publish(packet, now)  # type: ignore[arg-type]
+            kind = type(item)
+            if kind is tuple:  # the hot path: a plain PUBLISH's fields, without a Publish
+                topic, payload, qos, retain, dup, packet_id = item  # type: ignore[misc]
+                self._on_publish(topic, payload, qos, retain, dup, packet_id, NO_PROPERTIES, now)
             elif kind is Connect:
-                return self._on_connect(packet)  # type: ignore[arg-type]
+                return self._on_connect(item)  # type: ignore[arg-type]
             else:
-                self._on_packet(packet, now)
+                self._on_packet(item, now)  # type: ignore[arg-type]
         return None
 
     def _on_packet(self, packet: Packet, now: float) -> None:
         match packet:
             case Publish():
-                self._on_publish(packet, now)
+                self._on_publish(
+                    packet.topic,
+                    packet.payload,
+                    packet.qos,
+                    packet.retain,
+                    packet.dup,
+                    packet.packet_id,
+                    packet.properties,
+                    now,
+                )
             case PubAck():
                 self._finish(packet.packet_id, now, released=False, qos=QoS.AT_LEAST_ONCE)
             case PubComp():
@@ -373,10 +397,20 @@ class Connection:
                 self._write(pending)
         self._drain(now)
 
-    def _on_publish(self, packet: Publish, now: float) -> None:
+    def _on_publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: QoS,
+        retain: bool,
+        dup: bool,
+        packet_id: int | None,
+        props: Properties,
+        now: float,
+    ) -> None:
+        """A PUBLISH, as its fields: the common one comes from the decoder as a tuple."""
         assert self.session is not None and self.acl is not None
-        topic = packet.topic
-        alias = packet.properties.topic_alias
+        alias = None if props is NO_PROPERTIES else props.topic_alias
         if alias is not None:
             if alias > self.core.settings.topic_alias_maximum:
                 self._disconnect(_R.TOPIC_ALIAS_INVALID, f"topic alias {alias} is too large", now)
@@ -388,9 +422,8 @@ class Connection:
             else:
                 self._disconnect(_R.PROTOCOL_ERROR, f"topic alias {alias} is not set", now)
                 return
-        self.core.metrics.messages_received[packet.qos] += 1
-        packet_id = packet.packet_id
-        if packet.qos == QoS.EXACTLY_ONCE:
+        self.core.metrics.messages_received[qos] += 1
+        if qos == _QOS2:
             assert packet_id is not None
             if packet_id in self.session.incoming_qos2:  # a resend: delivered once already
                 self._write(PubRec(packet_id=packet_id))
@@ -401,78 +434,78 @@ class Connection:
             ):
                 self._disconnect(_R.RECEIVE_MAXIMUM_EXCEEDED, "too many QoS 2 in flight", now)
                 return
-        if not self._may_publish(topic):
+        allowed = self._allowed.get(topic)
+        if allowed is None:
+            allowed = self._may_publish(topic)
+        if not allowed:
             self._deny("publish", topic)
-            self._answer_publish(packet, _R.NOT_AUTHORIZED)
+            self._answer_publish(packet_id, qos, _R.NOT_AUTHORIZED)
             return
-        props = packet.properties
-        expiry = props.message_expiry_interval
-        if alias is not None or expiry is not None or props.subscription_identifiers:
-            props = replace(
-                props, topic_alias=None, subscription_identifiers=(), message_expiry_interval=None
-            )
-        message = Message(
-            topic=topic,
-            payload=packet.payload,
-            qos=packet.qos,
-            retain=packet.retain,
-            properties=props,
-            sender=self.client_id,
-            expires_at=None if expiry is None else now + expiry,
-        )
+        expires_at = None
+        if props is not NO_PROPERTIES:
+            expiry = props.message_expiry_interval
+            if expiry is not None:
+                expires_at = now + expiry
+            if alias is not None or expiry is not None or props.subscription_identifiers:
+                props = replace(
+                    props,
+                    topic_alias=None,
+                    subscription_identifiers=(),
+                    message_expiry_interval=None,
+                )
+        message = Message(topic, payload, qos, retain, props, self.client_id, expires_at)
+        core = self.core
         held: _HeldAck | None = None
-        if self.core.gate is not None:
-            held = _HeldAck(self, None, ready=False)
-            verdict = self.core.gate.admit(message, packet.dup, held.stored)
-            if verdict is GateVerdict.LOOP:  # an echo of a message this broker forwarded
-                self._answer_publish(packet, _R.SUCCESS)
-                return
-            if verdict is GateVerdict.FULL:
-                self._queue_full(packet, now)
-                return
-            if verdict is GateVerdict.ROUTE:
+        if core.gate is not None:
+            held = _HeldAck(self)
+            verdict = core.gate.admit(message, dup, held.stored)
+            if verdict is not _HOLD:
+                if verdict is _LOOP:  # an echo of a message this broker forwarded
+                    self._answer_publish(packet_id, qos, _SUCCESS)
+                    return
+                if verdict is not _ROUTE:  # FULL
+                    self._queue_full(packet_id, qos, now)
+                    return
                 held = None
-        self.core.publish(message, now)
-        self._answer_publish(packet, _R.SUCCESS, held=held)
+        core.publish(message, now)
+        self._answer_publish(packet_id, qos, _SUCCESS, held)
 
-    def _queue_full(self, packet: Publish, now: float) -> None:
+    def _queue_full(self, packet_id: int | None, qos: QoS, now: float) -> None:
         """A bridge's queue is full: MQTT 5 gets PUBACK/PUBREC 0x97; 3.1.1 cannot refuse a
         message, so the connection is closed without acknowledging it (the client keeps it
         and resends it on reconnect). QoS 0 is dropped (the gate counted it)."""
-        if packet.qos == QoS.AT_MOST_ONCE:
+        if qos == _QOS0:
             return
         if self.level is _V5:
-            self._answer_publish(packet, _R.QUOTA_EXCEEDED)
+            self._answer_publish(packet_id, qos, _R.QUOTA_EXCEEDED)
         else:
             self._disconnect(_R.QUOTA_EXCEEDED, "bridge queue full", now)
 
     def _may_publish(self, topic: str) -> bool:
-        """The ACL's answer, remembered: a device publishes to a handful of topics, over and
-        over, and its ACL does not change while it is connected."""
-        allowed = self._allowed.get(topic)
-        if allowed is None:
-            assert self.acl is not None
-            allowed = self.acl.may_publish(topic)
-            if len(self._allowed) >= _ACL_MEMORY:
-                self._allowed.clear()
-            self._allowed[topic] = allowed
+        """The ACL's answer for a topic not in ``_allowed`` yet, remembered there: a device
+        publishes to a handful of topics, over and over, and its ACL does not change while it
+        is connected."""
+        assert self.acl is not None
+        allowed = self.acl.may_publish(topic)
+        if len(self._allowed) >= _ACL_MEMORY:
+            self._allowed.clear()
+        self._allowed[topic] = allowed
         return allowed
 
     def _answer_publish(
-        self, packet: Publish, code: ReasonCode, *, held: _HeldAck | None = None
+        self, packet_id: int | None, qos: QoS, code: ReasonCode, held: _HeldAck | None = None
     ) -> None:
         """PUBACK/PUBREC with ``code`` on MQTT 5; 3.1.1 has no refusal, so a refused message is
         acknowledged as if delivered, as Mosquitto does, and the client is not left waiting.
         ``held`` keeps the acknowledgement until the bridge stored the message."""
         assert self.session is not None
-        packet_id = packet.packet_id
         if packet_id is None:
             return
         if self.level is _V3:
-            code = _R.SUCCESS
+            code = _SUCCESS
         ack: PubAck | PubRec | bytes
-        if packet.qos == QoS.AT_LEAST_ONCE:
-            if code == _R.SUCCESS:
+        if qos == _QOS1:
+            if code == _SUCCESS:
                 # PUBACK, success, no properties: the same bytes at either level.
                 ack = _PUBACK_HEAD + packet_id.to_bytes(2, "big")
                 if held is None and not self._held:
@@ -481,14 +514,14 @@ class Connection:
             else:
                 ack = PubAck(packet_id=packet_id, reason_code=code)
         else:
-            if code == _R.SUCCESS:
+            if code == _SUCCESS:
                 self.session.incoming_qos2.add(packet_id)
             ack = PubRec(packet_id=packet_id, reason_code=code)
         if held is not None:
             held.packet = ack
             self._held.append(held)
         elif self._held:
-            self._held.append(_HeldAck(self, ack, ready=True))
+            self._held.append(_HeldAck(self, ack, True))
         elif isinstance(ack, bytes):
             self._emit(ack)
         else:
@@ -496,7 +529,7 @@ class Connection:
 
     def _ack_stored(self, held: _HeldAck, ok: bool, now: float) -> None:
         """The bridge's write for ``held`` finished: release it and those queued behind it."""
-        if self.state is not State.CONNECTED or held.packet is None:
+        if self.state is not _CONNECTED or held.packet is None:
             return
         if not ok:
             if self.level is _V3:  # no way to say "not stored": the client resends on reconnect
@@ -620,9 +653,9 @@ class Connection:
         """Deliver to this client: QoS 0 at once (dropped while its socket is backed up), QoS 1/2
         within its receive window, else behind the session's queue."""
         session = self.session
-        if session is None or self.state is not State.CONNECTED:
+        if session is None or self.state is not _CONNECTED:
             return
-        if delivery.qos == QoS.AT_MOST_ONCE:
+        if delivery.qos == _QOS0:
             if self.writable:
                 self._send_publish(delivery, None, now)
             else:

@@ -156,36 +156,14 @@ class BrokerCore:
         """An authorised message enters the broker: retain it if asked, deliver it."""
         if message.retain:
             self.retained.store(message)
-        self._route(message, now)
-
-    def publish_will(self, session: Session, will: Will, now: float) -> None:
-        """The will's ACL was checked when the client connected."""
-        props = will.properties
-        expiry = props.message_expiry_interval
-        message_props = (
-            NO_PROPERTIES
-            if props == NO_PROPERTIES
-            else replace(props, will_delay_interval=None, message_expiry_interval=None)
-        )
-        self.publish(
-            Message(
-                topic=will.topic,
-                payload=will.payload,
-                qos=will.qos,
-                retain=will.retain,
-                properties=message_props,
-                sender=session.client_id,
-                expires_at=None if expiry is None else now + expiry,
-            ),
-            now,
-        )
-
-    def _route(self, message: Message, now: float) -> None:
-        """One copy per subscribed session (MQTT-3.3.4-2): the highest QoS of its matching
-        subscriptions, and all their subscription identifiers."""
+        # One copy per subscribed session (MQTT-3.3.4-2): the highest QoS of its matching
+        # subscriptions, and all their subscription identifiers.
+        found = self.subscriptions.match(message.topic)
+        if not found:  # nobody here subscribed (a bridged topic, say)
+            return
         matches = [
             (client_id, options)
-            for client_id, options in self.subscriptions.match(message.topic)
+            for client_id, options in found
             if not (options.no_local and client_id == message.sender)
         ]
         if len(matches) == 1:  # the common case, without the merging below
@@ -216,6 +194,28 @@ class BrokerCore:
                 tuple(sorted(ids)),
             )
             self.deliver(self.sessions[client_id], delivery, now)
+
+    def publish_will(self, session: Session, will: Will, now: float) -> None:
+        """The will's ACL was checked when the client connected."""
+        props = will.properties
+        expiry = props.message_expiry_interval
+        message_props = (
+            NO_PROPERTIES
+            if props == NO_PROPERTIES
+            else replace(props, will_delay_interval=None, message_expiry_interval=None)
+        )
+        self.publish(
+            Message(
+                topic=will.topic,
+                payload=will.payload,
+                qos=will.qos,
+                retain=will.retain,
+                properties=message_props,
+                sender=session.client_id,
+                expires_at=None if expiry is None else now + expiry,
+            ),
+            now,
+        )
 
     def deliver(self, session: Session, delivery: Delivery, now: float) -> None:
         """Send now if the client is connected; keep QoS 1/2 for it while it is away."""

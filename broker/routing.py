@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from broker.mqtt import Properties, QoS
+from broker.mqtt.packets import quick_init
 
 _T = TypeVar("_T")
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Message:
     """An application message as the broker keeps it, independent of any connection.

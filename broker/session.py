@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from broker.mqtt import Publish, PubRel, QoS, Will
+from broker.mqtt.packets import quick_init
 from broker.routing import Message, SubscriptionOptions
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ NEVER_EXPIRES = 0xFFFFFFFF
 """Session Expiry Interval meaning "keep the session for ever" (MQTT 5 section 3.1.2.11.2)."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """A message on its way to one session, with the QoS and flags its subscriptions grant."""

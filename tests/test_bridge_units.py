@@ -471,6 +471,14 @@ def test_mqtt_311_forwarding_carries_no_properties():
     assert isinstance(packet, Publish) and packet.properties == NO_PROPERTIES
 
 
+@pytest.mark.parametrize("length", [0x80, 0xC1, 0x3FFF, 0x4000, 0x1FFFFF, 0x200000, 0xFFFFFFF])
+def test_the_remaining_length_is_the_codecs_variable_byte_integer(length):
+    from broker.bridge.protocol import _varint
+    from broker.mqtt._wire import write_varint
+
+    assert _varint(length) == write_varint(length)
+
+
 @pytest.mark.parametrize("level", [V5, V3])
 @pytest.mark.parametrize("sent", [False, True])
 @pytest.mark.parametrize("retain", [False, True])

@@ -8,6 +8,7 @@ produced by the encoder under test, and paho-mqtt serves as an independent imple
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import random
 import select
 import socket
@@ -67,6 +68,7 @@ from broker.mqtt import (
     validate_topic_name,
 )
 from broker.mqtt._wire import Reader
+from broker.mqtt.packets import quick_init
 from broker.mqtt.properties import ALLOWED, FIELDS, WILL, decode_properties, encode_properties
 
 V3 = 4
@@ -1675,6 +1677,25 @@ def fast_decode(data: bytes, level: int) -> Packet | ProtocolError:
         return exc
 
 
+def item_decode(data: bytes, level: int) -> Packet | ProtocolError:
+    """``next_item``, the broker's path: a plain PUBLISH comes as a tuple of its fields, here
+    turned into the :class:`Publish` it stands for."""
+    decoder = Decoder(level)
+    decoder.feed(data)
+    try:
+        item = decoder.next_item()
+    except ProtocolError as exc:
+        return exc
+    if isinstance(item, tuple):
+        topic, payload, qos, retain, dup, packet_id = item
+        assert type(qos) is QoS and type(retain) is bool and type(dup) is bool
+        return Publish(
+            topic=topic, payload=payload, qos=qos, retain=retain, dup=dup, packet_id=packet_id
+        )
+    assert item is not None
+    return item
+
+
 def publish_frame(first: int, topic: bytes, tail: bytes) -> bytes:
     return frame(first, len(topic).to_bytes(2, "big") + topic + tail)
 
@@ -1696,6 +1717,8 @@ HOT_PATH_CASES = [
     (0x30, b"a/b", b"\x05\x02\x00\x00\x00\x0ax"),  # message expiry
     (0x30, b"a/b", b"\x02\x23\x00"),  # properties cut short
     (0x32, b"a/b", b"\x00"),  # packet id cut short
+    (0x32, b"a/b", b"\x00\x07\x00" + b"x" * 300),  # a two-byte remaining length
+    (0x33, b"d/" + b"t" * 200, b"\x00\x07\x00" + b"x" * 20_000),  # three bytes, retained
 ]
 
 
@@ -1703,12 +1726,102 @@ HOT_PATH_CASES = [
 @pytest.mark.parametrize(("first", "topic", "tail"), HOT_PATH_CASES)
 def test_publish_hot_path_decodes_and_refuses_as_the_generic_path(level, first, topic, tail):
     data = publish_frame(first, topic, tail)
-    fast, generic = fast_decode(data, level), generic_decode(data, level)
-    if isinstance(generic, ProtocolError):
-        assert isinstance(fast, type(generic))
-        assert (fast.reason_code, fast.message) == (generic.reason_code, generic.message)
-    else:
-        assert fast == generic
+    generic = generic_decode(data, level)
+    for fast in (fast_decode(data, level), item_decode(data, level)):
+        if isinstance(generic, ProtocolError):
+            assert isinstance(fast, type(generic))
+            assert (fast.reason_code, fast.message) == (generic.reason_code, generic.message)
+        else:
+            assert fast == generic
+
+
+@pytest.mark.parametrize("level", [V3, V5])
+def test_next_item_gives_a_plain_publish_as_a_tuple_and_anything_else_as_a_packet(level):
+    plain = Publish(topic="a/b", payload=b"x", qos=QoS.AT_LEAST_ONCE, packet_id=7, dup=True)
+    other = Publish(topic="a/b", payload=b"x", properties=Properties(content_type="json"))
+    decoder = Decoder(level)
+    decoder.feed(encode(plain, level) + encode(PubAck(packet_id=7), level))
+    if level == V5:
+        decoder.feed(encode(other, level))
+    assert decoder.next_item() == ("a/b", b"x", QoS.AT_LEAST_ONCE, False, True, 7)
+    assert decoder.next_item() == PubAck(packet_id=7)
+    if level == V5:
+        assert decoder.next_item() == other
+    assert decoder.next_item() is None
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7])
+def test_next_item_waits_for_a_whole_packet_however_the_bytes_arrive(step):
+    data = encode(Publish(topic="a/b", payload=b"y" * 200, qos=QoS.AT_LEAST_ONCE, packet_id=1), V5)
+    decoder, items = Decoder(V5), []
+    for at in range(0, len(data), step):
+        decoder.feed(data[at : at + step])
+        while (item := decoder.next_item()) is not None:
+            items.append(item)
+    assert items == [("a/b", b"y" * 200, QoS.AT_LEAST_ONCE, False, False, 1)]
+
+
+# --- quick_init: the frozen values built per message ------------------------------------------
+
+
+def twin_classes() -> tuple[type, type]:
+    """The same frozen dataclass twice: with the generated ``__init__`` and with quick_init."""
+
+    def make() -> type:
+        @dataclasses.dataclass(frozen=True, slots=True)
+        class Value:
+            a: int
+            b: str = "b"
+            c: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)
+
+        return Value
+
+    return make(), quick_init(make())
+
+
+def test_quick_init_builds_what_the_dataclass_init_builds():
+    plain, quick = twin_classes()
+    for args, kwargs in (((1,), {}), ((1, "x"), {"c": (2,)}), ((), {"a": 3, "b": "y"})):
+        made, reference = quick(*args, **kwargs), plain(*args, **kwargs)
+        assert dataclasses.astuple(made) == dataclasses.astuple(reference)
+        assert made == quick(*args, **kwargs) and hash(made) == hash(quick(*args, **kwargs))
+    assert inspect.signature(quick.__init__) == inspect.signature(plain.__init__)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        quick(1).a = 2  # type: ignore[misc]
+    assert dataclasses.replace(quick(1), b="z") == quick(1, "z")
+    for bad_args, bad_kwargs in (((), {}), ((1, "x", ()), {}), ((1,), {"d": 1})):
+        with pytest.raises(TypeError):
+            quick(*bad_args, **bad_kwargs)
+
+
+def test_quick_init_refuses_what_it_cannot_build():
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class WithFactory:
+        a: list[int] = dataclasses.field(default_factory=list)
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class WithPostInit:
+        a: int
+
+        def __post_init__(self) -> None:
+            pass
+
+    @dataclasses.dataclass(frozen=True)
+    class WithoutSlots:
+        a: int = 1
+
+    for cls in (WithFactory, WithPostInit, WithoutSlots):
+        with pytest.raises(TypeError):
+            quick_init(cls)
+
+
+def test_packets_built_per_message_keep_their_dataclass_behaviour():
+    packet = Publish(topic="a", payload=b"p", qos=QoS.AT_LEAST_ONCE, packet_id=3)
+    assert (packet.retain, packet.dup, packet.properties) == (False, False, NO_PROPERTIES)
+    assert PubAck(packet_id=3) == PubAck(packet_id=3, reason_code=ReasonCode.SUCCESS)
+    assert PubAck(packet_id=3).packet_type is PacketType.PUBACK
+    with pytest.raises(TypeError):
+        Publish("a")  # type: ignore[misc]  # keyword-only, as generated
 
 
 @pytest.mark.parametrize("level", [V3, V5])

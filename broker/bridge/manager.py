@@ -65,6 +65,8 @@ the link empties it (CPU spent receiving what cannot be forwarded, spilled to di
 back). While the link is down nothing is held back: the queue takes everything, up to its
 bounds."""
 
+_HOLD, _ROUTE = GateVerdict.HOLD, GateVerdict.ROUTE  # enum class reads cost ~0.15 µs each
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -427,12 +429,13 @@ class BridgeManager:
         if routes is None:
             routes = self._routes_for(message.topic)
         if not routes:
-            return GateVerdict.ROUTE
+            return _ROUTE
         if props is NO_PROPERTIES:
             block = self._origin_block
         else:  # user properties are the last PUBLISH property: the marker goes at the end
             block = _property_block(_strip_length(encode_properties(props)) + self._origin_property)
-        payload, retain, now = message.payload, message.retain, time.time()
+        payload, now = message.payload, time.time()
+        retain = 1 if message.retain else 0  # a bool costs sqlite3 a failed adapter lookup
         extra = len(payload) + len(block)
         callback = on_stored if message.qos else None
         if len(routes) == 1:
@@ -464,7 +467,7 @@ class BridgeManager:
         if not self._writing:
             self._writing = True
             self._spawn(self._write_all())
-        return GateVerdict.HOLD
+        return _HOLD
 
     def _routes_for(self, topic: str) -> list[tuple[_Bridge, str, int]]:
         """The bridges a topic goes to, with its upstream name and that name's size."""
@@ -556,7 +559,8 @@ class BridgeManager:
         held: dict[str, list[Callable[[bool, float], None]] | None] = {}
         for seq, (bridge, row, size, callback) in enumerate(batch, first):
             name, topic, payload, retain, block, enqueued_at = row
-            bridge.queue.stored(Queued(seq, topic, payload, retain, block, enqueued_at, size))
+            queued = Queued(seq, topic, payload, retain == 1, block, enqueued_at, size)
+            bridge.queue.stored(queued)
             if name not in held:
                 held[name] = bridge.paced if bridge.paced or bridge.congested() else None
             if callback is not None:

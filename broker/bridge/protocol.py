@@ -41,9 +41,9 @@ _TOPIC_CACHE = 65536
 
 
 def _varint(value: int) -> bytes:
-    """MQTT variable byte integer (the remaining length)."""
-    if value < 0x80:
-        return _HEADER[value]
+    """MQTT variable byte integer (the remaining length) of 128 or more."""
+    if value < 0x4000:  # two bytes: a forwarded telemetry message, typically
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while True:
         value, digit = divmod(value, 0x80)
@@ -175,12 +175,10 @@ class UpstreamSession:
         packet_id = (item.seq % 0xFFFF + 1).to_bytes(2, "big")
         payload = item.payload
         first = _PUBLISH_QOS1 | (_DUP if item.sent else 0) | (_RETAIN if item.retain else 0)
-        if self._v5:
-            props = item.properties
-            length = len(name) + 2 + len(props) + len(payload)
-            return b"".join((_HEADER[first], _varint(length), name, packet_id, props, payload))
-        length = len(name) + 2 + len(payload)
-        return b"".join((_HEADER[first], _varint(length), name, packet_id, payload))
+        props = item.properties if self._v5 else b""
+        length = len(name) + 2 + len(props) + len(payload)
+        size = _HEADER[length] if length < 0x80 else _varint(length)
+        return b"".join((_HEADER[first], size, name, packet_id, props, payload))
 
     def puback(self, packet_id: int) -> bytes:
         return encode(PubAck(packet_id=packet_id), self.level, validate=False)

@@ -103,12 +103,14 @@ class OutQueue:
     def take(self, room: int) -> list[Queued]:
         """Up to ``room`` messages to send now, in order; they stay in flight until acked."""
         batch: list[Queued] = []
-        while self._ram and len(batch) < room:
-            item = self._ram[0]
-            if item.packet_id in self._inflight:
+        ram, inflight = self._ram, self._inflight
+        while ram and len(batch) < room:
+            item = ram[0]
+            packet_id = item.seq % 0xFFFF + 1  # item.packet_id, without the property call
+            if packet_id in inflight:
                 break  # 65,535 sequence numbers behind a message still unacknowledged
-            self._ram.popleft()
-            self._inflight[item.packet_id] = item
+            ram.popleft()
+            inflight[packet_id] = item
             batch.append(item)
         return batch
 

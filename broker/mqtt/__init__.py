@@ -9,7 +9,7 @@ Shared by the broker, the bridge and the device simulator::
     sock.sendall(encode(ConnAck(), decoder.protocol_level))
 """
 
-from broker.mqtt.codec import MAX_PACKET_SIZE, Decoder, encode, encode_publish
+from broker.mqtt.codec import MAX_PACKET_SIZE, Decoder, PlainPublish, encode, encode_publish
 from broker.mqtt.errors import (
     MalformedPacket,
     PacketTooLarge,
@@ -70,6 +70,7 @@ __all__ = [
     "PacketType",
     "PingReq",
     "PingResp",
+    "PlainPublish",
     "Properties",
     "ProtocolError",
     "ProtocolLevel",

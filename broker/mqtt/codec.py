@@ -8,6 +8,8 @@ refuses from a peer, the encoder refuses to send, with :class:`ValueError` as it
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 from broker.mqtt._wire import (
     MAX_VARINT,
     Reader,
@@ -66,6 +68,11 @@ from broker.mqtt.topics import (
     validate_topic_filter,
     validate_topic_name,
 )
+
+PlainPublish: TypeAlias = tuple[str, bytes, QoS, bool, bool, int | None]
+"""The common PUBLISH (a topic name, no properties) as :meth:`Decoder.next_item` returns it:
+``(topic, payload, qos, retain, dup, packet_id)``, the fields of the :class:`Publish` that
+:meth:`Decoder.next_packet` makes of it. The tuple is built in ~0.1 µs, a Publish in ~0.9."""
 
 MAX_PACKET_SIZE = 1 + 4 + MAX_VARINT
 """The largest packet the protocol can express: fixed header byte, 4-byte length, body."""
@@ -706,6 +713,18 @@ class Decoder:
         Raises :class:`ProtocolError` (or a subclass) as soon as the bytes seen so far are
         invalid; the connection should then be closed.
         """
+        item = self.next_item()
+        if isinstance(item, tuple):
+            topic, payload, qos, retain, dup, packet_id = item
+            return Publish(
+                topic=topic, payload=payload, qos=qos, retain=retain, dup=dup, packet_id=packet_id
+            )
+        return item
+
+    def next_item(self) -> Packet | PlainPublish | None:
+        """:meth:`next_packet` for the broker's per-message path: the common PUBLISH comes as
+        a :data:`PlainPublish` tuple instead of a :class:`Publish`; every other packet, and
+        every error, is the same."""
         buffer = self._buffer
         if not buffer:
             return None
@@ -717,10 +736,13 @@ class Decoder:
         packet_type = (
             (_PUBLISH if first != 0x40 else _PUBACK) if hot else self._check_first_byte(first)
         )
-        header = decode_varint(buffer, 1, len(buffer))
-        if header is None:
-            return None
-        length, body_start = header
+        if len(buffer) > 1 and buffer[1] < 0x80:  # a one-byte remaining length: most packets
+            length, body_start = buffer[1], 2
+        else:
+            header = decode_varint(buffer, 1, len(buffer))
+            if header is None:
+                return None
+            length, body_start = header
         size = body_start + length
         if size > self.max_packet_size:
             raise PacketTooLarge(size, self.max_packet_size)
@@ -740,7 +762,9 @@ class Decoder:
         del buffer[:size]
         return packet
 
-    def _fast_publish(self, buffer: bytearray, first: int, start: int, end: int) -> Publish | None:
+    def _fast_publish(
+        self, buffer: bytearray, first: int, start: int, end: int
+    ) -> PlainPublish | None:
         """The common PUBLISH (a topic name, no properties) without the generic reader.
 
         ``None`` means "not that case": the generic path then decodes or refuses the packet, so
@@ -770,13 +794,13 @@ class Decoder:
                 return None
         elif first & 8:
             return None
-        return Publish(
-            topic=topic,
-            payload=bytes(buffer[at:end]),
-            qos=_QOS_BY_VALUE[qos],
-            retain=bool(first & 1),
-            dup=bool(first & 8),
-            packet_id=packet_id,
+        return (
+            topic,
+            bytes(buffer[at:end]),
+            _QOS_BY_VALUE[qos],
+            first & 1 == 1,
+            first & 8 == 8,
+            packet_id,
         )
 
     @staticmethod

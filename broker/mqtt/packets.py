@@ -7,9 +7,62 @@ code or properties in 3.1.1) instead of dropping them silently.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from enum import IntEnum
-from typing import ClassVar, TypeAlias
+from types import MemberDescriptorType
+from typing import Any, ClassVar, TypeAlias, TypeVar
+
+_V = TypeVar("_V")
+
+
+def quick_init(cls: type[_V]) -> type[_V]:
+    """Give a frozen, slotted dataclass an ``__init__`` that costs a third of the generated one.
+
+    ``dataclass(frozen=True)`` sets each field with ``object.__setattr__(self, name, value)``,
+    a generic attribute lookup per field: about 2.4 µs for a seven-field :class:`Publish` on the
+    broker's machine, more than decoding one. This ``__init__`` has the same signature (positional
+    and keyword-only fields, defaults) and sets each slot through its member descriptor directly
+    (about 0.9 µs). The class stays a frozen dataclass: equality, hashing, ``replace`` and the
+    refusal of assignments are unchanged. For the values built per message; fields with a
+    ``default_factory`` or ``init=False``, a ``__post_init__`` and classes without slots are
+    refused (``TypeError``).
+    """
+    if hasattr(cls, "__post_init__"):
+        raise TypeError(f"{cls.__name__} has __post_init__")
+    names: list[str] = []
+    annotations: dict[str, Any] = {}
+    positional: list[str] = []
+    keyword: list[str] = []
+    scope: dict[str, Any] = {}
+    for field in fields(cls):  # type: ignore[arg-type]
+        if not field.init or field.default_factory is not MISSING:
+            raise TypeError(f"{cls.__name__}.{field.name}: only plain fields are supported")
+        slot = getattr(cls, field.name)
+        if not isinstance(slot, MemberDescriptorType):
+            raise TypeError(f"{cls.__name__}.{field.name}: not a slot (use slots=True)")
+        scope[f"_set_{field.name}"] = slot.__set__
+        parameter = field.name
+        if field.default is not MISSING:
+            scope[f"_default_{field.name}"] = field.default
+            parameter += f"=_default_{field.name}"
+        (keyword if field.kw_only else positional).append(parameter)
+        names.append(field.name)
+        annotations[field.name] = field.type
+    signature = ", ".join(["self", *positional, *(["*", *keyword] if keyword else [])])
+    source = (
+        f"def make({', '.join(scope)}):\n"
+        f"    def __init__({signature}):\n"
+        + "".join(f"        _set_{name}(self, {name})\n" for name in names)
+        + "    return __init__\n"
+    )
+    namespace: dict[str, Any] = {}
+    exec(source, {}, namespace)  # noqa: S102 (built from the class's own field names)
+    init = namespace["make"](**scope)
+    init.__annotations__ = {**annotations, "return": None}  # the signature, as generated
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__module__ = cls.__module__
+    cls.__init__ = init  # type: ignore[method-assign]
+    return cls
 
 
 class ProtocolLevel(IntEnum):
@@ -198,6 +251,7 @@ class ConnAck:
     properties: Properties = NO_PROPERTIES
 
 
+@quick_init
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Publish:
     """``packet_id`` is ``None`` exactly when ``qos`` is 0."""
@@ -222,6 +276,7 @@ class PublishResponse:
     properties: Properties = NO_PROPERTIES
 
 
+@quick_init
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PubAck(PublishResponse):
     packet_type: ClassVar[PacketType] = PacketType.PUBACK
