@@ -144,7 +144,7 @@ def parse_args() -> argparse.Namespace:
         help="which brokers to run (ratios need both)",
     )
     parser.add_argument("--idle", type=int, default=5000, help="idle connections (N)")
-    parser.add_argument("--connects", type=int, default=2000, help="timed connects (C)")
+    parser.add_argument("--connects", type=int, default=5000, help="timed connects (C)")
     parser.add_argument("--concurrency", type=int, default=64, help="connects in flight (K)")
     parser.add_argument("--publishers", type=int, default=100, help="fan-in publishers (P)")
     parser.add_argument("--duration", type=float, default=10.0, help="timed fan-in seconds (D)")
@@ -1580,13 +1580,24 @@ def log_problems(broker: BrokerProcess, tmp: Path) -> list[str]:
 
 
 def disturbed(results: dict[str, BrokerResult]) -> list[str]:
-    """Phases during which other processes on this machine used >= 10% of a core."""
+    """Phases during which other processes on this machine used >= 10% of a core, or a core
+    was >= 10% busier than the benchmark's own process on it (CPU this machine's ``/proc``
+    does not show: another tenant, another namespace; loopback softirq is a few percent)."""
     out = []
     for r in results.values():
         for phase, usage in r.usages():
-            share = usage.others_cpu / usage.wall if usage.wall else 0.0
+            if not usage.wall:
+                continue
+            share = usage.others_cpu / usage.wall
             if share >= 0.10:
                 out.append(f"{r.name} {phase}: other processes used {share:.0%} of a core")
+            for core, ours in (
+                (BROKER_CORE, usage.broker_cpu),
+                (GENERATOR_CORE, usage.generator_cpu),
+            ):
+                unseen = usage.busy(core) - ours / usage.wall
+                if unseen >= 0.10:
+                    out.append(f"{r.name} {phase}: core {core} was {unseen:.0%} busy beyond ours")
     return out
 
 
