@@ -60,7 +60,8 @@ class CertificateIdentities:
     the certificate's SHA-256 digest.
 
     A device reconnects with the same certificate many times in its life (network loss, sleep,
-    a broker restart), and reading its extensions is ~30 µs of the broker's own CPU per connect.
+    a keep-alive timeout), and reading its extensions is ~30 µs of the broker's own CPU per
+    connect. The memory is the process's: a restarted broker reads each certificate afresh.
     Only facts of the certificate itself are kept: its validity window is compared with the
     clock on every connect, and the registry is asked every time (:func:`check_admission`).
     At most ``capacity`` certificates are remembered; the oldest is forgotten first.
