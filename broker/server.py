@@ -159,7 +159,7 @@ class Broker:
             else None
         )
         self.identities = CertificateIdentities()
-        self._admit_inline = self.registry.engine.dialect.name == "sqlite"
+        self._admit_inline = self.registry.reads_locally
         self.ports = BoundPorts(0, 0, 0)
         self._protocols: dict[Connection, _MqttProtocol] = {}
         self._servers: list[asyncio.Server] = []

@@ -686,9 +686,10 @@ class Registry:
 
     @property
     def reads_locally(self) -> bool:
-        """Whether :meth:`admission` and :meth:`changes_since` read a local file (SQLite), cheap
-        enough for an event loop; else they cross a network (PostgreSQL): use a thread."""
-        return self._fast_reads is not None
+        """Whether the database is local SQLite, whose :meth:`admission` and
+        :meth:`changes_since` are cheap enough for an event loop; PostgreSQL's cross a network:
+        ask in a thread."""
+        return self.engine.dialect.name == "sqlite"
 
     def last_change_id(self) -> int:
         with self._read_session() as s:
