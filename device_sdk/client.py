@@ -808,6 +808,8 @@ class DeviceClient:
 
     def _drop(self, reason: str, *, expected: bool = False) -> None:
         """End the current connection; requeue what it left unacknowledged; plan the next."""
+        if not expected:  # first: whoever sees the session gone (``connection``) can read why
+            self._last_error = reason
         client, self._mqtt = self._mqtt, None
         self._connected.clear()
         with self._lock:
