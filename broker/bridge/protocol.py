@@ -29,6 +29,7 @@ from broker.mqtt import (
     SubAck,
     Subscribe,
     Subscription,
+    decode_varint,
     encode,
 )
 
@@ -210,24 +211,11 @@ class UpstreamSession:
                 acked.append(packet_id)
                 at += 4
                 continue
-            # the fixed header's remaining length: one to four bytes
-            length, shift, pos = 0, 0, at + 1
-            while pos < end and pos - at <= 4:
-                byte = data[pos]
-                pos += 1
-                length |= (byte & 0x7F) << shift
-                shift += 7
-                if not byte & 0x80:
-                    break
-            else:
-                if pos - at > 4:  # malformed: the codec says so
-                    self._decode(data[at:], events)
-                    return ([AckedMany(acked)] if acked else []) + events
-                self._rest = data[at:]
+            head = decode_varint(data, at + 1, end)  # raises MalformedPacket if malformed
+            if head is None or head[1] + head[0] > end:
+                self._rest = data[at:]  # the rest of this packet comes in a later read
                 break
-            if pos + length > end:
-                self._rest = data[at:]
-                break
+            length, pos = head
             self._decode(data[at : pos + length], events)
             at = pos + length
         if acked:

@@ -9,6 +9,7 @@ Shared by the broker, the bridge and the device simulator::
     sock.sendall(encode(ConnAck(), decoder.protocol_level))
 """
 
+from broker.mqtt._wire import decode_varint
 from broker.mqtt.codec import MAX_PACKET_SIZE, Decoder, PlainPublish, encode, encode_publish
 from broker.mqtt.errors import (
     MalformedPacket,
@@ -91,6 +92,7 @@ __all__ = [
     "Unsubscribe",
     "UnsupportedProtocolVersion",
     "Will",
+    "decode_varint",
     "encode",
     "encode_publish",
     "parse_shared_subscription",
