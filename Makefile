@@ -3,7 +3,7 @@
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: bootstrap bootstrap-test demo test lint typecheck unit bench-enroll bench-chacha bench-broker bench-bridge clean
+.PHONY: bootstrap bootstrap-test demo test test-latest lock check-lock lint typecheck unit bench-enroll bench-chacha bench-broker bench-bridge clean
 
 # `make demo` needs the runtime packages; tests and benchmarks also need the real peers.
 bootstrap:
@@ -15,7 +15,19 @@ bootstrap-test:
 demo: bootstrap
 	$(VENV)/python scripts/demo.py
 
-lint: bootstrap-test
+# The lock (requirements/) must be the lock of pyproject.toml; `make lock` refreshes it on purpose.
+check-lock: bootstrap-test
+	$(VENV)/python scripts/check_lock.py
+
+lock:
+	scripts/lock.sh $(ARGS)
+
+# Not in CI: the suite on the newest releases of every dependency, in a throw-away venv, so a
+# release that would break the next `make lock` shows up before the lock is bumped.
+test-latest: bootstrap-test
+	scripts/test_latest.sh $(PYTEST_ARGS)
+
+lint: bootstrap-test check-lock
 	$(VENV)/ruff check enrollment broker device_sdk firmware_sim tests scripts
 	$(VENV)/ruff format --check enrollment broker device_sdk firmware_sim tests scripts
 

@@ -71,13 +71,10 @@ def device_id_of(cert: x509.Certificate) -> str:
     """The device id a fleetgate device certificate names in its ``urn:fleetgate:device:`` SAN."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
-        san = x509.SubjectAlternativeName([])
-    ids = [
-        uri.removeprefix(DEVICE_URI_PREFIX)
-        for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
-        if uri.startswith(DEVICE_URI_PREFIX)
-    ]
+        uris = []
+    ids = [uri.removeprefix(DEVICE_URI_PREFIX) for uri in uris if uri.startswith(DEVICE_URI_PREFIX)]
     if len(ids) != 1:
         raise KeyStoreError(
             f"certificate {cert.serial_number:x} ({cert.subject.rfc4514_string()}) is not a "

@@ -2,7 +2,7 @@
 # Prepares this checkout to run: the Debian packages in the list files given as arguments
 # (default scripts/debian-packages.txt; installed when run as root, otherwise named in a clear
 # message) and a .venv with fleetgate installed.
-# Re-running is cheap: the venv is rebuilt only when pyproject.toml changes.
+# Re-running is cheap: the venv is rebuilt only when pyproject.toml or the lock changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,12 +32,19 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   exit 1
 fi
 
+# The venv is built only from the lock: first what builds things (requirements/build.txt), then
+# every dependency with its hash (requirements/dev.txt), both without build isolation so that no
+# unpinned package is fetched, then fleetgate itself (editable, no dependencies of its own).
 stamp=.venv/.fleetgate-installed
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml requirements/build.txt requirements/dev.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "bootstrap: preparing .venv"
+  echo "bootstrap: preparing .venv from requirements/dev.txt"
+  rm -rf .venv
   "$PY" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  pip=(.venv/bin/python -m pip install -q --require-hashes --no-deps --no-build-isolation)
+  "${pip[@]}" -r requirements/build.txt
+  "${pip[@]}" -r requirements/dev.txt
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  .venv/bin/python -m pip check -q >/dev/null || { .venv/bin/python -m pip check; exit 1; }
   echo "$want" > "$stamp"
 fi
