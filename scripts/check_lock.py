@@ -91,7 +91,7 @@ def main() -> int:
     for problem in found:
         print(f"check_lock: {problem}", file=sys.stderr)
     if found:
-        print("check_lock: refresh the lock with `make lock` and commit requirements/", file=sys.stderr)
+        print("check_lock: refresh it with `make lock`, then commit requirements/", file=sys.stderr)
         return 1
     return 0
 
