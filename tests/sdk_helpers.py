@@ -83,13 +83,14 @@ class Mosquitto:
 
     def start(self) -> Mosquitto:
         assert self._process is None
+        earlier = len(self.log_text())  # a restart appends to the log of the earlier run
         self._process = subprocess.Popen(
             ["mosquitto", "-c", str(self.config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 10
-        while "listen socket on port" not in self.log_text():
+        while "listen socket on port" not in self.log_text()[earlier:]:
             if self._process.poll() is not None:
                 _, err = self._process.communicate()
                 raise RuntimeError(f"mosquitto exited: {err.decode()} {self.log_text()}")
