@@ -25,7 +25,6 @@ from broker.bridge.store import Acked, NewMessage, QueueStore
 from broker.bridge.topics import (
     InvalidBridgeRule,
     compile_rule,
-    filters_overlap,
     first_remap,
     remap,
 )
@@ -49,6 +48,7 @@ from broker.mqtt import (
     encode,
 )
 from broker.mqtt.properties import encode_properties
+from broker.mqtt.topics import filters_overlap
 from broker.routing import Message
 from enrollment.config import CONFIG_FILE, load_config
 from enrollment.errors import ConfigError
