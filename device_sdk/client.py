@@ -18,7 +18,6 @@ from __future__ import annotations
 import enum
 import logging
 import queue
-import random
 import socket
 import ssl
 import threading
@@ -37,6 +36,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device_sdk import provisioning
+from device_sdk.backoff import Backoff
 from device_sdk.ciphers import CipherPolicy
 from device_sdk.errors import (
     AckTimeout,
@@ -66,32 +66,6 @@ _CONNACK_HINTS = {  # MQTT 5 reason codes; paho maps MQTT 3.1.1 return codes ont
     0x88: "the broker is unavailable; the client keeps retrying",
     0x89: "the broker is busy; the client keeps retrying",
 }
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect delays: exponential bound capped at ``maximum``, with full jitter.
-
-    Each delay is drawn uniformly between zero and the bound, so a fleet that lost its broker at
-    the same moment does not come back at the same moment.
-    """
-
-    initial: float = 0.5
-    maximum: float = 60.0
-    multiplier: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.initial <= self.maximum or self.multiplier < 1:
-            raise ValueError(
-                f"backoff needs 0 < initial <= maximum and multiplier >= 1, not {self}"
-            )
-
-    def bound(self, attempt: int) -> float:
-        """The longest wait before retry number ``attempt`` (0-based)."""
-        return min(self.maximum, self.initial * self.multiplier ** min(attempt, 64))
-
-    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
-        return self.bound(attempt) * rand()
 
 
 @dataclass(frozen=True)
