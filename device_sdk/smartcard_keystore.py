@@ -11,7 +11,8 @@ module -> pcscd -> the card. Every CertificateVerify signature is a GENERAL AUTH
 card. The context gets the SDK's cipher policy (TLS 1.3 only, the policy's suites) through
 ``SSL_CTX_set_ciphersuites`` on M2Crypto's own ``SSL_CTX`` pointer, since M2Crypto 0.51 has no
 call for it, and the result is read back before use. :class:`DeviceClient` connects through
-:meth:`SmartcardKeyStore.tls_connector` instead of an ``ssl.SSLContext``.
+:meth:`SmartcardKeyStore.tls_context`, an object with the client side of ``ssl.SSLContext``
+that paho takes through its public ``tls_set_context``.
 
 Renewal (:meth:`SmartcardKeyStore.renew`) is EST ``simplereenroll`` with the same card key, over
 the same card-key TLS (``http.client`` on an M2Crypto connection, handed to
@@ -121,7 +122,7 @@ class SmartcardKeyStore:
     def load_identity(self, context: Any) -> None:
         raise KeyStoreError(
             "a smartcard key cannot be loaded into Python's ssl (it takes key files only, and "
-            "Debian 12 packages no pkcs11-provider): connect through tls_connector(), as "
+            "Debian 12 packages no pkcs11-provider): connect through tls_context(), as "
             "DeviceClient does"
         )
 
@@ -155,7 +156,7 @@ class SmartcardKeyStore:
         not see a new key until it restarts. :class:`DeviceClient` calls this when renewal is due.
         """
         current = self.certificates()[0]
-        connector = self.tls_connector()  # the card's key must still be device.crt's
+        context = self.tls_context()  # the card's key must still be device.crt's
         try:
             key = PivCardKey(self.card(), _ec_public_key(current))
             csr = device_csr(device_id, key)  # signed on the card
@@ -165,7 +166,7 @@ class SmartcardKeyStore:
                     "was re-keyed or swapped): enroll the device again"
                 )
             try:
-                with EstClient(est_url, connector.https_connection, timeout=timeout) as est:
+                with EstClient(est_url, context.https_connection, timeout=timeout) as est:
                     ca_certs = est.cacerts()
                     cert = est.simplereenroll(csr)
             except EstError as exc:
@@ -217,7 +218,7 @@ class SmartcardKeyStore:
                 exc,
             )
 
-    def tls_connector(self, cipher_policy: CipherPolicy = "auto") -> CardTlsConnector:
+    def tls_context(self, cipher_policy: CipherPolicy = "auto") -> CardTlsContext:
         """What DeviceClient connects with: mutual TLS 1.3 signed by the card."""
         self.certificates()  # enrolled?
         if not self.trust_anchors_path.exists():
@@ -225,7 +226,7 @@ class SmartcardKeyStore:
                 f"no trust anchors at {self.trust_anchors_path}: provision the fleet root CA "
                 "certificate there (set_trust_anchors) before connecting"
             )
-        return CardTlsConnector(
+        return CardTlsContext(
             certificate_path=self.certificate_path,
             trust_anchors_path=self.trust_anchors_path,
             pin=self._pin,
@@ -277,7 +278,7 @@ class _Pkcs11Engine:
 
         libp11 keeps the token's objects from its first load for the life of the process, and
         its RE_ENUMERATE control crashes (libp11 0.4.12), so a card swapped under a running
-        process still shows its predecessor's key; the key check in CardTlsConnector catches it.
+        process still shows its predecessor's key; the key check in CardTlsContext catches it.
         """
         with self._lock:
             self._engine.ctrl_cmd_string("PIN", pin)
@@ -319,8 +320,16 @@ def _tls13_suites(ssl_ctx: int) -> list[str]:
     return [name for name in names if name.startswith("TLS_")]
 
 
-class CardTlsConnector:
-    """Makes mutual TLS 1.3 connections that sign with the card's slot 9A key (via PKCS#11)."""
+class CardTlsContext:
+    """Mutual TLS 1.3 client connections that sign with the card's slot 9A key (via PKCS#11).
+
+    It offers the client side of ``ssl.SSLContext`` (``wrap_socket`` with ``server_hostname``,
+    ``check_hostname``), so paho takes it through its public ``tls_set_context`` and makes the
+    TCP connection itself, as it does for a stdlib context. OpenSSL checks the server's name
+    (``SSL_set1_host``) during verification, so ``check_hostname`` is always true.
+    """
+
+    check_hostname = True
 
     def __init__(
         self,
@@ -370,114 +379,89 @@ class CardTlsConnector:
         if offered != list(suites):
             raise CardTlsError(f"the TLS context offers {offered}, not the policy's {suites}")
 
-    def connect(self, host: str, port: int, timeout: float) -> CardTlsConnection:
-        """TCP, then a blocking handshake bounded by ``timeout``; the server must verify."""
-        return CardTlsConnection(self.handshake(host, port, timeout, peer="the broker"))
+    def wrap_socket(
+        self,
+        sock: socket.socket,
+        *,
+        server_hostname: str | None = None,
+        do_handshake_on_connect: bool = True,
+    ) -> CardTlsConnection:
+        """TLS on the connected ``sock``, verifying ``server_hostname``; it takes the socket's
+        timeout, which then bounds each read and write of the handshake."""
+        if not server_hostname:  # an OSError, not ssl's ValueError: paho retries on ValueError
+            sock.close()
+            raise CardTlsError("card TLS verifies the server's name: give server_hostname")
+        timeout = sock.gettimeout()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)  # M2Crypto's BIO wants a blocking descriptor; settimeout bounds it
+        conn = Connection(self._ctx, sock=sock)
+        conn.set_tlsext_host_name(server_hostname)
+        conn.set1_host(server_hostname)
+        tls = CardTlsConnection(conn, server_hostname)
+        tls.settimeout(timeout)
+        if do_handshake_on_connect:
+            tls.do_handshake()
+        return tls
 
     def https_connection(self, host: str, port: int, timeout: float) -> http.client.HTTPConnection:
         """An HTTPS connection signed by the card: :class:`EstClient`'s transport for renewal."""
         return _CardHttpsConnection(self, host, port, timeout)
 
-    def handshake(self, host: str, port: int, timeout: float, *, peer: str) -> Connection:
-        """A blocking M2Crypto TLS connection to ``peer`` at ``host:port``, handshake done."""
+
+class _CardHttpsConnection(http.client.HTTPConnection):
+    """``http.client`` over :meth:`CardTlsContext.wrap_socket`: the broker connection's
+    verification (OpenSSL's host name check) and time bound. M2Crypto's ``httpslib`` has
+    neither: no handshake timeout, and a name check in Python after the handshake."""
+
+    default_port = 443
+
+    def __init__(self, context: CardTlsContext, host: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._context = context
+        self._handshake_timeout = timeout
+
+    def connect(self) -> None:
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            sock = socket.create_connection((self.host, self.port), self._handshake_timeout)
         except OSError as exc:
-            raise CardTlsError(f"cannot reach {host}:{port}: {exc}") from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(None)  # M2Crypto's BIO wants a blocking descriptor; timeouts below
-        conn = Connection(self._ctx, sock=sock)
+            raise CardTlsError(f"cannot reach {self.host}:{self.port}: {exc}") from exc
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class CardTlsConnection:
+    """An M2Crypto TLS client connection with the ``ssl.SSLSocket`` calls paho and
+    ``http.client`` make: non-blocking ``recv``/``send`` map "want read/write" to
+    ``BlockingIOError``; ``sendall``/``makefile`` block, for ``http.client``."""
+
+    def __init__(self, conn: Connection, server_hostname: str) -> None:
+        self._conn = conn
+        self._server = server_hostname
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Bound each blocking read and write (``SO_RCVTIMEO``/``SO_SNDTIMEO``): M2Crypto's BIO
+        needs a blocking descriptor, so the socket's own timeout cannot be used."""
+        seconds = timeout or 0.0  # 0: no bound
+        bound = SocketTimeout(sec=int(seconds), microsec=int(seconds % 1 * 1e6))
+        self._conn.set_socket_read_timeout(bound)
+        self._conn.set_socket_write_timeout(bound)
+
+    def do_handshake(self) -> None:
+        """The blocking client handshake; the server must chain to the fleet CA and be named."""
+        conn = self._conn
         try:
-            bound = SocketTimeout(sec=int(timeout), microsec=int(timeout % 1 * 1e6))
-            conn.set_socket_read_timeout(bound)
-            conn.set_socket_write_timeout(bound)
-            conn.set_tlsext_host_name(host)
-            conn.set1_host(host)
             conn.setup_ssl()
             conn.set_connect_state()
             if conn.connect_ssl() != 1:
                 raise SSLError("handshake did not complete")
         except (SSLError, OSError) as exc:
             result = conn.get_verify_result()
-            conn.close()
+            self.close()
             reason = m2.x509_get_verify_error(result) if result != m2.X509_V_OK else f"{exc}"
             raise CardTlsError(
-                f"TLS with {host}:{port} using the card key failed ({reason}): {peer} must "
+                f"TLS with {self._server} using the card key failed ({reason}): the server must "
                 "chain to the fleet CA and name the host; a server that refuses the device "
                 "certificate, or offers none of the policy's suites, also ends here"
             ) from exc
-        return conn
-
-
-class _CardHttpsConnection(http.client.HTTPConnection):
-    """``http.client`` over :meth:`CardTlsConnector.handshake`: the broker connection's
-    verification (OpenSSL's host name check) and time bound. M2Crypto's ``httpslib`` has
-    neither: no handshake timeout, and a name check in Python after the handshake."""
-
-    default_port = 443
-
-    def __init__(self, connector: CardTlsConnector, host: str, port: int, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self._connector = connector
-        self._handshake_timeout = timeout
-
-    def connect(self) -> None:
-        conn = self._connector.handshake(
-            self.host, self.port, self._handshake_timeout, peer="the EST server"
-        )
-        self.sock = _BlockingTls(conn)
-
-
-class _BlockingTls:
-    """The socket calls ``http.client`` makes, on a blocking M2Crypto connection.
-
-    Writes loop, because the context allows partial writes (paho's non-blocking sends rely on
-    them). Reads go through a file whose close leaves the connection open, as ``socket``'s
-    does: M2Crypto's own ``makefile`` wraps the connection, so closing one response (which
-    ``http.client`` does) would shut TLS down under the kept-alive connection.
-    """
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-
-    def sendall(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            sent = self._conn.write(bytes(view))
-            if sent <= 0:
-                raise ConnectionResetError("TLS write to the EST server failed")
-            view = view[sent:]
-
-    def makefile(self, mode: str) -> io.BufferedReader:
-        if mode != "rb":
-            raise ValueError(f"a card TLS connection reads through mode 'rb' only, not {mode!r}")
-        return io.BufferedReader(_TlsReader(self._conn))
-
-    def close(self) -> None:
-        self._conn.close()
-
-
-class _TlsReader(io.RawIOBase):
-    """Reads of a TLS connection; closing it does not close the connection."""
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._conn.read(len(buffer))  # b"" at close_notify
-        buffer[: len(data)] = data
-        return len(data)
-
-
-class CardTlsConnection:
-    """An M2Crypto TLS connection with the socket calls paho makes and ``SSLSocket``'s
-    ``version()``/``cipher()``; non-blocking reads and writes map to ``BlockingIOError``."""
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
 
     def recv(self, size: int) -> bytes:
         try:
@@ -499,6 +483,23 @@ class CardTlsConnection:
             raise BlockingIOError
         return int(sent)
 
+    def sendall(self, data: bytes) -> None:
+        """Write all of ``data`` on a blocking connection (the context allows partial writes)."""
+        view = memoryview(data)
+        while view:
+            sent = self._conn.write(bytes(view))
+            if sent <= 0:
+                raise ConnectionResetError(f"TLS write to {self._server} failed")
+            view = view[sent:]
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        """Blocking reads through a file whose close leaves the connection open, as
+        ``socket``'s does: M2Crypto's own ``makefile`` wraps the connection, so closing one
+        response (which ``http.client`` does) would shut TLS down under a kept-alive one."""
+        if mode != "rb":
+            raise ValueError(f"a card TLS connection reads through mode 'rb' only, not {mode!r}")
+        return io.BufferedReader(_TlsReader(self._conn))
+
     def pending(self) -> int:
         return int(self._conn.pending())
 
@@ -509,7 +510,9 @@ class CardTlsConnection:
         self._conn.setblocking(1 if flag else 0)
 
     def close(self) -> None:
+        """Send close_notify, then close the socket (M2Crypto's close leaves it open)."""
         self._conn.close()
+        self._conn.socket.close()
 
     def version(self) -> str | None:
         version = self._conn.get_version()
@@ -520,3 +523,18 @@ class CardTlsConnection:
         if cipher is None:
             return None
         return cipher.name(), cipher.version(), len(cipher)  # len(): secret bits
+
+
+class _TlsReader(io.RawIOBase):
+    """Reads of a TLS connection; closing it does not close the connection."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._conn.read(len(buffer))  # b"" at close_notify
+        buffer[: len(data)] = data
+        return len(data)
