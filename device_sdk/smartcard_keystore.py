@@ -21,7 +21,6 @@ the same card-key TLS (``http.client`` on an M2Crypto connection, handed to
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import http.client
 import io
@@ -46,6 +45,7 @@ from device_sdk.ciphers import CipherPolicy, resolve
 from device_sdk.debian import MissingPackageFile, package_file
 from device_sdk.errors import DeviceSdkError, EnrollmentError, KeyStoreError
 from device_sdk.est import EstClient, EstError, device_csr
+from device_sdk.hazmat import MissingBinding, libcrypto, libssl
 from device_sdk.keystore import _pem, _public_der, _write_atomic, device_id_of
 from device_sdk.piv import CardAbsent, PivCard, PivCardKey, PivError
 from device_sdk.provisioning import issuers_of
@@ -54,10 +54,7 @@ log = logging.getLogger("fleetgate.device_sdk")
 
 _T = TypeVar("_T")
 CARD_KEY_LABEL = "PIV AUTH key"  # OpenSC's PKCS#11 label for slot 9A's private key
-_TLS1_3_VERSION = 0x0304
-_SSL_CTRL_MODE = 33
-_SSL_CTRL_SET_MIN_PROTO_VERSION = 123
-_SSL_MODE_PARTIAL_WRITE_MOVING_BUFFER = 0x1 | 0x2  # paho resends the unsent rest
+_PARTIAL_WRITES = libssl.SSL_MODE_ENABLE_PARTIAL_WRITE | libssl.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
 
 
 class CardTlsError(DeviceSdkError, OSError):
@@ -290,34 +287,40 @@ def _pkcs11_engine() -> _Pkcs11Engine:
     return _Pkcs11Engine()
 
 
-@functools.cache
-def _libssl() -> ctypes.CDLL:
-    """The system libssl that M2Crypto is linked against (symbols resolve through it)."""
-    lib = ctypes.CDLL(_m2crypto.__file__)
-    lib.SSL_CTX_set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    lib.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
-    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-    lib.SSL_CTX_ctrl.restype = ctypes.c_long
-    lib.SSL_CTX_get_ciphers.argtypes = [ctypes.c_void_p]
-    lib.SSL_CTX_get_ciphers.restype = ctypes.c_void_p
-    lib.OPENSSL_sk_num.argtypes = [ctypes.c_void_p]
-    lib.OPENSSL_sk_num.restype = ctypes.c_int
-    lib.OPENSSL_sk_value.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    lib.OPENSSL_sk_value.restype = ctypes.c_void_p
-    lib.SSL_CIPHER_get_name.argtypes = [ctypes.c_void_p]
-    lib.SSL_CIPHER_get_name.restype = ctypes.c_char_p
-    return lib
+def _openssl() -> tuple[libssl.LibSsl, libcrypto.LibCrypto]:
+    """libssl and libcrypto as M2Crypto links them (its ``SSL_CTX`` go only to its libssl)."""
+    try:
+        return libssl.through(_m2crypto.__file__), libcrypto.through(_m2crypto.__file__)
+    except MissingBinding as exc:
+        raise CardTlsError(f"M2Crypto's OpenSSL cannot be reached: {exc}") from exc
 
 
-def _tls13_suites(ssl_ctx: int) -> list[str]:
-    """The TLS 1.3 suites an ``SSL_CTX`` offers, in order (read back, not assumed)."""
-    lib = _libssl()
-    stack = lib.SSL_CTX_get_ciphers(ssl_ctx)
-    names = [
-        lib.SSL_CIPHER_get_name(lib.OPENSSL_sk_value(stack, i)).decode()
-        for i in range(lib.OPENSSL_sk_num(stack))
-    ]
-    return [name for name in names if name.startswith("TLS_")]
+def _configure(address: int, suites: tuple[str, ...]) -> None:
+    """TLS 1.3 only, partial writes (paho resends the unsent rest), the policy's suites, read
+    back from the ``SSL_CTX`` rather than assumed: M2Crypto 0.51 has no call for any of it."""
+    ssl_lib, crypto_lib = _openssl()
+    wanted = ":".join(suites)
+    try:
+        if (
+            ssl_lib.SSL_CTX_ctrl(
+                address, libssl.SSL_CTRL_SET_MIN_PROTO_VERSION, libssl.TLS1_3_VERSION, None
+            )
+            != 1
+        ):
+            raise CardTlsError("OpenSSL refused TLS 1.3 as the minimum version")
+        ssl_lib.SSL_CTX_ctrl(address, libssl.SSL_CTRL_MODE, _PARTIAL_WRITES, None)
+        if ssl_lib.SSL_CTX_set_ciphersuites(address, wanted.encode()) != 1:
+            raise CardTlsError(f"OpenSSL knows none of the TLS 1.3 suites {wanted}")
+        stack = ssl_lib.SSL_CTX_get_ciphers(address)
+        names = [
+            ssl_lib.SSL_CIPHER_get_name(crypto_lib.OPENSSL_sk_value(stack, i)).decode()
+            for i in range(crypto_lib.OPENSSL_sk_num(stack))
+        ]
+    except MissingBinding as exc:
+        raise CardTlsError(f"cannot set the TLS policy on M2Crypto's context: {exc}") from exc
+    offered = [name for name in names if name.startswith("TLS_")]
+    if offered != list(suites):
+        raise CardTlsError(f"the TLS context offers {offered}, not the policy's {suites}")
 
 
 class CardTlsContext:
@@ -350,13 +353,7 @@ class CardTlsContext:
                 "the PIN right?"
             ) from exc
         ctx = Context("tls")
-        address = int(cast(SupportsInt, ctx.ctx))  # a SWIG pointer: the SSL_CTX *
-        lib = _libssl()
-        if lib.SSL_CTX_ctrl(address, _SSL_CTRL_SET_MIN_PROTO_VERSION, _TLS1_3_VERSION, None) != 1:
-            raise CardTlsError("OpenSSL refused TLS 1.3 as the minimum version")
-        lib.SSL_CTX_ctrl(address, _SSL_CTRL_MODE, _SSL_MODE_PARTIAL_WRITE_MOVING_BUFFER, None)
-        if lib.SSL_CTX_set_ciphersuites(address, ":".join(suites).encode()) != 1:
-            raise CardTlsError(f"OpenSSL knows none of the TLS 1.3 suites {':'.join(suites)}")
+        _configure(int(cast(SupportsInt, ctx.ctx)), suites)  # a SWIG pointer: the SSL_CTX *
         if ctx.load_verify_locations(str(trust_anchors_path)) != 1:
             raise CardTlsError(f"cannot load the fleet trust anchors {trust_anchors_path}")
         ctx.set_verify(m2.SSL_VERIFY_PEER | m2.SSL_VERIFY_FAIL_IF_NO_PEER_CERT, depth=4)
@@ -375,9 +372,6 @@ class CardTlsContext:
                 "process ran (OpenSC's PKCS#11 view is loaded once per process: restart it)"
             )
         self._ctx = ctx
-        offered = _tls13_suites(address)
-        if offered != list(suites):
-            raise CardTlsError(f"the TLS context offers {offered}, not the policy's {suites}")
 
     def wrap_socket(
         self,

@@ -57,7 +57,8 @@ impostor_trust = CardTlsContext(  # as if the broker were not the fleet's
     suites=context.suites,
 )
 def handshake(ctx, name="localhost"):
-    return ctx.wrap_socket(socket.create_connection(("localhost", int(port)), 5), server_hostname=name)
+    tcp = socket.create_connection(("localhost", int(port)), 5)
+    return ctx.wrap_socket(tcp, server_hostname=name)
 for key, ctx, name in [("foreign_broker", impostor_trust, "localhost"),
                        ("other_name", context, "broker.elsewhere.test")]:
     try:
