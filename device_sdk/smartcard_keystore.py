@@ -386,11 +386,15 @@ class CardTlsContext:
             sock.close()
             raise CardTlsError("card TLS verifies the server's name: give server_hostname")
         timeout = sock.gettimeout()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(None)  # M2Crypto's BIO wants a blocking descriptor; settimeout bounds it
-        conn = Connection(self._ctx, sock=sock)
-        conn.set_tlsext_host_name(server_hostname)
-        conn.set1_host(server_hostname)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(None)  # M2Crypto's BIO wants a blocking descriptor: see settimeout
+            conn = Connection(self._ctx, sock=sock)
+            conn.set_tlsext_host_name(server_hostname)
+            conn.set1_host(server_hostname)
+        except BaseException:
+            sock.close()
+            raise
         tls = CardTlsConnection(conn, server_hostname)
         tls.settimeout(timeout)
         if do_handshake_on_connect:

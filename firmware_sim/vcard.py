@@ -314,7 +314,7 @@ def _die_with_parent() -> Callable[[], None]:
 
     def in_child() -> None:
         if prctl(libc.PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            raise OSError(libc.errno(), "prctl(PR_SET_PDEATHSIG) failed")
+            raise OSError(libc.last_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
     return in_child
 

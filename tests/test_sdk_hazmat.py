@@ -48,7 +48,7 @@ def test_only_cpythons_own_sslcontext_is_read() -> None:
 def test_prctl_binds_from_the_process_and_keeps_errno() -> None:
     lib = libc.process()
     assert lib.prctl(-1, 0, 0, 0, 0) == -1  # no such option
-    assert libc.errno() == 22  # EINVAL
+    assert libc.last_errno() == 22  # EINVAL
 
 
 def test_a_missing_libssl_function_becomes_the_cipher_policys_advice(

@@ -11,13 +11,13 @@ import functools
 
 from device_sdk.hazmat._binding import Function, Library
 
-__all__ = ["LibC", "errno", "process"]
+__all__ = ["LibC", "last_errno", "process"]
 
 PR_SET_PDEATHSIG = 1
 
 
 class LibC(Library):
-    """libc's functions, by their C names; errno is kept (:func:`errno`)."""
+    """libc's functions, by their C names; errno is kept (:func:`last_errno`)."""
 
     name = "libc"
     use_errno = True
@@ -32,6 +32,6 @@ def process() -> LibC:
     return LibC(None)
 
 
-def errno() -> int:
+def last_errno() -> int:
     """errno as the last call through :class:`LibC` left it."""
     return ctypes.get_errno()
