@@ -25,7 +25,7 @@ from broker.bridge.protocol import (
 from broker.bridge.queue import OutQueue, Queued
 from broker.bridge.status import BridgeCounters, LinkState
 from broker.mqtt import ProtocolError, Publish, ReasonCode
-from device_sdk.client import Backoff
+from device_sdk.backoff import Backoff
 from device_sdk.errors import KeyStoreError
 
 log = logging.getLogger("fleetgate.broker.bridge")
