@@ -18,7 +18,6 @@ A context whose suites are already right (``OPENSSL_CONF`` was set) is left unto
 
 from __future__ import annotations
 
-import _ssl
 import os
 import platform
 import ssl
@@ -38,7 +37,6 @@ _AESNI_BIT = 1 << 57  # CPUID.1:ECX bit 25 (AES-NI), in the high half of OpenSSL
 _FXSR_BIT = 1 << 24  # masking FXSR makes OpenSSL drop AES-NI too (crypto/cpuid.c)
 _IA32CAP_ENV = "OPENSSL_ia32cap"  # OpenSSL spells it so, and environment names are case-sensitive
 _X86 = {"x86_64", "amd64", "i386", "i486", "i586", "i686", "x86"}
-_LIBSSL_VIA = _ssl.__file__  # the libssl that made the SSLContexts' SSL_CTX
 
 
 def hardware_aes(cpuinfo: str, *, machine: str, ia32cap: str | None = None) -> bool:
@@ -142,7 +140,7 @@ def _ssl_ctx_address(context: ssl.SSLContext, wanted: str) -> int:
     ``SSL_CTX_get_options`` as ``context.options`` does (layout checks: :mod:`.hazmat.cpython`)."""
     try:
         address = cpython.ssl_ctx_pointer(context)
-        options = libssl.through(_LIBSSL_VIA).SSL_CTX_get_options(address)
+        options = libssl.through(cpython.STDLIB_SSL_EXTENSION).SSL_CTX_get_options(address)
     except MissingBinding as exc:
         raise _unavailable(wanted, str(exc)) from exc
     if options != int(context.options):
@@ -152,7 +150,7 @@ def _ssl_ctx_address(context: ssl.SSLContext, wanted: str) -> int:
 
 def _set_ciphersuites(address: int, wanted: str) -> bool:
     try:
-        set_ciphersuites = libssl.through(_LIBSSL_VIA).SSL_CTX_set_ciphersuites
+        set_ciphersuites = libssl.through(cpython.STDLIB_SSL_EXTENSION).SSL_CTX_set_ciphersuites
     except MissingBinding as exc:
         raise _unavailable(wanted, str(exc)) from exc
     return bool(set_ciphersuites(address, wanted.encode()) == 1)

@@ -22,7 +22,6 @@ resource manager goes away later, handshakes fail until the process restarts.
 
 from __future__ import annotations
 
-import _ssl
 import os
 import ssl
 import threading
@@ -35,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sdk import provisioning, tpm_provisioning
 from device_sdk.errors import KeyStoreError
-from device_sdk.hazmat import MissingBinding, libcrypto
+from device_sdk.hazmat import MissingBinding, cpython, libcrypto
 from device_sdk.keystore import FileKeyStore, _pem, _write_atomic
 from device_sdk.tpm import Tpm, TpmKey, TpmPrivateKey
 
@@ -49,7 +48,6 @@ TPM2_PROPERTIES = b"?tpm2.signature"
 
 _provider_lock = threading.Lock()
 _provider_tcti: str | None = None  # the TCTI the provider was loaded with, once loaded
-_LIBCRYPTO_VIA = _ssl.__file__  # the libcrypto stdlib ssl runs on
 
 
 class TpmKeyStore(FileKeyStore):
@@ -166,7 +164,7 @@ def _provider_api() -> tuple[Any, Any]:
     """libcrypto's ``OSSL_PROVIDER_load`` and ``EVP_set_default_properties`` (both bound before
     either is used), as linked by CPython's ``_ssl`` (the OpenSSL ``ssl`` uses)."""
     try:
-        lib = libcrypto.through(_LIBCRYPTO_VIA)
+        lib = libcrypto.through(cpython.STDLIB_SSL_EXTENSION)
         return lib.OSSL_PROVIDER_load, lib.EVP_set_default_properties
     except MissingBinding as exc:
         raise KeyStoreError(

@@ -54,7 +54,7 @@ def test_prctl_binds_from_the_process_and_keeps_errno() -> None:
 def test_a_missing_libssl_function_becomes_the_cipher_policys_advice(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(ciphers, "_LIBSSL_VIA", LIBC)
+    monkeypatch.setattr(ciphers.cpython, "STDLIB_SSL_EXTENSION", LIBC)
     with pytest.raises(CipherPolicyError) as refused:
         ciphers.set_tls13_suites(ssl.create_default_context(), ciphers.CHACHA20_SUITES)
     assert "has no SSL_CTX_get_options" in refused.value.message
@@ -64,7 +64,7 @@ def test_a_missing_libssl_function_becomes_the_cipher_policys_advice(
 def test_a_missing_provider_api_becomes_the_tpm_stores_advice(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(tpm_keystore, "_LIBCRYPTO_VIA", LIBC)
+    monkeypatch.setattr(tpm_keystore.cpython, "STDLIB_SSL_EXTENSION", LIBC)
     with pytest.raises(KeyStoreError) as refused:
         tpm_keystore._provider_api()
     assert "has no OSSL_PROVIDER_load" in refused.value.message

@@ -1,4 +1,6 @@
-"""ctypes reads of CPython's object memory: the ``SSL_CTX *`` inside an ``ssl.SSLContext``.
+"""CPython's own OpenSSL: where the stdlib ``ssl`` links it (``STDLIB_SSL_EXTENSION``, the path
+libssl and libcrypto are bound through, so a pointer goes back to the OpenSSL that made it), and
+the ``SSL_CTX *`` inside an ``ssl.SSLContext``, read with ctypes.
 
 ``PySSLContext`` is ``PyObject_HEAD`` followed by ``SSL_CTX *ctx``. ``object.__basicsize__`` is
 the size of that head in every build (debug, trace-refs, free-threaded), and the head ends with
@@ -9,13 +11,16 @@ the pointer against the context (its options, through libssl) before using it.
 
 from __future__ import annotations
 
+import _ssl  # the stdlib ssl's extension module: only its file path is used
 import ctypes
 import ssl
 import sys
 
 from device_sdk.hazmat._binding import MissingBinding
 
-__all__ = ["ssl_ctx_pointer"]
+__all__ = ["STDLIB_SSL_EXTENSION", "ssl_ctx_pointer"]
+
+STDLIB_SSL_EXTENSION: str = _ssl.__file__
 
 
 def ssl_ctx_pointer(context: ssl.SSLContext) -> int:
