@@ -528,11 +528,13 @@ class Connection:
                 )
         message = Message(topic, payload, qos, retain, props, self.client_id, expires_at)
         core = self.core
-        owner = self.device_id or self.client_id
-        if retain and (excess := core.retain_excess(owner, message, self.limits)):
-            self._over_limit(excess, f"retained message on {audit_text(topic)!r}", now)
-            self._answer_publish(packet_id, qos, _R.QUOTA_EXCEEDED)
-            return
+        owner = ""
+        if retain:  # on the account of the device (the client id on the plaintext listener)
+            owner = self.device_id or self.client_id
+            if excess := core.retain_excess(owner, message, self.limits):
+                self._over_limit(excess, f"retained message on {audit_text(topic)!r}", now)
+                self._answer_publish(packet_id, qos, _R.QUOTA_EXCEEDED)
+                return
         held: _HeldAck | None = None
         if core.gate is not None:
             held = _HeldAck(self)
@@ -757,7 +759,7 @@ class Connection:
             else:
                 self.core.metrics.dropped["slow_consumer"] += 1
         elif session.queue or len(session.inflight) >= self._send_window:
-            self.core.enqueue(session, delivery)
+            self.core.enqueue(session, delivery, now)
         else:
             self._send_publish(delivery, session.next_packet_id(), now)
 
@@ -836,8 +838,9 @@ class Connection:
 
     def _refused(self, action: str, kind: str, reason: str, now: float) -> None:
         """Audit a refusal: collapsed per client and kind, bounded (:meth:`BrokerCore.refused`).
-        Before CONNECT names a client, the peer's address stands for it."""
-        client = self.client_id or self.device_id or self.peer.rpartition(":")[0]
+        Before CONNECT names a client, the certificate's device id or the peer's address and
+        port stand for it."""
+        client = self.client_id or self.device_id or self.peer
         record = AuditRecord(self._actor(), action, "refused", self.device_id or None, reason)
         self.core.refused(client, kind, record, now)
 

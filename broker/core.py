@@ -270,12 +270,13 @@ class BrokerCore:
         if session.connection is not None:
             session.connection.send(delivery, now)
         elif delivery.qos != QoS.AT_MOST_ONCE:
-            self.enqueue(session, delivery)
+            self.enqueue(session, delivery, now)
 
-    def enqueue(self, session: Session, delivery: Delivery) -> None:
+    def enqueue(self, session: Session, delivery: Delivery, now: float) -> None:
         """Queue behind the receive window, bounded in messages and bytes by the session's
         group. Every drop is counted (per session too, on ``/metrics``); the first of an
-        overflow episode (until the queue empties again) is audited."""
+        overflow episode (until the queue empties again) is audited, at most once a minute
+        (a slow live subscriber can fill and empty its queue often)."""
         limits = session.limits
         excess = None
         if len(session.queue) >= min(self.settings.max_queued_messages, limits.max_queued_messages):
@@ -290,7 +291,9 @@ class BrokerCore:
         session.queue_dropped += 1
         if not session.overflowing:
             session.overflowing = True
-            self.audit(
+            self.refused(
+                session.client_id,
+                "queue_overflow",
                 AuditRecord(
                     f"device:{session.device_id}" if session.device_id else "broker",
                     "mqtt.queue_overflow",
@@ -300,7 +303,8 @@ class BrokerCore:
                     f"messages, {session.queued_bytes} bytes; limit {excess}): messages for it "
                     "are dropped until it empties; fleetgate_broker_session_queue_dropped_total "
                     "counts them",
-                )
+                ),
+                now,
             )
 
     def refused(self, client: str, kind: str, record: AuditRecord, now: float) -> None:

@@ -102,10 +102,12 @@ class TokenBucket:
     def take(self, now: float) -> float:
         """Take one token: 0.0 if there was one, else the seconds until there will be one (and
         nothing is taken)."""
-        tokens = self.tokens + (now - self.stamp) * self.rate
-        if tokens > self.burst:
-            tokens = self.burst
-        self.stamp = now
+        tokens = self.tokens
+        if now != self.stamp:  # packets of one read share a time: refilled once for them all
+            tokens += (now - self.stamp) * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
+            self.stamp = now
         if tokens >= 1.0:
             self.tokens = tokens - 1.0
             return 0.0

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from broker.mqtt import Properties, QoS
+from broker.mqtt import NO_PROPERTIES, Properties, QoS
 from broker.mqtt.packets import quick_init
 
 _T = TypeVar("_T")
@@ -37,8 +37,16 @@ class Message:
 
 
 def weight(message: Message) -> int:
-    """What a message costs to hold, for the per-device byte limits: its payload and topic."""
-    return len(message.payload) + len(message.topic)
+    """What a message costs to hold, for the per-device byte limits: its payload, its topic and
+    the properties that travel with it (user properties can outweigh a small payload)."""
+    size = len(message.payload) + len(message.topic)
+    props = message.properties
+    if props is not NO_PROPERTIES:
+        size += sum(len(k) + len(v) for k, v in props.user_properties)
+        for value in (props.content_type, props.response_topic, props.correlation_data):
+            if value is not None:
+                size += len(value)
+    return size
 
 
 @dataclass(frozen=True, slots=True)

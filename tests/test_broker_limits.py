@@ -247,7 +247,16 @@ def test_queue_overflow_is_counted_per_session_and_audited_once_per_episode():
     for _ in range(5):
         core.publish(message, 3.0)
     assert core.queue_drops() == [("sensor-1", 9)]
+    assert [r.action for r in audit] == ["mqtt.queue_overflow"]  # a new episode, same minute
+    core.sessions["sensor-1"].pop()  # empties below the cap, not empty: the episode goes on
+    core.publish(message, 70.0)
+    core.publish(message, 70.0)
+    assert [r.action for r in audit] == ["mqtt.queue_overflow"]
+    core.sessions["sensor-1"].clear_queue()
+    for _ in range(4):
+        core.publish(message, 80.0)  # a new episode a minute later: audited, with the count
     assert [r.action for r in audit] == ["mqtt.queue_overflow"] * 2
+    assert "1 more" in audit[-1].reason
     big = dataclasses.replace(message, payload=b"x" * 20_000)
     core.sessions["sensor-1"].clear_queue()
     core.publish(big, 4.0)  # over max_queued_bytes alone
