@@ -10,7 +10,10 @@ clients against a real broker, plus the pure pieces of :mod:`broker.limits` on t
 from __future__ import annotations
 
 import dataclasses
+import queue
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from broker_helpers import (  # running_broker: the `broker` fixture
@@ -56,15 +59,48 @@ from broker.mqtt import (
 from broker.routing import Message, RetainedMessages
 from enrollment.config import load_config
 from enrollment.errors import ConfigError
-from enrollment.registry import AuditEvent, AuditRecord
+from enrollment.registry import AuditEvent, AuditRecord, DeviceState
 
 QUOTA = ReasonCode.QUOTA_EXCEEDED.value  # 0x97
 
 
-def limited(fleet, **limits: object) -> RunningBroker:
+@contextmanager
+def limited(fleet, **limits: object) -> Iterator[RunningBroker]:
     """A broker whose every device has these limits (the rest default)."""
     settings = LimitSettings(dataclasses.replace(DeviceLimits(), **limits))  # type: ignore[arg-type]
-    return RunningBroker(fleet, limits=settings).start()
+    broker = RunningBroker(fleet, limits=settings).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@contextmanager
+def limited_client(
+    fleet, creds: Creds, version: int = V5, **limits: object
+) -> Iterator[tuple[RunningBroker, Paho]]:
+    """:func:`limited`, and ``creds`` connected to it with paho."""
+    with limited(fleet, **limits) as broker:
+        client = Paho(broker, creds, version=version)
+        try:
+            assert client.connect()[0] == 0
+            yield broker, client
+        finally:
+            client.close()
+
+
+def refusals(
+    broker: RunningBroker, action: str | None, *, at_least: int = 1, outcome: str = "refused"
+) -> list[AuditEvent]:
+    """sensor-1's audited refusals, once there are ``at_least``: the writer may be committing
+    a batch that ``audit_events``' flush does not wait for."""
+
+    def stored() -> list[AuditEvent]:
+        match = {"outcome": outcome} | ({"action": action} if action else {})
+        events = broker.audit_events("sensor-1", **match)
+        return events if len(events) >= at_least else []
+
+    return list(wait_for(stored, what=f"{at_least} {action} row(s) audited"))
 
 
 def audit_size(events: list[AuditEvent]) -> int:
@@ -273,31 +309,24 @@ def sensor(fleet) -> Creds:
 
 @pytest.mark.parametrize(("version", "code"), [(V5, QUOTA), (V311, 0x80)])
 def test_deep_and_long_filters_in_the_devices_own_subtree_are_refused(fleet, sensor, version, code):
-    broker = limited(fleet)
-    client = Paho(broker, sensor, version=version)
-    try:
-        client.connect()
+    with limited_client(fleet, sensor, version) as (broker, client):
         own = "devices/sensor-1/commands/"
         assert client.subscribe(own + "x" * 2000, 1) == [code]  # 2 KB > 1 KiB
         assert client.subscribe(own + "/".join("+" * 20), 1) == [code]  # 23 levels > 16
         assert client.subscribe(own + "#", 1) == [1]
         assert broker.metric("limit_refusals_total", 'limit="topic_bytes"') == 1
         assert broker.metric("limit_refusals_total", 'limit="topic_levels"') == 1
-        events = broker.audit_events("sensor-1", action="mqtt.limit", outcome="refused")
+        events = wait_for(
+            lambda: refusals(broker, "mqtt.limit", at_least=2), what="both refusals audited"
+        )
         assert {("topic_bytes" in e.reason, "topic_levels" in e.reason) for e in events} == {
             (True, False),
             (False, True),
         }
-    finally:
-        client.close()
-        broker.stop()
 
 
 def test_a_session_holds_at_most_max_subscriptions(fleet, sensor):
-    broker = limited(fleet, max_subscriptions=3)
-    client = Paho(broker, sensor, version=V5)
-    try:
-        client.connect()
+    with limited_client(fleet, sensor, max_subscriptions=3) as (broker, client):
         for n in range(3):
             assert client.subscribe(f"devices/sensor-1/commands/{n}", 1) == [1]
         assert client.subscribe("devices/sensor-1/commands/3", 1) == [QUOTA]
@@ -310,21 +339,13 @@ def test_a_session_holds_at_most_max_subscriptions(fleet, sensor):
         )
         assert client.subscribe("devices/sensor-1/commands/3", 1) == [1]
         assert broker.metric("limit_refusals_total", 'limit="subscriptions"') == 1
-    finally:
-        client.close()
-        broker.stop()
 
 
 def test_a_publish_topic_over_the_limits_is_refused_0x97(fleet, sensor):
-    broker = limited(fleet, max_topic_levels=5)
-    client = Paho(broker, sensor, version=V5)
-    try:
-        client.connect()
+    with limited_client(fleet, sensor, max_topic_levels=5) as (broker, client):
         assert client.publish("devices/sensor-1/a/b/c/d", b"1", qos=1) == QUOTA
         assert client.publish("devices/sensor-1/a/b/c", b"1", qos=1) == 0
-    finally:
-        client.close()
-        broker.stop()
+        assert broker.metric("limit_refusals_total", 'limit="topic_levels"') == 1
 
 
 def retained_topics(broker: RunningBroker, creds: Creds) -> set[str]:
@@ -337,18 +358,15 @@ def retained_topics(broker: RunningBroker, creds: Creds) -> set[str]:
         while True:
             try:
                 seen.add(fresh.message(timeout=0.5).topic)
-            except Exception:
+            except queue.Empty:
                 return seen
     finally:
         fresh.close()
 
 
 def test_retained_messages_per_device_are_capped_by_count(fleet, sensor):
-    broker = limited(fleet, max_retained_messages=3)
-    client = Paho(broker, sensor, version=V5)
     base = "devices/sensor-1/commands/"
-    try:
-        client.connect()
+    with limited_client(fleet, sensor, max_retained_messages=3) as (broker, client):
         assert [client.publish(f"{base}{n}", b"on", 1, retain=True) for n in range(4)] == [
             0,
             0,
@@ -359,34 +377,35 @@ def test_retained_messages_per_device_are_capped_by_count(fleet, sensor):
         assert client.publish(f"{base}1", b"", 1, retain=True) == 0  # deleted: room for one
         assert client.publish(f"{base}3", b"on", 1, retain=True) == 0
         assert client.publish(f"{base}4", b"on", 1, retain=True) == QUOTA
-    finally:
-        client.close()
-    assert retained_topics(broker, sensor) == {f"{base}0", f"{base}2", f"{base}3"}
-    assert broker.metric("limit_refusals_total", 'limit="retained_messages"') == 2
-    assert broker.audit_events("sensor-1", action="mqtt.limit", outcome="refused")
-    broker.stop()
+        assert retained_topics(broker, sensor) == {f"{base}0", f"{base}2", f"{base}3"}
+        assert broker.metric("limit_refusals_total", 'limit="retained_messages"') == 2
+        assert refusals(broker, "mqtt.limit")
 
 
 def test_retained_bytes_per_device_are_capped_and_311_is_acked_but_not_stored(fleet, sensor):
-    broker = limited(fleet, max_retained_bytes=1000)
     base = "devices/sensor-1/commands/"
-    client = Paho(broker, sensor, version=V311)
-    try:
-        client.connect()
+    with limited_client(fleet, sensor, V311, max_retained_bytes=1000) as (broker, client):
         assert client.publish(f"{base}a", b"x" * 400, 1, retain=True) == 0
         assert client.publish(f"{base}b", b"x" * 400, 1, retain=True) == 0
         assert client.publish(f"{base}c", b"x" * 400, 1, retain=True) == 0  # 3.1.1 cannot say no
-    finally:
-        client.close()
-    assert retained_topics(broker, sensor) == {f"{base}a", f"{base}b"}
-    assert broker.metric("limit_refusals_total", 'limit="retained_bytes"') == 1
-    broker.stop()
+        assert retained_topics(broker, sensor) == {f"{base}a", f"{base}b"}
+        assert broker.metric("limit_refusals_total", 'limit="retained_bytes"') == 1
 
 
 def test_300_refused_64k_filters_write_one_short_audit_row(fleet, sensor):
     """Before: 300 such SUBSCRIBEs wrote 56 MB of audit rows in 4 s."""
-    broker = limited(fleet)
-    raw = RawClient(broker, sensor)
+    with limited(fleet) as broker:
+        elapsed, events = refuse_300_long_filters(broker, sensor)
+        size = audit_size(events)
+        print(f"300 refused 65 KB filters in {elapsed:.2f} s: {len(events)} row(s), {size} bytes")
+        assert len(events) == 1 and size < 1024
+        assert broker.metric("limit_refusals_total", 'limit="topic_bytes"') == 300
+        assert broker.metric("audit_refusals_suppressed_total") == 299
+
+
+def refuse_300_long_filters(broker: RunningBroker, creds: Creds) -> tuple[float, list[AuditEvent]]:
+    """300 SUBSCRIBEs of one refused 65 KB filter each, sent at once; the audit rows after."""
+    raw = RawClient(broker, creds)
     try:
         raw.connect(client_id="sensor-1")
         refused = "devices/sensor-2/commands/" + "x" * 65_000
@@ -407,13 +426,7 @@ def test_300_refused_64k_filters_write_one_short_audit_row(fleet, sensor):
         elapsed = time.monotonic() - started
     finally:
         raw.close()
-    events = broker.audit_events("sensor-1", outcome="refused")
-    size = audit_size(events)
-    print(f"300 refused 65 KB filters in {elapsed:.2f} s: {len(events)} audit row(s), {size} bytes")
-    assert len(events) == 1 and size < 1024
-    assert broker.metric("limit_refusals_total", 'limit="topic_bytes"') == 300
-    assert broker.metric("audit_refusals_suppressed_total") == 299
-    broker.stop()
+    return elapsed, refusals(broker, None)
 
 
 def raw_publish(topic: bytes, level: int = 5) -> bytes:
@@ -433,39 +446,29 @@ def raw_publish(topic: bytes, level: int = 5) -> bytes:
 )
 @pytest.mark.parametrize("level", [5, 4])
 def test_protocol_refusals_are_audited(fleet, sensor, topic, code, said, level):
-    broker = limited(fleet)
-    raw = RawClient(broker, sensor, level=level)
-    try:
-        raw.connect(client_id="sensor-1")
-        raw.sock.sendall(raw_publish(topic, level))
-        closing = raw.receive()
-        if level == 5:
-            assert isinstance(closing, Disconnect) and closing.reason_code == code
-        else:
-            assert closing is None  # 3.1.1 has no DISCONNECT from the server: closed
-    finally:
-        raw.close()
-    events = wait_for(
-        lambda: broker.audit_events("sensor-1", action="mqtt.protocol", outcome="refused"),
-        what="the protocol refusal audited",
-    )
-    assert said in events[0].reason
-    assert broker.metric("protocol_refusals_total", f'reason="{code.name.lower()}"') == 1
-    broker.stop()
+    with limited(fleet) as broker:
+        raw = RawClient(broker, sensor, level=level)
+        try:
+            raw.connect(client_id="sensor-1")
+            raw.sock.sendall(raw_publish(topic, level))
+            closing = raw.receive()
+            if level == 5:
+                assert isinstance(closing, Disconnect) and closing.reason_code == code
+            else:
+                assert closing is None  # 3.1.1 has no DISCONNECT from the server: closed
+        finally:
+            raw.close()
+        events = refusals(broker, "mqtt.protocol")
+        assert said in events[0].reason
+        assert broker.metric("protocol_refusals_total", f'reason="{code.name.lower()}"') == 1
 
 
 def test_a_shared_subscription_refusal_is_audited(fleet, sensor):
-    broker = limited(fleet)
-    client = Paho(broker, sensor, version=V5)
-    try:
-        client.connect()
-        shared = "$share/g/devices/sensor-1/commands/#"
+    shared = "$share/g/devices/sensor-1/commands/#"
+    with limited_client(fleet, sensor) as (broker, client):
         assert client.subscribe(shared, 1) == [ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED.value]
-    finally:
-        client.close()
-    events = broker.audit_events("sensor-1", action="mqtt.subscribe", outcome="refused")
-    assert [shared in e.reason for e in events] == [True]
-    broker.stop()
+        events = refusals(broker, "mqtt.subscribe")
+        assert [shared in e.reason for e in events] == [True]
 
 
 def test_a_fast_publisher_is_slowed_to_its_rate_without_being_disconnected(fleet, sensor):
@@ -499,7 +502,7 @@ def test_a_fast_publisher_is_slowed_to_its_rate_without_being_disconnected(fleet
             f"160 messages at 50/s (burst 10): {elapsed:.2f} s; 50 others in {calm_elapsed:.2f} s"
         )
         assert 0.8 * 150 / 50 <= elapsed <= 3 * 150 / 50
-        assert calm_elapsed < 1.0
+        assert calm_elapsed < 1.5
         assert fast.events.disconnects.empty() and calm.events.disconnects.empty()
         assert broker.metric("publish_pauses_total") >= 1
     finally:
@@ -509,12 +512,15 @@ def test_a_fast_publisher_is_slowed_to_its_rate_without_being_disconnected(fleet
 
 
 def test_connects_beyond_the_rate_are_refused_0x9f_and_rc3_before_the_registry(fleet, sensor):
-    broker = limited(fleet, connect_rate=0.01, connect_burst=2)
-    try:
+    with limited(fleet, connect_rate=0.01, connect_burst=2) as broker:
         for _ in range(2):
             client = Paho(broker, sensor, version=V5)
             assert client.connect()[0] == 0
             client.close()
+        # Revoked now: a CONNECT that reached the registry would be refused 0x87, not 0x9F.
+        fleet.service.change_device(
+            "sensor-1", DeviceState.REVOKED, reason="keyCompromise", actor="t"
+        )
         client = Paho(broker, sensor, version=V5)
         assert client.connect()[0] == ReasonCode.CONNECTION_RATE_EXCEEDED.value
         client.close()
@@ -530,31 +536,32 @@ def test_connects_beyond_the_rate_are_refused_0x9f_and_rc3_before_the_registry(f
         )
         assert "received CONNACK (3)" in result.stdout
         assert broker.metric("connect_refusals_total", 'reason="connect_rate"') == 2
+        assert broker.metric("connect_refusals_total", 'reason="admission"') == 0
         assert broker.metric("limit_refusals_total", 'limit="connect_rate"') == 2
-        events = broker.audit_events("sensor-1", action="mqtt.connect", outcome="refused")
+        events = refusals(broker, "mqtt.connect")
         assert len(events) == 1 and "connects more often" in events[0].reason
-    finally:
-        broker.stop()
 
 
 def test_queue_overflow_is_on_metrics_per_client_and_audited_once(fleet, sensor):
+    """Before: messages beyond the queue were dropped after being acknowledged to their
+    publishers, and nothing said for whom."""
     fleet.registry.set_acl(
         "controllers", publish=["devices/+/commands/#"], subscribe=[], actor="test"
     )
     ops = enroll(fleet, "ops-1", group="controllers")
-    broker = limited(fleet, max_queued_messages=3)
-    away = Paho(broker, sensor, version=V5, session_expiry=300)
-    sender = Paho(broker, ops, version=V5)
-    try:
+    with limited(fleet, max_queued_messages=3) as broker:
+        away = Paho(broker, sensor, version=V5, session_expiry=300)
         away.connect()
         away.subscribe("devices/sensor-1/commands/#", 1)
         away.close()
-        sender.connect()
-        for n in range(10):
-            assert sender.publish("devices/sensor-1/commands/x", b"%d" % n, 1) == 0
+        sender = Paho(broker, ops, version=V5)
+        try:
+            sender.connect()
+            for n in range(10):
+                assert sender.publish("devices/sensor-1/commands/x", b"%d" % n, 1) == 0
+        finally:
+            sender.close()
         assert broker.metric("session_queue_dropped_total", 'client_id="sensor-1"') == 7
-        events = broker.audit_events("sensor-1", action="mqtt.queue_overflow")
+        assert broker.metric("limit_refusals_total", 'limit="queued_messages"') == 7
+        events = refusals(broker, "mqtt.queue_overflow", outcome="dropped")
         assert len(events) == 1 and "full" in events[0].reason
-    finally:
-        sender.close()
-        broker.stop()
