@@ -299,6 +299,31 @@ def test_queue_overflow_is_counted_per_session_and_audited_once_per_episode():
     assert core.metrics.limit_refusals[Limit.QUEUED_BYTES] == 1
 
 
+def test_the_send_window_is_capped_by_the_groups_max_inflight():
+    limits = LimitSettings(DeviceLimits(max_inflight=2))
+    core = BrokerCore(CoreSettings(), metrics=Metrics(), audit=lambda r: None, limits=limits)
+    sub = connected(core, "sensor-1", properties=Properties(receive_maximum=10))
+    sub.receive_data(
+        encode(
+            Subscribe(
+                packet_id=1,
+                subscriptions=(
+                    Subscription(topic_filter="devices/sensor-1/commands/#", qos=QoS.AT_LEAST_ONCE),
+                ),
+            ),
+            5,
+        ),
+        0.0,
+    )
+    message = Message(
+        "devices/sensor-1/commands/x", b"1", QoS.AT_LEAST_ONCE, False, Properties(), "ops"
+    )
+    for _ in range(5):
+        core.publish(message, 1.0)
+    session = core.sessions["sensor-1"]
+    assert (len(session.inflight), len(session.queue)) == (2, 3)
+
+
 # -- a real broker, real clients ------------------------------------------------------------
 
 
