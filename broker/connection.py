@@ -59,11 +59,6 @@ _V3 = ProtocolLevel.MQTT_3_1_1
 _V5 = ProtocolLevel.MQTT_5
 _R = ReasonCode
 _ACL_MEMORY = 64
-_LIMIT_SETTING = {
-    Limit.TOPIC_BYTES: "max_topic_bytes",
-    Limit.TOPIC_LEVELS: "max_topic_levels",
-    Limit.PUBLISH_RATE: "publish_rate",
-}
 _PUBACK_HEAD = b"\x40\x02"
 KEEP_ALIVE_GRACE = 1.5
 """A client silent for 1.5 times its keep-alive is gone (MQTT-3.1.2-24)."""
@@ -235,6 +230,7 @@ class Connection:
         may stall again)."""
         if self.resume_at is not None:
             self.resume_at = None
+            self.last_received = now  # the keep-alive counts from when reading resumed
             self._process(now)
 
     def admission_done(self, result: Admitted | Refused, now: float) -> None:
@@ -273,6 +269,7 @@ class Connection:
         elif (
             self.state is State.CONNECTED
             and self.keep_alive
+            and self.resume_at is None  # not read by choice (publish rate): not silent
             and now - self.last_received > KEEP_ALIVE_GRACE * self.keep_alive
         ):
             self._disconnect(_R.KEEP_ALIVE_TIMEOUT, "keep-alive timeout", now, publish_will=True)
@@ -856,7 +853,7 @@ class Connection:
     def _over_limit(self, limit: str, what: str, now: float) -> None:
         """A request over one of the group's limits (:class:`broker.limits.Limit`)."""
         self.core.metrics.limit_refusals[limit] += 1
-        value = getattr(self.limits, _LIMIT_SETTING.get(limit, f"max_{limit}"))
+        value = getattr(self.limits, f"max_{limit}")  # each count or size limit's setting
         self._refused(
             "mqtt.limit",
             limit,

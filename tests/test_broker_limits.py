@@ -155,6 +155,36 @@ def test_audit_text_keeps_short_text_and_bounds_long_text_with_its_hash():
     assert audit_text(long) != audit_text(long[:-1] + "x")
 
 
+def test_every_count_and_size_limit_names_its_setting():
+    """``Connection`` reports a refusal with the setting ``max_<limit>``."""
+    for limit in (
+        Limit.SUBSCRIPTIONS,
+        Limit.TOPIC_BYTES,
+        Limit.TOPIC_LEVELS,
+        Limit.RETAINED_MESSAGES,
+        Limit.RETAINED_BYTES,
+        Limit.QUEUED_MESSAGES,
+        Limit.QUEUED_BYTES,
+    ):
+        assert isinstance(getattr(DeviceLimits(), f"max_{limit}"), int)
+
+
+def test_a_connection_held_back_by_its_publish_rate_is_not_timed_out_as_silent():
+    limits = LimitSettings(DeviceLimits(publish_rate=0.01, publish_burst=1))
+    core = BrokerCore(CoreSettings(), metrics=Metrics(), audit=lambda r: None, limits=limits)
+    conn = connected(core, "sensor-1", keep_alive=10)
+    two = encode(Publish(topic="devices/sensor-1/t", payload=b"1"), 5) * 2
+    conn.receive_data(two, 1.0)
+    assert conn.resume_at == pytest.approx(101.0)
+    core.tick(50.0)  # 49 s without reading it, keep-alive 10 s
+    assert conn.state.value == "connected"
+    conn.resume(101.0)
+    core.tick(101.0 + 14.9)
+    assert conn.state.value == "connected"
+    core.tick(101.0 + 15.1)  # read again since 101 s, and silent for 1.5 x keep-alive
+    assert conn.state.value == "closed"
+
+
 def test_topic_limits_count_utf8_bytes_and_levels():
     limits = DeviceLimits(max_topic_bytes=16, max_topic_levels=3)
     assert topic_excess("a/b/c", limits) is None
