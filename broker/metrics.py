@@ -38,6 +38,10 @@ class Metrics:
         self.audit_dropped = 0
         self.audit_written = 0
         self.feed_errors = 0
+        self.limit_refusals: Counter[str] = Counter()  # by broker.limits.Limit
+        self.protocol_refusals: Counter[str] = Counter()  # by reason code name
+        self.publish_pauses = 0
+        self.audit_suppressed = 0
 
     def render(
         self, *, connections: int, sessions: int, queued: int, retained: int, feed_lag_s: float
@@ -131,3 +135,44 @@ class Metrics:
             gauge(feed_lag_s),
         )
         return "\n".join(lines) + "\n"
+
+    def render_limits(self, queue_drops: Iterable[tuple[str, int]]) -> str:
+        """The per-device limit families; ``queue_drops`` is (client id, dropped) per session
+        whose queue overflowed: one series per such session, so bounded by the sessions."""
+        lines: list[str] = []
+        lines += family_lines(
+            "limit_refusals_total",
+            "counter",
+            "Requests refused (or messages dropped) by a per-device limit, by limit.",
+            [(f'{{limit="{k}"}}', v) for k, v in sorted(self.limit_refusals.items())],
+        )
+        lines += family_lines(
+            "protocol_refusals_total",
+            "counter",
+            "Connections closed for breaking the protocol, by reason code.",
+            [(f'{{reason="{k}"}}', v) for k, v in sorted(self.protocol_refusals.items())],
+        )
+        lines += family_lines(
+            "publish_pauses_total",
+            "counter",
+            "Times a connection was not read for a while because it published too fast.",
+            [("", self.publish_pauses)],
+        )
+        lines += family_lines(
+            "audit_refusals_suppressed_total",
+            "counter",
+            "Refusals left out of the audit (one row per client and kind per minute).",
+            [("", self.audit_suppressed)],
+        )
+        lines += family_lines(
+            "session_queue_dropped_total",
+            "counter",
+            "Messages dropped because a session's queue was full, by client id.",
+            [(f'{{client_id="{_label(c)}"}}', n) for c, n in sorted(queue_drops)],
+        )
+        return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A label value escaped as the exposition format asks."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
