@@ -6,6 +6,7 @@ free text, so a misbehaving client cannot grow the number of series.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 
@@ -13,13 +14,30 @@ from broker.mqtt import QoS
 
 _PREFIX = "fleetgate_broker_"
 
+Sample = int | float
+"""A sample's value: counters and counts as ``int`` (booleans as 0/1), times as ``float``."""
+
+
+def sample_text(value: Sample) -> str:
+    """A value exactly as Prometheus reads it back: an integer in all its digits, a float in
+    its shortest round-trip form (``repr``), never ``%g``'s six digits (``1.0924e+06`` for a
+    counter at 1,092,396, a Unix time to within ~10,000 s); NaN and infinities in the
+    exposition format's spelling."""
+    if isinstance(value, int):  # bool included
+        return str(int(value))
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
 
 def family_lines(
-    name: str, kind: str, text: str, samples: Iterable[tuple[str, float]]
+    name: str, kind: str, text: str, samples: Iterable[tuple[str, Sample]]
 ) -> list[str]:
     """One metric family: HELP, TYPE and its samples (``labels`` like ``{bridge="x"}``)."""
     lines = [f"# HELP {_PREFIX}{name} {text}", f"# TYPE {_PREFIX}{name} {kind}"]
-    lines.extend(f"{_PREFIX}{name}{labels} {value:g}" for labels, value in samples)
+    lines.extend(f"{_PREFIX}{name}{labels} {sample_text(value)}" for labels, value in samples)
     return lines
 
 
@@ -49,16 +67,16 @@ class Metrics:
         """The exposition text; the arguments are gauges read from the live broker."""
         lines: list[str] = []
 
-        def family(name: str, kind: str, text: str, samples: Iterable[tuple[str, float]]) -> None:
+        def family(name: str, kind: str, text: str, samples: Iterable[tuple[str, Sample]]) -> None:
             lines.extend(family_lines(name, kind, text, samples))
 
-        def by(label: str, counter: Counter[str] | Counter[int]) -> list[tuple[str, float]]:
+        def by(label: str, counter: Counter[str] | Counter[int]) -> list[tuple[str, Sample]]:
             return [(f'{{{label}="{key}"}}', value) for key, value in sorted(counter.items())]
 
-        def qos(counter: Counter[int]) -> list[tuple[str, float]]:
+        def qos(counter: Counter[int]) -> list[tuple[str, Sample]]:
             return [(f'{{qos="{q}"}}', counter[q]) for q in QoS]
 
-        def gauge(value: float) -> list[tuple[str, float]]:
+        def gauge(value: Sample) -> list[tuple[str, Sample]]:
             return [("", value)]
 
         family("connections", "gauge", "Open MQTT connections.", gauge(connections))

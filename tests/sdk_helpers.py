@@ -109,6 +109,7 @@ class Mosquitto:
         if process is None:
             return
         os.kill(process.pid, signal.SIGTERM)
+        os.kill(process.pid, signal.SIGCONT)  # a frozen broker handles the SIGTERM at once
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
@@ -116,6 +117,16 @@ class Mosquitto:
             process.wait(10)
         if process.stderr is not None:
             process.stderr.close()
+
+    def freeze(self) -> None:
+        """SIGSTOP: the broker keeps its connections open but answers nothing, as a hung host."""
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT after :meth:`freeze`."""
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: the broker dies at once, as on a crash or power loss."""
