@@ -1,0 +1,104 @@
+"""Audit events from an event loop's hot path, written to the registry in batches off the loop.
+
+A refused TLS handshake or ACL check must not wait for a database commit, and a flood of them
+must not grow memory without bound: records go into a bounded queue; when it is full they are
+dropped, counted and logged, never silently. The broker and the enrollment service share this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Protocol
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from enrollment.registry import AuditRecord, Registry
+
+log = logging.getLogger("fleetgate.audit")
+
+BATCH = 500
+
+
+class AuditCounts(Protocol):
+    """Where a writer counts what it stored and what it lost (the broker's ``Metrics`` is one)."""
+
+    audit_written: int
+    audit_dropped: int
+
+
+@dataclass
+class AuditTally:
+    """The counts of a writer that reports to nobody else."""
+
+    audit_written: int = 0
+    audit_dropped: int = 0
+
+
+class AuditWriter:
+    """A bounded queue of audit records and the task that commits them.
+
+    ``executor`` is where the commits run (None: the loop's default executor); a server that
+    bounds its registry connections passes its own pool.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        counts: AuditCounts | None = None,
+        *,
+        capacity: int = 10_000,
+        executor: Executor | None = None,
+    ) -> None:
+        self._registry = registry
+        self.counts: AuditCounts = counts if counts is not None else AuditTally()
+        self._capacity = capacity
+        self._executor = executor
+        self._queue: deque[AuditRecord] = deque()
+        self._wake = asyncio.Event()
+        self._writing = asyncio.Lock()
+
+    def submit(self, record: AuditRecord) -> None:
+        """Queue ``record``; never blocks."""
+        if len(self._queue) >= self._capacity:
+            self.counts.audit_dropped += 1
+            log.warning(
+                "audit queue full: event dropped",
+                extra={"action": record.action, "subject": record.subject},
+            )
+            return
+        self._queue.append(record)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Commit queued records until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Commit everything queued so far, including a batch another flush is committing."""
+        loop = asyncio.get_running_loop()
+        async with self._writing:
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
+                stored = await loop.run_in_executor(self._executor, self._write, batch)
+                # Counted here, on the loop, so submit's counting never races a worker thread.
+                if stored:
+                    self.counts.audit_written += len(batch)
+                else:
+                    self.counts.audit_dropped += len(batch)
+
+    def _write(self, batch: list[AuditRecord]) -> bool:
+        try:
+            with self._registry.transaction() as session:
+                for record in batch:
+                    self._registry.audit(record, session)
+        except SQLAlchemyError:
+            log.exception("audit events could not be stored", extra={"count": len(batch)})
+            return False
+        return True
