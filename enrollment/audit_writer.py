@@ -8,9 +8,10 @@ dropped, counted and logged, never silently. The broker and the enrollment servi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,6 +22,9 @@ from enrollment.registry import AuditRecord, Registry
 log = logging.getLogger("fleetgate.audit")
 
 BATCH = 500
+
+Offload = Callable[[Callable[[], bool]], Awaitable[bool]]
+"""Runs a blocking call away from the event loop and awaits its result."""
 
 
 class AuditCounts(Protocol):
@@ -41,8 +45,11 @@ class AuditTally:
 class AuditWriter:
     """A bounded queue of audit records and the task that commits them.
 
-    ``executor`` is where the commits run (None: the loop's default executor); a server that
-    bounds its registry connections passes its own pool.
+    ``offload`` runs each commit off the loop (default: ``asyncio.to_thread``); a server that
+    bounds its registry connections passes its own pool. Batches are committed one at a time, in
+    order, by a drain task that cancelling :meth:`run` or a :meth:`flush` does not interrupt: a
+    batch handed over is never lost to a cancellation (an executor drops work that has not
+    started when its future is cancelled).
     """
 
     def __init__(
@@ -51,15 +58,15 @@ class AuditWriter:
         counts: AuditCounts | None = None,
         *,
         capacity: int = 10_000,
-        executor: Executor | None = None,
+        offload: Offload | None = None,
     ) -> None:
         self._registry = registry
         self.counts: AuditCounts = counts if counts is not None else AuditTally()
         self._capacity = capacity
-        self._executor = executor
+        self._offload: Offload = offload if offload is not None else asyncio.to_thread
         self._queue: deque[AuditRecord] = deque()
         self._wake = asyncio.Event()
-        self._writing = asyncio.Lock()
+        self._drain: asyncio.Task[None] | None = None
 
     def submit(self, record: AuditRecord) -> None:
         """Queue ``record``; never blocks."""
@@ -81,17 +88,22 @@ class AuditWriter:
             await self.flush()
 
     async def flush(self) -> None:
-        """Commit everything queued so far, including a batch another flush is committing."""
-        loop = asyncio.get_running_loop()
-        async with self._writing:
-            while self._queue:
-                batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
-                stored = await loop.run_in_executor(self._executor, self._write, batch)
-                # Counted here, on the loop, so submit's counting never races a worker thread.
-                if stored:
-                    self.counts.audit_written += len(batch)
-                else:
-                    self.counts.audit_dropped += len(batch)
+        """Commit everything queued so far; returns once it is stored (or counted as dropped)."""
+        if self._drain is None or self._drain.done():
+            if not self._queue:
+                return
+            self._drain = asyncio.create_task(self._commit_queue())
+        await asyncio.shield(self._drain)
+
+    async def _commit_queue(self) -> None:
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
+            stored = await self._offload(functools.partial(self._write, batch))
+            # Counted here, on the loop, so submit's counting never races a worker thread.
+            if stored:
+                self.counts.audit_written += len(batch)
+            else:
+                self.counts.audit_dropped += len(batch)
 
     def _write(self, batch: list[AuditRecord]) -> bool:
         try:

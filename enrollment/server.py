@@ -61,7 +61,7 @@ class EnrollmentServer:
             raise
         self.service = EnrollmentService(ca, self.registry)
         self.threads = ServiceThreads(threads or service_threads(self.registry))
-        self.audit = AuditWriter(self.registry, executor=self.threads.executor)
+        self.audit = AuditWriter(self.registry, offload=self.threads.run)
         self.port = config.enrollment.port if port is None else port
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None

@@ -17,6 +17,7 @@ import base64
 import http.client
 import itertools
 import shutil
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from cryptography.x509.oid import NameOID
 from postgres_server import PostgresServer, PostgresUnavailable, postgres_server
 
-from device_sdk.est import client_context, device_csr
+from device_sdk.est import EstClient, client_context, device_csr
 from enrollment.config import Config, load_config
 from enrollment.errors import EnrollmentRefused
 from enrollment.registry import CertStatus, DeviceState, SubjectKind
@@ -83,17 +84,20 @@ def est_server(fleet, config: Config) -> Iterator[RunningServer]:
 
 
 class HoldAtSigning(StageTimer):
-    """A stage timer that holds the first ``parties`` callers at the "sign" stage until all of
-    them are there; later callers pass. ``held_together`` says whether they all arrived (if
-    the server ran requests one at a time, the first waits in vain until the timeout)."""
+    """A stage timer that holds callers at the "sign" stage until ``release`` is set: by the
+    test, or by the arrival of the ``parties``-th caller (later callers then pass).
 
-    def __init__(self, parties: int) -> None:
+    ``met`` says whether the parties all arrived; if they do not within 20 s (the server ran
+    requests one at a time), everyone is let through and the test's assertions say so.
+    """
+
+    def __init__(self, parties: int | None = None) -> None:
         super().__init__()
         self.parties = parties
         self.arrived = 0
-        self.held_together = False
-        self._barrier = threading.Barrier(parties, timeout=20)
-        self._count = threading.Lock()
+        self.met = False
+        self.release = threading.Event()
+        self._arrivals = threading.Condition()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -103,15 +107,18 @@ class HoldAtSigning(StageTimer):
             yield
 
     def _hold(self) -> None:
-        with self._count:
+        with self._arrivals:
             self.arrived += 1
-            held = self.arrived <= self.parties
-        if held:
-            try:
-                self._barrier.wait()
-            except threading.BrokenBarrierError:
-                return  # they did not overlap: the caller's assertions say so
-            self.held_together = True
+            if self.parties is not None and self.arrived == self.parties:
+                self.met = True
+                self.release.set()
+            self._arrivals.notify_all()
+        if not self.release.wait(20):
+            self.release.set()
+
+    def wait_for_arrivals(self, count: int) -> bool:
+        with self._arrivals:
+            return self._arrivals.wait_for(lambda: self.arrived >= count, timeout=20)
 
 
 def hold_service_calls(server: RunningServer) -> tuple[HoldAtSigning, ServiceThreads]:
@@ -124,7 +131,7 @@ def hold_service_calls(server: RunningServer) -> tuple[HoldAtSigning, ServiceThr
 
 def assert_overlapped(hold: HoldAtSigning, threads: ServiceThreads) -> None:
     """The server ran ``threads.threads`` enrollments at once: the gauge saw them together."""
-    assert hold.held_together, f"only {hold.arrived} enrollment(s) reached signing together"
+    assert hold.met, f"only {hold.arrived} enrollment(s) reached signing together"
     assert threads.peak_in_flight == threads.threads
     assert threads.in_flight == 0
 
@@ -254,7 +261,7 @@ def test_twenty_threads_racing_inside_the_service_enroll_one_id_once(fleet):
     with ThreadPoolExecutor(max_workers=20) as pool:
         results = list(pool.map(one, bodies))
 
-    assert hold.held_together
+    assert hold.met
     issued = [r for r in results if isinstance(r, x509.Certificate)]
     refused = [r for r in results if isinstance(r, EnrollmentRefused)]
     assert (len(issued), len(refused)) == (1, 19)
@@ -266,3 +273,39 @@ def test_twenty_threads_racing_inside_the_service_enroll_one_id_once(fleet):
     ]
     events = [e for e in fleet.registry.audit_events(subject="sensor-1") if e.action == "enroll"]
     assert sorted(e.outcome for e in events) == ["ok"] + ["refused"] * 19
+
+
+def test_handshakes_are_answered_while_every_service_thread_is_busy(fleet, config):
+    """Enrollments held mid-signing fill the server's whole pool (its default size: one thread
+    on SQLite); the event loop still completes TLS handshakes, serves cacerts and refuses a
+    bad handshake, whose audit entry is stored once the pool is free again."""
+    server = RunningServer(config).start()
+    try:
+        station = fleet.add_station("line-1")
+        width = server.server.threads.threads
+        ids = [f"sensor-{n}" for n in range(width)]
+        fleet.batch("line-1", *ids)
+        hold = HoldAtSigning()
+        server.server.service.timer = hold
+        with ThreadPoolExecutor(max_workers=1) as background:
+            pending = background.submit(enroll_all_at_once, fleet, server, station, ids)
+            assert hold.wait_for_arrivals(width)
+            assert server.server.threads.in_flight == width
+
+            with EstClient(server.url, client_context(fleet.root, None, None), timeout=5) as est:
+                assert len(est.cacerts()) == 2
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as probe:
+                probe.sendall(b"GET / HTTP/1.0\r\n\r\n")  # not a TLS ClientHello
+                while probe.recv(4096):  # the alert, then the server's close
+                    pass
+            assert not pending.done()
+
+            hold.release.set()
+            outcomes = pending.result(timeout=30)
+        assert [o.status for o in outcomes] == [200] * width
+    finally:
+        server.stop()  # stores the queued audit entries
+    events = [e for e in fleet.registry.audit_events() if e.action == "tls.handshake"]
+    assert [(e.outcome, e.actor.startswith("peer:127.0.0.1:")) for e in events] == [
+        ("refused", True)
+    ]
