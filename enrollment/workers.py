@@ -9,12 +9,12 @@ How many threads (:func:`service_threads`):
 
 * SQLite: one. Its writers serialize on the database lock whatever the thread count, and a
   writer that finds the lock taken does not queue: SQLite's busy handler sleeps 1, 2, 5, 10 ms...
-  between retries. Measured with ``make bench-enroll`` (server pinned to one core): two threads
-  doubled the database stage's wall time and cost 60-100 us more CPU per enrollment than one,
-  four cost 130-230 us more, and both enrolled fewer devices per second. The CPU-bound parts
-  (CSR checks, signing) hold the GIL, so they gain nothing from more threads either. (An
-  in-memory SQLite registry shares one connection between threads: two would interleave their
-  transactions on it.)
+  between retries. Measured with ``make bench-enroll`` (server pinned to one core, runs
+  interleaved): four threads cost 1443-1505 us of server CPU per enrollment against one
+  thread's 1238-1350 us, and tripled the database stage's wall time. (Their enrollments per
+  second were similar only because four runnable threads got a larger share of the shared,
+  busy core: 80-93 % against 62-81 %.) An in-memory SQLite registry shares one connection
+  between threads: two would interleave their transactions on it.
 * PostgreSQL: :data:`SERVICE_THREADS` (4), so round trips of several requests overlap, but no
   more than the engine's ``QueuePool`` keeps connections (``pool_size``, 5 by default; more
   threads would open and close overflow connections, or wait for one).

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import itertools
 import shutil
 import socket
 import threading
@@ -31,7 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from cryptography.x509.oid import NameOID
-from postgres_server import PostgresServer, PostgresUnavailable, postgres_server
+from test_registry_postgres import pg_server, pg_url  # noqa: F401 (fixtures: a fresh database)
 
 from device_sdk.est import EstClient, client_context, device_csr
 from enrollment.config import Config, load_config
@@ -42,17 +41,6 @@ from enrollment.workers import ServiceThreads
 
 EST = "/.well-known/est"
 SQLITE_THREADS = 4  # the server's default for SQLite is one thread: nothing would overlap
-_databases = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PostgresServer]:
-    """One throwaway PostgreSQL cluster for this module's PostgreSQL runs."""
-    try:
-        with postgres_server() as server:
-            yield server
-    except PostgresUnavailable as exc:
-        pytest.fail(f"cannot start the test PostgreSQL server: {exc}", pytrace=False)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -65,9 +53,7 @@ def config(
     """The conftest data directory, with its registry in SQLite or in a fresh PostgreSQL
     database (configured as an operator would, through the environment)."""
     if request.param == "postgresql":
-        pg: PostgresServer = request.getfixturevalue("pg_server")
-        url = pg.create_database(f"fleetgate_concurrency_{next(_databases)}")
-        monkeypatch.setenv("FLEETGATE_DATABASE_URL", url)
+        monkeypatch.setenv("FLEETGATE_DATABASE_URL", request.getfixturevalue("pg_url"))
     cfg = load_config(home)
     assert cfg.database_url.startswith(request.param)
     shutil.copytree(_ca_template, cfg.ca_dir)
