@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import ssl
+import threading
 
 from aiohttp import web
 
@@ -68,12 +69,16 @@ class EnrollmentServer:
         self._renewer: asyncio.Task[None] | None = None
         self._auditor: asyncio.Task[None] | None = None
         self.certificate_check_interval_s = CERTIFICATE_CHECK_INTERVAL_S
+        self._crl_lock = threading.Lock()
 
     def _read_crl(self) -> bytes:
+        """The current CRL, re-signed first if it is stale. Runs on the service threads: the
+        lock keeps two of them from re-signing at once (both would write ``crl.der.tmp``)."""
         path = ca_paths(self.config).crl
-        if not path.exists() or needs_refresh(path.read_bytes(), now=self.service.clock()):
-            self.service.publish_crl()
-        return path.read_bytes()
+        with self._crl_lock:
+            if not path.exists() or needs_refresh(path.read_bytes(), now=self.service.clock()):
+                self.service.publish_crl()
+            return path.read_bytes()
 
     def _on_handshake_refused(self, peer: str, reason: str) -> None:
         log.warning("TLS handshake refused", extra={"peer": peer, "reason": reason})
