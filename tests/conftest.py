@@ -123,8 +123,8 @@ def fleet(config: Config) -> Iterator[Fleet]:
 class RunningServer:
     """An :class:`EnrollmentServer` on its own loop in a thread, on an ephemeral loopback port."""
 
-    def __init__(self, config: Config) -> None:
-        self._server = EnrollmentServer(config, port=0)
+    def __init__(self, config: Config, *, threads: int | None = None) -> None:
+        self._server = EnrollmentServer(config, port=0, threads=threads)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -146,6 +146,11 @@ class RunningServer:
         asyncio.run_coroutine_threadsafe(self._server.stop(), self._loop).result(15)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(15)
+
+    @property
+    def server(self) -> EnrollmentServer:
+        """The server itself: its service and the gauges of its thread pool."""
+        return self._server
 
     @property
     def url(self) -> str:
