@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from postgres_server import PostgresServer, PostgresUnavailable, postgres_server
+from registry_helpers import new_registry
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, select
@@ -43,8 +44,8 @@ from enrollment.registry import (
     StationState,
     SubjectKind,
 )
+from enrollment.registry.certificates import certificate_values
 from enrollment.registry.models import BatchEntry
-from enrollment.registry.store import _certificate_values
 from enrollment.service import EnrollmentService
 
 PASSPHRASE = "pg-test-passphrase-0123"
@@ -52,7 +53,7 @@ _database_names = itertools.count(1)
 
 
 def _certificate_row(cert, kind, subject_id):
-    return Certificate(**_certificate_values(cert, kind, subject_id))
+    return Certificate(**certificate_values(cert, kind, subject_id))
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +74,7 @@ def pg_url(pg_server: PostgresServer) -> str:
 
 @pytest.fixture
 def registry(pg_url: str) -> Iterator[Registry]:
-    reg = Registry(pg_url)
+    reg = new_registry(pg_url)
     yield reg
     reg.close()
 
@@ -107,7 +108,7 @@ def pg_fleet(home: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterat
     config = load_config(home)
     assert config.database_url == pg_url
     init_ca(config)
-    reg = Registry(config.database_url)
+    reg = new_registry(config.database_url)
     assert reg.engine.dialect.name == "postgresql"
     service = EnrollmentService(load_ca(config), reg)
     _key, station_cert = service.add_station("line-1", actor="test")
@@ -145,7 +146,7 @@ def test_audit_log_is_append_only(registry: Registry, pg_url: str) -> None:
         conn.execute(text("UPDATE auditevent SET reason = 'rewritten'"))
     with pytest.raises(DBAPIError, match="append-only"), registry.engine.begin() as conn:
         conn.execute(text("DELETE FROM auditevent"))
-    # Opening the registry again re-creates the trigger idempotently; it still holds.
+    # Opening the registry again changes nothing in the schema; the trigger still holds.
     again = Registry(pg_url)
     try:
         with pytest.raises(DBAPIError, match="append-only"), again.engine.begin() as conn:
@@ -173,7 +174,7 @@ def test_partial_index_allows_one_active_certificate_per_subject(registry: Regis
 
 def test_partial_index_also_holds_on_sqlite(tmp_path: Path) -> None:
     """The same index predicate must match what SQLite stores (the enum's member names)."""
-    reg = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    reg = new_registry(f"sqlite:///{tmp_path / 'registry.db'}")
     try:
         test_partial_index_allows_one_active_certificate_per_subject(reg)
     finally:
