@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect
 from sqlalchemy.engine import Engine
 
 from enrollment.errors import FleetgateError
 from enrollment.registry.engine import create_registry_engine
+
+if TYPE_CHECKING:  # Alembic is imported only to upgrade: it costs ~0.2 s, every open would pay
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 REVISIONS = ("0001",)
 """Every revision, oldest first; a test checks it against the migrations directory."""
@@ -113,6 +115,8 @@ def refusal(engine: Engine, revision: str | None) -> SchemaOutdated | None:
 
 def script_directory() -> ScriptDirectory:
     """The packaged revisions, as Alembic reads them."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_alembic_config())
 
 
@@ -122,6 +126,8 @@ def upgrade(url: str) -> SchemaStatus:
     An empty database gets the whole schema, a legacy one is adopted in place, a current one is
     left alone. A schema newer than this fleetgate is refused rather than touched.
     """
+    from alembic import command
+
     engine = create_registry_engine(url)
     try:
         before = status(engine)
@@ -149,6 +155,8 @@ def create_if_empty(url: str) -> bool:
 
 
 def _alembic_config() -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", _SCRIPT_LOCATION)
     return config
