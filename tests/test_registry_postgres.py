@@ -476,23 +476,7 @@ def _schema_dump(server: PostgresServer, database: str) -> list[str]:
 def _made_by_main(server: PostgresServer, database: str) -> None:
     """A registry as main left it: its schema, a station, an enrolled device and its audit."""
     _run_sql(server, database, MAIN_POSTGRESQL.read_text())
-    _run_sql(
-        server,
-        database,
-        """
-        INSERT INTO station VALUES ('line-1', 'ACTIVE', '2026-11-01 08:00:00+00');
-        INSERT INTO batch (station_id, label, created_at)
-            VALUES ('line-1', 'first', '2026-11-01 08:01:00+00');
-        INSERT INTO device VALUES ('sensor-1', 'meters', 'ACTIVE', 'line-1',
-            '2026-11-01 08:01:00+00', '2026-11-01 08:02:00+00', 'tpm', 'ab12', 'TPM evidence');
-        INSERT INTO batchentry VALUES ('sensor-1', 1, '2026-11-01 08:02:00+00');
-        INSERT INTO certificate VALUES ('1f', 'DEVICE', 'sensor-1', 'fp-1',
-            '2026-11-01 08:02:00+00', '2036-11-01 08:02:00+00', 'ACTIVE', NULL, NULL, 'PEM');
-        INSERT INTO aclrule VALUES ('meters', 'publish', 'meters/%d/#');
-        INSERT INTO auditevent (at, actor, action, subject, outcome, reason)
-            VALUES ('2026-11-01 08:02:00+00', 'station:line-1', 'enroll', 'sensor-1', 'ok', '');
-        """,
-    )
+    _run_sql(server, database, (MAIN_POSTGRESQL.parent / "registry_main_rows.sql").read_text())
 
 
 def test_upgrade_creates_exactly_the_schema_main_wrote(pg_server: PostgresServer) -> None:

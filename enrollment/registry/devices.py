@@ -181,11 +181,7 @@ class Devices(AuditLog):
             ) from exc
 
     def device(self, device_id: str) -> Device:
-        with self._read_session() as s:
-            row = s.get(Device, device_id)
-            if row is None:
-                raise NotFound(f"no device {device_id!r} in the registry")
-            return row
+        return self._get(Device, device_id, f"no device {device_id!r} in the registry")
 
     def devices(self, *, state: DeviceState | None = None) -> list[Device]:
         with self._read_session() as s:

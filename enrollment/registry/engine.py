@@ -11,13 +11,16 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import StaticPool
-from sqlmodel import Session, create_engine
+from sqlmodel import Session, SQLModel, create_engine
 
+from enrollment.errors import NotFound
+
+_Row = TypeVar("_Row", bound=SQLModel)
 _READ_ONLY = "fleetgate_read_only"
 _MEMORY_URLS = frozenset({"sqlite://", "sqlite:///:memory:"})
 
@@ -156,6 +159,14 @@ class Database:
         """An ORM session over a read-only transaction (deferred on SQLite: no write lock)."""
         with self._read() as conn, Session(bind=conn, expire_on_commit=False) as session:
             yield session
+
+    def _get(self, model: type[_Row], key: str, missing: str) -> _Row:
+        """The row of ``model`` with primary key ``key``; :class:`NotFound` saying ``missing``."""
+        with self._read_session() as s:
+            row = s.get(model, key)
+        if row is None:
+            raise NotFound(missing)
+        return row
 
     def _fast_rows(self, statement: Any, params: dict[str, Any]) -> list[Any]:
         """Rows of a hot read: plain sqlite3 on a file database, else a read transaction."""

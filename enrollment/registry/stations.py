@@ -42,11 +42,8 @@ class Stations(AuditLog):
             self.audit(AuditRecord(actor, "station.add", "ok", subject=station_id), s)
 
     def station(self, station_id: str) -> Station:
-        with self._read_session() as s:
-            row = s.get(Station, station_id)
-            if row is None:
-                raise NotFound(f"no station {station_id!r}: add it with `fleetgate station add`")
-            return row
+        missing = f"no station {station_id!r}: add it with `fleetgate station add`"
+        return self._get(Station, station_id, missing)
 
     def stations(self) -> list[Station]:
         with self._read_session() as s:
