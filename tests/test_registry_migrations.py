@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from registry_helpers import new_registry
+from upgrade_race import upgrade_concurrently
 
 from broker.acl import check_template
 from enrollment.registry import AuditRecord, DeviceState, Registry, SchemaOutdated
@@ -222,3 +223,12 @@ def test_acl_templates_given_as_generators_are_stored_whole(registry):
 )
 def test_postgresql_urls_name_the_installed_driver(given, used):
     assert normalise_url(given) == used
+
+
+def test_concurrent_upgrades_of_one_new_database_all_succeed(tmp_path):
+    """BEGIN IMMEDIATE makes the later upgrades wait for the first, then find nothing to do."""
+    url = _url(tmp_path / "r.db")
+    assert upgrade_concurrently(url, processes=3) == ["", "", ""]
+    with sqlite3.connect(tmp_path / "r.db") as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(HEAD,)]
+    Registry(url).close()

@@ -644,3 +644,18 @@ def test_service_roles_do_their_work_but_cannot_change_the_schema_or_the_audit_t
         assert list(triggers) == ["auditevent_append_only"]
     for reg in (broker, enroll, owner):
         reg.close()
+
+
+def test_concurrent_upgrades_of_one_new_database_all_succeed(pg_url: str) -> None:
+    """The advisory lock makes the later upgrades wait for the first, then find nothing to do."""
+    from upgrade_race import upgrade_concurrently
+
+    from enrollment.registry.schema import HEAD
+
+    assert upgrade_concurrently(pg_url, processes=3) == ["", "", ""]
+    reg = Registry(pg_url)
+    try:
+        with reg.engine.connect() as conn:
+            assert list(conn.execute(text("SELECT version_num FROM alembic_version"))) == [(HEAD,)]
+    finally:
+        reg.close()

@@ -13,6 +13,7 @@ by the first revision, which is the old open-time code path frozen: it adds only
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,9 @@ HEAD = REVISIONS[-1]
 VERSION_TABLE = "alembic_version"
 UPGRADE_COMMAND = "fleetgate db upgrade"
 _SCRIPT_LOCATION = "enrollment.registry:migrations"
+# Alembic's migration context is process-global (alembic.context, alembic.op): one upgrade at a
+# time per process. Across processes the database serialises them (env.py).
+_UPGRADING = threading.Lock()
 # Tables every fleetgate registry has had: their presence without a version marks a legacy one.
 _REGISTRY_TABLES = frozenset({"device", "certificate", "auditevent"})
 
@@ -134,7 +138,7 @@ def upgrade(url: str) -> SchemaStatus:
         if before.revision is not None and before.revision not in REVISIONS:
             raise SchemaOutdated(before.describe())
         config = _alembic_config()
-        with engine.begin() as conn:
+        with _UPGRADING, engine.begin() as conn:
             config.attributes["connection"] = conn
             command.upgrade(config, HEAD)
         return before
