@@ -30,6 +30,7 @@ class AuditWriter:
         self._capacity = capacity
         self._queue: deque[AuditRecord] = deque()
         self._wake = asyncio.Event()
+        self._writing = asyncio.Lock()  # a flush returns only after the writes in flight commit
 
     def submit(self, record: AuditRecord) -> None:
         """Queue ``record``; never blocks."""
@@ -51,10 +52,11 @@ class AuditWriter:
             await self.flush()
 
     async def flush(self) -> None:
-        """Commit everything queued so far."""
-        while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
-            await asyncio.to_thread(self._write, batch)
+        """Commit everything queued so far, including what another flush is writing now."""
+        async with self._writing:
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
+                await asyncio.to_thread(self._write, batch)
 
     def _write(self, batch: list[AuditRecord]) -> None:
         try:

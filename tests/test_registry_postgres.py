@@ -557,7 +557,9 @@ def test_service_roles_do_their_work_but_cannot_change_the_schema_or_the_audit_t
         base.format(r) for r in ("fleet_owner", "fleet_broker", "fleet_enroll")
     )
     upgrade(owner_url)
-    grant(owner_url, grant_statements(broker_role="fleet_broker", enrollment_role="fleet_enroll"))
+    statements = grant_statements(broker_role="fleet_broker", enrollment_role="fleet_enroll")
+    grant(owner_url, statements)
+    grant(owner_url, statements)  # as after every upgrade: the same grants, no error
 
     # The operator (as the owner) prepares a station, a batch and a group's ACL.
     monkeypatch.setenv("FLEETGATE_DATABASE_URL", owner_url)

@@ -221,12 +221,12 @@ def grant_statements(
             raise FleetgateError(
                 f"role name {role!r}: use lower-case letters, digits and _ (at most 63)"
             )
-        tables = ", ".join(_ALL_TABLES)
-        statements.append(f"REVOKE ALL ON {tables} FROM {role}")
+        statements.append(f"REVOKE ALL ON {', '.join(_ALL_TABLES)} FROM {role}")
+        statements.append(f"REVOKE ALL ON SEQUENCE {', '.join(_SEQUENCES)} FROM {role}")
         for privilege, granted in grants.items():
             statements.append(f"GRANT {privilege} ON {', '.join(granted)} TO {role}")
         statements.append(f"GRANT SELECT (id) ON auditevent TO {role}")
-        sequences = _SEQUENCES if role == admin_role else ("auditevent_id_seq",)
+        sequences = _SEQUENCES if grants is _ADMIN else ("auditevent_id_seq",)
         statements.append(f"GRANT USAGE ON SEQUENCE {', '.join(sequences)} TO {role}")
     return statements
 
