@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from broker.mqtt.topics import filter_contains
+
 # What may be stored is decided beside the registry, which refuses what this module would.
 from enrollment.registry.acl import DEVICE_PLACEHOLDER as DEVICE_PLACEHOLDER
 from enrollment.registry.acl import InvalidAcl as InvalidAcl
@@ -55,31 +57,6 @@ class DeviceAcl:
         return not topic_filter.startswith(RESERVED_PREFIX) and any(
             filter_contains(pattern, topic_filter) for pattern in self.subscribe
         )
-
-
-def filter_contains(outer: str, inner: str) -> bool:
-    """True if every topic matched by filter ``inner`` is matched by filter ``outer``.
-
-    A plain topic name is a filter that matches itself, so this also answers "may publish".
-    Topics starting with ``$`` are never reached through a leading wildcard (MQTT 4.7.2).
-    """
-    outer_levels = outer.split("/")
-    inner_levels = inner.split("/")
-    if inner.startswith("$") and outer_levels[0] in {"+", "#"}:
-        return False
-    for i, level in enumerate(outer_levels):
-        if level == "#":
-            return True
-        if i >= len(inner_levels):
-            return False
-        candidate = inner_levels[i]
-        if candidate == "#":
-            return False  # inner reaches deeper/wider than outer at this level
-        if level == "+":
-            continue
-        if candidate != level:  # a literal contains only the same literal, never '+'
-            return False
-    return len(inner_levels) == len(outer_levels)
 
 
 def check_template(publish: Iterable[str], subscribe: Iterable[str]) -> AclTemplate:

@@ -9,6 +9,8 @@ from typing import Any
 from sqlalchemy import Column, DateTime, Index, text
 from sqlmodel import Field, SQLModel
 
+from enrollment.ids import SubjectKind as SubjectKind  # the registry stores this enum
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
@@ -39,12 +41,6 @@ class CertStatus(StrEnum):
     ON_HOLD = "on_hold"  # listed in the CRL as certificateHold while its device is suspended
     SUPERSEDED = "superseded"  # replaced by re-enrollment; no longer admitted
     REVOKED = "revoked"
-
-
-class SubjectKind(StrEnum):
-    DEVICE = "device"
-    STATION = "station"
-    SERVER = "server"
 
 
 class StationState(StrEnum):
