@@ -11,19 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from broker.mqtt.topics import InvalidTopic, filter_contains, validate_topic_filter
-from enrollment.errors import FleetgateError
+from broker.mqtt.topics import filter_contains
 
-DEVICE_PLACEHOLDER = "%d"
+# What may be stored is decided beside the registry, which refuses what this module would.
+from enrollment.registry.acl import DEVICE_PLACEHOLDER as DEVICE_PLACEHOLDER
+from enrollment.registry.acl import InvalidAcl as InvalidAcl
+from enrollment.registry.acl import check_patterns
+
 RESERVED_PREFIX = "$"
 """Topics starting with ``$`` (``$SYS/...``) belong to the server (MQTT 4.7.2): no template
 grants them to a device."""
-
-
-class InvalidAcl(FleetgateError):
-    """An ACL template an operator typed is not a set of valid topic filters."""
-
-    code = "invalid_acl"
 
 
 @dataclass(frozen=True)
@@ -63,17 +60,10 @@ class DeviceAcl:
 
 
 def check_template(publish: Iterable[str], subscribe: Iterable[str]) -> AclTemplate:
-    """An :class:`AclTemplate` from operator input; malformed filters raise :class:`InvalidAcl`."""
-    for pattern in (*publish, *subscribe):
-        try:
-            validate_topic_filter(pattern.replace(DEVICE_PLACEHOLDER, "x"))
-        except InvalidTopic as exc:
-            raise InvalidAcl(
-                f"ACL pattern {pattern!r} is not a valid MQTT topic filter: {exc}"
-            ) from exc
-        if DEVICE_PLACEHOLDER in pattern and any(
-            level != DEVICE_PLACEHOLDER and DEVICE_PLACEHOLDER in level
-            for level in pattern.split("/")
-        ):
-            raise InvalidAcl(f"ACL pattern {pattern!r}: %d must be a whole topic level")
-    return AclTemplate(publish=tuple(publish), subscribe=tuple(subscribe))
+    """An :class:`AclTemplate` from operator input; malformed filters raise :class:`InvalidAcl`.
+
+    The check is the registry's (``check_patterns``), so what the registry stores and what the
+    broker accepts cannot drift apart; each argument is read once, so generators work too.
+    """
+    patterns = check_patterns(publish, subscribe)
+    return AclTemplate(publish=patterns.publish, subscribe=patterns.subscribe)

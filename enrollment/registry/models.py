@@ -113,7 +113,8 @@ class BatchEntry(SQLModel, table=True):
 
 
 class AuditEvent(SQLModel, table=True):
-    """Append-only: the database refuses UPDATE and DELETE on this table (see store.py)."""
+    """Append-only: the database refuses UPDATE and DELETE on this table (triggers made by the
+    schema's first revision, migrations/versions/v0001_initial.py)."""
 
     id: int | None = Field(default=None, primary_key=True)
     at: dt.datetime = _ts(index=True)
