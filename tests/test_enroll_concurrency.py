@@ -30,6 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from cryptography.x509.oid import NameOID
+from registry_helpers import new_registry
 from test_registry_postgres import pg_server, pg_url  # noqa: F401 (fixtures: a fresh database)
 
 from device_sdk.est import EstClient, client_context, device_csr
@@ -57,6 +58,7 @@ def config(
     cfg = load_config(home)
     assert cfg.database_url.startswith(request.param)
     shutil.copytree(_ca_template, cfg.ca_dir)
+    new_registry(cfg.database_url).close()
     return cfg
 
 
