@@ -190,13 +190,14 @@ class _MqttClient:
 
 
 def test_mapping_matches_a_real_nats_server(mqtt_cluster: NatsCluster) -> None:
-    """Topics published by an MQTT client on node 1 arrive on the subjects we compute; filters
-    become the subscriptions we compute; subjects published on node 2 reach an MQTT '#'
-    subscriber on node 3 as the topics we compute."""
-    n1, n2, n3 = mqtt_cluster.nodes
+    """Topics published by an MQTT client arrive on the subjects we compute; filters become the
+    subscriptions we compute; published subjects reach an MQTT '#' subscriber as the topics we
+    compute. All on one node: interest crosses routes asynchronously, and routing is not what
+    this checks."""
+    n1 = mqtt_cluster.nodes[0]
 
     async def run() -> None:
-        nc = await nats.connect(n2.url)
+        nc = await nats.connect(n1.url)
         seen: dict[bytes, str] = {}
         all_seen = asyncio.Event()
 
@@ -229,7 +230,7 @@ def test_mapping_matches_a_real_nats_server(mqtt_cluster: NatsCluster) -> None:
             subscriber.close()
             assert subs == sorted(filter_to_subjects(topic_filter)), topic_filter
 
-        everything = _MqttClient(n3.mqtt_port, "map-hash")
+        everything = _MqttClient(n1.mqtt_port, "map-hash")
         everything.subscribe("#")
         for subject in LIVE_SUBJECTS:
             await nc.publish(subject, subject.encode())
