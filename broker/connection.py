@@ -463,6 +463,10 @@ class Connection:
                 if verdict is _LOOP:  # an echo of a message this broker forwarded
                     self._answer_publish(packet_id, qos, _SUCCESS)
                     return
+                if verdict is GateVerdict.INVALID:  # fabric mode: no NATS subject for it
+                    self._unmappable("publish", topic)
+                    self._answer_publish(packet_id, qos, _R.TOPIC_NAME_INVALID)
+                    return
                 if verdict is not _ROUTE:  # FULL
                     self._queue_full(packet_id, qos, now)
                     return
@@ -598,6 +602,11 @@ class Connection:
                     if self.level is _V5
                     else _R.UNSPECIFIED_ERROR
                 )
+                continue
+            refusal = self.core.filter_refusal
+            if refusal is not None and refusal(topic_filter) is not None:  # fabric mode
+                self._unmappable("subscribe", topic_filter)
+                codes.append(_R.TOPIC_FILTER_INVALID if self.level is _V5 else _R.UNSPECIFIED_ERROR)
                 continue
             if not self.acl.may_subscribe(topic_filter):
                 self._deny("subscribe", topic_filter)
@@ -747,6 +756,18 @@ class Connection:
                 "refused",
                 self.device_id,
                 f"topic {topic!r} is outside the ACL of group {self.group}",
+            )
+        )
+
+    def _unmappable(self, action: str, topic: str) -> None:
+        """Fabric mode: a topic or filter with a character NATS cannot carry, audited."""
+        self.core.audit(
+            AuditRecord(
+                self._actor(),
+                f"mqtt.{action}",
+                "refused",
+                self.device_id,
+                f"topic {topic!r} has a character the fabric cannot carry (space, DEL, * >)",
             )
         )
 
