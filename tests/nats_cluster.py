@@ -81,6 +81,11 @@ class NatsNode:
         health = self.http_json("/healthz")
         return bool(health) and health.get("status") == "ok"
 
+    def current_peers(self) -> int:
+        """As the JetStream meta leader: how many other servers are current (0 elsewhere)."""
+        meta = (self.http_json("/jsz") or {}).get("meta_cluster") or {}
+        return sum(bool(peer.get("current")) for peer in meta.get("replicas") or [])
+
 
 class NatsCluster:
     """``with NatsCluster(tmp_path) as cluster:`` runs a healthy cluster for the block."""
@@ -143,9 +148,13 @@ cluster {{
         return self
 
     def wait_healthy(self, nodes: list[NatsNode], timeout: float = 30.0) -> None:
-        """Until every node answers /healthz ok: routes up and a JetStream meta leader."""
+        """Until every node answers /healthz ok and the meta leader sees all the others as
+        current: a fresh cluster is healthy before it can place a replicated stream."""
         deadline = time.monotonic() + timeout
-        while not all(node.healthy() for node in nodes):
+        while not (
+            all(node.healthy() for node in nodes)
+            and any(node.current_peers() == len(self.nodes) - 1 for node in self.nodes)
+        ):
             for node in nodes:
                 if node.process is not None and node.process.poll() is not None:
                     log = (node.directory / "server.log").read_text(errors="replace")
@@ -166,6 +175,11 @@ cluster {{
                 os.kill(node.process.pid, signal.SIGKILL)
                 node.process.wait()
         node.process = None
+
+    def restart(self, node: NatsNode, timeout: float = 30.0) -> None:
+        """Start a stopped or killed node again on its data, and wait for the cluster."""
+        self.start_node(node)
+        self.wait_healthy(self.nodes, timeout)
 
     def stop(self) -> None:
         for node in self.nodes:

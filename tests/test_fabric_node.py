@@ -10,11 +10,13 @@ import contextlib
 import dataclasses
 import itertools
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
 from broker_helpers import (
     V5,
@@ -31,6 +33,7 @@ from broker_helpers import (
 from conftest import Fleet
 from nats_cluster import NatsCluster
 
+from broker.fabric.durable import STREAM, STREAM_PREFIX
 from broker.fabric.node import (
     FabricUnavailable,
     InterestTree,
@@ -38,6 +41,7 @@ from broker.fabric.node import (
     message_from_nats,
     nats_headers,
 )
+from broker.fabric.subjects import topic_to_subject
 from broker.mqtt import NO_PROPERTIES, Properties, QoS
 from broker.routing import Message, SubscriptionOptions
 from enrollment.config import FabricSettings
@@ -354,3 +358,156 @@ def test_interest_tree_reports_first_and_last_subscriber_of_a_filter() -> None:
     tree.remove("a/#", "c2")
     assert events == [("first", "a/#"), ("last", "a/#")]
     assert not tree.has("a/#")
+
+
+# -- QoS 1/2 from devices, stored in JetStream before the acknowledgement -------------------------
+
+
+async def _stream_messages(url: str, subject: str) -> list[Any]:
+    """Every message of FG_MSGS on ``subject``, read back directly from the stream."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    info = await js.stream_info(STREAM, subjects_filter=subject)
+    found = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            message = await js.get_msg(STREAM, seq)
+        except nats.js.errors.NotFoundError:
+            continue
+        if message.subject == subject:
+            found.append(message)
+    await nc.close()
+    return found
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+def test_qos_1_and_2_from_a_device_are_in_the_stream_before_the_acknowledgement(
+    nodes: tuple[FabricBroker, FabricBroker],
+    pair: tuple[Creds, Creds],
+    cluster: NatsCluster,
+    qos: int,
+) -> None:
+    a, b = nodes
+    sensor_creds, ops_creds = pair
+    ops = connected(b, ops_creds)
+    assert ops.subscribe("devices/+/telemetry/#", qos=1) == [1]
+    sensor = connected(a, sensor_creds)
+    paho_route(sensor, "devices/sensor-1/telemetry/q", ops)
+    topic = f"devices/sensor-1/telemetry/q{qos}.{time.monotonic_ns()}"
+    while not sensor.events.published.empty():  # the probes' QoS 0 publish events
+        sensor.events.published.get()
+    assert sensor.publish(topic, b"kept", qos=qos) == 0
+    # The acknowledgement came: the stream has the message, once, on three replicas.
+    subject = STREAM_PREFIX + topic_to_subject(topic)
+    stored = asyncio.run(_stream_messages(cluster.nodes[2].url, subject))
+    assert [m.data for m in stored] == [b"kept"]
+    assert stored[0].headers["Nats-Msg-Id"].startswith("node-a.")
+    assert stored[0].headers["Nmqtt-Pub"] == str(qos)
+    got = ops.message()
+    assert (got.topic, got.payload, got.qos) == (topic, b"kept", 1)
+    assert a.call(lambda: a.broker.fabric.stored) >= 1
+    sensor.close()
+    ops.close()
+
+
+def test_the_stream_is_replicated_as_configured(
+    nodes: tuple[FabricBroker, FabricBroker], cluster: NatsCluster
+) -> None:
+    async def replicas() -> int:
+        nc = await nats.connect(cluster.nodes[0].url)
+        info = await nc.jetstream().stream_info(STREAM)
+        await nc.close()
+        return int(info.config.num_replicas)
+
+    assert asyncio.run(replicas()) == 3
+
+
+@pytest.mark.parametrize("version", [V311, V5])
+def test_a_message_the_stream_cannot_store_is_not_acknowledged(
+    nodes: tuple[FabricBroker, FabricBroker],
+    pair: tuple[Creds, Creds],
+    cluster: NatsCluster,
+    version: int,
+) -> None:
+    """Without the stream (deleted here; a lost quorum looks the same: 503, no answer) the
+    node resends, then gives up: MQTT 5 gets PUBACK 0x83, 3.1.1 a close without PUBACK."""
+    a, _ = nodes
+    sensor_creds, _ = pair
+
+    def impatient() -> None:
+        a.broker.fabric.ledger.ack_timeout_s = 0.2
+        a.broker.fabric.ledger.give_up_s = 1.0
+
+    a.call(impatient)
+
+    async def delete_stream() -> None:
+        nc = await nats.connect(cluster.nodes[0].url)
+        await nc.jetstream().delete_stream(STREAM)
+        await nc.close()
+
+    asyncio.run(delete_stream())  # the next node to start creates it again
+    sensor = connected(a, sensor_creds, version=version)
+    if version == V5:
+        assert sensor.publish("devices/sensor-1/telemetry/lost", b"x", qos=1) == 0x83
+    else:
+        sensor.client.publish("devices/sensor-1/telemetry/lost", b"x", qos=1)
+        code, _ = sensor.disconnect_code()
+        assert code != 0
+    assert a.call(lambda: a.broker.fabric.not_stored) == 1
+    assert a.call(lambda: a.broker.fabric.resent) >= 1
+    sensor.close()
+
+
+def test_a_killed_stream_leader_holds_acknowledgements_and_loses_nothing(
+    nodes: tuple[FabricBroker, FabricBroker], pair: tuple[Creds, Creds], cluster: NatsCluster
+) -> None:
+    """kill -9 of FG_MSGS's leader while a device publishes QoS 1 one message at a time: the
+    PUBACKs stop during the Raft election and resume; every acknowledged message is in the
+    stream exactly once (resends reuse their Nats-Msg-Id)."""
+    a, _ = nodes
+    sensor_creds, _ = pair
+    sensor = connected(a, sensor_creds)
+    topic = f"devices/sensor-1/telemetry/kill{time.monotonic_ns()}"
+    acked: list[tuple[float, bytes, int]] = []
+    stop = threading.Event()
+
+    def publish() -> None:
+        for index in itertools.count():
+            if stop.is_set():
+                return
+            payload = f"m{index}".encode()
+            acked.append((time.monotonic(), payload, sensor.publish(topic, payload, qos=1)))
+
+    async def leader() -> str:
+        nc = await nats.connect(cluster.nodes[0].url)
+        info = await nc.jetstream().stream_info(STREAM)
+        await nc.close()
+        return str(info.cluster.leader)  # type: ignore[union-attr]
+
+    (victim,) = [node for node in cluster.nodes if node.name == asyncio.run(leader())]
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    try:
+        wait_until = time.monotonic() + 10
+        while len(acked) < 50 and time.monotonic() < wait_until:
+            time.sleep(0.01)
+        killed_at = time.monotonic()
+        cluster.kill(victim)
+        while time.monotonic() < killed_at + 20:  # until acknowledgements flow again
+            if len([t for t, _, _ in acked if t > killed_at]) >= 50:
+                break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        publisher.join(15)
+    times = [t for t, _, _ in acked]
+    gap = max(later - earlier for earlier, later in itertools.pairwise(times))
+    print(f"acked {len(acked)}, longest PUBACK gap {gap:.2f} s after the leader kill")
+    assert {code for _, _, code in acked} == {0}
+    assert len([t for t in times if t > killed_at]) >= 50
+    survivor = next(node for node in cluster.nodes if node is not victim)
+    stored = asyncio.run(_stream_messages(survivor.url, STREAM_PREFIX + topic_to_subject(topic)))
+    payloads = [m.data for m in stored]
+    assert sorted(payloads) == sorted(p for _, p, _ in acked)  # none lost, none twice
+    sensor.close()
+    cluster.restart(victim)

@@ -1,11 +1,14 @@
 """One broker node on the fabric: its clients' messages go out over core NATS, and messages from
-other nodes come in for its local subscribers (issue 12, first slice: QoS 0 semantics).
+other nodes come in for its local subscribers (issue 12, first slice).
 
 - **Out.** The node is the core's :class:`~broker.core.PublishGate`: every authorised client
   PUBLISH is handed to NATS on the subject nats-server's MQTT mapping gives its topic
   (:mod:`broker.fabric.subjects`), then routed locally as before. A topic with no subject is
   refused (``INVALID``: PUBACK/PUBREC 0x90). Messages are queued in order and written by one
   task per event-loop turn, so a burst costs one wake-up, not one task per message.
+- **Stored.** A QoS 1/2 message is also written to the JetStream stream ``FG_MSGS``, and its
+  PUBACK/PUBREC waits for the stream's answer (``HOLD``; :mod:`broker.fabric.durable`). Nothing
+  reads the stream back yet: it is the durable copy later replay will use.
 - **In.** The node holds one NATS subscription per distinct topic filter its sessions have
   (``a/#`` takes two: ``a.>`` and ``a``), and fans each message out with the core's own
   subscription tree. Interest is per node, not per device.
@@ -20,8 +23,9 @@ other nodes come in for its local subscribers (issue 12, first slice: QoS 0 sema
   node's active filters that match the topic) is routed, the others are dropped.
 
 Core NATS is at-most-once: a message sent while the link is down, or before a new filter's
-interest reached the other servers, is lost. QoS 1/2 across nodes, retained messages, sessions
-and wills are not in the fabric yet (docs/architecture.md, "Fabric").
+interest reached the other servers, is not delivered live (a QoS 1/2 one is still in the
+stream). Replay, retained messages, sessions and wills are not in the fabric yet
+(docs/architecture.md, "Fabric").
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import secrets
 import socket
 import ssl
 from collections import deque
@@ -36,6 +41,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from broker.core import BrokerCore, GateVerdict
+from broker.fabric.durable import (
+    DUPLICATE_WINDOW_S,
+    MAX_AGE_S,
+    STREAM,
+    STREAM_PREFIX,
+    DurableLedger,
+)
 from broker.fabric.subjects import (
     Unmappable,
     filter_to_subjects,
@@ -184,6 +196,8 @@ class FabricNode:
         self._clock = clock
         self._nc: NatsClient | None = None
         self._outbox: deque[tuple[str, bytes, dict[str, str] | None]] = deque()
+        self.ledger = DurableLedger(self.name, secrets.token_hex(6))
+        self._stored_outbox: deque[int] = deque()  # ledger numbers to send to the stream
         self._outbox_ready = asyncio.Event()
         self._interest: deque[tuple[str, bool]] = deque()
         self._interest_ready = asyncio.Event()
@@ -194,6 +208,9 @@ class FabricNode:
         self._last_error: str = ""
         self._stopping = False
         self.forwarded = 0
+        self.stored = 0
+        self.resent = 0
+        self.not_stored = 0
         self.received = 0
         self.dropped = 0
 
@@ -232,6 +249,8 @@ class FabricNode:
         except FabricUnavailable:
             await self._nc.close()
             raise
+        await self._ensure_stream()
+        await self._nc.subscribe(self.ledger.ack_prefix + "*", cb=self._on_ack)
         core = self._core
         if core.subscriptions.match("#") or core.sessions:
             raise RuntimeError("the fabric must be started before any client connects")
@@ -239,7 +258,10 @@ class FabricNode:
         core.filter_refusal = refusal
         self._tree = core.subscriptions = InterestTree(self._interest_gained, self._interest_lost)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._send()), loop.create_task(self._follow_interest())]
+        self._tasks = [
+            loop.create_task(job)
+            for job in (self._send(), self._follow_interest(), self._watch_stored())
+        ]
         log.info(
             "fabric connected",
             extra={"node": self.name, "server": self._nc.connected_url.netloc},  # type: ignore[union-attr]
@@ -292,9 +314,15 @@ class FabricNode:
             subject = topic_to_subject(message.topic)
         except Unmappable:
             return GateVerdict.INVALID
-        self._outbox.append((subject, message.payload, nats_headers(message, self._clock())))
+        now = self._clock()
+        headers = nats_headers(message, now)
+        self._outbox.append((subject, message.payload, headers))
         self._outbox_ready.set()
-        return GateVerdict.ROUTE
+        if message.qos == QoS.AT_MOST_ONCE:
+            return GateVerdict.ROUTE
+        number = self.ledger.add(subject, message.payload, headers, on_stored, now)
+        self._stored_outbox.append(number)
+        return GateVerdict.HOLD
 
     async def _send(self) -> None:
         """Write what ``admit`` queued; one wake-up per event-loop turn with messages."""
@@ -312,6 +340,101 @@ class FabricNode:
                     self._last_error = str(exc) or type(exc).__name__
                 else:
                     self.forwarded += 1
+            while self._stored_outbox:
+                number = self._stored_outbox.popleft()
+                item = self.ledger.pending.get(number)
+                if item is None:
+                    continue
+                item.last_sent = self._clock()
+                try:
+                    await nc.publish(
+                        item.subject,
+                        item.payload,
+                        reply=self.ledger.reply_subject(number),
+                        headers=item.headers,
+                    )
+                except Exception as exc:  # resent when its acknowledgement is overdue
+                    self._last_error = str(exc) or type(exc).__name__
+
+    async def _ensure_stream(self) -> None:
+        """Create ``FG_MSGS`` unless it exists (every node tries; the first one wins)."""
+        import nats.js.errors
+        from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+
+        assert self._nc is not None
+        js = self._nc.jetstream(timeout=self.settings.connect_timeout_s)
+        config = StreamConfig(
+            name=STREAM,
+            subjects=[STREAM_PREFIX + ">"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=self.settings.replicas,
+            max_age=MAX_AGE_S,
+            duplicate_window=DUPLICATE_WINDOW_S,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.connect_timeout_s
+        while True:  # a cluster that just started may not place a replicated stream yet
+            try:
+                try:
+                    info = await js.stream_info(STREAM)
+                except nats.js.errors.NotFoundError:
+                    info = await js.add_stream(config)
+                break
+            except Exception as exc:
+                if loop.time() < deadline:
+                    await asyncio.sleep(0.2)
+                    continue
+                await self._nc.close()
+                raise FabricUnavailable(
+                    f"the fabric has no usable JetStream stream {STREAM} "
+                    f"(R{self.settings.replicas}): {exc}"
+                ) from exc
+        if info.config.num_replicas != self.settings.replicas:
+            log.warning(
+                "stream %s has %s replicas, [fabric] replicas says %s",
+                STREAM,
+                info.config.num_replicas,
+                self.settings.replicas,
+            )
+
+    async def _on_ack(self, msg: Msg) -> None:
+        """The stream's answer to one of this node's messages."""
+        status = msg.headers.get("Status") if msg.headers else None
+        number = self.ledger.answered(msg.subject, msg.data, status)
+        if number is None:  # an error or a 503: resent when overdue
+            return
+        item = self.ledger.pending.pop(number)
+        self.stored += 1
+        item.on_stored(True, self._clock())
+        self._wake()
+
+    async def _watch_stored(self) -> None:
+        """Resend overdue messages (same Nats-Msg-Id); give up on the hopeless."""
+        ledger = self.ledger
+        while True:
+            await asyncio.sleep(min(0.25, ledger.ack_timeout_s / 4))
+            now = self._clock()
+            resend, failed = ledger.due(now)
+            for number in failed:
+                item = ledger.pending.pop(number)
+                self.not_stored += 1
+                item.on_stored(False, now)
+            if failed:
+                log.error(
+                    "fabric: %d message(s) not stored in %s within %.0f s",
+                    len(failed),
+                    STREAM,
+                    ledger.give_up_s,
+                    extra={"node": self.name, "reason": self._last_error},
+                )
+                self._wake()
+            if resend:
+                self.resent += len(resend)
+                for number in resend:
+                    ledger.pending[number].last_sent = None  # not overdue while queued
+                self._stored_outbox.extend(resend)
+                self._outbox_ready.set()
 
     # -- in: interest and delivery ---------------------------------------------------------------
 
