@@ -749,26 +749,17 @@ class Connection:
 
     def _deny(self, action: str, topic: str) -> None:
         self.core.metrics.acl_denials[action] += 1
-        self.core.audit(
-            AuditRecord(
-                self._actor(),
-                f"mqtt.{action}",
-                "refused",
-                self.device_id,
-                f"topic {topic!r} is outside the ACL of group {self.group}",
-            )
-        )
+        self._refused_topic(action, f"topic {topic!r} is outside the ACL of group {self.group}")
 
     def _unmappable(self, action: str, topic: str) -> None:
-        """Fabric mode: a topic or filter with a character NATS cannot carry, audited."""
+        """Fabric mode: a topic or filter with a character NATS cannot carry."""
+        self._refused_topic(
+            action, f"topic {topic!r} has a character the fabric cannot carry (space, DEL, * >)"
+        )
+
+    def _refused_topic(self, action: str, reason: str) -> None:
         self.core.audit(
-            AuditRecord(
-                self._actor(),
-                f"mqtt.{action}",
-                "refused",
-                self.device_id,
-                f"topic {topic!r} has a character the fabric cannot carry (space, DEL, * >)",
-            )
+            AuditRecord(self._actor(), f"mqtt.{action}", "refused", self.device_id, reason)
         )
 
     def _refuse(self, code: ReasonCode | None, reason: str, label: str) -> None:

@@ -1,7 +1,10 @@
-"""Broker nodes on a real 3-node NATS cluster (issue 12, first slice): QoS 0 routing across
+"""Broker nodes on a real 3-node NATS cluster (issue 12, first slice): live routing across
 nodes with real device certificates and real clients (paho, mosquitto_pub/sub, nats-py), no
-echo duplicates, overlapping filters, refusals of topics NATS cannot carry, and the start-up
-checks (fabric unreachable, server too old)."""
+echo duplicates, overlapping filters, refusals of topics NATS cannot carry, the start-up
+checks (fabric unreachable, server too old), and QoS 1/2 stored in JetStream before the
+acknowledgement, through a kill of the stream leader."""
+
+# ruff: noqa: F811 - the tests take the `pair` fixture imported from test_broker_delivery
 
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from broker_helpers import (
 )
 from conftest import Fleet
 from nats_cluster import NatsCluster
+from test_broker_delivery import connected, pair  # noqa: F401 (pair: sensor-1, ops-1)
 
 from broker.fabric.durable import STREAM, STREAM_PREFIX
 from broker.fabric.node import (
@@ -71,25 +75,6 @@ def nodes(fleet: Fleet, cluster: NatsCluster) -> Iterator[tuple[FabricBroker, Fa
     yield a, b
     a.stop()
     b.stop()
-
-
-@pytest.fixture
-def pair(fleet: Fleet) -> tuple[Creds, Creds]:
-    """sensor-1 publishes telemetry; ops-1 (group ``controllers``) reads it."""
-    fleet.registry.set_acl(
-        "controllers",
-        publish=["devices/+/commands/#"],
-        subscribe=["devices/+/telemetry/#"],
-        actor="test",
-    )
-    return enroll(fleet, "sensor-1"), enroll(fleet, "ops-1", group="controllers")
-
-
-def connected(broker: RunningBroker, creds: Creds, **kwargs: Any) -> Paho:
-    client = Paho(broker, creds, **kwargs)
-    code, _, _ = client.connect()
-    assert code == 0
-    return client
 
 
 _probes = itertools.count()

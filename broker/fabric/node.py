@@ -226,6 +226,8 @@ class FabricNode:
             "servers": list(settings.servers),
             "name": f"fleetgate-{self.name}",
             "no_echo": True,
+            # Replies (JetStream API) on a '$' subject: MQTT '#' subscribers never see them.
+            "inbox_prefix": "$FG.inbox",
             "connect_timeout": settings.connect_timeout_s,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.5,
