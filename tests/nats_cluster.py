@@ -141,13 +141,13 @@ cluster {{
                 start_new_session=True,
             )
 
-    def start(self, timeout: float = 30.0) -> Self:
+    def start(self, timeout: float = 60.0) -> Self:
         for node in self.nodes:
             self.start_node(node)
         self.wait_healthy(self.nodes, timeout)
         return self
 
-    def wait_healthy(self, nodes: list[NatsNode], timeout: float = 30.0) -> None:
+    def wait_healthy(self, nodes: list[NatsNode], timeout: float = 60.0) -> None:
         """Until every node answers /healthz ok and the meta leader sees all the others as
         current: a fresh cluster is healthy before it can place a replicated stream."""
         deadline = time.monotonic() + timeout
@@ -160,8 +160,20 @@ cluster {{
                     log = (node.directory / "server.log").read_text(errors="replace")
                     raise RuntimeError(f"nats-server {node.name} exited:\n{log[-2000:]}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nats cluster not healthy after {timeout} s")
+                raise TimeoutError(f"nats cluster not healthy after {timeout} s:\n{self._state()}")
             time.sleep(0.05)
+
+    def _state(self) -> str:
+        """What each node says, for a cluster that does not become healthy."""
+        lines = []
+        for node in self.nodes:
+            log = node.directory / "server.log"
+            tail = log.read_text(errors="replace")[-600:] if log.exists() else "(no log)"
+            lines.append(
+                f"{node.name}: healthz={node.http_json('/healthz')} "
+                f"current_peers={node.current_peers()}\n{tail}"
+            )
+        return "\n".join(lines)
 
     def kill(self, node: NatsNode, sig: int = signal.SIGKILL) -> None:
         """Signal one node by its PID and reap it."""
@@ -176,7 +188,7 @@ cluster {{
                 node.process.wait()
         node.process = None
 
-    def restart(self, node: NatsNode, timeout: float = 30.0) -> None:
+    def restart(self, node: NatsNode, timeout: float = 60.0) -> None:
         """Start a stopped or killed node again on its data, and wait for the cluster."""
         self.start_node(node)
         self.wait_healthy(self.nodes, timeout)
