@@ -433,6 +433,8 @@ class Broker:
         )
         if self.bridges is not None:
             text += self.bridges.render_metrics()
+        if self.fabric is not None:
+            text += self.fabric.render_metrics()
         return web.Response(
             body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
         )

@@ -390,7 +390,10 @@ def test_qos_1_and_2_from_a_device_are_in_the_stream_before_the_acknowledgement(
     assert stored[0].headers["Nmqtt-Pub"] == str(qos)
     got = ops.message()
     assert (got.topic, got.payload, got.qos) == (topic, b"kept", 1)
-    assert a.call(lambda: a.broker.fabric.stored) >= 1
+    assert a.metric("fabric_stored_total", 'node="node-a"') >= 1
+    assert a.metric("fabric_connected", 'node="node-a"') == 1
+    assert a.metric("fabric_forwarded_total", 'node="node-a"') >= 1
+    assert b.metric("fabric_received_total", 'node="node-b"') >= 1
     sensor.close()
     ops.close()
 

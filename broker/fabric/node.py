@@ -55,6 +55,7 @@ from broker.fabric.subjects import (
     subject_to_topic,
     topic_to_subject,
 )
+from broker.metrics import family_lines
 from broker.mqtt import NO_PROPERTIES, QoS
 from broker.mqtt._wire import Reader
 from broker.mqtt.errors import ProtocolError
@@ -276,6 +277,57 @@ class FabricNode:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.drain()
+
+    def render_metrics(self) -> str:
+        """The node's fabric figures for /metrics, labelled with its name."""
+        label = f'{{node="{self.name}"}}'
+        connected = self._nc is not None and self._nc.is_connected
+        families = [
+            ("fabric_connected", "gauge", "1 while the NATS link is up.", float(connected)),
+            (
+                "fabric_forwarded_total",
+                "counter",
+                "Client messages handed to core NATS for other nodes.",
+                self.forwarded,
+            ),
+            (
+                "fabric_received_total",
+                "counter",
+                "Messages from other nodes or NATS clients routed to local subscribers.",
+                self.received,
+            ),
+            (
+                "fabric_dropped_total",
+                "counter",
+                "Messages not sent to NATS, or received ones that are no MQTT message.",
+                self.dropped,
+            ),
+            (
+                "fabric_stored_total",
+                "counter",
+                "QoS 1/2 messages FG_MSGS acknowledged (the client's acknowledgement followed).",
+                self.stored,
+            ),
+            ("fabric_resent_total", "counter", "Resends to FG_MSGS without answer.", self.resent),
+            (
+                "fabric_not_stored_total",
+                "counter",
+                "QoS 1/2 messages given up on: the client got 0x83 or a close.",
+                self.not_stored,
+            ),
+            (
+                "fabric_pending_stored",
+                "gauge",
+                "QoS 1/2 messages waiting for FG_MSGS.",
+                len(self.ledger.pending),
+            ),
+        ]
+        lines = [
+            line
+            for name, kind, text, value in families
+            for line in family_lines(name, kind, text, [(label, float(value))])
+        ]
+        return "\n".join(lines) + "\n"
 
     def _tls_context(self) -> ssl.SSLContext:
         """TLS 1.3 to NATS, with the fabric CA and this node's client certificate if given."""
