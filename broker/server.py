@@ -16,6 +16,7 @@ import logging
 import socket
 import sqlite3
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class _MqttProtocol(asyncio.Protocol):
         self._listener = listener
         self._admitting = False
         self._write_paused = False
+        self._rate_paused = False
         self.transport: asyncio.Transport | None = None
         self.conn: Connection | None = None
 
@@ -85,6 +87,25 @@ class _MqttProtocol(asyncio.Protocol):
         request = self.conn.receive_data(data, self._broker.now())
         if request is not None:
             self._broker.admit(self, request)
+        self.pace()
+        self._broker.wake()
+
+    def pace(self) -> None:
+        """The connection published faster than its rate: stop reading (TCP backpressure
+        slows the device) until :attr:`Connection.resume_at`."""
+        conn = self.conn
+        if conn is None or conn.resume_at is None or self._rate_paused:
+            return
+        self._rate_paused = True
+        self._update_reading()
+        self._broker.call_at(conn.resume_at, self._resume_publishing)
+
+    def _resume_publishing(self) -> None:
+        assert self.conn is not None
+        self._rate_paused = False
+        self.conn.resume(self._broker.now())
+        self.pace()
+        self._update_reading()
         self._broker.wake()
 
     def admission_started(self) -> None:
@@ -118,7 +139,7 @@ class _MqttProtocol(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if self._admitting or self._write_paused:
+        if self._admitting or self._write_paused or self._rate_paused:
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
@@ -146,6 +167,7 @@ class Broker:
             ),
             metrics=self.metrics,
             audit=self.audit.submit,
+            limits=settings.limits,
         )
         self.feed = RevocationFeed(
             self.registry,
@@ -364,6 +386,11 @@ class Broker:
             result = Refused(f"device {identity.device_id} was barred while connecting")
         assert protocol.conn is not None
         protocol.conn.admission_done(result, self.now())
+        protocol.pace()  # packets sent before the CONNACK may be over the publish rate
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> None:
+        assert self._loop is not None
+        self._loop.call_at(when, callback)
 
     def wake(self) -> None:
         """Write pending output at the end of this loop turn."""
@@ -431,6 +458,7 @@ class Broker:
             retained=self.core.retained.count,
             feed_lag_s=self.now() - self.feed.last_read,
         )
+        text += self.metrics.render_limits(self.core.queue_drops())
         if self.bridges is not None:
             text += self.bridges.render_metrics()
         if self.fabric is not None:
