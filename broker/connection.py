@@ -563,6 +563,10 @@ class Connection:
                 if verdict is _LOOP:  # an echo of a message this broker forwarded
                     self._answer_publish(packet_id, qos, _SUCCESS)
                     return
+                if verdict is GateVerdict.INVALID:  # fabric mode: no NATS subject for it
+                    self._unmappable("publish", topic, now)
+                    self._answer_publish(packet_id, qos, _R.TOPIC_NAME_INVALID)
+                    return
                 if verdict is not _ROUTE:  # FULL
                     self._queue_full(packet_id, qos, now)
                     return
@@ -721,6 +725,11 @@ class Connection:
                 self._over_limit(excess, f"filter {audit_text(topic_filter)!r}", now)
                 codes.append(_R.QUOTA_EXCEEDED if v5 else _R.UNSPECIFIED_ERROR)
                 continue
+            refusal = self.core.filter_refusal
+            if refusal is not None and refusal(topic_filter) is not None:  # fabric mode
+                self._unmappable("subscribe", topic_filter, now)
+                codes.append(_R.TOPIC_FILTER_INVALID if v5 else _R.UNSPECIFIED_ERROR)
+                continue
             if not self.acl.may_subscribe(topic_filter):
                 self._deny("subscribe", topic_filter, now)
                 codes.append(_R.NOT_AUTHORIZED if v5 else _R.UNSPECIFIED_ERROR)
@@ -874,6 +883,16 @@ class Connection:
             f"mqtt.{action}",
             f"acl.{action}",
             f"topic {audit_text(topic)!r} is outside the ACL of group {self.group}",
+            now,
+        )
+
+    def _unmappable(self, action: str, topic: str, now: float) -> None:
+        """Fabric mode: a topic or filter with a character NATS cannot carry."""
+        self._refused(
+            f"mqtt.{action}",
+            "fabric",
+            f"topic {audit_text(topic)!r} has a character the fabric cannot carry "
+            "(space, DEL, * >)",
             now,
         )
 

@@ -50,6 +50,7 @@ class GateVerdict(Enum):
     HOLD = "hold"  # route it now; acknowledge once the gate calls back (durably stored)
     LOOP = "loop"  # it came back from a bridge: acknowledge it, do not route it again
     FULL = "full"  # the bridge's queue is full: refuse it
+    INVALID = "invalid"  # fabric mode: the topic has no NATS subject; refuse it (0x90)
 
 
 class PublishGate(Protocol):
@@ -98,6 +99,8 @@ class BrokerCore:
         self.retained = RetainedMessages()
         self.dirty: set[Connection] = set()
         self.gate: PublishGate | None = None
+        # Fabric mode (broker.fabric): why a topic filter cannot be subscribed to, or None.
+        self.filter_refusal: Callable[[str], str | None] | None = None
         self._assigned_ids = itertools.count(1)
 
     # -- sessions ------------------------------------------------------------------------------

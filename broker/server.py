@@ -180,6 +180,11 @@ class Broker:
             if config.bridges
             else None
         )
+        self.fabric = None
+        if config.fabric is not None:  # several nodes on a NATS cluster (issue 12)
+            from broker.fabric.node import FabricNode  # nats-py only in fabric mode
+
+            self.fabric = FabricNode(config, self.core, wake=self.wake, clock=self.now)
         self.identities = CertificateIdentities()
         self._admit_inline = self.registry.reads_locally
         self.ports = BoundPorts(0, 0, 0)
@@ -195,6 +200,8 @@ class Broker:
     async def start(self) -> BoundPorts:
         """Listen; ports configured as 0 stay off, except that tests may pass real ones."""
         self._loop = asyncio.get_running_loop()
+        if self.fabric is not None:  # first: a node that cannot reach it does not start
+            await self.fabric.start()
         settings = self.config.broker
         credentials = await asyncio.to_thread(
             ensure_server_certificate, self.config, broker_credentials(self.config)
@@ -260,6 +267,8 @@ class Broker:
                 protocol.transport.abort()
         if self.bridges is not None:
             await self.bridges.stop()
+        if self.fabric is not None:
+            await self.fabric.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -452,6 +461,8 @@ class Broker:
         text += self.metrics.render_limits(self.core.queue_drops())
         if self.bridges is not None:
             text += self.bridges.render_metrics()
+        if self.fabric is not None:
+            text += self.fabric.render_metrics()
         return web.Response(
             body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
         )
@@ -473,6 +484,8 @@ def _modified(path: Path) -> int:
 def _check_settings(config: Config) -> None:
     """Refuse settings that would open the broker wider than intended, or make no sense."""
     settings = config.broker
+    if config.fabric is not None and config.bridges:  # both would be the core's publish gate
+        raise ConfigError("[fabric] and [[bridge]] together are not supported yet")
     if settings.plaintext_port:
         host = settings.plaintext_host
         try:

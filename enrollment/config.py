@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,56 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class FabricSettings:
+    """``[fabric]``: this broker node is one of several sharing a NATS cluster (issue 12).
+
+    Without the section the broker is one process with everything in memory. ``servers`` are
+    NATS URLs (``nats://`` or ``tls://``); the TLS files and ``credentials_file`` (a NATS
+    ``.creds`` file) are paths resolved against the data directory. ``node_name`` (default:
+    the host name) says which node did what; ``replicas`` is the copy count of the fabric's
+    JetStream streams.
+    """
+
+    servers: tuple[str, ...] = ()
+    node_name: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    credentials_file: str = ""
+    replicas: int = 3
+    connect_timeout_s: float = 5.0
+
+
+_FABRIC_SECTION = "fabric"
+
+
+def _build_fabric(raw: dict[str, Any], env: Any) -> FabricSettings | None:
+    """The ``[fabric]`` section (or ``FLEETGATE_FABRIC_SERVERS``), checked; None without it."""
+    if _FABRIC_SECTION not in raw and "FLEETGATE_FABRIC_SERVERS" not in env:
+        return None
+    fabric: FabricSettings = _build_section(
+        _FABRIC_SECTION, FabricSettings, raw.get(_FABRIC_SECTION, {}), env
+    )
+    if not fabric.servers:
+        raise ConfigError('[fabric] needs servers, e.g. servers = ["nats://nats-1:4222"]')
+    for url in fabric.servers:
+        if not url.startswith(("nats://", "tls://")):
+            raise ConfigError(f"[fabric] servers: {url!r} is not a nats:// or tls:// URL")
+    if bool(fabric.tls_cert_file) != bool(fabric.tls_key_file):
+        raise ConfigError("[fabric] tls_cert_file and tls_key_file go together")
+    if not 1 <= fabric.replicas <= 5:
+        raise ConfigError("[fabric] replicas must be between 1 and 5")
+    if fabric.node_name and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fabric.node_name):
+        raise ConfigError(
+            f"[fabric] node_name {fabric.node_name!r}: 1-64 of A-Z a-z 0-9 _ - (it becomes a "
+            "NATS subject token)"
+        )
+    if fabric.connect_timeout_s <= 0:
+        raise ConfigError("[fabric] connect_timeout_s must be > 0")
+    return fabric
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, bound to its data directory."""
 
@@ -192,6 +243,7 @@ class Config:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     log: LogSettings = field(default_factory=LogSettings)
     bridges: tuple[BridgeSettings, ...] = ()
+    fabric: FabricSettings | None = None  # None: one process, everything in memory
 
     @property
     def ca_dir(self) -> Path:
@@ -255,11 +307,11 @@ def load_config(home: Path | None = None, environ: dict[str, str] | None = None)
             raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    unknown = set(raw) - set(_SECTIONS) - {_BRIDGE_SECTION}
+    unknown = set(raw) - set(_SECTIONS) - {_BRIDGE_SECTION, _FABRIC_SECTION}
     if unknown:
         raise ConfigError(
             f"{path}: unknown section(s) {sorted(unknown)}; "
-            f"known: {sorted([*_SECTIONS, _BRIDGE_SECTION])}"
+            f"known: {sorted([*_SECTIONS, _BRIDGE_SECTION, _FABRIC_SECTION])}"
         )
     broker_table = raw.get("broker", {})
     limits_table: Any = {}
@@ -273,7 +325,8 @@ def load_config(home: Path | None = None, environ: dict[str, str] | None = None)
     sections["broker"] = dataclasses.replace(
         sections["broker"], limits=_build_limits(limits_table, env)
     )
-    return Config(home=home, **sections, bridges=_build_bridges(raw.get(_BRIDGE_SECTION, [])))
+    bridges = _build_bridges(raw.get(_BRIDGE_SECTION, []))
+    return Config(home=home, **sections, bridges=bridges, fabric=_build_fabric(raw, env))
 
 
 _LIMITS_KEY = "limits"
