@@ -29,8 +29,8 @@ test-latest: bootstrap-test
 	scripts/test_latest.sh $(PYTEST_ARGS)
 
 lint: bootstrap-test check-lock
-	$(VENV)/ruff check enrollment broker device_sdk firmware_sim tests scripts
-	$(VENV)/ruff format --check enrollment broker device_sdk firmware_sim tests scripts
+	$(VENV)/ruff check fleetgate enrollment broker device_sdk firmware_sim tests scripts
+	$(VENV)/ruff format --check fleetgate enrollment broker device_sdk firmware_sim tests scripts
 
 typecheck: bootstrap-test
 	$(VENV)/mypy

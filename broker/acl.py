@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from broker.mqtt.topics import filter_contains
-
 # What may be stored is decided beside the registry, which refuses what this module would.
 from enrollment.registry.acl import DEVICE_PLACEHOLDER as DEVICE_PLACEHOLDER
 from enrollment.registry.acl import InvalidAcl as InvalidAcl
 from enrollment.registry.acl import check_patterns
+from fleetgate.topics import filter_contains
 
 RESERVED_PREFIX = "$"
 """Topics starting with ``$`` (``$SYS/...``) belong to the server (MQTT 4.7.2): no template

@@ -15,9 +15,9 @@ from cryptography import x509
 
 from broker.acl import DEFAULT_TEMPLATE, AclTemplate, DeviceAcl
 from broker.mqtt import ReasonCode
-from enrollment.errors import NotAuthorised, NotFound
 from enrollment.identity import PeerIdentity, named_identity
 from enrollment.registry import AclPatterns, DeviceState, Registry
+from fleetgate.errors import NotAuthorised, NotFound
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from enrollment.config import DeviceLimits, LimitSettings
+from fleetgate.config import DeviceLimits, LimitSettings
 
 __all__ = [
     "AUDIT_TEXT_CHARS",

@@ -40,12 +40,12 @@ from broker.metrics import Metrics
 from broker.mqtt import MAX_PACKET_SIZE, ReasonCode
 from broker.tls import TLS_READ_BUFFER, broker_context, broker_credentials, handshake_label
 from enrollment.ca import ServerCredentials, ensure_server_certificate, is_initialised
-from enrollment.config import Config
-from enrollment.errors import ConfigError, FleetgateError, InvalidDeviceId
-from enrollment.ids import validate_id
-from enrollment.lifecycle import run_until_signalled
 from enrollment.registry import AuditRecord, DeviceChange, DeviceState, Registry
-from enrollment.tls import serve_tls
+from fleetgate.config import Config
+from fleetgate.errors import ConfigError, FleetgateError, InvalidDeviceId
+from fleetgate.ids import validate_id
+from fleetgate.lifecycle import run_until_signalled
+from fleetgate.tls import serve_tls
 
 log = logging.getLogger("fleetgate.broker")
 

@@ -1,7 +1,7 @@
 """The broker's side of TLS: its certificate, the mutual-TLS context, and small per-connection
 buffers.
 
-The handshake itself runs in :func:`enrollment.tls.serve_tls`, which reports each refused
+The handshake itself runs in :func:`fleetgate.tls.serve_tls`, which reports each refused
 handshake with OpenSSL's reason; :func:`handshake_label` folds those reasons into the few labels
 ``/metrics`` counts by.
 """
@@ -16,10 +16,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from enrollment.ca import ServerCredentials, ca_paths
-from enrollment.config import Config
-from enrollment.errors import ConfigError
-from enrollment.keyfiles import load_certificates
-from enrollment.tls import server_context
+from fleetgate.config import Config
+from fleetgate.errors import ConfigError
+from fleetgate.keyfiles import load_certificates
+from fleetgate.tls import server_context
 
 OP_PRIORITIZE_CHACHA = 0x00200000
 """OpenSSL's SSL_OP_PRIORITIZE_CHACHA, which Python 3.11's ``ssl`` does not name: the server

@@ -19,15 +19,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from enrollment import profiles
-from enrollment.config import Config
-from enrollment.errors import CANotInitialised, CAPassphraseError, ConfigError
-from enrollment.keyfiles import (
+from enrollment.profiles import Issuer, Profile, RevocationPointers, Subject
+from fleetgate.config import Config
+from fleetgate.errors import CANotInitialised, CAPassphraseError, ConfigError
+from fleetgate.keyfiles import (
     load_certificates,
     load_private_key,
     write_certificates,
     write_private_key,
 )
-from enrollment.profiles import Issuer, Profile, RevocationPointers, Subject
 
 ROOT_VALIDITY = dt.timedelta(days=365 * 20)
 ISSUING_VALIDITY = dt.timedelta(days=365 * 5)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from enrollment.errors import FleetgateError
 from enrollment.profiles import Issuer
+from fleetgate.errors import FleetgateError
 
 # RFC 5280 section 5.3.1 reason names, as the CLI accepts them.
 REASONS: dict[str, x509.ReasonFlags] = {flag.value: flag for flag in x509.ReasonFlags}

@@ -1,6 +1,6 @@
 """Certificate signing requests: the wire format of RFC 7030 and the device key policy.
 
-Pure functions: bytes in, a :class:`CheckedCSR` or a :class:`~enrollment.errors.CSRRejected` out.
+Pure functions: bytes in, a :class:`CheckedCSR` or a :class:`~fleetgate.errors.CSRRejected` out.
 The CSR's self-signature is its proof of possession; the key must be ECDSA P-256 and the only
 extension a device may request is a subject alternative name naming itself.
 """
@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from enrollment.errors import CSRRejected, InvalidDeviceId
-from enrollment.ids import DEVICE_URI_PREFIX, validate_id
+from fleetgate.errors import CSRRejected, InvalidDeviceId
+from fleetgate.ids import DEVICE_URI_PREFIX, validate_id
 
 ALLOWED_SIGNATURE_HASHES = (hashes.SHA256, hashes.SHA384)
 

@@ -21,11 +21,11 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 
-from enrollment import jsonlog
-from enrollment.errors import FleetgateError
 from enrollment.registry import AuditRecord
 from enrollment.service import EnrollmentService
 from enrollment.workers import ServiceThreads
+from fleetgate import jsonlog
+from fleetgate.errors import FleetgateError
 
 log = logging.getLogger("fleetgate.est")
 

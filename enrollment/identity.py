@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from enrollment.errors import InvalidDeviceId, NotAuthorised
-from enrollment.ids import URI_PREFIXES, SubjectKind, id_from_uri
+from fleetgate.errors import InvalidDeviceId, NotAuthorised
+from fleetgate.ids import URI_PREFIXES, SubjectKind, id_from_uri
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from enrollment.attestation import KeyProtection
-from enrollment.errors import KeyProtectionRequired
+from fleetgate.errors import KeyProtectionRequired
 
 __all__ = ["Requirement", "check_protection", "parse_requirement"]
 

@@ -20,15 +20,15 @@ from enrollment.ca import (
     load_ca,
     renew_server_certificate_if_due,
 )
-from enrollment.config import Config
 from enrollment.crl import needs_refresh
-from enrollment.errors import CAPassphraseError, FleetgateError
 from enrollment.est import ESTApp
-from enrollment.lifecycle import run_until_signalled
 from enrollment.registry import AuditRecord, Registry
 from enrollment.service import EnrollmentService
-from enrollment.tls import serve_tls, server_context
 from enrollment.workers import ServiceThreads, service_threads
+from fleetgate.config import Config
+from fleetgate.errors import CAPassphraseError, FleetgateError
+from fleetgate.lifecycle import run_until_signalled
+from fleetgate.tls import serve_tls, server_context
 
 log = logging.getLogger("fleetgate.server")
 

@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from enrollment import jsonlog, ocsp, profiles
+from enrollment import ocsp, profiles
 from enrollment.attestation import AttestedKey, KeyProtection
 from enrollment.attestation.messages import (
     PivEnrollRequest,
@@ -35,15 +35,7 @@ from enrollment.attestation.trust import load_trust_store
 from enrollment.ca import CertificateAuthority, ca_paths
 from enrollment.crl import RevokedEntry, build_crl, parse_reason
 from enrollment.csr import CheckedCSR, check_device_csr, decode_est_body
-from enrollment.errors import (
-    AttestationRefused,
-    FleetgateError,
-    KeyProtectionRequired,
-    NotAuthorised,
-)
 from enrollment.identity import PeerIdentity, identify_client
-from enrollment.ids import device_uri, station_uri, validate_id
-from enrollment.keyfiles import write_atomic
 from enrollment.policy import check_protection
 from enrollment.registry import (
     AuditRecord,
@@ -55,6 +47,15 @@ from enrollment.registry import (
 )
 from enrollment.registry.models import AttestationChallenge, as_utc
 from enrollment.registry.store import DEVICE_ACTIONS
+from fleetgate import jsonlog
+from fleetgate.errors import (
+    AttestationRefused,
+    FleetgateError,
+    KeyProtectionRequired,
+    NotAuthorised,
+)
+from fleetgate.ids import device_uri, station_uri, validate_id
+from fleetgate.keyfiles import write_atomic
 
 # What a refused client should do next, by the kind of credential and its status.
 _CREDENTIAL_HINTS = {

@@ -27,11 +27,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from broker.mqtt import ReasonCode
 from device_sdk.est import EstClient, client_context, device_csr
 from enrollment import profiles
-from enrollment.ids import device_uri
-from enrollment.keyfiles import write_certificates, write_private_key, write_secret
 from enrollment.service import EnrollmentService
 from firmware_sim.mqtt_client import Refused, SessionClosed, SimClient
 from firmware_sim.report import FleetReport
+from fleetgate.ids import device_uri
+from fleetgate.keyfiles import write_certificates, write_private_key, write_secret
 
 BACKEND_GROUP = "sim-backend"
 BACKEND_ACL = {"publish": ["devices/+/commands/#"], "subscribe": ["devices/+/telemetry"]}

@@ -34,9 +34,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from device_sdk.est import EstClient, EstError, client_context, device_csr
-from enrollment.config import Config
-from enrollment.errors import FleetgateError
-from enrollment.keyfiles import write_certificates, write_private_key, write_secret
 from enrollment.registry import DeviceState
 from enrollment.service import EnrollmentService
 from firmware_sim.fleet import BACKEND_ACL, BACKEND_GROUP, Endpoints, retire_station
@@ -44,6 +41,9 @@ from firmware_sim.mqtt_client import Refused, SimClient
 from firmware_sim.report import FleetReport
 from firmware_sim.vcard import CardManufacturer, PcscDaemon, VirtualCard, VirtualCardError
 from firmware_sim.vtpm import DbusSession, TpmManufacturer, VirtualTpm, VirtualTpmError
+from fleetgate.config import Config
+from fleetgate.errors import FleetgateError
+from fleetgate.keyfiles import write_certificates, write_private_key, write_secret
 
 __all__ = [
     "MAX_DEVICES",

@@ -9,13 +9,13 @@ from contextlib import asynccontextmanager
 
 from broker.server import Broker
 from enrollment.ca import load_ca
-from enrollment.config import Config
 from enrollment.registry import Registry
 from enrollment.server import EnrollmentServer
 from enrollment.service import EnrollmentService
 from firmware_sim.fleet import Endpoints, FleetPlan, FleetSimulation
 from firmware_sim.hardware_line import HardwareLine, LinePlan
 from firmware_sim.report import FleetReport
+from fleetgate.config import Config
 
 Progress = Callable[[str, int], None]
 

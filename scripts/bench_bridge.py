@@ -68,8 +68,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker.mqtt import Connect, Disconnect, ProtocolLevel, QoS, Subscribe, Subscription, encode
 from device_sdk.est import device_csr
-from enrollment.keyfiles import write_certificates, write_private_key
 from firmware_sim.mqtt_client import SimClient
+from fleetgate.keyfiles import write_certificates, write_private_key
 
 SITE = "bench"
 BRIDGE_ID = "bench-bridge"

@@ -107,11 +107,11 @@ from broker.mqtt import (
 from broker.tls import broker_credentials
 from device_sdk.est import client_context, device_csr
 from enrollment.ca import ensure_server_certificate, init_ca, load_ca
-from enrollment.config import PASSPHRASE_ENV, Config, load_config
-from enrollment.keyfiles import write_secret
 from enrollment.registry import DeviceState, Registry
 from enrollment.registry.schema import upgrade
 from enrollment.service import EnrollmentService
+from fleetgate.config import PASSPHRASE_ENV, Config, load_config
+from fleetgate.keyfiles import write_secret
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -327,7 +327,7 @@ def start_mosquitto(tmp: Path, fleet: Fleet, pin: bool) -> BrokerProcess:
 # ``fleetgate serve broker`` under cProfile (main thread: the event loop), dumped on SIGTERM.
 PROFILED_BROKER = """\
 import cProfile, sys
-from enrollment.cli import main
+from fleetgate.cli import main
 sys.argv = ["fleetgate", "serve", "broker"]
 profiler = cProfile.Profile()
 profiler.enable()

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sdk import FileKeyStore, device_context
 from enrollment import profiles
-from enrollment.keyfiles import write_certificates, write_private_key
+from fleetgate.keyfiles import write_certificates, write_private_key
 
 MASK = "~0x200000200000000:~0x0"  # AES-NI and PCLMUL off, AVX2/AVX-512 left on
 TARGET = 4.0

@@ -67,7 +67,7 @@ SERVER_NAME = "localhost"  # in the server certificate's SAN (enrollment.server_
 SERVER_BOOT = """\
 import logging, sys
 logging.getLogger("fleetgate.server").setLevel(logging.INFO)
-from enrollment.cli import main
+from fleetgate.cli import main
 sys.argv = ["fleetgate", "serve", "enrollment", "--port", sys.argv[1]]
 profile_out = {profile_out!r}
 if not profile_out:

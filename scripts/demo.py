@@ -31,9 +31,9 @@ from device_sdk.est import EstClient, EstError, client_context, device_csr
 from device_sdk.provisioning import enroll
 from device_sdk.tpm_keystore import TpmKeyStore
 from device_sdk.tpm_provisioning import enroll_tpm
-from enrollment.config import load_config
 from enrollment.registry import Registry
 from firmware_sim.vtpm import DbusSession, TpmManufacturer, VirtualTpm, quiet_tss_env
+from fleetgate.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / "demo-data"

@@ -12,6 +12,6 @@ trap 'rm -rf "$venv"' EXIT
 echo "test-latest: newest releases:"
 "$venv/bin/python" -m pip freeze --exclude-editable | sed 's/^/  /'
 export PATH="$venv/bin:$PATH"
-"$venv/bin/ruff" check enrollment broker device_sdk firmware_sim tests scripts
+"$venv/bin/ruff" check fleetgate enrollment broker device_sdk firmware_sim tests scripts
 "$venv/bin/mypy"
 "$venv/bin/python" -m pytest "$@"

@@ -32,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties as PahoProperties
 from sdk_helpers import Mosquitto
 
-from enrollment.config import CONFIG_FILE, Config, load_config
+from fleetgate.config import CONFIG_FILE, Config, load_config
 
 BRIDGE_GROUP = "bridges"
 SITE = "plant-7"
@@ -138,7 +138,7 @@ class SubprocessBroker:
                 [
                     sys.executable,
                     "-c",
-                    "from enrollment.cli import main; main()",
+                    "from fleetgate.cli import main; main()",
                     "serve",
                     "broker",
                 ],

@@ -39,9 +39,9 @@ from broker import Broker
 from broker.mqtt import ConnAck, Connect, Decoder, Packet, encode
 from device_sdk.est import device_csr
 from enrollment import profiles
-from enrollment.config import Config
-from enrollment.keyfiles import load_certificates, write_certificates, write_private_key
 from enrollment.registry import AuditEvent
+from fleetgate.config import Config
+from fleetgate.keyfiles import load_certificates, write_certificates, write_private_key
 
 V311 = mqtt.MQTTv311
 V5 = mqtt.MQTTv5

@@ -22,11 +22,11 @@ from registry_helpers import new_registry
 
 from device_sdk.est import EstClient, client_context
 from enrollment.ca import init_ca, load_ca
-from enrollment.config import Config, load_config
-from enrollment.keyfiles import write_certificates, write_private_key
 from enrollment.registry import Registry
 from enrollment.server import EnrollmentServer
 from enrollment.service import EnrollmentService
+from fleetgate.config import Config, load_config
+from fleetgate.keyfiles import write_certificates, write_private_key
 
 # Fixtures of hardware stand-ins, loaded once so their session-scoped processes are shared.
 pytest_plugins = ["tpm_helpers"]

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sdk import Backoff, DeviceClient, FileKeyStore, Message
 from enrollment import profiles
-from enrollment.keyfiles import write_certificates, write_private_key
+from fleetgate.keyfiles import write_certificates, write_private_key
 
 MASK_AES_NI = "~0x200000200000000:~0x0"  # AES-NI and PCLMUL off, nothing else (NOTES §5)
 REPO = Path(__file__).resolve().parent.parent

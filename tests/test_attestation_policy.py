@@ -24,16 +24,16 @@ from device_sdk.est import EstError, device_csr
 from enrollment.attestation import AttestedKey, KeyProtection
 from enrollment.attestation.messages import PivEnrollRequest, TpmChallengeRequest
 from enrollment.attestation.trust import key_fingerprint, load_trust_store, verify_chain
-from enrollment.cli import app
-from enrollment.errors import (
-    AttestationRefused,
-    KeyProtectionRequired,
-    MalformedRequest,
-)
 from enrollment.policy import Requirement, check_protection
 from enrollment.profiles import TPM_KEY_POLICY, key_protection_of
 from enrollment.registry import AuditRecord, DeviceState, Registry
 from enrollment.registry.models import AttestationChallenge
+from fleetgate.cli import app
+from fleetgate.errors import (
+    AttestationRefused,
+    KeyProtectionRequired,
+    MalformedRequest,
+)
 
 NOW = dt.datetime.now(dt.UTC)
 

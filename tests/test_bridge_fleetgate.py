@@ -24,8 +24,8 @@ from bridge_helpers import (
 )
 from broker_helpers import enroll, free_port, wait_for
 
-from enrollment.config import load_config
 from enrollment.registry import DeviceState
+from fleetgate.config import load_config
 
 MIRROR = (("devices/+/telemetry", "devices/+/telemetry"),)
 

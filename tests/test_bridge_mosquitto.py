@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from broker.bridge import ORIGIN_PROPERTY
 from broker.bridge.status import FULL_QUIET_S
-from enrollment.cli import app
+from fleetgate.cli import app
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

@@ -57,10 +57,10 @@ from broker.mqtt import (
     encode,
 )
 from broker.mqtt.properties import encode_properties
-from broker.mqtt.topics import filters_overlap
 from broker.routing import Message
-from enrollment.config import CONFIG_FILE, load_config
-from enrollment.errors import ConfigError
+from fleetgate.config import CONFIG_FILE, load_config
+from fleetgate.errors import ConfigError
+from fleetgate.topics import filters_overlap
 
 V5, V3 = ProtocolLevel.MQTT_5, ProtocolLevel.MQTT_3_1_1
 
@@ -632,12 +632,16 @@ def test_mqtt_311_forwarding_carries_no_properties():
     assert isinstance(packet, Publish) and packet.properties == NO_PROPERTIES
 
 
-@pytest.mark.parametrize("length", [0x80, 0xC1, 0x3FFF, 0x4000, 0x1FFFFF, 0x200000, 0xFFFFFFF])
-def test_the_remaining_length_is_the_codecs_variable_byte_integer(length):
-    from broker.bridge.protocol import _varint
-    from broker.mqtt._wire import write_varint
+@pytest.mark.parametrize(
+    "length", [0, 0x7F, 0x80, 0xC1, 0x3FFF, 0x4000, 0x1FFFFF, 0x200000, 0xFFFFFFF]
+)
+def test_the_one_variable_byte_integer_encoder_round_trips_at_every_size(length):
+    """The bridge writes remaining lengths with the codec's encoder (its fast path included)."""
+    from broker.mqtt import decode_varint, write_varint
 
-    assert _varint(length) == write_varint(length)
+    encoded = write_varint(length)
+    assert len(encoded) == 1 + (length >= 0x80) + (length >= 0x4000) + (length >= 0x200000)
+    assert decode_varint(encoded, 0, len(encoded)) == (length, len(encoded))
 
 
 @pytest.mark.parametrize("level", [V5, V3])

@@ -38,8 +38,8 @@ from broker.admission import (
     check_admission,
 )
 from enrollment import profiles
-from enrollment.keyfiles import load_certificates
 from enrollment.registry import DeviceState, Registry
+from fleetgate.keyfiles import load_certificates
 
 VERSIONS = [("mqttv311", 5), ("mqttv5", 135)]  # mosquitto's -V, and the CONNACK code expected
 PAHO_NOT_AUTHORIZED = 135  # paho 2 reports 3.1.1's return code 5 as reason code 135 too

@@ -57,9 +57,9 @@ from broker.mqtt import (
     encode,
 )
 from broker.routing import Message, RetainedMessages
-from enrollment.config import load_config
-from enrollment.errors import ConfigError
 from enrollment.registry import AuditEvent, AuditRecord, DeviceState
+from fleetgate.config import load_config
+from fleetgate.errors import ConfigError
 
 QUOTA = ReasonCode.QUOTA_EXCEEDED.value  # 0x97
 

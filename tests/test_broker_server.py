@@ -38,10 +38,10 @@ from registry_helpers import new_registry
 from broker import Broker
 from enrollment import profiles
 from enrollment.ca import is_initialised
-from enrollment.config import CONFIG_FILE, DEFAULT_CONFIG_TOML, load_config
-from enrollment.errors import ConfigError
-from enrollment.keyfiles import write_certificates, write_private_key
 from enrollment.registry import DeviceState
+from fleetgate.config import CONFIG_FILE, DEFAULT_CONFIG_TOML, load_config
+from fleetgate.errors import ConfigError
+from fleetgate.keyfiles import write_certificates, write_private_key
 
 FLEETGATE = str(Path(sys.executable).with_name("fleetgate"))
 

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker.tls import broker_context, check_fleet_chain
 from enrollment import profiles
 from enrollment.ca import ca_paths
-from enrollment.errors import ConfigError
-from enrollment.keyfiles import load_certificates, write_certificates
+from fleetgate.errors import ConfigError
+from fleetgate.keyfiles import load_certificates, write_certificates
 
 NOW = dt.datetime.now(dt.UTC)
 SOURCE = Path("chain.pem")

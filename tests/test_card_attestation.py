@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from enrollment.attestation import KeyProtection
 from enrollment.attestation.piv import verify_piv_attestation
 from enrollment.attestation.trust import key_fingerprint
-from enrollment.errors import AttestationRefused
+from fleetgate.errors import AttestationRefused
 
 
 def _now() -> dt.datetime:

@@ -29,11 +29,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 
 from device_sdk.est import device_csr
 from enrollment.ca import load_ca
-from enrollment.config import load_config
-from enrollment.errors import CAPassphraseError
-from enrollment.keyfiles import load_private_key
 from enrollment.registry import DeviceState, Registry, StationState, SubjectKind
 from enrollment.service import EnrollmentService
+from fleetgate.config import load_config
+from fleetgate.errors import CAPassphraseError
+from fleetgate.keyfiles import load_private_key
 
 PASSPHRASE = "cli-Secret-passphrase-7f3a9c"
 WRONG_PASSPHRASE = "cli-Wrong-passphrase-51d2e8"
@@ -683,7 +683,7 @@ def test_the_enrollment_service_audits_a_wrong_passphrase_and_does_not_start(fle
 
 
 def test_the_audited_command_path_skips_the_home_option_and_its_value():
-    from enrollment.cli import _command_words
+    from fleetgate.cli import _command_words
 
     assert _command_words(["--home", "/x", "device", "show", "nosuch"]) == ["device", "show"]
     assert _command_words(["batch", "add", "--group", "g", "s1", "d1"]) == ["batch", "add"]

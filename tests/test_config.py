@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from enrollment.config import (
+from fleetgate.config import (
     CONFIG_FILE,
     DEFAULT_CONFIG_TOML,
     CASettings,
@@ -15,7 +15,7 @@ from enrollment.config import (
     LogSettings,
     load_config,
 )
-from enrollment.errors import ConfigError
+from fleetgate.errors import ConfigError
 
 
 def _home(tmp_path: Path, toml: str | None = None) -> Path:

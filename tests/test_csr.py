@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from enrollment.csr import check_device_csr, decode_est_body
-from enrollment.errors import CSRRejected
+from fleetgate.errors import CSRRejected
 
 
 def _name(*common_names: str, organization: str | None = None) -> x509.Name:

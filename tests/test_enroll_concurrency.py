@@ -34,11 +34,11 @@ from registry_helpers import new_registry
 from test_registry_postgres import pg_server, pg_url  # noqa: F401 (fixtures: a fresh database)
 
 from device_sdk.est import EstClient, client_context, device_csr
-from enrollment.config import Config, load_config
-from enrollment.errors import EnrollmentRefused
 from enrollment.registry import CertStatus, DeviceState, SubjectKind
 from enrollment.service import StageTimer
 from enrollment.workers import ServiceThreads
+from fleetgate.config import Config, load_config
+from fleetgate.errors import EnrollmentRefused
 
 EST = "/.well-known/est"
 SQLITE_THREADS = 4  # the server's default for SQLite is one thread: nothing would overlap

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from enrollment.audit_writer import AuditWriter
-from enrollment.errors import NotAuthorised
 from enrollment.registry import AuditRecord, Registry
 from enrollment.workers import ServiceThreads, service_threads
+from fleetgate.errors import NotAuthorised
 
 
 @pytest.fixture

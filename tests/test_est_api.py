@@ -32,9 +32,9 @@ from cryptography.x509.oid import (
 )
 
 from device_sdk.est import EstError, client_context, device_csr
-from enrollment.config import load_config
-from enrollment.jsonlog import JsonFormatter
 from enrollment.registry import CertStatus, DeviceState, SubjectKind
+from fleetgate.config import load_config
+from fleetgate.jsonlog import JsonFormatter
 
 EST = "/.well-known/est"
 

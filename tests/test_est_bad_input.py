@@ -30,12 +30,12 @@ from sqlmodel import select
 
 from device_sdk.est import client_context, device_csr
 from enrollment.ca import init_ca, load_ca
-from enrollment.config import load_config
-from enrollment.errors import CAPassphraseError
-from enrollment.keyfiles import write_certificates, write_private_key
 from enrollment.registry import AuditEvent, Certificate, DeviceState, Registry
 from enrollment.server import EnrollmentServer
 from enrollment.service import EnrollmentService
+from fleetgate.config import load_config
+from fleetgate.errors import CAPassphraseError
+from fleetgate.keyfiles import write_certificates, write_private_key
 
 EST = "/.well-known/est"
 

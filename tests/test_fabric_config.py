@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from enrollment.config import FabricSettings, load_config
-from enrollment.errors import ConfigError
+from fleetgate.config import FabricSettings, load_config
+from fleetgate.errors import ConfigError
 
 
 def _load(tmp_path: Path, toml: str, environ: dict[str, str] | None = None) -> Any:

@@ -48,8 +48,8 @@ from broker.fabric.node import (
 from broker.fabric.subjects import topic_to_subject
 from broker.mqtt import NO_PROPERTIES, Properties, QoS
 from broker.routing import Message, SubscriptionOptions
-from enrollment.config import FabricSettings
-from enrollment.errors import ConfigError
+from fleetgate.config import FabricSettings
+from fleetgate.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +279,7 @@ def test_a_node_that_cannot_reach_the_fabric_does_not_start(fleet: Fleet) -> Non
 
 
 def test_bridges_and_the_fabric_together_are_refused(fleet: Fleet, cluster: NatsCluster) -> None:
-    from enrollment.config import BridgeSettings
+    from fleetgate.config import BridgeSettings
 
     config = dataclasses.replace(
         fleet.config,

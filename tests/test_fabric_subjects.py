@@ -23,7 +23,7 @@ from broker.fabric.subjects import (
     subject_to_topic,
     topic_to_subject,
 )
-from broker.mqtt.topics import InvalidTopic, topic_matches, validate_topic_filter
+from fleetgate.topics import InvalidTopic, topic_matches, validate_topic_filter
 
 # Observed on the wire with nats-server 2.10.27 (../shared/fabric/recipes/results-2.10.27.txt).
 OBSERVED_TOPICS = {

@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from enrollment import profiles
-from enrollment.errors import NotAuthorised
 from enrollment.identity import named_identity
-from enrollment.ids import SubjectKind
+from fleetgate.errors import NotAuthorised
+from fleetgate.ids import SubjectKind
 
 DEVICE = "urn:fleetgate:device:"
 STATION = "urn:fleetgate:station:"

@@ -6,8 +6,8 @@ import string
 
 import pytest
 
-from enrollment.errors import InvalidDeviceId
-from enrollment.ids import (
+from fleetgate.errors import InvalidDeviceId
+from fleetgate.ids import (
     DEVICE_URI_PREFIX,
     STATION_URI_PREFIX,
     device_uri,

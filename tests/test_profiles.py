@@ -16,7 +16,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from enrollment import profiles
 from enrollment.ca import init_ca, load_ca
-from enrollment.config import load_config
 from enrollment.profiles import (
     CLOCK_SKEW,
     DEVICE,
@@ -30,6 +29,7 @@ from enrollment.profiles import (
     build_certificate,
     server_subject,
 )
+from fleetgate.config import load_config
 
 NOW = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
 POINTERS = RevocationPointers(crl_url="https://ca.example/crl", ocsp_url="https://ca.example/ocsp")

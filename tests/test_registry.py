@@ -14,7 +14,6 @@ from sqlalchemy import func, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import select
 
-from enrollment.errors import EnrollmentRefused, InvalidDeviceId, InvalidStateChange, NotFound
 from enrollment.profiles import DEVICE, ISSUING, STATION, Issuer, Subject, build_certificate
 from enrollment.registry import (
     AuditEvent,
@@ -29,6 +28,7 @@ from enrollment.registry import (
 )
 from enrollment.registry.certificates import certificate_values
 from enrollment.registry.models import Batch, BatchEntry
+from fleetgate.errors import EnrollmentRefused, InvalidDeviceId, InvalidStateChange, NotFound
 
 NOW = dt.datetime.now(dt.UTC)
 

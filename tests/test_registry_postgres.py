@@ -32,8 +32,6 @@ from sqlmodel import Session, select
 
 from device_sdk.est import device_csr
 from enrollment.ca import init_ca, load_ca
-from enrollment.config import load_config
-from enrollment.errors import EnrollmentRefused, NotAuthorised, NotFound
 from enrollment.registry import (
     AuditEvent,
     AuditRecord,
@@ -48,6 +46,8 @@ from enrollment.registry import (
 from enrollment.registry.certificates import certificate_values
 from enrollment.registry.models import BatchEntry
 from enrollment.service import EnrollmentService
+from fleetgate.config import load_config
+from fleetgate.errors import EnrollmentRefused, NotAuthorised, NotFound
 
 PASSPHRASE = "pg-test-passphrase-0123"
 _database_names = itertools.count(1)

@@ -35,8 +35,8 @@ from device_sdk import (
     QueueFull,
     RenewalPolicy,
 )
-from enrollment.config import load_config
 from enrollment.registry import CertStatus, DeviceState, SubjectKind
+from fleetgate.config import load_config
 
 TOPIC = "devices/sensor-1/telemetry"
 

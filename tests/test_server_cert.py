@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from broker.tls import broker_credentials
 from enrollment import profiles
 from enrollment.ca import ca_paths, ensure_server_certificate
-from enrollment.cli import app
-from enrollment.config import load_config
-from enrollment.keyfiles import write_certificates, write_private_key
+from fleetgate.cli import app
+from fleetgate.config import load_config
+from fleetgate.keyfiles import write_certificates, write_private_key
 
 
 def test_a_certificate_issued_for_another_host_lets_it_run_without_the_ca_key(fleet, tmp_path):

@@ -23,9 +23,9 @@ from tpm_helpers import ek_chain, trust_manufacturer
 
 from device_sdk.tpm_keystore import TpmKeyStore
 from device_sdk.tpm_provisioning import enroll_tpm
-from enrollment.config import Config
 from enrollment.registry import DeviceState, Registry
 from firmware_sim.vtpm import TpmManufacturer, VirtualTpm
+from fleetgate.config import Config
 
 __all__ = ["running_broker"]
 

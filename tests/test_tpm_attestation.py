@@ -42,8 +42,8 @@ from device_sdk.tpm import (
     _p256_template,
 )
 from enrollment.attestation.tpm import TpmChallenge, make_challenge, verify_certify
-from enrollment.errors import AttestationRefused
 from firmware_sim.vtpm import TpmManufacturer, VirtualTpm
+from fleetgate.errors import AttestationRefused
 
 
 @dataclass(frozen=True)

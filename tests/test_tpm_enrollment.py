@@ -28,10 +28,10 @@ from device_sdk.tpm import Tpm
 from device_sdk.tpm_keystore import TpmKeyStore
 from device_sdk.tpm_provisioning import CHALLENGE, ENROLL, enroll_tpm
 from enrollment.attestation.trust import key_fingerprint
-from enrollment.errors import AttestationRefused
 from enrollment.profiles import key_protection_of
 from enrollment.registry import DeviceState
 from firmware_sim.vtpm import VirtualTpm
+from fleetgate.errors import AttestationRefused
 
 DEVICE = "tpm-0001"
 

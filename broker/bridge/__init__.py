@@ -4,7 +4,7 @@
 the core's publish gate (a bridged QoS 1 message is acknowledged to the device only once it is
 committed to ``<home>/bridge/queue.db``), and it keeps one mutual-TLS link per upstream.
 :mod:`broker.bridge.topics` holds the pure topic rules; ``fleetgate bridge status`` is
-:mod:`broker.bridge.cli`.
+:mod:`fleetgate.cli.bridge`.
 """
 
 from broker.bridge.manager import ORIGIN_PROPERTY, BridgeManager, queue_path

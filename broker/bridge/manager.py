@@ -47,8 +47,8 @@ from broker.routing import Message
 from device_sdk.errors import KeyStoreError
 from device_sdk.est import client_context
 from device_sdk.keystore import FileKeyStore, KeyStore, device_id_of
-from enrollment.config import Config
 from enrollment.registry import AuditRecord, Registry
+from fleetgate.config import Config
 
 log = logging.getLogger("fleetgate.broker.bridge")
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from broker.bridge.topics import InvalidBridgeRule, TopicRule, compile_rule
 from broker.mqtt import ProtocolLevel
-from broker.mqtt.topics import filters_overlap
-from enrollment.config import BridgeSettings, Config
-from enrollment.errors import ConfigError, InvalidDeviceId
-from enrollment.ids import validate_id
+from fleetgate.config import BridgeSettings, Config
+from fleetgate.errors import ConfigError, InvalidDeviceId
+from fleetgate.ids import validate_id
+from fleetgate.topics import filters_overlap
 
 _LEVELS = {
     "5": ProtocolLevel.MQTT_5,

@@ -31,6 +31,7 @@ from broker.mqtt import (
     Subscription,
     decode_varint,
     encode,
+    write_varint,
 )
 
 _V5 = ProtocolLevel.MQTT_5
@@ -39,18 +40,6 @@ _DUP = 0x08
 _RETAIN = 0x01
 _HEADER = [bytes((i,)) for i in range(256)]
 _TOPIC_CACHE = 65536
-
-
-def _varint(value: int) -> bytes:
-    """MQTT variable byte integer (the remaining length) of 128 or more."""
-    if value < 0x4000:  # two bytes: a forwarded telemetry message, typically
-        return bytes((value & 0x7F | 0x80, value >> 7))
-    out = bytearray()
-    while True:
-        value, digit = divmod(value, 0x80)
-        out.append(digit | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +167,7 @@ class UpstreamSession:
         first = _PUBLISH_QOS1 | (_DUP if item.sent else 0) | (_RETAIN if item.retain else 0)
         props = item.properties if self._v5 else b""
         length = len(name) + 2 + len(props) + len(payload)
-        size = _HEADER[length] if length < 0x80 else _varint(length)
+        size = _HEADER[length] if length < 0x80 else write_varint(length)
         return b"".join((_HEADER[first], size, name, packet_id, props, payload))
 
     def puback(self, packet_id: int) -> bytes:

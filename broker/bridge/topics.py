@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from broker.mqtt import InvalidTopic, parse_shared_subscription, validate_topic_filter
-from enrollment.errors import ConfigError
+from fleetgate.errors import ConfigError
 
 SITE_PLACEHOLDER = "{site}"
 

@@ -61,10 +61,10 @@ from broker.mqtt._wire import Reader
 from broker.mqtt.errors import ProtocolError
 from broker.mqtt.packets import PacketType
 from broker.mqtt.properties import decode_properties, encode_properties
-from broker.mqtt.topics import InvalidTopic, validate_topic_name
 from broker.routing import Message, SubscriptionOptions, SubscriptionTree
-from enrollment.config import Config, FabricSettings
-from enrollment.errors import FleetgateError
+from fleetgate.config import Config, FabricSettings
+from fleetgate.errors import FleetgateError
+from fleetgate.topics import InvalidTopic, validate_topic_name
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient

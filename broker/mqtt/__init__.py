@@ -9,7 +9,7 @@ Shared by the broker, the bridge and the device simulator::
     sock.sendall(encode(ConnAck(), decoder.protocol_level))
 """
 
-from broker.mqtt._wire import decode_varint
+from broker.mqtt._wire import decode_varint, write_varint
 from broker.mqtt.codec import MAX_PACKET_SIZE, Decoder, PlainPublish, encode, encode_publish
 from broker.mqtt.errors import (
     MalformedPacket,
@@ -46,7 +46,7 @@ from broker.mqtt.packets import (
     Unsubscribe,
     Will,
 )
-from broker.mqtt.topics import (
+from fleetgate.topics import (
     InvalidTopic,
     SharedSubscription,
     parse_shared_subscription,
@@ -99,4 +99,5 @@ __all__ = [
     "topic_matches",
     "validate_topic_filter",
     "validate_topic_name",
+    "write_varint",
 ]

@@ -110,6 +110,9 @@ class Reader:
 
 
 def write_varint(value: int) -> bytes:
+    """The MQTT variable byte integer: the one encoder (packets, properties, the bridge)."""
+    if 0 <= value < 0x4000:  # one or two bytes: nearly every remaining length
+        return bytes((value,)) if value < 0x80 else bytes((value & 0x7F | 0x80, value >> 7))
     if not 0 <= value <= MAX_VARINT:
         raise ValueError(f"{value} does not fit a variable byte integer")
     out = bytearray()

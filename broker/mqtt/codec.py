@@ -62,7 +62,7 @@ from broker.mqtt.properties import (
     decode_properties,
     encode_properties,
 )
-from broker.mqtt.topics import (
+from fleetgate.topics import (
     SHARE_PREFIX,
     InvalidTopic,
     validate_topic_filter,

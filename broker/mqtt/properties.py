@@ -21,7 +21,7 @@ from broker.mqtt._wire import (
 )
 from broker.mqtt.errors import MalformedPacket, ProtocolError
 from broker.mqtt.packets import NO_PROPERTIES, PacketType, Properties, ReasonCode
-from broker.mqtt.topics import InvalidTopic, validate_topic_name
+from fleetgate.topics import InvalidTopic, validate_topic_name
 
 
 class PropertyId(IntEnum):

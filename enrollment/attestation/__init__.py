@@ -1,7 +1,7 @@
 """Hardware key attestation: proof that a device key was made in, and cannot leave, a TPM or card.
 
 The verifiers (``tpm``, ``piv``) are pure: evidence bytes and trust anchors in, an
-:class:`AttestedKey` or :class:`~enrollment.errors.AttestationRefused` out. The enrollment service
+:class:`AttestedKey` or :class:`~fleetgate.errors.AttestationRefused` out. The enrollment service
 decides what to do with the result (group policy, the device <-> hardware binding, the
 certificate's key-protection policy OID).
 """

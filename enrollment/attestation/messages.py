@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from enrollment.errors import MalformedRequest
+from fleetgate.errors import MalformedRequest
 
 MAX_FIELD_BYTES = 8192  # the largest evidence item (an EK certificate) is about 1.5 KB
 

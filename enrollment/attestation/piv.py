@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from enrollment.attestation import AttestedKey, KeyProtection
 from enrollment.attestation.trust import describe, key_fingerprint, verify_chain
-from enrollment.errors import AttestationRefused
+from fleetgate.errors import AttestationRefused
 
 
 def verify_piv_attestation(

@@ -51,7 +51,7 @@ from tpm2_pytss.types import (  # type: ignore[import-untyped]
 from tpm2_pytss.utils import make_credential  # type: ignore[import-untyped]
 
 from enrollment.attestation.trust import describe, key_fingerprint, verify_chain
-from enrollment.errors import AttestationRefused
+from fleetgate.errors import AttestationRefused
 
 __all__ = ["NONCE_BYTES", "TpmChallenge", "make_challenge", "verify_certify"]
 

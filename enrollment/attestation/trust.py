@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from enrollment.errors import AttestationRefused, ConfigError
+from fleetgate.errors import AttestationRefused, ConfigError
 
 MAX_CHAIN_LENGTH = 5
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from enrollment.errors import FleetgateError
+from fleetgate.errors import FleetgateError
 
 DEVICE_PLACEHOLDER = "%d"
 
@@ -34,7 +34,7 @@ def check_patterns(publish: Iterable[str], subscribe: Iterable[str]) -> AclPatte
     # Imported here: a module-level import of anything under ``broker`` runs broker/__init__,
     # which imports the broker server and so this package, half-initialised. topics is the
     # sans-I/O MQTT syntax, with no imports of its own.
-    from broker.mqtt.topics import InvalidTopic, validate_topic_filter
+    from fleetgate.topics import InvalidTopic, validate_topic_filter
 
     patterns = AclPatterns(tuple(publish), tuple(subscribe))
     for pattern in (*patterns.publish, *patterns.subscribe):

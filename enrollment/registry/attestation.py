@@ -8,11 +8,11 @@ from sqlalchemy import Connection
 from sqlmodel import select
 
 from enrollment.attestation import AttestedKey
-from enrollment.errors import AttestationRefused
-from enrollment.ids import validate_id
 from enrollment.registry import statements as sql
 from enrollment.registry.audit import AuditLog, AuditRecord
 from enrollment.registry.models import AttestationChallenge, GroupPolicy, as_utc
+from fleetgate.errors import AttestationRefused
+from fleetgate.ids import validate_id
 
 
 class Attestation(AuditLog):

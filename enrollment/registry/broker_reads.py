@@ -13,12 +13,12 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from enrollment.ids import validate_id
 from enrollment.registry import statements as sql
 from enrollment.registry.acl import AclPatterns, check_patterns
 from enrollment.registry.audit import AuditLog, AuditRecord
 from enrollment.registry.certificates import serial_hex
 from enrollment.registry.models import AclRule, CertStatus, DeviceChange, DeviceState, SubjectKind
+from fleetgate.ids import validate_id
 
 
 @dataclass(frozen=True)

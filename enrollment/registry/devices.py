@@ -16,7 +16,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from enrollment.attestation import AttestedKey
-from enrollment.errors import EnrollmentRefused, InvalidStateChange, NotFound
 from enrollment.registry import statements as sql
 from enrollment.registry.attestation import bind_hardware
 from enrollment.registry.audit import AuditLog, AuditRecord, audit_values
@@ -32,6 +31,7 @@ from enrollment.registry.models import (
     as_utc,
     utcnow,
 )
+from fleetgate.errors import EnrollmentRefused, InvalidStateChange, NotFound
 
 # The audit action recorded for each target state of a device.
 DEVICE_ACTIONS = {

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, create_engine
 
-from enrollment.errors import NotFound
+from fleetgate.errors import NotFound
 
 _Row = TypeVar("_Row", bound=SQLModel)
 _READ_ONLY = "fleetgate_read_only"

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Column, DateTime, Index, text
 from sqlmodel import Field, SQLModel
 
-from enrollment.ids import SubjectKind as SubjectKind  # the registry stores this enum
+from fleetgate.ids import SubjectKind as SubjectKind  # the registry stores this enum
 
 
 def utcnow() -> dt.datetime:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Connection, inspect
 from sqlalchemy.engine import Engine
 
-from enrollment.errors import FleetgateError
 from enrollment.registry.engine import create_registry_engine
+from fleetgate.errors import FleetgateError
 
 if TYPE_CHECKING:  # Alembic is imported only to upgrade: it costs ~0.2 s, every open would pay
     from alembic.config import Config

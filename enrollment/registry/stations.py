@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from cryptography import x509
 from sqlmodel import col, select
 
-from enrollment.errors import EnrollmentRefused, InvalidStateChange, NotFound
-from enrollment.ids import validate_id
 from enrollment.registry.audit import AuditLog, AuditRecord
 from enrollment.registry.certificates import certificate_values, revoke_certificates
 from enrollment.registry.models import (
@@ -20,6 +18,8 @@ from enrollment.registry.models import (
     StationState,
     SubjectKind,
 )
+from fleetgate.errors import EnrollmentRefused, InvalidStateChange, NotFound
+from fleetgate.ids import validate_id
 
 
 class Stations(AuditLog):

@@ -17,7 +17,7 @@ import typer
 from broker.bridge.manager import queue_path
 from broker.bridge.status import BridgeStatus, iso, render_table
 from broker.bridge.store import QueueStore
-from enrollment.config import Config, load_config
+from fleetgate.config import Config, load_config
 
 bridge_app = typer.Typer(no_args_is_help=True, help="Bridges to upstream MQTT brokers.")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 
-from enrollment.errors import InvalidDeviceId
+from fleetgate.errors import InvalidDeviceId
 
 
 class SubjectKind(StrEnum):

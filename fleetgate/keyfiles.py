@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from enrollment.errors import CAPassphraseError, ConfigError
+from fleetgate.errors import CAPassphraseError, ConfigError
 
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**15, 8, 1
 _KDF_LINE = re.compile(rb"^Fleetgate-KDF: scrypt n=(\d+) r=(\d+) p=(\d+) salt=([0-9a-f]{32})\n")

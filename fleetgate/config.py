@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from enrollment.errors import ConfigError
+from fleetgate.errors import ConfigError
 
 CONFIG_FILE = "fleetgate.toml"
 PASSPHRASE_ENV = "FLEETGATE_CA_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
