@@ -1,23 +1,25 @@
 """Who a connection is and whether it may connect: the certificate, then the registry.
 
 :class:`CertificateIdentities` reads the identity a verified certificate names right after the TLS
-handshake (remembering, per certificate, what does not change); :func:`check_admission` asks the
-registry, once per CONNECT.
+handshake (remembering, per certificate, what does not change). At CONNECT,
+:func:`read_admission_facts` asks the registry (I/O) and :func:`decide_admission` alone decides:
+the one place a CONNECT's verdict is made.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography import x509
 
 from broker.acl import DEFAULT_TEMPLATE, AclTemplate, DeviceAcl
+from broker.limits import audit_text
 from broker.mqtt import ReasonCode
 from enrollment.identity import PeerIdentity, named_identity
-from enrollment.registry import AclPatterns, DeviceState, Registry
-from fleetgate.errors import NotAuthorised, NotFound
+from enrollment.registry import AdmissionFacts, CertStatus, DeviceState, Registry, SubjectKind
+from fleetgate.errors import NotAuthorised
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +51,12 @@ class Admitted:
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """``code`` is the MQTT 5 CONNACK reason; the codec maps it to a 3.1.1 return code."""
+    """``code`` is the MQTT 5 CONNACK reason; the codec maps it to a 3.1.1 return code.
+    ``label`` names the refusal in ``connect_refusals_total`` and the audit trail."""
 
     reason: str
     code: ReasonCode = ReasonCode.NOT_AUTHORIZED
+    label: str = "admission"
 
 
 class CertificateIdentities:
@@ -105,38 +109,52 @@ class CertificateIdentities:
             return exc.message
 
 
-def check_admission(registry: Registry, identity: Identity) -> Admitted | Refused:
-    """The registry's verdict and, if admitted, the device's ACL. Blocking: run it in a thread.
+def read_admission_facts(registry: Registry, identity: Identity) -> AdmissionFacts:
+    """The registry's facts for this CONNECT; blocking (the caller picks the thread).
 
-    A certificate identity must be the device's current active certificate. The plaintext test
-    identity needs no registry entry (it then gets the ``default`` group), but one that exists
-    must be active, so that suspending it works as for any device.
+    The plaintext listener's test identity needs no registry entry: it then gets the default
+    group, whose ACL is read here.
     """
+    facts = registry.admission_facts(identity.device_id, identity.serial)
+    if facts.device_state is None and identity.serial is None:
+        return replace(facts, acl=registry.acl_patterns(facts.group))
+    return facts
+
+
+def decide_admission(
+    facts: AdmissionFacts | None, identity: Identity, *, barred: bool, will_topic: str | None
+) -> Admitted | Refused:
+    """Whether ``identity`` may connect, given the registry's ``facts`` (None: the registry
+    could not be read), whether the change feed barred the device since the read began, and
+    the CONNECT's will topic. Pure.
+
+    A certificate must be the device's current active certificate; the plaintext test
+    identity needs no registry entry, but one that exists must be active, so that suspending it
+    works as for any device.
+    """
+    device_id = identity.device_id
+    if facts is None:
+        return Refused("the registry is unavailable", ReasonCode.SERVER_UNAVAILABLE)
+    state = facts.device_state
     if identity.serial is None:
-        try:
-            device = registry.device(identity.device_id)
-        except NotFound:
-            group = "default"
-        else:
-            if device.state != DeviceState.ACTIVE:
-                return Refused(f"test identity {identity.device_id} is {device.state}")
-            group = device.group
+        if state is not None and state != DeviceState.ACTIVE:
+            return Refused(f"test identity {device_id} is {state}")
     else:
-        return _admit_certificate(registry, identity.device_id, identity.serial)
-    return _admitted(registry, identity.device_id, group)
-
-
-def _admitted(registry: Registry, device_id: str, group: str) -> Admitted:
-    return Admitted(group, _template(registry.acl_patterns(group)).for_device(device_id))
-
-
-def _template(patterns: AclPatterns | None) -> AclTemplate:
-    return AclTemplate(patterns.publish, patterns.subscribe) if patterns else DEFAULT_TEMPLATE
-
-
-def _admit_certificate(registry: Registry, device_id: str, serial: int) -> Admitted | Refused:
-    """Only the device's active certificate gets in; the ACL comes from the same read."""
-    admission = registry.admission(device_id, serial)
-    if not admission.allowed:
-        return Refused(admission.reason)
-    return Admitted(admission.group or "default", _template(admission.acl).for_device(device_id))
+        if state is None:
+            return Refused(f"device {device_id} is not in the registry")
+        if state != DeviceState.ACTIVE:
+            return Refused(f"device {device_id} is {state}")
+        cert = facts.certificate
+        if cert is None or cert.kind != SubjectKind.DEVICE or cert.subject != device_id:
+            return Refused(f"certificate {identity.serial:x} was not issued to {device_id}")
+        if cert.status != CertStatus.ACTIVE:
+            renewed = cert.status == CertStatus.SUPERSEDED
+            advice = ": connect with the renewed certificate" if renewed else ""
+            return Refused(f"certificate {cert.serial} of {device_id} is {cert.status}{advice}")
+    if barred:
+        return Refused(f"device {device_id} was barred while connecting")
+    template = AclTemplate(facts.acl.publish, facts.acl.subscribe) if facts.acl else None
+    acl = (template or DEFAULT_TEMPLATE).for_device(device_id)
+    if will_topic is not None and not acl.may_publish(will_topic):
+        return Refused(f"will topic {audit_text(will_topic)!r} is not permitted", label="will")
+    return Admitted(facts.group, acl)

@@ -143,6 +143,7 @@ class AdmissionRequest:
     """Ask the registry whether this identity may connect, then call ``admission_done``."""
 
     identity: Identity
+    will_topic: str | None
 
 
 class Connection:
@@ -250,21 +251,19 @@ class Connection:
             self._process(now)
 
     def admission_done(self, result: Admitted | Refused, now: float) -> None:
-        """The registry's verdict on the CONNECT; a connection closed meanwhile ignores it."""
+        """The verdict on the CONNECT (:func:`broker.admission.decide_admission`); a connection
+        closed meanwhile ignores it."""
         if self.state is not State.ADMITTING:
             return
         assert self._connect is not None
         if isinstance(result, Refused):
-            self._refuse(result.code, result.reason, "admission")
+            if result.label == "will":
+                self.core.metrics.acl_denials["will"] += 1
+            self._refuse(result.code, result.reason, result.label)
             return
         self.group, self.acl = result.group, result.acl
         self.limits = limits = self.core.limits.for_group(result.group)
         self._publish_rate = TokenBucket(limits.publish_rate, limits.publish_burst, now)
-        will = self._connect.will
-        if will is not None and not result.acl.may_publish(will.topic):
-            self._deny("will", will.topic, now)
-            self._refuse(_R.NOT_AUTHORIZED, f"will topic {will.topic!r} is not permitted", "will")
-            return
         self._accept(self._connect, now)
         self._process(now)  # packets the client sent before its CONNACK (MQTT 5 section 3.1.4)
 
@@ -448,7 +447,7 @@ class Connection:
         self.client_id = client_id
         self._connect = packet
         self.state = State.ADMITTING
-        return AdmissionRequest(identity)
+        return AdmissionRequest(identity, packet.will.topic if packet.will else None)
 
     def _accept(self, packet: Connect, now: float) -> None:
         if self.level is _V5:
@@ -558,7 +557,7 @@ class Connection:
         held: _HeldAck | None = None
         if core.gate is not None:
             held = _HeldAck(self)
-            verdict = core.gate.admit(message, dup, held.stored)
+            verdict = core.gate.offer(message, dup, held.stored)
             if verdict is not _HOLD:
                 if verdict is _LOOP:  # an echo of a message this broker forwarded
                     self._answer_publish(packet_id, qos, _SUCCESS)

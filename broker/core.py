@@ -60,7 +60,7 @@ class PublishGate(Protocol):
     committed, or ``on_stored(False, now)`` if it could not be.
     """
 
-    def admit(
+    def offer(
         self, message: Message, dup: bool, on_stored: Callable[[bool, float], None]
     ) -> GateVerdict: ...
 
@@ -313,7 +313,7 @@ class BrokerCore:
     def refused(self, client: str, kind: str, record: AuditRecord, now: float) -> None:
         """Audit a refusal of ``client``'s request, at most once per kind per interval
         (:class:`AuditThrottle`), with its reason bounded (:func:`audit_text`)."""
-        suppressed = self.refusals.admit(client, kind, now)
+        suppressed = self.refusals.record(client, kind, now)
         if suppressed is None:
             self.metrics.audit_suppressed += 1
             return

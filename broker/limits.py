@@ -163,7 +163,7 @@ class AuditThrottle:
         self.capacity = capacity
         self._windows: OrderedDict[tuple[str, str], _Window] = OrderedDict()
 
-    def admit(self, client: str, kind: str, now: float) -> int | None:
+    def record(self, client: str, kind: str, now: float) -> int | None:
         """``None``: leave this refusal out of the audit. Otherwise write it, noting the returned
         number of refusals of this kind left out since the previous row."""
         key = (client, kind)

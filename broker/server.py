@@ -24,12 +24,11 @@ from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.admission import (
-    Admitted,
     CertificateIdentities,
     Identity,
-    Refused,
     Unidentified,
-    check_admission,
+    decide_admission,
+    read_admission_facts,
 )
 from broker.audit import AuditWriter
 from broker.bridge import BridgeManager
@@ -37,10 +36,10 @@ from broker.connection import AdmissionRequest, Connection
 from broker.core import BrokerCore, CoreSettings
 from broker.feed import RevocationFeed
 from broker.metrics import Metrics
-from broker.mqtt import MAX_PACKET_SIZE, ReasonCode
+from broker.mqtt import MAX_PACKET_SIZE
 from broker.tls import TLS_READ_BUFFER, broker_context, broker_credentials, handshake_label
 from enrollment.ca import ServerCredentials, ensure_server_certificate, is_initialised
-from enrollment.registry import AuditRecord, DeviceChange, DeviceState, Registry
+from enrollment.registry import AdmissionFacts, AuditRecord, DeviceChange, DeviceState, Registry
 from fleetgate.config import Config
 from fleetgate.errors import ConfigError, FleetgateError, InvalidDeviceId
 from fleetgate.ids import validate_id
@@ -351,7 +350,7 @@ class Broker:
         """
         if self._admit_inline:
             cursor = self.feed.cursor
-            self._admitted(protocol, request.identity, self._check_admission(request), cursor)
+            self._decide(protocol, request, self._read_facts(request), cursor)
             return
         assert self._loop is not None
         protocol.admission_started()
@@ -359,33 +358,34 @@ class Broker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _check_admission(self, request: AdmissionRequest) -> Admitted | Refused:
-        """:func:`check_admission`; a registry that cannot answer refuses (server unavailable)."""
+    def _read_facts(self, request: AdmissionRequest) -> AdmissionFacts | None:
+        """The registry's facts for the CONNECT; None when it cannot answer."""
         try:
-            return check_admission(self.registry, request.identity)
+            return read_admission_facts(self.registry, request.identity)
         except (SQLAlchemyError, sqlite3.Error):  # sqlite3: the registry's plain local reads
-            log.exception("admission check failed", extra={"device": request.identity.device_id})
-            return Refused("the registry is unavailable", ReasonCode.SERVER_UNAVAILABLE)
+            log.exception("admission read failed", extra={"device": request.identity.device_id})
+            return None
 
     async def _admit_in_thread(self, protocol: _MqttProtocol, request: AdmissionRequest) -> None:
         cursor = self.feed.cursor
-        result = await asyncio.to_thread(self._check_admission, request)
-        self._admitted(protocol, request.identity, result, cursor)
+        facts = await asyncio.to_thread(self._read_facts, request)
+        self._decide(protocol, request, facts, cursor)
         protocol.admission_finished()
         self.wake()
 
-    def _admitted(
+    def _decide(
         self,
         protocol: _MqttProtocol,
-        identity: Identity,
-        result: Admitted | Refused,
+        request: AdmissionRequest,
+        facts: AdmissionFacts | None,
         cursor: int,
     ) -> None:
-        """Hand the verdict to the connection, unless the feed barred the device meanwhile."""
-        if isinstance(result, Admitted) and self.feed.barred_since(identity.device_id, cursor):
-            result = Refused(f"device {identity.device_id} was barred while connecting")
+        """:func:`decide_admission` on the facts and on what the feed saw since ``cursor``."""
+        identity = request.identity
+        barred = self.feed.barred_since(identity.device_id, cursor)
+        verdict = decide_admission(facts, identity, barred=barred, will_topic=request.will_topic)
         assert protocol.conn is not None
-        protocol.conn.admission_done(result, self.now())
+        protocol.conn.admission_done(verdict, self.now())
         protocol.pace()  # packets sent before the CONNACK may be over the publish rate
 
     def call_at(self, when: float, callback: Callable[[], None]) -> None:

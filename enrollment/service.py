@@ -132,7 +132,7 @@ class EnrollmentService:
         with self.audited("enroll", request_id) as refusable:
             peer = self._identify(station_cert, expected_kind="station")
             refusable.actor = peer.actor  # refusals below are audited under the verified identity
-            station = self._admit(peer, expected_kind="station")
+            station = self._known_subject(peer, expected_kind="station")
             with self.timer.stage("csr"):
                 checked = check_device_csr(decode_est_body(body))
             refusable.about(checked.device_id)
@@ -166,7 +166,7 @@ class EnrollmentService:
             peer = self._identify(device_cert, expected_kind="device")
             refusable.actor = peer.actor  # refusals below are audited under the verified identity
             refusable.about(peer.id if peer.kind == "device" else None)
-            device = self._admit(peer, expected_kind="device")
+            device = self._known_subject(peer, expected_kind="device")
             checked = check_device_csr(decode_est_body(body))
             if checked.device_id != device.id:
                 raise NotAuthorised(
@@ -339,10 +339,10 @@ class EnrollmentService:
         A station enrolls a pending device of its batches; a device rotates only its own key.
         """
         if peer.kind == "station":
-            station = self._admit(peer, expected_kind="station")
+            station = self._known_subject(peer, expected_kind="station")
             target = self.registry.check_may_enroll(station.id, device_id)
             return target.group, target.required_protection, target.hardware_binding
-        device = self._admit(peer, expected_kind="device")
+        device = self._known_subject(peer, expected_kind="device")
         if device.id != device_id:
             raise NotAuthorised(
                 f"device {device.id} may rotate only its own key, not {device_id}'s"
@@ -398,7 +398,7 @@ class EnrollmentService:
             )
         return identify_client(cert, now=self.clock())
 
-    def _admit(self, peer: PeerIdentity, *, expected_kind: str) -> PeerIdentity:
+    def _known_subject(self, peer: PeerIdentity, *, expected_kind: str) -> PeerIdentity:
         """``peer`` if it is of ``expected_kind`` and its certificate is active in the registry."""
         if peer.kind != expected_kind:
             raise NotAuthorised(

@@ -689,7 +689,7 @@ class FakeGate:
         self.verdict = verdict
         self.waiting: list[Callable[[bool, float], None]] = []
 
-    def admit(self, message: Message, dup: bool, on_stored: Callable[[bool, float], None]):
+    def offer(self, message: Message, dup: bool, on_stored: Callable[[bool, float], None]):
         if not message.topic.startswith("bridged/"):
             return GateVerdict.ROUTE
         if self.verdict is GateVerdict.HOLD:
@@ -760,10 +760,10 @@ class FillingGate(FakeGate):
         super().__init__()
         self.room = room
 
-    def admit(self, message: Message, dup: bool, on_stored: Callable[[bool, float], None]):
+    def offer(self, message: Message, dup: bool, on_stored: Callable[[bool, float], None]):
         if message.topic.startswith("bridged/") and len(self.waiting) >= self.room:
             return GateVerdict.FULL
-        return super().admit(message, dup, on_stored)
+        return super().offer(message, dup, on_stored)
 
 
 def test_a_311_close_for_a_full_queue_first_acknowledges_every_message_already_queued():

@@ -35,10 +35,19 @@ from broker.admission import (
     Identity,
     Refused,
     Unidentified,
-    check_admission,
+    decide_admission,
+    read_admission_facts,
 )
+from broker.mqtt import ReasonCode
 from enrollment import profiles
-from enrollment.registry import DeviceState, Registry
+from enrollment.registry import (
+    AdmissionFacts,
+    CertificateFacts,
+    CertStatus,
+    DeviceState,
+    Registry,
+    SubjectKind,
+)
 from fleetgate.keyfiles import load_certificates
 
 VERSIONS = [("mqttv311", 5), ("mqttv5", 135)]  # mosquitto's -V, and the CONNACK code expected
@@ -274,21 +283,16 @@ async def amqtt_connect(broker: RunningBroker, creds: Creds) -> int:
     return code
 
 
-def _reference_admission(registry, identity):
-    """The verdict from Registry.admission, the ACL from a separate Registry.acl_patterns read."""
-    admission = registry.admission(identity.device_id, identity.serial)
-    if not admission.allowed:
-        return Refused(admission.reason)
-    group = admission.group or "default"
-    patterns = registry.acl_patterns(group)
-    template = AclTemplate(patterns.publish, patterns.subscribe) if patterns else DEFAULT_TEMPLATE
-    return Admitted(group, template.for_device(identity.device_id))
+def admit(registry, identity, *, barred=False, will_topic=None):
+    """The broker's CONNECT verdict: the registry's facts, then the one decision."""
+    facts = read_admission_facts(registry, identity)
+    return decide_admission(facts, identity, barred=barred, will_topic=will_topic)
 
 
-def test_merged_admission_read_gives_the_registrys_own_verdicts_and_acls(fleet):
-    """check_admission reads device, certificate and ACL in one statement: every verdict and
-    reason matches the registry's, the ACL equals a separate acl_patterns read, and an ACL
-    change or a state change shows at the next CONNECT (nothing is cached)."""
+def test_merged_admission_read_gives_the_registrys_facts_and_the_verdicts(fleet):
+    """read_admission_facts reads device, certificate and ACL in one statement: the facts equal
+    the ORM path's, each verdict and reason is the expected one, the ACL equals a separate
+    acl_patterns read, and an ACL or state change shows at the next CONNECT (nothing cached)."""
     from enrollment.registry.models import Certificate, CertStatus
 
     registry = fleet.registry
@@ -301,18 +305,17 @@ def test_merged_admission_read_gives_the_registrys_own_verdicts_and_acls(fleet):
     station_serial = int(registry.certificates_of("station", "line-1")[0].serial, 16)
     registry.change_device_state("sensor-2", DeviceState.SUSPENDED, reason="t", actor="test")
     registry.change_device_state("sensor-3", DeviceState.REVOKED, reason="t", actor="test")
-
-    def cases():
-        return [
-            Identity("sensor-1", serial["sensor-1"]),
-            Identity("sensor-1", serial["sensor-2"]),  # another device's certificate
-            Identity("sensor-1", station_serial),  # a station's certificate
-            Identity("sensor-1", 12345),  # no such certificate
-            Identity("sensor-2", serial["sensor-2"]),  # suspended
-            Identity("sensor-3", serial["sensor-3"]),  # revoked
-            Identity("ghost-1", serial["sensor-1"]),  # not in the registry
-            Identity("pump-1", serial["pump-1"]),  # a group with its own ACL (none yet)
-        ]
+    not_issued = "was not issued to sensor-1"
+    cases = [
+        (Identity("sensor-1", serial["sensor-1"]), None),
+        (Identity("sensor-1", serial["sensor-2"]), not_issued),  # another device's certificate
+        (Identity("sensor-1", station_serial), not_issued),  # a station's certificate
+        (Identity("sensor-1", 12345), not_issued),  # no such certificate
+        (Identity("sensor-2", serial["sensor-2"]), "device sensor-2 is suspended"),
+        (Identity("sensor-3", serial["sensor-3"]), "device sensor-3 is revoked"),
+        (Identity("ghost-1", serial["sensor-1"]), "device ghost-1 is not in the registry"),
+        (Identity("pump-1", serial["pump-1"]), None),  # a group with its own ACL (none yet)
+    ]
 
     # The same registry file read through SQLAlchemy rather than plain sqlite3 (the fast read).
     orm_reads = Registry(registry.url)
@@ -320,30 +323,70 @@ def test_merged_admission_read_gives_the_registrys_own_verdicts_and_acls(fleet):
     assert registry._fast_reads is not None
 
     def same() -> None:
-        for identity in cases():
-            assert check_admission(registry, identity) == _reference_admission(registry, identity)
-            assert registry.admission(identity.device_id, identity.serial) == orm_reads.admission(
-                identity.device_id, identity.serial
+        for identity, refusal in cases:
+            facts = read_admission_facts(registry, identity)
+            assert facts == read_admission_facts(orm_reads, identity)
+            verdict = admit(registry, identity)
+            if refusal is not None and not isinstance(verdict, Refused):
+                raise AssertionError(f"{identity} admitted; expected {refusal!r}")
+            if isinstance(verdict, Refused):
+                assert refusal is not None and refusal in verdict.reason, (identity, verdict)
+                continue
+            patterns = registry.acl_patterns(verdict.group)
+            template = (
+                AclTemplate(patterns.publish, patterns.subscribe) if patterns else DEFAULT_TEMPLATE
             )
+            assert verdict.acl == template.for_device(identity.device_id)
 
     same()
-    assert check_admission(registry, cases()[0]) == Admitted(
+    assert admit(registry, cases[0][0]) == Admitted(
         "default", DEFAULT_TEMPLATE.for_device("sensor-1")
     )
     registry.set_acl("pumps", publish=["pumps/%d/#", "a/b"], subscribe=["pumps/#"], actor="t")
     registry.set_acl("default", publish=["devices/%d/up"], subscribe=[], actor="t")
     same()
-    pump = check_admission(registry, cases()[-1])
+    pump = admit(registry, cases[-1][0])
     assert isinstance(pump, Admitted)
     assert pump.acl.publish == ("a/b", "pumps/pump-1/#")
     with registry.transaction() as s:
         s.get(Certificate, format(serial["sensor-1"], "x")).status = CertStatus.SUPERSEDED
+    cases[0] = (cases[0][0], "is superseded: connect with the renewed certificate")
     same()
-    refused = check_admission(registry, cases()[0])
-    assert isinstance(refused, Refused) and "renewed certificate" in refused.reason
     registry.change_device_state("sensor-2", DeviceState.ACTIVE, reason="t", actor="test")
+    cases[4] = (cases[4][0], None)
     same()
     orm_reads.close()
+
+
+FACTS = AdmissionFacts(
+    DeviceState.ACTIVE,
+    "default",
+    CertificateFacts("1f", SubjectKind.DEVICE, "d1", CertStatus.ACTIVE),
+    None,
+)
+
+
+def test_the_feed_the_will_and_an_unreadable_registry_are_part_of_the_one_decision():
+    d1 = Identity("d1", 0x1F)
+    assert decide_admission(FACTS, d1, barred=False, will_topic="devices/d1/status") == Admitted(
+        "default", DEFAULT_TEMPLATE.for_device("d1")
+    )
+    barred = decide_admission(FACTS, d1, barred=True, will_topic=None)
+    assert barred == Refused("device d1 was barred while connecting")
+    will = decide_admission(FACTS, d1, barred=False, will_topic="devices/d2/status")
+    assert isinstance(will, Refused) and will.label == "will"
+    assert will.code == ReasonCode.NOT_AUTHORIZED and "devices/d2/status" in will.reason
+    down = decide_admission(None, d1, barred=False, will_topic=None)
+    assert down == Refused("the registry is unavailable", ReasonCode.SERVER_UNAVAILABLE)
+
+
+def test_the_plaintext_test_identity_needs_no_registry_entry_but_an_existing_one_must_be_active():
+    tester = Identity("tester", None, client_id_bound=False)
+    unknown = AdmissionFacts(None, "default", None, None)
+    assert isinstance(decide_admission(unknown, tester, barred=False, will_topic=None), Admitted)
+    suspended = AdmissionFacts(DeviceState.SUSPENDED, "default", None, None)
+    refused = decide_admission(suspended, tester, barred=False, will_topic=None)
+    assert refused == Refused("test identity tester is suspended")
 
 
 # -- what a certificate names, remembered per certificate ----------------------------------------

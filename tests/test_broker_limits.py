@@ -135,13 +135,13 @@ def test_rate_limiter_keeps_one_bucket_per_recent_key_and_no_more():
 
 def test_audit_throttle_admits_one_row_per_kind_per_interval_and_counts_the_rest():
     throttle = AuditThrottle(interval=60.0, capacity=10)
-    assert throttle.admit("sensor-1", "subscriptions", 0.0) == 0
-    assert [throttle.admit("sensor-1", "subscriptions", t) for t in (1.0, 2.0, 59.0)] == [None] * 3
-    assert throttle.admit("sensor-1", "topic_bytes", 1.0) == 0  # another kind: its own row
-    assert throttle.admit("sensor-2", "subscriptions", 1.0) == 0  # another client too
-    assert throttle.admit("sensor-1", "subscriptions", 61.0) == 3
+    assert throttle.record("sensor-1", "subscriptions", 0.0) == 0
+    assert [throttle.record("sensor-1", "subscriptions", t) for t in (1.0, 2.0, 59.0)] == [None] * 3
+    assert throttle.record("sensor-1", "topic_bytes", 1.0) == 0  # another kind: its own row
+    assert throttle.record("sensor-2", "subscriptions", 1.0) == 0  # another client too
+    assert throttle.record("sensor-1", "subscriptions", 61.0) == 3
     for n in range(100):
-        throttle.admit(f"flood-{n}", "x", 62.0)
+        throttle.record(f"flood-{n}", "x", 62.0)
     assert len(throttle) == 10
 
 

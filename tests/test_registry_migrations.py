@@ -139,9 +139,10 @@ def test_a_registry_main_made_is_refused_until_upgraded_then_adopted_with_its_da
             "tpm",
             "ab12",
         )
-        admission = registry.admission("sensor-1", 0x1F)
-        assert admission.allowed and admission.acl is not None
-        assert admission.acl.publish == ("meters/%d/#",)
+        facts = registry.admission_facts("sensor-1", 0x1F)
+        assert facts.device_state == DeviceState.ACTIVE and facts.acl is not None
+        assert facts.certificate is not None and facts.certificate.status == "active"
+        assert facts.acl.publish == ("meters/%d/#",)
         registry.audit(AuditRecord("admin:test", "probe", "ok", "sensor-1"))
         assert [e.action for e in registry.audit_events(subject="sensor-1")] == ["enroll", "probe"]
         with pytest.raises(Exception, match="append-only"), registry.engine.begin() as conn:

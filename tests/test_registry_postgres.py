@@ -521,8 +521,9 @@ def test_a_registry_main_made_is_refused_then_adopted_with_its_data(
         device = reg.device("sensor-1")
         expected = ("tpm", "ab12") if release == "main" else ("software", None)
         assert (device.key_protection, device.hardware_binding) == expected
-        admission = reg.admission("sensor-1", 0x1F)
-        assert admission.allowed and admission.acl is not None
+        facts = reg.admission_facts("sensor-1", 0x1F)
+        assert facts.device_state == DeviceState.ACTIVE and facts.acl is not None
+        assert facts.certificate is not None and facts.certificate.status == "active"
         reg.audit(AuditRecord("admin:test", "probe", "ok", "sensor-1"))
         assert audit_of(reg, "sensor-1") == [("enroll", "ok"), ("probe", "ok")]
         with pytest.raises(DBAPIError, match="append-only"), reg.engine.begin() as conn:
@@ -539,7 +540,7 @@ def test_service_roles_do_their_work_but_cannot_change_the_schema_or_the_audit_t
     pg_server: PostgresServer, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Migrations run as the owner; the broker's and the enrollment service's roles own nothing."""
-    from broker.admission import Admitted, Identity, check_admission
+    from broker.admission import Admitted, Identity, decide_admission, read_admission_facts
     from broker.audit import AuditWriter
     from broker.metrics import Metrics
     from enrollment.registry.models import AttestationChallenge
@@ -600,7 +601,9 @@ def test_service_roles_do_their_work_but_cannot_change_the_schema_or_the_audit_t
     # The broker's role: admission, the change feed, ACLs, batched and single audit writes.
     owner.change_device_state("sensor-2", DeviceState.REVOKED, reason="", actor="test")
     broker = Registry(broker_url)
-    admitted = check_admission(broker, Identity("sensor-1", cert.serial_number))
+    identity = Identity("sensor-1", cert.serial_number)
+    facts = read_admission_facts(broker, identity)
+    admitted = decide_admission(facts, identity, barred=False, will_topic=None)
     assert isinstance(admitted, Admitted) and admitted.group == "g"
     assert [c.device_id for c in broker.changes_since(0)] == ["sensor-2"]
     assert broker.last_change_id() >= 1

@@ -411,7 +411,7 @@ class BridgeManager:
 
     # -- the gate ------------------------------------------------------------------------------
 
-    def admit(
+    def offer(
         self, message: Message, dup: bool, on_stored: Callable[[bool, float], None]
     ) -> GateVerdict:
         """Route-and-hold a bridged message until it is on disk; refuse it when a queue is full."""

@@ -360,7 +360,7 @@ class FabricNode:
 
     # -- out: the publish gate ---------------------------------------------------------------------
 
-    def admit(
+    def offer(
         self, message: Message, dup: bool, on_stored: Callable[[bool, float], None]
     ) -> GateVerdict:
         """Queue the message for NATS and let the core route it locally (at most once)."""

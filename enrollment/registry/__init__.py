@@ -15,8 +15,9 @@ from enrollment.registry.models import (
 from enrollment.registry.schema import SchemaOutdated
 from enrollment.registry.store import (
     AclPatterns,
-    Admission,
+    AdmissionFacts,
     AuditRecord,
+    CertificateFacts,
     Registry,
     fingerprint,
     serial_hex,
@@ -24,11 +25,12 @@ from enrollment.registry.store import (
 
 __all__ = [
     "AclPatterns",
-    "Admission",
+    "AdmissionFacts",
     "AuditEvent",
     "AuditRecord",
     "CertStatus",
     "Certificate",
+    "CertificateFacts",
     "Device",
     "DeviceChange",
     "DeviceState",

@@ -22,51 +22,55 @@ from fleetgate.ids import validate_id
 
 
 @dataclass(frozen=True)
-class Admission:
-    """Whether a device presenting a certificate may connect now, and if not, why.
+class CertificateFacts:
+    """The registry's record of the certificate a device presented (by its serial)."""
 
-    When allowed, ``acl`` is its group's stored template (None: the broker's default).
+    serial: str  # hex, as stored
+    kind: SubjectKind
+    subject: str
+    status: CertStatus
+
+
+@dataclass(frozen=True)
+class AdmissionFacts:
+    """What the registry holds about a connecting device and the certificate it presented, read
+    in one statement at CONNECT. Only facts: the broker decides
+    (:func:`broker.admission.decide_admission`).
+
+    ``device_state`` is None when the device is not in the registry, ``certificate`` when no
+    certificate has that serial, ``acl`` when the group has no stored template (the broker's
+    default applies).
     """
 
-    allowed: bool
-    reason: str
-    group: str | None = None
-    acl: AclPatterns | None = None
+    device_state: DeviceState | None
+    group: str
+    certificate: CertificateFacts | None
+    acl: AclPatterns | None
 
 
 class BrokerReads(AuditLog):
-    """Admission, the change feed and the groups' ACL templates."""
+    """Admission facts, the change feed and the groups' ACL templates."""
 
-    def admission(self, device_id: str, serial: int) -> Admission:
-        """May ``device_id`` connect with the certificate ``serial``? Only its active one may.
-
-        One statement reads the device, the certificate and the group's ACL (every CONNECT
-        pays for this read, so it avoids the ORM).
-        """
-        params = {"device_id": device_id, "serial": serial_hex(serial)}
+    def admission_facts(self, device_id: str, serial: int | None) -> AdmissionFacts:
+        """The device, the certificate with ``serial`` (None: none asked for) and the group's
+        ACL, in one statement: every CONNECT pays for this read, so it avoids the ORM."""
+        params = {"device_id": device_id, "serial": "" if serial is None else serial_hex(serial)}
         rows = self._fast_rows(sql.ADMISSION, params)
         if not rows:
-            return Admission(False, f"device {device_id} is not in the registry")
+            return AdmissionFacts(None, sql.DEFAULT_GROUP, None, None)
         state, group, cert_serial, kind, subject, status = rows[0][:6]
-        state = _member(DeviceState, state)
-        kind = _member(SubjectKind, kind) if kind is not None else None
-        status = _member(CertStatus, status) if status is not None else None
-        group = group or sql.DEFAULT_GROUP
-        if state != DeviceState.ACTIVE:
-            return Admission(False, f"device {device_id} is {state}", group)
-        if cert_serial is None or kind != SubjectKind.DEVICE or subject != device_id:
-            return Admission(
-                False, f"certificate {serial_hex(serial)} was not issued to {device_id}"
-            )
-        if status != CertStatus.ACTIVE:
-            renewed = (
-                ": connect with the renewed certificate" if status == CertStatus.SUPERSEDED else ""
-            )
-            return Admission(
-                False, f"certificate {cert_serial} of {device_id} is {status}{renewed}", group
+        certificate = None
+        if cert_serial is not None:
+            certificate = CertificateFacts(
+                cert_serial, _member(SubjectKind, kind), subject, _member(CertStatus, status)
             )
         rules = [(action, pattern) for *_, action, pattern in rows if action is not None]
-        return Admission(True, "", group, _acl_patterns(rules))
+        return AdmissionFacts(
+            _member(DeviceState, state),
+            group or sql.DEFAULT_GROUP,
+            certificate,
+            _acl_patterns(rules),
+        )
 
     def changes_since(self, after_id: int, *, limit: int = 1000) -> list[DeviceChange]:
         """Device state changes committed after ``after_id``, oldest first."""

@@ -20,7 +20,7 @@ from enrollment.registry import schema
 from enrollment.registry.acl import AclPatterns
 from enrollment.registry.attestation import Attestation
 from enrollment.registry.audit import AuditRecord
-from enrollment.registry.broker_reads import Admission, BrokerReads
+from enrollment.registry.broker_reads import AdmissionFacts, BrokerReads, CertificateFacts
 from enrollment.registry.certificates import fingerprint, serial_hex
 from enrollment.registry.devices import (
     DEVICE_ACTIONS,
@@ -34,8 +34,9 @@ from enrollment.registry.stations import Stations
 __all__ = [
     "DEVICE_ACTIONS",
     "AclPatterns",
-    "Admission",
+    "AdmissionFacts",
     "AuditRecord",
+    "CertificateFacts",
     "Credential",
     "DeviceKey",
     "EnrollmentTarget",
