@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from registry_helpers import new_registry
 
 from enrollment.audit_writer import AuditWriter
 from enrollment.registry import AuditRecord, Registry
@@ -18,7 +19,7 @@ from fleetgate.errors import NotAuthorised
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    reg = new_registry(f"sqlite:///{tmp_path / 'registry.db'}")
     yield reg
     reg.close()
 
