@@ -60,6 +60,15 @@ _ACL_MEMORY = 64
 _PUBACK_HEAD = b"\x40\x02"
 KEEP_ALIVE_GRACE = 1.5
 """A client silent for 1.5 times its keep-alive is gone (MQTT-3.1.2-24)."""
+MAX_REASON_STRING = 256
+"""Reason strings quote what the client sent (a topic, a client id, up to 64 KiB and longer once
+quoted): cut to this many characters, a UTF-8 string field holds only 65,535 bytes."""
+
+
+def _reason_string(reason: str) -> Properties:
+    if len(reason) > MAX_REASON_STRING:
+        reason = reason[: MAX_REASON_STRING - 3] + "..."
+    return Properties(reason_string=reason)
 
 
 _CONNACKS: dict[tuple[ProtocolLevel, bool, CoreSettings], bytes] = {}
@@ -757,7 +766,7 @@ class Connection:
             AuditRecord(self._actor(), "mqtt.connect", "refused", self.device_id or None, reason)
         )
         if code is not None:
-            properties = Properties(reason_string=reason) if self.level is _V5 else NO_PROPERTIES
+            properties = _reason_string(reason) if self.level is _V5 else NO_PROPERTIES
             self._write(ConnAck(reason_code=code, properties=properties))
         self.core.dirty.add(self)
         self.state = State.CLOSED
@@ -783,7 +792,10 @@ class Connection:
     ) -> None:
         """Close from the server side, telling an MQTT 5 client why (section 4.13)."""
         if self.state is State.CONNECTED and self.level is _V5:
-            self._write(Disconnect(reason_code=code, properties=Properties(reason_string=reason)))
+            data = encode(Disconnect(reason_code=code, properties=_reason_string(reason)), _V5)
+            if self.max_send_size is not None and len(data) > self.max_send_size:
+                data = encode(Disconnect(reason_code=code), _V5)  # no reason (MQTT-3.14.2-3)
+            self._emit(data)
         self._close(now, publish_will=publish_will)
 
     def _close(self, now: float, *, publish_will: bool) -> None:

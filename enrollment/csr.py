@@ -12,6 +12,7 @@ import binascii
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -21,6 +22,14 @@ from enrollment.errors import CSRRejected, InvalidDeviceId
 from enrollment.ids import DEVICE_URI_PREFIX, validate_id
 
 ALLOWED_SIGNATURE_HASHES = (hashes.SHA256, hashes.SHA384)
+X509_PARSE_ERRORS = (
+    ValueError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
+"""What cryptography raises for malformed DER in a certificate or CSR, as it loads it or first
+reads its names and extensions (not all are ValueErrors)."""
 
 
 @dataclass(frozen=True)
@@ -54,9 +63,18 @@ def check_device_csr(der: bytes) -> CheckedCSR:
     """Parse a DER CSR and enforce the device profile on it."""
     try:
         csr = x509.load_der_x509_csr(der)
-    except ValueError as exc:
-        raise CSRRejected("the body is not a DER PKCS#10 certificate signing request") from exc
-    key = csr.public_key()
+        # Parsed on first use by cryptography: a malformed subject or extension is refused here.
+        csr.subject, csr.extensions  # noqa: B018
+    except X509_PARSE_ERRORS as exc:
+        raise CSRRejected(
+            f"the body is not a DER PKCS#10 certificate signing request ({exc})"
+        ) from exc
+    try:
+        key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:  # e.g. a point not on its curve
+        raise CSRRejected(
+            f"the CSR's public key cannot be read ({exc}): device keys must be ECDSA P-256"
+        ) from exc
     if isinstance(key, rsa.RSAPublicKey):
         raise CSRRejected(
             f"the CSR holds an RSA-{key.key_size} key: device keys must be ECDSA P-256"
