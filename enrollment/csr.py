@@ -24,6 +24,7 @@ from enrollment.ids import DEVICE_URI_PREFIX, validate_id
 ALLOWED_SIGNATURE_HASHES = (hashes.SHA256, hashes.SHA384)
 X509_PARSE_ERRORS = (
     ValueError,
+    TypeError,  # a name attribute of a type its OID does not allow (a BIT STRING common name)
     x509.InvalidVersion,
     x509.DuplicateExtension,
     x509.UnsupportedGeneralNameType,
@@ -83,7 +84,11 @@ def check_device_csr(der: bytes) -> CheckedCSR:
         raise CSRRejected(f"the CSR holds a {type(key).__name__}: device keys must be ECDSA P-256")
     if not isinstance(key.curve, ec.SECP256R1):
         raise CSRRejected(f"the CSR's key is on curve {key.curve.name}: device keys must be P-256")
-    if not isinstance(csr.signature_hash_algorithm, ALLOWED_SIGNATURE_HASHES):
+    try:
+        signature_hash = csr.signature_hash_algorithm
+    except UnsupportedAlgorithm:  # an OID cryptography does not know
+        signature_hash = None
+    if not isinstance(signature_hash, ALLOWED_SIGNATURE_HASHES):
         raise CSRRejected("the CSR must be signed with ECDSA and SHA-256 or SHA-384")
     if not csr.is_signature_valid:
         raise CSRRejected(

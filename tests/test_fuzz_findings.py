@@ -73,6 +73,28 @@ def test_a_csr_whose_subject_does_not_parse_is_rejected():
         check_device_csr(pki.signed(bytes(info), pki.DEVICE))
 
 
+def test_a_csr_signed_with_an_unknown_algorithm_is_rejected():
+    der = bytearray(pki.signed(_device_csr().tbs_certrequest_bytes, pki.DEVICE))
+    ecdsa_with_sha256 = der.rindex(bytes.fromhex("2a8648ce3d040302"))
+    der[ecdsa_with_sha256 + 6] = 0x83  # 1.2.840.10045.4.386: UnsupportedAlgorithm
+    with pytest.raises(CSRRejected, match="signed with ECDSA and SHA-256 or SHA-384"):
+        check_device_csr(bytes(der))
+
+
+def test_a_csr_whose_common_name_is_a_bit_string_is_rejected():
+    """cryptography allows a BIT STRING only for x500UniqueIdentifier (TypeError otherwise)."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(pki.name("\x00x"))
+        .sign(pki.key(pki.DEVICE), hashes.SHA256(), ecdsa_deterministic=True)
+    )
+    info = bytearray(csr.tbs_certrequest_bytes)
+    info[info.index(b"\x0c\x02\x00x")] = 0x03  # UTF8String -> BIT STRING, 0 unused bits
+    with pytest.raises(CSRRejected, match="not a DER PKCS#10") as rejected:
+        check_device_csr(pki.signed(bytes(info), pki.DEVICE))
+    assert isinstance(rejected.value.__cause__, TypeError)
+
+
 # -- attestation ---------------------------------------------------------------------------------
 
 
