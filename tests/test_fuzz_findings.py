@@ -1,7 +1,8 @@
-"""What the fuzzers found, one promise per bug: malformed input is refused with the parser's own
-error (a 4xx with a reason, a DISCONNECT), never an unexpected exception (a 500, a dropped
-connection). The inputs that found them are replayed too (tests/fuzz/crashes/, by
-test_fuzz_targets.py); these say in words what each one was.
+"""What the fuzzers found, and what writing them brought to light, one promise per bug:
+malformed input is refused with the parser's own error (a 4xx with a reason, a DISCONNECT), never
+an unexpected exception (a 500, a dropped connection). The inputs are replayed too
+(tests/fuzz/crashes/, by test_fuzz_targets.py; those found by review are named ``review-*``);
+these say in words what each one was.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from fuzz import pki, tpm_objects
-from tpm2_pytss.constants import TPM2_ALG
-from tpm2_pytss.types import TPM2B_PUBLIC
 
 from broker.acl import DeviceAcl
 from broker.admission import Admitted, Identity
@@ -22,10 +21,11 @@ from broker.metrics import Metrics
 from broker.mqtt import Connect, Decoder, Disconnect, Properties, ReasonCode, encode
 from broker.mqtt._wire import write_varint
 from enrollment.attestation import tpm
+from enrollment.attestation.messages import TpmChallengeRequest
 from enrollment.attestation.piv import verify_piv_attestation
 from enrollment.attestation.trust import load_certificate
 from enrollment.csr import check_device_csr
-from enrollment.errors import AttestationRefused, CSRRejected
+from enrollment.errors import AttestationRefused, CSRRejected, MalformedRequest
 
 # A P-256 SubjectPublicKeyInfo whose point (x = 0, y = 0) is not on the curve.
 OFF_CURVE_SPKI = bytes.fromhex(
@@ -98,6 +98,19 @@ def test_a_csr_whose_common_name_is_a_bit_string_is_rejected():
 # -- attestation ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 1100, b'{"device_id": ' + b"1" * 4400 + b"}"],
+    ids=["nested-1100-deep", "4400-digit-integer"],
+)
+def test_json_the_parser_cannot_hold_is_a_malformed_request(body):
+    """RecursionError and Python's 4,300-digit integer limit (a ValueError that is not a
+    JSONDecodeError) escaped as 500s; both fit the 16 KiB body limit. Found by review while
+    writing the messages target: libFuzzer does not build inputs that deep or long."""
+    with pytest.raises(MalformedRequest, match="the request body is not JSON"):
+        TpmChallengeRequest.parse(body)
+
+
 def _attestation_tbs() -> bytes:
     device = pki.key(pki.DEVICE).public_key()
     return pki.certificate("attestation 9a", pki.CARD_F9, device, ca=False).tbs_certificate_bytes
@@ -153,13 +166,7 @@ def test_a_certificate_field_that_does_not_parse_is_refused_on_loading(field):
 def test_a_certified_tpm_key_that_is_no_public_key_is_refused():
     """A TPM certifies what it holds, an HMAC key or (if not genuine) a point off its curve;
     the verifier refuses a key it cannot compare with the CSR's."""
-    area = TPM2B_PUBLIC.from_pem(
-        pki.key(pki.DEVICE)
-        .public_key()
-        .public_bytes(Encoding.PEM, pki.PublicFormat.SubjectPublicKeyInfo),
-        nameAlg=TPM2_ALG.SHA256,
-        objectAttributes=tpm_objects.KEY_ATTRIBUTES,
-    )
+    area = tpm_objects.public_area(pki.DEVICE, tpm_objects.KEY_ATTRIBUTES)
     area.publicArea.unique.ecc.x = b"\x00" * 32
     area.publicArea.unique.ecc.y = b"\x00" * 32
     key_public = bytes(area.marshal())
@@ -169,6 +176,23 @@ def test_a_certified_tpm_key_that_is_no_public_key_is_refused():
             ak_public=tpm_objects.ak_public(),
             nonce=pki.NONCE,
             key_public=key_public,
+            certify_info=info,
+            certify_signature=tpm_objects.ak_signature(info),
+            csr_key=pki.key(pki.DEVICE).public_key(),
+        )
+
+
+def test_a_certified_tpm_key_with_an_unknown_name_algorithm_is_refused():
+    """Its name cannot be computed (tpm2-pytss raised ValueError): refused for its name
+    algorithm before the name is compared."""
+    area = tpm_objects.public_area(pki.DEVICE, tpm_objects.KEY_ATTRIBUTES)
+    info = tpm_objects.certify_info(area)
+    area.publicArea.nameAlg = 0xC0
+    with pytest.raises(AttestationRefused, match="name algorithm 0x00c0 is not SHA-256"):
+        tpm.verify_certify(
+            ak_public=tpm_objects.ak_public(),
+            nonce=pki.NONCE,
+            key_public=bytes(area.marshal()),
             certify_info=info,
             certify_signature=tpm_objects.ak_signature(info),
             csr_key=pki.key(pki.DEVICE).public_key(),

@@ -152,6 +152,7 @@ def verify_certify(
             "the Certify statement is not over this challenge's nonce: it is replayed or made "
             "for another challenge; request a new challenge and certify over its nonce"
         )
+    _require_strong_name(key, "device key")  # before get_name, which knows only those
     if bytes(attest.attested.certify.name) != bytes(key.get_name()):
         raise AttestationRefused(
             "the Certify statement is about a different key than key_public: certify the key "
@@ -163,7 +164,6 @@ def verify_certify(
         raise AttestationRefused("the device key has the decrypt attribute; it must only sign")
     if attributes & TPMA_OBJECT.RESTRICTED:
         raise AttestationRefused("the device key is restricted; it could not sign TLS handshakes")
-    _require_strong_name(key, "device key")
     if _spki(_to_key(key)) != _spki(csr_key):
         raise AttestationRefused(
             "the certified TPM key is not the CSR's key: sign the CSR with the certified key"

@@ -1,7 +1,8 @@
 """Writes the seed corpus, tests/fuzz/corpus/<target>/<seed>: one valid example (or a near miss)
 of each shape a target parses, for libFuzzer to mutate from.
 
-Run it again after changing a target's input layout: ``.venv/bin/python tests/fuzz/make_corpus.py``.
+Run it again after changing a target's input layout:
+``.venv/bin/python tests/fuzz/make_corpus.py [target...]``.
 Every seed is deterministic (fixed keys, RFC 6979 signatures, a fixed clock) except the RSA EK
 certificate's key, so a regenerated corpus differs from the committed one only there.
 """
@@ -285,6 +286,11 @@ def messages_seeds() -> Iterator[tuple[str, bytes]]:
     ):
         yield name, bytes([index]) + json.dumps(payload).encode()
     yield "nested", b"\x00" + b'{"device_id": [[{"a": 1.5e3, "b": null}]]}'
+    # Byte 0 + 3: the fields from the input (one kind byte each: string, list, number, null).
+    for index, payload in enumerate((challenge, enroll, piv)):
+        values = [v if isinstance(v, str) else ",".join(v) for v in payload.values()]
+        kinds = bytes(1 if isinstance(v, list) else 0 for v in payload.values())
+        yield f"fields-{index}", bytes([index + 3]) + join(kinds, *(v.encode() for v in values))
 
 
 def tpm_seeds() -> Iterator[tuple[str, bytes]]:
@@ -341,7 +347,10 @@ SEEDS = {
 
 
 def main() -> None:
+    """Every target's seeds, or only those of the targets named as arguments."""
     for target, seeds in SEEDS.items():
+        if sys.argv[1:] and target not in sys.argv[1:]:
+            continue
         directory = CORPUS / target
         directory.mkdir(parents=True, exist_ok=True)
         for old in directory.iterdir():

@@ -11,6 +11,7 @@ and tests/fuzz/run.py hands them to libFuzzer.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -329,19 +330,44 @@ def fuzz_csr(data: bytes) -> None:
 
 # -- enrollment: attestation -----------------------------------------------------------------------
 
-_MESSAGES: tuple[Callable[[bytes], Any], ...] = (
-    TpmChallengeRequest.parse,
-    TpmEnrollRequest.parse,
-    PivEnrollRequest.parse,
+_MESSAGES: tuple[tuple[Callable[[bytes], Any], tuple[str, ...]], ...] = (
+    (TpmChallengeRequest.parse, ("device_id", "ek_certificate", "ek_chain", "ak_public")),
+    (
+        TpmEnrollRequest.parse,
+        (
+            "challenge_id",
+            "activated_secret",
+            "csr",
+            "key_public",
+            "certify_info",
+            "certify_signature",
+        ),
+    ),
+    (PivEnrollRequest.parse, ("csr", "attestation_certificate", "attestation_intermediate")),
 )
 
 
+def _json_fields(names: tuple[str, ...], data: bytes) -> bytes:
+    """A JSON object with the message's field names and values made from ``data``: one kind
+    byte per field (a string, a list of strings, a number, null), then the values."""
+    kinds, *values = split(data, 1 + len(names))
+    payload: dict[str, Any] = {}
+    for index, (name, value) in enumerate(zip(names, values, strict=True)):
+        text = value.decode("latin-1")
+        kind = kinds[index] % 4 if index < len(kinds) else 0
+        payload[name] = (text, text.split(","), len(value), None)[kind]
+    return json.dumps(payload).encode()
+
+
 def fuzz_messages(data: bytes) -> None:
-    """Byte 0 (mod 3): which attested-enrollment message; the rest: the HTTP body."""
+    """Byte 0: which attested-enrollment message (mod 3) and, if 3 or more (mod 6), that the
+    rest makes the fields (:func:`_json_fields`) rather than being the HTTP body itself."""
     if not data:
         return
+    parse, names = _MESSAGES[data[0] % 3]
+    body = _json_fields(names, data[1:]) if data[0] % 6 >= 3 else data[1:]
     with contextlib.suppress(MalformedRequest):
-        _MESSAGES[data[0] % 3](data[1:])
+        parse(body)
 
 
 def _certify(body: bytes, resign: bool) -> None:
