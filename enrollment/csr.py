@@ -50,7 +50,7 @@ def decode_est_body(body: bytes) -> bytes:
     if text.startswith(b"-----BEGIN"):
         try:
             return x509.load_pem_x509_csr(text).public_bytes(Encoding.DER)
-        except ValueError as exc:
+        except X509_PARSE_ERRORS as exc:
             raise CSRRejected("the PEM body is not a valid PKCS#10 CSR") from exc
     try:
         return base64.b64decode(b"".join(text.split()), validate=True)

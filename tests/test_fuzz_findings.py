@@ -7,6 +7,8 @@ these say in words what each one was.
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -24,7 +26,7 @@ from enrollment.attestation import tpm
 from enrollment.attestation.messages import TpmChallengeRequest
 from enrollment.attestation.piv import verify_piv_attestation
 from enrollment.attestation.trust import load_certificate
-from enrollment.csr import check_device_csr
+from enrollment.csr import check_device_csr, decode_est_body
 from enrollment.errors import AttestationRefused, CSRRejected, MalformedRequest
 
 # A P-256 SubjectPublicKeyInfo whose point (x = 0, y = 0) is not on the curve.
@@ -63,6 +65,16 @@ def test_a_csr_with_an_unknown_version_is_rejected():
     der[version + 2] = 5
     with pytest.raises(CSRRejected, match="not a DER PKCS#10"):
         check_device_csr(bytes(der))
+
+
+def test_a_pem_csr_with_an_unknown_version_is_rejected():
+    der = bytearray(_device_csr().public_bytes(Encoding.DER))
+    der[der.index(b"\x02\x01\x00") + 2] = 32
+    pem = b"-----BEGIN CERTIFICATE REQUEST-----\n%s-----END CERTIFICATE REQUEST-----\n" % (
+        base64.encodebytes(bytes(der))
+    )
+    with pytest.raises(CSRRejected, match="the PEM body is not a valid PKCS#10 CSR"):
+        decode_est_body(pem)
 
 
 def test_a_csr_whose_subject_does_not_parse_is_rejected():

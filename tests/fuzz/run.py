@@ -1,9 +1,10 @@
+#!/usr/bin/env python3
 """`make fuzz`: every target under libFuzzer (atheris), each in its own process with its share of
 the runs, a per-input timeout and an RSS limit; the last line sums it up as ``key=value`` pairs.
 
     .venv/bin/python tests/fuzz/run.py                     # the full run (make fuzz)
     .venv/bin/python tests/fuzz/run.py --scale 0.1 codec   # a tenth of it, one target
-    .venv/bin/python tests/fuzz/run.py --worker codec -runs=1000 tests/fuzz/corpus/codec
+    FUZZ_TARGET=codec .venv/bin/python tests/fuzz/run.py -runs=1000 SCRATCH tests/fuzz/corpus/codec
 
 Each process starts from the committed corpus and the saved crash inputs (read-only; what it
 learns goes to a scratch directory). An input that crashes, hangs or exhausts memory is copied
@@ -14,6 +15,7 @@ bug is fixed; ``--merge`` adds the inputs that reached new code to the committed
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -50,7 +52,10 @@ class Result:
 
 
 def worker(name: str, libfuzzer_args: list[str]) -> None:
-    """Runs in the child: instrument the code under test, then hand the target to libFuzzer."""
+    """Runs in the child: instrument the code under test, then hand the target to libFuzzer.
+
+    The target is named in the environment (FUZZ_TARGET), not the arguments, because libFuzzer
+    runs argv again for -merge and would take an extra argument for a corpus directory."""
     import atheris
 
     sys.path.insert(0, str(HERE.parent))
@@ -78,8 +83,6 @@ def fuzz(
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
-        "--worker",
-        name,
         f"-runs={runs}",
         f"-seed={seed}",
         f"-max_len={target.max_len}",
@@ -90,7 +93,10 @@ def fuzz(
         *dirs,
     ]
     started = time.monotonic()
-    child = subprocess.run(command, capture_output=True, text=True, check=False)
+    # libFuzzer's -merge runs this file again through the shell: with the venv's python3.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "FUZZ_TARGET": name, "PATH": path}
+    child = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     result = Result(name, seconds=time.monotonic() - started, exit_code=child.returncode)
     result.log = child.stderr + child.stdout
     if done := re.search(r"stat::number_of_executed_units:\s*(\d+)", result.log):
@@ -110,9 +116,10 @@ def fuzz(
         result.findings.setdefault(kind, []).append(kept)
     if merge and not result.findings:
         subprocess.run(
-            [*command[:4], "-merge=1", f"-max_len={target.max_len}", str(CORPUS / name), str(work)],
+            [*command[:2], "-merge=1", f"-max_len={target.max_len}", str(CORPUS / name), str(work)],
             capture_output=True,
             check=True,
+            env=env,
         )
     return result
 
@@ -166,8 +173,8 @@ def summary(results: list[Result], seconds: float) -> str:
 
 
 def main() -> int:
-    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3:])
+    if target := os.environ.get("FUZZ_TARGET"):
+        worker(target, sys.argv[1:])
         return 0
     sys.path.insert(0, str(HERE.parent))
     from fuzz.targets import TARGETS
