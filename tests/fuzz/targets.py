@@ -29,6 +29,7 @@ from broker.mqtt import (
     Packet,
     Properties,
     ProtocolError,
+    ProtocolLevel,
     Publish,
     QoS,
     Subscribe,
@@ -106,7 +107,7 @@ def _check_round_trip(packet: Packet, level: int) -> None:
             packet.retain,
             packet.packet_id,
             packet.properties,
-            decoder.protocol_level or level,
+            ProtocolLevel(level),
             dup=packet.dup,
         )
         assert shortcut == data, f"encode_publish differs from encode for {packet!r}"
