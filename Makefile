@@ -11,6 +11,7 @@ bootstrap:
 
 bootstrap-test:
 	@scripts/bootstrap.sh scripts/debian-packages.txt scripts/debian-packages-test.txt
+	@scripts/get-nats-server.sh >/dev/null  # nats-server >= 2.10 for the fabric tests
 
 demo: bootstrap
 	$(VENV)/python scripts/demo.py

@@ -11,19 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from broker.mqtt.topics import InvalidTopic, validate_topic_filter
-from enrollment.errors import FleetgateError
+from broker.mqtt.topics import filter_contains
 
-DEVICE_PLACEHOLDER = "%d"
+# What may be stored is decided beside the registry, which refuses what this module would.
+from enrollment.registry.acl import DEVICE_PLACEHOLDER as DEVICE_PLACEHOLDER
+from enrollment.registry.acl import InvalidAcl as InvalidAcl
+from enrollment.registry.acl import check_patterns
+
 RESERVED_PREFIX = "$"
 """Topics starting with ``$`` (``$SYS/...``) belong to the server (MQTT 4.7.2): no template
 grants them to a device."""
-
-
-class InvalidAcl(FleetgateError):
-    """An ACL template an operator typed is not a set of valid topic filters."""
-
-    code = "invalid_acl"
 
 
 @dataclass(frozen=True)
@@ -62,43 +59,11 @@ class DeviceAcl:
         )
 
 
-def filter_contains(outer: str, inner: str) -> bool:
-    """True if every topic matched by filter ``inner`` is matched by filter ``outer``.
-
-    A plain topic name is a filter that matches itself, so this also answers "may publish".
-    Topics starting with ``$`` are never reached through a leading wildcard (MQTT 4.7.2).
-    """
-    outer_levels = outer.split("/")
-    inner_levels = inner.split("/")
-    if inner.startswith("$") and outer_levels[0] in {"+", "#"}:
-        return False
-    for i, level in enumerate(outer_levels):
-        if level == "#":
-            return True
-        if i >= len(inner_levels):
-            return False
-        candidate = inner_levels[i]
-        if candidate == "#":
-            return False  # inner reaches deeper/wider than outer at this level
-        if level == "+":
-            continue
-        if candidate != level:  # a literal contains only the same literal, never '+'
-            return False
-    return len(inner_levels) == len(outer_levels)
-
-
 def check_template(publish: Iterable[str], subscribe: Iterable[str]) -> AclTemplate:
-    """An :class:`AclTemplate` from operator input; malformed filters raise :class:`InvalidAcl`."""
-    for pattern in (*publish, *subscribe):
-        try:
-            validate_topic_filter(pattern.replace(DEVICE_PLACEHOLDER, "x"))
-        except InvalidTopic as exc:
-            raise InvalidAcl(
-                f"ACL pattern {pattern!r} is not a valid MQTT topic filter: {exc}"
-            ) from exc
-        if DEVICE_PLACEHOLDER in pattern and any(
-            level != DEVICE_PLACEHOLDER and DEVICE_PLACEHOLDER in level
-            for level in pattern.split("/")
-        ):
-            raise InvalidAcl(f"ACL pattern {pattern!r}: %d must be a whole topic level")
-    return AclTemplate(publish=tuple(publish), subscribe=tuple(subscribe))
+    """An :class:`AclTemplate` from operator input; malformed filters raise :class:`InvalidAcl`.
+
+    The check is the registry's (``check_patterns``), so what the registry stores and what the
+    broker accepts cannot drift apart; each argument is read once, so generators work too.
+    """
+    patterns = check_patterns(publish, subscribe)
+    return AclTemplate(publish=patterns.publish, subscribe=patterns.subscribe)

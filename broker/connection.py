@@ -17,6 +17,7 @@ from enum import Enum
 from broker.acl import DeviceAcl
 from broker.admission import Admitted, Identity, Refused, Unidentified
 from broker.core import BrokerCore, CoreSettings, GateVerdict
+from broker.limits import DeviceLimits, Limit, TokenBucket, audit_text, topic_excess
 from broker.mqtt import (
     NO_PROPERTIES,
     Auth,
@@ -27,6 +28,7 @@ from broker.mqtt import (
     Packet,
     PingReq,
     PingResp,
+    PlainPublish,
     Properties,
     ProtocolError,
     ProtocolLevel,
@@ -60,6 +62,15 @@ _ACL_MEMORY = 64
 _PUBACK_HEAD = b"\x40\x02"
 KEEP_ALIVE_GRACE = 1.5
 """A client silent for 1.5 times its keep-alive is gone (MQTT-3.1.2-24)."""
+LINGER_QUIET_S = 1.0
+LINGER_MAX_S = 5.0
+"""A 3.1.1 connection closed for a full bridge queue, once its last acknowledgement is out,
+stays open, reading and discarding, until its client has been quiet for ``LINGER_QUIET_S``
+(checked at each tick; longer than a slow link's round trip) or for at most ``LINGER_MAX_S``.
+A socket closed while its client's bytes are still arriving is reset by the kernel, and a reset
+client loses the acknowledgements it had not read yet: a paho client busy resending thousands
+of messages reads none until it has written them all (measured: 10,000 messages took 59,549
+commits, six per message, when the close came as soon as the acknowledgements were out)."""
 MAX_REASON_STRING = 256
 """Reason strings quote what the client sent (a topic, a client id, up to 64 KiB and longer once
 quoted): cut to this many characters, a UTF-8 string field holds only 65,535 bytes."""
@@ -101,12 +112,14 @@ class State(Enum):
     AWAITING_CONNECT = "awaiting CONNECT"
     ADMITTING = "admitting"  # CONNECT read; the registry is being asked
     CONNECTED = "connected"
+    DRAINING = "closing after its held acknowledgements"  # reads nothing more but PINGREQ
     CLOSED = "closed"
 
 
 # Module constants for the per-message path: reading a member off an enum class costs about
 # 0.15 µs in Python 3.11, several times per message.
 _CONNECTED = State.CONNECTED
+_DRAINING = State.DRAINING
 _LIVE = (State.AWAITING_CONNECT, State.CONNECTED)
 _QOS0 = QoS.AT_MOST_ONCE
 _QOS1 = QoS.AT_LEAST_ONCE
@@ -150,9 +163,12 @@ class Connection:
         "_connect",
         "_created",
         "_decoder",
+        "_drained_at",
         "_held",
         "_out",
+        "_publish_rate",
         "_send_window",
+        "_stalled",
         "_will",
         "acl",
         "client_id",
@@ -163,9 +179,11 @@ class Connection:
         "keep_alive",
         "last_received",
         "level",
+        "limits",
         "listener",
         "max_send_size",
         "peer",
+        "resume_at",
         "session",
         "state",
         "writable",
@@ -201,9 +219,16 @@ class Connection:
         self._connect: Connect | None = None
         self._will: Will | None = None
         self._aliases: dict[int, str] = {}
-        self._allowed: dict[str, bool] = {}
+        self._allowed: dict[str, ReasonCode] = {}
         self._send_window = core.settings.receive_maximum
         self._held: deque[_HeldAck] = deque()
+        self.limits: DeviceLimits = core.limits.default  # its group's once admitted
+        self._publish_rate = TokenBucket(self.limits.publish_rate, self.limits.publish_burst, now)
+        self._stalled: Packet | PlainPublish | None = None
+        self.resume_at: float | None = None
+        """Set while a PUBLISH waits for the publish rate: read nothing until then, and call
+        :meth:`resume`."""
+        self._drained_at: float | None = None  # draining: when the last held ack went out
         core.connections.add(self)
 
     @property
@@ -218,7 +243,20 @@ class Connection:
             return None
         self.last_received = now
         self._decoder.feed(data)
+        if self.state is _DRAINING:
+            self._ignore(now)
+            return None
+        if self.resume_at is not None:  # bytes read before the transport paused: kept
+            return None
         return self._process(now)
+
+    def resume(self, now: float) -> None:
+        """The time :attr:`resume_at` named has come: go on with the buffered packets (which
+        may stall again)."""
+        if self.resume_at is not None:
+            self.resume_at = None
+            self.last_received = now  # the keep-alive counts from when reading resumed
+            self._process(now)
 
     def admission_done(self, result: Admitted | Refused, now: float) -> None:
         """The registry's verdict on the CONNECT; a connection closed meanwhile ignores it."""
@@ -229,9 +267,11 @@ class Connection:
             self._refuse(result.code, result.reason, "admission")
             return
         self.group, self.acl = result.group, result.acl
+        self.limits = limits = self.core.limits.for_group(result.group)
+        self._publish_rate = TokenBucket(limits.publish_rate, limits.publish_burst, now)
         will = self._connect.will
         if will is not None and not result.acl.may_publish(will.topic):
-            self._deny("will", will.topic)
+            self._deny("will", will.topic, now)
             self._refuse(_R.NOT_AUTHORIZED, f"will topic {will.topic!r} is not permitted", "will")
             return
         self._accept(self._connect, now)
@@ -251,9 +291,17 @@ class Connection:
         if self.state is State.AWAITING_CONNECT:
             if now - self._created > self.core.settings.connect_timeout_s:
                 self._close(now, publish_will=False)
+        elif self.state is _DRAINING:
+            drained = self._drained_at
+            if drained is not None and (
+                now - max(drained, self.last_received) >= LINGER_QUIET_S
+                or now - drained >= LINGER_MAX_S
+            ):
+                self._close(now, publish_will=False)
         elif (
             self.state is State.CONNECTED
             and self.keep_alive
+            and self.resume_at is None  # not read by choice (publish rate): not silent
             and now - self.last_received > KEEP_ALIVE_GRACE * self.keep_alive
         ):
             self._disconnect(_R.KEEP_ALIVE_TIMEOUT, "keep-alive timeout", now, publish_will=True)
@@ -289,22 +337,44 @@ class Connection:
     def _process(self, now: float) -> AdmissionRequest | None:
         decoder = self._decoder
         while self.state in _LIVE:
-            try:
-                item = decoder.next_item()
-            except ProtocolError as exc:
-                self._protocol_error(exc, now)
-                return None
+            item = self._stalled
             if item is None:
-                return None
+                try:
+                    item = decoder.next_item()
+                except ProtocolError as exc:
+                    self._protocol_error(exc, now)
+                    return None
+                if item is None:
+                    return None
+            else:
+                self._stalled = None
             kind = type(item)
+            # Over the publish rate: stop here, and let TCP slow the device down.
+            if (kind is tuple or kind is Publish) and (wait := self._publish_rate.take(now)):
+                self._stall(item, now, wait)
+                return None
             if kind is tuple:  # the hot path: a plain PUBLISH's fields, without a Publish
                 topic, payload, qos, retain, dup, packet_id = item  # type: ignore[misc]
                 self._on_publish(topic, payload, qos, retain, dup, packet_id, NO_PROPERTIES, now)
             elif kind is Connect:
-                return self._on_connect(item)  # type: ignore[arg-type]
+                return self._on_connect(item, now)  # type: ignore[arg-type]
             else:
                 self._on_packet(item, now)  # type: ignore[arg-type]
         return None
+
+    def _stall(self, item: Packet | PlainPublish, now: float, wait: float) -> None:
+        """Keep ``item`` for :meth:`resume`; the I/O layer stops reading for ``wait`` s."""
+        if self.resume_at is None and self._stalled is None:
+            self.core.metrics.publish_pauses += 1
+            self._refused(
+                "mqtt.limit",
+                Limit.PUBLISH_RATE,
+                f"publishes faster than the {self.limits.publish_rate:g}/s of group "
+                f"{self.group}: not read for a while (TCP backpressure)",
+                now,
+            )
+        self._stalled = item
+        self.resume_at = now + wait
 
     def _on_packet(self, packet: Packet, now: float) -> None:
         match packet:
@@ -336,12 +406,12 @@ class Connection:
             case Disconnect():
                 self._on_disconnect(packet, now)
             case Auth():
-                self._disconnect(_R.PROTOCOL_ERROR, "AUTH without an authentication method", now)
+                self._violation(_R.PROTOCOL_ERROR, "AUTH without an authentication method", now)
             case _:
                 name = type(packet).__name__.upper()
-                self._disconnect(_R.PROTOCOL_ERROR, f"a client may not send {name}", now)
+                self._violation(_R.PROTOCOL_ERROR, f"a client may not send {name}", now)
 
-    def _on_connect(self, packet: Connect) -> AdmissionRequest | None:
+    def _on_connect(self, packet: Connect, now: float) -> AdmissionRequest | None:
         level = self._decoder.protocol_level
         assert level is not None
         self.level = level
@@ -365,6 +435,16 @@ class Connection:
                 )
                 return None
             client_id = identity.device_id
+            # Before the registry is asked: a reconnect loop costs a handshake, not a query.
+            if self.core.connect_rate.take(identity.device_id, now):
+                self.core.metrics.limit_refusals[Limit.CONNECT_RATE] += 1
+                self._refuse(
+                    _R.CONNECTION_RATE_EXCEEDED if level is _V5 else _R.SERVER_UNAVAILABLE,
+                    f"device {identity.device_id} connects more often than "
+                    f"{self.core.limits.default.connect_rate:g}/s; retry later",
+                    "connect_rate",
+                )
+                return None
         elif not client_id:
             if level is _V3 and not packet.clean_start:
                 self._refuse(
@@ -383,16 +463,24 @@ class Connection:
         if self.level is _V5:
             expiry = packet.properties.session_expiry_interval or 0
             self._send_window = min(
-                packet.properties.receive_maximum or 0xFFFF, self.core.settings.receive_maximum
+                packet.properties.receive_maximum or 0xFFFF,
+                self.core.settings.receive_maximum,
+                self.limits.max_inflight,
             )
             self.max_send_size = packet.properties.maximum_packet_size
         else:
             expiry = 0 if packet.clean_start else NEVER_EXPIRES
+            self._send_window = min(self._send_window, self.limits.max_inflight)
         self.keep_alive = packet.keep_alive
         self._will = packet.will
         self._connect = None
         session, present = self.core.attach(
-            self, self.client_id, clean_start=packet.clean_start, expiry=expiry, now=now
+            self,
+            self.client_id,
+            clean_start=packet.clean_start,
+            expiry=expiry,
+            now=now,
+            limits=self.limits,
         )
         self.session = session
         self.state = State.CONNECTED
@@ -422,14 +510,14 @@ class Connection:
         alias = None if props is NO_PROPERTIES else props.topic_alias
         if alias is not None:
             if alias > self.core.settings.topic_alias_maximum:
-                self._disconnect(_R.TOPIC_ALIAS_INVALID, f"topic alias {alias} is too large", now)
+                self._violation(_R.TOPIC_ALIAS_INVALID, f"topic alias {alias} is too large", now)
                 return
             if topic:
                 self._aliases[alias] = topic
             elif (known := self._aliases.get(alias)) is not None:
                 topic = known
             else:
-                self._disconnect(_R.PROTOCOL_ERROR, f"topic alias {alias} is not set", now)
+                self._violation(_R.PROTOCOL_ERROR, f"topic alias {alias} is not set", now)
                 return
         self.core.metrics.messages_received[qos] += 1
         if qos == _QOS2:
@@ -441,14 +529,19 @@ class Connection:
                 self.level is _V5
                 and len(self.session.incoming_qos2) >= self.core.settings.receive_maximum
             ):
-                self._disconnect(_R.RECEIVE_MAXIMUM_EXCEEDED, "too many QoS 2 in flight", now)
+                self._violation(_R.RECEIVE_MAXIMUM_EXCEEDED, "too many QoS 2 in flight", now)
                 return
-        allowed = self._allowed.get(topic)
-        if allowed is None:
-            allowed = self._may_publish(topic)
-        if not allowed:
-            self._deny("publish", topic)
-            self._answer_publish(packet_id, qos, _R.NOT_AUTHORIZED)
+        access = self._allowed.get(topic)
+        if access is None:
+            access = self._may_publish(topic)
+        if access is not _SUCCESS:
+            if access is _R.NOT_AUTHORIZED:
+                self._deny("publish", topic, now)
+            else:
+                excess = topic_excess(topic, self.limits)
+                assert excess is not None
+                self._over_limit(excess, f"topic {audit_text(topic)!r}", now)
+            self._answer_publish(packet_id, qos, access)
             return
         expires_at = None
         if props is not NO_PROPERTIES:
@@ -464,6 +557,13 @@ class Connection:
                 )
         message = Message(topic, payload, qos, retain, props, self.client_id, expires_at)
         core = self.core
+        owner = ""
+        if retain:  # on the account of the device (the client id on the plaintext listener)
+            owner = self.device_id or self.client_id
+            if excess := core.retain_excess(owner, message, self.limits):
+                self._over_limit(excess, f"retained message on {audit_text(topic)!r}", now)
+                self._answer_publish(packet_id, qos, _R.QUOTA_EXCEEDED)
+                return
         held: _HeldAck | None = None
         if core.gate is not None:
             held = _HeldAck(self)
@@ -472,34 +572,43 @@ class Connection:
                 if verdict is _LOOP:  # an echo of a message this broker forwarded
                     self._answer_publish(packet_id, qos, _SUCCESS)
                     return
+                if verdict is GateVerdict.INVALID:  # fabric mode: no NATS subject for it
+                    self._unmappable("publish", topic, now)
+                    self._answer_publish(packet_id, qos, _R.TOPIC_NAME_INVALID)
+                    return
                 if verdict is not _ROUTE:  # FULL
                     self._queue_full(packet_id, qos, now)
                     return
                 held = None
-        core.publish(message, now)
+        core.publish(message, now, owner=owner)
         self._answer_publish(packet_id, qos, _SUCCESS, held)
 
     def _queue_full(self, packet_id: int | None, qos: QoS, now: float) -> None:
         """A bridge's queue is full: MQTT 5 gets PUBACK/PUBREC 0x97; 3.1.1 cannot refuse a
         message, so the connection is closed without acknowledging it (the client keeps it
-        and resends it on reconnect). QoS 0 is dropped (the gate counted it)."""
+        and resends it on reconnect), after acknowledging those queued before it
+        (:meth:`_close_after_acks`). QoS 0 is dropped (the gate counted it)."""
         if qos == _QOS0:
             return
         if self.level is _V5:
             self._answer_publish(packet_id, qos, _R.QUOTA_EXCEEDED)
         else:
-            self._disconnect(_R.QUOTA_EXCEEDED, "bridge queue full", now)
+            self._close_after_acks(now)
 
-    def _may_publish(self, topic: str) -> bool:
-        """The ACL's answer for a topic not in ``_allowed`` yet, remembered there: a device
-        publishes to a handful of topics, over and over, and its ACL does not change while it
-        is connected."""
+    def _may_publish(self, topic: str) -> ReasonCode:
+        """Whether ``topic`` is within the group's topic limits and the ACL (success, quota
+        exceeded, not authorized), for a topic not in ``_allowed`` yet, remembered there: a
+        device publishes to a handful of topics, over and over, and neither its ACL nor its
+        limits change while it is connected."""
         assert self.acl is not None
-        allowed = self.acl.may_publish(topic)
+        if topic_excess(topic, self.limits) is not None:
+            access = _R.QUOTA_EXCEEDED
+        else:
+            access = _SUCCESS if self.acl.may_publish(topic) else _R.NOT_AUTHORIZED
         if len(self._allowed) >= _ACL_MEMORY:
             self._allowed.clear()
-        self._allowed[topic] = allowed
-        return allowed
+        self._allowed[topic] = access
+        return access
 
     def _answer_publish(
         self, packet_id: int | None, qos: QoS, code: ReasonCode, held: _HeldAck | None = None
@@ -538,7 +647,8 @@ class Connection:
 
     def _ack_stored(self, held: _HeldAck, ok: bool, now: float) -> None:
         """The bridge's write for ``held`` finished: release it and those queued behind it."""
-        if self.state is not _CONNECTED or held.packet is None:
+        state = self.state
+        if (state is not _CONNECTED and state is not _DRAINING) or held.packet is None:
             return
         if not ok:
             if self.level is _V3:  # no way to say "not stored": the client resends on reconnect
@@ -558,6 +668,8 @@ class Connection:
             else:
                 assert packet is not None and not isinstance(packet, bytes)
                 self._write(packet)
+        if state is _DRAINING and not queue:
+            self._drained_at = now  # closed once the client is quiet (LINGER_QUIET_S)
 
     def _on_pubrel(self, packet: PubRel) -> None:
         assert self.session is not None
@@ -599,18 +711,37 @@ class Connection:
         subscription_id = ids[0] if ids else None
         codes: list[ReasonCode] = []
         retained: list[Delivery] = []
+        v5 = self.level is _V5
         for sub in packet.subscriptions:
             topic_filter = sub.topic_filter
             if parse_shared_subscription(topic_filter) is not None:
-                codes.append(
-                    _R.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
-                    if self.level is _V5
-                    else _R.UNSPECIFIED_ERROR
+                codes.append(_R.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED if v5 else _R.UNSPECIFIED_ERROR)
+                self._refused(
+                    "mqtt.subscribe",
+                    "shared",
+                    f"shared subscription {audit_text(topic_filter)!r}: not supported",
+                    now,
                 )
                 continue
+            # Before the ACL: checking a 64 KiB filter against it would cost the CPU it bounds.
+            excess = topic_excess(topic_filter, self.limits)
+            if excess is None and (
+                len(self.session.subscriptions) >= self.limits.max_subscriptions
+                and topic_filter not in self.session.subscriptions
+            ):
+                excess = Limit.SUBSCRIPTIONS
+            if excess is not None:
+                self._over_limit(excess, f"filter {audit_text(topic_filter)!r}", now)
+                codes.append(_R.QUOTA_EXCEEDED if v5 else _R.UNSPECIFIED_ERROR)
+                continue
+            refusal = self.core.filter_refusal
+            if refusal is not None and refusal(topic_filter) is not None:  # fabric mode
+                self._unmappable("subscribe", topic_filter, now)
+                codes.append(_R.TOPIC_FILTER_INVALID if v5 else _R.UNSPECIFIED_ERROR)
+                continue
             if not self.acl.may_subscribe(topic_filter):
-                self._deny("subscribe", topic_filter)
-                codes.append(_R.NOT_AUTHORIZED if self.level is _V5 else _R.UNSPECIFIED_ERROR)
+                self._deny("subscribe", topic_filter, now)
+                codes.append(_R.NOT_AUTHORIZED if v5 else _R.UNSPECIFIED_ERROR)
                 continue
             options = SubscriptionOptions(
                 qos=sub.qos,
@@ -648,7 +779,7 @@ class Connection:
         expiry = packet.properties.session_expiry_interval
         if expiry is not None:
             if self.session.expiry_interval == 0 and expiry != 0:
-                self._disconnect(
+                self._violation(
                     _R.PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT", now
                 )
                 return
@@ -670,7 +801,7 @@ class Connection:
             else:
                 self.core.metrics.dropped["slow_consumer"] += 1
         elif session.queue or len(session.inflight) >= self._send_window:
-            self.core.enqueue(session, delivery)
+            self.core.enqueue(session, delivery, now)
         else:
             self._send_publish(delivery, session.next_packet_id(), now)
 
@@ -678,7 +809,7 @@ class Connection:
         session = self.session
         assert session is not None
         while session.queue and len(session.inflight) < self._send_window:
-            delivery = session.queue.popleft()
+            delivery = session.pop()
             self._send_publish(delivery, session.next_packet_id(), now)
 
     def _send_publish(self, delivery: Delivery, packet_id: int | None, now: float) -> None:
@@ -747,24 +878,55 @@ class Connection:
     def _actor(self) -> str:
         return f"device:{self.device_id}" if self.device_id else f"peer:{self.peer}"
 
-    def _deny(self, action: str, topic: str) -> None:
+    def _refused(self, action: str, kind: str, reason: str, now: float) -> None:
+        """Audit a refusal: collapsed per client and kind, bounded (:meth:`BrokerCore.refused`).
+        Before CONNECT names a client, the certificate's device id or the peer's address and
+        port stand for it."""
+        client = self.client_id or self.device_id or self.peer
+        record = AuditRecord(self._actor(), action, "refused", self.device_id or None, reason)
+        self.core.refused(client, kind, record, now)
+
+    def _deny(self, action: str, topic: str, now: float) -> None:
         self.core.metrics.acl_denials[action] += 1
-        self.core.audit(
-            AuditRecord(
-                self._actor(),
-                f"mqtt.{action}",
-                "refused",
-                self.device_id,
-                f"topic {topic!r} is outside the ACL of group {self.group}",
-            )
+        self._refused(
+            f"mqtt.{action}",
+            f"acl.{action}",
+            f"topic {audit_text(topic)!r} is outside the ACL of group {self.group}",
+            now,
         )
+
+    def _unmappable(self, action: str, topic: str, now: float) -> None:
+        """Fabric mode: a topic or filter with a character NATS cannot carry."""
+        self._refused(
+            f"mqtt.{action}",
+            "fabric",
+            f"topic {audit_text(topic)!r} has a character the fabric cannot carry "
+            "(space, DEL, * >)",
+            now,
+        )
+
+    def _over_limit(self, limit: str, what: str, now: float) -> None:
+        """A request over one of the group's limits (:class:`broker.limits.Limit`)."""
+        self.core.metrics.limit_refusals[limit] += 1
+        value = getattr(self.limits, f"max_{limit}")  # each count or size limit's setting
+        self._refused(
+            "mqtt.limit",
+            limit,
+            f"{what}: over the {limit} limit ({value}) of group {self.group}",
+            now,
+        )
+
+    def _violation(self, code: ReasonCode, reason: str, now: float) -> None:
+        """The client broke the protocol after CONNECT: audited, counted, disconnected."""
+        self.core.metrics.protocol_refusals[code.name.lower()] += 1
+        self._refused("mqtt.protocol", code.name.lower(), reason, now)
+        self._disconnect(code, audit_text(reason), now)
 
     def _refuse(self, code: ReasonCode | None, reason: str, label: str) -> None:
         """CONNACK with ``code`` (3.1.1: its return code; ``None``: no CONNACK), audited, close."""
         self.core.metrics.connect_refusals[label] += 1
-        self.core.audit(
-            AuditRecord(self._actor(), "mqtt.connect", "refused", self.device_id or None, reason)
-        )
+        self._refused("mqtt.connect", f"connect.{label}", reason, self.last_received)
+        reason = audit_text(reason)
         if code is not None:
             properties = _reason_string(reason) if self.level is _V5 else NO_PROPERTIES
             self._write(ConnAck(reason_code=code, properties=properties))
@@ -785,7 +947,7 @@ class Connection:
             else:  # a 3.1.1 server closes without CONNACK (MQTT-3.1.4-1)
                 self._refuse(None, exc.message, "protocol")
             return
-        self._disconnect(exc.reason_code, exc.message, now)
+        self._violation(exc.reason_code, exc.message, now)
 
     def _disconnect(
         self, code: ReasonCode, reason: str, now: float, *, publish_will: bool = True
@@ -797,6 +959,40 @@ class Connection:
                 data = encode(Disconnect(reason_code=code), _V5)  # no reason (MQTT-3.14.2-3)
             self._emit(data)
         self._close(now, publish_will=publish_will)
+
+    def _close_after_acks(self, now: float) -> None:
+        """MQTT 3.1.1 cannot refuse one message, so the connection closes without acknowledging
+        it; but the messages before it that the bridge committed (or is committing) are
+        acknowledged first, each as its commit lands, and the close waits for the client to
+        read them (``LINGER_QUIET_S``). Otherwise the client would resend them all on
+        reconnect, to be committed and forwarded again, and lose their acknowledgements again
+        at the next full queue: a resend storm that never ends (issue 11). Nothing more from
+        the client is processed but PINGREQ; the session ends now, as on any close."""
+        self.state = _DRAINING
+        session, self.session = self.session, None
+        if session is not None:
+            self.core.detach(session, self._will, now)
+        self._will = None
+        if not self._held:
+            self._drained_at = now
+
+    def _ignore(self, now: float) -> None:
+        """While draining: answer PINGREQ, so a client waiting for its acknowledgements keeps
+        the connection, end on DISCONNECT or a protocol error, drop everything else unanswered
+        (the client resends it on its next connection)."""
+        decoder = self._decoder
+        while self.state is _DRAINING:
+            try:
+                item = decoder.next_item()
+            except ProtocolError:
+                self._close(now, publish_will=False)
+                return
+            if item is None:
+                return
+            if type(item) is PingReq:
+                self._write(PingResp())
+            elif type(item) is Disconnect:
+                self._close(now, publish_will=False)
 
     def _close(self, now: float, *, publish_will: bool) -> None:
         self._held.clear()  # never sent: the client resends those messages

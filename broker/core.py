@@ -14,9 +14,24 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
+from broker.limits import (
+    AuditThrottle,
+    DeviceLimits,
+    Limit,
+    LimitSettings,
+    RateLimiter,
+    audit_text,
+    retained_excess,
+)
 from broker.metrics import Metrics
 from broker.mqtt import NO_PROPERTIES, QoS, Will
-from broker.routing import Message, RetainedMessages, SubscriptionOptions, SubscriptionTree
+from broker.routing import (
+    Message,
+    RetainedMessages,
+    SubscriptionOptions,
+    SubscriptionTree,
+    weight,
+)
 from broker.session import NEVER_EXPIRES, Delivery, PendingWill, Session
 from enrollment.registry import AuditRecord, DeviceState
 
@@ -24,6 +39,8 @@ if TYPE_CHECKING:
     from broker.connection import Connection
 
 AuditSink = Callable[[AuditRecord], None]
+AUDIT_REASON_CHARS = 1024
+"""The longest reason a refusal's audit row keeps (its topic already bounded within it)."""
 
 
 class GateVerdict(Enum):
@@ -33,6 +50,7 @@ class GateVerdict(Enum):
     HOLD = "hold"  # route it now; acknowledge once the gate calls back (durably stored)
     LOOP = "loop"  # it came back from a bridge: acknowledge it, do not route it again
     FULL = "full"  # the bridge's queue is full: refuse it
+    INVALID = "invalid"  # fabric mode: the topic has no NATS subject; refuse it (0x90)
 
 
 class PublishGate(Protocol):
@@ -61,16 +79,28 @@ class CoreSettings:
 class BrokerCore:
     """Everything connections share; single-threaded, driven by the event loop."""
 
-    def __init__(self, settings: CoreSettings, *, metrics: Metrics, audit: AuditSink) -> None:
+    def __init__(
+        self,
+        settings: CoreSettings,
+        *,
+        metrics: Metrics,
+        audit: AuditSink,
+        limits: LimitSettings = LimitSettings(),
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.audit = audit
+        self.limits = limits
+        self.connect_rate = RateLimiter(limits.default.connect_rate, limits.default.connect_burst)
+        self.refusals = AuditThrottle()
         self.sessions: dict[str, Session] = {}
         self.connections: set[Connection] = set()
         self.subscriptions = SubscriptionTree()
         self.retained = RetainedMessages()
         self.dirty: set[Connection] = set()
         self.gate: PublishGate | None = None
+        # Fabric mode (broker.fabric): why a topic filter cannot be subscribed to, or None.
+        self.filter_refusal: Callable[[str], str | None] | None = None
         self._assigned_ids = itertools.count(1)
 
     # -- sessions ------------------------------------------------------------------------------
@@ -83,7 +113,14 @@ class BrokerCore:
                 return client_id
 
     def attach(
-        self, conn: Connection, client_id: str, *, clean_start: bool, expiry: int, now: float
+        self,
+        conn: Connection,
+        client_id: str,
+        *,
+        clean_start: bool,
+        expiry: int,
+        now: float,
+        limits: DeviceLimits | None = None,
     ) -> tuple[Session, bool]:
         """Give ``conn`` the session of ``client_id``; True if an existing session was resumed.
 
@@ -104,6 +141,7 @@ class BrokerCore:
             session = existing
             session.pending_will = None  # reconnected before the will delay passed
         session.connection = conn
+        session.limits = limits or self.limits.default
         session.expires_at = None
         session.expiry_interval = expiry
         return session, existing is not None
@@ -133,7 +171,7 @@ class BrokerCore:
         for topic_filter in session.subscriptions:
             self.subscriptions.remove(topic_filter, session.client_id)
         session.subscriptions.clear()
-        session.queue.clear()
+        session.clear_queue()
         if session.pending_will is not None:
             will, session.pending_will = session.pending_will.will, None
             self.publish_will(session, will, now)
@@ -152,10 +190,11 @@ class BrokerCore:
 
     # -- messages ------------------------------------------------------------------------------
 
-    def publish(self, message: Message, now: float) -> None:
-        """An authorised message enters the broker: retain it if asked, deliver it."""
+    def publish(self, message: Message, now: float, *, owner: str = "") -> None:
+        """An authorised message enters the broker: retain it if asked (on ``owner``'s account,
+        see :meth:`retain_excess`), deliver it."""
         if message.retain:
-            self.retained.store(message)
+            self.retained.store(message, owner)
         # One copy per subscribed session (MQTT-3.3.4-2): the highest QoS of its matching
         # subscriptions, and all their subscription identifiers.
         found = self.subscriptions.match(message.topic)
@@ -195,8 +234,17 @@ class BrokerCore:
             )
             self.deliver(self.sessions[client_id], delivery, now)
 
+    def retain_excess(self, owner: str, message: Message, limits: DeviceLimits) -> str | None:
+        """Which retained limit of ``owner`` storing ``message`` would break, or ``None``
+        (deleting a retained message never does)."""
+        if not message.payload:
+            return None
+        replaced = self.retained.replaced(message.topic, owner)
+        return retained_excess(self.retained.held(owner), replaced, weight(message), limits)
+
     def publish_will(self, session: Session, will: Will, now: float) -> None:
-        """The will's ACL was checked when the client connected."""
+        """The will's ACL was checked when the client connected; a retained will beyond the
+        device's retained limits is delivered but not retained."""
         props = will.properties
         expiry = props.message_expiry_interval
         message_props = (
@@ -204,32 +252,79 @@ class BrokerCore:
             if props == NO_PROPERTIES
             else replace(props, will_delay_interval=None, message_expiry_interval=None)
         )
-        self.publish(
-            Message(
-                topic=will.topic,
-                payload=will.payload,
-                qos=will.qos,
-                retain=will.retain,
-                properties=message_props,
-                sender=session.client_id,
-                expires_at=None if expiry is None else now + expiry,
-            ),
-            now,
+        message = Message(
+            topic=will.topic,
+            payload=will.payload,
+            qos=will.qos,
+            retain=will.retain,
+            properties=message_props,
+            sender=session.client_id,
+            expires_at=None if expiry is None else now + expiry,
         )
+        if message.retain and (
+            excess := self.retain_excess(session.device_id, message, session.limits)
+        ):
+            self.metrics.limit_refusals[excess] += 1
+            message = replace(message, retain=False)
+        self.publish(message, now, owner=session.device_id)
 
     def deliver(self, session: Session, delivery: Delivery, now: float) -> None:
         """Send now if the client is connected; keep QoS 1/2 for it while it is away."""
         if session.connection is not None:
             session.connection.send(delivery, now)
         elif delivery.qos != QoS.AT_MOST_ONCE:
-            self.enqueue(session, delivery)
+            self.enqueue(session, delivery, now)
 
-    def enqueue(self, session: Session, delivery: Delivery) -> None:
-        """Queue behind the receive window; bounded, and every drop is counted."""
-        if len(session.queue) >= self.settings.max_queued_messages:
-            self.metrics.dropped["queue_full"] += 1
-        else:
-            session.queue.append(delivery)
+    def enqueue(self, session: Session, delivery: Delivery, now: float) -> None:
+        """Queue behind the receive window, bounded in messages and bytes by the session's
+        group. Every drop is counted (per session too, on ``/metrics``); the first of an
+        overflow episode (until the queue empties again) is audited, at most once a minute
+        (a slow live subscriber can fill and empty its queue often)."""
+        limits = session.limits
+        excess = None
+        if len(session.queue) >= min(self.settings.max_queued_messages, limits.max_queued_messages):
+            excess = Limit.QUEUED_MESSAGES
+        elif session.queued_bytes + weight(delivery.message) > limits.max_queued_bytes:
+            excess = Limit.QUEUED_BYTES
+        if excess is None:
+            session.push(delivery)
+            return
+        self.metrics.dropped["queue_full"] += 1
+        self.metrics.limit_refusals[excess] += 1
+        session.queue_dropped += 1
+        if not session.overflowing:
+            session.overflowing = True
+            self.refused(
+                session.client_id,
+                "queue_overflow",
+                AuditRecord(
+                    f"device:{session.device_id}" if session.device_id else "broker",
+                    "mqtt.queue_overflow",
+                    "dropped",
+                    session.device_id or None,
+                    f"the queue of session {session.client_id!r} is full ({len(session.queue)} "
+                    f"messages, {session.queued_bytes} bytes; limit {excess}): messages for it "
+                    "are dropped until it empties; fleetgate_broker_session_queue_dropped_total "
+                    "counts them",
+                ),
+                now,
+            )
+
+    def refused(self, client: str, kind: str, record: AuditRecord, now: float) -> None:
+        """Audit a refusal of ``client``'s request, at most once per kind per interval
+        (:class:`AuditThrottle`), with its reason bounded (:func:`audit_text`)."""
+        suppressed = self.refusals.admit(client, kind, now)
+        if suppressed is None:
+            self.metrics.audit_suppressed += 1
+            return
+        reason = audit_text(record.reason, AUDIT_REASON_CHARS)
+        if suppressed:
+            reason += f" [{suppressed} more refusal(s) of this kind since the last row]"
+        self.audit(replace(record, reason=reason))
+
+    def queue_drops(self) -> list[tuple[str, int]]:
+        """(client id, messages dropped) of each session whose queue overflowed."""
+        return [(s.client_id, s.queue_dropped) for s in self.sessions.values() if s.queue_dropped]
 
     def queued(self) -> int:
         return sum(len(session.queue) for session in self.sessions.values())

@@ -6,6 +6,7 @@ free text, so a misbehaving client cannot grow the number of series.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 
@@ -13,13 +14,30 @@ from broker.mqtt import QoS
 
 _PREFIX = "fleetgate_broker_"
 
+Sample = int | float
+"""A sample's value: counters and counts as ``int`` (booleans as 0/1), times as ``float``."""
+
+
+def sample_text(value: Sample) -> str:
+    """A value exactly as Prometheus reads it back: an integer in all its digits, a float in
+    its shortest round-trip form (``repr``), never ``%g``'s six digits (``1.0924e+06`` for a
+    counter at 1,092,396, a Unix time to within ~10,000 s); NaN and infinities in the
+    exposition format's spelling."""
+    if isinstance(value, int):  # bool included
+        return str(int(value))
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
 
 def family_lines(
-    name: str, kind: str, text: str, samples: Iterable[tuple[str, float]]
+    name: str, kind: str, text: str, samples: Iterable[tuple[str, Sample]]
 ) -> list[str]:
     """One metric family: HELP, TYPE and its samples (``labels`` like ``{bridge="x"}``)."""
     lines = [f"# HELP {_PREFIX}{name} {text}", f"# TYPE {_PREFIX}{name} {kind}"]
-    lines.extend(f"{_PREFIX}{name}{labels} {value:g}" for labels, value in samples)
+    lines.extend(f"{_PREFIX}{name}{labels} {sample_text(value)}" for labels, value in samples)
     return lines
 
 
@@ -38,6 +56,10 @@ class Metrics:
         self.audit_dropped = 0
         self.audit_written = 0
         self.feed_errors = 0
+        self.limit_refusals: Counter[str] = Counter()  # by broker.limits.Limit
+        self.protocol_refusals: Counter[str] = Counter()  # by reason code name
+        self.publish_pauses = 0
+        self.audit_suppressed = 0
 
     def render(
         self, *, connections: int, sessions: int, queued: int, retained: int, feed_lag_s: float
@@ -45,16 +67,16 @@ class Metrics:
         """The exposition text; the arguments are gauges read from the live broker."""
         lines: list[str] = []
 
-        def family(name: str, kind: str, text: str, samples: Iterable[tuple[str, float]]) -> None:
+        def family(name: str, kind: str, text: str, samples: Iterable[tuple[str, Sample]]) -> None:
             lines.extend(family_lines(name, kind, text, samples))
 
-        def by(label: str, counter: Counter[str] | Counter[int]) -> list[tuple[str, float]]:
+        def by(label: str, counter: Counter[str] | Counter[int]) -> list[tuple[str, Sample]]:
             return [(f'{{{label}="{key}"}}', value) for key, value in sorted(counter.items())]
 
-        def qos(counter: Counter[int]) -> list[tuple[str, float]]:
+        def qos(counter: Counter[int]) -> list[tuple[str, Sample]]:
             return [(f'{{qos="{q}"}}', counter[q]) for q in QoS]
 
-        def gauge(value: float) -> list[tuple[str, float]]:
+        def gauge(value: Sample) -> list[tuple[str, Sample]]:
             return [("", value)]
 
         family("connections", "gauge", "Open MQTT connections.", gauge(connections))
@@ -131,3 +153,44 @@ class Metrics:
             gauge(feed_lag_s),
         )
         return "\n".join(lines) + "\n"
+
+    def render_limits(self, queue_drops: Iterable[tuple[str, int]]) -> str:
+        """The per-device limit families; ``queue_drops`` is (client id, dropped) per session
+        whose queue overflowed: one series per such session, so bounded by the sessions."""
+        lines: list[str] = []
+        lines += family_lines(
+            "limit_refusals_total",
+            "counter",
+            "Requests refused (or messages dropped) by a per-device limit, by limit.",
+            [(f'{{limit="{k}"}}', v) for k, v in sorted(self.limit_refusals.items())],
+        )
+        lines += family_lines(
+            "protocol_refusals_total",
+            "counter",
+            "Connections closed for breaking the protocol, by reason code.",
+            [(f'{{reason="{k}"}}', v) for k, v in sorted(self.protocol_refusals.items())],
+        )
+        lines += family_lines(
+            "publish_pauses_total",
+            "counter",
+            "Times a connection was not read for a while because it published too fast.",
+            [("", self.publish_pauses)],
+        )
+        lines += family_lines(
+            "audit_refusals_suppressed_total",
+            "counter",
+            "Refusals left out of the audit (one row per client and kind per minute).",
+            [("", self.audit_suppressed)],
+        )
+        lines += family_lines(
+            "session_queue_dropped_total",
+            "counter",
+            "Messages dropped because a session's queue was full, by client id.",
+            [(f'{{client_id="{_label(c)}"}}', n) for c, n in sorted(queue_drops)],
+        )
+        return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A label value escaped as the exposition format asks."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

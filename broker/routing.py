@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from broker.mqtt import Properties, QoS
+from broker.mqtt import NO_PROPERTIES, Properties, QoS
 from broker.mqtt.packets import quick_init
 
 _T = TypeVar("_T")
@@ -34,6 +34,19 @@ class Message:
     properties: Properties
     sender: str
     expires_at: float | None = None
+
+
+def weight(message: Message) -> int:
+    """What a message costs to hold, for the per-device byte limits: its payload, its topic and
+    the properties that travel with it (user properties can outweigh a small payload)."""
+    size = len(message.payload) + len(message.topic)
+    props = message.properties
+    if props is not NO_PROPERTIES:
+        size += sum(len(k) + len(v) for k, v in props.user_properties)
+        for value in (props.content_type, props.response_topic, props.correlation_data):
+            if value is not None:
+                size += len(value)
+    return size
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,18 +158,38 @@ class SubscriptionTree:
 
 
 class RetainedMessages:
-    """The last retained message of each topic; a filter walks only the branches it can match."""
+    """The last retained message of each topic; a filter walks only the branches it can match.
+
+    Each message is held on behalf of an owner (the device that published it), whose count and
+    bytes (:func:`weight`) are kept for the per-device retained limits; replacing or deleting a
+    topic's message takes it off its owner's account, whoever replaces or deletes it.
+    """
 
     def __init__(self) -> None:
         self._root: _Node[Message] = _Node()
+        self._owners: dict[str, str] = {}  # topic -> owner
+        self._held: dict[str, tuple[int, int]] = {}  # owner -> (messages, bytes)
         self.count = 0
 
-    def store(self, message: Message) -> None:
+    def held(self, owner: str) -> tuple[int, int]:
+        """How many retained messages ``owner`` has here, and their bytes."""
+        return self._held.get(owner, (0, 0))
+
+    def replaced(self, topic: str, owner: str) -> int | None:
+        """The weight of ``owner``'s retained message on ``topic``; ``None`` if it has none."""
+        if self._owners.get(topic) != owner:
+            return None
+        path = _path(self._root, topic.split("/"))
+        value = None if path is None else path[-1].value
+        return None if value is None else weight(value)
+
+    def store(self, message: Message, owner: str = "") -> None:
         """Keep ``message`` for its topic; an empty payload deletes the topic's message."""
         levels = message.topic.split("/")
         if not message.payload:
             path = _path(self._root, levels)
             if path is not None and path[-1].value is not None:
+                self._account(message.topic, path[-1].value, None, owner)
                 path[-1].value = None
                 self.count -= 1
                 _prune(path, levels, empty=True)
@@ -166,7 +199,24 @@ class RetainedMessages:
             node = node.children.setdefault(level, _Node())
         if node.value is None:
             self.count += 1
+        self._account(message.topic, node.value, message, owner)
         node.value = message
+
+    def _account(
+        self, topic: str, previous: Message | None, new: Message | None, owner: str
+    ) -> None:
+        """Move ``topic``'s message off its previous owner's account and onto ``owner``'s."""
+        if previous is not None:
+            old = self._owners.pop(topic)
+            count, size = self._held[old]
+            if count == 1:
+                del self._held[old]
+            else:
+                self._held[old] = (count - 1, size - weight(previous))
+        if new is not None:
+            self._owners[topic] = owner
+            count, size = self._held.get(owner, (0, 0))
+            self._held[owner] = (count + 1, size + weight(new))
 
     def matching(self, topic_filter: str) -> Iterator[Message]:
         """Retained messages whose topic the filter matches."""

@@ -16,6 +16,7 @@ import logging
 import socket
 import sqlite3
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class _MqttProtocol(asyncio.Protocol):
         self._listener = listener
         self._admitting = False
         self._write_paused = False
+        self._rate_paused = False
         self.transport: asyncio.Transport | None = None
         self.conn: Connection | None = None
 
@@ -85,6 +87,25 @@ class _MqttProtocol(asyncio.Protocol):
         request = self.conn.receive_data(data, self._broker.now())
         if request is not None:
             self._broker.admit(self, request)
+        self.pace()
+        self._broker.wake()
+
+    def pace(self) -> None:
+        """The connection published faster than its rate: stop reading (TCP backpressure
+        slows the device) until :attr:`Connection.resume_at`."""
+        conn = self.conn
+        if conn is None or conn.resume_at is None or self._rate_paused:
+            return
+        self._rate_paused = True
+        self._update_reading()
+        self._broker.call_at(conn.resume_at, self._resume_publishing)
+
+    def _resume_publishing(self) -> None:
+        assert self.conn is not None
+        self._rate_paused = False
+        self.conn.resume(self._broker.now())
+        self.pace()
+        self._update_reading()
         self._broker.wake()
 
     def admission_started(self) -> None:
@@ -118,7 +139,7 @@ class _MqttProtocol(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if self._admitting or self._write_paused:
+        if self._admitting or self._write_paused or self._rate_paused:
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
@@ -146,6 +167,7 @@ class Broker:
             ),
             metrics=self.metrics,
             audit=self.audit.submit,
+            limits=settings.limits,
         )
         self.feed = RevocationFeed(
             self.registry,
@@ -158,6 +180,11 @@ class Broker:
             if config.bridges
             else None
         )
+        self.fabric = None
+        if config.fabric is not None:  # several nodes on a NATS cluster (issue 12)
+            from broker.fabric.node import FabricNode  # nats-py only in fabric mode
+
+            self.fabric = FabricNode(config, self.core, wake=self.wake, clock=self.now)
         self.identities = CertificateIdentities()
         self._admit_inline = self.registry.reads_locally
         self.ports = BoundPorts(0, 0, 0)
@@ -173,6 +200,8 @@ class Broker:
     async def start(self) -> BoundPorts:
         """Listen; ports configured as 0 stay off, except that tests may pass real ones."""
         self._loop = asyncio.get_running_loop()
+        if self.fabric is not None:  # first: a node that cannot reach it does not start
+            await self.fabric.start()
         settings = self.config.broker
         credentials = await asyncio.to_thread(
             ensure_server_certificate, self.config, broker_credentials(self.config)
@@ -238,6 +267,8 @@ class Broker:
                 protocol.transport.abort()
         if self.bridges is not None:
             await self.bridges.stop()
+        if self.fabric is not None:
+            await self.fabric.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -355,6 +386,11 @@ class Broker:
             result = Refused(f"device {identity.device_id} was barred while connecting")
         assert protocol.conn is not None
         protocol.conn.admission_done(result, self.now())
+        protocol.pace()  # packets sent before the CONNACK may be over the publish rate
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> None:
+        assert self._loop is not None
+        self._loop.call_at(when, callback)
 
     def wake(self) -> None:
         """Write pending output at the end of this loop turn."""
@@ -422,8 +458,11 @@ class Broker:
             retained=self.core.retained.count,
             feed_lag_s=self.now() - self.feed.last_read,
         )
+        text += self.metrics.render_limits(self.core.queue_drops())
         if self.bridges is not None:
             text += self.bridges.render_metrics()
+        if self.fabric is not None:
+            text += self.fabric.render_metrics()
         return web.Response(
             body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
         )
@@ -445,6 +484,8 @@ def _modified(path: Path) -> int:
 def _check_settings(config: Config) -> None:
     """Refuse settings that would open the broker wider than intended, or make no sense."""
     settings = config.broker
+    if config.fabric is not None and config.bridges:  # both would be the core's publish gate
+        raise ConfigError("[fabric] and [[bridge]] together are not supported yet")
     if settings.plaintext_port:
         host = settings.plaintext_host
         try:

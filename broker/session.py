@@ -11,9 +11,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from broker.limits import DeviceLimits
 from broker.mqtt import Publish, PubRel, QoS, Will
 from broker.mqtt.packets import quick_init
-from broker.routing import Message, SubscriptionOptions
+from broker.routing import Message, SubscriptionOptions, weight
 
 if TYPE_CHECKING:
     from broker.connection import Connection
@@ -53,24 +54,51 @@ class Session:
         "expiry_interval",
         "incoming_qos2",
         "inflight",
+        "limits",
+        "overflowing",
         "pending_will",
         "queue",
+        "queue_dropped",
+        "queued_bytes",
         "subscriptions",
     )
 
-    def __init__(self, client_id: str, device_id: str) -> None:
+    def __init__(
+        self, client_id: str, device_id: str, limits: DeviceLimits = DeviceLimits()
+    ) -> None:
         self.client_id = client_id
         self.device_id = device_id
+        self.limits = limits  # its group's, as of its latest connection
         self.subscriptions: dict[str, SubscriptionOptions] = {}
         # Outgoing QoS 1/2 in send order: the PUBLISH until PUBACK/PUBREC, then PUBREL (QoS 2).
         self.inflight: dict[int, Publish | PubRel] = {}
         self.queue: deque[Delivery] = deque()
+        self.queued_bytes = 0
+        self.queue_dropped = 0  # messages the full queue refused, for /metrics
+        self.overflowing = False  # from the first refused message until the queue empties
         self.incoming_qos2: set[int] = set()
         self.expiry_interval = 0
         self.connection: Connection | None = None
         self.expires_at: float | None = None
         self.pending_will: PendingWill | None = None
         self._next_packet_id = 1
+
+    def push(self, delivery: Delivery) -> None:
+        self.queue.append(delivery)
+        self.queued_bytes += weight(delivery.message)
+
+    def pop(self) -> Delivery:
+        """The oldest queued delivery; an empty queue ends an overflow episode."""
+        delivery = self.queue.popleft()
+        self.queued_bytes -= weight(delivery.message)
+        if not self.queue:
+            self.overflowing = False
+        return delivery
+
+    def clear_queue(self) -> None:
+        self.queue.clear()
+        self.queued_bytes = 0
+        self.overflowing = False
 
     def next_packet_id(self) -> int:
         """A packet id not in flight; the window is capped well below 65535, so one exists."""

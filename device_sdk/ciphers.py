@@ -6,11 +6,11 @@ keeps offering AES-256-GCM first. So the policy is decided here (:func:`hardware
 :func:`suites_for`, both pure) and written into each context (:func:`set_tls13_suites`).
 
 Python 3.11's ``ssl`` cannot set TLS 1.3 suites (``set_ciphers`` covers TLS 1.2 only). Of the
-routes that work, ``OPENSSL_CONF`` is process-wide and read once when OpenSSL loads, so one
-process could not hold an ``aes`` and a ``chacha20`` context, and it replaces Debian's
-``openssl.cnf``; pyOpenSSL runs on cryptography's bundled OpenSSL, which cannot see the TPM
-provider that stdlib ``ssl`` loads. We call OpenSSL's ``SSL_CTX_set_ciphersuites`` on the
-context's own ``SSL_CTX`` through ctypes. That reads CPython's ``PySSLContext`` layout, so the
+routes that work, ``OPENSSL_CONF`` is process-wide and read once when OpenSSL loads, so one process
+could not hold an ``aes`` and a ``chacha20`` context, and it replaces Debian's ``openssl.cnf``;
+pyOpenSSL runs on cryptography's bundled OpenSSL, which cannot see the TPM provider that stdlib
+``ssl`` loads. We call OpenSSL's ``SSL_CTX_set_ciphersuites`` on the context's own ``SSL_CTX``
+through ctypes (:mod:`device_sdk.hazmat`). That reads CPython's ``PySSLContext`` layout, so the
 layout is checked before the pointer is used, and the result is checked through the public
 ``get_ciphers()``; anything unexpected raises :class:`CipherPolicyError` instead of guessing.
 A context whose suites are already right (``OPENSSL_CONF`` was set) is left untouched.
@@ -18,9 +18,6 @@ A context whose suites are already right (``OPENSSL_CONF`` was set) is left unto
 
 from __future__ import annotations
 
-import _ssl
-import ctypes
-import functools
 import os
 import platform
 import ssl
@@ -28,6 +25,7 @@ import sys
 from typing import Literal
 
 from device_sdk.errors import CipherPolicyError
+from device_sdk.hazmat import MissingBinding, cpython, libssl
 
 CipherPolicy = Literal["auto", "chacha20", "aes"]
 """``auto``: ChaCha20 when the CPU has no AES instructions, AES-GCM otherwise."""
@@ -92,8 +90,7 @@ def set_tls13_suites(context: ssl.SSLContext, suites: tuple[str, ...]) -> None:
     if offered_tls13_suites(context) == list(suites):
         return
     wanted = ":".join(suites)
-    address = _ssl_ctx_address(context, wanted)
-    if _libssl(wanted).SSL_CTX_set_ciphersuites(address, wanted.encode()) != 1:
+    if not _set_ciphersuites(_ssl_ctx_address(context, wanted), wanted):
         raise _unavailable(wanted, "OpenSSL knows none of these suites")
     offered = offered_tls13_suites(context)
     if offered != list(suites):
@@ -138,45 +135,25 @@ def _strtouint64(text: str) -> int:
     return value & 0xFFFF_FFFF_FFFF_FFFF
 
 
-@functools.cache
-def _libssl_handle() -> ctypes.CDLL:
-    """The libssl that CPython's ``_ssl`` is linked against (symbols resolve through it)."""
-    lib = ctypes.CDLL(_ssl.__file__)
-    lib.SSL_CTX_set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    lib.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
-    lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
-    lib.SSL_CTX_get_options.restype = ctypes.c_uint64
-    return lib
-
-
-def _libssl(wanted: str) -> ctypes.CDLL:
-    try:
-        return _libssl_handle()
-    except (OSError, AttributeError) as exc:
-        raise _unavailable(
-            wanted, f"libssl's functions are not reachable from _ssl ({exc})"
-        ) from exc
-
-
 def _ssl_ctx_address(context: ssl.SSLContext, wanted: str) -> int:
-    """The ``SSL_CTX *`` inside ``context``, after checking CPython's layout around it.
-
-    ``PySSLContext`` is ``PyObject_HEAD`` followed by ``SSL_CTX *ctx``. ``object.__basicsize__``
-    is the size of that head in every build (debug, trace-refs, free-threaded), and the head ends
-    with the type pointer: if that pointer is not the context's type, the layout is not the one
-    this code knows, and nothing is dereferenced. The candidate pointer must then report the
-    same options through ``SSL_CTX_get_options`` as ``context.options`` does.
-    """
-    if sys.implementation.name != "cpython" or not isinstance(context, _ssl._SSLContext):
-        raise _unavailable(wanted, "this is not CPython's ssl.SSLContext")
-    head = object.__basicsize__
-    type_slot = ctypes.c_void_p.from_address(id(context) + head - ctypes.sizeof(ctypes.c_void_p))
-    if type_slot.value != id(type(context)):
-        raise _unavailable(wanted, "CPython's SSLContext object layout is not the expected one")
-    address = ctypes.c_void_p.from_address(id(context) + head).value
-    if not address or _libssl(wanted).SSL_CTX_get_options(address) != int(context.options):
+    """The ``SSL_CTX *`` inside ``context``, once it reports the same options through
+    ``SSL_CTX_get_options`` as ``context.options`` does (layout checks: :mod:`.hazmat.cpython`)."""
+    try:
+        address = cpython.ssl_ctx_pointer(context)
+        options = libssl.through(cpython.STDLIB_SSL_EXTENSION).SSL_CTX_get_options(address)
+    except MissingBinding as exc:
+        raise _unavailable(wanted, str(exc)) from exc
+    if options != int(context.options):
         raise _unavailable(wanted, "the SSL_CTX pointer inside SSLContext did not check out")
     return address
+
+
+def _set_ciphersuites(address: int, wanted: str) -> bool:
+    try:
+        set_ciphersuites = libssl.through(cpython.STDLIB_SSL_EXTENSION).SSL_CTX_set_ciphersuites
+    except MissingBinding as exc:
+        raise _unavailable(wanted, str(exc)) from exc
+    return bool(set_ciphersuites(address, wanted.encode()) == 1)
 
 
 def _unavailable(wanted: str, why: str) -> CipherPolicyError:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import enum
 import logging
 import queue
-import random
 import socket
 import ssl
 import threading
@@ -27,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import paho.mqtt.client as mqtt
 from cryptography import x509
@@ -37,6 +36,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device_sdk import provisioning
+from device_sdk.backoff import Backoff
 from device_sdk.ciphers import CipherPolicy
 from device_sdk.errors import (
     AckTimeout,
@@ -66,32 +66,6 @@ _CONNACK_HINTS = {  # MQTT 5 reason codes; paho maps MQTT 3.1.1 return codes ont
     0x88: "the broker is unavailable; the client keeps retrying",
     0x89: "the broker is busy; the client keeps retrying",
 }
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect delays: exponential bound capped at ``maximum``, with full jitter.
-
-    Each delay is drawn uniformly between zero and the bound, so a fleet that lost its broker at
-    the same moment does not come back at the same moment.
-    """
-
-    initial: float = 0.5
-    maximum: float = 60.0
-    multiplier: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.initial <= self.maximum or self.multiplier < 1:
-            raise ValueError(
-                f"backoff needs 0 < initial <= maximum and multiplier >= 1, not {self}"
-            )
-
-    def bound(self, attempt: int) -> float:
-        """The longest wait before retry number ``attempt`` (0-based)."""
-        return min(self.maximum, self.initial * self.multiplier ** min(attempt, 64))
-
-    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
-        return self.bound(attempt) * rand()
 
 
 @dataclass(frozen=True)
@@ -161,41 +135,47 @@ class _Subscription:
 
 @runtime_checkable
 class TlsConnection(Protocol):
-    """A live TLS connection: paho's socket calls, plus what ``ssl.SSLSocket`` tells of itself."""
+    """A live TLS connection: what ``ssl.SSLSocket`` tells of itself, beside paho's socket calls."""
 
     def version(self) -> str | None: ...
 
     def cipher(self) -> tuple[str, str, int] | None: ...
 
 
-class TlsConnector(Protocol):
-    """Makes the device's TLS connections itself (for keys Python's ``ssl`` cannot use)."""
+class ClientTlsContext(Protocol):
+    """The client side of ``ssl.SSLContext``, for keys Python's ``ssl`` cannot use.
 
-    def connect(self, host: str, port: int, timeout: float) -> TlsConnection: ...
+    paho takes it through its public ``tls_set_context`` as it takes a stdlib context: it makes
+    the TCP connection, wraps it with ``server_hostname`` and, with ``check_hostname`` true,
+    leaves the name check to the context. What ``wrap_socket`` returns must also offer the
+    calls paho makes on an ``ssl.SSLSocket`` (``settimeout``, ``do_handshake``, ``recv``,
+    ``send``, ``pending``, ``fileno``, ``setblocking``, ``close``); tests/test_sdk_paho_tls.py
+    holds paho to that list.
+    """
+
+    @property
+    def check_hostname(self) -> bool: ...
+
+    def wrap_socket(
+        self,
+        sock: socket.socket,
+        *,
+        server_hostname: str | None = None,
+        do_handshake_on_connect: bool = True,
+    ) -> TlsConnection: ...
 
 
 @runtime_checkable
-class ConnectingKeyStore(Protocol):
-    """A key store that connects instead of filling an ``ssl.SSLContext`` (a smartcard)."""
+class ContextKeyStore(Protocol):
+    """A key store that makes its own TLS context instead of filling an ``ssl.SSLContext``
+    (a smartcard, whose key OpenSSL reaches through PKCS#11 on M2Crypto)."""
 
-    def tls_connector(self, cipher_policy: CipherPolicy) -> TlsConnector: ...
-
-
-class _ConnectorClient(mqtt.Client):
-    """paho with its connection made by a :class:`TlsConnector`; paho 2 has no public hook for
-    the socket, so this overrides the one method that creates it."""
-
-    def __init__(self, connector: TlsConnector, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._connector = connector
-
-    def _create_socket(self) -> Any:
-        return self._connector.connect(self._host, self._port, self._connect_timeout)
+    def tls_context(self, cipher_policy: CipherPolicy) -> ClientTlsContext: ...
 
 
 @dataclass(frozen=True)
 class _Identity:
-    context: ssl.SSLContext | TlsConnector
+    context: ssl.SSLContext | ClientTlsContext
     serial: int
 
 
@@ -551,8 +531,8 @@ class DeviceClient:
                 f"the certificate in {self.keystore.certificate_path} is for {named}, "
                 f"not {self.device_id}: use that device id or this device's key store"
             )
-        if isinstance(self.keystore, ConnectingKeyStore):
-            return _Identity(self.keystore.tls_connector(self.cipher_policy), leaf.serial_number)
+        if isinstance(self.keystore, ContextKeyStore):
+            return _Identity(self.keystore.tls_context(self.cipher_policy), leaf.serial_number)
         return _Identity(device_context(self.keystore, self.cipher_policy), leaf.serial_number)
 
     # -- the worker: connection, queue, subscriptions --------------------------------------
@@ -645,7 +625,7 @@ class DeviceClient:
         self._state = _State.CONNECTING
         self._deadline = time.monotonic() + self.connect_timeout
 
-    def _new_paho_client(self, context: ssl.SSLContext | TlsConnector) -> mqtt.Client:
+    def _new_paho_client(self, context: ssl.SSLContext | ClientTlsContext) -> mqtt.Client:
         v5 = self.mqtt_version == "5"
         options: dict[str, Any] = {
             "client_id": self.device_id,
@@ -653,11 +633,9 @@ class DeviceClient:
             "protocol": mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             "reconnect_on_failure": False,
         }
-        if isinstance(context, ssl.SSLContext):
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, **options)
-            client.tls_set_context(context)
-        else:
-            client = _ConnectorClient(context, CallbackAPIVersion.VERSION2, **options)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, **options)
+        # A ClientTlsContext is not an ssl.SSLContext, but offers all that paho uses of one.
+        client.tls_set_context(cast(ssl.SSLContext, context))
         client.connect_timeout = self.connect_timeout
         client.max_inflight_messages_set(_WINDOW)
         client.on_connect = self._paho_on_connect

@@ -11,7 +11,8 @@ module -> pcscd -> the card. Every CertificateVerify signature is a GENERAL AUTH
 card. The context gets the SDK's cipher policy (TLS 1.3 only, the policy's suites) through
 ``SSL_CTX_set_ciphersuites`` on M2Crypto's own ``SSL_CTX`` pointer, since M2Crypto 0.51 has no
 call for it, and the result is read back before use. :class:`DeviceClient` connects through
-:meth:`SmartcardKeyStore.tls_connector` instead of an ``ssl.SSLContext``.
+:meth:`SmartcardKeyStore.tls_context`, an object with the client side of ``ssl.SSLContext``
+that paho takes through its public ``tls_set_context``.
 
 Renewal (:meth:`SmartcardKeyStore.renew`) is EST ``simplereenroll`` with the same card key, over
 the same card-key TLS (``http.client`` on an M2Crypto connection, handed to
@@ -20,7 +21,6 @@ the same card-key TLS (``http.client`` on an M2Crypto connection, handed to
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import http.client
 import io
@@ -45,6 +45,7 @@ from device_sdk.ciphers import CipherPolicy, resolve
 from device_sdk.debian import MissingPackageFile, package_file
 from device_sdk.errors import DeviceSdkError, EnrollmentError, KeyStoreError
 from device_sdk.est import EstClient, EstError, device_csr
+from device_sdk.hazmat import MissingBinding, libcrypto, libssl
 from device_sdk.keystore import _pem, _public_der, _write_atomic, device_id_of
 from device_sdk.piv import CardAbsent, PivCard, PivCardKey, PivError
 from device_sdk.provisioning import issuers_of
@@ -53,10 +54,7 @@ log = logging.getLogger("fleetgate.device_sdk")
 
 _T = TypeVar("_T")
 CARD_KEY_LABEL = "PIV AUTH key"  # OpenSC's PKCS#11 label for slot 9A's private key
-_TLS1_3_VERSION = 0x0304
-_SSL_CTRL_MODE = 33
-_SSL_CTRL_SET_MIN_PROTO_VERSION = 123
-_SSL_MODE_PARTIAL_WRITE_MOVING_BUFFER = 0x1 | 0x2  # paho resends the unsent rest
+_PARTIAL_WRITES = libssl.SSL_MODE_ENABLE_PARTIAL_WRITE | libssl.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
 
 
 class CardTlsError(DeviceSdkError, OSError):
@@ -121,7 +119,7 @@ class SmartcardKeyStore:
     def load_identity(self, context: Any) -> None:
         raise KeyStoreError(
             "a smartcard key cannot be loaded into Python's ssl (it takes key files only, and "
-            "Debian 12 packages no pkcs11-provider): connect through tls_connector(), as "
+            "Debian 12 packages no pkcs11-provider): connect through tls_context(), as "
             "DeviceClient does"
         )
 
@@ -155,7 +153,7 @@ class SmartcardKeyStore:
         not see a new key until it restarts. :class:`DeviceClient` calls this when renewal is due.
         """
         current = self.certificates()[0]
-        connector = self.tls_connector()  # the card's key must still be device.crt's
+        context = self.tls_context()  # the card's key must still be device.crt's
         try:
             key = PivCardKey(self.card(), _ec_public_key(current))
             csr = device_csr(device_id, key)  # signed on the card
@@ -165,7 +163,7 @@ class SmartcardKeyStore:
                     "was re-keyed or swapped): enroll the device again"
                 )
             try:
-                with EstClient(est_url, connector.https_connection, timeout=timeout) as est:
+                with EstClient(est_url, context.https_connection, timeout=timeout) as est:
                     ca_certs = est.cacerts()
                     cert = est.simplereenroll(csr)
             except EstError as exc:
@@ -217,7 +215,7 @@ class SmartcardKeyStore:
                 exc,
             )
 
-    def tls_connector(self, cipher_policy: CipherPolicy = "auto") -> CardTlsConnector:
+    def tls_context(self, cipher_policy: CipherPolicy = "auto") -> CardTlsContext:
         """What DeviceClient connects with: mutual TLS 1.3 signed by the card."""
         self.certificates()  # enrolled?
         if not self.trust_anchors_path.exists():
@@ -225,7 +223,7 @@ class SmartcardKeyStore:
                 f"no trust anchors at {self.trust_anchors_path}: provision the fleet root CA "
                 "certificate there (set_trust_anchors) before connecting"
             )
-        return CardTlsConnector(
+        return CardTlsContext(
             certificate_path=self.certificate_path,
             trust_anchors_path=self.trust_anchors_path,
             pin=self._pin,
@@ -277,7 +275,7 @@ class _Pkcs11Engine:
 
         libp11 keeps the token's objects from its first load for the life of the process, and
         its RE_ENUMERATE control crashes (libp11 0.4.12), so a card swapped under a running
-        process still shows its predecessor's key; the key check in CardTlsConnector catches it.
+        process still shows its predecessor's key; the key check in CardTlsContext catches it.
         """
         with self._lock:
             self._engine.ctrl_cmd_string("PIN", pin)
@@ -289,38 +287,52 @@ def _pkcs11_engine() -> _Pkcs11Engine:
     return _Pkcs11Engine()
 
 
-@functools.cache
-def _libssl() -> ctypes.CDLL:
-    """The system libssl that M2Crypto is linked against (symbols resolve through it)."""
-    lib = ctypes.CDLL(_m2crypto.__file__)
-    lib.SSL_CTX_set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    lib.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
-    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-    lib.SSL_CTX_ctrl.restype = ctypes.c_long
-    lib.SSL_CTX_get_ciphers.argtypes = [ctypes.c_void_p]
-    lib.SSL_CTX_get_ciphers.restype = ctypes.c_void_p
-    lib.OPENSSL_sk_num.argtypes = [ctypes.c_void_p]
-    lib.OPENSSL_sk_num.restype = ctypes.c_int
-    lib.OPENSSL_sk_value.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    lib.OPENSSL_sk_value.restype = ctypes.c_void_p
-    lib.SSL_CIPHER_get_name.argtypes = [ctypes.c_void_p]
-    lib.SSL_CIPHER_get_name.restype = ctypes.c_char_p
-    return lib
+def _openssl() -> tuple[libssl.LibSsl, libcrypto.LibCrypto]:
+    """libssl and libcrypto as M2Crypto links them (its ``SSL_CTX`` go only to its libssl)."""
+    try:
+        return libssl.through(_m2crypto.__file__), libcrypto.through(_m2crypto.__file__)
+    except MissingBinding as exc:
+        raise CardTlsError(f"M2Crypto's OpenSSL cannot be reached: {exc}") from exc
 
 
-def _tls13_suites(ssl_ctx: int) -> list[str]:
-    """The TLS 1.3 suites an ``SSL_CTX`` offers, in order (read back, not assumed)."""
-    lib = _libssl()
-    stack = lib.SSL_CTX_get_ciphers(ssl_ctx)
-    names = [
-        lib.SSL_CIPHER_get_name(lib.OPENSSL_sk_value(stack, i)).decode()
-        for i in range(lib.OPENSSL_sk_num(stack))
-    ]
-    return [name for name in names if name.startswith("TLS_")]
+def _configure(address: int, suites: tuple[str, ...]) -> None:
+    """TLS 1.3 only, partial writes (paho resends the unsent rest), the policy's suites, read
+    back from the ``SSL_CTX`` rather than assumed: M2Crypto 0.51 has no call for any of it."""
+    ssl_lib, crypto_lib = _openssl()
+    wanted = ":".join(suites)
+    try:
+        if (
+            ssl_lib.SSL_CTX_ctrl(
+                address, libssl.SSL_CTRL_SET_MIN_PROTO_VERSION, libssl.TLS1_3_VERSION, None
+            )
+            != 1
+        ):
+            raise CardTlsError("OpenSSL refused TLS 1.3 as the minimum version")
+        ssl_lib.SSL_CTX_ctrl(address, libssl.SSL_CTRL_MODE, _PARTIAL_WRITES, None)
+        if ssl_lib.SSL_CTX_set_ciphersuites(address, wanted.encode()) != 1:
+            raise CardTlsError(f"OpenSSL knows none of the TLS 1.3 suites {wanted}")
+        stack = ssl_lib.SSL_CTX_get_ciphers(address)
+        names = [
+            ssl_lib.SSL_CIPHER_get_name(crypto_lib.OPENSSL_sk_value(stack, i)).decode()
+            for i in range(crypto_lib.OPENSSL_sk_num(stack))
+        ]
+    except MissingBinding as exc:
+        raise CardTlsError(f"cannot set the TLS policy on M2Crypto's context: {exc}") from exc
+    offered = [name for name in names if name.startswith("TLS_")]
+    if offered != list(suites):
+        raise CardTlsError(f"the TLS context offers {offered}, not the policy's {suites}")
 
 
-class CardTlsConnector:
-    """Makes mutual TLS 1.3 connections that sign with the card's slot 9A key (via PKCS#11)."""
+class CardTlsContext:
+    """Mutual TLS 1.3 client connections that sign with the card's slot 9A key (via PKCS#11).
+
+    It offers the client side of ``ssl.SSLContext`` (``wrap_socket`` with ``server_hostname``,
+    ``check_hostname``), so paho takes it through its public ``tls_set_context`` and makes the
+    TCP connection itself, as it does for a stdlib context. OpenSSL checks the server's name
+    (``SSL_set1_host``) during verification, so ``check_hostname`` is always true.
+    """
+
+    check_hostname = True
 
     def __init__(
         self,
@@ -341,13 +353,7 @@ class CardTlsConnector:
                 "the PIN right?"
             ) from exc
         ctx = Context("tls")
-        address = int(cast(SupportsInt, ctx.ctx))  # a SWIG pointer: the SSL_CTX *
-        lib = _libssl()
-        if lib.SSL_CTX_ctrl(address, _SSL_CTRL_SET_MIN_PROTO_VERSION, _TLS1_3_VERSION, None) != 1:
-            raise CardTlsError("OpenSSL refused TLS 1.3 as the minimum version")
-        lib.SSL_CTX_ctrl(address, _SSL_CTRL_MODE, _SSL_MODE_PARTIAL_WRITE_MOVING_BUFFER, None)
-        if lib.SSL_CTX_set_ciphersuites(address, ":".join(suites).encode()) != 1:
-            raise CardTlsError(f"OpenSSL knows none of the TLS 1.3 suites {':'.join(suites)}")
+        _configure(int(cast(SupportsInt, ctx.ctx)), suites)  # a SWIG pointer: the SSL_CTX *
         if ctx.load_verify_locations(str(trust_anchors_path)) != 1:
             raise CardTlsError(f"cannot load the fleet trust anchors {trust_anchors_path}")
         ctx.set_verify(m2.SSL_VERIFY_PEER | m2.SSL_VERIFY_FAIL_IF_NO_PEER_CERT, depth=4)
@@ -366,118 +372,94 @@ class CardTlsConnector:
                 "process ran (OpenSC's PKCS#11 view is loaded once per process: restart it)"
             )
         self._ctx = ctx
-        offered = _tls13_suites(address)
-        if offered != list(suites):
-            raise CardTlsError(f"the TLS context offers {offered}, not the policy's {suites}")
 
-    def connect(self, host: str, port: int, timeout: float) -> CardTlsConnection:
-        """TCP, then a blocking handshake bounded by ``timeout``; the server must verify."""
-        return CardTlsConnection(self.handshake(host, port, timeout, peer="the broker"))
+    def wrap_socket(
+        self,
+        sock: socket.socket,
+        *,
+        server_hostname: str | None = None,
+        do_handshake_on_connect: bool = True,
+    ) -> CardTlsConnection:
+        """TLS on the connected ``sock``, verifying ``server_hostname``; it takes the socket's
+        timeout, which then bounds each read and write of the handshake."""
+        if not server_hostname:  # an OSError, not ssl's ValueError: paho retries on ValueError
+            sock.close()
+            raise CardTlsError("card TLS verifies the server's name: give server_hostname")
+        timeout = sock.gettimeout()
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(None)  # M2Crypto's BIO wants a blocking descriptor: see settimeout
+            conn = Connection(self._ctx, sock=sock)
+            conn.set_tlsext_host_name(server_hostname)
+            conn.set1_host(server_hostname)
+        except BaseException:
+            sock.close()
+            raise
+        tls = CardTlsConnection(conn, server_hostname)
+        tls.settimeout(timeout)
+        if do_handshake_on_connect:
+            tls.do_handshake()
+        return tls
 
     def https_connection(self, host: str, port: int, timeout: float) -> http.client.HTTPConnection:
         """An HTTPS connection signed by the card: :class:`EstClient`'s transport for renewal."""
         return _CardHttpsConnection(self, host, port, timeout)
 
-    def handshake(self, host: str, port: int, timeout: float, *, peer: str) -> Connection:
-        """A blocking M2Crypto TLS connection to ``peer`` at ``host:port``, handshake done."""
+
+class _CardHttpsConnection(http.client.HTTPConnection):
+    """``http.client`` over :meth:`CardTlsContext.wrap_socket`: the broker connection's
+    verification (OpenSSL's host name check) and time bound. M2Crypto's ``httpslib`` has
+    neither: no handshake timeout, and a name check in Python after the handshake."""
+
+    default_port = 443
+
+    def __init__(self, context: CardTlsContext, host: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._context = context
+        self._handshake_timeout = timeout
+
+    def connect(self) -> None:
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            sock = socket.create_connection((self.host, self.port), self._handshake_timeout)
         except OSError as exc:
-            raise CardTlsError(f"cannot reach {host}:{port}: {exc}") from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(None)  # M2Crypto's BIO wants a blocking descriptor; timeouts below
-        conn = Connection(self._ctx, sock=sock)
+            raise CardTlsError(f"cannot reach {self.host}:{self.port}: {exc}") from exc
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class CardTlsConnection:
+    """An M2Crypto TLS client connection with the ``ssl.SSLSocket`` calls paho and
+    ``http.client`` make: non-blocking ``recv``/``send`` map "want read/write" to
+    ``BlockingIOError``; ``sendall``/``makefile`` block, for ``http.client``."""
+
+    def __init__(self, conn: Connection, server_hostname: str) -> None:
+        self._conn = conn
+        self._server = server_hostname
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Bound each blocking read and write (``SO_RCVTIMEO``/``SO_SNDTIMEO``): M2Crypto's BIO
+        needs a blocking descriptor, so the socket's own timeout cannot be used."""
+        seconds = timeout or 0.0  # 0: no bound
+        bound = SocketTimeout(sec=int(seconds), microsec=int(seconds % 1 * 1e6))
+        self._conn.set_socket_read_timeout(bound)
+        self._conn.set_socket_write_timeout(bound)
+
+    def do_handshake(self) -> None:
+        """The blocking client handshake; the server must chain to the fleet CA and be named."""
+        conn = self._conn
         try:
-            bound = SocketTimeout(sec=int(timeout), microsec=int(timeout % 1 * 1e6))
-            conn.set_socket_read_timeout(bound)
-            conn.set_socket_write_timeout(bound)
-            conn.set_tlsext_host_name(host)
-            conn.set1_host(host)
             conn.setup_ssl()
             conn.set_connect_state()
             if conn.connect_ssl() != 1:
                 raise SSLError("handshake did not complete")
         except (SSLError, OSError) as exc:
             result = conn.get_verify_result()
-            conn.close()
+            self.close()
             reason = m2.x509_get_verify_error(result) if result != m2.X509_V_OK else f"{exc}"
             raise CardTlsError(
-                f"TLS with {host}:{port} using the card key failed ({reason}): {peer} must "
+                f"TLS with {self._server} using the card key failed ({reason}): the server must "
                 "chain to the fleet CA and name the host; a server that refuses the device "
                 "certificate, or offers none of the policy's suites, also ends here"
             ) from exc
-        return conn
-
-
-class _CardHttpsConnection(http.client.HTTPConnection):
-    """``http.client`` over :meth:`CardTlsConnector.handshake`: the broker connection's
-    verification (OpenSSL's host name check) and time bound. M2Crypto's ``httpslib`` has
-    neither: no handshake timeout, and a name check in Python after the handshake."""
-
-    default_port = 443
-
-    def __init__(self, connector: CardTlsConnector, host: str, port: int, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self._connector = connector
-        self._handshake_timeout = timeout
-
-    def connect(self) -> None:
-        conn = self._connector.handshake(
-            self.host, self.port, self._handshake_timeout, peer="the EST server"
-        )
-        self.sock = _BlockingTls(conn)
-
-
-class _BlockingTls:
-    """The socket calls ``http.client`` makes, on a blocking M2Crypto connection.
-
-    Writes loop, because the context allows partial writes (paho's non-blocking sends rely on
-    them). Reads go through a file whose close leaves the connection open, as ``socket``'s
-    does: M2Crypto's own ``makefile`` wraps the connection, so closing one response (which
-    ``http.client`` does) would shut TLS down under the kept-alive connection.
-    """
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-
-    def sendall(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            sent = self._conn.write(bytes(view))
-            if sent <= 0:
-                raise ConnectionResetError("TLS write to the EST server failed")
-            view = view[sent:]
-
-    def makefile(self, mode: str) -> io.BufferedReader:
-        if mode != "rb":
-            raise ValueError(f"a card TLS connection reads through mode 'rb' only, not {mode!r}")
-        return io.BufferedReader(_TlsReader(self._conn))
-
-    def close(self) -> None:
-        self._conn.close()
-
-
-class _TlsReader(io.RawIOBase):
-    """Reads of a TLS connection; closing it does not close the connection."""
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._conn.read(len(buffer))  # b"" at close_notify
-        buffer[: len(data)] = data
-        return len(data)
-
-
-class CardTlsConnection:
-    """An M2Crypto TLS connection with the socket calls paho makes and ``SSLSocket``'s
-    ``version()``/``cipher()``; non-blocking reads and writes map to ``BlockingIOError``."""
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
 
     def recv(self, size: int) -> bytes:
         try:
@@ -499,6 +481,23 @@ class CardTlsConnection:
             raise BlockingIOError
         return int(sent)
 
+    def sendall(self, data: bytes) -> None:
+        """Write all of ``data`` on a blocking connection (the context allows partial writes)."""
+        view = memoryview(data)
+        while view:
+            sent = self._conn.write(bytes(view))
+            if sent <= 0:
+                raise ConnectionResetError(f"TLS write to {self._server} failed")
+            view = view[sent:]
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        """Blocking reads through a file whose close leaves the connection open, as
+        ``socket``'s does: M2Crypto's own ``makefile`` wraps the connection, so closing one
+        response (which ``http.client`` does) would shut TLS down under a kept-alive one."""
+        if mode != "rb":
+            raise ValueError(f"a card TLS connection reads through mode 'rb' only, not {mode!r}")
+        return io.BufferedReader(_TlsReader(self._conn))
+
     def pending(self) -> int:
         return int(self._conn.pending())
 
@@ -509,7 +508,9 @@ class CardTlsConnection:
         self._conn.setblocking(1 if flag else 0)
 
     def close(self) -> None:
+        """Send close_notify, then close the socket (M2Crypto's close leaves it open)."""
         self._conn.close()
+        self._conn.socket.close()
 
     def version(self) -> str | None:
         version = self._conn.get_version()
@@ -520,3 +521,18 @@ class CardTlsConnection:
         if cipher is None:
             return None
         return cipher.name(), cipher.version(), len(cipher)  # len(): secret bits
+
+
+class _TlsReader(io.RawIOBase):
+    """Reads of a TLS connection; closing it does not close the connection."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._conn.read(len(buffer))  # b"" at close_notify
+        buffer[: len(data)] = data
+        return len(data)

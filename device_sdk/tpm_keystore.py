@@ -8,11 +8,11 @@ Loading the provider into a running process: CPython's ``ssl`` uses OpenSSL's de
 context, which reads ``OPENSSL_CONF`` once, when OpenSSL initialises. Rather than requiring that
 file before start, :func:`load_tpm2_provider` calls libcrypto's ``OSSL_PROVIDER_load`` (after
 setting ``TPM2OPENSSL_TCTI``, which the provider reads when it starts) and
-``EVP_set_default_properties("?tpm2.signature")`` through ctypes, so it works after ``ssl`` was
-imported and contexts were made. The property only *prefers* tpm2 for signatures: digests,
-ciphers and the RNG stay in the default provider (``?provider=tpm2`` would send every hash,
-``hashlib`` included, through the TPM). Without the property, OpenSSL 3.0 signs with the
-default provider, which cannot use the TPM key ("missing private key").
+``EVP_set_default_properties("?tpm2.signature")`` through ctypes (:mod:`device_sdk.hazmat`), so it
+works after ``ssl`` was imported and contexts were made. The property only *prefers* tpm2 for
+signatures: digests, ciphers and the RNG stay in the default provider (``?provider=tpm2`` would
+send every hash, ``hashlib`` included, through the TPM). Without the property, OpenSSL 3.0 signs
+with the default provider, which cannot use the TPM key ("missing private key").
 
 The provider is process-wide and bound to one TCTI: one process serves one TPM, and a process
 that loads it should not also *sign* with software keys through ``ssl`` (a TLS server with a
@@ -22,20 +22,19 @@ resource manager goes away later, handshakes fail until the process restarts.
 
 from __future__ import annotations
 
-import _ssl
-import ctypes
 import os
 import ssl
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sdk import provisioning, tpm_provisioning
 from device_sdk.errors import KeyStoreError
+from device_sdk.hazmat import MissingBinding, cpython, libcrypto
 from device_sdk.keystore import FileKeyStore, _pem, _write_atomic
 from device_sdk.tpm import Tpm, TpmKey, TpmPrivateKey
 
@@ -147,33 +146,30 @@ def load_tpm2_provider(tcti: str) -> None:
             )
         Tpm(tcti).close()  # the actionable error, if the TPM cannot be reached
         os.environ["TPM2OPENSSL_TCTI"] = tcti  # read by the provider when it initialises
-        libcrypto = _libcrypto()
+        load_provider, set_default_properties = _provider_api()
         for name in (b"default", b"tpm2"):  # loading one provider stops the default's fallback
-            if not libcrypto.OSSL_PROVIDER_load(None, name):
+            if not load_provider(None, name):
                 raise KeyStoreError(
                     f"OpenSSL ({ssl.OPENSSL_VERSION}) could not load its {name.decode()} "
                     "provider: install tpm2-openssl (the provider module tpm2.so in OpenSSL's "
                     "ossl-modules directory) and check the TPM is reachable through "
                     f"{tcti!r}"
                 )
-        if libcrypto.EVP_set_default_properties(None, TPM2_PROPERTIES) != 1:
+        if set_default_properties(None, TPM2_PROPERTIES) != 1:
             raise KeyStoreError(f"OpenSSL refused the default properties {TPM2_PROPERTIES!r}")
         _provider_tcti = tcti
 
 
-def _libcrypto() -> ctypes.CDLL:
-    """libcrypto's provider API, resolved through CPython's ``_ssl`` (the OpenSSL ssl uses)."""
+def _provider_api() -> tuple[Any, Any]:
+    """libcrypto's ``OSSL_PROVIDER_load`` and ``EVP_set_default_properties`` (both bound before
+    either is used), as linked by CPython's ``_ssl`` (the OpenSSL ``ssl`` uses)."""
     try:
-        lib = ctypes.CDLL(_ssl.__file__)
-        lib.OSSL_PROVIDER_load.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        lib.OSSL_PROVIDER_load.restype = ctypes.c_void_p
-        lib.EVP_set_default_properties.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        lib.EVP_set_default_properties.restype = ctypes.c_int
-    except (OSError, AttributeError) as exc:
+        lib = libcrypto.through(cpython.STDLIB_SSL_EXTENSION)
+        return lib.OSSL_PROVIDER_load, lib.EVP_set_default_properties
+    except MissingBinding as exc:
         raise KeyStoreError(
             f"Python's ssl module ({ssl.OPENSSL_VERSION}) exposes no OpenSSL 3 provider API "
             f"({exc}): TPM keys need ssl linked against OpenSSL 3 with tpm2-openssl; or start "
             "the process with OPENSSL_CONF naming a config that activates the tpm2 provider "
             "and sets default_properties = ?tpm2.signature"
         ) from exc
-    return lib

@@ -37,6 +37,7 @@ from enrollment.registry import (
     Registry,
     StationState,
     SubjectKind,
+    schema,
 )
 from enrollment.registry.models import as_utc
 from enrollment.service import EnrollmentService
@@ -50,6 +51,7 @@ crl_app = typer.Typer(no_args_is_help=True, help="Certificate revocation lists."
 acl_app = typer.Typer(no_args_is_help=True, help="Per-group topic ACL templates (%d = device id).")
 group_app = typer.Typer(no_args_is_help=True, help="Device groups' key-protection policy.")
 serve_app = typer.Typer(no_args_is_help=True, help="Run fleetgate services.")
+db_app = typer.Typer(no_args_is_help=True, help="The registry database: schema version, roles.")
 app.add_typer(ca_app, name="ca")
 app.add_typer(station_app, name="station")
 app.add_typer(batch_app, name="batch")
@@ -59,6 +61,7 @@ app.add_typer(acl_app, name="acl")
 app.add_typer(group_app, name="group")
 app.add_typer(serve_app, name="serve")
 app.add_typer(bridge_app, name="bridge")
+app.add_typer(db_app, name="db")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 _state: dict[str, Path | None] = {"home": None}
@@ -128,6 +131,58 @@ def _cert_summary(cert: x509.Certificate) -> dict[str, Any]:
     }
 
 
+# -- db ----------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Bring the registry schema to this fleetgate's revision; run as the database owner."""
+    config = _config()
+    before = schema.upgrade(config.database_url)
+    if before.current:
+        outcome = f"already at revision {schema.HEAD}"
+    elif before.legacy:
+        outcome = f"adopted (created before versioned migrations), now at revision {schema.HEAD}"
+    else:
+        outcome = f"upgraded from {before.revision or 'nothing'} to revision {schema.HEAD}"
+    registry = Registry(config.database_url)
+    registry.audit(AuditRecord(_actor(), "db.upgrade", "ok", None, outcome))
+    registry.close()
+    typer.echo(f"registry schema {outcome}")
+
+
+@db_app.command("status")
+def db_status(as_json: JsonFlag = False) -> None:
+    """Show the registry schema's revision and whether it is the one this fleetgate needs."""
+    state = schema.status_at(_config().database_url)
+    row = {"revision": state.revision, "head": schema.HEAD, "current": state.current}
+    typer.echo(json.dumps(row) if as_json else state.describe())
+
+
+@db_app.command("grant")
+def db_grant(
+    broker_role: Annotated[str, typer.Option(help="PostgreSQL role the brokers log in as.")],
+    enrollment_role: Annotated[
+        str, typer.Option(help="PostgreSQL role the enrollment services log in as.")
+    ],
+    admin_role: Annotated[
+        str | None, typer.Option(help="Role for day-to-day admin commands (not upgrades).")
+    ] = None,
+    print_only: Annotated[
+        bool, typer.Option("--print", help="Print the SQL instead of running it.")
+    ] = False,
+) -> None:
+    """Grant each service role only what it needs (PostgreSQL; run as the schema owner)."""
+    statements = schema.grant_statements(
+        broker_role=broker_role, enrollment_role=enrollment_role, admin_role=admin_role
+    )
+    if print_only:
+        typer.echo("".join(f"{statement};\n" for statement in statements), nl=False)
+        return
+    schema.grant(_config().database_url, statements)
+    typer.echo(f"granted: {', '.join(r for r in (broker_role, enrollment_role, admin_role) if r)}")
+
+
 # -- ca ----------------------------------------------------------------------------------------
 
 
@@ -142,6 +197,7 @@ def ca_init(
     if not (config.home / CONFIG_FILE).exists():
         (config.home / CONFIG_FILE).write_text(DEFAULT_CONFIG_TOML)
     anchors = ca_module.init_ca(config, curve=curve or None, force=force)
+    schema.create_if_empty(config.database_url)
     registry = Registry(config.database_url)
     _service(config).publish_crl()
     registry.audit(
@@ -421,9 +477,6 @@ def acl_set(
     subscribe: Annotated[list[str], typer.Option(help="Topic filter a device may subscribe to.")],
 ) -> None:
     """Replace GROUP's ACL template, e.g. --publish 'devices/%d/#'."""
-    from broker.acl import check_template
-
-    check_template(publish, subscribe)
     _registry(_config()).set_acl(group, publish=publish, subscribe=subscribe, actor=_actor())
     typer.echo(f"ACL of group {group} set: publish {publish}, subscribe {subscribe}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,45 @@ class EnrollmentSettings:
 
 
 @dataclass(frozen=True)
+class DeviceLimits:
+    """What one device may hold in and demand of a broker (issue 11: a stolen device with a valid
+    certificate must not exhaust it). Sizes are bytes; rates are per second, with a burst.
+
+    ``connect_*`` applies before the registry is asked, so before the group is known: only the
+    ``[broker.limits]`` defaults count for it. ``max_queued_messages`` is further capped by
+    ``[broker] max_queued_messages``, the broker-wide ceiling.
+    """
+
+    max_subscriptions: int = 100
+    max_topic_bytes: int = 1024
+    max_topic_levels: int = 16
+    max_retained_messages: int = 100
+    max_retained_bytes: int = 1024 * 1024
+    max_queued_messages: int = 1000
+    max_queued_bytes: int = 8 * 1024 * 1024
+    max_inflight: int = 64
+    publish_rate: float = 1000.0
+    publish_burst: int = 1000
+    connect_rate: float = 1.0
+    connect_burst: int = 20
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """``[broker.limits]`` (every group's defaults) and ``[broker.limits.groups.<group>]``
+    (one group's overrides, the other keys inherited from the defaults)."""
+
+    default: DeviceLimits = DeviceLimits()
+    groups: tuple[tuple[str, DeviceLimits], ...] = ()
+
+    def for_group(self, group: str) -> DeviceLimits:
+        for name, limits in self.groups:
+            if name == group:
+                return limits
+        return self.default
+
+
+@dataclass(frozen=True)
 class BrokerSettings:
     """The MQTT broker: a mutual-TLS listener, an optional plaintext test listener, /metrics.
 
@@ -68,6 +108,7 @@ class BrokerSettings:
     max_queued_messages: int = 1000
     receive_maximum: int = 64
     feed_poll_interval_s: float = 0.1
+    limits: LimitSettings = LimitSettings()
 
 
 @dataclass(frozen=True)
@@ -141,6 +182,56 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class FabricSettings:
+    """``[fabric]``: this broker node is one of several sharing a NATS cluster (issue 12).
+
+    Without the section the broker is one process with everything in memory. ``servers`` are
+    NATS URLs (``nats://`` or ``tls://``); the TLS files and ``credentials_file`` (a NATS
+    ``.creds`` file) are paths resolved against the data directory. ``node_name`` (default:
+    the host name) says which node did what; ``replicas`` is the copy count of the fabric's
+    JetStream streams.
+    """
+
+    servers: tuple[str, ...] = ()
+    node_name: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    credentials_file: str = ""
+    replicas: int = 3
+    connect_timeout_s: float = 5.0
+
+
+_FABRIC_SECTION = "fabric"
+
+
+def _build_fabric(raw: dict[str, Any], env: Any) -> FabricSettings | None:
+    """The ``[fabric]`` section (or ``FLEETGATE_FABRIC_SERVERS``), checked; None without it."""
+    if _FABRIC_SECTION not in raw and "FLEETGATE_FABRIC_SERVERS" not in env:
+        return None
+    fabric: FabricSettings = _build_section(
+        _FABRIC_SECTION, FabricSettings, raw.get(_FABRIC_SECTION, {}), env
+    )
+    if not fabric.servers:
+        raise ConfigError('[fabric] needs servers, e.g. servers = ["nats://nats-1:4222"]')
+    for url in fabric.servers:
+        if not url.startswith(("nats://", "tls://")):
+            raise ConfigError(f"[fabric] servers: {url!r} is not a nats:// or tls:// URL")
+    if bool(fabric.tls_cert_file) != bool(fabric.tls_key_file):
+        raise ConfigError("[fabric] tls_cert_file and tls_key_file go together")
+    if not 1 <= fabric.replicas <= 5:
+        raise ConfigError("[fabric] replicas must be between 1 and 5")
+    if fabric.node_name and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fabric.node_name):
+        raise ConfigError(
+            f"[fabric] node_name {fabric.node_name!r}: 1-64 of A-Z a-z 0-9 _ - (it becomes a "
+            "NATS subject token)"
+        )
+    if fabric.connect_timeout_s <= 0:
+        raise ConfigError("[fabric] connect_timeout_s must be > 0")
+    return fabric
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, bound to its data directory."""
 
@@ -152,6 +243,7 @@ class Config:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     log: LogSettings = field(default_factory=LogSettings)
     bridges: tuple[BridgeSettings, ...] = ()
+    fabric: FabricSettings | None = None  # None: one process, everything in memory
 
     @property
     def ca_dir(self) -> Path:
@@ -215,16 +307,62 @@ def load_config(home: Path | None = None, environ: dict[str, str] | None = None)
             raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    unknown = set(raw) - set(_SECTIONS) - {_BRIDGE_SECTION}
+    unknown = set(raw) - set(_SECTIONS) - {_BRIDGE_SECTION, _FABRIC_SECTION}
     if unknown:
         raise ConfigError(
             f"{path}: unknown section(s) {sorted(unknown)}; "
-            f"known: {sorted([*_SECTIONS, _BRIDGE_SECTION])}"
+            f"known: {sorted([*_SECTIONS, _BRIDGE_SECTION, _FABRIC_SECTION])}"
         )
+    broker_table = raw.get("broker", {})
+    limits_table: Any = {}
+    if isinstance(broker_table, dict) and _LIMITS_KEY in broker_table:
+        broker_table = dict(broker_table)
+        limits_table = broker_table.pop(_LIMITS_KEY)
+    raw["broker"] = broker_table
     sections = {
         name: _build_section(name, cls, raw.get(name, {}), env) for name, cls in _SECTIONS.items()
     }
-    return Config(home=home, **sections, bridges=_build_bridges(raw.get(_BRIDGE_SECTION, [])))
+    sections["broker"] = dataclasses.replace(
+        sections["broker"], limits=_build_limits(limits_table, env)
+    )
+    bridges = _build_bridges(raw.get(_BRIDGE_SECTION, []))
+    return Config(home=home, **sections, bridges=bridges, fabric=_build_fabric(raw, env))
+
+
+_LIMITS_KEY = "limits"
+
+
+def _build_limits(table: Any, env: Any) -> LimitSettings:
+    """``[broker.limits]`` with ``FLEETGATE_BROKER_LIMITS_<KEY>`` overrides, then each
+    ``[broker.limits.groups.<group>]`` on top of those defaults (no environment overrides: a
+    group name is no part of a variable name). Every count and size is at least 1, every rate
+    above 0: a limit of 0 would lock a device out rather than bound it."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"[broker.limits] must be a table of settings, not {table!r}")
+    table = dict(table)
+    groups = table.pop("groups", {})
+    if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
+        raise ConfigError("[broker.limits.groups.<group>] must be tables of settings")
+    default = _check_limits(
+        "[broker.limits]", _build_section("broker.limits", DeviceLimits, table, env)
+    )
+    overrides = []
+    for group, group_table in sorted(groups.items()):
+        where = f"broker.limits.groups.{group}"
+        changed = _build_section(where, DeviceLimits, group_table, {})
+        values = {k: getattr(changed, k) for k in group_table}
+        overrides.append(
+            (group, _check_limits(f"[{where}]", dataclasses.replace(default, **values)))
+        )
+    return LimitSettings(default, tuple(overrides))
+
+
+def _check_limits(where: str, limits: DeviceLimits) -> DeviceLimits:
+    for fld in dataclasses.fields(DeviceLimits):
+        value = getattr(limits, fld.name)
+        if value <= 0:
+            raise ConfigError(f"{where} {fld.name} must be above 0, not {value}")
+    return limits
 
 
 _BRIDGE_SECTION = "bridge"
@@ -294,14 +432,16 @@ def _build_rules(where: str, tables: Any) -> tuple[BridgeRule, ...]:
 def _build_section(name: str, cls: type[Any], table: Any, env: Any) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(f"[{name}] must be a table of settings, not {table!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {
+        f.name: f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(f.default)
+    }  # a nested table (broker.limits) is built on its own
     unknown = set(table) - set(fields)
     if unknown:
         raise ConfigError(f"[{name}] has unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
     values: dict[str, Any] = {}
     for key, fld in fields.items():
         default = fld.default
-        env_name = f"FLEETGATE_{name.upper()}_{key.upper()}"
+        env_name = f"FLEETGATE_{name.replace('.', '_').upper()}_{key.upper()}"
         if env_name in env:
             values[key] = _coerce(env_name, env[env_name], default)
         elif key in table:
@@ -360,6 +500,23 @@ metrics_port = 9883           # Prometheus /metrics on 127.0.0.1; 0 turns it off
 max_packet_size = 262144
 max_queued_messages = 1000    # per session, QoS 1/2 while the device is away
 feed_poll_interval_s = 0.1    # how often revocations are read from the registry
+
+[broker.limits]               # per device; docs/threat-model.md says why each default
+max_subscriptions = 100
+max_topic_bytes = 1024        # a topic filter or published topic name, UTF-8 bytes
+max_topic_levels = 16
+max_retained_messages = 100   # retained messages a device published that the broker holds
+max_retained_bytes = 1048576
+max_queued_messages = 1000    # per session, also capped by [broker] max_queued_messages
+max_queued_bytes = 8388608
+max_inflight = 64             # QoS 1/2 sent to the device and not yet acknowledged
+publish_rate = 1000.0         # messages/s; a faster device is slowed (not read), not refused
+publish_burst = 1000
+connect_rate = 1.0            # CONNECTs/s per device id, before the registry is asked
+connect_burst = 20
+
+# [broker.limits.groups.controllers]   # one group's overrides; other keys as above
+# max_subscriptions = 1000
 
 [database]
 url = ""                      # empty: SQLite at <home>/registry.db; or postgresql+psycopg://...

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
+import functools
 import logging
 import ssl
 import uuid
@@ -23,6 +25,7 @@ from enrollment import jsonlog
 from enrollment.errors import FleetgateError
 from enrollment.registry import AuditRecord
 from enrollment.service import EnrollmentService
+from enrollment.workers import ServiceThreads
 
 log = logging.getLogger("fleetgate.est")
 
@@ -70,10 +73,21 @@ def peer_address(request: web.Request) -> str:
 
 
 class ESTApp:
-    """The aiohttp application serving EST and the CRL."""
+    """The aiohttp application serving EST and the CRL.
 
-    def __init__(self, service: EnrollmentService, *, crl_path_getter: Callable[[], bytes]) -> None:
+    Every call into the service or the registry runs on ``threads``, never on the event loop,
+    which also runs the TLS handshakes.
+    """
+
+    def __init__(
+        self,
+        service: EnrollmentService,
+        *,
+        crl_path_getter: Callable[[], bytes],
+        threads: ServiceThreads,
+    ) -> None:
         self.service = service
+        self.threads = threads
         self.max_body = service.config.enrollment.max_body_bytes
         self._crl = crl_path_getter
         chain = [service.ca.anchors.issuing, service.ca.anchors.root]
@@ -114,12 +128,13 @@ class ESTApp:
         return _b64_response(CSR_ATTRS_DER, "application/csrattrs")
 
     async def crl(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._crl(), content_type="application/pkix-crl")
+        crl = await self.threads.run(self._crl)  # may re-sign it from the registry
+        return web.Response(body=crl, content_type="application/pkix-crl")
 
     async def ocsp_post(self, request: web.Request) -> web.Response:
         """RFC 6960 A.1: a DER OCSPRequest in the body."""
         body = await request.read()
-        return self._ocsp_response(body)
+        return await self._ocsp_response(body)
 
     async def ocsp_get(self, request: web.Request) -> web.Response:
         """RFC 6960 A.1: the base64 DER OCSPRequest, URL-encoded, as the last path segment."""
@@ -127,10 +142,10 @@ class ESTApp:
             der = base64.b64decode(unquote(request.match_info["request"]), validate=True)
         except (binascii.Error, ValueError):
             der = b""  # answered as malformedRequest
-        return self._ocsp_response(der)
+        return await self._ocsp_response(der)
 
-    def _ocsp_response(self, der: bytes) -> web.Response:
-        answer = self.service.ocsp_response(der)
+    async def _ocsp_response(self, der: bytes) -> web.Response:
+        answer = await self.threads.run(functools.partial(self.service.ocsp_response, der))
         return web.Response(body=answer, content_type="application/ocsp-response")
 
     async def simpleenroll(self, request: web.Request) -> web.Response:
@@ -174,35 +189,42 @@ class ESTApp:
         body = await self._read_body(request, action, rid)
         if isinstance(body, web.Response):
             return body
+        call = functools.partial(operation, peer_certificate(request), body, request_id=rid)
+        context = contextvars.copy_context()
+        outcome: T | FleetgateError
         try:
-            return operation(peer_certificate(request), body, request_id=rid)
+            outcome = await self.threads.run(call, context=context)
         except FleetgateError as exc:
-            log.warning("%s refused: %s", action, exc.message, extra={"code": exc.code})
-            return _error(exc.http_status, f"{exc.code}: {exc.message}")
+            outcome = exc
+        jsonlog.device_id.set(context.get(jsonlog.device_id))  # as the service named it
+        if isinstance(outcome, FleetgateError):
+            log.warning("%s refused: %s", action, outcome.message, extra={"code": outcome.code})
+            return _error(outcome.http_status, f"{outcome.code}: {outcome.message}")
+        return outcome
 
     async def _read_body(
         self, request: web.Request, action: str, rid: str | None
     ) -> bytes | web.Response:
         too_big = f"the request body exceeds {self.max_body} bytes; a P-256 CSR is under 1 KiB"
         if request.content_length is not None and request.content_length > self.max_body:
-            return self._refuse_body(request, action, rid, too_big)
+            return await self._refuse_body(request, action, rid, too_big)
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return self._refuse_body(request, action, rid, too_big)
+            return await self._refuse_body(request, action, rid, too_big)
 
-    def _refuse_body(
+    async def _refuse_body(
         self, request: web.Request, action: str, rid: str | None, message: str
     ) -> web.Response:
-        self.service.registry.audit(
-            AuditRecord(
-                f"peer:{peer_address(request)}",
-                action,
-                "refused",
-                None,
-                f"body_too_large: {message}",
-                rid,
-            )
+        """Audited before the client reads the refusal, as the service's refusals are."""
+        record = AuditRecord(
+            f"peer:{peer_address(request)}",
+            action,
+            "refused",
+            None,
+            f"body_too_large: {message}",
+            rid,
         )
+        await self.threads.run(functools.partial(self.service.registry.audit, record))
         log.warning("%s refused: %s", action, message)
         return _error(413, f"body_too_large: {message}")

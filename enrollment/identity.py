@@ -1,8 +1,11 @@
 """Who a verified peer certificate names, and whether it may act as that identity.
 
 The TLS layer has already checked the chain to the fleet CA; these pure checks add what TLS does
-not: the certificate's purpose (clientAuth EKU), its validity window (again, in case TLS
-verification was relaxed) and the identity encoded in its URI SAN.
+not: the certificate's purpose (an end-entity signing key for clientAuth), its validity window
+(again, in case TLS verification was relaxed) and the one identity encoded in its URI SAN. The
+fleet CA never issues anything else, so any other shape is refused here, before the registry is
+asked: the registry's serial check should not be the only thing between a malformed certificate
+and a session.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from enrollment.errors import InvalidDeviceId, NotAuthorised
-from enrollment.ids import DEVICE_URI_PREFIX, STATION_URI_PREFIX, id_from_uri
+from enrollment.ids import URI_PREFIXES, SubjectKind, id_from_uri
 
 
 @dataclass(frozen=True)
 class PeerIdentity:
     """The identity a client certificate proves."""
 
-    kind: str  # "device" or "station"
+    kind: SubjectKind
     id: str
     serial: int
     not_after: dt.datetime
@@ -50,32 +53,51 @@ def identify_client(cert: x509.Certificate, *, now: dt.datetime) -> PeerIdentity
 def named_identity(cert: x509.Certificate) -> PeerIdentity:
     """Who the certificate names and whether it is for client authentication: facts of the
     certificate alone, whatever the time (its validity is :meth:`PeerIdentity.check_validity`)."""
+    _check_purpose(cert)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    named: list[tuple[SubjectKind, str]] = []
+    for kind, prefix in URI_PREFIXES.items():
+        try:
+            named += [(kind, i) for i in (id_from_uri(u, prefix) for u in uris) if i is not None]
+        except InvalidDeviceId as exc:
+            raise NotAuthorised(
+                f"the client certificate names an invalid {kind}: {exc.message}"
+            ) from exc
+    if not named:
+        raise NotAuthorised("the client certificate names no fleetgate device or station (URI SAN)")
+    if len(named) > 1:
+        shown = ", ".join(f"{kind}:{i}" for kind, i in named)
+        raise NotAuthorised(
+            f"the client certificate names {len(named)} fleetgate identities ({shown}); "
+            "a fleetgate certificate names exactly one device or station"
+        )
+    kind, peer_id = named[0]
+    return PeerIdentity(
+        kind, peer_id, cert.serial_number, cert.not_valid_after_utc, cert.not_valid_before_utc
+    )
+
+
+def _check_purpose(cert: x509.Certificate) -> None:
+    """An end-entity certificate for a signing key, for client authentication."""
+    try:
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        basic = None
+    if basic is not None and basic.ca:
+        raise NotAuthorised("the client certificate is a CA certificate (CA:TRUE), not a device's")
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is None or not usage.digital_signature:
+        raise NotAuthorised("the client certificate lacks the digitalSignature key usage")
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         eku = None
     if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         raise NotAuthorised("the client certificate lacks the clientAuth extended key usage")
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    for kind, prefix in (("device", DEVICE_URI_PREFIX), ("station", STATION_URI_PREFIX)):
-        try:
-            ids = {i for i in (id_from_uri(u, prefix) for u in uris) if i is not None}
-        except InvalidDeviceId as exc:
-            raise NotAuthorised(
-                f"the client certificate names an invalid {kind}: {exc.message}"
-            ) from exc
-        if len(ids) > 1:
-            raise NotAuthorised(f"the client certificate names several {kind}s; it must name one")
-        if ids:
-            return PeerIdentity(
-                kind,
-                ids.pop(),
-                cert.serial_number,
-                cert.not_valid_after_utc,
-                cert.not_valid_before_utc,
-            )
-    raise NotAuthorised("the client certificate names no fleetgate device or station (URI SAN)")

@@ -8,12 +8,24 @@ Identities end up inside MQTT topic names (``devices/<id>/telemetry``), so an id
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 
 from enrollment.errors import InvalidDeviceId
+
+
+class SubjectKind(StrEnum):
+    """What a fleetgate certificate is for: a device or a production-line station (the two a
+    client certificate may name, in its URI SAN), or one of fleetgate's own servers."""
+
+    DEVICE = "device"
+    STATION = "station"
+    SERVER = "server"
+
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 DEVICE_URI_PREFIX = "urn:fleetgate:device:"
 STATION_URI_PREFIX = "urn:fleetgate:station:"
+URI_PREFIXES = {SubjectKind.DEVICE: DEVICE_URI_PREFIX, SubjectKind.STATION: STATION_URI_PREFIX}
 
 
 def validate_id(value: str, *, kind: str = "device") -> str:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import ssl
+import threading
 
 from aiohttp import web
 
+from enrollment.audit_writer import AuditWriter
 from enrollment.ca import (
     ServerCredentials,
     ca_paths,
@@ -25,6 +28,7 @@ from enrollment.lifecycle import run_until_signalled
 from enrollment.registry import AuditRecord, Registry
 from enrollment.service import EnrollmentService
 from enrollment.tls import serve_tls, server_context
+from enrollment.workers import ServiceThreads, service_threads
 
 log = logging.getLogger("fleetgate.server")
 
@@ -32,9 +36,18 @@ CERTIFICATE_CHECK_INTERVAL_S = 3600.0
 
 
 class EnrollmentServer:
-    """The EST endpoint bound to a data directory; ``start``/``stop`` for tests and the CLI."""
+    """The EST endpoint bound to a data directory; ``start``/``stop`` for tests and the CLI.
 
-    def __init__(self, config: Config, *, port: int | None = None) -> None:
+    The event loop runs TLS handshakes and HTTP only: service calls (CSR checks, signing,
+    registry round trips) run on ``threads``, and refused handshakes are audited through
+    ``audit``, a batched writer that commits on the same threads.
+    """
+
+    def __init__(
+        self, config: Config, *, port: int | None = None, threads: int | None = None
+    ) -> None:
+        """``threads`` overrides :func:`~enrollment.workers.service_threads`'s choice (tests
+        use it to make requests overlap on SQLite)."""
         self.config = config
         self.registry = Registry(config.database_url)
         try:
@@ -48,21 +61,28 @@ class EnrollmentServer:
             self.registry.close()
             raise
         self.service = EnrollmentService(ca, self.registry)
+        self.threads = ServiceThreads(threads or service_threads(self.registry))
+        self.audit = AuditWriter(self.registry, offload=self.threads.run)
         self.port = config.enrollment.port if port is None else port
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._auditor: asyncio.Task[None] | None = None
         self.certificate_check_interval_s = CERTIFICATE_CHECK_INTERVAL_S
+        self._crl_lock = threading.Lock()
 
     def _read_crl(self) -> bytes:
+        """The current CRL, re-signed first if it is stale. Runs on the service threads: the
+        lock keeps two of them from re-signing at once (both would write ``crl.der.tmp``)."""
         path = ca_paths(self.config).crl
-        if not path.exists() or needs_refresh(path.read_bytes(), now=self.service.clock()):
-            self.service.publish_crl()
-        return path.read_bytes()
+        with self._crl_lock:
+            if not path.exists() or needs_refresh(path.read_bytes(), now=self.service.clock()):
+                self.service.publish_crl()
+            return path.read_bytes()
 
     def _on_handshake_refused(self, peer: str, reason: str) -> None:
         log.warning("TLS handshake refused", extra={"peer": peer, "reason": reason})
-        self.registry.audit(AuditRecord(f"peer:{peer}", "tls.handshake", "refused", None, reason))
+        self.audit.submit(AuditRecord(f"peer:{peer}", "tls.handshake", "refused", None, reason))
 
     async def start(self) -> int:
         """Start listening; returns the bound port (useful with ``port=0``)."""
@@ -78,7 +98,8 @@ class EnrollmentServer:
             client_ca=paths.chain,
             client_cert="optional",  # cacerts and csrattrs are public (RFC 7030 section 3.2.3)
         )
-        app = ESTApp(self.service, crl_path_getter=self._read_crl).build()
+        self._auditor = asyncio.create_task(self.audit.run())
+        app = ESTApp(self.service, crl_path_getter=self._read_crl, threads=self.threads).build()
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         factory = self._runner.server
@@ -106,10 +127,11 @@ class EnrollmentServer:
         for longer than the renewal margin would otherwise serve an expiring certificate."""
         while True:
             await asyncio.sleep(self.certificate_check_interval_s)
+            renew = functools.partial(
+                renew_server_certificate_if_due, self.config, credentials, ca=self.service.ca
+            )
             try:
-                renewed = renew_server_certificate_if_due(
-                    self.config, credentials, ca=self.service.ca
-                )
+                renewed = await self.threads.run(renew)
             except (OSError, FleetgateError) as exc:
                 log.error("server certificate renewal failed: %s", exc)
                 continue
@@ -118,14 +140,26 @@ class EnrollmentServer:
                 log.info("server certificate renewed", extra={"names": list(credentials.names)})
 
     async def stop(self) -> None:
+        """Stop listening, finish the requests in progress, store the queued audit, close."""
         if self._renewer is not None:
             self._renewer.cancel()
         if self._server is not None:
             self._server.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._auditor is not None:
+            self._auditor.cancel()
+            await asyncio.gather(self._auditor, return_exceptions=True)
+        await self.audit.flush()
+        self.threads.shutdown()
         timings = {k: round(v, 6) for k, v in self.service.timer.seconds.items()}
-        log.info("enrollment service stopped", extra={"stage_seconds": json.dumps(timings)})
+        log.info(
+            "enrollment service stopped",
+            extra={
+                "stage_seconds": json.dumps(timings),
+                "peak_service_calls": self.threads.peak_in_flight,
+            },
+        )
         self.registry.close()
 
 

@@ -13,10 +13,12 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -69,10 +71,15 @@ _CREDENTIAL_HINTS = {
 
 
 class StageTimer:
-    """Wall-clock seconds spent per stage; the enrollment benchmark reports the split."""
+    """Wall-clock seconds spent per stage; the enrollment benchmark reports the split.
+
+    Stages run on several threads at once (the EST server's pool), hence the lock: ``+=`` on a
+    dict entry is a read and a write that another thread can come between.
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -80,7 +87,23 @@ class StageTimer:
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                self.seconds[name] += elapsed
+
+
+@dataclass
+class Refusable:
+    """Who a request acts as and on which device, as far as it has been verified so far: what
+    :meth:`EnrollmentService.audited` records if the request is refused."""
+
+    actor: str = "anonymous"
+    subject: str | None = None
+
+    def about(self, subject: str | None) -> None:
+        """The request is about device ``subject``: its refusal, and the log lines, say so."""
+        self.subject = subject
+        jsonlog.device_id.set(subject)
 
 
 class EnrollmentService:
@@ -105,16 +128,13 @@ class EnrollmentService:
         self, station_cert: x509.Certificate | None, body: bytes, *, request_id: str | None = None
     ) -> x509.Certificate:
         """simpleenroll: a station asks for a device's first certificate."""
-        actor = "anonymous"
-        subject = None
-        try:
+        with self.audited("enroll", request_id) as refusable:
             peer = self._identify(station_cert, expected_kind="station")
-            actor = peer.actor  # refusals below are audited under the verified identity
+            refusable.actor = peer.actor  # refusals below are audited under the verified identity
             station = self._admit(peer, expected_kind="station")
             with self.timer.stage("csr"):
                 checked = check_device_csr(decode_est_body(body))
-            subject = checked.device_id
-            jsonlog.device_id.set(subject)
+            refusable.about(checked.device_id)
             with self.timer.stage("db"):
                 target = self.registry.check_may_enroll(station.id, checked.device_id)
             check_protection(
@@ -126,26 +146,25 @@ class EnrollmentService:
             with self.timer.stage("sign"):
                 cert = self._issue_device(checked.device_id, checked.public_key)
             audit = AuditRecord(
-                actor, "enroll", "ok", subject, f"serial {cert.serial_number:x}", request_id
+                peer.actor,
+                "enroll",
+                "ok",
+                checked.device_id,
+                f"serial {cert.serial_number:x}",
+                request_id,
             )
             with self.timer.stage("db"):
                 self.registry.record_enrollment(station.id, checked.device_id, cert, audit)
             return cert
-        except FleetgateError as exc:
-            self._audit_refusal(actor, "enroll", subject, exc, request_id)
-            raise
 
     def reenroll(
         self, device_cert: x509.Certificate | None, body: bytes, *, request_id: str | None = None
     ) -> x509.Certificate:
         """simplereenroll: a device renews with its current certificate; a new key is allowed."""
-        actor = "anonymous"
-        subject = None
-        try:
+        with self.audited("reenroll", request_id) as refusable:
             peer = self._identify(device_cert, expected_kind="device")
-            actor = peer.actor  # refusals below are audited under the verified identity
-            subject = peer.id if peer.kind == "device" else None
-            jsonlog.device_id.set(subject)
+            refusable.actor = peer.actor  # refusals below are audited under the verified identity
+            refusable.about(peer.id if peer.kind == "device" else None)
             device = self._admit(peer, expected_kind="device")
             checked = check_device_csr(decode_est_body(body))
             if checked.device_id != device.id:
@@ -157,13 +176,15 @@ class EnrollmentService:
             protection = self._renewal_protection(device.id, device_cert, checked)
             cert = self._issue_device(device.id, checked.public_key, protection)
             audit = AuditRecord(
-                actor, "reenroll", "ok", subject, f"serial {cert.serial_number:x}", request_id
+                peer.actor,
+                "reenroll",
+                "ok",
+                device.id,
+                f"serial {cert.serial_number:x}",
+                request_id,
             )
             self.registry.record_reenrollment(device.id, device.serial, cert, audit)
             return cert
-        except FleetgateError as exc:
-            self._audit_refusal(actor, "reenroll", subject, exc, request_id)
-            raise
 
     def _renewal_protection(
         self, device_id: str, current: x509.Certificate, checked: CheckedCSR
@@ -201,13 +222,12 @@ class EnrollmentService:
         """
         from enrollment.attestation import tpm  # tpm2-pytss is needed only on this path
 
-        actor, subject = "anonymous", None
-        try:
+        with self.audited("tpm.challenge", request_id) as refusable:
             peer = self._identify(client_cert, expected_kind="station or device")
-            actor = peer.actor
+            refusable.actor = peer.actor
             request = TpmChallengeRequest.parse(body)
             subject = validate_id(request.device_id)
-            jsonlog.device_id.set(subject)
+            refusable.about(subject)
             group, required, binding = self._attesting_target(peer, subject)
             check_protection(
                 device_id=subject, group=group, required=required, proven=KeyProtection.TPM
@@ -226,7 +246,7 @@ class EnrollmentService:
             self.registry.add_challenge(
                 AttestationChallenge(
                     id=challenge_id,
-                    actor=actor,
+                    actor=peer.actor,
                     device_id=subject,
                     ak_public=base64.b64encode(request.ak_public).decode(),
                     nonce=challenge.nonce.hex(),
@@ -236,7 +256,7 @@ class EnrollmentService:
                     expires_at=expires_at,
                 ),
                 AuditRecord(
-                    actor,
+                    peer.actor,
                     "tpm.challenge",
                     "ok",
                     subject,
@@ -251,9 +271,6 @@ class EnrollmentService:
                 "encrypted_secret": _b64(challenge.encrypted_secret),
                 "expires_at": expires_at.isoformat(),
             }
-        except FleetgateError as exc:
-            self._audit_refusal(actor, "tpm.challenge", subject, exc, request_id)
-            raise
 
     def enroll_tpm(
         self, client_cert: x509.Certificate | None, body: bytes, *, request_id: str | None = None
@@ -261,16 +278,15 @@ class EnrollmentService:
         """Step 2 of TPM enrollment: check the answer to the challenge, then issue."""
         from enrollment.attestation import tpm
 
-        actor, subject = "anonymous", None
-        try:
+        with self.audited("tpm.enroll", request_id) as refusable:
             peer = self._identify(client_cert, expected_kind="station or device")
-            actor = peer.actor
+            refusable.actor = peer.actor
             request = TpmEnrollRequest.parse(body)
             challenge = self.registry.consume_challenge(
-                request.challenge_id, actor=actor, now=self.clock()
+                request.challenge_id, actor=peer.actor, now=self.clock()
             )
             subject = challenge.device_id
-            jsonlog.device_id.set(subject)
+            refusable.about(subject)
             answer = hashlib.sha256(request.activated_secret).hexdigest()
             if not hmac.compare_digest(answer, challenge.secret_sha256):
                 raise AttestationRefused(
@@ -293,9 +309,6 @@ class EnrollmentService:
                 challenge.ek_summary,
             )
             return self._issue_attested(peer, subject, attested, "tpm.enroll", request_id)
-        except FleetgateError as exc:
-            self._audit_refusal(actor, "tpm.enroll", subject, exc, request_id)
-            raise
 
     def enroll_piv(
         self, client_cert: x509.Certificate | None, body: bytes, *, request_id: str | None = None
@@ -303,14 +316,13 @@ class EnrollmentService:
         """Smartcard enrollment: the card's attestation must vouch for the CSR's key."""
         from enrollment.attestation.piv import verify_piv_attestation
 
-        actor, subject = "anonymous", None
-        try:
+        with self.audited("piv.enroll", request_id) as refusable:
             peer = self._identify(client_cert, expected_kind="station or device")
-            actor = peer.actor
+            refusable.actor = peer.actor
             request = PivEnrollRequest.parse(body)
             checked = check_device_csr(request.csr)
             subject = checked.device_id
-            jsonlog.device_id.set(subject)
+            refusable.about(subject)
             attested = verify_piv_attestation(
                 attestation_certificate=request.attestation_certificate,
                 attestation_intermediate=request.attestation_intermediate,
@@ -319,9 +331,6 @@ class EnrollmentService:
                 now=self.clock(),
             )
             return self._issue_attested(peer, subject, attested, "piv.enroll", request_id)
-        except FleetgateError as exc:
-            self._audit_refusal(actor, "piv.enroll", subject, exc, request_id)
-            raise
 
     def _attesting_target(self, peer: PeerIdentity, device_id: str) -> tuple[str, str, str | None]:
         """(group, required protection, hardware binding) if ``peer`` may attest ``device_id``.
@@ -428,18 +437,32 @@ class EnrollmentService:
             policies=(policy,) if policy is not None else (),
         )
 
-    def _audit_refusal(
+    @contextmanager
+    def audited(
         self,
-        actor: str,
         action: str,
-        subject: str | None,
-        exc: FleetgateError,
-        request_id: str | None,
-    ) -> None:
-        self.registry.audit(
-            AuditRecord(actor, action, "refused", subject, f"{exc.code}: {exc.message}", request_id)
-        )
-        exc.audited = True
+        request_id: str | None = None,
+        *,
+        actor: str = "anonymous",
+        subject: str | None = None,
+    ) -> Iterator[Refusable]:
+        """Audit a refusal (a :class:`FleetgateError`) of ``action`` and re-raise it.
+
+        The block fills in the :class:`Refusable` as it verifies who acts on what. The entry is
+        written in its own transaction: the refused one has rolled back by the time it arrives.
+        """
+        refusable = Refusable(actor, subject)
+        try:
+            yield refusable
+        except FleetgateError as exc:
+            reason = f"{exc.code}: {exc.message}"
+            self.registry.audit(
+                AuditRecord(
+                    refusable.actor, action, "refused", refusable.subject, reason, request_id
+                )
+            )
+            exc.audited = True
+            raise
 
     # -- administration --------------------------------------------------------------------
 
@@ -472,13 +495,10 @@ class EnrollmentService:
         """Suspend, reinstate or revoke a device and publish the CRL that reflects it."""
         if target == DeviceState.REVOKED:
             parse_reason(reason)
-        try:
+        with self.audited(DEVICE_ACTIONS[target], actor=actor, subject=device_id):
             device = self.registry.change_device_state(
                 device_id, target, reason=reason, actor=actor
             )
-        except FleetgateError as exc:
-            self._audit_refusal(actor, DEVICE_ACTIONS[target], device_id, exc, None)
-            raise
         return device, self.publish_crl()
 
     def ocsp_response(self, request_der: bytes) -> bytes:

@@ -30,7 +30,8 @@ from typing import Any
 
 from cryptography import x509
 
-from device_sdk.client import Backoff, DeviceClient, Message
+from device_sdk.backoff import Backoff
+from device_sdk.client import DeviceClient, Message
 from device_sdk.errors import AckTimeout, DeviceSdkError, PublishRefused
 from device_sdk.piv import CardAbsent, PivCard
 from device_sdk.piv_provisioning import enroll_smartcard

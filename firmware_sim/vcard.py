@@ -20,13 +20,13 @@ process gets that directory on its ``PYTHONPATH`` (found with ``dpkg -L``), noth
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +36,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from device_sdk.debian import MissingPackageFile, package_file
+from device_sdk.hazmat import libc
 
 APPLET = Path(__file__).resolve().parent / "piv_applet.py"
 VPCD_PORT = 30000  # inside pcscd's own network namespace; below the ephemeral range anyway
 DEFAULT_PIN = "123456"
-_PR_SET_PDEATHSIG = 1
 
 
 class VirtualCardError(RuntimeError):
@@ -222,7 +222,7 @@ class PcscDaemon:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent(),
             )
         deadline = time.monotonic() + timeout
         while not self.socket_path.exists():
@@ -284,7 +284,7 @@ class VirtualCard:
                 stderr=log,
                 stdin=subprocess.DEVNULL,
                 env=_applet_env(),
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent(),
             )
         self._process = process
         assert process.stdout is not None
@@ -306,12 +306,17 @@ class VirtualCard:
                 process.stdout.close()
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the starting thread dies, so a crashed test run
-    leaves no pcscd or applet behind (the setting survives unshare's, nsenter's and sh's exec)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+def _die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn``: SIGTERM when the starting thread dies, so a crashed test run leaves no
+    pcscd or applet behind (the setting survives unshare's, nsenter's and sh's exec). ``prctl``
+    is bound here, in the parent, so the child after fork only calls it."""
+    prctl = libc.process().prctl
+
+    def in_child() -> None:
+        if prctl(libc.PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(libc.last_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+    return in_child
 
 
 def _applet_env() -> dict[str, str]:

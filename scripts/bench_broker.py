@@ -110,6 +110,7 @@ from enrollment.ca import ensure_server_certificate, init_ca, load_ca
 from enrollment.config import PASSPHRASE_ENV, Config, load_config
 from enrollment.keyfiles import write_secret
 from enrollment.registry import DeviceState, Registry
+from enrollment.registry.schema import upgrade
 from enrollment.service import EnrollmentService
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,6 +213,7 @@ def provision(tmp: Path, args: argparse.Namespace) -> Fleet:
     os.environ[PASSPHRASE_ENV] = PASSPHRASE  # this process only: the CA is unlocked in-process
     config = load_config(home, environ={})
     init_ca(config)
+    upgrade(config.database_url)  # what `fleetgate ca init` does for a new data directory
     registry = Registry(config.database_url)
     service = EnrollmentService(load_ca(config), registry)
     _, station_cert = service.add_station(STATION, actor="bench")

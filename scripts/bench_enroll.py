@@ -61,8 +61,9 @@ SERVER_NAME = "localhost"  # in the server certificate's SAN (enrollment.server_
 # The server process. ``fleetgate serve enrollment`` with one change: the fleetgate.server logger
 # stays at INFO while everything else follows FLEETGATE_LOG_LEVEL (WARNING here), so the
 # "enrollment service stopped" line carrying stage_seconds is still written, without paying
-# for a JSON log line per enrollment. Optionally under cProfile (main thread only; the server
-# is single-threaded), dumped when the server exits on SIGTERM.
+# for a JSON log line per enrollment. Optionally under cProfile, dumped when the server exits on
+# SIGTERM: the event loop's thread and, merged into the same statistics, the service threads
+# (each thread has its own profiler; the server joins its threads before it returns).
 SERVER_BOOT = """\
 import logging, sys
 logging.getLogger("fleetgate.server").setLevel(logging.INFO)
@@ -72,7 +73,18 @@ profile_out = {profile_out!r}
 if not profile_out:
     main()
 else:
-    import cProfile
+    import cProfile, pstats, threading
+    thread_profilers = []
+    unprofiled_run = threading.Thread.run
+    def profiled_run(self):
+        profiler = cProfile.Profile()
+        thread_profilers.append(profiler)
+        profiler.enable()
+        try:
+            unprofiled_run(self)
+        finally:
+            profiler.disable()
+    threading.Thread.run = profiled_run
     profiler = cProfile.Profile()
     profiler.enable()
     try:
@@ -81,7 +93,10 @@ else:
         pass
     finally:
         profiler.disable()
-        profiler.dump_stats(profile_out)
+        stats = pstats.Stats(profiler)
+        for other in thread_profilers:
+            stats.add(other)
+        stats.dump_stats(profile_out)
 """
 
 

@@ -204,19 +204,24 @@ def metric(metrics_port: int, name: str, labels: str = "") -> float:
     raise AssertionError(f"no sample {wanted} in /metrics")
 
 
-def upstream_mosquitto(fleet: Fleet, directory: Path) -> Mosquitto:
+def upstream_mosquitto(fleet: Fleet, directory: Path, *, save_often: bool = True) -> Mosquitto:
     """Mosquitto with the fleet's server certificate and ``require_certificate true``.
 
     ``max_queued_messages 0``: Mosquitto's default (1,000 per client) would drop messages for
     the test's subscriber while the bridge catches up after an outage, and that loss would be
-    Mosquitto's, not the bridge's.
+    Mosquitto's, not the bridge's. ``save_often=False`` for a Mosquitto that is never restarted:
+    saving its persistence file after every change makes it take a few hundred messages a
+    second once thousands wait for a persistent subscriber.
     """
+    extra = ("max_queued_messages 0",)
+    if not save_often:
+        extra += ("autosave_on_changes false", "autosave_interval 3600")
     return Mosquitto(
         directory,
         cafile=fleet.chain,
         certfile=fleet.config.ca_dir / "server.crt",
         keyfile=fleet.config.ca_dir / "server.key",
-        extra=("max_queued_messages 0",),
+        extra=extra,
     )
 
 
@@ -366,6 +371,86 @@ class Publisher:
                 return
             if interval:
                 time.sleep(interval)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class BacklogPublisher:
+    """A device with thousands of QoS 1 messages in flight at once, as paho sends them when
+    nothing limits its window (``max_inflight_messages 0``): on every reconnect paho resends
+    all that are unacknowledged. paho reconnects by itself; :meth:`republish_refused` (MQTT 5)
+    publishes again what the broker refused with a reason code, as an application would.
+    ``acked`` holds the payloads acknowledged with success."""
+
+    def __init__(self, port: int, root: Path, creds: Creds, *, version: int) -> None:
+        self.creds = creds
+        self.acked: set[bytes] = set()
+        self.acks = 0  # success PUBACKs (paho reports each message's once)
+        self.refusals = 0
+        self.connects = 0
+        self._pending: dict[int, bytes] = {}
+        self._early: dict[int, int] = {}
+        self._refused: list[bytes] = []
+        self._lock = threading.Lock()
+        self._first = threading.Event()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=creds.device_id, protocol=version
+        )
+        self.client.tls_set_context(client_context(root, creds))
+        self.client.max_inflight_messages_set(0)
+        self.client.reconnect_delay_set(0.2, 1)
+        self.client.on_connect = self._on_connect
+        self.client.on_publish = self._on_publish
+        self.client.connect("localhost", port, keepalive=60)
+        self.client.loop_start()
+        if not self._first.wait(10):
+            raise AssertionError(f"{creds.device_id} did not connect")
+
+    @property
+    def topic(self) -> str:
+        return f"devices/{self.creds.device_id}/telemetry"
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not reason.is_failure:
+            with self._lock:
+                self.connects += 1
+            self._first.set()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        with self._lock:
+            payload = self._pending.pop(mid, None)
+            if payload is None:  # acknowledged before publish_all recorded its mid
+                self._early[mid] = _code(reason)
+            else:
+                self._settle(payload, _code(reason))
+
+    def _settle(self, payload: bytes, code: int) -> None:
+        if code == 0:
+            self.acks += 1
+            self.acked.add(payload)
+        else:
+            self.refusals += 1
+            self._refused.append(payload)
+
+    def publish_all(self, payloads: list[bytes]) -> None:
+        for payload in payloads:
+            # not under the lock: paho holds its own while it calls on_publish, which takes it
+            mid = self.client.publish(self.topic, payload, qos=1).mid
+            with self._lock:
+                code = self._early.pop(mid, None)
+                if code is None:
+                    self._pending[mid] = payload
+                else:
+                    self._settle(payload, code)
+
+    def republish_refused(self) -> int:
+        """Publish again what was refused since the last call; how many."""
+        with self._lock:
+            refused, self._refused = self._refused, []
+        self.publish_all(refused)
+        return len(refused)
 
     def close(self) -> None:
         self.client.disconnect()

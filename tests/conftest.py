@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from registry_helpers import new_registry
 
 from device_sdk.est import EstClient, client_context
 from enrollment.ca import init_ca, load_ca
@@ -61,19 +62,23 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="session")
 def _ca_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One CA made per session (its scrypt-stretched keys take ~0.1 s each to write)."""
+    """One CA and one empty registry made per session (scrypt-stretched keys take ~0.1 s each
+    to write, the schema's upgrade ~0.05 s); ``config`` copies them."""
     template = tmp_path_factory.mktemp("ca-template") / "fleet-data"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLEETGATE_CA_PASSPHRASE", PASSPHRASE)
-        init_ca(load_config(template, environ={}))
+        cfg = load_config(template, environ={})
+        init_ca(cfg)
+        new_registry(cfg.database_url).close()
     return template / "ca"
 
 
 @pytest.fixture
 def config(home: Path, _ca_template: Path) -> Config:
-    """A data directory with an initialised CA (a copy of the session's CA)."""
+    """A data directory with an initialised CA and registry (copies of the session's)."""
     cfg = load_config(home)
     shutil.copytree(_ca_template, cfg.ca_dir)
+    shutil.copy2(_ca_template.parent / "registry.db", cfg.home / "registry.db")
     return cfg
 
 
@@ -123,8 +128,8 @@ def fleet(config: Config) -> Iterator[Fleet]:
 class RunningServer:
     """An :class:`EnrollmentServer` on its own loop in a thread, on an ephemeral loopback port."""
 
-    def __init__(self, config: Config) -> None:
-        self._server = EnrollmentServer(config, port=0)
+    def __init__(self, config: Config, *, threads: int | None = None) -> None:
+        self._server = EnrollmentServer(config, port=0, threads=threads)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -146,6 +151,11 @@ class RunningServer:
         asyncio.run_coroutine_threadsafe(self._server.stop(), self._loop).result(15)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(15)
+
+    @property
+    def server(self) -> EnrollmentServer:
+        """The server itself: its service and the gauges of its thread pool."""
+        return self._server
 
     @property
     def url(self) -> str:

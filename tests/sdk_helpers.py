@@ -11,6 +11,7 @@ registers them under their ``name=``.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -25,8 +26,11 @@ import pytest
 from broker_helpers import free_port
 from conftest import Fleet, RunningServer
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sdk import Backoff, DeviceClient, FileKeyStore, Message
+from enrollment import profiles
+from enrollment.keyfiles import write_certificates, write_private_key
 
 MASK_AES_NI = "~0x200000200000000:~0x0"  # AES-NI and PCLMUL off, nothing else (NOTES §5)
 REPO = Path(__file__).resolve().parent.parent
@@ -83,13 +87,14 @@ class Mosquitto:
 
     def start(self) -> Mosquitto:
         assert self._process is None
+        earlier = len(self.log_text())  # a restart appends to the log of the earlier run
         self._process = subprocess.Popen(
             ["mosquitto", "-c", str(self.config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 10
-        while "listen socket on port" not in self.log_text():
+        while "listen socket on port" not in self.log_text()[earlier:]:
             if self._process.poll() is not None:
                 _, err = self._process.communicate()
                 raise RuntimeError(f"mosquitto exited: {err.decode()} {self.log_text()}")
@@ -104,6 +109,7 @@ class Mosquitto:
         if process is None:
             return
         os.kill(process.pid, signal.SIGTERM)
+        os.kill(process.pid, signal.SIGCONT)  # a frozen broker handles the SIGTERM at once
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
@@ -111,6 +117,16 @@ class Mosquitto:
             process.wait(10)
         if process.stderr is not None:
             process.stderr.close()
+
+    def freeze(self) -> None:
+        """SIGSTOP: the broker keeps its connections open but answers nothing, as a hung host."""
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT after :meth:`freeze`."""
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: the broker dies at once, as on a crash or power loss."""
@@ -137,6 +153,43 @@ def broker_fixture(fleet: Fleet, tmp_path: Path) -> Iterator[Mosquitto]:
     ).start()
     yield server
     server.stop()
+
+
+def impostor_server_cert(fleet: Fleet, directory: Path, case: str) -> tuple[Path, Path]:
+    """A broker certificate the device must refuse: foreign CA, or the fleet CA's for elsewhere."""
+    now = dt.datetime.now(dt.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    if case == "foreign CA":
+        root_key = ec.generate_private_key(ec.SECP256R1())
+        root = profiles.build_certificate(
+            profiles.ROOT,
+            subject=profiles.Subject(common_name="impostor root"),
+            public_key=root_key.public_key(),
+            issuer=profiles.Issuer(key=root_key, certificate=None),
+            validity=dt.timedelta(days=1),
+            now=now,
+        )
+        chain = [
+            profiles.build_certificate(
+                profiles.SERVER,
+                subject=profiles.server_subject(["localhost", "127.0.0.1"]),
+                public_key=key.public_key(),
+                issuer=profiles.Issuer(key=root_key, certificate=root),
+                validity=dt.timedelta(days=1),
+                now=now,
+            )
+        ]
+    else:
+        cert = fleet.service.ca.issue(
+            profiles.SERVER,
+            profiles.server_subject(["broker.elsewhere.test"]),
+            key.public_key(),
+            dt.timedelta(days=1),
+        )
+        chain = [cert, fleet.service.ca.anchors.issuing]
+    write_private_key(directory / "impostor.key", key)
+    write_certificates(directory / "impostor.crt", chain)
+    return directory / "impostor.crt", directory / "impostor.key"
 
 
 class Devices:

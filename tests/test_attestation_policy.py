@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from registry_helpers import new_registry
 from typer.testing import CliRunner
 
 from device_sdk.est import EstError, device_csr
@@ -246,7 +247,7 @@ def test_a_device_id_stays_bound_to_its_first_hardware(fleet):
     assert fleet.registry.certificate(new_cert.serial_number) is None
 
 
-def test_an_older_registry_gains_the_new_columns(tmp_path):
+def test_an_older_registry_gains_the_new_columns_on_upgrade(tmp_path):
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:
         db.execute(
@@ -258,7 +259,7 @@ def test_an_older_registry_gains_the_new_columns(tmp_path):
             "INSERT INTO device VALUES ('old-1', 'default', 'ACTIVE', NULL, '2026-01-01',"
             " '2026-01-01')"
         )
-    registry = Registry(f"sqlite:///{path}")
+    registry = new_registry(f"sqlite:///{path}")  # what `fleetgate db upgrade` does
     try:
         device = registry.device("old-1")
         assert (device.key_protection, device.hardware_binding) == ("software", None)

@@ -26,6 +26,7 @@ from broker_helpers import enroll, wait_for
 from typer.testing import CliRunner
 
 from broker.bridge import ORIGIN_PROPERTY
+from broker.bridge.status import FULL_QUIET_S
 from enrollment.cli import app
 
 
@@ -201,7 +202,11 @@ def test_a_full_queue_refuses_with_0x97_or_an_unacknowledged_close_and_drops_not
         wait_for(lambda: len(up.payloads(remote)) >= 20, timeout=30, what="the queued messages")
         assert in_order_without_gaps(v5.acked, up.payloads(remote))
         assert b"v3-refused" not in up.payloads()
-        wait_for(lambda: not one_bridge(broker.status(), "central")["queue_full"], what="room")
+        wait_for(  # the alarm ends once nothing was refused for FULL_QUIET_S
+            lambda: not one_bridge(broker.status(), "central")["queue_full"],
+            timeout=FULL_QUIET_S + 20,
+            what="room",
+        )
         assert v5.publish(b"after") == 0
     finally:
         v5.close()

@@ -3,7 +3,11 @@ order, the SQLite store, the upstream session's bytes, and the connection's held
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import random
+import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import pytest
 
 from broker.acl import AclTemplate
 from broker.admission import Admitted, Identity
+from broker.bridge.link import BridgeLink, cause
 from broker.bridge.plan import plan_bridge
 from broker.bridge.protocol import (
     Accepted,
@@ -21,15 +26,15 @@ from broker.bridge.protocol import (
     UpstreamSession,
 )
 from broker.bridge.queue import OutQueue, Queued
+from broker.bridge.status import FULL_QUIET_S, BridgeCounters, FullAlarm, LinkState
 from broker.bridge.store import Acked, NewMessage, QueueStore
 from broker.bridge.topics import (
     InvalidBridgeRule,
     compile_rule,
-    filters_overlap,
     first_remap,
     remap,
 )
-from broker.connection import AdmissionRequest, Connection
+from broker.connection import LINGER_MAX_S, LINGER_QUIET_S, AdmissionRequest, Connection
 from broker.core import BrokerCore, CoreSettings, GateVerdict
 from broker.metrics import Metrics
 from broker.mqtt import (
@@ -37,7 +42,10 @@ from broker.mqtt import (
     ConnAck,
     Connect,
     Decoder,
+    Disconnect,
     Packet,
+    PingReq,
+    PingResp,
     Properties,
     ProtocolError,
     ProtocolLevel,
@@ -49,6 +57,7 @@ from broker.mqtt import (
     encode,
 )
 from broker.mqtt.properties import encode_properties
+from broker.mqtt.topics import filters_overlap
 from broker.routing import Message
 from enrollment.config import CONFIG_FILE, load_config
 from enrollment.errors import ConfigError
@@ -244,6 +253,93 @@ def test_bridge_settings_the_broker_cannot_run_are_refused_at_start(tmp_path, ch
         plan_bridge(config, dataclasses.replace(config.bridges[0], **change))
 
 
+# -- the link's reasons --------------------------------------------------------------------------
+
+
+class QuietOwner:
+    """A :class:`broker.bridge.link.LinkOwner` that takes nothing and says nothing."""
+
+    async def connected(self, name: str) -> None:
+        return None
+
+    def inbound(self, name: str, publish: Publish) -> None: ...
+
+    def acked(self, name: str, items: list[Queued]) -> None: ...
+
+    def sent(self, name: str, seq: int) -> None: ...
+
+    def disconnected(self, name: str) -> None: ...
+
+    def want_more(self, name: str) -> None: ...
+
+
+def first_link_error(tmp_path: Path, port: int) -> str:
+    """Run a link to 127.0.0.1:``port`` (connect timeout 0.3 s) until its first failure."""
+    home = write_config(tmp_path, BRIDGE_TOML.format(protocol="5", inbound="sites/x/cmd/+"))
+    settings = dataclasses.replace(
+        load_config(home, environ={}).bridges[0], host="127.0.0.1", port=port, connect_timeout_s=0.3
+    )
+    plan = plan_bridge(load_config(home, environ={}), settings)
+    state = LinkState()
+
+    async def run() -> str:
+        link = BridgeLink(
+            plan,
+            OutQueue(max_messages=10, max_bytes=1000),
+            BridgeCounters(),
+            state,
+            QuietOwner(),
+            context=ssl.create_default_context,
+            client_id=lambda: "c",
+        )
+        task = asyncio.create_task(link.run())
+        try:
+            while not state.last_error:
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+        return state.last_error
+
+    return asyncio.run(asyncio.wait_for(run(), 10))
+
+
+def test_a_link_that_times_out_says_after_how_long(tmp_path):
+    """Issue 11: reported as ``cannot reach 127.0.0.1:28883: `` with nothing after it."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts TCP, never answers TLS
+        error = first_link_error(tmp_path, silent.getsockname()[1])
+    assert error.endswith(": timed out after 0.3 s"), error
+
+
+def test_a_link_refused_at_tcp_says_why(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    error = first_link_error(tmp_path, port)
+    assert error.startswith(f"cannot reach 127.0.0.1:{port}: ") and "Errno 111" in error, error
+
+
+def test_an_exception_without_a_message_is_named_by_its_type():
+    assert cause(ConnectionResetError()) == "ConnectionResetError"
+    assert cause(OSError(104, "Connection reset by peer")) == "[Errno 104] Connection reset by peer"
+
+
+# -- the full-queue alarm -------------------------------------------------------------------------
+
+
+def test_a_queue_that_keeps_touching_its_bound_is_one_full_episode():
+    """Issue 11: "queue FULL" was logged 274 times in one outage, as devices resending on
+    reconnect refilled the queue each time the upstream took a little."""
+    alarm = FullAlarm()
+    assert alarm.refusal(100.0)  # starts the episode: logged
+    assert not alarm.settle(101.0, room=True)  # room again, but refusals are recent
+    assert not any(alarm.refusal(100.0 + t) for t in range(2, 60, 3))  # refills: not logged
+    assert not alarm.settle(100.0 + 59 + FULL_QUIET_S, room=False)  # quiet, but still full
+    assert alarm.raised
+    assert alarm.settle(100.0 + 59 + FULL_QUIET_S, room=True)  # the end: logged once
+    assert not alarm.raised and alarm.refused == 21
+    assert not alarm.settle(500.0, room=True)
+    assert alarm.refusal(500.0) and alarm.refused == 1  # a new episode
+
+
 # -- the queue: bounds, order, window -------------------------------------------------------------
 
 
@@ -253,23 +349,23 @@ def item(seq: int, size: int = 10, topic: str = "t") -> Queued:
 
 def test_the_queue_refuses_beyond_its_message_and_byte_bounds_and_frees_room_on_ack():
     queue = OutQueue(max_messages=3, max_bytes=25)
-    assert queue.reserve(10) and queue.reserve(10)
-    assert not queue.reserve(10)  # 30 bytes > 25
-    assert queue.reserve(5)
-    assert not queue.reserve(1)  # 3 messages
+    assert queue.reserve(10, 1000.0) and queue.reserve(10, 1000.0)
+    assert not queue.reserve(10, 1000.0)  # 30 bytes > 25
+    assert queue.reserve(5, 1000.0)
+    assert not queue.reserve(1, 1000.0)  # 3 messages
     for seq in (1, 2, 3):
         queue.stored(item(seq, 10 if seq < 3 else 5))
     sent = queue.take(10)
     assert [i.seq for i in sent] == [1, 2, 3]
     assert queue.acked(sent[0].packet_id) is sent[0]
     assert (queue.messages, queue.bytes) == (2, 15)
-    assert queue.reserve(10)
+    assert queue.reserve(10, 1000.0)
 
 
 def test_acked_many_is_acked_for_each_id_and_skips_ids_not_in_flight():
     queue = OutQueue(max_messages=10, max_bytes=1_000)
     for seq in (1, 2, 3):
-        queue.reserve(10)
+        queue.reserve(10, 1000.0)
         queue.stored(item(seq))
     sent = queue.take(10)
     done = queue.acked_many([sent[2].packet_id, 999, sent[0].packet_id, sent[0].packet_id])
@@ -281,7 +377,7 @@ def test_acked_many_is_acked_for_each_id_and_skips_ids_not_in_flight():
 def test_unacknowledged_messages_go_first_again_in_order_after_a_lost_connection():
     queue = OutQueue(max_messages=100, max_bytes=10_000)
     for seq in range(1, 7):
-        queue.reserve(10)
+        queue.reserve(10, 1000.0)
         queue.stored(item(seq))
     first = queue.take(4)
     queue.acked(first[1].packet_id)
@@ -293,7 +389,7 @@ def test_unacknowledged_messages_go_first_again_in_order_after_a_lost_connection
 def test_the_window_never_reuses_a_packet_id_still_in_flight():
     queue = OutQueue(max_messages=100, max_bytes=10_000)
     for seq in (1, 1 + 0xFFFF):  # same packet id
-        queue.reserve(10)
+        queue.reserve(10, 1000.0)
         queue.stored(item(seq))
     assert [i.seq for i in queue.take(10)] == [1]
     queue.acked(item(1).packet_id)
@@ -303,17 +399,82 @@ def test_the_window_never_reuses_a_packet_id_still_in_flight():
 def test_beyond_its_memory_window_the_queue_leaves_messages_on_disk_and_reads_them_in_order():
     queue = OutQueue(max_messages=100, max_bytes=10_000, ram_limit=4)
     for seq in range(1, 11):
-        queue.reserve(10)
+        queue.reserve(10, 1000.0)
         queue.stored(item(seq))
     assert [i.seq for i in queue.take(100)] == [1, 2, 3, 4]
     assert queue.load_from() == 4
     queue.loaded([item(seq) for seq in range(5, 9)])
+    queue.reserve(10, 1011.0)
     queue.stored(item(11))  # committed while 9 and 10 are still only on disk
     assert [i.seq for i in queue.take(100)] == [5, 6, 7, 8]
     assert queue.load_from() == 8
     queue.loaded([item(9), item(10), item(11)])
     assert [i.seq for i in queue.take(100)] == [9, 10, 11]
     assert queue.load_from() is None
+
+
+def test_a_queue_with_messages_always_knows_how_old_its_oldest_is():
+    """Issue 11: the status showed 100 queued messages with ``oldest_age_s`` null. Messages
+    only on disk, or still being committed, count too."""
+    queue = OutQueue(max_messages=100, max_bytes=10_000, ram_limit=4)
+    assert queue.oldest() is None
+    assert queue.reserve(10, 1001.0)  # being committed
+    assert queue.oldest() == 1001.0
+    for seq in range(1, 11):
+        if seq > 1:
+            queue.reserve(10, 1000.0 + seq)
+        queue.stored(item(seq))  # 5 to 10 stay on disk
+    assert queue.oldest() == 1001.0
+    for sent in queue.take(100):
+        queue.acked(sent.packet_id)
+    assert queue.messages == 6 and queue.oldest() == 1005.0  # on disk only
+    queue.loaded([item(5), item(6)])  # read back; 7 to 10 still on disk
+    for sent in queue.take(100):
+        queue.acked(sent.packet_id)
+    assert queue.messages == 4
+    assert 1006.0 <= queue.oldest() <= 1007.0  # at most one arrival early  # type: ignore[operator]
+
+
+def test_the_oldest_age_is_never_missing_while_the_queue_is_not_empty():
+    """A random walk of reservations, commits, sends, acknowledgements, reconnects and reads
+    from disk, as the manager drives the queue; the age is checked after every step."""
+    rng = random.Random(11)
+    queue = OutQueue(max_messages=50, max_bytes=10_000, ram_limit=8)
+    disk: dict[int, Queued] = {}  # committed, not acknowledged
+    reserved: list[int] = []  # sequence numbers of reservations, commit pending
+    window: list[int] = []  # packet ids in flight
+    next_seq = 1
+    for _ in range(5_000):
+        step = rng.random()
+        if step < 0.3 and queue.reserve(10, 1000.0 + next_seq):
+            reserved.append(next_seq)
+            next_seq += 1
+        elif step < 0.5 and reserved:
+            for seq in reserved[: rng.randint(1, len(reserved))]:
+                disk[seq] = item(seq)
+                queue.stored(disk[seq])
+                reserved.remove(seq)
+        elif step < 0.65:
+            window += [sent.packet_id for sent in queue.take(rng.randint(1, 6))]
+        elif step < 0.85:
+            rng.shuffle(window)
+            count = rng.randint(0, len(window))
+            for done in queue.acked_many(window[:count]):
+                del disk[done.seq]
+            del window[:count]
+        elif step < 0.9:
+            queue.rewind()
+            window.clear()
+        elif (after := queue.load_from()) is not None:
+            queue.loaded([disk[s] for s in sorted(disk) if s > after][:4])
+        unacked = sorted([*disk, *reserved])
+        assert queue.messages == len(unacked)
+        oldest = queue.oldest()
+        if not unacked:
+            assert oldest is None
+        else:
+            assert oldest is not None, f"{queue.messages} queued, no age"
+            assert 1000.0 + unacked[0] - 1 <= oldest <= 1000.0 + unacked[0]
 
 
 # -- the store ------------------------------------------------------------------------------------
@@ -371,7 +532,7 @@ def test_the_queue_floor_is_the_lowest_unacknowledged_sequence_number():
     queue = OutQueue(max_messages=100, max_bytes=10_000, ram_limit=4)
     assert queue.floor() == 1
     for seq in range(1, 7):
-        queue.reserve(10)
+        queue.reserve(10, 1000.0)
         queue.stored(item(seq))  # 5 and 6 stay on disk
     sent = queue.take(3)
     assert queue.floor() == 1
@@ -582,7 +743,71 @@ def test_a_full_queue_is_0x97_on_mqtt5_and_an_unacknowledged_close_on_311():
     conn, decoder = connected(V3, FakeGate(GateVerdict.FULL))
     publish(conn, V3, "bridged/a", 1)
     assert answers(conn, decoder) == []  # no PUBACK: the client still holds the message
+    conn.check_timeouts(LINGER_QUIET_S / 2)
+    assert not conn.closing  # lingers while the client may still read earlier PUBACKs
+    conn.check_timeouts(LINGER_QUIET_S)
     assert conn.closing
+
+
+class FillingGate(FakeGate):
+    """Holds the first ``room`` bridged messages, then answers FULL."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    def admit(self, message: Message, dup: bool, on_stored: Callable[[bool, float], None]):
+        if message.topic.startswith("bridged/") and len(self.waiting) >= self.room:
+            return GateVerdict.FULL
+        return super().admit(message, dup, on_stored)
+
+
+def test_a_311_close_for_a_full_queue_first_acknowledges_every_message_already_queued():
+    """Issue 11: the close dropped the held PUBACKs of messages the bridge had committed; the
+    client resent them all on reconnect, into the same full queue, forever."""
+    gate = FillingGate(room=2)
+    conn, decoder = connected(V3, gate)
+    data = b"".join(
+        encode(Publish(topic=t, payload=b"x", qos=QoS.AT_LEAST_ONCE, packet_id=i), V3)
+        for i, t in enumerate(["bridged/a", "local/b", "bridged/c", "bridged/d", "bridged/e"], 1)
+    )
+    conn.receive_data(data, 0.0)  # d finds the queue full; e is not read
+    assert answers(conn, decoder) == [] and not conn.closing
+    conn.receive_data(encode(PingReq(), V3), 1.0)  # the client waits: keep it there
+    assert answers(conn, decoder) == [PingResp()]
+    gate.waiting[0](True, 2.0)
+    assert answers(conn, decoder) == [PubAck(packet_id=1), PubAck(packet_id=2)]
+    assert not conn.closing
+    gate.waiting[1](True, 3.0)
+    assert answers(conn, decoder) == [PubAck(packet_id=3)]  # d and e: never acknowledged
+    assert conn.core.sessions == {}  # the clean session ended when the draining began
+    conn.receive_data(encode(Publish(topic="bridged/f", payload=b"x"), V3), 3.5)  # discarded
+    conn.check_timeouts(3.5 + LINGER_QUIET_S / 2)
+    assert not conn.closing  # the client is still sending: closing now would reset it
+    conn.check_timeouts(3.5 + LINGER_QUIET_S)
+    assert conn.closing and answers(conn, decoder) == []
+
+
+def test_a_311_client_that_never_goes_quiet_is_closed_after_the_longest_linger():
+    conn, _ = connected(V3, FakeGate(GateVerdict.FULL))
+    publish(conn, V3, "bridged/a", 1)
+    for tick in range(1, int(LINGER_MAX_S / 0.1)):
+        conn.receive_data(encode(PingReq(), V3), tick * 0.1)
+        conn.check_timeouts(tick * 0.1)
+        assert not conn.closing
+    conn.check_timeouts(LINGER_MAX_S)
+    assert conn.closing
+
+
+def test_a_311_client_that_goes_away_while_its_acknowledgements_wait_is_simply_closed():
+    gate = FillingGate(room=1)
+    conn, decoder = connected(V3, gate)
+    publish(conn, V3, "bridged/a", 1)
+    publish(conn, V3, "bridged/b", 2)
+    conn.receive_data(encode(Disconnect(), V3), 1.0)
+    assert conn.closing
+    gate.waiting[0](True, 2.0)
+    assert answers(conn, decoder) == []
 
 
 def test_an_echo_of_a_forwarded_message_is_acknowledged_but_not_routed():

@@ -33,6 +33,7 @@ from broker_helpers import (  # running_broker: the `broker` fixture
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion
+from registry_helpers import new_registry
 
 from broker import Broker
 from enrollment import profiles
@@ -377,6 +378,7 @@ def test_a_broker_host_without_the_ca_logs_once_that_its_certificate_is_due(
     for name in ("broker.crt", "broker.key", "chain.pem", "root.crt"):
         shutil.copy(fleet.config.ca_dir / name, remote.ca_dir / name)
     assert not is_initialised(remote)
+    new_registry(remote.database_url).close()  # its own registry, as `fleetgate db upgrade` makes
     caplog.set_level(logging.WARNING, logger="fleetgate.broker")
     running = RunningBroker(types.SimpleNamespace(config=remote, root=fleet.root))
     running.broker.certificate_check_interval_s = 0.05

@@ -38,10 +38,10 @@ DEVICE = "card-sensor-02"
 REPO = Path(__file__).resolve().parent.parent
 
 _DEVICE_PROCESS = """
-import json, queue, ssl, sys, time
+import json, queue, socket, ssl, sys, time
 from pathlib import Path
 from device_sdk import DeviceClient, KeyStoreError
-from device_sdk.smartcard_keystore import CardTlsConnector, CardTlsError, SmartcardKeyStore
+from device_sdk.smartcard_keystore import CardTlsContext, CardTlsError, SmartcardKeyStore
 store_dir, device_id, port, policy, pin, foreign_ca = sys.argv[1:7]
 store = SmartcardKeyStore(Path(store_dir), pin=pin)
 out = {}
@@ -49,21 +49,26 @@ try:
     store.load_identity(ssl.create_default_context())
 except KeyStoreError as exc:
     out["stdlib_ssl"] = str(exc)
-connector = store.tls_connector(policy)
-impostor_trust = CardTlsConnector(  # as if the broker were not the fleet's
+context = store.tls_context(policy)
+impostor_trust = CardTlsContext(  # as if the broker were not the fleet's
     certificate_path=store.certificate_path,
     trust_anchors_path=Path(foreign_ca),
     pin=pin,
-    suites=connector.suites,
+    suites=context.suites,
 )
-try:
-    impostor_trust.connect("localhost", int(port), 5)
-except CardTlsError as exc:
-    out["foreign_broker"] = str(exc)
+def handshake(ctx, name="localhost"):
+    tcp = socket.create_connection(("localhost", int(port)), 5)
+    return ctx.wrap_socket(tcp, server_hostname=name)
+for key, ctx, name in [("foreign_broker", impostor_trust, "localhost"),
+                       ("other_name", context, "broker.elsewhere.test")]:
+    try:
+        handshake(ctx, name)
+    except CardTlsError as exc:
+        out[key] = str(exc)
 times = []
 for _ in range(5):
     start = time.perf_counter()
-    connector.connect("localhost", int(port), 5).close()
+    handshake(context).close()
     times.append(1000 * (time.perf_counter() - start))
 out["handshake_ms"] = sorted(times)[2]
 inbox = queue.Queue()
@@ -122,3 +127,4 @@ def test_card_device_connects_with_mutual_tls_and_publishes(
     refusal = outcome["foreign_broker"]
     assert "unable to get local issuer certificate" in refusal
     assert "must chain to the fleet CA" in refusal
+    assert "hostname mismatch" in outcome["other_name"]  # OpenSSL checks the name, not paho

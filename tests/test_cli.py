@@ -687,3 +687,79 @@ def test_the_audited_command_path_skips_the_home_option_and_its_value():
 
     assert _command_words(["--home", "/x", "device", "show", "nosuch"]) == ["device", "show"]
     assert _command_words(["batch", "add", "--group", "g", "s1", "d1"]) == ["batch", "add"]
+
+
+# -- db ----------------------------------------------------------------------------------------
+
+MAIN_SQLITE = Path(__file__).parent / "fixtures" / "registry_main_sqlite.sql"
+UPGRADE_HINT = "run `fleetgate db upgrade`"
+
+
+def _registry_main_made(home: Path) -> None:
+    """Swap the data directory's registry for one made by main (no schema version)."""
+    import sqlite3
+
+    (home / "registry.db").unlink()
+    with sqlite3.connect(home / "registry.db") as db:
+        db.executescript(MAIN_SQLITE.read_text())
+        db.execute("INSERT INTO station VALUES ('line-9', 'ACTIVE', '2026-11-01 08:00:00')")
+
+
+def test_ca_init_creates_the_registry_schema_and_db_status_says_it_is_current(fresh):
+    fresh("ca", "init").ok()
+    assert fresh("db", "status").ok().stdout.strip() == (
+        "the registry schema is at revision 0001, the current one"
+    )
+    assert fresh("db", "status", "--json").ok().json() == {
+        "revision": "0001",
+        "head": "0001",
+        "current": True,
+    }
+    assert "already at revision 0001" in fresh("db", "upgrade").ok().stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("station", "list"), ("audit",), ("serve", "broker"), ("serve", "enrollment")],
+    ids=lambda args: "-".join(args),
+)
+def test_every_process_refuses_a_registry_main_made_until_db_upgrade_adopts_it(fleet, args):
+    _registry_main_made(fleet.home)
+    result = fleet(*args).failed()
+    assert UPGRADE_HINT in result.stderr and "before versioned schema migrations" in result.stderr
+    assert "adopt" in fleet("db", "status").ok().stdout
+
+    assert "adopted" in fleet("db", "upgrade").ok().stdout
+
+    assert "line-9" in fleet("station", "list").ok().stdout
+    (event,) = [e for e in fleet("audit", "--json").ok().json() if e["action"] == "db.upgrade"]
+    assert "adopted" in event["reason"]
+
+
+def test_db_grant_prints_each_roles_sql_and_needs_postgresql_to_run_it(fleet):
+    printed = fleet(
+        "db",
+        "grant",
+        "--broker-role",
+        "fleet_broker",
+        "--enrollment-role",
+        "fleet_enroll",
+        "--print",
+    ).ok()
+    lines = printed.stdout.splitlines()
+    assert (
+        "GRANT SELECT ON aclrule, certificate, device, devicechange, alembic_version "
+        "TO fleet_broker;"
+    ) in lines
+    assert "GRANT INSERT ON auditevent TO fleet_broker;" in lines
+    assert not any("UPDATE" in line and "fleet_broker" in line for line in lines)
+    result = fleet("db", "grant", "--broker-role", "b", "--enrollment-role", "e").failed()
+    assert "only on PostgreSQL" in result.stderr
+    bad = fleet("db", "grant", "--broker-role", "b; DROP", "--enrollment-role", "e", "--print")
+    assert "role name" in bad.failed().stderr
+
+
+def test_acl_set_refuses_a_template_the_broker_would_and_stores_nothing(fleet):
+    result = fleet("acl", "set", "meters", "--publish", "meters/x%d/#", "--subscribe", "m/%d")
+    assert "%d must be a whole topic level" in result.failed().stderr
+    assert "default" in fleet("acl", "show", "meters").ok().stdout

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import http.client
+import json
+import logging
 import re
 import ssl
 import subprocess
@@ -31,6 +33,7 @@ from cryptography.x509.oid import (
 
 from device_sdk.est import EstError, client_context, device_csr
 from enrollment.config import load_config
+from enrollment.jsonlog import JsonFormatter
 from enrollment.registry import CertStatus, DeviceState, SubjectKind
 
 EST = "/.well-known/est"
@@ -291,6 +294,47 @@ def test_station_enrolls_device_with_httpx(fleet, est_server, station):
     _assert_device_profile(cert, "sensor-3", key, fleet.config, fleet.service.ca.anchors.issuing)
     (event,) = [e for e in fleet.registry.audit_events(subject="sensor-3") if e.action == "enroll"]
     assert event.request_id == "httpx-test-1"
+
+
+class JsonLines(logging.Handler):
+    """Formats each record as it is emitted, while the request's log context is current."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(JsonFormatter())
+        self.lines: list[dict[str, object]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+
+def test_log_lines_carry_the_request_id_and_the_device_id_the_service_found(
+    fleet, est_server, station
+):
+    """The service runs on a worker thread; the device id it reads from the CSR still reaches
+    the EST layer's log lines of that request, refused or not."""
+    handler = JsonLines()
+    logger = logging.getLogger("fleetgate.est")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    ctx = ssl.create_default_context(cafile=str(fleet.root))
+    ctx.load_cert_chain(station.cert, station.key)
+    try:
+        with httpx.Client(base_url=est_server.url, verify=ctx, timeout=10) as client:
+            for device_id, rid in (("sensor-2", "log-ok"), ("sensor-9", "log-refused")):
+                client.post(
+                    f"{EST}/simpleenroll",
+                    content=csr_b64(device_id, new_key()),
+                    headers={"Content-Type": "application/pkcs10", "X-Request-ID": rid},
+                )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [(x["msg"].split(":")[0], x["request_id"], x["device_id"]) for x in handler.lines] == [
+        ("enroll ok", "log-ok", "sensor-2"),
+        ("enroll refused", "log-refused", "sensor-9"),
+    ]
 
 
 def test_enrolled_certificate_verifies_with_openssl_for_client_auth(fleet, est_server, station):

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
+from registry_helpers import new_registry
 from sqlmodel import select
 
 from device_sdk.est import client_context, device_csr
@@ -406,7 +407,7 @@ def foreign_station(tmp_path, home):
     """A station certificate named line-1 but issued by another fleetgate CA."""
     other = load_config(tmp_path / "other-fleet")
     init_ca(other)
-    registry = Registry(other.database_url)
+    registry = new_registry(other.database_url)
     try:
         service = EnrollmentService(load_ca(other), registry)
         key, cert = service.add_station("line-1", actor="test")

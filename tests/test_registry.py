@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from registry_helpers import new_registry
 from sqlalchemy import func, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import select
@@ -26,14 +27,14 @@ from enrollment.registry import (
     SubjectKind,
     serial_hex,
 )
+from enrollment.registry.certificates import certificate_values
 from enrollment.registry.models import Batch, BatchEntry
-from enrollment.registry.store import _certificate_values
 
 NOW = dt.datetime.now(dt.UTC)
 
 
 def _certificate_row(cert, kind, subject_id):
-    return Certificate(**_certificate_values(cert, kind, subject_id))
+    return Certificate(**certificate_values(cert, kind, subject_id))
 
 
 class Signer:
@@ -75,7 +76,7 @@ def signer() -> Signer:
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = Registry(f"sqlite:///{tmp_path}/r.db")
+    reg = new_registry(f"sqlite:///{tmp_path}/r.db")
     yield reg
     reg.close()
 
@@ -119,7 +120,7 @@ def test_a_file_registry_runs_in_wal_mode_with_foreign_keys(registry):
 
 def test_the_registry_reopens_an_existing_file_keeping_its_data(tmp_path, signer):
     url = f"sqlite:///{tmp_path}/r.db"
-    first = Registry(url)
+    first = new_registry(url)
     first.add_station("line-1", signer.station("line-1"), actor="test")
     first.close()
     second = Registry(url)

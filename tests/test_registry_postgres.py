@@ -14,6 +14,7 @@ import asyncio
 import base64
 import datetime as dt
 import itertools
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from postgres_server import PostgresServer, PostgresUnavailable, postgres_server
+from registry_helpers import new_registry
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, select
@@ -43,8 +45,8 @@ from enrollment.registry import (
     StationState,
     SubjectKind,
 )
+from enrollment.registry.certificates import certificate_values
 from enrollment.registry.models import BatchEntry
-from enrollment.registry.store import _certificate_values
 from enrollment.service import EnrollmentService
 
 PASSPHRASE = "pg-test-passphrase-0123"
@@ -52,7 +54,7 @@ _database_names = itertools.count(1)
 
 
 def _certificate_row(cert, kind, subject_id):
-    return Certificate(**_certificate_values(cert, kind, subject_id))
+    return Certificate(**certificate_values(cert, kind, subject_id))
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +75,7 @@ def pg_url(pg_server: PostgresServer) -> str:
 
 @pytest.fixture
 def registry(pg_url: str) -> Iterator[Registry]:
-    reg = Registry(pg_url)
+    reg = new_registry(pg_url)
     yield reg
     reg.close()
 
@@ -107,7 +109,7 @@ def pg_fleet(home: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterat
     config = load_config(home)
     assert config.database_url == pg_url
     init_ca(config)
-    reg = Registry(config.database_url)
+    reg = new_registry(config.database_url)
     assert reg.engine.dialect.name == "postgresql"
     service = EnrollmentService(load_ca(config), reg)
     _key, station_cert = service.add_station("line-1", actor="test")
@@ -145,7 +147,7 @@ def test_audit_log_is_append_only(registry: Registry, pg_url: str) -> None:
         conn.execute(text("UPDATE auditevent SET reason = 'rewritten'"))
     with pytest.raises(DBAPIError, match="append-only"), registry.engine.begin() as conn:
         conn.execute(text("DELETE FROM auditevent"))
-    # Opening the registry again re-creates the trigger idempotently; it still holds.
+    # Opening the registry again changes nothing in the schema; the trigger still holds.
     again = Registry(pg_url)
     try:
         with pytest.raises(DBAPIError, match="append-only"), again.engine.begin() as conn:
@@ -173,7 +175,7 @@ def test_partial_index_allows_one_active_certificate_per_subject(registry: Regis
 
 def test_partial_index_also_holds_on_sqlite(tmp_path: Path) -> None:
     """The same index predicate must match what SQLite stores (the enum's member names)."""
-    reg = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    reg = new_registry(f"sqlite:///{tmp_path / 'registry.db'}")
     try:
         test_partial_index_allows_one_active_certificate_per_subject(reg)
     finally:
@@ -422,3 +424,240 @@ def test_the_revocation_feed_sees_a_change_that_commits_after_a_later_id(
 
     asyncio.run(scenario())
     assert seen == ["fast", "slow"]
+
+
+# -- schema migrations -------------------------------------------------------------------------
+
+MAIN_POSTGRESQL = Path(__file__).parent / "fixtures" / "registry_main_postgresql.sql"
+
+
+def _database(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    name = make_url(url).database
+    assert name is not None
+    return name
+
+
+def _run_sql(server: PostgresServer, database: str, script: str, user: str = "postgres") -> None:
+    """Run a multi-statement script (no parameters: psycopg sends it as one simple query)."""
+    import psycopg
+
+    conninfo = f"host={server.host} port={server.port} user={user} dbname={database}"
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(script)  # type: ignore[arg-type]
+
+
+def _schema_dump(server: PostgresServer, database: str) -> list[str]:
+    """pg_dump's schema of ``database`` without Alembic's table, comments or blank lines."""
+    import subprocess
+
+    from postgres_server import find_bindir
+
+    dump = subprocess.run(
+        [
+            str(find_bindir() / "pg_dump"),
+            *("--schema-only", "--no-owner", "--no-privileges"),
+            "--exclude-table=alembic_version",
+            *("-h", server.host, "-p", str(server.port), "-U", "postgres", database),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return [
+        line
+        for line in dump.splitlines()
+        if line.strip() and not line.startswith(("--", "\\", "SET ", "SELECT pg_catalog"))
+    ]
+
+
+def _made_by_main(server: PostgresServer, database: str) -> None:
+    """A registry as main left it: its schema, a station, an enrolled device and its audit."""
+    _run_sql(server, database, MAIN_POSTGRESQL.read_text())
+    _run_sql(server, database, (MAIN_POSTGRESQL.parent / "registry_main_rows.sql").read_text())
+
+
+def test_upgrade_creates_exactly_the_schema_main_wrote(pg_server: PostgresServer) -> None:
+    from enrollment.registry.schema import upgrade
+
+    new = pg_server.create_database("schema_new")
+    upgrade(new)
+    pg_server.create_database("schema_main")
+    _run_sql(pg_server, "schema_main", MAIN_POSTGRESQL.read_text())
+    assert _schema_dump(pg_server, "schema_new") == _schema_dump(pg_server, "schema_main")
+
+
+@pytest.mark.parametrize("release", ["main", "before-hardware-columns"])
+def test_a_registry_main_made_is_refused_then_adopted_with_its_data(
+    pg_server: PostgresServer, pg_url: str, release: str
+) -> None:
+    from enrollment.registry import SchemaOutdated
+    from enrollment.registry.schema import SchemaStatus, upgrade
+
+    database = _database(pg_url)
+    _made_by_main(pg_server, database)
+    if release == "before-hardware-columns":
+        _run_sql(
+            pg_server,
+            database,
+            "ALTER TABLE device DROP COLUMN key_protection, DROP COLUMN hardware_binding, "
+            "DROP COLUMN attestation",
+        )
+    with pytest.raises(SchemaOutdated, match="run `fleetgate db upgrade` to adopt it"):
+        Registry(pg_url)
+
+    assert upgrade(pg_url) == SchemaStatus(None, legacy=True)
+
+    fresh = pg_server.create_database(f"adopted_reference_{next(_database_names)}")
+    upgrade(fresh)
+    adopted = _schema_dump(pg_server, database)
+    if release != "main":  # main's ALTER TABLE gave the columns it added a DEFAULT; so did 0001
+        adopted = [re.sub(r" DEFAULT '[^']*'::character varying", "", line) for line in adopted]
+    assert adopted == _schema_dump(pg_server, _database(fresh))
+    reg = Registry(pg_url)
+    try:
+        device = reg.device("sensor-1")
+        expected = ("tpm", "ab12") if release == "main" else ("software", None)
+        assert (device.key_protection, device.hardware_binding) == expected
+        admission = reg.admission("sensor-1", 0x1F)
+        assert admission.allowed and admission.acl is not None
+        reg.audit(AuditRecord("admin:test", "probe", "ok", "sensor-1"))
+        assert audit_of(reg, "sensor-1") == [("enroll", "ok"), ("probe", "ok")]
+        with pytest.raises(DBAPIError, match="append-only"), reg.engine.begin() as conn:
+            conn.execute(text("DELETE FROM auditevent"))
+        reg.add_batch("line-1", ["sensor-2"], group="meters", label="after", actor="test")
+    finally:
+        reg.close()
+
+
+# -- least privilege ---------------------------------------------------------------------------
+
+
+def test_service_roles_do_their_work_but_cannot_change_the_schema_or_the_audit_trail(
+    pg_server: PostgresServer, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migrations run as the owner; the broker's and the enrollment service's roles own nothing."""
+    from broker.admission import Admitted, Identity, check_admission
+    from broker.audit import AuditWriter
+    from broker.metrics import Metrics
+    from enrollment.registry.models import AttestationChallenge
+    from enrollment.registry.schema import grant, grant_statements, upgrade
+
+    _run_sql(
+        pg_server,
+        "postgres",
+        "CREATE ROLE fleet_owner LOGIN; CREATE ROLE fleet_broker LOGIN; "
+        "CREATE ROLE fleet_enroll LOGIN",
+    )
+    _run_sql(pg_server, "postgres", "CREATE DATABASE fleet_roles OWNER fleet_owner")
+    base = f"postgresql+psycopg://{{}}@{pg_server.host}:{pg_server.port}/fleet_roles"
+    owner_url, broker_url, enroll_url = (
+        base.format(r) for r in ("fleet_owner", "fleet_broker", "fleet_enroll")
+    )
+    upgrade(owner_url)
+    statements = grant_statements(broker_role="fleet_broker", enrollment_role="fleet_enroll")
+    grant(owner_url, statements)
+    grant(owner_url, statements)  # as after every upgrade: the same grants, no error
+
+    # The operator (as the owner) prepares a station, a batch and a group's ACL.
+    monkeypatch.setenv("FLEETGATE_DATABASE_URL", owner_url)
+    config = load_config(home)
+    init_ca(config)
+    ca = load_ca(config)
+    owner = Registry(owner_url)
+    _key, station_cert = EnrollmentService(ca, owner).add_station("line-1", actor="test")
+    owner.add_batch("line-1", ["sensor-1", "sensor-2"], group="g", label="t", actor="test")
+    owner.set_acl("g", publish=["g/%d/#"], subscribe=[], actor="test")
+
+    # The enrollment service's role enrolls, renews, answers challenges and signs the CRL.
+    enroll = Registry(enroll_url)
+    service = EnrollmentService(ca, enroll)
+    cert = service.enroll(
+        station_cert, csr_body("sensor-1", ec.generate_private_key(ec.SECP256R1()))
+    )
+    cert = service.reenroll(cert, csr_body("sensor-1", ec.generate_private_key(ec.SECP256R1())))
+    with pytest.raises(EnrollmentRefused):
+        service.enroll(station_cert, csr_body("sensor-1", ec.generate_private_key(ec.SECP256R1())))
+    now = dt.datetime.now(dt.UTC)
+    challenge = AttestationChallenge(
+        id="c1",
+        actor="station:line-1",
+        device_id="sensor-2",
+        ak_public="",
+        nonce="00",
+        secret_sha256="00",
+        ek_fingerprint="00",
+        expires_at=now + dt.timedelta(minutes=1),
+    )
+    enroll.add_challenge(
+        challenge, AuditRecord("station:line-1", "tpm.challenge", "ok", "sensor-2")
+    )
+    assert enroll.consume_challenge("c1", actor="station:line-1", now=now).used_at is not None
+    service.publish_crl()
+
+    # The broker's role: admission, the change feed, ACLs, batched and single audit writes.
+    owner.change_device_state("sensor-2", DeviceState.REVOKED, reason="", actor="test")
+    broker = Registry(broker_url)
+    admitted = check_admission(broker, Identity("sensor-1", cert.serial_number))
+    assert isinstance(admitted, Admitted) and admitted.group == "g"
+    assert [c.device_id for c in broker.changes_since(0)] == ["sensor-2"]
+    assert broker.last_change_id() >= 1
+    assert broker.acl_patterns("g") is not None
+    metrics = Metrics()
+    writer = AuditWriter(broker, metrics)
+    writer.submit(AuditRecord("device:sensor-1", "mqtt.connect", "ok", "sensor-1"))
+    writer.submit(AuditRecord("device:sensor-1", "mqtt.publish", "refused", "sensor-1"))
+    asyncio.run(writer.flush())
+    assert (metrics.audit_written, metrics.audit_dropped) == (2, 0)
+    broker.audit(AuditRecord("device:sensor-1", "mqtt.disconnect", "ok", "sensor-1"))
+    assert [a for a, _ in audit_of(owner, "sensor-1")][-3:] == [
+        "mqtt.connect",
+        "mqtt.publish",
+        "mqtt.disconnect",
+    ]
+
+    refused = {
+        "ALTER TABLE device ADD COLUMN backdoor INTEGER": "must be owner",
+        "DROP TRIGGER auditevent_append_only ON auditevent": "must be owner",
+        "DROP FUNCTION fleetgate_audit_append_only() CASCADE": "must be owner",
+        "UPDATE auditevent SET reason = 'rewritten'": "permission denied",
+        "DELETE FROM auditevent": "permission denied",
+        "TRUNCATE auditevent": "permission denied",
+        "DELETE FROM alembic_version": "permission denied",
+        "CREATE TABLE shadow (x INTEGER)": "permission denied for schema public",
+    }
+    for reg in (broker, enroll):
+        for statement, says in refused.items():
+            with pytest.raises(DBAPIError, match=says), reg.engine.begin() as conn:
+                conn.exec_driver_sql(statement)
+    for statement in (
+        "UPDATE device SET state = 'ACTIVE'",
+        "INSERT INTO aclrule VALUES ('g', 'subscribe', '#')",
+        "SELECT reason FROM auditevent",
+    ):
+        with pytest.raises(DBAPIError, match="permission denied"), broker.engine.begin() as conn:
+            conn.exec_driver_sql(statement)
+    with owner.engine.connect() as conn:
+        triggers = conn.exec_driver_sql(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'auditevent'::regclass"
+        ).scalars()
+        assert list(triggers) == ["auditevent_append_only"]
+    for reg in (broker, enroll, owner):
+        reg.close()
+
+
+def test_concurrent_upgrades_of_one_new_database_all_succeed(pg_url: str) -> None:
+    """The advisory lock makes the later upgrades wait for the first, then find nothing to do."""
+    from upgrade_race import upgrade_concurrently
+
+    from enrollment.registry.schema import HEAD
+
+    assert upgrade_concurrently(pg_url, processes=3) == ["", "", ""]
+    reg = Registry(pg_url)
+    try:
+        with reg.engine.connect() as conn:
+            assert list(conn.execute(text("SELECT version_num FROM alembic_version"))) == [(HEAD,)]
+    finally:
+        reg.close()

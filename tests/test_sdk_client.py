@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 from conftest import Fleet, RunningServer
-from cryptography.hazmat.primitives.asymmetric import ec
 from sdk_helpers import (  # noqa: F401  (fixtures)
     Devices,
     Inbox,
     Mosquitto,
     broker_fixture,
     devices_fixture,
+    impostor_server_cert,
     wait_for,
 )
 
@@ -35,9 +35,7 @@ from device_sdk import (
     QueueFull,
     RenewalPolicy,
 )
-from enrollment import profiles
 from enrollment.config import load_config
-from enrollment.keyfiles import write_certificates, write_private_key
 from enrollment.registry import CertStatus, DeviceState, SubjectKind
 
 TOPIC = "devices/sensor-1/telemetry"
@@ -79,43 +77,6 @@ def test_enrollment_refused_by_the_est_server_says_why_and_installs_nothing(
     assert sorted(p.name for p in store.directory.iterdir()) == ["ca.crt"]
 
 
-def _impostor_server_cert(fleet: Fleet, directory: Path, case: str) -> tuple[Path, Path]:
-    """A broker certificate the device must refuse: foreign CA, or the fleet CA's for elsewhere."""
-    now = dt.datetime.now(dt.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    if case == "foreign CA":
-        root_key = ec.generate_private_key(ec.SECP256R1())
-        root = profiles.build_certificate(
-            profiles.ROOT,
-            subject=profiles.Subject(common_name="impostor root"),
-            public_key=root_key.public_key(),
-            issuer=profiles.Issuer(key=root_key, certificate=None),
-            validity=dt.timedelta(days=1),
-            now=now,
-        )
-        chain = [
-            profiles.build_certificate(
-                profiles.SERVER,
-                subject=profiles.server_subject(["localhost", "127.0.0.1"]),
-                public_key=key.public_key(),
-                issuer=profiles.Issuer(key=root_key, certificate=root),
-                validity=dt.timedelta(days=1),
-                now=now,
-            )
-        ]
-    else:
-        cert = fleet.service.ca.issue(
-            profiles.SERVER,
-            profiles.server_subject(["broker.elsewhere.test"]),
-            key.public_key(),
-            dt.timedelta(days=1),
-        )
-        chain = [cert, fleet.service.ca.anchors.issuing]
-    write_private_key(directory / "impostor.key", key)
-    write_certificates(directory / "impostor.crt", chain)
-    return directory / "impostor.crt", directory / "impostor.key"
-
-
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
@@ -127,7 +88,7 @@ def test_broker_certificate_must_come_from_the_fleet_ca_and_name_the_host(
     fleet: Fleet, devices: Devices, tmp_path: Path, case: str, reason: str
 ) -> None:
     store = devices.enroll("sensor-1")
-    certfile, keyfile = _impostor_server_cert(fleet, tmp_path, case)
+    certfile, keyfile = impostor_server_cert(fleet, tmp_path, case)
     impostor = Mosquitto(
         tmp_path / "impostor", cafile=fleet.chain, certfile=certfile, keyfile=keyfile
     ).start()

@@ -25,13 +25,19 @@ from broker.bridge.protocol import (
 from broker.bridge.queue import OutQueue, Queued
 from broker.bridge.status import BridgeCounters, LinkState
 from broker.mqtt import ProtocolError, Publish, ReasonCode
-from device_sdk.client import Backoff
+from device_sdk.backoff import Backoff
 from device_sdk.errors import KeyStoreError
 
 log = logging.getLogger("fleetgate.broker.bridge")
 
 SUBSCRIBE_PACKET_ID = 1
 """SUBSCRIBE goes out before any PUBLISH of a connection, so its id cannot clash with one."""
+
+
+def cause(exc: BaseException) -> str:
+    """What went wrong, never empty: some exceptions (a bare ``TimeoutError``, a reset
+    connection) carry no message, and ``cannot reach host:port: `` tells an operator nothing."""
+    return str(exc) or type(exc).__name__
 
 
 class LinkDown(Exception):
@@ -154,9 +160,13 @@ class BridgeLink:
         except KeyStoreError as exc:
             raise LinkDown(exc.message) from None
         except ssl.SSLError as exc:
-            raise LinkDown(f"TLS with {upstream} failed: {exc.reason or exc}") from None
-        except (OSError, TimeoutError) as exc:
-            raise LinkDown(f"cannot reach {upstream}: {exc or 'timed out'}") from None
+            raise LinkDown(f"TLS with {upstream} failed: {exc.reason or cause(exc)}") from None
+        except TimeoutError:  # before OSError, of which it is one
+            raise LinkDown(
+                f"cannot reach {upstream}: timed out after {settings.connect_timeout_s:g} s"
+            ) from None
+        except OSError as exc:
+            raise LinkDown(f"cannot reach {upstream}: {cause(exc)}") from None
         session = UpstreamSession(
             self.plan.level,
             client_id=client_id,
@@ -213,7 +223,7 @@ class BridgeLink:
             if isinstance(exc, LinkDown):
                 raise exc
             if isinstance(exc, ssl.SSLError | OSError):
-                raise LinkDown(f"connection to {upstream} lost: {exc}", failure=False)
+                raise LinkDown(f"connection to {upstream} lost: {cause(exc)}", failure=False)
             if exc is not None:
                 raise exc
         raise LinkDown(f"connection to {upstream} ended", failure=False)
@@ -225,9 +235,11 @@ class BridgeLink:
             try:
                 data = await reader.read(65536)
             except ssl.SSLError as exc:  # TLS 1.3: a refused client certificate shows up here
-                raise LinkDown(f"{upstream} refused the TLS session: {exc.reason or exc}") from None
+                raise LinkDown(
+                    f"{upstream} refused the TLS session: {exc.reason or cause(exc)}"
+                ) from None
             except OSError as exc:
-                raise LinkDown(f"{upstream} closed the connection: {exc}") from None
+                raise LinkDown(f"{upstream} closed the connection: {cause(exc)}") from None
             if not data:
                 raise LinkDown(f"{upstream} closed the connection before CONNACK")
             try:

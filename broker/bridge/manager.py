@@ -32,6 +32,7 @@ from broker.bridge.queue import OutQueue, Queued
 from broker.bridge.status import (
     BridgeCounters,
     BridgeStatus,
+    FullAlarm,
     LinkState,
     iso,
     render_metrics,
@@ -122,7 +123,7 @@ class _Bridge:
     sent_saved: int = 0  # ... as last committed to the store
     sent_at_start: int = 0
     loading: bool = False
-    alarmed: bool = False
+    alarm: FullAlarm = field(default_factory=FullAlarm)
     denied_topics: set[str] = field(default_factory=set)
     acked_out_of_order: list[int] = field(default_factory=list)
     deleted_to: int = 0  # every acknowledged row below this seq is deleted from the store
@@ -367,13 +368,6 @@ class BridgeManager:
         bridge.acked_out_of_order.extend(i.seq for i in items if i.seq > floor)
         if bridge.paced and bridge.queue.messages <= PACE_MESSAGES:
             self._release(bridge)
-        if (
-            bridge.alarmed
-            and bridge.queue.messages < 0.9 * bridge.queue.max_messages
-            and (bridge.queue.bytes < 0.9 * bridge.queue.max_bytes)
-        ):
-            bridge.alarmed = False
-            log.warning("bridge %s: queue below 90%%, accepting bridged publishes again", name)
 
     def disconnected(self, name: str) -> None:
         """The link is down: the queue takes everything again."""
@@ -441,7 +435,7 @@ class BridgeManager:
         if len(routes) == 1:
             ((bridge, topic, topic_size),) = routes
             size = topic_size + extra
-            if not bridge.queue.reserve(size):
+            if not bridge.queue.reserve(size, now):
                 self._refuse_full(bridge, message.qos)
                 return GateVerdict.FULL
             if dup:
@@ -451,7 +445,7 @@ class BridgeManager:
         else:
             reserved: list[tuple[_Bridge, int]] = []
             for bridge, _, topic_size in routes:
-                if not bridge.queue.reserve(topic_size + extra):
+                if not bridge.queue.reserve(topic_size + extra, now):
                     for done, done_size in reserved:
                         done.queue.unreserve(done_size)
                     self._refuse_full(bridge, message.qos)
@@ -488,18 +482,31 @@ class BridgeManager:
             bridge.counters.refused_full += 1
         else:
             bridge.counters.dropped_qos0_full += 1
-        if not bridge.alarmed:
-            bridge.alarmed = True
+        if bridge.alarm.refusal(time.monotonic()):
             queue = bridge.queue
             log.error(
                 "bridge %s: queue FULL (%d/%d messages, %d/%d bytes): refusing bridged "
-                "publishes (MQTT 5: PUBACK 0x97; 3.1.1: connection closed unacknowledged) "
-                "until the upstream catches up",
+                "publishes (MQTT 5: PUBACK 0x97; 3.1.1: connection closed after acknowledging "
+                "what was queued) until the upstream catches up",
                 bridge.plan.name,
                 queue.messages,
                 queue.max_messages,
                 queue.bytes,
                 queue.max_bytes,
+                extra={"bridge": bridge.plan.name},
+            )
+
+    def _settle_alarm(self, bridge: _Bridge) -> None:
+        """End a full-queue episode once the queue has had room for a while (``FULL_QUIET_S``)."""
+        queue, alarm, now = bridge.queue, bridge.alarm, time.monotonic()
+        room = queue.messages < 0.9 * queue.max_messages and queue.bytes < 0.9 * queue.max_bytes
+        if alarm.settle(now, room=room):
+            log.warning(
+                "bridge %s: queue below 90%%, accepting bridged publishes again (%d refused "
+                "in %.0f s)",
+                bridge.plan.name,
+                alarm.refused,
+                alarm.last_at - alarm.first_at,
                 extra={"bridge": bridge.plan.name},
             )
 
@@ -595,6 +602,8 @@ class BridgeManager:
             for name, bridge in self._bridges.items():
                 if bridge.paced and not bridge.congested():
                     self._release(bridge)
+                if bridge.alarm.raised:
+                    self._settle_alarm(bridge)
                 self.want_more(name)
 
     # -- figures -------------------------------------------------------------------------------
@@ -615,7 +624,7 @@ class BridgeManager:
                     last_error=bridge.state.last_error,
                     queue_messages=queue.messages,
                     queue_bytes=queue.bytes,
-                    queue_full=bridge.alarmed,
+                    queue_full=bridge.alarm.raised,
                     oldest_age_s=None if oldest is None else round(max(0.0, now - oldest), 3),
                     counters=replace(bridge.counters),
                 )
@@ -637,6 +646,6 @@ class BridgeManager:
             "bridge_ingress_loops_dropped_total",
             "counter",
             "Client publishes that carried this broker's own origin marker, not routed.",
-            [("", float(self.loops))],
+            [("", self.loops)],
         )
         return text + "\n".join(loops) + "\n"

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.bridge.topics import InvalidBridgeRule, TopicRule, compile_rule, filters_overlap
+from broker.bridge.topics import InvalidBridgeRule, TopicRule, compile_rule
 from broker.mqtt import ProtocolLevel
+from broker.mqtt.topics import filters_overlap
 from enrollment.config import BridgeSettings, Config
 from enrollment.errors import ConfigError, InvalidDeviceId
 from enrollment.ids import validate_id

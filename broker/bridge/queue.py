@@ -50,30 +50,45 @@ class OutQueue:
         self._inflight: dict[int, Queued] = {}  # by packet id, in send order
         self._stored_to = 0  # highest sequence number committed for this bridge
         self._read_to = 0  # highest sequence number moved from disk (or the commit) to memory
-        self._oldest_on_disk: float | None = None
+        self._oldest_on_disk: float | None = None  # None: nothing waits on disk only
+        self._unstored = 0  # reserved, their commit not done yet
+        self._unstored_since: float | None = None  # when the oldest of those was queued
 
     # -- the device side -------------------------------------------------------------------------
 
-    def reserve(self, size: int) -> bool:
-        """Make room for one message of ``size`` bytes; False when a bound would be passed."""
+    def reserve(self, size: int, now: float) -> bool:
+        """Make room for one message of ``size`` bytes queued at ``now`` (wall clock); False
+        when a bound would be passed."""
         if self.messages >= self.max_messages or self.bytes + size > self.max_bytes:
             return False
         self.messages += 1
         self.bytes += size
+        if not self._unstored:
+            self._unstored_since = now
+        self._unstored += 1
         return True
 
     def unreserve(self, size: int) -> None:
         """A reserved message was not stored after all (the write failed)."""
         self.messages -= 1
         self.bytes -= size
+        self._unstored -= 1
+        if not self._unstored:
+            self._unstored_since = None
 
     def stored(self, item: Queued) -> None:
-        """``item`` is committed; sequence numbers arrive in increasing order."""
+        """``item`` is committed; sequence numbers arrive in increasing order, in the order
+        of their reservations."""
+        self._unstored -= 1
+        # those still being committed were queued after this one: its time bounds their age
+        self._unstored_since = item.enqueued_at if self._unstored else None
         caught_up = self._read_to == self._stored_to
         self._stored_to = item.seq
         if caught_up and len(self._ram) < self._ram_limit:
             self._ram.append(item)
             self._read_to = item.seq
+        elif self._oldest_on_disk is None:
+            self._oldest_on_disk = item.enqueued_at
 
     # -- recovery: what the store holds ------------------------------------------------------------
 
@@ -95,8 +110,10 @@ class OutQueue:
             if item.seq > self._read_to:
                 self._ram.append(item)
                 self._read_to = item.seq
-        if items:  # what is in memory now is older than anything left on disk
-            self._oldest_on_disk = None
+        if items:  # what is left on disk was queued after the last message read
+            self._oldest_on_disk = (
+                items[-1].enqueued_at if self._read_to < self._stored_to else None
+            )
 
     # -- the upstream side -----------------------------------------------------------------------
 
@@ -166,11 +183,15 @@ class OutQueue:
         return self.messages >= self.max_messages or self.bytes >= self.max_bytes
 
     def oldest(self) -> float | None:
-        """When the oldest message still unacknowledged was queued (wall clock)."""
+        """When the oldest message still unacknowledged was queued (wall clock); ``None`` only
+        for an empty queue. Of messages only on disk or still being committed, the time is
+        that of the message just before them: at most one arrival too early."""
         first = next(iter(self._inflight.values()), None)
         candidates = [] if first is None else [first.enqueued_at]
         if self._ram:
             candidates.append(self._ram[0].enqueued_at)
         if self._oldest_on_disk is not None:
             candidates.append(self._oldest_on_disk)
+        if self._unstored_since is not None:
+            candidates.append(self._unstored_since)
         return min(candidates) if candidates else None

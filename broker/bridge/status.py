@@ -1,5 +1,6 @@
-"""What each bridge reports: live state and counters, as JSON for ``fleetgate bridge status``
-and as Prometheus samples for ``/metrics`` (pure; the figures come from the running broker)."""
+"""What each bridge reports: live state, counters and the full-queue alarm, as JSON for
+``fleetgate bridge status`` and as Prometheus samples for ``/metrics`` (pure; the figures come
+from the running broker)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from broker.metrics import family_lines
+from broker.metrics import Sample, family_lines
 
 
 @dataclass
@@ -43,6 +44,39 @@ class LinkState:
             self.since = now
         self.connected = False
         self.last_error = reason
+
+
+FULL_QUIET_S = 10.0
+"""A full-queue episode ends once the queue is below 90 % of its bounds and nothing was
+refused for this long: a queue that touches its bound again and again while the upstream
+catches up (devices resending on reconnect) is one episode, logged once, not once per touch."""
+
+
+@dataclass
+class FullAlarm:
+    """One bridge's full-queue alarm: raised by the first refusal of an episode, cleared when
+    the episode ends (see ``FULL_QUIET_S``); times are monotonic seconds."""
+
+    raised: bool = False
+    refused: int = 0  # in this episode
+    first_at: float = 0.0
+    last_at: float = 0.0
+
+    def refusal(self, now: float) -> bool:
+        """A publish was refused; True if it starts an episode (log it)."""
+        self.last_at = now
+        self.refused += 1
+        if self.raised:
+            return False
+        self.raised, self.refused, self.first_at = True, 1, now
+        return True
+
+    def settle(self, now: float, *, room: bool) -> bool:
+        """True if the episode ends now (log it): ``room``, the queue is below 90 %."""
+        if not self.raised or not room or now - self.last_at < FULL_QUIET_S:
+            return False
+        self.raised = False
+        return True
 
 
 @dataclass(frozen=True)
@@ -86,14 +120,14 @@ def render_metrics(statuses: Sequence[BridgeStatus], since: Sequence[float]) -> 
     """The bridge families of ``/metrics``; ``since`` holds each bridge's state-change time."""
     lines: list[str] = []
 
-    def per_bridge(values: Iterable[float]) -> list[tuple[str, float]]:
+    def per_bridge(values: Iterable[Sample]) -> list[tuple[str, Sample]]:
         return [(f'{{bridge="{s.name}"}}', v) for s, v in zip(statuses, values, strict=True)]
 
-    def gauge(name: str, text: str, values: Iterable[float]) -> None:
+    def gauge(name: str, text: str, values: Iterable[Sample]) -> None:
         lines.extend(family_lines(f"bridge_{name}", "gauge", text, per_bridge(values)))
 
     def counter(name: str, text: str, attribute: str) -> None:
-        values = (float(getattr(s.counters, attribute)) for s in statuses)
+        values = (int(getattr(s.counters, attribute)) for s in statuses)
         lines.extend(family_lines(f"bridge_{name}", "counter", text, per_bridge(values)))
 
     gauge(
@@ -115,11 +149,12 @@ def render_metrics(statuses: Sequence[BridgeStatus], since: Sequence[float]) -> 
     gauge(
         "queue_oldest_age_seconds",
         "Age of the oldest message not yet acknowledged upstream (0 when empty).",
-        (s.oldest_age_s or 0.0 for s in statuses),
+        (0 if s.oldest_age_s is None else s.oldest_age_s for s in statuses),
     )
     gauge(
         "queue_full",
-        "ALARM: 1 while the queue is full and bridged publishes are refused.",
+        "ALARM: 1 from a refused bridged publish (queue full) until the queue has room and "
+        f"nothing was refused for {FULL_QUIET_S:g} s.",
         (s.queue_full for s in statuses),
     )
     counter("forwarded_total", "Messages acknowledged by the upstream.", "forwarded")

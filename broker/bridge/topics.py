@@ -101,20 +101,3 @@ def first_remap(rules: Iterable[TopicRule], topic: str) -> str | None:
         if renamed is not None:
             return renamed
     return None
-
-
-def filters_overlap(first: str, second: str) -> bool:
-    """Whether some topic name matches both filters (used to spot echo paths)."""
-    a, b = first.split("/"), second.split("/")
-    for index in range(max(len(a), len(b))):
-        x = a[index] if index < len(a) else None
-        y = b[index] if index < len(b) else None
-        if x == "#" or y == "#":
-            return not (index == 0 and "$" in ((x or "")[:1] + (y or "")[:1]))
-        if x is None or y is None:
-            return False
-        if x != y and "+" not in (x, y):
-            return False
-        if index == 0 and "+" in (x, y) and (x + y).replace("+", "").startswith("$"):
-            return False
-    return True

@@ -1,7 +1,8 @@
-"""Topic names, topic filters and matching (spec section 4.7, shared subscriptions 4.8.2).
+"""Topic names and filters (spec section 4.7, shared subscriptions 4.8.2): validation, matching,
+containment (ACLs) and overlap (bridge echo paths).
 
 Pure functions on strings, so the broker can use them on configuration and ACLs as well as on
-packets.
+packets. This is the only module that knows the rules of topic levels and wildcards.
 """
 
 from __future__ import annotations
@@ -89,3 +90,45 @@ def topic_matches(topic_filter: str, topic_name: str) -> bool:
         if index >= len(name_levels) or level not in ("+", name_levels[index]):
             return False
     return len(filter_levels) == len(name_levels)
+
+
+def filter_contains(outer: str, inner: str) -> bool:
+    """True if every topic matched by filter ``inner`` is matched by filter ``outer``.
+
+    A plain topic name is a filter that matches itself, so this also answers "may publish".
+    Topics starting with ``$`` are never reached through a leading wildcard (MQTT 4.7.2).
+    """
+    outer_levels = outer.split("/")
+    inner_levels = inner.split("/")
+    if inner.startswith("$") and outer_levels[0] in {"+", "#"}:
+        return False
+    for i, level in enumerate(outer_levels):
+        if level == "#":
+            return True
+        if i >= len(inner_levels):
+            return False
+        candidate = inner_levels[i]
+        if candidate == "#":
+            return False  # inner reaches deeper/wider than outer at this level
+        if level == "+":
+            continue
+        if candidate != level:  # a literal contains only the same literal, never '+'
+            return False
+    return len(inner_levels) == len(outer_levels)
+
+
+def filters_overlap(first: str, second: str) -> bool:
+    """Whether some topic name matches both filters (used to spot echo paths)."""
+    a, b = first.split("/"), second.split("/")
+    for index in range(max(len(a), len(b))):
+        x = a[index] if index < len(a) else None
+        y = b[index] if index < len(b) else None
+        if x == "#" or y == "#":
+            return not (index == 0 and "$" in ((x or "")[:1] + (y or "")[:1]))
+        if x is None or y is None:
+            return False
+        if x != y and "+" not in (x, y):
+            return False
+        if index == 0 and "+" in (x, y) and (x + y).replace("+", "").startswith("$"):
+            return False
+    return True

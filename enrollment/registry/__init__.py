@@ -1,4 +1,5 @@
-"""The device registry: SQLModel tables and the transactions that change them."""
+"""The device registry: SQLModel tables, the transactions that change them, and its schema's
+versioned migrations (``schema``)."""
 
 from enrollment.registry.models import (
     AuditEvent,
@@ -11,6 +12,7 @@ from enrollment.registry.models import (
     StationState,
     SubjectKind,
 )
+from enrollment.registry.schema import SchemaOutdated
 from enrollment.registry.store import (
     AclPatterns,
     Admission,
@@ -31,6 +33,7 @@ __all__ = [
     "DeviceChange",
     "DeviceState",
     "Registry",
+    "SchemaOutdated",
     "Station",
     "StationState",
     "SubjectKind",

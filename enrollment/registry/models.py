@@ -9,6 +9,8 @@ from typing import Any
 from sqlalchemy import Column, DateTime, Index, text
 from sqlmodel import Field, SQLModel
 
+from enrollment.ids import SubjectKind as SubjectKind  # the registry stores this enum
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
@@ -39,12 +41,6 @@ class CertStatus(StrEnum):
     ON_HOLD = "on_hold"  # listed in the CRL as certificateHold while its device is suspended
     SUPERSEDED = "superseded"  # replaced by re-enrollment; no longer admitted
     REVOKED = "revoked"
-
-
-class SubjectKind(StrEnum):
-    DEVICE = "device"
-    STATION = "station"
-    SERVER = "server"
 
 
 class StationState(StrEnum):
@@ -117,7 +113,8 @@ class BatchEntry(SQLModel, table=True):
 
 
 class AuditEvent(SQLModel, table=True):
-    """Append-only: the database refuses UPDATE and DELETE on this table (see store.py)."""
+    """Append-only: the database refuses UPDATE and DELETE on this table (triggers made by the
+    schema's first revision, migrations/versions/v0001_initial.py)."""
 
     id: int | None = Field(default=None, primary_key=True)
     at: dt.datetime = _ts(index=True)

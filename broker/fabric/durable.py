@@ -1,0 +1,107 @@
+"""QoS 1/2 messages from devices stored in JetStream before they are acknowledged (issue 12).
+
+The node publishes each such message to the stream ``FG_MSGS`` (subjects ``$FG.q.<subject>``)
+with a reply subject on its own acknowledgement inbox, ``$FG.acks.<node>.<n>``. One wildcard
+subscription collects every acknowledgement, so a publish costs no request/response round trip
+object in nats-py. The device's PUBACK/PUBREC is held (the ``HOLD`` path of ``PublishGate``)
+until the stream's answer names the message stored on the configured replicas.
+
+Without an answer within :attr:`DurableLedger.ack_timeout_s`, or with an error (503: no
+stream leader, during a leader election), the same message is sent again with the same
+``Nats-Msg-Id``: JetStream stores it once within its duplicate window. After
+:attr:`DurableLedger.give_up_s` the message counts as not stored, and the device gets PUBACK
+0x83 (MQTT 5) or a close without acknowledgement (3.1.1, which then resends).
+
+Subjects start with ``$``, so MQTT ``#`` and ``+`` subscribers on any node never see them
+(MQTT 4.7.2), and device ACLs never grant ``$`` topics.
+
+:class:`DurableLedger` is the bookkeeping, without I/O: ids, what to resend, what to give up.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+STREAM = "FG_MSGS"
+STREAM_PREFIX = "$FG.q."
+ACK_PREFIX = "$FG.acks."
+MSG_ID_HEADER = "Nats-Msg-Id"
+DUPLICATE_WINDOW_S = 120.0
+MAX_AGE_S = 24 * 3600.0
+
+
+@dataclass(slots=True)
+class Pending:
+    """One message waiting for the stream's acknowledgement."""
+
+    subject: str
+    payload: bytes
+    headers: dict[str, str]
+    on_stored: Callable[[bool, float], None]
+    first_sent: float
+    last_sent: float | None = None
+
+
+@dataclass
+class DurableLedger:
+    """Messages sent to the stream and not yet acknowledged, by sequence number."""
+
+    node: str
+    epoch: str
+    ack_timeout_s: float = 1.0
+    give_up_s: float = 30.0
+    pending: dict[int, Pending] = field(default_factory=dict)
+    _next: int = 1
+
+    @property
+    def ack_prefix(self) -> str:
+        return f"{ACK_PREFIX}{self.node}."
+
+    def add(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str] | None,
+        on_stored: Callable[[bool, float], None],
+        now: float,
+    ) -> int:
+        """Register a message; its number names its reply subject and its ``Nats-Msg-Id``."""
+        number = self._next
+        self._next += 1
+        stamped = dict(headers or {})
+        stamped[MSG_ID_HEADER] = f"{self.node}.{self.epoch}.{number}"
+        self.pending[number] = Pending(STREAM_PREFIX + subject, payload, stamped, on_stored, now)
+        return number
+
+    def reply_subject(self, number: int) -> str:
+        return f"{self.ack_prefix}{number}"
+
+    def answered(self, reply_subject: str, body: bytes, status: str | None) -> int | None:
+        """The message an acknowledgement is for, if it says stored; None otherwise (an error,
+        a 503 without a stream leader, or an answer for a message no longer pending)."""
+        try:
+            number = int(reply_subject.rsplit(".", 1)[1])
+        except (IndexError, ValueError):
+            return None
+        if number not in self.pending or status is not None:
+            return None
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(answer, dict) or "error" in answer or "seq" not in answer:
+            return None
+        return number
+
+    def due(self, now: float) -> tuple[list[int], list[int]]:
+        """(to send again, to give up on): unanswered for ``ack_timeout_s`` since the last
+        send, or for ``give_up_s`` since the first."""
+        resend, failed = [], []
+        for number, item in self.pending.items():
+            if now - item.first_sent >= self.give_up_s:
+                failed.append(number)
+            elif item.last_sent is not None and now - item.last_sent >= self.ack_timeout_s:
+                resend.append(number)
+        return resend, failed

@@ -1,0 +1,559 @@
+"""One broker node on the fabric: its clients' messages go out over core NATS, and messages from
+other nodes come in for its local subscribers (issue 12, first slice).
+
+- **Out.** The node is the core's :class:`~broker.core.PublishGate`: every authorised client
+  PUBLISH is handed to NATS on the subject nats-server's MQTT mapping gives its topic
+  (:mod:`broker.fabric.subjects`), then routed locally as before. A topic with no subject is
+  refused (``INVALID``: PUBACK/PUBREC 0x90). Messages are queued in order and written by one
+  task per event-loop turn, so a burst costs one wake-up, not one task per message.
+- **Stored.** A QoS 1/2 message is also written to the JetStream stream ``FG_MSGS``, and its
+  PUBACK/PUBREC waits for the stream's answer (``HOLD``; :mod:`broker.fabric.durable`). Nothing
+  reads the stream back yet: it is the durable copy later replay will use.
+- **In.** The node holds one NATS subscription per distinct topic filter its sessions have
+  (``a/#`` takes two: ``a.>`` and ``a``), and fans each message out with the core's own
+  subscription tree. Interest is per node, not per device.
+- **No echo.** The connection is opened with ``no_echo``: nats-server does not send a client
+  the messages it published itself, so the origin node, which already routed the message
+  locally, never sees it again. That costs nothing per message (a node-id header would cost
+  bytes on every message and a wasted receive, 8.5-12 µs, at the origin), and messages from
+  NATS-native publishers carry no fleetgate header at all.
+- **Overlapping filters.** NATS sends one copy per matching subscription (``a/#`` and
+  ``a/+`` both match ``a/b``); the core already delivers one copy per session for all its
+  matching filters, so only the copy arriving on the *canonical* filter (the smallest of this
+  node's active filters that match the topic) is routed, the others are dropped.
+
+Core NATS is at-most-once: a message sent while the link is down, or before a new filter's
+interest reached the other servers, is not delivered live (a QoS 1/2 one is still in the
+stream). Replay, retained messages, sessions and wills are not in the fabric yet
+(docs/architecture.md, "Fabric").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from broker.core import BrokerCore, GateVerdict
+from broker.fabric.durable import (
+    DUPLICATE_WINDOW_S,
+    MAX_AGE_S,
+    STREAM,
+    STREAM_PREFIX,
+    DurableLedger,
+)
+from broker.fabric.subjects import (
+    Unmappable,
+    filter_to_subjects,
+    refusal,
+    subject_to_topic,
+    topic_to_subject,
+)
+from broker.metrics import family_lines
+from broker.mqtt import NO_PROPERTIES, QoS
+from broker.mqtt._wire import Reader
+from broker.mqtt.errors import ProtocolError
+from broker.mqtt.packets import PacketType
+from broker.mqtt.properties import decode_properties, encode_properties
+from broker.mqtt.topics import InvalidTopic, validate_topic_name
+from broker.routing import Message, SubscriptionOptions, SubscriptionTree
+from enrollment.config import Config, FabricSettings
+from enrollment.errors import FleetgateError
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+log = logging.getLogger("fleetgate.fabric")
+
+MIN_SERVER_VERSION = (2, 10)
+"""2.9 silently ignores a consumer's filter_subjects (a data leak) and maps no '.' in topics."""
+
+QOS_HEADER = "Nmqtt-Pub"  # nats-server's MQTT listener reads and writes the QoS here
+EXPIRY_HEADER = "Fg-Expiry"  # MQTT 5 message expiry, whole seconds left
+PROPERTIES_HEADER = "Fg-Props"  # MQTT 5 message properties, encoded as on the wire, base64
+
+_ANY = SubscriptionOptions(QoS.AT_MOST_ONCE)
+_QOS = (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE, QoS.EXACTLY_ONCE)
+
+
+class FabricUnavailable(FleetgateError):
+    """The node cannot use the fabric it is configured for: it does not start."""
+
+    code = "fabric_unavailable"
+
+
+def check_server_version(version: str) -> None:
+    """Refuse a nats-server older than 2.10 (``version`` as its INFO gives it, e.g. 2.10.27)."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        raise FabricUnavailable(f"nats-server reports an unreadable version {version!r}") from None
+    if (major, minor) < MIN_SERVER_VERSION:
+        raise FabricUnavailable(
+            f"nats-server {version} is too old for the fabric: fleetgate needs 2.10 or newer "
+            "(2.9 silently ignores a consumer's filter_subjects and delivers every subject)"
+        )
+
+
+def nats_headers(message: Message, now: float) -> dict[str, str] | None:
+    """What a message carries besides topic and payload; None for a plain QoS 0 message, which
+    then looks to NATS-native subscribers exactly like a NATS-native publish."""
+    props = message.properties
+    if message.qos == QoS.AT_MOST_ONCE and props is NO_PROPERTIES and message.expires_at is None:
+        return None
+    headers = {QOS_HEADER: str(int(message.qos))}
+    if message.expires_at is not None:
+        headers[EXPIRY_HEADER] = str(max(0, round(message.expires_at - now)))
+    if props is not NO_PROPERTIES:
+        headers[PROPERTIES_HEADER] = base64.b64encode(encode_properties(props)).decode()
+    return headers
+
+
+def message_from_nats(
+    subject: str, payload: bytes, headers: dict[str, str] | None, now: float
+) -> Message | None:
+    """The MQTT message for a NATS message, or None if it cannot be one (a NATS-native subject
+    whose topic has a wildcard, say, or headers that are not ours)."""
+    topic = subject_to_topic(subject)
+    try:
+        validate_topic_name(topic)
+    except InvalidTopic:
+        return None
+    qos, props, expires_at = QoS.AT_MOST_ONCE, NO_PROPERTIES, None
+    if headers:
+        try:
+            qos = _QOS[int(headers.get(QOS_HEADER, "0"))]
+            if (expiry := headers.get(EXPIRY_HEADER)) is not None:
+                expires_at = now + int(expiry)
+            if (encoded := headers.get(PROPERTIES_HEADER)) is not None:
+                props = decode_properties(
+                    Reader(base64.b64decode(encoded, validate=True)), PacketType.PUBLISH
+                )
+        except (ValueError, IndexError, ProtocolError):
+            return None
+    return Message(topic, payload, qos, False, props, "", expires_at)
+
+
+class InterestTree(SubscriptionTree):
+    """The core's subscription tree, telling the node when a filter gets its first local
+    subscriber and when it loses its last one."""
+
+    def __init__(self, on_first: Callable[[str], None], on_last: Callable[[str], None]) -> None:
+        super().__init__()
+        self._on_first = on_first
+        self._on_last = on_last
+        self._counts: dict[str, int] = {}
+
+    def has(self, topic_filter: str) -> bool:
+        """Whether some local session subscribes to exactly this filter."""
+        return topic_filter in self._counts
+
+    def add(self, topic_filter: str, client_id: str, options: SubscriptionOptions) -> bool:
+        new = super().add(topic_filter, client_id, options)
+        if new:
+            count = self._counts.get(topic_filter, 0) + 1
+            self._counts[topic_filter] = count
+            if count == 1:
+                self._on_first(topic_filter)
+        return new
+
+    def remove(self, topic_filter: str, client_id: str) -> bool:
+        removed = super().remove(topic_filter, client_id)
+        if removed:
+            count = self._counts[topic_filter] - 1
+            if count:
+                self._counts[topic_filter] = count
+            else:
+                del self._counts[topic_filter]
+                self._on_last(topic_filter)
+        return removed
+
+
+class FabricNode:
+    """This broker process as a node of the fabric; ``start`` before the listeners open."""
+
+    def __init__(
+        self,
+        config: Config,
+        core: BrokerCore,
+        *,
+        wake: Callable[[], None],
+        clock: Callable[[], float],
+    ) -> None:
+        assert config.fabric is not None
+        self.settings: FabricSettings = config.fabric
+        self.name = self.settings.node_name or _host_name()
+        self._config = config
+        self._core = core
+        self._wake = wake
+        self._clock = clock
+        self._nc: NatsClient | None = None
+        self._outbox: deque[tuple[str, bytes, dict[str, str] | None]] = deque()
+        self.ledger = DurableLedger(self.name, secrets.token_hex(6))
+        self._stored_outbox: deque[int] = deque()  # ledger numbers to send to the stream
+        self._outbox_ready = asyncio.Event()
+        self._interest: deque[tuple[str, bool]] = deque()
+        self._interest_ready = asyncio.Event()
+        self._nats_subs: dict[str, list[Subscription]] = {}
+        self._active = SubscriptionTree()  # filters whose NATS subscriptions the server has
+        self._tree: InterestTree | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_error: str = ""
+        self._stopping = False
+        self.forwarded = 0
+        self.stored = 0
+        self.resent = 0
+        self.not_stored = 0
+        self.received = 0
+        self.dropped = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (or raise :class:`FabricUnavailable` with the reason), then take over the
+        core's publish gate and subscription tree."""
+        import nats  # only in fabric mode
+
+        settings = self.settings
+        options: dict[str, Any] = {
+            "servers": list(settings.servers),
+            "name": f"fleetgate-{self.name}",
+            "no_echo": True,
+            # Replies (JetStream API) on a '$' subject: MQTT '#' subscribers never see them.
+            "inbox_prefix": "$FG.inbox",
+            "connect_timeout": settings.connect_timeout_s,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+        }
+        if settings.tls_ca_file or settings.tls_cert_file:
+            options["tls"] = self._tls_context()
+        if settings.credentials_file:
+            options["user_credentials"] = str(self._config.data_path(settings.credentials_file))
+        try:
+            self._nc = await asyncio.wait_for(nats.connect(**options), settings.connect_timeout_s)
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            reason = self._last_error or str(exc) or type(exc).__name__
+            raise FabricUnavailable(
+                f"cannot reach the fabric at {', '.join(settings.servers)}: {reason}"
+            ) from exc
+        try:
+            check_server_version(_server_version(self._nc))
+        except FabricUnavailable:
+            await self._nc.close()
+            raise
+        await self._ensure_stream()
+        await self._nc.subscribe(self.ledger.ack_prefix + "*", cb=self._on_ack)
+        core = self._core
+        if core.subscriptions.match("#") or core.sessions:
+            raise RuntimeError("the fabric must be started before any client connects")
+        core.gate = self
+        core.filter_refusal = refusal
+        self._tree = core.subscriptions = InterestTree(self._interest_gained, self._interest_lost)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(job)
+            for job in (self._send(), self._follow_interest(), self._watch_stored())
+        ]
+        log.info(
+            "fabric connected",
+            extra={"node": self.name, "server": self._nc.connected_url.netloc},  # type: ignore[union-attr]
+        )
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.drain()
+
+    def render_metrics(self) -> str:
+        """The node's fabric figures for /metrics, labelled with its name."""
+        label = f'{{node="{self.name}"}}'
+        connected = self._nc is not None and self._nc.is_connected
+        families = [
+            ("fabric_connected", "gauge", "1 while the NATS link is up.", float(connected)),
+            (
+                "fabric_forwarded_total",
+                "counter",
+                "Client messages handed to core NATS for other nodes.",
+                self.forwarded,
+            ),
+            (
+                "fabric_received_total",
+                "counter",
+                "Messages from other nodes or NATS clients routed to local subscribers.",
+                self.received,
+            ),
+            (
+                "fabric_dropped_total",
+                "counter",
+                "Messages not sent to NATS, or received ones that are no MQTT message.",
+                self.dropped,
+            ),
+            (
+                "fabric_stored_total",
+                "counter",
+                "QoS 1/2 messages FG_MSGS acknowledged (the client's acknowledgement followed).",
+                self.stored,
+            ),
+            ("fabric_resent_total", "counter", "Resends to FG_MSGS without answer.", self.resent),
+            (
+                "fabric_not_stored_total",
+                "counter",
+                "QoS 1/2 messages given up on: the client got 0x83 or a close.",
+                self.not_stored,
+            ),
+            (
+                "fabric_pending_stored",
+                "gauge",
+                "QoS 1/2 messages waiting for FG_MSGS.",
+                len(self.ledger.pending),
+            ),
+        ]
+        lines = [
+            line
+            for name, kind, text, value in families
+            for line in family_lines(name, kind, text, [(label, float(value))])
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """TLS 1.3 to NATS, with the fabric CA and this node's client certificate if given."""
+        settings, path = self.settings, self._config.data_path
+        context = ssl.create_default_context(
+            cafile=str(path(settings.tls_ca_file)) if settings.tls_ca_file else None
+        )
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        if settings.tls_cert_file:
+            context.load_cert_chain(path(settings.tls_cert_file), path(settings.tls_key_file))
+        return context
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._last_error = str(exc) or type(exc).__name__
+
+    async def _on_disconnected(self) -> None:
+        if self._stopping:
+            return
+        log.warning("fabric disconnected", extra={"node": self.name, "reason": self._last_error})
+
+    async def _on_reconnected(self) -> None:
+        assert self._nc is not None
+        version = _server_version(self._nc)
+        try:
+            check_server_version(version)
+        except FabricUnavailable as exc:
+            log.error("fabric reconnected to a server that is too old: %s", exc.message)
+            return
+        log.info("fabric reconnected", extra={"node": self.name, "server_version": version})
+
+    # -- out: the publish gate ---------------------------------------------------------------------
+
+    def admit(
+        self, message: Message, dup: bool, on_stored: Callable[[bool, float], None]
+    ) -> GateVerdict:
+        """Queue the message for NATS and let the core route it locally (at most once)."""
+        try:
+            subject = topic_to_subject(message.topic)
+        except Unmappable:
+            return GateVerdict.INVALID
+        now = self._clock()
+        headers = nats_headers(message, now)
+        self._outbox.append((subject, message.payload, headers))
+        self._outbox_ready.set()
+        if message.qos == QoS.AT_MOST_ONCE:
+            return GateVerdict.ROUTE
+        number = self.ledger.add(subject, message.payload, headers, on_stored, now)
+        self._stored_outbox.append(number)
+        return GateVerdict.HOLD
+
+    async def _send(self) -> None:
+        """Write what ``admit`` queued; one wake-up per event-loop turn with messages."""
+        assert self._nc is not None
+        nc, outbox = self._nc, self._outbox
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while outbox:
+                subject, payload, headers = outbox.popleft()
+                try:
+                    await nc.publish(subject, payload, headers=headers)
+                except Exception as exc:  # at most once: count it, go on
+                    self.dropped += 1
+                    self._last_error = str(exc) or type(exc).__name__
+                else:
+                    self.forwarded += 1
+            while self._stored_outbox:
+                number = self._stored_outbox.popleft()
+                item = self.ledger.pending.get(number)
+                if item is None:
+                    continue
+                item.last_sent = self._clock()
+                try:
+                    await nc.publish(
+                        item.subject,
+                        item.payload,
+                        reply=self.ledger.reply_subject(number),
+                        headers=item.headers,
+                    )
+                except Exception as exc:  # resent when its acknowledgement is overdue
+                    self._last_error = str(exc) or type(exc).__name__
+
+    async def _ensure_stream(self) -> None:
+        """Create ``FG_MSGS`` unless it exists (every node tries; the first one wins)."""
+        import nats.js.errors
+        from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+
+        assert self._nc is not None
+        js = self._nc.jetstream(timeout=self.settings.connect_timeout_s)
+        config = StreamConfig(
+            name=STREAM,
+            subjects=[STREAM_PREFIX + ">"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=self.settings.replicas,
+            max_age=MAX_AGE_S,
+            duplicate_window=DUPLICATE_WINDOW_S,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.connect_timeout_s
+        while True:  # a cluster that just started may not place a replicated stream yet
+            try:
+                try:
+                    info = await js.stream_info(STREAM)
+                except nats.js.errors.NotFoundError:
+                    info = await js.add_stream(config)
+                break
+            except Exception as exc:
+                if loop.time() < deadline:
+                    await asyncio.sleep(0.2)
+                    continue
+                await self._nc.close()
+                raise FabricUnavailable(
+                    f"the fabric has no usable JetStream stream {STREAM} "
+                    f"(R{self.settings.replicas}): {exc}"
+                ) from exc
+        if info.config.num_replicas != self.settings.replicas:
+            log.warning(
+                "stream %s has %s replicas, [fabric] replicas says %s",
+                STREAM,
+                info.config.num_replicas,
+                self.settings.replicas,
+            )
+
+    async def _on_ack(self, msg: Msg) -> None:
+        """The stream's answer to one of this node's messages."""
+        status = msg.headers.get("Status") if msg.headers else None
+        number = self.ledger.answered(msg.subject, msg.data, status)
+        if number is None:  # an error or a 503: resent when overdue
+            return
+        item = self.ledger.pending.pop(number)
+        self.stored += 1
+        item.on_stored(True, self._clock())
+        self._wake()
+
+    async def _watch_stored(self) -> None:
+        """Resend overdue messages (same Nats-Msg-Id); give up on the hopeless."""
+        ledger = self.ledger
+        while True:
+            await asyncio.sleep(min(0.25, ledger.ack_timeout_s / 4))
+            now = self._clock()
+            resend, failed = ledger.due(now)
+            for number in failed:
+                item = ledger.pending.pop(number)
+                self.not_stored += 1
+                item.on_stored(False, now)
+            if failed:
+                log.error(
+                    "fabric: %d message(s) not stored in %s within %.0f s",
+                    len(failed),
+                    STREAM,
+                    ledger.give_up_s,
+                    extra={"node": self.name, "reason": self._last_error},
+                )
+                self._wake()
+            if resend:
+                self.resent += len(resend)
+                for number in resend:
+                    ledger.pending[number].last_sent = None  # not overdue while queued
+                self._stored_outbox.extend(resend)
+                self._outbox_ready.set()
+
+    # -- in: interest and delivery ---------------------------------------------------------------
+
+    def _interest_gained(self, topic_filter: str) -> None:
+        self._interest.append((topic_filter, True))
+        self._interest_ready.set()
+
+    def _interest_lost(self, topic_filter: str) -> None:
+        # At once: messages still arriving on its subscriptions are no longer routed.
+        self._active.remove(topic_filter, topic_filter)
+        self._interest.append((topic_filter, False))
+        self._interest_ready.set()
+
+    async def _follow_interest(self) -> None:
+        """Subscribe and unsubscribe in the order the core's filters changed."""
+        assert self._nc is not None
+        nc = self._nc
+        while True:
+            await self._interest_ready.wait()
+            self._interest_ready.clear()
+            while self._interest:
+                f, wanted = self._interest.popleft()
+                try:
+                    if wanted and f not in self._nats_subs:
+                        await self._subscribe(nc, f)
+                    elif not wanted and f in self._nats_subs:
+                        for sub in self._nats_subs.pop(f):
+                            await sub.unsubscribe()
+                except Exception:
+                    log.exception("fabric subscription change failed", extra={"filter": f})
+
+    async def _subscribe(self, nc: NatsClient, topic_filter: str) -> None:
+        async def on_message(msg: Msg) -> None:
+            self._on_message(topic_filter, msg)
+
+        self._nats_subs[topic_filter] = [
+            await nc.subscribe(subject, cb=on_message)
+            for subject in filter_to_subjects(topic_filter)
+        ]
+        await nc.flush()  # the server has the subscriptions: only now may this filter route
+        assert self._tree is not None
+        if self._tree.has(topic_filter):  # still wanted once the server had it
+            self._active.add(topic_filter, topic_filter, _ANY)
+
+    def _on_message(self, topic_filter: str, msg: Msg) -> None:
+        """A message from another node (or a NATS-native publisher) for this node's clients."""
+        now = self._clock()
+        message = message_from_nats(msg.subject, msg.data, msg.headers, now)
+        if message is None:
+            self.dropped += 1
+            return
+        matching = self._active.match(message.topic)
+        if not matching or min(f for f, _ in matching) != topic_filter:
+            return  # another of this node's filters routes this copy
+        self.received += 1
+        self._core.publish(message, now)
+        self._wake()
+
+
+def _server_version(nc: NatsClient) -> str:
+    version = nc.connected_server_version
+    return f"{version.major}.{version.minor}.{version.patch}"
+
+
+def _host_name() -> str:
+    """The host name as a NATS subject token (no dots)."""
+    name = socket.gethostname().split(".")[0]
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name)[:64] or "node"

@@ -1,0 +1,185 @@
+"""Per-device limits (issue 11): what one device may hold in and demand of the broker.
+
+A stolen device keeps a valid certificate until it is revoked; until then nothing it sends may
+grow the broker's memory, its registry or its CPU without bound. Pure logic, time passed in:
+the settings (:class:`DeviceLimits`, per group, from ``[broker.limits]``), token buckets for the
+publish and connect rates, the checks :mod:`broker.connection` and :mod:`broker.core` ask, and
+the audit throttle and text bound that keep a flood of refusals from flooding the audit table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from enrollment.config import DeviceLimits, LimitSettings
+
+__all__ = [
+    "AUDIT_TEXT_CHARS",
+    "AuditThrottle",
+    "DeviceLimits",
+    "Limit",
+    "LimitSettings",
+    "RateLimiter",
+    "TokenBucket",
+    "audit_text",
+    "retained_excess",
+    "topic_excess",
+]
+
+AUDIT_TEXT_CHARS = 256
+"""How much of a topic, filter or refusal message an audit row keeps."""
+
+
+class Limit:
+    """The ``limit`` label of ``limit_refusals_total``: one per limit, a closed set."""
+
+    SUBSCRIPTIONS = "subscriptions"
+    TOPIC_BYTES = "topic_bytes"
+    TOPIC_LEVELS = "topic_levels"
+    RETAINED_MESSAGES = "retained_messages"
+    RETAINED_BYTES = "retained_bytes"
+    QUEUED_MESSAGES = "queued_messages"
+    QUEUED_BYTES = "queued_bytes"
+    PUBLISH_RATE = "publish_rate"
+    CONNECT_RATE = "connect_rate"
+
+
+def audit_text(text: str, limit: int = AUDIT_TEXT_CHARS) -> str:
+    """``text`` as an audit row keeps it: whole up to ``limit`` characters, else its start, its
+    length and its SHA-256 (enough to tell two long filters apart, or find a known one), so a
+    refused 64 KiB filter costs the audit table ~350 bytes, not 64 KiB."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{text[:limit]}… ({len(text)} characters, sha256 {digest})"
+
+
+def topic_excess(topic: str, limits: DeviceLimits) -> str | None:
+    """Which of the group's topic limits ``topic`` (a name or filter) breaks, or ``None``.
+
+    Counting UTF-8 bytes means encoding; a topic of at most a quarter of the limit in
+    characters cannot exceed it (four bytes per character at most), so the common short topic
+    is not encoded."""
+    if len(topic) * 4 > limits.max_topic_bytes and len(topic.encode()) > limits.max_topic_bytes:
+        return Limit.TOPIC_BYTES
+    if topic.count("/") >= limits.max_topic_levels:
+        return Limit.TOPIC_LEVELS
+    return None
+
+
+def retained_excess(
+    held: tuple[int, int], replaced: int | None, size: int, limits: DeviceLimits
+) -> str | None:
+    """Which retained limit storing one more message of ``size`` bytes breaks, or ``None``.
+
+    ``held`` is what the device's retained messages count and weigh now; ``replaced`` is the
+    size of its own message this one replaces (``None`` if none): a replacement does not add
+    to the count.
+    """
+    count, total = held
+    if replaced is not None:
+        count, total = count - 1, total - replaced
+    if count + 1 > limits.max_retained_messages:
+        return Limit.RETAINED_MESSAGES
+    if total + size > limits.max_retained_bytes:
+        return Limit.RETAINED_BYTES
+    return None
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up; starts full."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def take(self, now: float) -> float:
+        """Take one token: 0.0 if there was one, else the seconds until there will be one (and
+        nothing is taken)."""
+        tokens = self.tokens
+        if now != self.stamp:  # packets of one read share a time: refilled once for them all
+            tokens += (now - self.stamp) * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
+            self.stamp = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return 0.0
+        self.tokens = tokens
+        return (1.0 - tokens) / self.rate
+
+
+class RateLimiter:
+    """One :class:`TokenBucket` per key (a device id) for the most recent ``capacity`` keys.
+
+    Memory stays bounded whatever the number of ids; a key pushed out starts again with a full
+    bucket, which needs ``capacity`` other ids, each with its own valid certificate, in between.
+    """
+
+    def __init__(self, rate: float, burst: float, *, capacity: int = 10_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.capacity = capacity
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def take(self, key: str, now: float) -> float:
+        """:meth:`TokenBucket.take` on ``key``'s bucket."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+            if len(self._buckets) > self.capacity:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+        return bucket.take(now)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+@dataclass(slots=True)
+class _Window:
+    opened: float
+    suppressed: int = 0
+
+
+class AuditThrottle:
+    """At most one audit row per (client, kind of refusal) per ``interval`` seconds.
+
+    A device repeating a refused request gets one row, then silence for the interval; the next
+    row after it says how many were left out. The refusals themselves are all counted on
+    ``/metrics``. Memory is bounded to ``capacity`` keys (least recently refused dropped first,
+    with whatever count they held).
+    """
+
+    def __init__(self, *, interval: float = 60.0, capacity: int = 10_000) -> None:
+        self.interval = interval
+        self.capacity = capacity
+        self._windows: OrderedDict[tuple[str, str], _Window] = OrderedDict()
+
+    def admit(self, client: str, kind: str, now: float) -> int | None:
+        """``None``: leave this refusal out of the audit. Otherwise write it, noting the returned
+        number of refusals of this kind left out since the previous row."""
+        key = (client, kind)
+        window = self._windows.get(key)
+        if window is not None:
+            self._windows.move_to_end(key)
+            if now - window.opened < self.interval:
+                window.suppressed += 1
+                return None
+            suppressed = window.suppressed
+            window.opened, window.suppressed = now, 0
+            return suppressed
+        self._windows[key] = _Window(now)
+        if len(self._windows) > self.capacity:
+            self._windows.popitem(last=False)
+        return 0
+
+    def __len__(self) -> int:
+        return len(self._windows)

@@ -1,0 +1,54 @@
+"""Certificate rows: how an issued certificate is recorded and how a subject's are withdrawn."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import update
+from sqlmodel import Session, col
+
+from enrollment.registry.models import Certificate, CertStatus, SubjectKind, utcnow
+
+
+def serial_hex(serial: int) -> str:
+    return format(serial, "x")
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def certificate_values(
+    cert: x509.Certificate, kind: SubjectKind, subject_id: str
+) -> dict[str, Any]:
+    """A new certificate row as plain values (building a SQLModel instance costs ~0.1 ms)."""
+    return {
+        "serial": serial_hex(cert.serial_number),
+        "subject_kind": kind,
+        "subject_id": subject_id,
+        "fingerprint_sha256": fingerprint(cert),
+        "not_before": cert.not_valid_before_utc,
+        "not_after": cert.not_valid_after_utc,
+        "status": CertStatus.ACTIVE,
+        "revoked_at": None,
+        "revocation_reason": None,
+        "pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
+    }
+
+
+def revoke_certificates(s: Session, kind: SubjectKind, subject_id: str, reason: str) -> None:
+    """Revoke every certificate of the subject that is not revoked already."""
+    s.exec(
+        update(Certificate)
+        .where(col(Certificate.subject_kind) == kind)
+        .where(col(Certificate.subject_id) == subject_id)
+        .where(
+            col(Certificate.status).in_(
+                [CertStatus.ACTIVE, CertStatus.ON_HOLD, CertStatus.SUPERSEDED]
+            )
+        )
+        .values(status=CertStatus.REVOKED, revoked_at=utcnow(), revocation_reason=reason)
+    )

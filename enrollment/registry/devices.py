@@ -1,0 +1,274 @@
+"""Devices and their certificates: enrollment, renewal, state changes and the CRL's entries.
+
+A certificate row is committed before anyone may hand the certificate out; a device leaves
+``pending`` exactly once (a conditional UPDATE, so two concurrent enrollments of one id cannot
+both win), and a partial unique index allows one active certificate per subject.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from cryptography import x509
+from sqlalchemy import Connection, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
+
+from enrollment.attestation import AttestedKey
+from enrollment.errors import EnrollmentRefused, InvalidStateChange, NotFound
+from enrollment.registry import statements as sql
+from enrollment.registry.attestation import bind_hardware
+from enrollment.registry.audit import AuditLog, AuditRecord, audit_values
+from enrollment.registry.certificates import certificate_values, revoke_certificates, serial_hex
+from enrollment.registry.models import (
+    Certificate,
+    CertStatus,
+    Device,
+    DeviceChange,
+    DeviceState,
+    StationState,
+    SubjectKind,
+    as_utc,
+    utcnow,
+)
+
+# The audit action recorded for each target state of a device.
+DEVICE_ACTIONS = {
+    DeviceState.SUSPENDED: "device.suspend",
+    DeviceState.ACTIVE: "device.reinstate",
+    DeviceState.REVOKED: "device.revoke",
+}
+
+
+@dataclass(frozen=True)
+class EnrollmentTarget:
+    """What an enrollment must respect about its device: its group's key policy and binding."""
+
+    device_id: str
+    group: str
+    required_protection: str  # enrollment.policy.Requirement value; "none" without a policy
+    hardware_binding: str | None
+
+
+@dataclass(frozen=True)
+class DeviceKey:
+    """What renewal must respect: where the device's key lives and what its group demands."""
+
+    group: str
+    key_protection: str
+    hardware_binding: str | None
+    required_protection: str
+
+
+@dataclass(frozen=True)
+class Credential:
+    """The registry's view of a client certificate: its status and its holder's."""
+
+    status: CertStatus
+    revoked_at: dt.datetime | None
+    reason: str | None
+    holder_active: bool
+
+
+class Devices(AuditLog):
+    """Enrolling, renewing, suspending and revoking devices, and reading their certificates."""
+
+    def check_may_enroll(self, station_id: str, device_id: str) -> EnrollmentTarget:
+        """Refuse early (before signing) when ``station_id`` may not enroll ``device_id`` now."""
+        with self._read() as conn:
+            row = conn.execute(sql.DEVICE_BATCH, {"device_id": device_id}).first()
+        if row is None or row.station_id != station_id:
+            raise EnrollmentRefused(
+                f"device {device_id} is not in any batch of station {station_id}: "
+                f"add it with `fleetgate batch add {station_id} {device_id}`"
+            )
+        if row.state != DeviceState.PENDING:
+            raise EnrollmentRefused(
+                f"device {device_id} is already enrolled (state {row.state}); "
+                "an enrolled device renews with simplereenroll"
+            )
+        return EnrollmentTarget(
+            device_id, row.group, row.required_protection or "none", row.hardware_binding
+        )
+
+    def device_key(self, device_id: str) -> DeviceKey:
+        """The device's key protection and its group's requirement, for renewal decisions."""
+        with self._read() as conn:
+            row = conn.execute(sql.DEVICE_KEY, {"device_id": device_id}).first()
+        if row is None:
+            raise NotFound(f"no device {device_id!r} in the registry")
+        return DeviceKey(
+            row.group, row.key_protection, row.hardware_binding, row.required_protection or "none"
+        )
+
+    def credential(self, kind: SubjectKind, subject_id: str, serial: int) -> Credential | None:
+        """The status of certificate ``serial`` if it was issued to ``kind`` ``subject_id``."""
+        station = kind == SubjectKind.STATION
+        query = sql.STATION_CREDENTIAL if station else sql.DEVICE_CREDENTIAL
+        active = StationState.ACTIVE if station else DeviceState.ACTIVE
+        params = {"serial": serial_hex(serial), "kind": kind, "subject_id": subject_id}
+        with self._read() as conn:
+            row = conn.execute(query, params).first()  # type: ignore[call-overload]
+        if row is None:
+            return None
+        revoked_at = as_utc(row.revoked_at) if row.revoked_at else None
+        return Credential(row.status, revoked_at, row.revocation_reason, row.state == active)
+
+    def record_enrollment(
+        self,
+        station_id: str,
+        device_id: str,
+        cert: x509.Certificate,
+        audit: AuditRecord,
+        attested: AttestedKey | None = None,
+    ) -> None:
+        """Commit the first certificate of a pending device; exactly one concurrent caller wins.
+
+        With ``attested``, the device is bound to that hardware in the same transaction.
+        """
+        now = utcnow()
+        try:
+            with self.engine.begin() as conn:
+                params = {"b_device_id": device_id, "b_station_id": station_id, "now": now}
+                won = conn.execute(sql.ACTIVATE_PENDING_DEVICE, params).rowcount
+                if won != 1:
+                    raise EnrollmentRefused(
+                        f"device {device_id} was enrolled by a concurrent request; "
+                        "this request's certificate was discarded"
+                    )
+                conn.execute(sql.MARK_BATCH_ENTRY_ENROLLED, params)
+                if attested is not None:
+                    bind_hardware(conn, device_id, attested)
+                _insert_issued(conn, cert, device_id, audit)
+        except IntegrityError as exc:  # the partial unique index caught a race
+            raise EnrollmentRefused(
+                f"device {device_id} already has an active certificate; this one was discarded"
+            ) from exc
+
+    def record_reenrollment(
+        self,
+        device_id: str,
+        old_serial: int,
+        cert: x509.Certificate,
+        audit: AuditRecord,
+        attested: AttestedKey | None = None,
+    ) -> None:
+        """Swap the device's active certificate for ``cert``, if ``old_serial`` is still it.
+
+        With ``attested`` (a hardware key rotation), the binding must hold and is re-recorded.
+        """
+        try:
+            with self.engine.begin() as conn:
+                state = conn.execute(sql.DEVICE_STATE, {"device_id": device_id}).scalar()
+                if state != DeviceState.ACTIVE:
+                    raise EnrollmentRefused(f"device {device_id} is not active; it may not renew")
+                if attested is not None:
+                    bind_hardware(conn, device_id, attested)
+                swapped = conn.execute(
+                    sql.SUPERSEDE_ACTIVE_CERTIFICATE,
+                    {"b_old_serial": serial_hex(old_serial), "now": utcnow()},
+                ).rowcount
+                if swapped != 1:
+                    raise EnrollmentRefused(
+                        f"certificate {serial_hex(old_serial)} of {device_id} is no longer current "
+                        "(renewed concurrently, suspended or revoked)"
+                    )
+                _insert_issued(conn, cert, device_id, audit)
+        except IntegrityError as exc:
+            raise EnrollmentRefused(
+                f"device {device_id} already has another active certificate"
+            ) from exc
+
+    def device(self, device_id: str) -> Device:
+        return self._get(Device, device_id, f"no device {device_id!r} in the registry")
+
+    def devices(self, *, state: DeviceState | None = None) -> list[Device]:
+        with self._read_session() as s:
+            query = select(Device).order_by(Device.id)
+            if state is not None:
+                query = query.where(Device.state == state)
+            return list(s.exec(query).all())
+
+    def certificates_of(self, kind: SubjectKind, subject_id: str) -> list[Certificate]:
+        with self._read_session() as s:
+            query = (
+                select(Certificate)
+                .where(Certificate.subject_kind == kind, Certificate.subject_id == subject_id)
+                .order_by(col(Certificate.not_before))
+            )
+            return list(s.exec(query).all())
+
+    def certificate(self, serial: int) -> Certificate | None:
+        with self._read_session() as s:
+            return s.get(Certificate, serial_hex(serial))
+
+    def change_device_state(
+        self, device_id: str, target: DeviceState, *, reason: str, actor: str
+    ) -> Device:
+        """Suspend, reinstate or revoke a device, moving its certificates along."""
+        allowed = {
+            DeviceState.SUSPENDED: {DeviceState.ACTIVE},
+            DeviceState.ACTIVE: {DeviceState.SUSPENDED},
+            DeviceState.REVOKED: {DeviceState.PENDING, DeviceState.ACTIVE, DeviceState.SUSPENDED},
+        }[target]
+        action = DEVICE_ACTIONS[target]
+        with self.transaction() as s:
+            device = s.get(Device, device_id)
+            if device is None:
+                raise NotFound(f"no device {device_id!r} in the registry")
+            if device.state not in allowed:
+                hint = (
+                    " (revocation is final: enroll a new device id)"
+                    if device.state == "revoked"
+                    else ""
+                )
+                raise InvalidStateChange(
+                    f"device {device_id} is {device.state}; cannot {action.split('.')[1]} it{hint}"
+                )
+            if target == DeviceState.REVOKED:
+                revoke_certificates(s, SubjectKind.DEVICE, device_id, reason)
+            else:
+                source, dest = (
+                    (CertStatus.ACTIVE, CertStatus.ON_HOLD)
+                    if target == DeviceState.SUSPENDED
+                    else (CertStatus.ON_HOLD, CertStatus.ACTIVE)
+                )
+                s.exec(
+                    update(Certificate)
+                    .where(col(Certificate.subject_kind) == SubjectKind.DEVICE)
+                    .where(col(Certificate.subject_id) == device_id)
+                    .where(col(Certificate.status) == source)
+                    .values(
+                        status=dest,
+                        revoked_at=utcnow() if dest == CertStatus.ON_HOLD else None,
+                        revocation_reason="certificateHold" if dest == CertStatus.ON_HOLD else None,
+                    )
+                )
+            device.state = target
+            device.updated_at = utcnow()
+            s.add(DeviceChange(device_id=device_id, state=target, reason=reason))
+            self.audit(AuditRecord(actor, action, "ok", device_id, reason), s)
+            return device
+
+    def crl_entries(self) -> list[tuple[str, dt.datetime, str]]:
+        """(serial hex, revocation time, reason) of every withdrawn, unexpired certificate.
+
+        Withdrawn: revoked, on hold, or superseded by a renewal.
+        """
+        now = utcnow()
+        withdrawn = [CertStatus.REVOKED, CertStatus.ON_HOLD, CertStatus.SUPERSEDED]
+        with self._read_session() as s:
+            rows = s.exec(select(Certificate).where(col(Certificate.status).in_(withdrawn))).all()
+            return [
+                (r.serial, as_utc(r.revoked_at or now), r.revocation_reason or "unspecified")
+                for r in rows
+                if as_utc(r.not_after) > now
+            ]
+
+
+def _insert_issued(
+    conn: Connection, cert: x509.Certificate, device_id: str, audit: AuditRecord
+) -> None:
+    conn.execute(sql.INSERT_CERTIFICATE, certificate_values(cert, SubjectKind.DEVICE, device_id))
+    conn.execute(sql.INSERT_AUDIT, audit_values(audit))

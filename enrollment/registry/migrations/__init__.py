@@ -1,0 +1,1 @@
+"""Alembic revisions of the registry schema; ``enrollment.registry.schema`` runs them."""
