@@ -209,6 +209,7 @@ def connection_seeds() -> Iterator[tuple[str, bytes]]:
             yield name, bytes([0x00, 0x00]) + stream
             yield f"{name}-gate-session", bytes([0x30 | 0x08, 0x05 | 0x20 | 0x08]) + stream
             yield f"{name}-refused-plaintext", bytes([0x04 | 0x02 | 0x80, 0x01 | 0x18]) + stream
+            yield f"{name}-tight-limits", bytes([0x00, 0x40 | 0x03]) + stream
     unknown = encode(Connect(client_id=""), 5)
     yield "bad-level", b"\x00\x00" + unknown[:8] + b"\x07" + unknown[9:]
     yield "unidentified", b"\x03\x00" + unknown

@@ -43,6 +43,7 @@ from enrollment.attestation.messages import (
     TpmChallengeRequest,
     TpmEnrollRequest,
 )
+from enrollment.config import DeviceLimits, LimitSettings
 from enrollment.csr import check_device_csr, decode_est_body
 from enrollment.errors import AttestationRefused, CSRRejected, MalformedRequest
 from enrollment.registry import DeviceState
@@ -146,6 +147,26 @@ _ACL = AclTemplate(
     publish=("devices/%d/#", "shared/#"), subscribe=("devices/%d/#", "shared/#")
 ).for_device(DEVICE_ID)
 _WATCHER_ACL = DeviceAcl(publish=("shared/#",), subscribe=("#",))
+_LIMITS = LimitSettings(
+    groups=(
+        (
+            "tight",
+            DeviceLimits(
+                max_subscriptions=2,
+                max_topic_bytes=24,
+                max_topic_levels=3,
+                max_retained_messages=1,
+                max_retained_bytes=16,
+                max_queued_messages=2,
+                max_queued_bytes=64,
+                max_inflight=1,
+                publish_rate=1.0,
+                publish_burst=2,
+            ),
+        ),
+    )
+)
+"""The fuzzed device's group when byte 1 says so: every per-device limit within reach."""
 _STEPS = (0.25, 3.0, 40.0, 700.0)  # seconds between two pieces of the client's stream
 _VERDICTS = (GateVerdict.ROUTE, GateVerdict.HOLD, GateVerdict.LOOP, GateVerdict.FULL)
 
@@ -231,7 +252,7 @@ _EARLIER_SESSION = _setup(
 def _broker(control: int) -> tuple[BrokerCore, _Gate]:
     """A core with a watcher subscribed to everything, a retained message and, if ``control``
     says so, a bridge gate and a stored session of the fuzzed device with messages queued."""
-    core = BrokerCore(_SETTINGS, metrics=Metrics(), audit=lambda record: None)
+    core = BrokerCore(_SETTINGS, metrics=Metrics(), audit=lambda record: None, limits=_LIMITS)
     gate = _Gate()
     if control & 0x10:
         core.gate = gate
@@ -260,7 +281,8 @@ def fuzz_connection(data: bytes) -> None:
     Byte 0: identity (bits 0-1), refused admission (bit 2), admission answered only after the
     next piece (bit 3), bridge gate (bit 4), stored session (bit 5), time step (bits 6-7).
     Byte 1: piece size (bits 0-2), how the connection ends (bits 3-4), stored-or-failed for
-    held messages (bit 5). Connection never raises; what it writes must be valid MQTT.
+    held messages (bit 5), a group with tight per-device limits (bit 6). Connection never
+    raises; what it writes must be valid MQTT.
     """
     if len(data) < 2:
         return
@@ -270,8 +292,9 @@ def fuzz_connection(data: bytes) -> None:
     watcher.read()
     conn = Connection(core, peer="fuzz", identity=_IDENTITIES[control & 3], listener="tls", now=0.0)
     client = _Client(conn)
+    group = "tight" if ending & 0x40 else "default"
     verdict: Admitted | Refused = (
-        Refused("refused by the fuzz harness") if control & 4 else Admitted("default", _ACL)
+        Refused("refused by the fuzz harness") if control & 4 else Admitted(group, _ACL)
     )
     step = _STEPS[control >> 6]
     chunk = _CHUNKS[ending & 7] or max(len(stream), 1)
