@@ -71,6 +71,15 @@ A socket closed while its client's bytes are still arriving is reset by the kern
 client loses the acknowledgements it had not read yet: a paho client busy resending thousands
 of messages reads none until it has written them all (measured: 10,000 messages took 59,549
 commits, six per message, when the close came as soon as the acknowledgements were out)."""
+MAX_REASON_STRING = 256
+"""Reason strings quote what the client sent (a topic, a client id, up to 64 KiB and longer once
+quoted): cut to this many characters, a UTF-8 string field holds only 65,535 bytes."""
+
+
+def _reason_string(reason: str) -> Properties:
+    if len(reason) > MAX_REASON_STRING:
+        reason = reason[: MAX_REASON_STRING - 3] + "..."
+    return Properties(reason_string=reason)
 
 
 _CONNACKS: dict[tuple[ProtocolLevel, bool, CoreSettings], bytes] = {}
@@ -918,7 +927,7 @@ class Connection:
         self._refused("mqtt.connect", f"connect.{label}", reason, self.last_received)
         reason = audit_text(reason)
         if code is not None:
-            properties = Properties(reason_string=reason) if self.level is _V5 else NO_PROPERTIES
+            properties = _reason_string(reason) if self.level is _V5 else NO_PROPERTIES
             self._write(ConnAck(reason_code=code, properties=properties))
         self.core.dirty.add(self)
         self.state = State.CLOSED
@@ -944,7 +953,10 @@ class Connection:
     ) -> None:
         """Close from the server side, telling an MQTT 5 client why (section 4.13)."""
         if self.state is State.CONNECTED and self.level is _V5:
-            self._write(Disconnect(reason_code=code, properties=Properties(reason_string=reason)))
+            data = encode(Disconnect(reason_code=code, properties=_reason_string(reason)), _V5)
+            if self.max_send_size is not None and len(data) > self.max_send_size:
+                data = encode(Disconnect(reason_code=code), _V5)  # no reason (MQTT-3.14.2-3)
+            self._emit(data)
         self._close(now, publish_will=publish_will)
 
     def _close_after_acks(self, now: float) -> None:

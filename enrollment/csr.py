@@ -12,6 +12,7 @@ import binascii
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -21,6 +22,15 @@ from fleetgate.errors import CSRRejected, InvalidDeviceId
 from fleetgate.ids import DEVICE_URI_PREFIX, validate_id
 
 ALLOWED_SIGNATURE_HASHES = (hashes.SHA256, hashes.SHA384)
+X509_PARSE_ERRORS = (
+    ValueError,
+    TypeError,  # a name attribute of a type its OID does not allow (a BIT STRING common name)
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+)
+"""What cryptography raises for malformed DER in a certificate or CSR, as it loads it or first
+reads its names and extensions (not all are ValueErrors)."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +50,7 @@ def decode_est_body(body: bytes) -> bytes:
     if text.startswith(b"-----BEGIN"):
         try:
             return x509.load_pem_x509_csr(text).public_bytes(Encoding.DER)
-        except ValueError as exc:
+        except X509_PARSE_ERRORS as exc:
             raise CSRRejected("the PEM body is not a valid PKCS#10 CSR") from exc
     try:
         return base64.b64decode(b"".join(text.split()), validate=True)
@@ -54,9 +64,18 @@ def check_device_csr(der: bytes) -> CheckedCSR:
     """Parse a DER CSR and enforce the device profile on it."""
     try:
         csr = x509.load_der_x509_csr(der)
-    except ValueError as exc:
-        raise CSRRejected("the body is not a DER PKCS#10 certificate signing request") from exc
-    key = csr.public_key()
+        # Parsed on first use by cryptography: a malformed subject or extension is refused here.
+        csr.subject, csr.extensions  # noqa: B018
+    except X509_PARSE_ERRORS as exc:
+        raise CSRRejected(
+            f"the body is not a DER PKCS#10 certificate signing request ({exc})"
+        ) from exc
+    try:
+        key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:  # e.g. a point not on its curve
+        raise CSRRejected(
+            f"the CSR's public key cannot be read ({exc}): device keys must be ECDSA P-256"
+        ) from exc
     if isinstance(key, rsa.RSAPublicKey):
         raise CSRRejected(
             f"the CSR holds an RSA-{key.key_size} key: device keys must be ECDSA P-256"
@@ -65,7 +84,11 @@ def check_device_csr(der: bytes) -> CheckedCSR:
         raise CSRRejected(f"the CSR holds a {type(key).__name__}: device keys must be ECDSA P-256")
     if not isinstance(key.curve, ec.SECP256R1):
         raise CSRRejected(f"the CSR's key is on curve {key.curve.name}: device keys must be P-256")
-    if not isinstance(csr.signature_hash_algorithm, ALLOWED_SIGNATURE_HASHES):
+    try:
+        signature_hash = csr.signature_hash_algorithm
+    except UnsupportedAlgorithm:  # an OID cryptography does not know
+        signature_hash = None
+    if not isinstance(signature_hash, ALLOWED_SIGNATURE_HASHES):
         raise CSRRejected("the CSR must be signed with ECDSA and SHA-256 or SHA-384")
     if not csr.is_signature_valid:
         raise CSRRejected(

@@ -48,7 +48,9 @@ def _bytes_list(payload: Mapping[str, Any], name: str) -> tuple[bytes, ...]:
 def _json_object(body: bytes) -> Mapping[str, Any]:
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and an integer of over 4,300 digits;
+    # RecursionError, arrays or objects nested about a thousand deep.
+    except (ValueError, RecursionError) as exc:
         raise MalformedRequest(f"the request body is not JSON: {exc}") from exc
     if not isinstance(payload, Mapping):
         raise MalformedRequest("the request body must be a JSON object")

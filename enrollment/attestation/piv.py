@@ -17,11 +17,17 @@ import datetime as dt
 from collections.abc import Sequence
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from enrollment.attestation import AttestedKey, KeyProtection
-from enrollment.attestation.trust import describe, key_fingerprint, verify_chain
+from enrollment.attestation.trust import (
+    describe,
+    key_fingerprint,
+    load_certificate,
+    verify_chain,
+)
 from fleetgate.errors import AttestationRefused
 
 
@@ -37,8 +43,8 @@ def verify_piv_attestation(
 
     Both certificates are DER. Raises :class:`AttestationRefused` naming the failed check.
     """
-    attestation = _load(attestation_certificate, "card attestation certificate")
-    f9 = _load(attestation_intermediate, "card's attestation (F9) certificate")
+    attestation = load_certificate(attestation_certificate, "card attestation certificate")
+    f9 = load_certificate(attestation_intermediate, "card's attestation (F9) certificate")
     # The F9 certificate must be the leaf's direct issuer: the card signs with its F9 key, and
     # the binding below is that key. Anything above it must chain to the trust store.
     path = verify_chain(attestation, [f9], anchors, now=now, what="card attestation certificate")
@@ -48,7 +54,13 @@ def verify_piv_attestation(
             "certificate sent with it: send the F9 certificate read from the same card "
             "(GET DATA 5FFF01)"
         )
-    attested = attestation.public_key()
+    try:
+        attested = attestation.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:  # e.g. a point not on its curve
+        raise AttestationRefused(
+            f"the card attested a key that cannot be read ({exc}); fleetgate device keys are "
+            "ECDSA P-256"
+        ) from exc
     if not isinstance(attested, ec.EllipticCurvePublicKey) or not isinstance(
         attested.curve, ec.SECP256R1
     ):
@@ -69,13 +81,6 @@ def verify_piv_attestation(
             f"PIV card {describe(f9)}, attestation key issued by {f9.issuer.rfc4514_string()}"
         ),
     )
-
-
-def _load(der: bytes, what: str) -> x509.Certificate:
-    try:
-        return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
-        raise AttestationRefused(f"the {what} is not a DER X.509 certificate ({exc})") from exc
 
 
 def _spki(key: ec.EllipticCurvePublicKey) -> bytes:

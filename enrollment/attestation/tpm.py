@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -50,7 +50,12 @@ from tpm2_pytss.types import (  # type: ignore[import-untyped]
 )
 from tpm2_pytss.utils import make_credential  # type: ignore[import-untyped]
 
-from enrollment.attestation.trust import describe, key_fingerprint, verify_chain
+from enrollment.attestation.trust import (
+    describe,
+    key_fingerprint,
+    load_certificate,
+    verify_chain,
+)
 from fleetgate.errors import AttestationRefused
 
 __all__ = ["NONCE_BYTES", "TpmChallenge", "make_challenge", "verify_certify"]
@@ -91,8 +96,8 @@ def make_challenge(
     now: dt.datetime,
 ) -> TpmChallenge:
     """Check the EK certificate chain and the AK; wrap a fresh secret to the EK for the AK."""
-    ek_cert = _certificate(ek_certificate, "EK certificate")
-    chain = [_certificate(der, "EK chain certificate") for der in ek_chain]
+    ek_cert = load_certificate(ek_certificate, "EK certificate")
+    chain = [load_certificate(der, "EK chain certificate") for der in ek_chain]
     verify_chain(ek_cert, chain, anchors, now=now, what="EK certificate")
     ak = _public_area(ak_public, "AK public area")
     _require_attributes(ak, _REQUIRED_AK_ATTRIBUTES, "attestation key")
@@ -147,6 +152,7 @@ def verify_certify(
             "the Certify statement is not over this challenge's nonce: it is replayed or made "
             "for another challenge; request a new challenge and certify over its nonce"
         )
+    _require_strong_name(key, "device key")  # before get_name, which knows only those
     if bytes(attest.attested.certify.name) != bytes(key.get_name()):
         raise AttestationRefused(
             "the Certify statement is about a different key than key_public: certify the key "
@@ -158,18 +164,10 @@ def verify_certify(
         raise AttestationRefused("the device key has the decrypt attribute; it must only sign")
     if attributes & TPMA_OBJECT.RESTRICTED:
         raise AttestationRefused("the device key is restricted; it could not sign TLS handshakes")
-    _require_strong_name(key, "device key")
     if _spki(_to_key(key)) != _spki(csr_key):
         raise AttestationRefused(
             "the certified TPM key is not the CSR's key: sign the CSR with the certified key"
         )
-
-
-def _certificate(der: bytes, what: str) -> x509.Certificate:
-    try:
-        return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
-        raise AttestationRefused(f"the {what} is not a DER X.509 certificate ({exc})") from exc
 
 
 def _public_area(data: bytes, what: str) -> Any:
@@ -214,7 +212,15 @@ def _require_strong_name(public: Any, what: str) -> None:
 
 
 def _to_key(public: Any) -> Any:
-    return load_pem_public_key(public.to_pem())
+    """The certified key as a cryptography key; a TPM can certify keys that are not one (an
+    HMAC key) or, if it is not genuine, a point off its curve."""
+    try:
+        return load_pem_public_key(public.to_pem())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise AttestationRefused(
+            f"the certified TPM key is not a usable public key ({exc}): certify the ECDSA "
+            "P-256 key that signed the CSR"
+        ) from exc
 
 
 def _spki(key: Any) -> bytes:

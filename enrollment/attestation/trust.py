@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from enrollment.csr import X509_PARSE_ERRORS
 from fleetgate.errors import AttestationRefused, ConfigError
 
 MAX_CHAIN_LENGTH = 5
@@ -34,6 +35,20 @@ def load_trust_store(directory: Path) -> list[x509.Certificate]:
         except ValueError as exc:
             raise ConfigError(f"trust store file {path} holds no valid PEM certificate") from exc
     return anchors
+
+
+def load_certificate(der: bytes, what: str) -> x509.Certificate:
+    """A DER certificate from the evidence, or :class:`AttestationRefused` naming ``what``.
+
+    cryptography parses names and extensions on first use; they are read here, so that a
+    malformed one is refused as such rather than raising ``ValueError`` in chain building.
+    """
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        cert.subject, cert.issuer, cert.extensions  # noqa: B018
+    except X509_PARSE_ERRORS as exc:
+        raise AttestationRefused(f"the {what} is not a DER X.509 certificate ({exc})") from exc
+    return cert
 
 
 def key_fingerprint(cert_or_key: x509.Certificate | PublicKeyTypes) -> str:
@@ -97,7 +112,7 @@ def _issued_by(
             continue
         try:
             cert.verify_directly_issued_by(candidate)
-        except (ValueError, TypeError, InvalidSignature):
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
             continue
         return candidate
     return None
