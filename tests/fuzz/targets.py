@@ -178,7 +178,7 @@ class _Gate:
     def __init__(self) -> None:
         self.pending: list[Callable[[bool, float], None]] = []
 
-    def admit(
+    def offer(
         self, message: Message, dup: bool, on_stored: Callable[[bool, float], None]
     ) -> GateVerdict:
         verdict = _VERDICTS[message.payload[0] % 4 if message.payload else 0]
