@@ -38,7 +38,7 @@ from broker.core import BrokerCore, CoreSettings
 from broker.feed import RevocationFeed
 from broker.metrics import Metrics
 from broker.mqtt import MAX_PACKET_SIZE, ReasonCode
-from broker.tls import TLS_READ_BUFFER, broker_context, broker_credentials, handshake_label
+from broker.tls import broker_context, broker_credentials, handshake_label
 from enrollment.ca import ServerCredentials, ensure_server_certificate, is_initialised
 from enrollment.config import Config
 from enrollment.errors import ConfigError, FleetgateError, InvalidDeviceId
@@ -210,7 +210,6 @@ class Broker:
             context=context,
             on_refused=self._on_handshake_refused,
             handshake_timeout=settings.tls_handshake_timeout_s,
-            read_buffer_size=TLS_READ_BUFFER,
         )
         self._servers.append(tls_server)
         plaintext_port = 0
