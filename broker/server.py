@@ -66,6 +66,8 @@ class BoundPorts:
 class _MqttProtocol(asyncio.Protocol):
     """Feeds one transport's bytes to its :class:`Connection`."""
 
+    __slots__ = ("_admitting", "_broker", "_listener", "_write_paused", "conn", "transport")
+
     def __init__(self, broker: Broker, listener: str) -> None:
         self._broker = broker
         self._listener = listener
