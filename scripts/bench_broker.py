@@ -46,7 +46,8 @@ each core was (``/proc/stat``, irq and softirq included: loopback TCP costs CPU 
 processes) and how much other processes used meanwhile: the generator's ceiling (1 / its CPU
 per operation) says whether a figure is broker- or generator-bound, and "one core's worth"
 (1 / the broker's CPU per operation) compares the brokers whatever the generator could drive.
-``--profile`` runs fleetgate's broker under cProfile and prints where its time goes.
+``--profile`` runs fleetgate's broker under cProfile and prints where its time goes;
+``--phases idle,connect`` (say) runs only those phases, for A/B runs of one change.
 The last line is machine-readable::
 
     connect_ratio=<x> fanin_q0_ratio=<x> fanin_q1_ratio=<x> idle_kib_per_conn=<n> \
