@@ -66,7 +66,15 @@ class BoundPorts:
 class _MqttProtocol(asyncio.Protocol):
     """Feeds one transport's bytes to its :class:`Connection`."""
 
-    __slots__ = ("_admitting", "_broker", "_listener", "_write_paused", "conn", "transport")
+    __slots__ = (
+        "_admitting",
+        "_broker",
+        "_listener",
+        "_rate_paused",
+        "_write_paused",
+        "conn",
+        "transport",
+    )
 
     def __init__(self, broker: Broker, listener: str) -> None:
         self._broker = broker
