@@ -37,7 +37,7 @@ from broker.core import BrokerCore, CoreSettings
 from broker.feed import RevocationFeed
 from broker.metrics import Metrics
 from broker.mqtt import MAX_PACKET_SIZE
-from broker.tls import TLS_READ_BUFFER, broker_context, broker_credentials, handshake_label
+from broker.tls import broker_context, broker_credentials, handshake_label
 from enrollment.ca import ServerCredentials, ensure_server_certificate, is_initialised
 from enrollment.registry import AdmissionFacts, AuditRecord, DeviceChange, DeviceState, Registry
 from fleetgate.config import Config
@@ -64,6 +64,16 @@ class BoundPorts:
 
 class _MqttProtocol(asyncio.Protocol):
     """Feeds one transport's bytes to its :class:`Connection`."""
+
+    __slots__ = (
+        "_admitting",
+        "_broker",
+        "_listener",
+        "_rate_paused",
+        "_write_paused",
+        "conn",
+        "transport",
+    )
 
     def __init__(self, broker: Broker, listener: str) -> None:
         self._broker = broker
@@ -216,7 +226,6 @@ class Broker:
             context=context,
             on_refused=self._on_handshake_refused,
             handshake_timeout=settings.tls_handshake_timeout_s,
-            read_buffer_size=TLS_READ_BUFFER,
         )
         self._servers.append(tls_server)
         plaintext_port = 0

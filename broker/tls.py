@@ -1,5 +1,4 @@
-"""The broker's side of TLS: its certificate, the mutual-TLS context, and small per-connection
-buffers.
+"""The broker's side of TLS: its certificate, the mutual-TLS context, handshake-failure labels.
 
 The handshake itself runs in :func:`fleetgate.tls.serve_tls`, which reports each refused
 handshake with OpenSSL's reason; :func:`handshake_label` folds those reasons into the few labels
@@ -24,11 +23,6 @@ from fleetgate.tls import server_context
 OP_PRIORITIZE_CHACHA = 0x00200000
 """OpenSSL's SSL_OP_PRIORITIZE_CHACHA, which Python 3.11's ``ssl`` does not name: the server
 picks ChaCha20-Poly1305 when the client lists it first (a client without AES instructions)."""
-
-TLS_READ_BUFFER = 4 * 1024
-"""asyncio allocates 256 KiB per TLS connection for reads; device packets are small. Sized at
-the listener (``serve_tls(read_buffer_size=...)``), an idle mutual-TLS connection measured
-48-50 KiB of broker RSS in ``make bench-broker`` (5,000 and 1,000 connections)."""
 
 _HANDSHAKE_LABELS = (
     ("no certificate", "no_client_certificate"),

@@ -1,28 +1,36 @@
 """TLS for fleetgate's servers: secure contexts, and a server that sees its handshake failures.
 
-asyncio's own TLS server swallows a failed handshake (it is logged only in debug mode), so a
-client certificate from a foreign CA or an expired one would leave no trace. :func:`serve_tls`
-accepts plain TCP, runs the handshake itself (asyncio's TLS protocol, made to send the refused
-client its TLS alert), reports each failure with the peer and OpenSSL's reason, and only then
-makes the application protocol and hands it the TLS transport.
+asyncio's own TLS server swallows a failed handshake (it is logged only in debug mode) and
+aborts the connection with OpenSSL's alert unsent, so a client certificate from a foreign CA or
+an expired one would leave no trace, and the client would learn nothing but "connection reset".
+:func:`serve_tls` accepts plain TCP and runs TLS itself, with the public ``ssl`` API (a
+:class:`~fleetgate.tlspump.TLSPump` per connection: an ``ssl.SSLObject`` between memory BIOs).
+It sends a refused client its alert, reports each failure with the peer and OpenSSL's reason,
+and only then makes the application protocol, whose transport is the connection itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import logging
 import ssl
-from asyncio import sslproto
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from fleetgate.tlspump import TLSPump
+
+log = logging.getLogger("fleetgate.tls")
 
 HandshakeRefused = Callable[[str, str], None]
 """Called as ``on_refused(peer, reason)`` for every failed TLS handshake."""
 
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-_LINGER_S = 2.0  # how long a refused client gets to read the alert before the socket goes
+_LINGER_S = 2.0  # how long a closed or refused peer gets to read our last bytes and hang up
+_RECEIVE_SIZE = 64 * 1024  # one receive buffer per listener, shared by its connections
 
 
 def server_context(
@@ -63,128 +71,254 @@ def describe_handshake_error(exc: BaseException) -> str:
     return f"TLS handshake failed: {exc}"
 
 
-class _Linger(asyncio.Protocol):
-    """Takes over a connection whose handshake failed so the client can read why.
-
-    Sends the TLS alert, closes the write side, and drops whatever the client still sends until
-    it hangs up (at most ``_LINGER_S``). Closing at once would leave the client's first request
-    unread, and the kernel would answer with a reset that destroys the alert in flight.
-    """
-
-    def __init__(self, tcp: asyncio.Transport, alert: bytes) -> None:
-        self._timer = asyncio.get_running_loop().call_later(_LINGER_S, tcp.abort)
-        tcp.set_protocol(self)
-        if alert:
-            tcp.write(alert)
-        if tcp.can_write_eof():
-            # The client may be gone already: its EOF can be what ended the handshake.
-            with contextlib.suppress(OSError):
-                tcp.write_eof()
-        tcp.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        """The refused client's request: nobody will answer it."""
-
-    def eof_received(self) -> bool | None:
-        return None  # the client hung up: the transport closes itself, cleanly
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._timer.cancel()
-
-
 @dataclass(frozen=True)
 class _Listener:
-    """What every connection of one TLS listener shares."""
+    """What every connection of one TLS listener shares, its receive buffer included."""
 
+    loop: asyncio.AbstractEventLoop
     app_factory: Callable[[], asyncio.Protocol]
     context: ssl.SSLContext
     handshake_timeout: float
     on_refused: HandshakeRefused
-    read_buffer_size: int | None
+    buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(_RECEIVE_SIZE)))
 
 
-_NO_APP_YET = asyncio.Protocol()
-"""Stands in for the application protocol until the handshake succeeds (it is made only then)."""
+class _State(enum.Enum):
+    HANDSHAKE = enum.auto()
+    OPEN = enum.auto()
+    CLOSING = enum.auto()  # our alert or close_notify is sent: draining until the peer hangs up
 
 
-class _ServerTLS(sslproto.SSLProtocol):
-    """asyncio's server-side TLS as the accepted socket's own protocol, reporting its handshake.
+_HANDSHAKE, _OPEN, _CLOSING = _State.HANDSHAKE, _State.OPEN, _State.CLOSING
 
-    What differs from ``loop.create_server(ssl=...)``: a refused handshake still sends its alert
-    (asyncio aborts the connection with OpenSSL's alert -- unknown CA, certificate expired, ...
-    -- unsent, so the client learns nothing but "connection reset"), every failure is reported
-    with the peer and the reason, and the application protocol is made only once the handshake
-    succeeded. The handshake runs from the socket's callbacks: no task, no waiter future, no
-    pass-through protocol between the TLS layer and the application (each of those cost the
-    broker CPU on every connection, and the pass-through on every packet).
+
+class _TLSConnection(asyncio.BufferedProtocol, asyncio.Transport):
+    """One accepted socket: the protocol of its TCP transport, and the application's transport.
+
+    The socket is read into the listener's one receive buffer (the event loop hands each read to
+    :meth:`buffer_updated` at once, and the bytes go straight on into the :class:`TLSPump`), so
+    an idle connection keeps no read buffer of its own. The application protocol is made only
+    once the handshake succeeded, and told ``connection_lost`` once, when the socket is gone.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, listener: _Listener) -> None:
-        if listener.read_buffer_size is not None:
-            # asyncio allocates max_size (256 KiB) per connection for decrypted reads; an
-            # instance value set before __init__ sizes that buffer, so idle connections stay small.
-            self.max_size = listener.read_buffer_size  # type: ignore[misc]  # a ClassVar in typeshed
-        super().__init__(
-            loop,
-            _NO_APP_YET,
-            listener.context,
-            None,  # type: ignore[arg-type]  # no waiter: _wakeup_waiter reports the outcome
-            server_side=True,
-            ssl_handshake_timeout=listener.handshake_timeout,  # type: ignore[arg-type]
-        )
+    __slots__ = ("_app", "_listener", "_pump", "_state", "_tcp", "_timer")
+
+    def __init__(self, listener: _Listener) -> None:  # no Transport.__init__: no _extra dict
         self._listener = listener
-        self._peer = "unknown"
-        self._handshaking = True
+        self._pump = TLSPump(listener.context, server_side=True)
+        self._state = _HANDSHAKE
+        self._app: asyncio.Protocol | None = None
+        self._tcp: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- the socket's side (asyncio.BufferedProtocol) ------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self._peer = f"{peer[0]}:{peer[1]}"
-        super().connection_made(transport)  # starts the handshake (and its timeout)
+        assert isinstance(transport, asyncio.Transport)
+        self._tcp = transport
+        listener = self._listener
+        self._timer = listener.loop.call_later(listener.handshake_timeout, self._timed_out)
 
-    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
-        if handshake_exc is not None:
-            tcp = self._transport
-            if isinstance(tcp, asyncio.Transport):
-                alert = self._outgoing.read()  # type: ignore[attr-defined]  # asyncio internals
-                self._transport = None  # so asyncio does not abort it: _Linger closes it
-                _Linger(tcp, alert)
-            super()._on_handshake_complete(handshake_exc)  # reports it through _wakeup_waiter
-            return
-        # asyncio's success path (Python 3.11-3.13), except that the application protocol is
-        # made here, and the peer certificate is not decoded into the text form of
-        # get_extra_info("peercert") for every connection: use ssl_object.getpeercert().
-        tls: Any = self  # asyncio internals, which typeshed does not describe
-        if tls._handshake_timeout_handle is not None:
-            tls._handshake_timeout_handle.cancel()
-            tls._handshake_timeout_handle = None
-        tls._set_state(sslproto.SSLProtocolState.WRAPPED)
-        sslobj = tls._sslobj
-        tls._extra.update(
-            cipher=sslobj.cipher(), compression=sslobj.compression(), ssl_object=sslobj
-        )
-        self._handshaking = False
-        app = self._listener.app_factory()
-        tls._set_app_protocol(app)
-        tls._app_state = sslproto.AppProtocolState.STATE_CON_MADE
-        app.connection_made(tls._get_app_transport())
-        tls._do_read()  # what the client sent right after its Finished: its CONNECT, say
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._listener.buffer
 
-    def _check_handshake_timeout(self) -> None:
-        if self._handshaking:  # reported as a timeout, not as the abort asyncio follows it with
-            self._wakeup_waiter(TimeoutError())
-        super()._check_handshake_timeout()
+    def buffer_updated(self, nbytes: int) -> None:
+        data = self._listener.buffer[:nbytes]
+        if self._state is _OPEN:
+            self._receive(data)
+        elif self._state is _HANDSHAKE:
+            self._handshake(data)
+        # _CLOSING: what the peer still sends is read only so that closing sends no reset
 
-    def _wakeup_waiter(self, exc: BaseException | type[BaseException] | None = None) -> None:
-        """asyncio's end of the handshake (or of the connection during it): report a failure."""
-        if not self._handshaking:
+    def eof_received(self) -> bool | None:
+        if self._state is _HANDSHAKE:
+            self._refuse(describe_handshake_error(ConnectionResetError()), linger=False)
+        elif self._state is _OPEN and self._app_keeps_open():
+            return True  # half-open: the application closes when it is done
+        return None  # the socket closes, once what is buffered is written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._state is _HANDSHAKE:
+            self._refuse(describe_handshake_error(exc or ConnectionResetError()), linger=False)
+        self._state = _CLOSING
+        self._cancel_timer()
+        app, self._app = self._app, None  # the application and this transport refer to each other
+        if app is not None:
+            app.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._state is _OPEN and self._app is not None:
+            self._app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._state is _OPEN and self._app is not None:
+            self._app.resume_writing()
+
+    # -- the application's side (asyncio.Transport) --------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._state is _OPEN and data:
+            self._send(self._pump.send(data))
+
+    def close(self) -> None:
+        """Our close_notify, then the socket's write side; the peer's close is not awaited
+        longer than ``_LINGER_S``."""
+        if self._state is _OPEN:
+            self._state = _CLOSING
+            self._linger(self._pump.close())
+
+    def abort(self) -> None:
+        self._state = _CLOSING
+        if self._tcp is not None:
+            self._tcp.abort()
+
+    def is_closing(self) -> bool:
+        return self._state is not _OPEN
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """``ssl_object``, ``peercert`` (decoded only when asked for: prefer
+        ``ssl_object.getpeercert(binary_form=True)``), ``cipher``, ``compression``,
+        ``sslcontext``; anything else from the socket's transport (``peername``, ``socket``)."""
+        tls = self._pump.ssl_object
+        if name == "ssl_object":
+            return tls
+        if name == "peercert":
+            return tls.getpeercert() if self._pump.handshake_done else default
+        if name == "cipher":
+            return tls.cipher()
+        if name == "compression":
+            return tls.compression()
+        if name == "sslcontext":
+            return self._listener.context
+        return self._tcp.get_extra_info(name, default) if self._tcp is not None else default
+
+    def pause_reading(self) -> None:
+        if self._state is _OPEN and self._tcp is not None:
+            self._tcp.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._state is _OPEN and self._tcp is not None:
+            self._tcp.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._tcp is not None and self._tcp.is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self._tcp is not None:
+            self._tcp.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._tcp.get_write_buffer_size() if self._tcp is not None else 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._tcp.get_write_buffer_limits() if self._tcp is not None else (0, 0)
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("a TLS connection is closed as a whole: call close()")
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        assert isinstance(protocol, asyncio.Protocol)
+        self._app = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self._app is not None
+        return self._app
+
+    # -- between the two -----------------------------------------------------------------------
+
+    def _handshake(self, data: memoryview) -> None:
+        pump = self._pump
+        try:
+            plaintext = pump.receive(data)
+        except ssl.SSLError as exc:
+            self._refuse(describe_handshake_error(exc), linger=True)
             return
-        self._handshaking = False
-        if exc is None:  # the peer went away cleanly during the handshake
+        if pump.has_output():
+            self._send(pump.outgoing())
+        if not pump.handshake_done:
             return
-        if isinstance(exc, type):  # asyncio passes ConnectionResetError itself on an early EOF
-            exc = exc()
-        self._listener.on_refused(self._peer, describe_handshake_error(exc))
+        self._cancel_timer()
+        self._state = _OPEN
+        self._app = self._listener.app_factory()
+        self._app.connection_made(self)
+        self._deliver(plaintext)  # what the client sent right after its Finished: its CONNECT
+
+    def _receive(self, data: memoryview) -> None:
+        pump = self._pump
+        try:
+            plaintext = pump.receive(data)
+        except ssl.SSLError as exc:  # a bad record: the peer is broken or hostile
+            log.info("TLS connection failed", extra={"peer": self._peer(), "reason": str(exc)})
+            self._state = _CLOSING
+            self._linger(pump.outgoing())
+            return
+        if pump.has_output():  # the answer to a key update
+            self._send(pump.outgoing())
+        self._deliver(plaintext)
+
+    def _deliver(self, plaintext: bytes) -> None:
+        if plaintext and self._state is _OPEN and self._app is not None:
+            self._app.data_received(plaintext)
+        if self._pump.closed_by_peer and self._state is _OPEN and not self._app_keeps_open():
+            assert self._tcp is not None
+            self._tcp.close()  # the peer's close_notify came before its FIN: no need to wait
+
+    def _app_keeps_open(self) -> bool:
+        """The peer is done sending: ask the application, and close unless it keeps writing."""
+        assert self._app is not None
+        if self._app.eof_received():
+            return True
+        self._state = _CLOSING
+        self._send(self._pump.close())
+        return False
+
+    def _refuse(self, reason: str, *, linger: bool) -> None:
+        """Report a failed handshake; with ``linger``, let the client read the alert first."""
+        self._state = _CLOSING
+        self._cancel_timer()
+        self._listener.on_refused(self._peer(), reason)
+        if linger:
+            self._linger(self._pump.outgoing())
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._state is _HANDSHAKE:
+            self._refuse(describe_handshake_error(TimeoutError()), linger=False)
+            if self._tcp is not None:
+                self._tcp.abort()
+
+    def _linger(self, last: bytes) -> None:
+        """Send ``last`` (an alert, a close_notify), close the write side, and drop what the peer
+        still sends until it hangs up (at most ``_LINGER_S``). Closing at once would leave the
+        peer's last bytes unread, and the kernel would answer them with a reset that destroys
+        what was sent in flight."""
+        tcp = self._tcp
+        if tcp is None or tcp.is_closing():
+            return
+        if last:
+            tcp.write(last)
+        if tcp.can_write_eof():
+            with contextlib.suppress(OSError):  # the peer may be gone already
+                tcp.write_eof()
+        tcp.resume_reading()
+        self._cancel_timer()
+        self._timer = self._listener.loop.call_later(_LINGER_S, tcp.abort)
+
+    def _send(self, data: bytes) -> None:
+        if data and self._tcp is not None:
+            self._tcp.write(data)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _peer(self) -> str:
+        peer = self._tcp.get_extra_info("peername") if self._tcp is not None else None
+        return f"{peer[0]}:{peer[1]}" if peer else "unknown"
 
 
 async def serve_tls(
@@ -195,17 +329,12 @@ async def serve_tls(
     context: ssl.SSLContext,
     on_refused: HandshakeRefused,
     handshake_timeout: float = 10.0,
-    read_buffer_size: int | None = None,
 ) -> asyncio.Server:
-    """Listen on ``host:port``; every accepted connection is TLS or is refused and reported.
-
-    ``read_buffer_size`` replaces asyncio's 256 KiB per-connection read buffer (a server with
-    thousands of idle connections wants one TLS record's worth or less).
-    """
+    """Listen on ``host:port``; every accepted connection is TLS or is refused and reported."""
     loop = asyncio.get_running_loop()
-    listener = _Listener(app_factory, context, handshake_timeout, on_refused, read_buffer_size)
+    listener = _Listener(loop, app_factory, context, handshake_timeout, on_refused)
     return await loop.create_server(
-        lambda: _ServerTLS(loop, listener),
+        lambda: _TLSConnection(listener),
         host,
         port,
         reuse_address=True,

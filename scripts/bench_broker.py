@@ -46,7 +46,8 @@ each core was (``/proc/stat``, irq and softirq included: loopback TCP costs CPU 
 processes) and how much other processes used meanwhile: the generator's ceiling (1 / its CPU
 per operation) says whether a figure is broker- or generator-bound, and "one core's worth"
 (1 / the broker's CPU per operation) compares the brokers whatever the generator could drive.
-``--profile`` runs fleetgate's broker under cProfile and prints where its time goes.
+``--profile`` runs fleetgate's broker under cProfile and prints where its time goes;
+``--phases idle,connect`` (say) runs only those phases, for A/B runs of one change.
 The last line is machine-readable::
 
     connect_ratio=<x> fanin_q0_ratio=<x> fanin_q1_ratio=<x> idle_kib_per_conn=<n> \
@@ -134,6 +135,7 @@ MOSQUITTO_INFLIGHT = 64  # = fleetgate's broker.receive_maximum, the per-client 
 DISCONNECT = encode(Disconnect(), MQTT5)
 PUBACK_HEAD = b"\x40\x02"
 PACKET_IDS = [n.to_bytes(2, "big") for n in range(65536)]
+PHASES = ("idle", "connect", "fanin", "kick")
 STAMP = struct.Struct("<dH")  # perf_counter() at send, publisher index; the payload's head
 
 
@@ -153,6 +155,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=8, help="messages in flight per publisher")
     parser.add_argument("--payload", type=int, default=64, help="PUBLISH payload bytes")
     parser.add_argument("--kicks", type=int, default=20, help="devices revoked while connected")
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated phases to run, of {','.join(PHASES)} (connects are reconnects only "
+        "after the idle phase); ratios of phases not run are nan",
+    )
     parser.add_argument("--phase-timeout", type=float, default=60.0, help="bound on a phase, s")
     parser.add_argument("--log-level", default="WARNING", help="fleetgate FLEETGATE_LOG_LEVEL")
     parser.add_argument(
@@ -161,6 +169,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=30, help="profile rows to print")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
+    args.phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    if not args.phases or not args.phases <= set(PHASES):
+        parser.error(f"--phases takes some of {','.join(PHASES)}")
     if args.connects > args.idle:
         parser.error("--connects may not exceed --idle (connects reuse the idle identities)")
     if args.publishers > args.idle or args.publishers < 1:
@@ -1251,24 +1262,26 @@ async def exercise(broker: BrokerProcess, fleet: Fleet, args: argparse.Namespace
     try:
         warm = await open_many(endpoint, devices[-50:], 8, result.failures)
         await close_all(warm)
-        print(f"  {broker.name}: idle connections ...", flush=True)
-        result.idle = await asyncio.wait_for(
-            idle_phase(endpoint, pid, devices, args.concurrency, result.failures), limit
-        )
-        print(f"  {broker.name}: connect rate ...", flush=True)
-        result.connect = await asyncio.wait_for(
-            connect_phase(
-                endpoint, pid, devices[: args.connects], args.concurrency, result.failures
-            ),
-            limit,
-        )
-        for qos in (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE):
+        if "idle" in args.phases:
+            print(f"  {broker.name}: idle connections ...", flush=True)
+            result.idle = await asyncio.wait_for(
+                idle_phase(endpoint, pid, devices, args.concurrency, result.failures), limit
+            )
+        if "connect" in args.phases:
+            print(f"  {broker.name}: connect rate ...", flush=True)
+            result.connect = await asyncio.wait_for(
+                connect_phase(
+                    endpoint, pid, devices[: args.connects], args.concurrency, result.failures
+                ),
+                limit,
+            )
+        for qos in (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE) if "fanin" in args.phases else ():
             print(f"  {broker.name}: QoS {int(qos)} fan-in ...", flush=True)
             result.fanin[int(qos)] = await asyncio.wait_for(
                 fanin_phase(endpoint, pid, qos, devices[: args.publishers], args, result.failures),
                 limit,
             )
-        if broker.name == "fleetgate" and args.kicks:
+        if broker.name == "fleetgate" and args.kicks and "kick" in args.phases:
             print(f"  {broker.name}: revoke kicks ...", flush=True)
             result.kick = await asyncio.wait_for(
                 kick_phase(endpoint, fleet, result.failures), limit

@@ -8,8 +8,8 @@ import socket
 import ssl
 import stat
 import subprocess
-import time
 
+from broker_helpers import wait_for
 from conftest import RunningServer
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -66,6 +66,10 @@ def _served_serial(port: int, root) -> int:
     return x509.load_der_x509_certificate(der).serial_number
 
 
+def _on_disk_serial(path) -> int:
+    return x509.load_pem_x509_certificates(path.read_bytes())[0].serial_number
+
+
 def test_a_running_enrollment_service_renews_its_own_certificate_when_due(fleet):
     server = RunningServer(fleet.config)
     server._server.certificate_check_interval_s = 0.1
@@ -82,15 +86,15 @@ def test_a_running_enrollment_service_renews_its_own_certificate_when_due(fleet)
         )
         write_private_key(paths.server_key, key)
         write_certificates(paths.server_cert, [short, fleet.service.ca.anchors.issuing])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            on_disk = x509.load_pem_x509_certificates(paths.server_cert.read_bytes())[0]
-            if on_disk.serial_number != short.serial_number:
-                break
-            time.sleep(0.05)
-        assert on_disk.serial_number != short.serial_number, "the due certificate was not renewed"
+        renewed = wait_for(
+            lambda: (
+                (serial := _on_disk_serial(paths.server_cert)) != short.serial_number and serial
+            ),
+            what="the due certificate to be renewed",
+        )
+        on_disk = x509.load_pem_x509_certificates(paths.server_cert.read_bytes())[0]
         assert on_disk.not_valid_after_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=300)
-        time.sleep(0.2)  # the reload follows the write within the same check
-        assert _served_serial(server.port, fleet.root) == on_disk.serial_number
+        # the reload follows the write within the same check: new handshakes get the new one
+        wait_for(lambda: _served_serial(server.port, fleet.root) == renewed, what="the reload")
     finally:
         server.stop()
