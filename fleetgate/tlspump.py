@@ -3,7 +3,7 @@
 No sockets and no event loop (h11's shape): :meth:`TLSPump.receive` takes what the peer sent and
 returns the plaintext it carried, :meth:`TLSPump.send` returns the records to send for some
 plaintext, :meth:`TLSPump.outgoing` whatever else TLS has to say (handshake flights, alerts,
-close_notify). :mod:`enrollment.tls` moves these bytes between a socket and an application.
+close_notify). :mod:`fleetgate.tls` moves these bytes between a socket and an application.
 
 Memory is the point of owning this layer. OpenSSL keeps a memory BIO's buffer at the largest
 amount it ever held, for the life of the connection, so :meth:`receive` feeds the incoming BIO

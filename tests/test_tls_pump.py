@@ -15,8 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from enrollment.tls import serve_tls, server_context
 
+from fleetgate.tls import serve_tls, server_context
 from fleetgate.tlspump import FEED_SIZE, TLSPump
 
 
