@@ -57,7 +57,6 @@ from bench_broker import (
     Fleet,
     core_ticks,
     provision,
-    read_varint,
     start_fleetgate,
     start_mosquitto,
     stop_broker,
@@ -66,7 +65,16 @@ from benchlib import cpu_seconds
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from broker.mqtt import Connect, Disconnect, ProtocolLevel, QoS, Subscribe, Subscription, encode
+from broker.mqtt import (
+    Connect,
+    Disconnect,
+    ProtocolLevel,
+    QoS,
+    Subscribe,
+    Subscription,
+    decode_varint,
+    encode,
+)
 from device_sdk.est import device_csr
 from firmware_sim.mqtt_client import SimClient
 from fleetgate.keyfiles import write_certificates, write_private_key
@@ -185,7 +193,7 @@ class CountingSubscriber(asyncio.Protocol):
         at, end, acks = 0, len(buf), bytearray()
         load, received = self.load, self.load.received
         while at + 2 <= end:
-            length = read_varint(buf, at + 1, end)
+            length = decode_varint(buf, at + 1, end)
             if length is None:
                 break
             size, body = length
@@ -198,7 +206,7 @@ class CountingSubscriber(asyncio.Protocol):
                 props = topic_end + (2 if qos else 0)
                 if qos:
                     acks += b"\x40\x02" + buf[topic_end:props]
-                prop_len = read_varint(buf, props, end)
+                prop_len = decode_varint(buf, props, end)
                 assert prop_len is not None
                 received.add(bytes(buf[prop_len[1] + prop_len[0] : body + size]))
                 load.received_count += 1

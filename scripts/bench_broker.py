@@ -103,7 +103,9 @@ from broker.mqtt import (
     SubAck,
     Subscribe,
     Subscription,
+    decode_varint,
     encode,
+    write_varint,
 )
 from broker.tls import broker_credentials
 from device_sdk.est import client_context, device_csr
@@ -834,7 +836,7 @@ class _Session:
             self._finish(ConnectionResetError("closed before CONNACK"))
             return
         self.received += data
-        head = read_varint(self.received, 1, len(self.received))
+        head = decode_varint(self.received, 1, len(self.received))
         if head is None or len(self.received) < head[1] + head[0]:
             return  # the CONNACK is not complete yet
         body = head[1]  # acknowledge flags, then the reason code
@@ -871,33 +873,11 @@ class Publisher:
     buf: bytearray = field(default_factory=bytearray)
 
 
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        value, digit = divmod(value, 128)
-        out.append(digit | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def read_varint(buf: bytearray, at: int, end: int) -> tuple[int, int] | None:
-    """(value, index after it) of the MQTT variable byte integer at ``at``; None if cut short."""
-    value, shift = 0, 0
-    while at < end and shift <= 21:
-        byte = buf[at]
-        value |= (byte & 0x7F) << shift
-        at += 1
-        if byte < 0x80:
-            return value, at
-        shift += 7
-    return None
-
-
 def publish_head(topic: str, qos: QoS, payload_size: int) -> bytes:
     """PUBLISH bytes up to the packet id (QoS 1) or the payload (QoS 0); MQTT 5, no properties."""
     name = topic.encode()
     remaining = 2 + len(name) + (2 if qos else 0) + 1 + payload_size
-    head = bytes([0x30 | (int(qos) << 1)]) + varint(remaining) + len(name).to_bytes(2, "big")
+    head = bytes([0x30 | (int(qos) << 1)]) + write_varint(remaining) + len(name).to_bytes(2, "big")
     return head + name if qos else head + name + b"\x00"
 
 
@@ -992,7 +972,7 @@ class FanIn:
             if remaining < 0x80:
                 body = pos + 2
             else:
-                header = read_varint(buf, pos + 1, end)
+                header = decode_varint(buf, pos + 1, end)
                 if header is None:
                     break
                 remaining, body = header
@@ -1008,7 +988,7 @@ class FanIn:
                 if props < 0x80:
                     at += 1 + props
                 else:
-                    header = read_varint(buf, at, stop)
+                    header = decode_varint(buf, at, stop)
                     assert header is not None
                     at = header[1] + header[0]
                 stamp, index = unpack(buf, at)
@@ -1036,7 +1016,7 @@ class FanIn:
         end = len(buf)
         pos = 0
         while end - pos >= 2:
-            header = read_varint(buf, pos + 1, end)
+            header = decode_varint(buf, pos + 1, end)
             if header is None:
                 break
             remaining, body = header
