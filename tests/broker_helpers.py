@@ -48,10 +48,18 @@ V5 = mqtt.MQTTv5
 WAIT_S = 10.0
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback port below 32768 (outside Linux's ephemeral range) that is free right now."""
+    """A loopback port below 32768 (outside Linux's ephemeral range) that is free right now and
+    that this process has not handed out before: a caller may take several ports before binding
+    any (a NATS cluster takes twelve), and two of them must never be the same."""
     for _ in range(200):
         port = random.randint(20000, 32767)
+        if port in _HANDED_OUT:
+            continue
+        _HANDED_OUT.add(port)
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
