@@ -483,7 +483,7 @@ def test_upgrade_creates_exactly_the_schema_main_wrote(pg_server: PostgresServer
     from enrollment.registry.schema import upgrade
 
     new = pg_server.create_database("schema_new")
-    upgrade(new)
+    upgrade(new, "0001")
     pg_server.create_database("schema_main")
     _run_sql(pg_server, "schema_main", MAIN_POSTGRESQL.read_text())
     assert _schema_dump(pg_server, "schema_new") == _schema_dump(pg_server, "schema_main")
