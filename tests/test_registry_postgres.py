@@ -620,6 +620,7 @@ def test_service_roles_do_their_work_but_cannot_change_the_schema_or_the_audit_t
         "mqtt.publish",
         "mqtt.disconnect",
     ]
+    assert owner.verify_audit_chain().ok  # every role's rows extend one hash chain
 
     refused = {
         "ALTER TABLE device ADD COLUMN backdoor INTEGER": "must be owner",

@@ -76,6 +76,9 @@ _TRIGGERS = {
         "IF TG_OP = 'DELETE' AND OLD.id <= (SELECT last_id FROM auditanchor) THEN RETURN OLD; "
         "END IF; RAISE EXCEPTION 'the audit log is append-only'; END $$ LANGUAGE plpgsql",
         "ALTER TABLE auditevent ENABLE TRIGGER auditevent_append_only",
+        # A row written without its hashes is refused outright (SQLite cannot drop a default).
+        "ALTER TABLE auditevent ALTER COLUMN prev_hash DROP DEFAULT, "
+        "ALTER COLUMN row_hash DROP DEFAULT",
         "CREATE FUNCTION fleetgate_audit_anchor_forward() RETURNS trigger AS $$ BEGIN "
         "IF TG_OP = 'UPDATE' AND NEW.id = OLD.id AND NEW.last_id > OLD.last_id AND EXISTS "
         "(SELECT 1 FROM auditevent WHERE id = NEW.last_id AND row_hash = NEW.last_hash) "
