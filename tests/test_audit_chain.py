@@ -247,3 +247,56 @@ def test_audit_verify_and_archive_from_the_command_line(config: Config, tmp_path
         registry.close()
     broken = fleet("audit", "verify").failed().stderr
     assert f"audit row {count + 1} does not match its hash" in broken
+
+
+def test_on_postgresql_the_admin_role_archives_and_the_service_roles_only_append(
+    pg_server,  # noqa: F811
+    tmp_path,
+):
+    from test_registry_postgres import _run_sql
+
+    from enrollment.registry.schema import grant, grant_statements
+
+    _run_sql(
+        pg_server,
+        "postgres",
+        "CREATE ROLE chain_owner LOGIN; CREATE ROLE chain_broker LOGIN; "
+        "CREATE ROLE chain_enroll LOGIN; CREATE ROLE chain_admin LOGIN",
+    )
+    _run_sql(pg_server, "postgres", "CREATE DATABASE chain_roles OWNER chain_owner")
+    base = f"postgresql+psycopg://{{}}@{pg_server.host}:{pg_server.port}/chain_roles"
+    owner_url, broker_url, enroll_url, admin_url = (
+        base.format(f"chain_{r}") for r in ("owner", "broker", "enroll", "admin")
+    )
+    upgrade(owner_url)
+    grant(
+        owner_url,
+        grant_statements(
+            broker_role="chain_broker", enrollment_role="chain_enroll", admin_role="chain_admin"
+        ),
+    )
+    roles = [Registry(u) for u in (broker_url, enroll_url, admin_url)]
+    try:
+        for n, reg in enumerate(roles):
+            _write(reg, f"by-{n}-a", f"by-{n}-b")
+        broker, enroll, admin = roles
+        for reg in (broker, enroll):
+            for statement in (
+                "DELETE FROM auditevent",
+                "UPDATE auditanchor SET last_id = 1",
+                "SELECT reason FROM auditevent",
+            ):
+                with pytest.raises(DBAPIError, match="permission denied"), reg.engine.begin() as c:
+                    c.exec_driver_sql(statement)
+        summary = admin.archive_audit(
+            dt.datetime.now(dt.UTC), tmp_path / "a.jsonl", actor="admin:test"
+        )
+        assert summary.count == 6
+        _write(broker, "after-archive")
+        check = admin.verify_audit_chain()
+        assert (check.ok, check.checked) == (True, 2)
+        with pytest.raises(DBAPIError, match="append-only"), admin.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM auditevent")
+    finally:
+        for reg in roles:
+            reg.close()
