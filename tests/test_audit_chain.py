@@ -193,24 +193,16 @@ def test_a_broken_chain_is_not_archived(registry, tmp_path):
     assert not (tmp_path / "a.jsonl").exists()
 
 
-def test_the_upgrade_chains_the_rows_an_older_registry_holds(tmp_path):
-    path = tmp_path / "main.db"
-    _sqlite_made_by_main(path)
-    upgrade(f"sqlite:///{path}")
-    registry = Registry(f"sqlite:///{path}")
-    try:
-        before = registry.verify_audit_chain()
-        assert before.ok and before.checked >= 1
-        registry.audit(AuditRecord("admin:test", "probe", "ok"))
-        assert registry.verify_audit_chain().checked == before.checked + 1
-    finally:
-        registry.close()
-
-
-def test_the_upgrade_chains_the_rows_an_older_postgresql_registry_holds(pg_server, pg_url):  # noqa: F811
-    _pg_made_by_main(pg_server, _database(pg_url))
-    upgrade(pg_url)
-    registry = Registry(pg_url)
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_the_upgrade_chains_the_rows_an_older_registry_holds(request, tmp_path, dialect):
+    if dialect == "sqlite":
+        _sqlite_made_by_main(tmp_path / "main.db")
+        url = f"sqlite:///{tmp_path / 'main.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+        _pg_made_by_main(request.getfixturevalue("pg_server"), _database(url))
+    upgrade(url)
+    registry = Registry(url)
     try:
         before = registry.verify_audit_chain()
         assert before.ok and before.checked >= 1
