@@ -133,6 +133,9 @@ class AuditLog(Database):
     def audit(self, record: AuditRecord, session: Session | None = None) -> None:
         """Append ``record``; inside ``session`` when the entry must commit with a change."""
         if session is not None:
+            # The session's pending writes go first, so that the chain lock (held to commit) is
+            # never held while waiting for a row lock another audit writer holds.
+            session.flush()
             append_audit(session.connection(), record)
             return
         with self.engine.begin() as conn:
