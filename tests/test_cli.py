@@ -708,14 +708,14 @@ def _registry_main_made(home: Path) -> None:
 def test_ca_init_creates_the_registry_schema_and_db_status_says_it_is_current(fresh):
     fresh("ca", "init").ok()
     assert fresh("db", "status").ok().stdout.strip() == (
-        "the registry schema is at revision 0001, the current one"
+        "the registry schema is at revision 0002, the current one"
     )
     assert fresh("db", "status", "--json").ok().json() == {
-        "revision": "0001",
-        "head": "0001",
+        "revision": "0002",
+        "head": "0002",
         "current": True,
     }
-    assert "already at revision 0001" in fresh("db", "upgrade").ok().stdout
+    assert "already at revision 0002" in fresh("db", "upgrade").ok().stdout
 
 
 @pytest.mark.parametrize(
@@ -748,7 +748,7 @@ def test_db_grant_prints_each_roles_sql_and_needs_postgresql_to_run_it(fleet):
     ).ok()
     lines = printed.stdout.splitlines()
     assert (
-        "GRANT SELECT ON aclrule, certificate, device, devicechange, alembic_version "
+        "GRANT SELECT ON aclrule, auditanchor, certificate, device, devicechange, alembic_version "
         "TO fleet_broker;"
     ) in lines
     assert "GRANT INSERT ON auditevent TO fleet_broker;" in lines

@@ -483,7 +483,7 @@ def test_upgrade_creates_exactly_the_schema_main_wrote(pg_server: PostgresServer
     from enrollment.registry.schema import upgrade
 
     new = pg_server.create_database("schema_new")
-    upgrade(new)
+    upgrade(new, "0001")
     pg_server.create_database("schema_main")
     _run_sql(pg_server, "schema_main", MAIN_POSTGRESQL.read_text())
     assert _schema_dump(pg_server, "schema_new") == _schema_dump(pg_server, "schema_main")
@@ -620,6 +620,7 @@ def test_service_roles_do_their_work_but_cannot_change_the_schema_or_the_audit_t
         "mqtt.publish",
         "mqtt.disconnect",
     ]
+    assert owner.verify_audit_chain().ok  # every role's rows extend one hash chain
 
     refused = {
         "ALTER TABLE device ADD COLUMN backdoor INTEGER": "must be owner",

@@ -18,7 +18,7 @@ from sqlmodel import col, select
 from enrollment.attestation import AttestedKey
 from enrollment.registry import statements as sql
 from enrollment.registry.attestation import bind_hardware
-from enrollment.registry.audit import AuditLog, AuditRecord, audit_values
+from enrollment.registry.audit import AuditLog, AuditRecord, append_audit
 from enrollment.registry.certificates import certificate_values, revoke_certificates, serial_hex
 from enrollment.registry.models import (
     Certificate,
@@ -271,4 +271,4 @@ def _insert_issued(
     conn: Connection, cert: x509.Certificate, device_id: str, audit: AuditRecord
 ) -> None:
     conn.execute(sql.INSERT_CERTIFICATE, certificate_values(cert, SubjectKind.DEVICE, device_id))
-    conn.execute(sql.INSERT_AUDIT, audit_values(audit))
+    append_audit(conn, audit)

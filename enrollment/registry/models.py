@@ -113,8 +113,9 @@ class BatchEntry(SQLModel, table=True):
 
 
 class AuditEvent(SQLModel, table=True):
-    """Append-only: the database refuses UPDATE and DELETE on this table (triggers made by the
-    schema's first revision, migrations/versions/v0001_initial.py)."""
+    """Append-only: the database refuses UPDATE, and DELETE of any row the anchor has not
+    archived (triggers of migrations/versions/v0002_audit_chain.py). Rows form a hash chain
+    (``enrollment.registry.chain``); ids are assigned by the writer, head + 1, never reused."""
 
     id: int | None = Field(default=None, primary_key=True)
     at: dt.datetime = _ts(index=True)
@@ -124,6 +125,21 @@ class AuditEvent(SQLModel, table=True):
     outcome: str  # "ok", "refused" or "error"
     reason: str = ""
     request_id: str | None = None
+    prev_hash: str = Field(max_length=64)
+    row_hash: str = Field(max_length=64)
+
+
+class AuditAnchor(SQLModel, table=True):
+    """One row: the last archived audit row (id 0 and the genesis hash before any archive).
+
+    The chain's remaining rows start from it; the database lets it move forward only, to a
+    row that exists with that hash, and lets rows be deleted only up to it.
+    """
+
+    id: int = Field(default=1, primary_key=True)
+    last_id: int = 0
+    last_hash: str = Field(max_length=64)
+    archived_at: dt.datetime | None = _ts(nullable=True)
 
 
 class DeviceChange(SQLModel, table=True):

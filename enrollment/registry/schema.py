@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # Alembic is imported only to upgrade: it costs ~0.2 s, every
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
-REVISIONS = ("0001",)
+REVISIONS = ("0001", "0002")
 """Every revision, oldest first; a test checks it against the migrations directory."""
 HEAD = REVISIONS[-1]
 VERSION_TABLE = "alembic_version"
@@ -124,8 +124,9 @@ def script_directory() -> ScriptDirectory:
     return ScriptDirectory.from_config(_alembic_config())
 
 
-def upgrade(url: str) -> SchemaStatus:
-    """Bring the database at ``url`` to :data:`HEAD` in one transaction; the status before.
+def upgrade(url: str, revision: str = HEAD) -> SchemaStatus:
+    """Bring the database at ``url`` to :data:`HEAD` (or an earlier ``revision``, for tests of
+    a revision's own schema) in one transaction; the status before.
 
     An empty database gets the whole schema, a legacy one is adopted in place, a current one is
     left alone. A schema newer than this fleetgate is refused rather than touched.
@@ -140,7 +141,7 @@ def upgrade(url: str) -> SchemaStatus:
         config = _alembic_config()
         with _UPGRADING, engine.begin() as conn:
             config.attributes["connection"] = conn
-            command.upgrade(config, HEAD)
+            command.upgrade(config, revision)
         return before
     finally:
         engine.dispose()
@@ -172,6 +173,7 @@ _ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _ALL_TABLES = (
     "aclrule",
     "attestationchallenge",
+    "auditanchor",
     "auditevent",
     "batch",
     "batchentry",
@@ -182,10 +184,11 @@ _ALL_TABLES = (
     "station",
     VERSION_TABLE,
 )
-# What each service does to each table, read from its code paths. Every role appends audit rows;
-# SELECT on auditevent's id only, because an ORM insert reads the new id back (RETURNING).
+# What each service does to each table, read from its code paths. Every role appends audit rows,
+# which reads the chain's head: the last row's id and hash (only those columns of auditevent) or
+# the archive anchor. Audit ids come from the chain, not from auditevent's sequence.
 _BROKER = {
-    "SELECT": ("aclrule", "certificate", "device", "devicechange", VERSION_TABLE),
+    "SELECT": ("aclrule", "auditanchor", "certificate", "device", "devicechange", VERSION_TABLE),
     "INSERT": ("auditevent",),
 }
 _ENROLLMENT = {
@@ -193,11 +196,13 @@ _ENROLLMENT = {
     "INSERT": ("attestationchallenge", "auditevent", "certificate"),
     "UPDATE": ("attestationchallenge", "batchentry", "certificate", "device"),
 }
+# The admin archives the audit trail (fleetgate audit archive): it moves the anchor and deletes
+# the archived rows; the triggers refuse any other UPDATE or DELETE of either table.
 _ADMIN = {
     "SELECT": _ALL_TABLES,
-    "INSERT": tuple(t for t in _ALL_TABLES if t != VERSION_TABLE),
+    "INSERT": tuple(t for t in _ALL_TABLES if t not in {"auditanchor", VERSION_TABLE}),
     "UPDATE": tuple(t for t in _ALL_TABLES if t not in {"auditevent", VERSION_TABLE}),
-    "DELETE": tuple(t for t in _ALL_TABLES if t not in {"auditevent", VERSION_TABLE}),
+    "DELETE": tuple(t for t in _ALL_TABLES if t not in {"auditanchor", VERSION_TABLE}),
 }
 _SEQUENCES = ("auditevent_id_seq", "batch_id_seq", "devicechange_id_seq")
 
@@ -208,7 +213,8 @@ def grant_statements(
     """The SQL that gives each PostgreSQL role exactly what its service needs, run as the owner.
 
     The roles own nothing, so none of them can ALTER or DROP a table or its audit trigger, and
-    none may UPDATE or DELETE audit rows (the trigger refuses those for the owner too). Each
+    none may UPDATE audit rows or DELETE any the archive anchor does not cover (the triggers
+    refuse those for the owner too). Each
     role's earlier grants are revoked first, so running the statements again, as after an
     upgrade, leaves exactly these.
     """
@@ -225,9 +231,11 @@ def grant_statements(
         statements.append(f"REVOKE ALL ON SEQUENCE {', '.join(_SEQUENCES)} FROM {role}")
         for privilege, granted in grants.items():
             statements.append(f"GRANT {privilege} ON {', '.join(granted)} TO {role}")
-        statements.append(f"GRANT SELECT (id) ON auditevent TO {role}")
-        sequences = _SEQUENCES if grants is _ADMIN else ("auditevent_id_seq",)
-        statements.append(f"GRANT USAGE ON SEQUENCE {', '.join(sequences)} TO {role}")
+        if grants is not _ADMIN:
+            statements.append(f"GRANT SELECT (id, row_hash) ON auditevent TO {role}")
+        else:
+            sequences = ", ".join(s for s in _SEQUENCES if s != "auditevent_id_seq")
+            statements.append(f"GRANT USAGE ON SEQUENCE {sequences} TO {role}")
     return statements
 
 

@@ -30,7 +30,7 @@ app.add_typer(policy.group_app, name="group")
 app.add_typer(serve.serve_app, name="serve")
 app.add_typer(bridge_app, name="bridge")
 app.add_typer(db.db_app, name="db")
-app.command("audit")(records.audit)
+app.add_typer(records.audit_app, name="audit")
 app.command("sim")(sim.sim)
 
 
