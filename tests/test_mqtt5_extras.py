@@ -11,9 +11,11 @@ keeps the map itself, as the test here does.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -28,6 +30,7 @@ from broker_helpers import (  # running_broker: the `broker` fixture
 )
 from paho.mqtt.properties import Properties as PahoProperties
 
+from broker import Broker
 from broker.acl import DEFAULT_TEMPLATE
 from broker.admission import Admitted, Identity
 from broker.connection import Connection
@@ -52,6 +55,8 @@ from broker.mqtt import (
 )
 from broker.routing import Message
 from broker.session import Delivery
+from fleetgate.config import load_config
+from fleetgate.errors import ConfigError
 
 GO = "devices/sensor-1/commands/go"
 STOP = "devices/sensor-1/commands/stop"
@@ -309,3 +314,11 @@ def test_mqtt_311_client_keeps_the_keep_alive_it_asked_for(capped, pair):
     raw.send(PingReq())
     assert raw.receive() == PingResp()
     raw.close()
+
+
+def test_max_keep_alive_is_read_from_the_config_file_and_checked(fleet, tmp_path: Path):
+    (tmp_path / "fleetgate.toml").write_text("[broker]\nmax_keep_alive_s = 120\n")
+    assert load_config(tmp_path, environ={}).broker.max_keep_alive_s == 120
+    too_long = dataclasses.replace(fleet.config.broker, max_keep_alive_s=65536)
+    with pytest.raises(ConfigError, match="max_keep_alive_s"):
+        Broker(dataclasses.replace(fleet.config, broker=too_long))
