@@ -82,15 +82,21 @@ def _reason_string(reason: str) -> Properties:
     return Properties(reason_string=reason)
 
 
-_CONNACKS: dict[tuple[ProtocolLevel, bool, CoreSettings], bytes] = {}
+_CONNACKS: dict[tuple[ProtocolLevel, bool, CoreSettings, bool], bytes] = {}
 
 
 def _connack_success(
-    level: ProtocolLevel, present: bool, settings: CoreSettings, assigned: str | None
+    level: ProtocolLevel,
+    present: bool,
+    settings: CoreSettings,
+    assigned: str | None,
+    capped: bool = False,
 ) -> bytes:
     """The accepting CONNACK: the same few bytes for every client of a broker, so encoded (and
-    checked by the codec) once per level and session-present flag, unless an id was assigned."""
-    key = (level, present, settings)
+    checked by the codec) once per level, session-present flag and whether it carries Server
+    Keep Alive (``capped``: always the broker's ``max_keep_alive_s``), unless an id was
+    assigned."""
+    key = (level, present, settings, capped)
     if assigned is None and (cached := _CONNACKS.get(key)) is not None:
         return cached
     properties = NO_PROPERTIES
@@ -101,6 +107,7 @@ def _connack_success(
             topic_alias_maximum=settings.topic_alias_maximum,
             shared_subscription_available=False,
             assigned_client_identifier=assigned,
+            server_keep_alive=settings.max_keep_alive_s if capped else None,
         )
     data = encode(ConnAck(session_present=present, properties=properties), level)
     if assigned is None:
@@ -167,6 +174,8 @@ class Connection:
         "_drained_at",
         "_held",
         "_out",
+        "_out_alias_limit",
+        "_out_aliases",
         "_publish_rate",
         "_send_window",
         "_stalled",
@@ -220,6 +229,8 @@ class Connection:
         self._connect: Connect | None = None
         self._will: Will | None = None
         self._aliases: dict[int, str] = {}
+        self._out_aliases: dict[str, int] | None = None  # set if the client takes aliases
+        self._out_alias_limit = 0
         self._allowed: dict[str, ReasonCode] = {}
         self._send_window = core.settings.receive_maximum
         self._held: deque[_HeldAck] = deque()
@@ -467,10 +478,21 @@ class Connection:
                 self.limits.max_inflight,
             )
             self.max_send_size = packet.properties.maximum_packet_size
+            self._out_alias_limit = min(
+                packet.properties.topic_alias_maximum or 0, self.core.settings.topic_alias_maximum
+            )
+            if self._out_alias_limit:
+                self._out_aliases = {}
         else:
             expiry = 0 if packet.clean_start else NEVER_EXPIRES
             self._send_window = min(self._send_window, self.limits.max_inflight)
         self.keep_alive = packet.keep_alive
+        cap = self.core.settings.max_keep_alive_s
+        # MQTT 5 only: a 3.1.1 client cannot be told a shorter keep-alive, and a broker that
+        # enforced one would drop a client that pings exactly as it said it would.
+        capped = self.level is _V5 and cap > 0 and not 0 < packet.keep_alive <= cap
+        if capped:
+            self.keep_alive = cap
         self._will = packet.will
         self._connect = None
         session, present = self.core.attach(
@@ -485,7 +507,7 @@ class Connection:
         self.state = State.CONNECTED
         self.core.metrics.connections_total[self.listener] += 1
         assigned = self.client_id if self.client_id != packet.client_id else None
-        self._emit(_connack_success(self.level, present, self.core.settings, assigned))
+        self._emit(_connack_success(self.level, present, self.core.settings, assigned, capped))
         for packet_id, pending in list(session.inflight.items()):  # resume (MQTT-4.4.0-1)
             if isinstance(pending, Publish):
                 self._write_publish(replace(pending, dup=True), packet_id)
@@ -827,9 +849,19 @@ class Connection:
             if delivery.subscription_ids:
                 props = replace(props, subscription_identifiers=delivery.subscription_ids)
         # Built from a validated message: encoded without the codec's checks or a Publish.
-        data = encode_publish(
-            message.topic, message.payload, delivery.qos, delivery.retain, packet_id, props, level
-        )
+        aliases = self._out_aliases
+        if aliases is None:
+            data = encode_publish(
+                message.topic,
+                message.payload,
+                delivery.qos,
+                delivery.retain,
+                packet_id,
+                props,
+                level,
+            )
+        else:
+            data = self._encode_aliased(aliases, delivery, packet_id, props)
         if not self._fits(data, packet_id):
             return
         self.core.metrics.messages_sent[delivery.qos] += 1
@@ -844,6 +876,40 @@ class Connection:
                 packet_id=packet_id,
                 properties=props,
             )
+
+    def _encode_aliased(
+        self, aliases: dict[str, int], delivery: Delivery, packet_id: int | None, props: Properties
+    ) -> bytes:
+        """PUBLISH bytes for a client that takes topic aliases (MQTT 5 section 3.3.2.3.4): a
+        topic with an alias goes as the alias and an empty name; a topic without one takes the
+        next free alias, sent with its name, while fewer than the client's (and the broker's)
+        maximum are in use. First come, kept for the connection: a device reads a handful of
+        topics over and over, a hit costs one dict lookup, and a mapping never changes, so no
+        later PUBLISH can reach the client before the one that set its alias. (LRU replacement
+        would help only a client reading more topics than its maximum, at the price of resending
+        names it evicts.) The alias is only kept once the packet fits the client's Maximum
+        Packet Size: a dropped packet must not leave the client without the mapping."""
+        message = delivery.message
+        topic = message.topic
+        alias = aliases.get(topic)
+        if alias is not None:
+            topic = ""
+        elif len(aliases) < self._out_alias_limit:
+            alias = len(aliases) + 1
+        data = encode_publish(
+            topic,
+            message.payload,
+            delivery.qos,
+            delivery.retain,
+            packet_id,
+            props,
+            _V5,
+            topic_alias=alias,
+        )
+        fits = self.max_send_size is None or len(data) <= self.max_send_size
+        if topic and alias is not None and fits:
+            aliases[topic] = alias
+        return data
 
     def _fits(self, data: bytes, packet_id: int | None) -> bool:
         """False if the packet exceeds the client's Maximum Packet Size: it is then dropped, as

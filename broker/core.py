@@ -67,12 +67,15 @@ class PublishGate(Protocol):
 
 @dataclass(frozen=True)
 class CoreSettings:
-    """Limits of the protocol core; ``receive_maximum`` caps QoS 1/2 in flight each way."""
+    """Limits of the protocol core; ``receive_maximum`` caps QoS 1/2 in flight each way,
+    ``topic_alias_maximum`` the topic aliases each way, ``max_keep_alive_s`` (0: none) the
+    keep-alive an MQTT 5 client gets (Server Keep Alive)."""
 
     max_packet_size: int = 256 * 1024
     max_queued_messages: int = 1000
     receive_maximum: int = 64
     topic_alias_maximum: int = 64
+    max_keep_alive_s: int = 600
     connect_timeout_s: float = 10.0
 
 

@@ -173,6 +173,7 @@ class Broker:
                 max_packet_size=settings.max_packet_size,
                 max_queued_messages=settings.max_queued_messages,
                 receive_maximum=settings.receive_maximum,
+                max_keep_alive_s=settings.max_keep_alive_s,
             ),
             metrics=self.metrics,
             audit=self.audit.submit,
@@ -515,6 +516,8 @@ def _check_settings(config: Config) -> None:
             ) from exc
     if not 1 <= settings.receive_maximum <= 0xFFFF:
         raise ConfigError("[broker] receive_maximum must be between 1 and 65535")
+    if not 0 <= settings.max_keep_alive_s <= 0xFFFF:
+        raise ConfigError("[broker] max_keep_alive_s must be between 0 (no cap) and 65535")
     if not 128 <= settings.max_packet_size <= MAX_PACKET_SIZE:
         raise ConfigError(f"[broker] max_packet_size must be between 128 and {MAX_PACKET_SIZE}")
     if settings.max_queued_messages < 0 or settings.feed_poll_interval_s <= 0:

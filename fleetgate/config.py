@@ -93,6 +93,13 @@ class BrokerSettings:
 
     ``plaintext_port`` and ``metrics_port`` of 0 turn those listeners off; the plaintext one
     binds only to a loopback address and maps every client to ``plaintext_identity``.
+
+    ``max_keep_alive_s`` caps an MQTT 5 client's keep-alive (CONNACK Server Keep Alive): one
+    asking for more, or for none (0), is told this value and held to 1.5 times it, so a
+    half-open connection (a device that lost power behind a NAT) ends, and its will goes out,
+    within 15 minutes instead of whenever the kernel gives up on the socket. 600 leaves the
+    usual 30-120 s keep-alives (paho's and the SDK's 60, a bridge's 30) alone; 0 is no cap.
+    An MQTT 3.1.1 client cannot be told, so it keeps the keep-alive it asked for.
     """
 
     host: str = "127.0.0.1"
@@ -107,6 +114,7 @@ class BrokerSettings:
     max_packet_size: int = 262144
     max_queued_messages: int = 1000
     receive_maximum: int = 64
+    max_keep_alive_s: int = 600
     feed_poll_interval_s: float = 0.1
     limits: LimitSettings = LimitSettings()
 
@@ -499,6 +507,7 @@ plaintext_identity = ""
 metrics_port = 9883           # Prometheus /metrics on 127.0.0.1; 0 turns it off
 max_packet_size = 262144
 max_queued_messages = 1000    # per session, QoS 1/2 while the device is away
+max_keep_alive_s = 600        # MQTT 5 clients asking more (or 0, none) are told this; 0: no cap
 feed_poll_interval_s = 0.1    # how often revocations are read from the registry
 
 [broker.limits]               # per device; docs/threat-model.md says why each default

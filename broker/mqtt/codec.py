@@ -8,6 +8,7 @@ refuses from a peer, the encoder refuses to send, with :class:`ValueError` as it
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TypeAlias
 
 from broker.mqtt._wire import (
@@ -466,12 +467,19 @@ def encode_publish(
     protocol_level: ProtocolLevel,
     *,
     dup: bool = False,
+    topic_alias: int | None = None,
 ) -> bytes:
     """PUBLISH bytes straight from already-validated fields, without a :class:`Publish`: the
-    broker's per-delivery path. The same bytes as ``encode(Publish(...), level)``."""
+    broker's per-delivery path. The same bytes as ``encode(Publish(...), level)`` with
+    ``topic_alias`` in its properties (MQTT 5 only; the caller keeps the alias map)."""
     name = topic.encode()
     if protocol_level is _V5:
-        props = b"\x00" if properties is NO_PROPERTIES else encode_properties(properties)
+        if topic_alias is not None:
+            props = _alias_properties(properties, topic_alias)
+        elif properties is NO_PROPERTIES:
+            props = b"\x00"
+        else:
+            props = encode_properties(properties)
     else:
         props = b""
     size = len(name)
@@ -488,6 +496,14 @@ def encode_publish(
             raise ValueError(f"Publish of {remaining} bytes is too large for MQTT")
         head = bytes((first,)) + write_varint(remaining)
     return b"".join((head, size.to_bytes(2, "big"), name, pid, props, payload))
+
+
+def _alias_properties(properties: Properties, alias: int) -> bytes:
+    """A delivery's properties with a Topic Alias: the common case, no other property, is
+    four constant-shaped bytes rather than a walk over every property field."""
+    if properties is NO_PROPERTIES:
+        return b"\x03\x23" + alias.to_bytes(2, "big")
+    return encode_properties(replace(properties, topic_alias=alias))
 
 
 # --- decoding ---------------------------------------------------------------------------------
