@@ -150,7 +150,7 @@ class EnrollmentServer:
         if self._auditor is not None:
             self._auditor.cancel()
             await asyncio.gather(self._auditor, return_exceptions=True)
-        await self.audit.flush()
+        await self.audit.flush(final=True)
         self.threads.shutdown()
         timings = {k: round(v, 6) for k, v in self.service.timer.seconds.items()}
         log.info(

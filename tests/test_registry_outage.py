@@ -1,0 +1,107 @@
+"""A registry outage degrades cleanly (issue 11, item 7), proven by stopping a real PostgreSQL
+server under a running broker: CONNECTs are refused with 0x88 and audited once the database is
+back, the broker says "unreachable" once and "reachable again" once (not a traceback per poll),
+and an admin command fails in seconds with one line naming the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from broker_helpers import RunningBroker, enroll, mosquitto, wait_for
+from conftest import Fleet
+from postgres_server import PostgresServer, PostgresUnavailable, postgres_server
+from registry_helpers import new_registry
+
+from enrollment.ca import init_ca
+from enrollment.registry.engine import display_url
+from fleetgate.config import load_config
+from fleetgate.outage import Ended, Ongoing, Outage, Started
+
+FLEETGATE = Path(sys.executable).with_name("fleetgate")
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[PostgresServer]:
+    """A server of this module's own: its tests stop and restart it."""
+    try:
+        with postgres_server() as server:
+            yield server
+    except PostgresUnavailable as exc:
+        pytest.fail(f"cannot start the test PostgreSQL server: {exc}", pytrace=False)
+
+
+@pytest.fixture
+def pg_fleet(home: Path, pg_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> Fleet:
+    """A data directory with a CA whose registry is a fresh PostgreSQL database."""
+    monkeypatch.setenv("FLEETGATE_DATABASE_URL", pg_server.create_database("fleet"))
+    config = load_config(home)
+    init_ca(config)
+    new_registry(config.database_url).close()
+    return Fleet(config)
+
+
+def test_an_outage_is_reported_when_it_starts_once_a_minute_and_when_it_ends() -> None:
+    outage = Outage(interval=60.0)
+    assert outage.succeeded(0.0) is None
+    assert outage.failed(10.0) == Started()
+    assert [outage.failed(10.0 + i / 10) for i in range(1, 600)] == [None] * 599
+    assert outage.failed(70.0) == Ongoing(60.0, 601)
+    assert outage.failed(71.0) is None
+    assert outage.succeeded(75.5) == Ended(65.5, 602)
+    assert outage.succeeded(76.0) is None
+    assert outage.failed(80.0) == Started()  # a new outage
+
+
+def test_a_stopped_database_refuses_connects_keeps_their_audit_and_is_logged_once(
+    pg_server: PostgresServer, pg_fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fleetgate")
+    creds = enroll(pg_fleet, "sensor-1")
+    pg_fleet.registry.close()
+    broker = RunningBroker(pg_fleet).start()
+    shown = display_url(pg_fleet.config.database_url)
+    try:
+        pg_server.stop()
+        # Many failed polls (every 0.1 s), but one line: when the outage starts.
+        wait_for(lambda: broker.broker.metrics.feed_errors >= 10, what="ten failed polls")
+        refused = mosquitto("mosquitto_pub", broker, creds, "-t", "devices/sensor-1/t", "-m", "x")
+        assert "CONNACK (136)" in refused.stdout + refused.stderr  # 0x88 server unavailable
+
+        started = time.monotonic()
+        cli = subprocess.run(
+            [str(FLEETGATE), "device", "list"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=os.environ.copy(),
+        )
+        took = time.monotonic() - started
+        assert cli.returncode == 1
+        [line] = cli.stderr.splitlines()
+        assert line.startswith(f"error: the registry at {shown} is unreachable: "), line
+        assert line.endswith("Connection refused") and cli.stdout == ""
+        assert took < 5, f"the CLI took {took:.1f} s to fail"
+
+        pg_server.start()
+        wait_for(lambda: _lines(caplog, "reachable again"), what="the outage's end")
+        events = broker.audit_events("sensor-1", action="mqtt.connect", outcome="refused")
+        assert len(events) == 1 and "registry is unavailable" in events[0].reason, events
+        assert broker.metric("audit_events_dropped_total") == 0
+    finally:
+        broker.stop()
+    unreachable = _lines(caplog, "is unreachable")
+    assert len(unreachable) == 1 and shown in unreachable[0], unreachable
+    assert len(_lines(caplog, "reachable again")) == 1
+    assert not [r for r in caplog.records if r.exc_info and r.name.startswith("fleetgate")]
+
+
+def _lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
