@@ -48,6 +48,14 @@ def pg_fleet(home: Path, pg_server: PostgresServer, monkeypatch: pytest.MonkeyPa
     return Fleet(config)
 
 
+def test_errors_and_logs_show_the_database_url_without_its_password() -> None:
+    shown = display_url("postgresql+psycopg://fleet:s3cret@db.example:5432/fleet?sslmode=require")
+    assert shown == "postgresql+psycopg://fleet@db.example:5432/fleet?sslmode=require"
+    assert display_url("sqlite:////var/lib/fleetgate/registry.db") == (
+        "sqlite:////var/lib/fleetgate/registry.db"
+    )
+
+
 def test_an_outage_is_reported_when_it_starts_once_a_minute_and_when_it_ends() -> None:
     outage = Outage(interval=60.0)
     assert outage.succeeded(0.0) is None

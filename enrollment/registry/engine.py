@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, create_engine
 
@@ -44,9 +44,18 @@ def normalise_url(url: str) -> str:
 def display_url(url: str) -> str:
     """``url`` as logs and errors may show it: without its password."""
     try:
-        return make_url(url).set(password=None).render_as_string(hide_password=False)
+        parsed = make_url(url)
     except sa_exc.ArgumentError:
         return "(an unparsable database URL)"
+    # URL.set(password=None) would keep the password: None there means "unchanged".
+    return URL.create(
+        parsed.drivername,
+        username=parsed.username,
+        host=parsed.host,
+        port=parsed.port,
+        database=parsed.database,
+        query=parsed.query,
+    ).render_as_string(hide_password=False)
 
 
 def unreachable(exc: BaseException) -> bool:
