@@ -7,7 +7,7 @@ and an admin command fails in seconds with one line naming the database.
 from __future__ import annotations
 
 import logging
-import os
+import socket
 import subprocess
 import sys
 import time
@@ -21,8 +21,8 @@ from postgres_server import PostgresServer, PostgresUnavailable, postgres_server
 from registry_helpers import new_registry
 
 from enrollment.ca import init_ca
-from enrollment.registry.engine import display_url
-from fleetgate.config import load_config
+from enrollment.registry.engine import CONNECT_TIMEOUT_S, display_url
+from fleetgate.config import Config, load_config
 from fleetgate.outage import Ended, Ongoing, Outage, Started
 
 FLEETGATE = Path(sys.executable).with_name("fleetgate")
@@ -89,7 +89,6 @@ def test_a_stopped_database_refuses_connects_keeps_their_audit_and_is_logged_onc
             capture_output=True,
             text=True,
             timeout=30,
-            env=os.environ.copy(),
         )
         took = time.monotonic() - started
         assert cli.returncode == 1
@@ -113,3 +112,23 @@ def test_a_stopped_database_refuses_connects_keeps_their_audit_and_is_logged_onc
 
 def _lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def test_a_database_that_never_answers_fails_a_command_within_the_connect_timeout(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that accepts TCP and then says nothing (a hung host, a black-holing firewall):
+    libpq's connect_timeout ends the wait, once, not once per attempt."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"postgresql://fleet@127.0.0.1:{silent.getsockname()[1]}/fleet"
+        monkeypatch.setenv("FLEETGATE_DATABASE_URL", url)
+        started = time.monotonic()
+        cli = subprocess.run(
+            [str(FLEETGATE), "device", "list"], capture_output=True, text=True, timeout=60
+        )
+        took = time.monotonic() - started
+    assert cli.returncode == 1
+    assert cli.stderr.splitlines() == [
+        f"error: the registry at {url} is unreachable: connection timeout expired"
+    ]
+    assert took < CONNECT_TIMEOUT_S + 3, f"the CLI took {took:.1f} s to fail"
