@@ -6,6 +6,7 @@ and an admin command fails in seconds with one line naming the database.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import subprocess
@@ -20,7 +21,9 @@ from conftest import Fleet
 from postgres_server import PostgresServer, PostgresUnavailable, postgres_server
 from registry_helpers import new_registry
 
+from enrollment.audit_writer import AuditWriter
 from enrollment.ca import init_ca
+from enrollment.registry import AuditRecord
 from enrollment.registry.engine import CONNECT_TIMEOUT_S, display_url
 from fleetgate.config import Config, load_config
 from fleetgate.outage import Ended, Ongoing, Outage, Started
@@ -108,6 +111,46 @@ def test_a_stopped_database_refuses_connects_keeps_their_audit_and_is_logged_onc
     assert len(unreachable) == 1 and shown in unreachable[0], unreachable
     assert len(_lines(caplog, "reachable again")) == 1
     assert not [r for r in caplog.records if r.exc_info and r.name.startswith("fleetgate")]
+
+
+def _record(n: int, reason: str = "test") -> AuditRecord:
+    return AuditRecord(f"peer:{n}", "tls.handshake", "refused", None, reason)
+
+
+def test_a_full_audit_queue_drops_new_events_counts_them_and_says_so_once(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = AuditWriter(fleet.registry, capacity=2)
+
+    async def scenario() -> None:
+        for n in range(5):  # nothing drains the queue until the flush
+            writer.submit(_record(n))
+        await writer.flush()
+
+    asyncio.run(scenario())
+    assert (writer.counts.audit_written, writer.counts.audit_dropped) == (2, 3)
+    assert len(_lines(caplog, "the audit queue is full (2 events)")) == 1
+    assert _lines(caplog, "3 audit events were dropped while the audit queue was full")
+
+
+def test_an_audit_event_the_database_refuses_is_dropped_alone_and_its_batch_is_kept(
+    pg_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL refuses a NUL byte in text: a permanent error, not an outage."""
+    registry = new_registry(pg_server.create_database("refused_audit"))
+    writer = AuditWriter(registry)
+    try:
+        for record in (_record(1), _record(2, "nul \x00 byte"), _record(3)):
+            writer.submit(record)
+        asyncio.run(writer.flush())
+        actors = [e.actor for e in registry.audit_events() if e.action == "tls.handshake"]
+    finally:
+        registry.close()
+    assert sorted(actors) == ["peer:1", "peer:3"]
+    assert (writer.counts.audit_written, writer.counts.audit_dropped) == (2, 1)
+    [refused] = _lines(caplog, "refused by the database")
+    assert "NUL" in refused
+    assert not _lines(caplog, "unreachable")
 
 
 def _lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
