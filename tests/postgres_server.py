@@ -76,9 +76,10 @@ class PostgresServer:
         return self.url(name)
 
     def stop(self) -> None:
-        """Stop the server now (``pg_ctl stop -m immediate``: connections are cut, as in a
-        crash); the data stays, for :meth:`start`."""
-        _stop(_as_server_user(), find_bindir(), self.directory / "data")
+        """Stop the server (``pg_ctl stop -m fast``: open connections are cut); the data stays,
+        for :meth:`start`. Not ``immediate``: with ``synchronous_commit=off`` that would lose
+        the last commits."""
+        _stop(_as_server_user(), find_bindir(), self.directory / "data", mode="fast")
 
     def start(self) -> None:
         """Start the stopped server again on the same port; returns once it accepts
@@ -174,11 +175,11 @@ def _server_pid(data: Path) -> int | None:
     return int(first) if re.fullmatch(r"\d+", first.strip()) else None
 
 
-def _stop(prefix: list[str], bindir: Path, data: Path) -> None:
+def _stop(prefix: list[str], bindir: Path, data: Path, mode: str = "immediate") -> None:
     pid = _server_pid(data)
     with contextlib.suppress(subprocess.SubprocessError, OSError):
         subprocess.run(
-            [*prefix, str(bindir / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w"],
+            [*prefix, str(bindir / "pg_ctl"), "stop", "-D", str(data), "-m", mode, "-w"],
             capture_output=True,
             timeout=15,
         )

@@ -7,6 +7,7 @@ and an admin command fails in seconds with one line naming the database.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import socket
 import subprocess
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import pytest
 from broker_helpers import RunningBroker, enroll, mosquitto, wait_for
-from conftest import Fleet
+from conftest import Fleet, RunningServer
+from cryptography.hazmat.primitives.asymmetric import ec
 from postgres_server import PostgresServer, PostgresUnavailable, postgres_server
 from registry_helpers import new_registry
 
+from device_sdk.est import EstError, device_csr
 from enrollment.audit_writer import AuditWriter
 from enrollment.ca import init_ca
 from enrollment.registry import AuditRecord
@@ -29,6 +32,7 @@ from fleetgate.config import Config, load_config
 from fleetgate.outage import Ended, Ongoing, Outage, Started
 
 FLEETGATE = Path(sys.executable).with_name("fleetgate")
+_fleets = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,9 @@ def pg_server() -> Iterator[PostgresServer]:
 @pytest.fixture
 def pg_fleet(home: Path, pg_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> Fleet:
     """A data directory with a CA whose registry is a fresh PostgreSQL database."""
-    monkeypatch.setenv("FLEETGATE_DATABASE_URL", pg_server.create_database("fleet"))
+    monkeypatch.setenv(
+        "FLEETGATE_DATABASE_URL", pg_server.create_database(f"fleet_{next(_fleets)}")
+    )
     config = load_config(home)
     init_ca(config)
     new_registry(config.database_url).close()
@@ -110,6 +116,30 @@ def test_a_stopped_database_refuses_connects_keeps_their_audit_and_is_logged_onc
     unreachable = _lines(caplog, "is unreachable")
     assert len(unreachable) == 1 and shown in unreachable[0], unreachable
     assert len(_lines(caplog, "reachable again")) == 1
+    assert not [r for r in caplog.records if r.exc_info and r.name.startswith("fleetgate")]
+
+
+def test_enrollment_during_an_outage_answers_503_and_is_logged_once(
+    pg_server: PostgresServer, pg_fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fleetgate")
+    station = pg_fleet.add_station("line-1")
+    pg_fleet.batch("line-1", "sensor-2", "sensor-3")
+    pg_fleet.registry.close()
+    server = RunningServer(pg_fleet.config).start()
+    client = server.client(pg_fleet.root, station.cert, station.key)
+    try:
+        pg_server.stop()
+        for device_id in ("sensor-2", "sensor-3"):
+            with pytest.raises(EstError) as refused:
+                client.simpleenroll(device_csr(device_id, ec.generate_private_key(ec.SECP256R1())))
+            assert refused.value.status == 503 and "registry_unavailable" in str(refused.value)
+        pg_server.start()
+        client.simpleenroll(device_csr("sensor-2", ec.generate_private_key(ec.SECP256R1())))
+    finally:
+        server.stop()
+    assert len(_lines(caplog, "is unreachable")) == 1
+    assert _lines(caplog, "reachable again after")
     assert not [r for r in caplog.records if r.exc_info and r.name.startswith("fleetgate")]
 
 
