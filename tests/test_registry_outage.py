@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,12 +23,13 @@ from conftest import Fleet, RunningServer
 from cryptography.hazmat.primitives.asymmetric import ec
 from postgres_server import PostgresServer, PostgresUnavailable, postgres_server
 from registry_helpers import new_registry
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from device_sdk.est import EstError, device_csr
 from enrollment.audit_writer import AuditWriter
 from enrollment.ca import init_ca
 from enrollment.registry import AuditRecord
-from enrollment.registry.engine import CONNECT_TIMEOUT_S, display_url
+from enrollment.registry.engine import CONNECT_TIMEOUT_S, display_url, unreachable
 from fleetgate.config import Config, load_config
 from fleetgate.outage import Ended, Ongoing, Outage, Started
 
@@ -63,6 +65,14 @@ def test_errors_and_logs_show_the_database_url_without_its_password() -> None:
     assert display_url("sqlite:////var/lib/fleetgate/registry.db") == (
         "sqlite:////var/lib/fleetgate/registry.db"
     )
+
+
+def test_only_failures_to_reach_the_database_count_as_an_outage() -> None:
+    assert unreachable(OperationalError("SELECT 1", {}, Exception("Connection refused")))
+    assert unreachable(sqlite3.OperationalError("unable to open database file"))
+    assert unreachable(sqlite3.OperationalError("database is locked"))
+    assert not unreachable(sqlite3.OperationalError("no such table: alembic_version"))
+    assert not unreachable(IntegrityError("INSERT", {}, Exception("duplicate key")))
 
 
 def test_an_outage_is_reported_when_it_starts_once_a_minute_and_when_it_ends() -> None:

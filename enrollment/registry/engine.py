@@ -26,6 +26,7 @@ from fleetgate.errors import NotFound
 _Row = TypeVar("_Row", bound=SQLModel)
 _READ_ONLY = "fleetgate_read_only"
 _MEMORY_URLS = frozenset({"sqlite://", "sqlite:///:memory:"})
+_SQLITE_UNREACHABLE = ("unable to open database file", "database is locked", "disk i/o error")
 CONNECT_TIMEOUT_S = 3
 """libpq's ``connect_timeout`` (whole seconds, at least 2) unless the URL sets its own."""
 
@@ -61,12 +62,20 @@ def display_url(url: str) -> str:
 def unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` means the database could not be reached (down, restarting, the network,
     a dropped connection), so the same work may succeed later, rather than a refused statement.
+
+    sqlite3 raises OperationalError for missing tables and syntax errors too: only a file it
+    cannot open or a lock it cannot get counts there.
     """
+    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    if isinstance(orig, sqlite3.Error):
+        return isinstance(orig, sqlite3.OperationalError) and str(orig).lower().startswith(
+            _SQLITE_UNREACHABLE
+        )
     if isinstance(exc, sa_exc.DBAPIError):
         return exc.connection_invalidated or isinstance(
             exc, sa_exc.OperationalError | sa_exc.InterfaceError
         )
-    return isinstance(exc, sa_exc.TimeoutError | sqlite3.OperationalError | sqlite3.InterfaceError)
+    return isinstance(exc, sa_exc.TimeoutError)
 
 
 def failure_cause(exc: BaseException) -> str:
