@@ -188,6 +188,18 @@ def _stop(prefix: list[str], bindir: Path, data: Path, mode: str = "immediate") 
             os.kill(pid, signal.SIGKILL)
 
 
+def server_for_tests() -> Iterator[PostgresServer]:
+    """:func:`postgres_server` as a pytest fixture's body: a server that cannot start fails the
+    test (never a skip)."""
+    import pytest
+
+    try:
+        with postgres_server() as server:
+            yield server
+    except PostgresUnavailable as exc:
+        pytest.fail(f"cannot start the test PostgreSQL server: {exc}", pytrace=False)
+
+
 @contextlib.contextmanager
 def postgres_server() -> Iterator[PostgresServer]:
     """Start a throwaway cluster, yield it, then stop it and delete its directory."""

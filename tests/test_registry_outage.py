@@ -21,7 +21,7 @@ import pytest
 from broker_helpers import RunningBroker, enroll, mosquitto, wait_for
 from conftest import Fleet, RunningServer
 from cryptography.hazmat.primitives.asymmetric import ec
-from postgres_server import PostgresServer, PostgresUnavailable, postgres_server
+from postgres_server import PostgresServer, server_for_tests
 from registry_helpers import new_registry
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -40,11 +40,7 @@ _fleets = itertools.count(1)
 @pytest.fixture(scope="module")
 def pg_server() -> Iterator[PostgresServer]:
     """A server of this module's own: its tests stop and restart it."""
-    try:
-        with postgres_server() as server:
-            yield server
-    except PostgresUnavailable as exc:
-        pytest.fail(f"cannot start the test PostgreSQL server: {exc}", pytrace=False)
+    yield from server_for_tests()
 
 
 @pytest.fixture
