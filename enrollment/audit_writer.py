@@ -110,11 +110,11 @@ class AuditWriter:
         self._wake.set()
 
     async def run(self) -> None:
-        """Commit queued records until cancelled."""
+        """Commit queued records until cancelled (new records do not cut a retry's backoff)."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self.flush()
+            await self._drained()
 
     async def flush(self, *, final: bool = False) -> None:
         """Commit everything queued so far; returns once it is stored (or counted as dropped).
@@ -124,6 +124,9 @@ class AuditWriter:
         """
         self._final = self._final or final
         self._retry.set()
+        await self._drained()
+
+    async def _drained(self) -> None:
         if self._drain is None or self._drain.done():
             if not self._queue:
                 return
