@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from broker.metrics import Metrics
 from enrollment.registry import DeviceChange, DeviceState, Registry
+from enrollment.registry.outage import RegistryOutage
 
 log = logging.getLogger("fleetgate.broker.feed")
 
@@ -37,8 +38,10 @@ class RevocationFeed:
         *,
         interval: float,
         on_change: Callable[[DeviceChange], None],
+        outage: RegistryOutage | None = None,
     ) -> None:
         self._registry = registry
+        self._outage = outage if outage is not None else RegistryOutage(registry.url, log)
         self._metrics = metrics
         self._interval = interval
         self._on_change = on_change
@@ -58,16 +61,21 @@ class RevocationFeed:
         return max(0, self.cursor - REREAD)
 
     async def run(self) -> None:
-        """Poll until cancelled; a failed poll is counted and retried at the next interval."""
+        """Poll until cancelled; a failed poll is counted and retried at the next interval.
+
+        An unreachable registry is logged as an outage (a line when it starts, ends, and once a
+        minute), not once per poll."""
         loop = asyncio.get_running_loop()
         while True:
             try:
                 changes = await self._read()
-            except (SQLAlchemyError, sqlite3.Error):
+            except (SQLAlchemyError, sqlite3.Error) as exc:
                 self._metrics.feed_errors += 1
-                log.exception("the registry's change feed could not be read")
+                if not self._outage.failed_with("the change feed poll", exc):
+                    log.exception("the registry's change feed could not be read")
                 changes = []
             else:
+                self._outage.succeeded()
                 self.last_read = loop.time()
             fresh = [c for c in changes if c.id is not None and c.id not in self._seen]
             for change in fresh:

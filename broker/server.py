@@ -40,6 +40,7 @@ from broker.mqtt import MAX_PACKET_SIZE
 from broker.tls import broker_context, broker_credentials, handshake_label
 from enrollment.ca import ServerCredentials, ensure_server_certificate, is_initialised
 from enrollment.registry import AdmissionFacts, AuditRecord, DeviceChange, DeviceState, Registry
+from enrollment.registry.outage import RegistryOutage
 from fleetgate.config import Config
 from fleetgate.errors import ConfigError, FleetgateError, InvalidDeviceId
 from fleetgate.ids import validate_id
@@ -167,7 +168,9 @@ class Broker:
         self.registry = registry or Registry(config.database_url)
         self._own_registry = registry is None
         self.metrics = Metrics()
-        self.audit = AuditWriter(self.registry, self.metrics)
+        # One for the feed, admission and audit: an outage is logged once, not once per caller.
+        self.outage = RegistryOutage(self.registry.url, log)
+        self.audit = AuditWriter(self.registry, self.metrics, outage=self.outage)
         self.core = BrokerCore(
             CoreSettings(
                 max_packet_size=settings.max_packet_size,
@@ -184,6 +187,7 @@ class Broker:
             self.metrics,
             interval=settings.feed_poll_interval_s,
             on_change=self._on_device_change,
+            outage=self.outage,
         )
         self.bridges = (
             BridgeManager(config, self.core, self.registry, wake=self.wake)
@@ -281,7 +285,7 @@ class Broker:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.audit.flush()
+        await self.audit.flush(final=True)
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         if self._own_registry:
@@ -371,10 +375,13 @@ class Broker:
     def _read_facts(self, request: AdmissionRequest) -> AdmissionFacts | None:
         """The registry's facts for the CONNECT; None when it cannot answer."""
         try:
-            return read_admission_facts(self.registry, request.identity)
-        except (SQLAlchemyError, sqlite3.Error):  # sqlite3: the registry's plain local reads
-            log.exception("admission read failed", extra={"device": request.identity.device_id})
+            facts = read_admission_facts(self.registry, request.identity)
+        except (SQLAlchemyError, sqlite3.Error) as exc:  # sqlite3: the plain local reads
+            if not self.outage.failed_with("an admission read", exc):
+                log.exception("admission read failed", extra={"device": request.identity.device_id})
             return None
+        self.outage.succeeded()
+        return facts
 
     async def _admit_in_thread(self, protocol: _MqttProtocol, request: AdmissionRequest) -> None:
         cursor = self.feed.cursor

@@ -11,6 +11,7 @@ import binascii
 import contextvars
 import functools
 import logging
+import sqlite3
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable
@@ -20,8 +21,10 @@ from urllib.parse import unquote
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
+from sqlalchemy.exc import SQLAlchemyError
 
 from enrollment.registry import AuditRecord
+from enrollment.registry.outage import RegistryOutage
 from enrollment.service import EnrollmentService
 from enrollment.workers import ServiceThreads
 from fleetgate import jsonlog
@@ -85,9 +88,11 @@ class ESTApp:
         *,
         crl_path_getter: Callable[[], bytes],
         threads: ServiceThreads,
+        outage: RegistryOutage | None = None,
     ) -> None:
         self.service = service
         self.threads = threads
+        self.outage = outage or RegistryOutage(service.registry.url, log)
         self.max_body = service.config.enrollment.max_body_bytes
         self._crl = crl_path_getter
         chain = [service.ca.anchors.issuing, service.ca.anchors.root]
@@ -196,6 +201,14 @@ class ESTApp:
             outcome = await self.threads.run(call, context=context)
         except FleetgateError as exc:
             outcome = exc
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            if not self.outage.failed_with(action, exc):
+                raise
+            # Logged once per outage; the client is told to come back (EST: 503, Retry-After).
+            response = _error(503, "registry_unavailable: the registry is unreachable; retry later")
+            response.headers["Retry-After"] = "30"
+            return response
+        self.outage.succeeded()
         jsonlog.device_id.set(context.get(jsonlog.device_id))  # as the service named it
         if isinstance(outcome, FleetgateError):
             log.warning("%s refused: %s", action, outcome.message, extra={"code": outcome.code})

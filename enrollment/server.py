@@ -23,6 +23,7 @@ from enrollment.ca import (
 from enrollment.crl import needs_refresh
 from enrollment.est import ESTApp
 from enrollment.registry import AuditRecord, Registry
+from enrollment.registry.outage import RegistryOutage
 from enrollment.service import EnrollmentService
 from enrollment.workers import ServiceThreads, service_threads
 from fleetgate.config import Config
@@ -62,7 +63,8 @@ class EnrollmentServer:
             raise
         self.service = EnrollmentService(ca, self.registry)
         self.threads = ServiceThreads(threads or service_threads(self.registry))
-        self.audit = AuditWriter(self.registry, offload=self.threads.run)
+        self.outage = RegistryOutage(self.registry.url, log)  # logged once, whoever hits it
+        self.audit = AuditWriter(self.registry, offload=self.threads.run, outage=self.outage)
         self.port = config.enrollment.port if port is None else port
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
@@ -99,7 +101,9 @@ class EnrollmentServer:
             client_cert="optional",  # cacerts and csrattrs are public (RFC 7030 section 3.2.3)
         )
         self._auditor = asyncio.create_task(self.audit.run())
-        app = ESTApp(self.service, crl_path_getter=self._read_crl, threads=self.threads).build()
+        app = ESTApp(
+            self.service, crl_path_getter=self._read_crl, threads=self.threads, outage=self.outage
+        ).build()
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         factory = self._runner.server
@@ -150,7 +154,7 @@ class EnrollmentServer:
         if self._auditor is not None:
             self._auditor.cancel()
             await asyncio.gather(self._auditor, return_exceptions=True)
-        await self.audit.flush()
+        await self.audit.flush(final=True)
         self.threads.shutdown()
         timings = {k: round(v, 6) for k, v in self.service.timer.seconds.items()}
         log.info(

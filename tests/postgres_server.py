@@ -3,8 +3,10 @@
 ``postgres_server()`` runs ``initdb`` into a fresh temporary directory, starts ``postgres`` on a
 free loopback TCP port below 32768 (outside Linux's ephemeral range, so it cannot collide with
 outgoing connections) with its unix socket in the same directory, waits until it accepts
-connections and yields a :class:`PostgresServer`. On exit the server is stopped (``pg_ctl stop -m
-immediate``, then SIGKILL by PID as a fallback) and the directory removed.
+connections and yields a :class:`PostgresServer`. A test may stop it and start it again on the
+same port (:meth:`PostgresServer.stop`, :meth:`PostgresServer.start`) to cause an outage. On
+exit the server is stopped (``pg_ctl stop -m immediate``, then SIGKILL by PID as a fallback) and
+the directory removed.
 
 PostgreSQL refuses to run as root, so when the tests run as root every server command goes
 through ``runuser -u postgres --`` and the directory is handed to the ``postgres`` user. The
@@ -73,6 +75,20 @@ class PostgresServer:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.url(name)
 
+    def stop(self) -> None:
+        """Stop the server (``pg_ctl stop -m fast``: open connections are cut); the data stays,
+        for :meth:`start`. Not ``immediate``: with ``synchronous_commit=off`` that would lose
+        the last commits."""
+        _stop(_as_server_user(), find_bindir(), self.directory / "data", mode="fast")
+
+    def start(self) -> None:
+        """Start the stopped server again on the same port; returns once it accepts
+        connections."""
+        _run(
+            _start_command(_as_server_user(), find_bindir(), self.directory, self.port),
+            "pg_ctl start",
+        )
+
 
 def find_bindir() -> Path:
     """The newest ``/usr/lib/postgresql/<major>/bin`` that has initdb, pg_ctl and postgres."""
@@ -118,6 +134,20 @@ def _run(cmd: list[str], what: str) -> None:
         )
 
 
+def _start_command(prefix: list[str], bindir: Path, directory: Path, port: int) -> list[str]:
+    options = (
+        f"-p {port} -c listen_addresses=127.0.0.1 -k {directory} "
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        "-c max_connections=50 -c TimeZone=UTC"
+    )
+    data, log = directory / "data", directory / "postgres.log"
+    return [
+        *prefix,
+        *(str(bindir / "pg_ctl"), "start", "-D", str(data), "-l", str(log)),
+        *("-w", "-t", str(START_TIMEOUT_S), "-o", options),
+    ]
+
+
 def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
@@ -145,17 +175,29 @@ def _server_pid(data: Path) -> int | None:
     return int(first) if re.fullmatch(r"\d+", first.strip()) else None
 
 
-def _stop(prefix: list[str], bindir: Path, data: Path) -> None:
+def _stop(prefix: list[str], bindir: Path, data: Path, mode: str = "immediate") -> None:
     pid = _server_pid(data)
     with contextlib.suppress(subprocess.SubprocessError, OSError):
         subprocess.run(
-            [*prefix, str(bindir / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w"],
+            [*prefix, str(bindir / "pg_ctl"), "stop", "-D", str(data), "-m", mode, "-w"],
             capture_output=True,
             timeout=15,
         )
     if pid is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
+
+
+def server_for_tests() -> Iterator[PostgresServer]:
+    """:func:`postgres_server` as a pytest fixture's body: a server that cannot start fails the
+    test (never a skip)."""
+    import pytest
+
+    try:
+        with postgres_server() as server:
+            yield server
+    except PostgresUnavailable as exc:
+        pytest.fail(f"cannot start the test PostgreSQL server: {exc}", pytrace=False)
 
 
 @contextlib.contextmanager
@@ -189,18 +231,11 @@ def postgres_server() -> Iterator[PostgresServer]:
         )
         server = None
         for port in _candidate_ports(5):
-            options = (
-                f"-p {port} -c listen_addresses=127.0.0.1 -k {directory} "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                "-c max_connections=50 -c TimeZone=UTC"
-            )
-            start = [
-                *prefix,
-                *(str(bindir / "pg_ctl"), "start", "-D", str(data), "-l", str(log)),
-                *("-w", "-t", str(START_TIMEOUT_S), "-o", options),
-            ]
             result = subprocess.run(
-                start, capture_output=True, text=True, timeout=START_TIMEOUT_S + 5
+                _start_command(prefix, bindir, directory, port),
+                capture_output=True,
+                text=True,
+                timeout=START_TIMEOUT_S + 5,
             )
             if result.returncode == 0:
                 server = PostgresServer("127.0.0.1", port, directory)

@@ -24,7 +24,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
-from postgres_server import PostgresServer, PostgresUnavailable, postgres_server
+from postgres_server import PostgresServer, server_for_tests
 from registry_helpers import new_registry
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -60,11 +60,7 @@ def _certificate_row(cert, kind, subject_id):
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
     """One throwaway PostgreSQL cluster for the whole session."""
-    try:
-        with postgres_server() as server:
-            yield server
-    except PostgresUnavailable as exc:
-        pytest.fail(f"cannot start the test PostgreSQL server: {exc}", pytrace=False)
+    yield from server_for_tests()
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 
 SQLite runs in WAL mode with ``BEGIN IMMEDIATE`` transactions, so writers queue instead of
 failing on lock upgrades; read-only transactions begin deferred, so they never take the write
-lock. PostgreSQL URLs are normalised to the psycopg 3 driver, the only one fleetgate installs.
+lock. PostgreSQL URLs are normalised to the psycopg 3 driver, the only one fleetgate installs,
+and connect with a timeout of :data:`CONNECT_TIMEOUT_S`, so an unreachable server fails a command
+in seconds. :func:`unreachable` tells such failures from a query the database refused.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, create_engine
 
@@ -23,6 +26,9 @@ from fleetgate.errors import NotFound
 _Row = TypeVar("_Row", bound=SQLModel)
 _READ_ONLY = "fleetgate_read_only"
 _MEMORY_URLS = frozenset({"sqlite://", "sqlite:///:memory:"})
+_SQLITE_UNREACHABLE = ("unable to open database file", "database is locked", "disk i/o error")
+CONNECT_TIMEOUT_S = 3
+"""libpq's ``connect_timeout`` (whole seconds, at least 2) unless the URL sets its own."""
 
 
 def normalise_url(url: str) -> str:
@@ -36,11 +42,56 @@ def normalise_url(url: str) -> str:
     return url
 
 
+def display_url(url: str) -> str:
+    """``url`` as logs and errors may show it: without its password."""
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError:
+        return "(an unparsable database URL)"
+    # URL.set(password=None) would keep the password: None there means "unchanged".
+    return URL.create(
+        parsed.drivername,
+        username=parsed.username,
+        host=parsed.host,
+        port=parsed.port,
+        database=parsed.database,
+        query=parsed.query,
+    ).render_as_string(hide_password=False)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database could not be reached (down, restarting, the network,
+    a dropped connection), so the same work may succeed later, rather than a refused statement.
+
+    sqlite3 raises OperationalError for missing tables and syntax errors too: only a file it
+    cannot open or a lock it cannot get counts there.
+    """
+    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    if isinstance(orig, sqlite3.Error):
+        return isinstance(orig, sqlite3.OperationalError) and str(orig).lower().startswith(
+            _SQLITE_UNREACHABLE
+        )
+    if isinstance(exc, sa_exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(
+            exc, sa_exc.OperationalError | sa_exc.InterfaceError
+        )
+    return isinstance(exc, sa_exc.TimeoutError)
+
+
+def failure_cause(exc: BaseException) -> str:
+    """The driver's own one-line reason (e.g. "... failed: Connection refused")."""
+    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    return lines[0] if lines else type(orig).__name__
+
+
 def create_registry_engine(url: str) -> Engine:
     """An engine with fleetgate's SQLite settings (WAL, FKs, IMMEDIATE transactions)."""
     url = normalise_url(url)
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+        own = make_url(url).query  # connect_args would override the URL's own setting
+        timeout = {} if "connect_timeout" in own else {"connect_timeout": CONNECT_TIMEOUT_S}
+        return create_engine(url, pool_pre_ping=True, connect_args=timeout)
     memory = url in _MEMORY_URLS
     engine = create_engine(
         url,

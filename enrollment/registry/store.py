@@ -29,6 +29,7 @@ from enrollment.registry.devices import (
     Devices,
     EnrollmentTarget,
 )
+from enrollment.registry.engine import unreachable
 from enrollment.registry.stations import Stations
 
 __all__ = [
@@ -66,7 +67,9 @@ class Registry(Stations, Devices, Attestation, BrokerReads):
         try:
             with self._read() as conn:
                 revision = schema.read_revision(conn)
-        except DBAPIError:
+        except DBAPIError as exc:
+            if unreachable(exc):  # asking again would only wait for a second connect timeout
+                raise
             state = schema.status(self.engine)
             if state.revision is not None:  # the version table is there: another failure
                 raise

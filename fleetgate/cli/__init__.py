@@ -6,14 +6,17 @@ Human tables by default, ``--json`` for scripts; failures print one line and exi
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 
 from enrollment import ca as ca_module
 from enrollment.registry import AuditRecord, Registry
+from enrollment.registry.engine import display_url, failure_cause, unreachable
 from fleetgate.cli import ca, db, devices, policy, records, serve, sim, stations
 from fleetgate.cli.bridge import bridge_app
 from fleetgate.cli.common import admin_actor, home_config, state
@@ -76,6 +79,18 @@ def _audit_cli_refusal(exc: FleetgateError) -> None:
         return  # the configuration itself is what failed; the message already says so
 
 
+def _database_failure(exc: SQLAlchemyError | sqlite3.Error) -> str:
+    """One line naming the database (no password) and the driver's reason, e.g. "the registry
+    at postgresql://fleet@db:5432/fleet is unreachable: ... Connection refused"."""
+    try:
+        where = f"the registry at {display_url(home_config().database_url)}"
+    except FleetgateError:
+        where = "the registry"
+    if unreachable(exc):
+        return f"{where} is unreachable: {failure_cause(exc)}"
+    return f"{where} refused the command: {failure_cause(exc)}"
+
+
 def main() -> None:
     """Console entry point: typed errors become one line on stderr and exit code 1.
 
@@ -91,4 +106,7 @@ def main() -> None:
         raise SystemExit(1) from None
     except OSError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
+    except (SQLAlchemyError, sqlite3.Error) as exc:  # not audited: the registry is the failure
+        typer.echo(f"error: {_database_failure(exc)}", err=True)
         raise SystemExit(1) from None
