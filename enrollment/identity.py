@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fleetgate.errors import InvalidDeviceId, NotAuthorised
 from fleetgate.ids import URI_PREFIXES, SubjectKind, id_from_uri
+
+_E = TypeVar("_E", bound=x509.ExtensionType)
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,8 @@ def named_identity(cert: x509.Certificate) -> PeerIdentity:
     """Who the certificate names and whether it is for client authentication: facts of the
     certificate alone, whatever the time (its validity is :meth:`PeerIdentity.check_validity`)."""
     _check_purpose(cert)
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
+    sans = _extension(cert, x509.SubjectAlternativeName)
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier) if sans else []
     named: list[tuple[SubjectKind, str]] = []
     for kind, prefix in URI_PREFIXES.items():
         try:
@@ -83,21 +83,20 @@ def named_identity(cert: x509.Certificate) -> PeerIdentity:
 
 def _check_purpose(cert: x509.Certificate) -> None:
     """An end-entity certificate for a signing key, for client authentication."""
-    try:
-        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        basic = None
+    basic = _extension(cert, x509.BasicConstraints)
     if basic is not None and basic.ca:
         raise NotAuthorised("the client certificate is a CA certificate (CA:TRUE), not a device's")
-    try:
-        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        usage = None
+    usage = _extension(cert, x509.KeyUsage)
     if usage is None or not usage.digital_signature:
         raise NotAuthorised("the client certificate lacks the digitalSignature key usage")
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        eku = None
+    eku = _extension(cert, x509.ExtendedKeyUsage)
     if eku is None or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         raise NotAuthorised("the client certificate lacks the clientAuth extended key usage")
+
+
+def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+    """The certificate's extension of that type, or None when it has none."""
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
