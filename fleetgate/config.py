@@ -56,7 +56,7 @@ class EnrollmentSettings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_connections: int = 0
-    max_connections_per_address: int = 32
+    max_connections_per_address: int = 128
 
 
 @dataclass(frozen=True)
@@ -520,7 +520,7 @@ idle_timeout_s = 15.0         # a kept-alive connection with no request is close
 header_timeout_s = 10.0       # from a request's first byte to the end of its headers
 body_timeout_s = 30.0         # to read a request's body once its headers are in
 max_connections = 0           # 0: the open-file limit minus a reserve
-max_connections_per_address = 32
+max_connections_per_address = 128
 
 [broker]
 host = "127.0.0.1"            # 0.0.0.0 to accept devices on every interface
