@@ -1,11 +1,15 @@
 """EST (RFC 7030) over HTTPS: the wire format around :class:`EnrollmentService`.
 
 Bodies are base64 DER: PKCS#10 in, PKCS#7 certs-only out, so any EST client or ``curl`` works.
-Errors are ``text/plain`` with one line that says what went wrong and what to do.
+Errors are ``text/plain`` with one line that says what went wrong and what to do. Every
+response carries HSTS and ``nosniff`` and no ``Server`` banner; a request body has
+``body_timeout_s`` to arrive once its headers are in (the header and idle deadlines are the
+server's: :mod:`enrollment.server`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextvars
@@ -19,6 +23,7 @@ from typing import TypeVar
 from urllib.parse import unquote
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from sqlalchemy.exc import SQLAlchemyError
@@ -49,6 +54,11 @@ CSR_ATTRS_DER = bytes.fromhex(
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 
+SECURITY_HEADERS = {
+    "Strict-Transport-Security": "max-age=31536000",
+    "X-Content-Type-Options": "nosniff",
+}
+
 
 def _b64_response(der: bytes, content_type: str) -> web.Response:
     return web.Response(
@@ -59,6 +69,12 @@ def _b64_response(der: bytes, content_type: str) -> web.Response:
 
 def _error(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=message + "\n", content_type="text/plain")
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """HSTS and nosniff on every answer; no ``Server`` banner naming aiohttp's version."""
+    response.headers.update(SECURITY_HEADERS)
+    response.headers.popall("Server", None)
 
 
 def peer_certificate(request: web.Request) -> x509.Certificate | None:
@@ -89,8 +105,12 @@ class ESTApp:
         crl_path_getter: Callable[[], bytes],
         threads: ServiceThreads,
         outage: RegistryOutage | None = None,
+        middlewares: tuple[Middleware, ...] = (),
     ) -> None:
+        """``middlewares`` run before the app's own (the server's header deadline)."""
         self.service = service
+        self._middlewares = middlewares
+        self.body_timeout_s = service.config.enrollment.body_timeout_s
         self.threads = threads
         self.outage = outage or RegistryOutage(service.registry.url, log)
         self.max_body = service.config.enrollment.max_body_bytes
@@ -100,7 +120,11 @@ class ESTApp:
 
     def build(self) -> web.Application:
         # client_max_size backs up the explicit check in _read_body.
-        app = web.Application(client_max_size=self.max_body, middlewares=[self._request_context])
+        app = web.Application(
+            client_max_size=self.max_body,
+            middlewares=[*self._middlewares, self._request_context],
+        )
+        app.on_response_prepare.append(_security_headers)
         app.router.add_get(f"{EST_PREFIX}/cacerts", self.cacerts)
         app.router.add_get(f"{EST_PREFIX}/csrattrs", self.csrattrs)
         app.router.add_post(f"{EST_PREFIX}/simpleenroll", self.simpleenroll)
@@ -138,7 +162,9 @@ class ESTApp:
 
     async def ocsp_post(self, request: web.Request) -> web.Response:
         """RFC 6960 A.1: a DER OCSPRequest in the body."""
-        body = await request.read()
+        body = await self._read_in_time(request)
+        if isinstance(body, web.Response):
+            return body
         return await self._ocsp_response(body)
 
     async def ocsp_get(self, request: web.Request) -> web.Response:
@@ -222,9 +248,20 @@ class ESTApp:
         if request.content_length is not None and request.content_length > self.max_body:
             return await self._refuse_body(request, action, rid, too_big)
         try:
-            return await request.read()
+            return await self._read_in_time(request)
         except web.HTTPRequestEntityTooLarge:
             return await self._refuse_body(request, action, rid, too_big)
+
+    async def _read_in_time(self, request: web.Request) -> bytes | web.Response:
+        """The body, or a 408 that closes the connection if it takes over ``body_timeout_s``."""
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                return await request.read()
+        except TimeoutError:
+            log.warning("request body too slow", extra={"peer": peer_address(request)})
+            response = _error(408, f"body_timeout: send the body within {self.body_timeout_s} s")
+            response.force_close()
+            return response
 
     async def _refuse_body(
         self, request: web.Request, action: str, rid: str | None, message: str

@@ -4,11 +4,19 @@ The issuing CA signs the responses itself (RFC 6960 section 4.2.2.2 allows the C
 so relying parties need no extra trust anchor. A certificate is ``good`` while active,
 ``revoked`` once revoked, on hold (reason certificateHold) or renewed (reason superseded: the
 broker and EST refuse it too), ``unknown`` if never issued here.
+
+Signing is most of a response's cost, so a request without a nonce gets a response signed
+earlier for the same certificate and status (:class:`ResponseCache`) until half its validity has
+passed. The status is still read from the registry on every request, so a revocation by any
+process (the CLI included) is answered at once with a newly signed response. A request with a
+nonce is signed for itself: the nonce is echoed inside the signature.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +37,41 @@ class CertificateStatus:
 
 
 StatusLookup = Callable[[int], CertificateStatus | None]
+
+
+class ResponseCache:
+    """Signed responses by (serial, hash algorithm), each with the status it states and the
+    moment it must be re-signed; at most ``size`` of them, the least recently used dropped."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._size = size
+        self._lock = threading.Lock()  # the service threads answer OCSP concurrently
+        self._entries: OrderedDict[
+            tuple[int, str], tuple[CertificateStatus | None, dt.datetime, bytes]
+        ] = OrderedDict()
+
+    def get(
+        self, key: tuple[int, str], status: CertificateStatus | None, now: dt.datetime
+    ) -> bytes | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[0] != status or now >= entry[1]:
+                return None
+            self._entries.move_to_end(key)
+            return entry[2]
+
+    def put(
+        self,
+        key: tuple[int, str],
+        status: CertificateStatus | None,
+        stale_at: dt.datetime,
+        der: bytes,
+    ) -> None:
+        with self._lock:
+            self._entries[key] = (status, stale_at, der)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
 
 
 def _issuer_hashes(
@@ -52,6 +95,7 @@ def respond(
     lookup: StatusLookup,
     now: dt.datetime,
     validity: dt.timedelta,
+    cache: ResponseCache | None = None,
 ) -> bytes:
     """A DER OCSPResponse for ``request_der``; malformed or foreign requests get an error status."""
     try:
@@ -64,6 +108,12 @@ def respond(
     if (request.issuer_name_hash, request.issuer_key_hash) != (name_hash, key_hash):
         return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
     status = lookup(request.serial_number)
+    nonces = [e.value for e in request.extensions if isinstance(e.value, x509.OCSPNonce)]
+    key = (request.serial_number, request.hash_algorithm.name)
+    if cache is not None and not nonces:
+        cached = cache.get(key, status, now)
+        if cached is not None:
+            return cached
     builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
         issuer_name_hash=name_hash,
         issuer_key_hash=key_hash,
@@ -82,11 +132,12 @@ def respond(
         revocation_reason=status.reason if status and status.revoked else None,
     )
     builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, issuer.certificate)
-    for ext in request.extensions:
-        if isinstance(ext.value, x509.OCSPNonce):  # echo the nonce: the client's replay defence
-            builder = builder.add_extension(ext.value, critical=False)
-    response = builder.sign(issuer.key, hashes.SHA256())
-    return response.public_bytes(serialization.Encoding.DER)
+    for nonce in nonces:  # echo the nonce: the client's replay defence
+        builder = builder.add_extension(nonce, critical=False)
+    der = builder.sign(issuer.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+    if cache is not None and not nonces:
+        cache.put(key, status, now + validity / 2, der)
+    return der
 
 
 def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:

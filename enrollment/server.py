@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import logging
+import resource
 import ssl
 import threading
 
@@ -21,19 +22,34 @@ from enrollment.ca import (
     renew_server_certificate_if_due,
 )
 from enrollment.crl import needs_refresh
+from enrollment.deadlines import HeaderDeadline
 from enrollment.est import ESTApp
 from enrollment.registry import AuditRecord, Registry
 from enrollment.registry.outage import RegistryOutage
 from enrollment.service import EnrollmentService
 from enrollment.workers import ServiceThreads, service_threads
-from fleetgate.config import Config
+from fleetgate.config import Config, EnrollmentSettings
 from fleetgate.errors import CAPassphraseError, FleetgateError
 from fleetgate.lifecycle import run_until_signalled
-from fleetgate.tls import serve_tls, server_context
+from fleetgate.tls import ConnectionCaps, serve_tls, server_context
 
 log = logging.getLogger("fleetgate.server")
 
 CERTIFICATE_CHECK_INTERVAL_S = 3600.0
+DESCRIPTOR_RESERVE = 64
+"""Descriptors kept back from the connection cap: database, logs, CA files, the listener."""
+
+
+def connection_caps(settings: EnrollmentSettings) -> ConnectionCaps:
+    """``max_connections``, or with 0 the open-file limit less :data:`DESCRIPTOR_RESERVE`, so
+    that accept() never runs out (issue 11: 243 idle connections filled 256 descriptors)."""
+    total = settings.max_connections
+    if total == 0:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 65536
+        total = max(1, soft - DESCRIPTOR_RESERVE)
+    return ConnectionCaps(total=total, per_address=settings.max_connections_per_address)
 
 
 class EnrollmentServer:
@@ -101,20 +117,35 @@ class EnrollmentServer:
             client_cert="optional",  # cacerts and csrattrs are public (RFC 7030 section 3.2.3)
         )
         self._auditor = asyncio.create_task(self.audit.run())
+        settings = self.config.enrollment
+        deadline = HeaderDeadline(self._make_protocol, settings.header_timeout_s)
         app = ESTApp(
-            self.service, crl_path_getter=self._read_crl, threads=self.threads, outage=self.outage
+            self.service,
+            crl_path_getter=self._read_crl,
+            threads=self.threads,
+            outage=self.outage,
+            middlewares=(deadline.middleware,),
         ).build()
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # keepalive_timeout bounds a connection waiting for its next request, from its start or
+        # its last response to the end of the next request's headers (aiohttp's default: 3630 s).
+        # No lingering to read an unread body after the response (aiohttp's default: 10 s, which
+        # a slow body would get on top of its deadline): closing, the TLS layer drains for 2 s.
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=settings.idle_timeout_s,
+            lingering_time=0,
+        )
         await self._runner.setup()
-        factory = self._runner.server
-        assert factory is not None
         self._server = await serve_tls(
-            factory,
-            host=self.config.enrollment.host,
+            deadline.protocol,
+            host=settings.host,
             port=self.port,
             context=context,
             on_refused=self._on_handshake_refused,
-            handshake_timeout=self.config.enrollment.tls_handshake_timeout_s,
+            handshake_timeout=settings.tls_handshake_timeout_s,
+            caps=connection_caps(settings),
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._renewer = asyncio.create_task(self._keep_certificate_current(context, credentials))
@@ -123,6 +154,11 @@ class EnrollmentServer:
             extra={"host": self.config.enrollment.host, "port": self.port},
         )
         return self.port
+
+    def _make_protocol(self) -> asyncio.Protocol:
+        """aiohttp's protocol for one connection (the runner is set up before serving)."""
+        assert self._runner is not None and self._runner.server is not None
+        return self._runner.server()
 
     async def _keep_certificate_current(
         self, context: ssl.SSLContext, credentials: ServerCredentials

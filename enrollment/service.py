@@ -122,6 +122,7 @@ class EnrollmentService:
         self.config = ca.config
         self.clock = clock
         self.timer = StageTimer()
+        self.ocsp_cache = ocsp.ResponseCache()  # responses without a nonce, re-signed at half-life
 
     # -- EST operations ----------------------------------------------------------------------
 
@@ -503,13 +504,15 @@ class EnrollmentService:
         return device, self.publish_crl()
 
     def ocsp_response(self, request_der: bytes) -> bytes:
-        """Answer an OCSP request from the registry as it is now: revocation shows at once."""
+        """Answer an OCSP request from the registry as it is now: revocation shows at once (a
+        cached response is reused only while the registry still states its status)."""
         return ocsp.respond(
             request_der,
             issuer=self.ca.issuer,
             lookup=self._certificate_status,
             now=self.clock(),
             validity=dt.timedelta(minutes=self.config.ca.ocsp_validity_minutes),
+            cache=self.ocsp_cache,
         )
 
     def _certificate_status(self, serial: int) -> ocsp.CertificateStatus | None:

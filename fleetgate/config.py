@@ -39,13 +39,24 @@ class CASettings:
 
 @dataclass(frozen=True)
 class EnrollmentSettings:
-    """The EST (RFC 7030) HTTPS endpoint."""
+    """The EST (RFC 7030) HTTPS endpoint. Client certificates are optional there (``cacerts`` is
+    public), so anyone who reaches the port gets these bounds (issue 11; docs/threat-model.md):
+    deadlines for each stage of a connection, and caps on the connections held at once.
+
+    ``max_connections`` of 0 means "derived from the open-file limit" (it minus a reserve for
+    the database, logs and CA files), so the process never runs out of descriptors to accept.
+    """
 
     host: str = "127.0.0.1"
     port: int = 8443
     server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
     max_body_bytes: int = 16384
     tls_handshake_timeout_s: float = 10.0
+    idle_timeout_s: float = 15.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 0
+    max_connections_per_address: int = 128
 
 
 @dataclass(frozen=True)
@@ -333,11 +344,27 @@ def load_config(home: Path | None = None, environ: dict[str, str] | None = None)
     sections["broker"] = dataclasses.replace(
         sections["broker"], limits=_build_limits(limits_table, env)
     )
+    _check_enrollment(sections["enrollment"])
     bridges = _build_bridges(raw.get(_BRIDGE_SECTION, []))
     return Config(home=home, **sections, bridges=bridges, fabric=_build_fabric(raw, env))
 
 
 _LIMITS_KEY = "limits"
+
+
+def _check_enrollment(settings: EnrollmentSettings) -> None:
+    """A deadline or per-address cap of 0 would refuse every client rather than bound them."""
+    for name in (
+        "tls_handshake_timeout_s",
+        "idle_timeout_s",
+        "header_timeout_s",
+        "body_timeout_s",
+        "max_connections_per_address",
+    ):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"[enrollment] {name} must be above 0, not {getattr(settings, name)}")
+    if settings.max_connections < 0:
+        raise ConfigError("[enrollment] max_connections must be 0 (automatic) or above")
 
 
 def _build_limits(table: Any, env: Any) -> LimitSettings:
@@ -496,6 +523,12 @@ host = "127.0.0.1"
 port = 8443
 server_names = ["localhost", "127.0.0.1"]
 max_body_bytes = 16384
+tls_handshake_timeout_s = 10.0
+idle_timeout_s = 15.0         # a kept-alive connection with no request is closed after this
+header_timeout_s = 10.0       # from a request's first byte to the end of its headers
+body_timeout_s = 30.0         # to read a request's body once its headers are in
+max_connections = 0           # 0: the open-file limit minus a reserve
+max_connections_per_address = 128
 
 [broker]
 host = "127.0.0.1"            # 0.0.0.0 to accept devices on every interface

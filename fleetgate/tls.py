@@ -7,6 +7,12 @@ an expired one would leave no trace, and the client would learn nothing but "con
 :class:`~fleetgate.tlspump.TLSPump` per connection: an ``ssl.SSLObject`` between memory BIOs).
 It sends a refused client its alert, reports each failure with the peer and OpenSSL's reason,
 and only then makes the application protocol, whose transport is the connection itself.
+
+A listener may cap the connections it holds, in all and per source address
+(:class:`ConnectionCaps`): one beyond a cap is reset as soon as it is accepted, before any TLS,
+so a flood of idle connections cannot use up the process's file descriptors. Should the process
+run out anyway, asyncio's accept errors are logged at most once a second with their count
+(asyncio itself stops accepting for a second after one).
 """
 
 from __future__ import annotations
@@ -14,8 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import logging
 import ssl
+import time
+import weakref
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +39,10 @@ HandshakeRefused = Callable[[str, str], None]
 """Called as ``on_refused(peer, reason)`` for every failed TLS handshake."""
 
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+OP_PRIORITIZE_CHACHA = 0x00200000
+"""OpenSSL's SSL_OP_PRIORITIZE_CHACHA, which Python 3.11's ``ssl`` does not name: the server
+picks ChaCha20-Poly1305 when the client lists it first (a client without AES instructions)."""
+_ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _LINGER_S = 2.0  # how long a closed or refused peer gets to read our last bytes and hang up
 _RECEIVE_SIZE = 64 * 1024  # one receive buffer per listener, shared by its connections
 
@@ -49,6 +63,9 @@ def server_context(
     # No session tickets: fleetgate's clients do not resume (a resumption would also skip the
     # client-certificate check), and issuing two per handshake costs a third of its CPU.
     ctx.num_tickets = 0
+    # Server preference stays (AES-256 over AES-128), but a client that lists ChaCha20 first
+    # (no AES instructions: AES-GCM in software is ~5x slower there) gets it.
+    ctx.options |= OP_PRIORITIZE_CHACHA
     ctx.load_cert_chain(cert_chain, key)
     ctx.load_verify_locations(cafile=client_ca)
     ctx.verify_mode = ssl.CERT_REQUIRED if client_cert == "required" else ssl.CERT_OPTIONAL
@@ -71,6 +88,64 @@ def describe_handshake_error(exc: BaseException) -> str:
     return f"TLS handshake failed: {exc}"
 
 
+class LogThrottle:
+    """Logs an event at most once per ``interval_s``, with how many happened since the last line:
+    a client can make a refusal or an accept error happen thousands of times a second, and one
+    line each would fill the disk (issue 11 saw 54 MB of tracebacks in 40 s)."""
+
+    def __init__(self, logger: logging.Logger, message: str, interval_s: float = 1.0) -> None:
+        self._logger = logger
+        self._message = message
+        self._interval_s = interval_s
+        self._last = -interval_s
+        self._pending = 0
+        self.total = 0
+
+    def __call__(self, **extra: Any) -> None:
+        self.total += 1
+        self._pending += 1
+        now = time.monotonic()
+        if now - self._last >= self._interval_s:
+            self._logger.warning(self._message, extra={"count": self._pending, **extra})
+            self._last = now
+            self._pending = 0
+
+
+@dataclass(frozen=True)
+class ConnectionCaps:
+    """How many connections one listener holds at once, in all and from one source address."""
+
+    total: int
+    per_address: int
+
+
+class _Admission:
+    """The connections a capped listener holds, by source address."""
+
+    def __init__(self, caps: ConnectionCaps) -> None:
+        self.caps = caps
+        self.open = 0
+        self.by_address: Counter[str] = Counter()
+        self.refused = LogThrottle(log, "connection refused: over the connection cap")
+
+    def admit(self, address: str) -> bool:
+        if self.open >= self.caps.total:
+            self.refused(peer=address, cap="total", limit=self.caps.total)
+            return False
+        if self.by_address[address] >= self.caps.per_address:
+            self.refused(peer=address, cap="per_address", limit=self.caps.per_address)
+            return False
+        self.open += 1
+        self.by_address[address] += 1
+        return True
+
+    def release(self, address: str) -> None:
+        self.open -= 1
+        self.by_address[address] -= 1
+        if not self.by_address[address]:
+            del self.by_address[address]
+
+
 @dataclass(frozen=True)
 class _Listener:
     """What every connection of one TLS listener shares, its receive buffer included."""
@@ -80,6 +155,7 @@ class _Listener:
     context: ssl.SSLContext
     handshake_timeout: float
     on_refused: HandshakeRefused
+    admission: _Admission | None
     buffer: memoryview = field(default_factory=lambda: memoryview(bytearray(_RECEIVE_SIZE)))
 
 
@@ -101,7 +177,7 @@ class _TLSConnection(asyncio.BufferedProtocol, asyncio.Transport):
     once the handshake succeeded, and told ``connection_lost`` once, when the socket is gone.
     """
 
-    __slots__ = ("_app", "_listener", "_pump", "_state", "_tcp", "_timer")
+    __slots__ = ("_address", "_app", "_listener", "_pump", "_state", "_tcp", "_timer")
 
     def __init__(self, listener: _Listener) -> None:  # no Transport.__init__: no _extra dict
         self._listener = listener
@@ -110,6 +186,7 @@ class _TLSConnection(asyncio.BufferedProtocol, asyncio.Transport):
         self._app: asyncio.Protocol | None = None
         self._tcp: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._address: str | None = None  # the source address, while the admission counts it
 
     # -- the socket's side (asyncio.BufferedProtocol) ------------------------------------------
 
@@ -117,6 +194,14 @@ class _TLSConnection(asyncio.BufferedProtocol, asyncio.Transport):
         assert isinstance(transport, asyncio.Transport)
         self._tcp = transport
         listener = self._listener
+        if listener.admission is not None:
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if peer else "unknown"
+            if not listener.admission.admit(address):
+                self._state = _CLOSING
+                transport.abort()  # a reset frees the descriptor now; no TLS, no audit
+                return
+            self._address = address
         self._timer = listener.loop.call_later(listener.handshake_timeout, self._timed_out)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -142,6 +227,9 @@ class _TLSConnection(asyncio.BufferedProtocol, asyncio.Transport):
             self._refuse(describe_handshake_error(exc or ConnectionResetError()), linger=False)
         self._state = _CLOSING
         self._cancel_timer()
+        if self._address is not None and self._listener.admission is not None:
+            self._listener.admission.release(self._address)
+            self._address = None
         app, self._app = self._app, None  # the application and this transport refer to each other
         if app is not None:
             app.connection_lost(exc)
@@ -329,10 +417,16 @@ async def serve_tls(
     context: ssl.SSLContext,
     on_refused: HandshakeRefused,
     handshake_timeout: float = 10.0,
+    caps: ConnectionCaps | None = None,
 ) -> asyncio.Server:
-    """Listen on ``host:port``; every accepted connection is TLS or is refused and reported."""
+    """Listen on ``host:port``; every accepted connection is TLS or is refused and reported.
+
+    Without ``caps`` the listener holds as many connections as the process has descriptors.
+    """
     loop = asyncio.get_running_loop()
-    listener = _Listener(loop, app_factory, context, handshake_timeout, on_refused)
+    _throttle_accept_errors(loop)
+    admission = _Admission(caps) if caps is not None else None
+    listener = _Listener(loop, app_factory, context, handshake_timeout, on_refused, admission)
     return await loop.create_server(
         lambda: _TLSConnection(listener),
         host,
@@ -340,3 +434,29 @@ async def serve_tls(
         reuse_address=True,
         backlog=1024,
     )
+
+
+_THROTTLED_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def _throttle_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Out of descriptors, asyncio reports every failed ``accept()`` to the loop's exception
+    handler with a traceback (up to the backlog's worth per attempt, once a second): let through
+    at most one line a second, with the count. Other reports go where they went before."""
+    if loop in _THROTTLED_LOOPS:
+        return
+    _THROTTLED_LOOPS.add(loop)
+    previous = loop.get_exception_handler()
+    throttle = LogThrottle(log, "accept failed: out of descriptors or memory")
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        accept = "accept" in str(context.get("message", ""))
+        if accept and isinstance(exc, OSError) and exc.errno in _ACCEPT_ERRNOS:
+            throttle(reason=exc.strerror or str(exc))
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
