@@ -107,6 +107,15 @@ class NatsCluster:
     def _config(self, node: NatsNode) -> Path:
         routes = "\n".join(f"    nats-route://127.0.0.1:{n.route_port}" for n in self.nodes)
         mqtt = f"mqtt {{ listen: 127.0.0.1:{node.mqtt_port} }}" if self.mqtt else ""
+        cluster = f"""cluster {{
+  name: fleetgate-test
+  listen: 127.0.0.1:{node.route_port}
+  routes: [
+{routes}
+  ]
+}}"""
+        if len(self.nodes) == 1:  # a lone server: JetStream would wait for peers in a cluster
+            cluster = ""
         text = f"""
 server_name: {node.name}
 listen: 127.0.0.1:{node.client_port}
@@ -116,13 +125,7 @@ jetstream {{
   max_memory_store: 64MB
   max_file_store: 1GB
 }}
-cluster {{
-  name: fleetgate-test
-  listen: 127.0.0.1:{node.route_port}
-  routes: [
-{routes}
-  ]
-}}
+{cluster}
 {mqtt}
 """
         node.directory.mkdir(parents=True, exist_ok=True)

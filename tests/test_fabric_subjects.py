@@ -159,7 +159,7 @@ LIVE_SUBJECTS = [s for s in OBSERVED_SUBJECTS if s != "a.b/c"] + ["p.q//r./"]
 
 @pytest.fixture(scope="module")
 def mqtt_cluster(tmp_path_factory: pytest.TempPathFactory) -> NatsCluster:  # type: ignore[misc]
-    with NatsCluster(tmp_path_factory.mktemp("nats"), mqtt=True) as cluster:
+    with NatsCluster(tmp_path_factory.mktemp("nats"), size=1, mqtt=True) as cluster:
         yield cluster
 
 
