@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from broker.acl import DeviceAcl
+from broker.acl import DeviceAcl, outgrown
 from broker.admission import Admitted, Identity, Refused, Unidentified
 from broker.core import BrokerCore, CoreSettings, GateVerdict
 from broker.limits import DeviceLimits, Limit, TokenBucket, audit_text, topic_excess
@@ -339,6 +339,36 @@ class Connection:
         self._disconnect(_R.ADMINISTRATIVE_ACTION, f"device {state}", now, publish_will=False)
         return True
 
+    def apply_policy(self, group: str, acl: DeviceAcl, now: float) -> bool | None:
+        """The device's group or its group's ACL changed while it is connected: True if the
+        session was closed, False if it goes on, None if it is not connected (an admission
+        under way reads the registry again, ``Broker._admit_in_thread``).
+
+        From now on its PUBLISHes and SUBSCRIBEs are judged by ``acl`` (the remembered publish
+        verdicts are forgotten). A session holding a subscription or a will the new ACL
+        refuses (:func:`broker.acl.outgrown`) is closed without its will, its device told why
+        (MQTT 5: DISCONNECT 0x87 with the reason; 3.1.1 has no server DISCONNECT: the
+        connection closes), and the session is discarded: messages queued for it may have come
+        through a filter it may no longer hold. Limits stay those of the group it connected
+        under until it reconnects.
+        """
+        if self.state is not State.CONNECTED:
+            return None
+        session = self.session
+        assert session is not None
+        refused = outgrown(acl, session.subscriptions, self._will.topic if self._will else None)
+        self.group, self.acl = group, acl
+        self._allowed.clear()
+        if refused is None:
+            return False
+        reason = refused.describe(group)
+        self.core.audit(
+            AuditRecord(self._actor(), "mqtt.policy_kick", "ok", self.device_id, reason)
+        )
+        self._disconnect(_R.NOT_AUTHORIZED, reason, now, publish_will=False)
+        self.core.end_session(session, now)
+        return True
+
     def shut_down(self, now: float) -> None:
         self._disconnect(_R.SERVER_SHUTTING_DOWN, "server shutting down", now, publish_will=False)
 
@@ -498,7 +528,7 @@ class Connection:
         session, present = self.core.attach(
             self,
             self.client_id,
-            clean_start=packet.clean_start,
+            clean_start=packet.clean_start or self._stored_session_outgrown(),
             expiry=expiry,
             now=now,
             limits=self.limits,
@@ -514,6 +544,21 @@ class Connection:
             else:
                 self._write(pending)
         self._drain(now)
+
+    def _stored_session_outgrown(self) -> bool:
+        """Whether the stored session this CONNECT would resume holds a subscription the ACL
+        just admitted refuses (the policy changed while the device was away): it is then
+        discarded, as :meth:`apply_policy` does for a live one, and the device starts clean
+        (session present 0)."""
+        stored = self.core.sessions.get(self.client_id)
+        assert self.acl is not None
+        refused = None if stored is None else outgrown(self.acl, stored.subscriptions, None)
+        if refused is None:
+            return False
+        reason = f"stored session {self.client_id!r} discarded: {refused.describe(self.group)}"
+        record = AuditRecord(self._actor(), "mqtt.policy_discard", "ok", self.device_id, reason)
+        self.core.audit(record)
+        return True
 
     def _on_publish(
         self,
@@ -619,8 +664,8 @@ class Connection:
     def _may_publish(self, topic: str) -> ReasonCode:
         """Whether ``topic`` is within the group's topic limits and the ACL (success, quota
         exceeded, not authorized), for a topic not in ``_allowed`` yet, remembered there: a
-        device publishes to a handful of topics, over and over, and neither its ACL nor its
-        limits change while it is connected."""
+        device publishes to a handful of topics, over and over; a policy change forgets them
+        (:meth:`apply_policy`)."""
         assert self.acl is not None
         if topic_excess(topic, self.limits) is not None:
             access = _R.QUOTA_EXCEEDED

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
+from broker.acl import bind_acl
 from broker.limits import (
     AuditThrottle,
     DeviceLimits,
@@ -33,7 +34,7 @@ from broker.routing import (
     weight,
 )
 from broker.session import NEVER_EXPIRES, Delivery, PendingWill, Session
-from enrollment.registry import AuditRecord, DeviceState
+from enrollment.registry import AclPatterns, AuditRecord, DeviceState
 
 if TYPE_CHECKING:
     from broker.connection import Connection
@@ -363,6 +364,41 @@ class BrokerCore:
                     session.pending_will = None
                     self.end_session(session, now)
         return kicked
+
+    def apply_policy(
+        self, device_id: str | None, group: str, acl: AclPatterns | None, now: float
+    ) -> tuple[int, int]:
+        """The ACL of ``group`` changed (``device_id`` None: every live session in that group)
+        or ``device_id`` moved to ``group``; ``acl`` is that group's template. Each live
+        session goes on under it or is closed (:meth:`Connection.apply_policy`); (sessions
+        reached, sessions closed). One audit row says so when a session was reached.
+
+        Stored sessions of absent devices are judged when they resume (``Connection._accept``):
+        a session does not record its group.
+        """
+        reached = closed = 0
+        for conn in list(self.connections):
+            if conn.acl is None or (
+                conn.device_id != device_id if device_id is not None else conn.group != group
+            ):
+                continue
+            outcome = conn.apply_policy(group, bind_acl(acl, conn.device_id), now)
+            if outcome is not None:
+                reached += 1
+                closed += outcome
+        if reached:
+            what = f"device {device_id} moved to group {group}" if device_id else f"ACL of {group}"
+            self.audit(
+                AuditRecord(
+                    "broker",
+                    "mqtt.policy",
+                    "ok",
+                    device_id or group,
+                    f"{what} applied to {reached} live session(s): {closed} closed, "
+                    f"{reached - closed} kept",
+                )
+            )
+        return reached, closed
 
     def shutdown(self, now: float) -> None:
         for conn in list(self.connections):

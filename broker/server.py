@@ -34,7 +34,7 @@ from broker.audit import AuditWriter
 from broker.bridge import BridgeManager
 from broker.connection import AdmissionRequest, Connection
 from broker.core import BrokerCore, CoreSettings
-from broker.feed import RevocationFeed
+from broker.feed import PolicyChange, RevocationFeed
 from broker.metrics import Metrics
 from broker.mqtt import MAX_PACKET_SIZE
 from broker.tls import broker_context, broker_credentials, handshake_label
@@ -187,6 +187,7 @@ class Broker:
             self.metrics,
             interval=settings.feed_poll_interval_s,
             on_change=self._on_device_change,
+            on_policy=self._on_policy_change,
             outage=self.outage,
         )
         self.bridges = (
@@ -384,8 +385,12 @@ class Broker:
         return facts
 
     async def _admit_in_thread(self, protocol: _MqttProtocol, request: AdmissionRequest) -> None:
-        cursor = self.feed.cursor
-        facts = await asyncio.to_thread(self._read_facts, request)
+        device_id = request.identity.device_id
+        while True:  # again if a policy change the read may predate was applied meanwhile
+            cursor = self.feed.cursor
+            facts = await asyncio.to_thread(self._read_facts, request)
+            if facts is None or not self.feed.policy_changed_since(device_id, facts.group, cursor):
+                break
         self._decide(protocol, request, facts, cursor)
         protocol.admission_finished()
         self.wake()
@@ -438,13 +443,27 @@ class Broker:
     # -- events from outside ---------------------------------------------------------------------
 
     def _on_device_change(self, change: DeviceChange) -> None:
-        if change.state not in (DeviceState.REVOKED, DeviceState.SUSPENDED):
+        if change.device_id is None or change.state not in (
+            DeviceState.REVOKED,
+            DeviceState.SUSPENDED,
+        ):
             return
         kicked = self.core.kick(change.device_id, change.state, change.reason, self.now())
         if kicked:
             log.warning(
                 "device session closed by revocation",
                 extra={"device": change.device_id, "state": str(change.state)},
+            )
+        self.wake()
+
+    def _on_policy_change(self, change: PolicyChange) -> None:
+        reached, closed = self.core.apply_policy(
+            change.device_id, change.group, change.acl, self.now()
+        )
+        if reached:
+            log.info(
+                "policy change applied to live sessions",
+                extra={"group": change.group, "sessions": reached, "closed": closed},
             )
         self.wake()
 

@@ -763,3 +763,33 @@ def test_acl_set_refuses_a_template_the_broker_would_and_stores_nothing(fleet):
     result = fleet("acl", "set", "meters", "--publish", "meters/x%d/#", "--subscribe", "m/%d")
     assert "%d must be a whole topic level" in result.failed().stderr
     assert "default" in fleet("acl", "show", "meters").ok().stdout
+
+
+def test_device_move_changes_the_group_and_audits_who_and_old_to_new(fleet, template):
+    fleet("acl", "set", "meters", "--publish", "meters/%d/#", "--subscribe", "meters/%d/in").ok()
+    result = fleet("device", "move", "d1", "--group", "meters").ok()
+    assert "moved from group default to meters" in result.stdout
+    assert fleet("device", "show", "d1", "--json").ok().json()["group"] == "meters"
+    with _open_registry(fleet.home) as registry:
+        [moved] = [e for e in registry.audit_events(subject="d1") if e.action == "device.move"]
+        [acl] = [e for e in registry.audit_events(subject="meters") if e.action == "acl.set"]
+    assert (moved.outcome, moved.reason) == ("ok", "group default -> meters")
+    assert moved.actor.startswith("admin:")
+    assert "(was the default)" in acl.reason
+    fleet("device", "move", "d1", "--group", "default").ok()  # back: default always exists
+
+
+@pytest.mark.parametrize(
+    ("device", "group", "says"),
+    [
+        ("ghost", "default", "no device 'ghost' in the registry"),
+        ("d1", "meterz", "no group 'meterz': give it an ACL first with `fleetgate acl set meterz"),
+        ("d1", "default", "device d1 is already in group default"),
+        ("d1", "bad group!", "group"),
+    ],
+)
+def test_device_move_errors_clearly_and_changes_nothing(fleet, template, device, group, says):
+    assert says in fleet("device", "move", device, "--group", group).failed().stderr
+    assert fleet("device", "show", "d1", "--json").ok().json()["group"] == "default"
+    with _open_registry(fleet.home) as registry:
+        assert not [c for c in registry.changes_since(0) if c.group is not None]

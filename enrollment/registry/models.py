@@ -143,17 +143,21 @@ class AuditAnchor(SQLModel, table=True):
 
 
 class DeviceChange(SQLModel, table=True):
-    """The revocation change feed: one row per device state change, in commit order.
+    """The change feed: one row per device state change or policy change, in commit order.
 
-    Brokers poll ``id > last_seen`` (see ``Registry.changes_since``) so that a revoke or suspend
-    made by any process reaches every broker sharing the registry, without a side channel.
+    Brokers poll ``id > last_seen`` (see ``Registry.changes_since``) so that a revoke or suspend,
+    an ACL change or a device's move to another group, made by any process, reaches every
+    broker sharing the registry without a side channel. A row is one of: ``device_id`` and
+    ``state`` (a state change); ``device_id`` and ``group`` (the device moved to ``group``);
+    ``group`` alone (the group's ACL changed).
     """
 
     id: int | None = Field(default=None, primary_key=True)
-    device_id: str = Field(max_length=64)
-    state: DeviceState
+    device_id: str | None = Field(default=None, max_length=64)
+    state: DeviceState | None = None
     reason: str = ""
     at: dt.datetime = _ts()
+    group: str | None = Field(default=None, max_length=64)
 
 
 class GroupPolicy(SQLModel, table=True):

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # Alembic is imported only to upgrade: it costs ~0.2 s, every
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
-REVISIONS = ("0001", "0002")
+REVISIONS = ("0001", "0002", "0003")
 """Every revision, oldest first; a test checks it against the migrations directory."""
 HEAD = REVISIONS[-1]
 VERSION_TABLE = "alembic_version"
