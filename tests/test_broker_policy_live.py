@@ -11,7 +11,9 @@ its own process, as an operator would run it.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,9 +30,16 @@ from broker_helpers import (  # running_broker: the `broker` fixture
     running_broker,  # noqa: F401
     wait_for,
 )
+from conftest import Fleet
+from postgres_server import PostgresServer
+from registry_helpers import new_registry
+from test_registry_postgres import pg_server  # noqa: F401 - the session's PostgreSQL server
 
 from broker.acl import AclTemplate, bind_acl, outgrown
+from enrollment.ca import init_ca
 from enrollment.registry import DeviceState, Registry
+from enrollment.registry.schema import upgrade
+from fleetgate.config import load_config
 
 NOT_AUTHORIZED = 0x87
 ADMINISTRATIVE_ACTION = 0x98
@@ -247,3 +256,93 @@ def test_a_policy_change_is_applied_no_later_than_a_revocation_committed_after_i
     assert policy.id < kick.id
     narrowed.close()
     revoked.close()
+
+
+def test_a_will_the_new_acl_refuses_closes_the_session_and_is_not_published(fleet, broker, meters):
+    fleet.registry.set_acl("watchers", publish=[], subscribe=["devices/+/status"], actor="t")
+    watcher = Device(broker, enroll(fleet, "w-2", group="watchers"))
+    assert watcher.connect()[0] == 0
+    assert watcher.subscribe("devices/+/status", 1) == [1]
+    device = Device(
+        broker, enroll(fleet, "m-1", group="meters"), will=("devices/m-1/status", b"gone", 1, False)
+    )
+    assert device.connect()[0] == 0
+    cli("acl", "set", "meters", "--publish", "devices/%d/telemetry/#", "--subscribe", "x/%d")
+    assert device.disconnect_code(timeout=5)[0] == NOT_AUTHORIZED
+    assert device.reason_string() == (
+        "the ACL of group meters no longer allows will topic 'devices/m-1/status'"
+    )
+    watcher.no_message()  # closed by the server for its policy: the will is not published
+    device.close()
+    watcher.close()
+
+
+# -- the registry's side -------------------------------------------------------------------------
+
+
+def test_revision_0003_keeps_the_state_changes_already_in_the_feed(tmp_path):
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    upgrade(url, "0002")
+    with sqlite3.connect(tmp_path / "r.db") as db:
+        db.execute(
+            "INSERT INTO devicechange (device_id, state, reason, at) "
+            "VALUES ('d1', 'REVOKED', 'keyCompromise', '2026-12-01 10:00:00')"
+        )
+    upgrade(url)
+    registry = Registry(url)
+    try:
+        [old] = registry.changes_since(0)
+        assert (old.device_id, old.state, old.group) == ("d1", DeviceState.REVOKED, None)
+        registry.set_acl("g", publish=["a/%d"], subscribe=[], actor="t")
+        new = registry.changes_since(old.id or 0)
+        assert [(c.device_id, c.state, c.group, c.reason) for c in new] == [
+            (None, None, "g", "acl.set")
+        ]
+    finally:
+        registry.close()
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------
+
+_fleets = itertools.count(1)
+
+
+@pytest.fixture
+def pg_fleet(home: Path, pg_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> Fleet:  # noqa: F811
+    """A data directory whose registry is a fresh PostgreSQL database (the CLI's too)."""
+    url = pg_server.create_database(f"policy_live_{next(_fleets)}")
+    monkeypatch.setenv("FLEETGATE_DATABASE_URL", url)
+    config = load_config(home)
+    init_ca(config)
+    new_registry(config.database_url).close()
+    return Fleet(config)
+
+
+def test_on_postgresql_acl_set_and_device_move_reach_live_sessions_within_the_kick_latency(
+    pg_fleet: Fleet,
+) -> None:
+    """Admission and the feed read PostgreSQL in threads; same promises as on SQLite."""
+    fleet = pg_fleet
+    cli("acl", "set", "meters", *WIDE)
+    cli("acl", "set", "locked", *NARROW)
+    creds = [enroll(fleet, f"m-{n}", group="meters") for n in (1, 2)]
+    broker = RunningBroker(fleet).start()
+    try:
+        first, second = (Device(broker, c) for c in creds)
+        for device, device_id in ((first, "m-1"), (second, "m-2")):
+            assert device.connect()[0] == 0
+            assert device.subscribe(f"devices/{device_id}/config/#", 1) == [1]
+        cli("acl", "set", "meters", "--publish", "devices/%d/#", "--subscribe", "devices/%d/#")
+        wait_for(lambda: broker.audit_events("meters", action="mqtt.policy"), what="applied")
+        assert first.events.disconnects.empty() and second.events.disconnects.empty()
+        cli("device", "move", "m-1", "--group", "locked")
+        committed = latest_change_at(fleet.registry)
+        code, closed_at = first.disconnect_code(timeout=5)
+        latency = closed_at - committed
+        print(f"PostgreSQL: move committed -> session closed: {latency * 1000:.0f} ms")
+        assert code == NOT_AUTHORIZED and latency <= KICK_LATENCY_S
+        assert second.publish("devices/m-2/anything", b"x", qos=1) == 0  # still meters' ACL
+        first.close()
+        second.close()
+    finally:
+        broker.stop()
