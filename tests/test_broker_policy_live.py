@@ -277,6 +277,47 @@ def test_a_will_the_new_acl_refuses_closes_the_session_and_is_not_published(flee
     watcher.close()
 
 
+def test_an_admission_read_that_a_policy_change_overtakes_reads_the_registry_again(
+    fleet, meters, monkeypatch
+):
+    """Admission in a thread (as for PostgreSQL): the read returns the old ACL, the feed applies
+    the change before the verdict (no session to apply it to yet); the CONNECT must not be
+    admitted under the old ACL."""
+    import threading
+
+    creds = enroll(fleet, "m-1", group="meters")
+    running = RunningBroker(fleet)
+    running.broker._admit_inline = False
+    registry = running.broker.registry
+    real = registry.admission_facts
+    read, go = threading.Event(), threading.Event()
+
+    def overtaken(device_id: str, serial: int | None) -> Any:
+        facts = real(device_id, serial)
+        if not read.is_set():
+            read.set()
+            assert go.wait(10)
+        return facts
+
+    monkeypatch.setattr(registry, "admission_facts", overtaken)
+    running.start()
+    try:
+        device = Device(running, creds)
+        device.start()
+        assert read.wait(10)
+        cursor = running.broker.feed.cursor
+        fleet.registry.set_acl("meters", publish=["devices/%d/#"], subscribe=[], actor="t")
+        feed = running.broker.feed
+        wait_for(lambda: feed.policy_changed_since("m-1", "meters", cursor), what="the feed")
+        go.set()
+        assert device.events.connack.get(timeout=10)[0] == 0
+        assert device.subscribe("devices/m-1/config/#", 1) == [NOT_AUTHORIZED]
+        device.close()
+    finally:
+        go.set()
+        running.stop()
+
+
 # -- the registry's side -------------------------------------------------------------------------
 
 
