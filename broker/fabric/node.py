@@ -34,7 +34,6 @@ import asyncio
 import base64
 import logging
 import secrets
-import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -62,7 +61,7 @@ from broker.mqtt.errors import ProtocolError
 from broker.mqtt.packets import PacketType
 from broker.mqtt.properties import decode_properties, encode_properties
 from broker.routing import Message, SubscriptionOptions, SubscriptionTree
-from fleetgate.config import Config, FabricSettings
+from fleetgate.config import Config, FabricSettings, node_name
 from fleetgate.errors import FleetgateError
 from fleetgate.topics import InvalidTopic, validate_topic_name
 
@@ -190,7 +189,7 @@ class FabricNode:
     ) -> None:
         assert config.fabric is not None
         self.settings: FabricSettings = config.fabric
-        self.name = self.settings.node_name or _host_name()
+        self.name = node_name(config)
         self._config = config
         self._core = core
         self._wake = wake
@@ -551,9 +550,3 @@ class FabricNode:
 def _server_version(nc: NatsClient) -> str:
     version = nc.connected_server_version
     return f"{version.major}.{version.minor}.{version.patch}"
-
-
-def _host_name() -> str:
-    """The host name as a NATS subject token (no dots)."""
-    name = socket.gethostname().split(".")[0]
-    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name)[:64] or "node"
