@@ -102,6 +102,8 @@ class BrokerCore:
         self.retained = RetainedMessages()
         self.dirty: set[Connection] = set()
         self.gate: PublishGate | None = None
+        # Fabric mode: wills go to the other nodes too (a bridge's gate sees client messages only).
+        self.will_gate: PublishGate | None = None
         # Fabric mode (broker.fabric): why a topic filter cannot be subscribed to, or None.
         self.filter_refusal: Callable[[str], str | None] | None = None
         self._assigned_ids = itertools.count(1)
@@ -269,6 +271,8 @@ class BrokerCore:
         ):
             self.metrics.limit_refusals[excess] += 1
             message = replace(message, retain=False)
+        if self.will_gate is not None:  # nothing acknowledges a will: the outcome is not needed
+            self.will_gate.offer(message, False, _no_acknowledgement)
         self.publish(message, now, owner=session.device_id)
 
     def deliver(self, session: Session, delivery: Delivery, now: float) -> None:
@@ -367,3 +371,7 @@ class BrokerCore:
     def shutdown(self, now: float) -> None:
         for conn in list(self.connections):
             conn.shut_down(now)
+
+
+def _no_acknowledgement(stored: bool, now: float) -> None:
+    """A will's publish gate callback: no client waits for it."""

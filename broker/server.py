@@ -446,6 +446,8 @@ class Broker:
     def _on_device_change(self, change: DeviceChange) -> None:
         if change.state not in (DeviceState.REVOKED, DeviceState.SUSPENDED):
             return
+        if self.fabric is not None:  # the other nodes kick now, not at their next poll
+            self.fabric.kicks.announce(change)
         kicked = self.core.kick(change.device_id, change.state, change.reason, self.now())
         if kicked:
             log.warning(

@@ -47,6 +47,9 @@ from broker.fabric.durable import (
     STREAM_PREFIX,
     DurableLedger,
 )
+from broker.fabric.kicks import KickRelay
+from broker.fabric.retained import FabricRetained
+from broker.fabric.retained import families as retained_families
 from broker.fabric.subjects import (
     Unmappable,
     filter_to_subjects,
@@ -213,6 +216,8 @@ class FabricNode:
         self.not_stored = 0
         self.received = 0
         self.dropped = 0
+        self.kicks = KickRelay(self.name, core, wake=wake, clock=clock)
+        self.retained: FabricRetained | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -253,16 +258,32 @@ class FabricNode:
             raise
         await self._ensure_stream()
         await self._nc.subscribe(self.ledger.ack_prefix + "*", cb=self._on_ack)
+        await self.kicks.start(self._nc)
         core = self._core
         if core.subscriptions.match("#") or core.sessions:
             raise RuntimeError("the fabric must be started before any client connects")
-        core.gate = self
+        js = self._nc.jetstream(timeout=settings.connect_timeout_s)
+        self.retained = FabricRetained(
+            self.name, clock=self._clock, headers=nats_headers, decode=message_from_nats
+        )
+        try:
+            await self.retained.start(js, settings.replicas, settings.connect_timeout_s)
+        except (FabricUnavailable, TimeoutError) as exc:
+            await self._nc.close()
+            raise FabricUnavailable(f"the retained messages did not load: {exc}") from exc
+        core.retained = self.retained
+        core.gate = core.will_gate = self
         core.filter_refusal = refusal
         self._tree = core.subscriptions = InterestTree(self._interest_gained, self._interest_lost)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(job)
-            for job in (self._send(), self._follow_interest(), self._watch_stored())
+            for job in (
+                self._send(),
+                self._follow_interest(),
+                self._watch_stored(),
+                self.retained.write(js),
+            )
         ]
         log.info(
             "fabric connected",
@@ -271,6 +292,8 @@ class FabricNode:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self.retained is not None:  # the last retained writes, before the link goes
+            await self.retained.stop(5.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -314,12 +337,20 @@ class FabricNode:
                 "QoS 1/2 messages given up on: the client got 0x83 or a close.",
                 self.not_stored,
             ),
+            ("fabric_kicks_sent_total", "counter", "Feed changes announced.", self.kicks.sent),
+            (
+                "fabric_kicks_received_total",
+                "counter",
+                "Kicks other nodes announced.",
+                self.kicks.received,
+            ),
             (
                 "fabric_pending_stored",
                 "gauge",
                 "QoS 1/2 messages waiting for FG_MSGS.",
                 len(self.ledger.pending),
             ),
+            *retained_families(self.retained),
         ]
         lines = [
             line
