@@ -123,17 +123,23 @@ def measure_kick_p99(
 # -- standalone ------------------------------------------------------------------------------------
 
 
-def _start_node(
-    home: Path, servers: str, pin: bool, out: Path
+def start_node(
+    home: Path, servers: str, name: str, out: Path, *, pin: bool = False
 ) -> tuple[subprocess.Popen[bytes], int]:
+    """``fleetgate serve broker`` as a fabric node in its own process (to be killed by PID);
+    returns once its listeners are up, with its MQTT port."""
     port, metrics_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETGATE_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("FLEETGATE_") or k == "FLEETGATE_CA_PASSPHRASE"
+    }
     env |= {
         "FLEETGATE_HOME": str(home),
         "FLEETGATE_LOG_LEVEL": "WARNING",
         "FLEETGATE_BROKER_PORT": str(port),
         "FLEETGATE_BROKER_METRICS_PORT": str(metrics_port),
-        "FLEETGATE_BROKER_NODE_NAME": "kick-node",
+        "FLEETGATE_BROKER_NODE_NAME": name,
         "FLEETGATE_FABRIC_SERVERS": servers,
     }
     argv = [str(Path(sys.executable).with_name("fleetgate")), "serve", "broker"]
@@ -166,7 +172,9 @@ def main() -> None:
         device_id = fleet.kick_ids[0]
         with NatsCluster(tmp / "nats") as cluster:
             servers = cluster.nodes[1].url
-            proc, port = _start_node(fleet.home, servers, args.pin, tmp / "node.stderr")
+            proc, port = start_node(
+                fleet.home, servers, "kick-node", tmp / "node.stderr", pin=args.pin
+            )
             try:
                 load = os.getloadavg()[0]
                 figures = measure_kick_p99(

@@ -57,6 +57,7 @@ from broker.fabric.subjects import (
     subject_to_topic,
     topic_to_subject,
 )
+from broker.fabric.wills import WillKeeper
 from broker.metrics import family_lines
 from broker.mqtt import NO_PROPERTIES, QoS
 from broker.mqtt._wire import Reader
@@ -218,6 +219,7 @@ class FabricNode:
         self.dropped = 0
         self.kicks = KickRelay(self.name, core, wake=wake, clock=clock)
         self.retained: FabricRetained | None = None
+        self.wills = WillKeeper(self.name, core, wake=wake, clock=clock)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -268,10 +270,12 @@ class FabricNode:
         )
         try:
             await self.retained.start(js, settings.replicas, settings.connect_timeout_s)
+            await self.wills.start(js, settings.replicas, settings.connect_timeout_s)
         except (FabricUnavailable, TimeoutError) as exc:
             await self._nc.close()
-            raise FabricUnavailable(f"the retained messages did not load: {exc}") from exc
+            raise FabricUnavailable(f"the fabric's retained messages or wills: {exc}") from exc
         core.retained = self.retained
+        core.will_keeper = self.wills
         core.gate = core.will_gate = self
         core.filter_refusal = refusal
         self._tree = core.subscriptions = InterestTree(self._interest_gained, self._interest_lost)
@@ -294,6 +298,7 @@ class FabricNode:
         self._stopping = True
         if self.retained is not None:  # the last retained writes, before the link goes
             await self.retained.stop(5.0)
+        await self.wills.stop(5.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -351,6 +356,12 @@ class FabricNode:
                 len(self.ledger.pending),
             ),
             *retained_families(self.retained),
+            (
+                "fabric_wills_claimed_total",
+                "counter",
+                "Wills of clients of dead nodes this node won and published (or cancelled).",
+                self.wills.claimed,
+            ),
         ]
         lines = [
             line
