@@ -79,6 +79,8 @@ log = logging.getLogger("fleetgate.fabric")
 MIN_SERVER_VERSION = (2, 10)
 """2.9 silently ignores a consumer's filter_subjects (a data leak) and maps no '.' in topics."""
 
+SETUP_TIMEOUT_S = 15.0
+"""How long start-up may take to find or create the retained stream and the will buckets."""
 QOS_HEADER = "Nmqtt-Pub"  # nats-server's MQTT listener reads and writes the QoS here
 EXPIRY_HEADER = "Fg-Expiry"  # MQTT 5 message expiry, whole seconds left
 PROPERTIES_HEADER = "Fg-Props"  # MQTT 5 message properties, encoded as on the wire, base64
@@ -264,13 +266,15 @@ class FabricNode:
         core = self._core
         if core.subscriptions.match("#") or core.sessions:
             raise RuntimeError("the fabric must be started before any client connects")
-        js = self._nc.jetstream(timeout=settings.connect_timeout_s)
+        # A loaded or just-started cluster may take seconds to place replicated assets.
+        setup_s = max(settings.connect_timeout_s, SETUP_TIMEOUT_S)
+        js = self._nc.jetstream(timeout=setup_s)
         self.retained = FabricRetained(
             self.name, clock=self._clock, headers=nats_headers, decode=message_from_nats
         )
         try:
-            await self.retained.start(js, settings.replicas, settings.connect_timeout_s)
-            await self.wills.start(js, settings.replicas, settings.connect_timeout_s)
+            await self.retained.start(js, settings.replicas, setup_s)
+            await self.wills.start(js, settings.replicas, setup_s)
         except (FabricUnavailable, TimeoutError) as exc:
             await self._nc.close()
             raise FabricUnavailable(f"the fabric's retained messages or wills: {exc}") from exc
