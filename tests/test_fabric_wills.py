@@ -50,6 +50,13 @@ def _will_record(url: str, client_id: str) -> bytes | None:
     return asyncio.run(read())
 
 
+def _watching(node: FabricBroker, creds: Creds) -> Paho:
+    """ops-1 on ``node``, subscribed at QoS 1 to every device's telemetry."""
+    watcher = connected(node, creds)
+    assert watcher.subscribe("devices/+/telemetry/#", qos=1) == [1]
+    return watcher
+
+
 def _drain(client: Paho) -> None:
     while True:
         try:
@@ -59,16 +66,9 @@ def _drain(client: Paho) -> None:
 
 
 @pytest.mark.parametrize("qos", [0, 1])
-def test_a_will_of_a_device_that_drops_on_one_node_reaches_another(
-    nodes: tuple[FabricBroker, FabricBroker],
-    pair: tuple[Creds, Creds],
-    cluster: NatsCluster,
-    qos: int,
-) -> None:
-    a, b = nodes
-    sensor_creds, ops_creds = pair
-    ops = connected(b, ops_creds)
-    assert ops.subscribe("devices/+/telemetry/#", qos=1) == [1]
+def test_a_will_of_a_device_that_drops_on_one_node_reaches_another(nodes, pair, cluster, qos):
+    (a, b), (sensor_creds, ops_creds) = nodes, pair
+    ops = _watching(b, ops_creds)
     device = connected(a, sensor_creds, will=(WILL_TOPIC, b"gone", qos, False))
     paho_route(device, "devices/sensor-1/telemetry/probe", ops)
     assert _will_record(cluster.nodes[2].url, "sensor-1") is not None  # kept in the fabric
@@ -80,13 +80,9 @@ def test_a_will_of_a_device_that_drops_on_one_node_reaches_another(
     ops.close()
 
 
-def test_a_clean_disconnect_leaves_no_will_and_no_record(
-    nodes: tuple[FabricBroker, FabricBroker], pair: tuple[Creds, Creds], cluster: NatsCluster
-) -> None:
-    a, b = nodes
-    sensor_creds, ops_creds = pair
-    ops = connected(b, ops_creds)
-    assert ops.subscribe("devices/+/telemetry/#") == [0]
+def test_a_clean_disconnect_leaves_no_will_and_no_record(nodes, pair, cluster):
+    (a, b), (sensor_creds, ops_creds) = nodes, pair
+    ops = _watching(b, ops_creds)
     device = connected(a, sensor_creds, will=(WILL_TOPIC, b"gone", 1, False))
     paho_route(device, "devices/sensor-1/telemetry/probe", ops)
     device.close()
@@ -106,9 +102,7 @@ def test_the_will_of_a_killed_node_is_published_once_by_a_survivor(
     c = FabricBroker(fleet, [cluster.nodes[2].url], "node-c").start()
     proc, port = start_node(fleet.config.home, cluster.nodes[0].url, "node-a", tmp_path / "a.log")
     try:
-        watchers = [connected(node, ops_creds) for node in (b, c)]
-        for watcher in watchers:
-            assert watcher.subscribe("devices/+/telemetry/#", qos=1) == [1]
+        watchers = [_watching(node, ops_creds) for node in (b, c)]
 
         class Remote:  # what Paho needs of a broker: its port and the fleet's CA
             pass

@@ -21,7 +21,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from broker.core import BrokerCore
 from enrollment.registry import DeviceChange, DeviceState
 
 if TYPE_CHECKING:
@@ -69,18 +68,10 @@ def decode_change(data: bytes) -> tuple[DeviceChange, str] | None:
 class KickRelay:
     """Announces this node's feed changes and kicks on other nodes' announcements."""
 
-    def __init__(
-        self,
-        node: str,
-        core: BrokerCore,
-        *,
-        wake: Callable[[], None],
-        clock: Callable[[], float],
-    ) -> None:
+    def __init__(self, node: str, kick: Callable[[DeviceChange], int]) -> None:
+        """``kick`` closes the device's sessions here (``BrokerCore.kick``), returns how many."""
         self.node = node
-        self._core = core
-        self._wake = wake
-        self._clock = clock
+        self._kick = kick
         self._nc: NatsClient | None = None
         self._handled: OrderedDict[int, None] = OrderedDict()
         self.sent = 0
@@ -127,7 +118,7 @@ class KickRelay:
         assert change.id is not None
         if not self._first(change.id):
             return
-        kicked = self._core.kick(change.device_id, change.state, change.reason, self._clock())
+        kicked = self._kick(change)
         if kicked:
             self.kicked += kicked
             log.warning(
@@ -139,4 +130,3 @@ class KickRelay:
                     "announced_by": origin,
                 },
             )
-        self._wake()

@@ -65,6 +65,7 @@ from broker.mqtt.errors import ProtocolError
 from broker.mqtt.packets import PacketType
 from broker.mqtt.properties import decode_properties, encode_properties
 from broker.routing import Message, SubscriptionOptions, SubscriptionTree
+from enrollment.registry import DeviceChange
 from fleetgate.config import Config, FabricSettings, node_name
 from fleetgate.errors import FleetgateError
 from fleetgate.topics import InvalidTopic, validate_topic_name
@@ -219,7 +220,7 @@ class FabricNode:
         self.not_stored = 0
         self.received = 0
         self.dropped = 0
-        self.kicks = KickRelay(self.name, core, wake=wake, clock=clock)
+        self.kicks = KickRelay(self.name, self._kick)
         self.retained: FabricRetained | None = None
         self.wills = WillKeeper(self.name, core, wake=wake, clock=clock)
 
@@ -402,6 +403,12 @@ class FabricNode:
             log.error("fabric reconnected to a server that is too old: %s", exc.message)
             return
         log.info("fabric reconnected", extra={"node": self.name, "server_version": version})
+
+    def _kick(self, change: DeviceChange) -> int:
+        """Another node announced a revocation: close the device's sessions here now."""
+        kicked = self._core.kick(change.device_id, change.state, change.reason, self._clock())
+        self._wake()
+        return kicked
 
     # -- out: the publish gate ---------------------------------------------------------------------
 
