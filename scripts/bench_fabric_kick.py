@@ -108,8 +108,10 @@ def measure_kick_p99(
     nats_url: str, port: int, context: ssl.SSLContext, device_id: str, *, kicks: int = 200
 ) -> KickFigures:
     """Kick ``device_id`` ``kicks`` times on the broker node listening on ``port``, announced
-    through the NATS server at ``nats_url`` (another server than the node's); ``context`` is
-    the device's TLS client context. Blocking; runs its own event loop."""
+        through the NATS server at ``nats_url`` (another server than the node's); ``context`` is
+        the device's TLS client context. The device reconnects after each kick: the node's
+    per-device connect rate (``[broker.limits] connect_rate``/``connect_burst``) must allow
+    ``kicks`` connects. Blocking; runs its own event loop."""
     latencies, codes = asyncio.run(_rounds(nats_url, port, context, device_id, kicks))
     return KickFigures(
         percentile(latencies, 0.5),
@@ -124,7 +126,13 @@ def measure_kick_p99(
 
 
 def start_node(
-    home: Path, servers: str, name: str, out: Path, *, pin: bool = False
+    home: Path,
+    servers: str,
+    name: str,
+    out: Path,
+    *,
+    pin: bool = False,
+    settings: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """``fleetgate serve broker`` as a fabric node in its own process (to be killed by PID);
     returns once its listeners are up, with its MQTT port."""
@@ -141,6 +149,7 @@ def start_node(
         "FLEETGATE_BROKER_METRICS_PORT": str(metrics_port),
         "FLEETGATE_BROKER_NODE_NAME": name,
         "FLEETGATE_FABRIC_SERVERS": servers,
+        **(settings or {}),
     }
     argv = [str(Path(sys.executable).with_name("fleetgate")), "serve", "broker"]
     if pin:
@@ -172,8 +181,10 @@ def main() -> None:
         device_id = fleet.kick_ids[0]
         with NatsCluster(tmp / "nats") as cluster:
             servers = cluster.nodes[1].url
+            # One device reconnects after every kick: above the per-device connect rate.
+            rate = {f"FLEETGATE_BROKER_LIMITS_CONNECT_{k}": "1000" for k in ("RATE", "BURST")}
             proc, port = start_node(
-                fleet.home, servers, "kick-node", tmp / "node.stderr", pin=args.pin
+                fleet.home, servers, "kick-node", tmp / "node.stderr", pin=args.pin, settings=rate
             )
             try:
                 load = os.getloadavg()[0]
