@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import re
 import signal
 import sys
 import time
@@ -23,10 +24,20 @@ import pytest
 from broker_helpers import Creds, Paho, wait_for
 from conftest import Fleet
 from nats_cluster import NatsCluster
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties as PahoProperties
 from test_broker_delivery import connected, pair  # noqa: F401 (sensor-1, ops-1)
 from test_fabric_node import FabricBroker, cluster, nodes, paho_route  # noqa: F401
 
-from broker.fabric.wills import WILLS_BUCKET, will_key
+from broker.fabric.wills import (
+    WILLS_BUCKET,
+    Record,
+    client_from_key,
+    decode_record,
+    encode_record,
+    will_key,
+)
+from broker.mqtt import Properties, QoS, Will
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from bench_fabric_kick import start_node
@@ -137,3 +148,53 @@ def test_the_will_of_a_killed_node_is_published_once_by_a_survivor(
             proc.wait(10)
         b.stop()
         c.stop()
+
+
+def _with_delayed_will(node: FabricBroker, creds: Creds, delay: int) -> Paho:
+    device = Paho(node, creds, session_expiry=60)
+    props = PahoProperties(PacketTypes.WILLMESSAGE)
+    props.WillDelayInterval = delay
+    device.client.will_set(WILL_TOPIC, b"late", 1, False, properties=props)
+    assert device.connect()[0] == 0
+    return device
+
+
+def test_a_delayed_will_waits_and_a_reconnection_on_another_node_cancels_it(nodes, pair):
+    (a, b), (sensor_creds, ops_creds) = nodes, pair
+    ops = _watching(b, ops_creds)
+    device = _with_delayed_will(a, sensor_creds, 2)
+    paho_route(device, "devices/sensor-1/telemetry/probe", ops)
+    dropped = time.monotonic()
+    device.drop()
+    got = ops.message()
+    assert got.payload == b"late" and time.monotonic() - dropped >= 1.9
+    # Dropped again, then back within the delay, on node B: the will is cancelled on node A.
+    device = _with_delayed_will(a, sensor_creds, 2)
+    device.drop()
+    back = connected(b, sensor_creds)
+    ops.no_message(3.5)
+    back.close()
+    ops.close()
+
+
+@pytest.mark.parametrize("client_id", ["sensor-1", "", "ä/+ #$", "x" * 200])
+def test_will_keys_name_any_client_id(client_id: str) -> None:
+    key = will_key(client_id)
+    assert re.fullmatch(r"[-/_=.A-Za-z0-9]+", key)
+    assert client_from_key(key) == client_id
+
+
+def test_a_will_record_round_trips_with_its_properties() -> None:
+    props = Properties(
+        will_delay_interval=30, content_type="text/plain", user_properties=(("k", "v"),)
+    )
+    will = Will(
+        topic="devices/d/status",
+        payload=b"\x00gone",
+        qos=QoS.EXACTLY_ONCE,
+        retain=True,
+        properties=props,
+    )
+    record = decode_record(encode_record("n1.abc", "c-1", "d", will, 12.5))
+    assert record == Record("n1.abc", "c-1", "d", will, 30, 12.5)
+    assert decode_record(b"{}") is None and decode_record(b"not json") is None

@@ -48,8 +48,7 @@ from typing import TYPE_CHECKING, Any
 from broker.mqtt import NO_PROPERTIES, QoS, Will
 from broker.mqtt._wire import Reader
 from broker.mqtt.errors import ProtocolError
-from broker.mqtt.packets import PacketType
-from broker.mqtt.properties import decode_properties, encode_properties
+from broker.mqtt.properties import WILL, decode_properties, encode_properties
 from broker.session import Session
 
 if TYPE_CHECKING:
@@ -101,6 +100,17 @@ def encode_record(
     ).encode()
 
 
+def client_from_key(key: str) -> str | None:
+    """The client id :func:`will_key` made ``key`` from."""
+    if key == "=":
+        return ""
+    try:
+        raw = base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
+        return raw.decode("utf-8", "surrogatepass")
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class Record:
     owner: str
@@ -117,7 +127,7 @@ def decode_record(data: bytes) -> Record | None:
         props = NO_PROPERTIES
         if body["props"]:
             raw = base64.b64decode(body["props"], validate=True)
-            props = decode_properties(Reader(raw), PacketType.CONNECT)
+            props = decode_properties(Reader(raw), WILL)
         will = Will(
             topic=str(body["topic"]),
             payload=base64.b64decode(body["payload"], validate=True),
@@ -306,6 +316,15 @@ class WillKeeper:
                 # Another node took the client over (or cancelled the will): not ours now.
                 self._mine.discard(key)
                 self._revisions.pop(key, None)
+                self._cancel_waiting(key)
+
+    def _cancel_waiting(self, key: str) -> None:
+        """The client reconnected on another node while its will waited for its delay here:
+        the resumption cancels it (MQTT 3.1.3.2.2), as on one node."""
+        client_id = client_from_key(key)
+        session = self._core.sessions.get(client_id) if client_id is not None else None
+        if session is not None and session.connection is None:
+            session.pending_will = None
 
     def _alive(self, owner: str) -> bool:
         """Whether ``owner`` (``<node>.<epoch>``) is a node process that still heartbeats."""
