@@ -708,14 +708,14 @@ def _registry_main_made(home: Path) -> None:
 def test_ca_init_creates_the_registry_schema_and_db_status_says_it_is_current(fresh):
     fresh("ca", "init").ok()
     assert fresh("db", "status").ok().stdout.strip() == (
-        "the registry schema is at revision 0002, the current one"
+        "the registry schema is at revision 0003, the current one"
     )
     assert fresh("db", "status", "--json").ok().json() == {
-        "revision": "0002",
-        "head": "0002",
+        "revision": "0003",
+        "head": "0003",
         "current": True,
     }
-    assert "already at revision 0002" in fresh("db", "upgrade").ok().stdout
+    assert "already at revision 0003" in fresh("db", "upgrade").ok().stdout
 
 
 @pytest.mark.parametrize(
