@@ -93,11 +93,11 @@ def register_new_ca(config: Config, registry: Registry, audit: AuditRecord) -> N
     """After ``ca init``: record its root and issuing CA (audited as ``audit``), retiring any
     earlier CA (``--force``)."""
     actor = audit.actor
-    earlier = [r.key_id for r in registry.authorities(include_retired=False)]
+    earlier = registry.authorities(include_retired=False)
     if earlier:
         registry.retire_authorities(
-            earlier,
-            cut_off=True,
+            [r.certificate for r in earlier],
+            issuers=[r.key_id for r in earlier if r.role == AuthorityRole.ISSUING],
             audit=AuditRecord(actor, "ca.retire", "ok", None, "replaced by ca init --force"),
         )
     adopt(config, registry, actor, audit)
@@ -182,13 +182,14 @@ def retire(
     try:
         retiring = _retiring_with(target, records)
         issuing_ids = [r.key_id for r in retiring if r.role == AuthorityRole.ISSUING]
-        holders = registry.devices_on(issuing_ids)
+        holders = registry.holders_on(issuing_ids)
         if holders and not force:
             shown = ", ".join(holders[:10]) + (" ..." if len(holders) > 10 else "")
             raise DevicesStillOnCA(
-                f"{len(holders)} active device(s) still hold a certificate from "
-                f"{target.certificate.subject.rfc4514_string()} ({shown}): let them renew "
-                "(`fleetgate ca status` counts them), or pass --force to cut them off"
+                f"{len(holders)} active device(s) or station(s) still hold a certificate from "
+                f"{target.certificate.subject.rfc4514_string()} ({shown}): let devices renew "
+                "(`fleetgate ca status` counts them), give stations new certificates, or pass "
+                "--force to cut them off"
             )
     except FleetgateError as exc:
         registry.audit(
@@ -196,17 +197,16 @@ def retire(
         )
         exc.audited = True
         raise
-    ids = list(dict.fromkeys(r.key_id for r in retiring))
     detail = "; ".join(_describe(r.certificate) for r in retiring if r.role != AuthorityRole.CROSS)
     cut = registry.retire_authorities(
-        ids,
-        cut_off=True,
+        [r.certificate for r in retiring],
+        issuers=issuing_ids,
         audit=AuditRecord(
             actor,
             "ca.retire",
             "ok",
             None,
-            detail + (f"; forced: cut off {len(holders)} device(s)" if holders else ""),
+            detail + (f"; forced: cut off {', '.join(holders)}" if holders else ""),
         ),
     )
     write_trust_file(config, registry.authorities(include_retired=False))

@@ -46,6 +46,7 @@ from enrollment.registry import (
     Registry,
     SubjectKind,
 )
+from enrollment.registry.authorities import CUT_OFF_REASON
 from enrollment.registry.models import AttestationChallenge, as_utc
 from enrollment.registry.store import DEVICE_ACTIONS
 from fleetgate import jsonlog
@@ -432,9 +433,11 @@ class EnrollmentService:
         if record.status != CertStatus.ACTIVE:
             when = f" on {record.revoked_at:%Y-%m-%d %H:%M}Z" if record.revoked_at else ""
             reason = f" ({record.reason}{when})" if record.reason else ""
+            hint = _CREDENTIAL_HINTS[(kind, record.status)]
+            if record.reason == CUT_OFF_REASON:
+                hint = "its issuing CA was retired before it renewed: provision it again"
             raise NotAuthorised(
-                f"{peer.actor}: certificate {peer.serial:x} is {record.status}{reason}; "
-                + _CREDENTIAL_HINTS[(kind, record.status)]
+                f"{peer.actor}: certificate {peer.serial:x} is {record.status}{reason}; " + hint
             )
         if not record.holder_active:
             raise NotAuthorised(f"{peer.actor} is not active in the registry")

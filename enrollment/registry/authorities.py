@@ -56,6 +56,10 @@ def authority_key_id(cert: x509.Certificate) -> str:
     return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest.hex()
 
 
+def _fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
 class Authorities(AuditLog):
     """CA rows: recorded by ``ca init`` and ``ca rotate``, retired by ``ca retire``."""
 
@@ -95,10 +99,9 @@ class Authorities(AuditLog):
                     .values(state=AuthorityState.TRUSTED.value)
                 )
             for cert, role, state in added:
-                der = cert.public_bytes(serialization.Encoding.DER)
                 s.add(
                     CertAuthority(
-                        fingerprint_sha256=hashlib.sha256(der).hexdigest(),
+                        fingerprint_sha256=_fingerprint(cert),
                         key_id=authority_key_id(cert),
                         role=role.value,
                         state=state.value,
@@ -122,10 +125,11 @@ class Authorities(AuditLog):
             ).all()
         return Counter(rows)
 
-    def devices_on(self, key_ids: Sequence[str]) -> list[str]:
-        """Active devices whose active certificate one of these CAs issued, sorted."""
+    def holders_on(self, key_ids: Sequence[str]) -> list[str]:
+        """Active devices and stations ("device:<id>", "station:<id>") whose active certificate
+        one of these CAs issued, sorted."""
         with self._read_session() as s:
-            rows = s.exec(
+            devices = s.exec(
                 select(Certificate.subject_id)
                 .join(Device, col(Device.id) == col(Certificate.subject_id))
                 .where(col(Certificate.subject_kind) == SubjectKind.DEVICE)
@@ -133,32 +137,43 @@ class Authorities(AuditLog):
                 .where(col(Device.state) == DeviceState.ACTIVE)
                 .where(col(Certificate.issuer_key_id).in_(list(key_ids)))
             ).all()
-        return sorted(rows)
+            stations = s.exec(
+                select(Certificate.subject_id)
+                .where(col(Certificate.subject_kind) == SubjectKind.STATION)
+                .where(col(Certificate.status) == CertStatus.ACTIVE)
+                .where(col(Certificate.issuer_key_id).in_(list(key_ids)))
+            ).all()
+        return sorted([f"device:{d}" for d in devices] + [f"station:{d}" for d in stations])
 
     def retire_authorities(
-        self, key_ids: Sequence[str], *, cut_off: bool, audit: AuditRecord
+        self,
+        certificates: Sequence[x509.Certificate],
+        *,
+        issuers: Sequence[str],
+        audit: AuditRecord,
     ) -> list[str]:
-        """Retire the CAs with these key ids; with ``cut_off``, revoke the certificates they
-        issued that are still active (reason cessationOfOperation) and return whose they were.
-        One transaction with the audit entry."""
-        ids = list(key_ids)
+        """Retire these CA certificates, and revoke the certificates the CAs with key ids in
+        ``issuers`` issued that are still active or on hold (reason cessationOfOperation);
+        returns whose they were. One transaction with the audit entry."""
+        fingerprints = [_fingerprint(c) for c in certificates]
         now = utcnow()
         with self.transaction() as s:
-            found = s.exec(select(CertAuthority).where(col(CertAuthority.key_id).in_(ids))).all()
-            if not found:
-                raise NotFound(f"no CA with key id {', '.join(ids)}: see `fleetgate ca status`")
+            found = s.exec(
+                select(CertAuthority).where(col(CertAuthority.fingerprint_sha256).in_(fingerprints))
+            ).all()
+            if len(found) != len(set(fingerprints)):
+                raise NotFound("a CA to retire is not in the registry: see `fleetgate ca status`")
             holders: list[str] = []
-            if cut_off:
-                active = select(Certificate).where(
-                    col(Certificate.issuer_key_id).in_(ids),
-                    col(Certificate.status).in_([CertStatus.ACTIVE, CertStatus.ON_HOLD]),
-                )
-                for row in s.exec(active).all():
-                    holders.append(f"{row.subject_kind}:{row.subject_id}")
-                    row.status = CertStatus.REVOKED
-                    row.revoked_at = now
-                    row.revocation_reason = CUT_OFF_REASON
-                    s.add(row)
+            current = select(Certificate).where(
+                col(Certificate.issuer_key_id).in_(list(issuers)),
+                col(Certificate.status).in_([CertStatus.ACTIVE, CertStatus.ON_HOLD]),
+            )
+            for row in s.exec(current).all():
+                holders.append(f"{row.subject_kind}:{row.subject_id}")
+                row.status = CertStatus.REVOKED
+                row.revoked_at = now
+                row.revocation_reason = CUT_OFF_REASON
+                s.add(row)
             for authority in found:
                 authority.state = AuthorityState.RETIRED.value
                 authority.retired_at = now

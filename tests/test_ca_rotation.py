@@ -1,0 +1,156 @@
+"""CA rotation with a live fleet: SDK devices on fleetgate's broker, renewing over the real EST
+server, through an issuing rotation and a root rotation; and a device that missed the window."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+from broker_helpers import RunningBroker
+from conftest import Fleet, RunningServer
+from cryptography import x509
+from sdk_helpers import Devices, devices_fixture, wait_for  # noqa: F401  (fixtures)
+
+from device_sdk import DeviceClient, EnrollmentError, NotConnected
+from enrollment import rotation
+from enrollment.registry.authorities import authority_key_id
+from enrollment.registry.models import AuthorityRole, AuthorityState
+from fleetgate.config import Config
+
+FLEET = ("sensor-1", "sensor-2", "sensor-3")
+
+
+@pytest.fixture
+def config(config: Config) -> Config:
+    """Rotations are noticed within 0.2 s."""
+    ca = dataclasses.replace(config.ca, authority_poll_interval_s=0.2)
+    return dataclasses.replace(config, ca=ca)
+
+
+@pytest.fixture
+def broker(fleet: Fleet) -> Iterator[RunningBroker]:
+    running = RunningBroker(fleet).start()
+    yield running
+    running.stop()
+
+
+def _publish_from_each(clients: dict[str, DeviceClient], tag: str) -> None:
+    for device_id, client in clients.items():
+        ack = client.publish(f"devices/{device_id}/telemetry", tag.encode())
+        ack.wait(10)
+
+
+def _wait_on(client: DeviceClient, cert: x509.Certificate) -> None:
+    """The client's session moved to ``cert`` (it drains the old one first)."""
+
+    def moved() -> bool:
+        try:
+            return client.wait_connected(0.05).certificate_serial == cert.serial_number
+        except NotConnected:
+            return False
+
+    wait_for(moved, 10, "the session moving to the renewed certificate")
+
+
+def _recertify_station(fleet: Fleet) -> None:
+    """The station gets a certificate of the new CA (a station on the old one holds up retire)."""
+    fleet.service.refresh_authorities()
+    fleet.registry.revoke_station("line-1", "superseded", "admin:test")
+    fleet.add_station("line-1")
+
+
+def _refusals(broker: RunningBroker) -> int:
+    metrics = broker.broker.metrics
+    return sum(metrics.connect_refusals.values()) + sum(metrics.handshake_failures.values())
+
+
+def _picked_up(est: RunningServer, broker: RunningBroker, signer: x509.Certificate) -> None:
+    """The EST server signs with ``signer`` and the broker trusts it (polls of the registry)."""
+    wait_for(lambda: est.server.service.ca.anchors.issuing == signer, 10, "the EST server")
+    wait_for(broker.broker.trust_changed.is_set, 10, "the broker trusting the new CA")
+    broker.broker.trust_changed.clear()
+
+
+def test_devices_keep_publishing_through_an_issuing_and_a_root_rotation(
+    fleet: Fleet, est_server: RunningServer, broker: RunningBroker, devices: Devices
+) -> None:
+    stores = {d: devices.enroll(d) for d in FLEET}
+    clients = {d: devices.client(s, d, broker).start() for d, s in stores.items()}
+    for client in clients.values():
+        client.wait_connected(10)
+    _publish_from_each(clients, "before")
+    first_issuing = fleet.service.ca.anchors.issuing
+    old_root = fleet.service.ca.anchors.root
+
+    # -- issuing rotation: new CA under the same root; devices move over as they renew ----------
+    issuing = rotation.rotate_issuing(fleet.config, fleet.registry, actor="admin:test")
+    _picked_up(est_server, broker, issuing)
+    assert fleet.registry.active_devices_by_issuer()[authority_key_id(first_issuing)] == 3
+    for client in clients.values():
+        renewed = client.renew()
+        assert renewed.issuer == issuing.subject
+        _wait_on(client, renewed)
+    _publish_from_each(clients, "after issuing rotation")
+    assert fleet.registry.active_devices_by_issuer()[authority_key_id(first_issuing)] == 0
+    _recertify_station(fleet)
+    done = rotation.retire(
+        fleet.config, fleet.registry, authority_key_id(first_issuing), force=False, actor="t"
+    )
+    assert done.cut_off == ()
+
+    # -- root rotation: new root cross-certified both ways; devices learn it from cacerts -------
+    new_root = rotation.rotate_root(fleet.config, fleet.registry, actor="admin:test")
+    fleet.service.refresh_authorities()
+    _picked_up(est_server, broker, fleet.service.ca.anchors.issuing)
+    for device_id, client in clients.items():
+        renewed = client.renew()
+        _wait_on(client, renewed)
+        anchors = x509.load_pem_x509_certificates(stores[device_id].trust_anchors_path.read_bytes())
+        assert {a.subject for a in anchors} == {old_root.subject, new_root.subject}
+        renewed.verify_directly_issued_by(stores[device_id].certificates()[1])
+    _publish_from_each(clients, "after root rotation")
+    assert _refusals(broker) == 0, "a reconnect was refused during the rotations"
+
+    _recertify_station(fleet)
+    retired = rotation.retire(
+        fleet.config, fleet.registry, authority_key_id(old_root), force=False, actor="t"
+    )
+    assert {r.role for r in retired.retired} == {
+        AuthorityRole.ROOT,
+        AuthorityRole.ISSUING,
+        AuthorityRole.CROSS,
+    }
+    live = fleet.registry.authorities(include_retired=False)
+    assert {(r.role, r.state) for r in live} == {
+        (AuthorityRole.ROOT, AuthorityState.ACTIVE),
+        (AuthorityRole.ISSUING, AuthorityState.ACTIVE),
+    }
+    actions = [e.action for e in fleet.registry.audit_events(limit=1000)]
+    for action in ("ca.rotate.issuing", "ca.rotate.root", "ca.retire"):
+        assert action in actions
+
+
+def test_a_device_that_missed_the_window_is_refused_clearly(
+    fleet: Fleet, est_server: RunningServer, broker: RunningBroker, devices: Devices
+) -> None:
+    away = devices.enroll("sensor-9")
+    old = fleet.service.ca.anchors.issuing
+    issuing = rotation.rotate_issuing(fleet.config, fleet.registry, actor="admin:test")
+    _picked_up(est_server, broker, issuing)
+    _recertify_station(fleet)
+    with pytest.raises(rotation.DevicesStillOnCA, match=r"1 active device\(s\).*sensor-9"):
+        rotation.retire(fleet.config, fleet.registry, authority_key_id(old), force=False, actor="t")
+    forced = rotation.retire(
+        fleet.config, fleet.registry, authority_key_id(old), force=True, actor="t"
+    )
+    assert forced.cut_off == ("device:sensor-9",)
+
+    client = devices.client(away, "sensor-9", broker)
+    with pytest.raises(EnrollmentError, match="issuing CA was retired before it renewed"):
+        client.renew()
+    client.start()
+    wait_for(lambda: client.last_error is not None, 10, "a refused connect")
+    assert "revoked" in str(client.last_error)
+    refused = [e.action for e in fleet.registry.audit_events(limit=1000) if e.outcome == "refused"]
+    assert "ca.retire" in refused
