@@ -148,10 +148,9 @@ def respond(
         revocation_time=(status.revoked_at or now) if status and status.revoked else None,
         revocation_reason=status.reason if status and status.revoked else None,
     )
-    builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, issuer.certificate)
     for nonce in nonces:  # echo the nonce: the client's replay defence
         builder = builder.add_extension(nonce, critical=False)
-    der = sign_ocsp(builder, issuer.key, hash_for(issuer.key))
+    der = sign_ocsp(builder, issuer.certificate, issuer.key, hash_for(issuer.key))
     if cache is not None and not nonces:
         cache.put(key, status, now + validity / 2, der)
     return der

@@ -67,17 +67,18 @@ def _pin(config: Config) -> str:
 
 
 class TokenKey(ExternalKey):
-    """One EC private key in the token, found by its label; one logged-in session per key.
+    """One EC private key in the token, found by its label.
 
     A PKCS#11 session runs one operation at a time, and the enrollment service signs from
-    several threads: the lock serialises them (a signature takes ~0.07 ms in SoftHSM2).
+    several threads: the token's lock serialises them (a signature takes ~0.07 ms in SoftHSM2).
     """
 
-    def __init__(self, session: Any, private: Any, public: ec.EllipticCurvePublicKey) -> None:
-        self._session = session
+    def __init__(
+        self, private: Any, public: ec.EllipticCurvePublicKey, lock: threading.Lock
+    ) -> None:
         self._private = private
         self._public = public
-        self._lock = threading.Lock()
+        self._lock = lock
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public
@@ -92,11 +93,22 @@ class TokenKey(ExternalKey):
             int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
         )
 
-    def close(self) -> None:
-        self._session.close()
+
+# PKCS#11 logs an application in once per token: every key of a token shares one read-write
+# session, opened at first use and kept for the life of the process, and its lock.
+_SESSIONS: dict[tuple[str, str], tuple[Any, threading.Lock]] = {}
+_SESSIONS_LOCK = threading.Lock()
 
 
-def _open_session(settings: TokenSettings, *, rw: bool = False) -> Any:
+def _session(settings: TokenSettings) -> tuple[Any, threading.Lock]:
+    key = (str(settings.module), settings.token_label)
+    with _SESSIONS_LOCK:
+        if key not in _SESSIONS:
+            _SESSIONS[key] = (_open_session(settings), threading.Lock())
+        return _SESSIONS[key]
+
+
+def _open_session(settings: TokenSettings) -> Any:
     import pkcs11
     from pkcs11.exceptions import NoSuchToken, PinIncorrect, PKCS11Error
 
@@ -111,7 +123,7 @@ def _open_session(settings: TokenSettings, *, rw: bool = False) -> Any:
             f"no PKCS#11 token labelled {settings.token_label!r} in {settings.module}"
         ) from None
     try:
-        return token.open(user_pin=settings.pin, rw=rw)
+        return token.open(user_pin=settings.pin, rw=True)
     except PinIncorrect:
         raise ConfigError(f"the PIN for PKCS#11 token {settings.token_label!r} is wrong") from None
 
@@ -121,25 +133,24 @@ def load_key(settings: TokenSettings, label: str) -> TokenKey:
     from pkcs11 import KeyType, ObjectClass
     from pkcs11.exceptions import MultipleObjectsReturned, NoSuchKey
 
-    session = _open_session(settings)
+    session, lock = _session(settings)
     try:
-        private = session.get_key(
-            object_class=ObjectClass.PRIVATE_KEY, key_type=KeyType.EC, label=label
-        )
-        public = session.get_key(
-            object_class=ObjectClass.PUBLIC_KEY, key_type=KeyType.EC, label=label
-        )
+        with lock:
+            private = session.get_key(
+                object_class=ObjectClass.PRIVATE_KEY, key_type=KeyType.EC, label=label
+            )
+            public = session.get_key(
+                object_class=ObjectClass.PUBLIC_KEY, key_type=KeyType.EC, label=label
+            )
     except NoSuchKey:
-        session.close()
         raise ConfigError(
             f"PKCS#11 token {settings.token_label!r} holds no EC key pair labelled {label!r}"
         ) from None
     except MultipleObjectsReturned:
-        session.close()
         raise ConfigError(
             f"PKCS#11 token {settings.token_label!r} holds several keys labelled {label!r}"
         ) from None
-    return TokenKey(session, private, _public_key(public))
+    return TokenKey(private, _public_key(public), lock)
 
 
 def generate_key(settings: TokenSettings, label: str, curve: str = "P-256") -> TokenKey:
@@ -147,8 +158,8 @@ def generate_key(settings: TokenSettings, label: str, curve: str = "P-256") -> T
     from pkcs11 import Attribute, KeyType, ObjectClass
     from pkcs11.util.ec import encode_named_curve_parameters
 
-    session = _open_session(settings, rw=True)
-    try:
+    session, lock = _session(settings)
+    with lock:
         taken = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label}
         if list(session.get_objects(taken)):
             raise ConfigError(
@@ -168,8 +179,6 @@ def generate_key(settings: TokenSettings, label: str, curve: str = "P-256") -> T
                 Attribute.SIGN: True,
             },
         )
-    finally:
-        session.close()
     return load_key(settings, label)
 
 

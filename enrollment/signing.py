@@ -13,6 +13,7 @@ A file key (an ordinary ``ec.EllipticCurvePrivateKey``) is passed to the builder
 from __future__ import annotations
 
 import abc
+import datetime
 import functools
 from typing import Any, NoReturn
 
@@ -100,14 +101,29 @@ def sign_crl(
 
 
 def sign_ocsp(
-    builder: ocsp.OCSPResponseBuilder, key: ec.EllipticCurvePrivateKey, algorithm: SignatureHash
+    builder: ocsp.OCSPResponseBuilder,
+    responder: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    algorithm: SignatureHash,
 ) -> bytes:
-    """A DER OCSPResponse (RFC 6960 4.2.1): the BasicOCSPResponse inside is what is signed."""
+    """A DER OCSPResponse (RFC 6960 4.2.1) with the responder named by its key hash; for an
+    external key, the BasicOCSPResponse inside is what is re-signed. cryptography insists that
+    the responder certificate match the signing key, so the draft names a stand-in certificate
+    and its key hash (20 random-looking bytes) is replaced by the responder's own."""
     if not isinstance(key, ExternalKey):
-        return builder.sign(key, algorithm).public_bytes(serialization.Encoding.DER)
-    draft = builder.sign(_stand_in(key.curve.name), algorithm).public_bytes(
-        serialization.Encoding.DER
+        signed = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, responder).sign(
+            key, algorithm
+        )
+        return signed.public_bytes(serialization.Encoding.DER)
+    stand_in = _stand_in(key.curve.name)
+    draft = (
+        builder.responder_id(ocsp.OCSPResponderEncoding.HASH, _stand_in_certificate(stand_in))
+        .sign(stand_in, algorithm)
+        .public_bytes(serialization.Encoding.DER)
     )
+    stand_in_hash = _key_hash(stand_in.public_key())
+    assert draft.count(stand_in_hash) == 1
+    draft = draft.replace(stand_in_hash, _key_hash(key.public_key()))
     # OCSPResponse ::= SEQUENCE { responseStatus ENUMERATED,
     #   responseBytes [0] EXPLICIT SEQUENCE { responseType OID, response OCTET STRING } }
     status, explicit = _children(draft)
@@ -118,6 +134,27 @@ def sign_ocsp(
     der = _tlv(0x30, status + _tlv(0xA0, response_bytes))
     ocsp.load_der_ocsp_response(der)  # it must still parse
     return der
+
+
+def _key_hash(public_key: ec.EllipticCurvePublicKey) -> bytes:
+    """ResponderID byKey: SHA-1 of the subjectPublicKey bits (RFC 6960 4.2.1)."""
+    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest
+
+
+@functools.cache
+def _stand_in_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "stand-in")])
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
 
 
 @functools.cache
