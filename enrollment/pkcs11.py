@@ -12,6 +12,8 @@ python-pkcs11 is imported only here, and only when ``ca.key_store = "pkcs11"``.
 from __future__ import annotations
 
 import os
+import secrets
+import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,3 +191,21 @@ def _public_key(public: Any) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ConfigError("the PKCS#11 key is not an EC key")
     return key
+
+
+SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")  # Debian's softhsm2
+
+
+def softhsm_token(directory: Path, label: str, pin: str) -> TokenSettings:
+    """A fresh SoftHSM2 token in ``directory`` (for the tests, the benchmark and the demo): its
+    configuration file goes into ``SOFTHSM2_CONF`` of this process and its children. The PIN
+    passes on softhsm2-util's command line: acceptable for a throw-away token only."""
+    tokens = directory / "tokens"
+    tokens.mkdir(parents=True)
+    conf = directory / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    command = ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", pin]
+    so_pin = ["--so-pin", secrets.token_hex(8)]
+    subprocess.run([*command, *so_pin], check=True, capture_output=True)  # noqa: S603 (ours)
+    return TokenSettings(SOFTHSM_MODULE, label, pin)

@@ -4,7 +4,12 @@ server, through an issuing rotation and a root rotation; and a device that misse
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from broker_helpers import RunningBroker
@@ -19,6 +24,7 @@ from enrollment.registry.models import AuthorityRole, AuthorityState
 from fleetgate.config import Config
 
 FLEET = ("sensor-1", "sensor-2", "sensor-3")
+FLEETGATE = Path(sys.executable).with_name("fleetgate")
 
 
 @pytest.fixture
@@ -154,3 +160,29 @@ def test_a_device_that_missed_the_window_is_refused_clearly(
     assert "revoked" in str(client.last_error)
     refused = [e.action for e in fleet.registry.audit_events(limit=1000) if e.outcome == "refused"]
     assert "ca.retire" in refused
+
+
+def test_the_cli_rotates_counts_and_retires_with_one_line_refusals(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETGATE_")}
+    env.update(FLEETGATE_HOME=str(tmp_path / "data"), FLEETGATE_CA_PASSPHRASE="cli-rotation-pass")
+
+    def cli(*args: str, code: int = 0) -> str:
+        done = subprocess.run([FLEETGATE, *args], env=env, capture_output=True, text=True)
+        assert done.returncode == code, done.stderr
+        return done.stdout if code == 0 else done.stderr
+
+    cli("ca", "init")
+    cli("station", "add", "line-1")
+    first = json.loads(cli("ca", "status", "--json"))
+    assert [(r["role"], r["state"]) for r in first] == [("root", "active"), ("issuing", "active")]
+    assert "new issuing CA" in cli("ca", "rotate", "issuing")
+    rows = json.loads(cli("ca", "status", "--json"))
+    old = next(r for r in rows if r["role"] == "issuing" and r["state"] == "trusted")
+    refusal = cli("ca", "retire", old["key_id"], code=1)
+    assert refusal.count("\n") == 1 and "station:line-1" in refusal and "--force" in refusal
+    forced = cli("ca", "retire", old["key_id"], "--force")
+    assert "cut off 1 certificate(s)" in forced and "station:line-1" in forced
+    assert "new root CA" in cli("ca", "rotate", "root")
+    states = [(r["role"], r["state"]) for r in json.loads(cli("ca", "status", "--json"))]
+    assert states.count(("cross", "trusted")) == 2
+    assert states.count(("issuing", "active")) == 1

@@ -16,37 +16,18 @@ from cryptography.x509 import ocsp as x509_ocsp
 from enrollment import ocsp, profiles
 from enrollment.ca import ca_paths, init_ca, load_ca
 from enrollment.crl import RevokedEntry, build_crl
-from enrollment.pkcs11 import PIN_ENV, generate_key, token_settings
+from enrollment.pkcs11 import PIN_ENV, SOFTHSM_MODULE, generate_key, softhsm_token, token_settings
 from fleetgate.config import Config, load_config
 from fleetgate.errors import ConfigError
 
-SOFTHSM = Path("/usr/lib/softhsm/libsofthsm2.so")
 PIN = "4711"
 
 
 @pytest.fixture
 def token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh SoftHSM2 token labelled ``fleetgate`` in a directory of this test's own."""
-    tokens = tmp_path / "tokens"
-    tokens.mkdir()
-    conf = tmp_path / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n")
-    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
-    subprocess.run(
-        [
-            "softhsm2-util",
-            "--init-token",
-            "--free",
-            "--label",
-            "fleetgate",
-            "--pin",
-            PIN,
-            "--so-pin",
-            "12345678",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    monkeypatch.setenv("SOFTHSM2_CONF", "")  # restored after the test
+    softhsm_token(tmp_path, "fleetgate", PIN)
     monkeypatch.setenv(PIN_ENV, PIN)
     return "fleetgate"
 
@@ -57,7 +38,7 @@ def hsm_config(home: Path, token: str) -> Config:
     ca = dataclasses.replace(
         config.ca,
         key_store="pkcs11",
-        pkcs11_module=str(SOFTHSM),
+        pkcs11_module=str(SOFTHSM_MODULE),
         pkcs11_token_label=token,
     )
     return dataclasses.replace(config, ca=ca)
