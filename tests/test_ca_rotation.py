@@ -12,16 +12,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from broker_helpers import RunningBroker
+from broker_helpers import RunningBroker, enroll
 from conftest import Fleet, RunningServer
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
 from sdk_helpers import Devices, devices_fixture, wait_for  # noqa: F401  (fixtures)
 
 from device_sdk import DeviceClient, EnrollmentError, NotConnected
 from enrollment import rotation
+from enrollment.ca import ca_paths
+from enrollment.registry import DeviceState
 from enrollment.registry.authorities import authority_key_id
 from enrollment.registry.models import AuthorityRole, AuthorityState
 from fleetgate.config import Config
+from fleetgate.keyfiles import load_certificates
 
 FLEET = ("sensor-1", "sensor-2", "sensor-3")
 FLEETGATE = Path(sys.executable).with_name("fleetgate")
@@ -186,3 +192,51 @@ def test_the_cli_rotates_counts_and_retires_with_one_line_refusals(tmp_path: Pat
     states = [(r["role"], r["state"]) for r in json.loads(cli("ca", "status", "--json"))]
     assert states.count(("cross", "trusted")) == 2
     assert states.count(("issuing", "active")) == 1
+
+
+def test_each_issuing_ca_answers_ocsp_and_signs_a_crl_for_its_own_certificates(
+    fleet: Fleet,
+) -> None:
+    old_cert = load_certificates(enroll(fleet, "sensor-1").cert)[0]
+    old = fleet.service.ca.anchors.issuing
+    new = rotation.rotate_issuing(fleet.config, fleet.registry, actor="admin:test")
+    assert fleet.service.refresh_authorities()
+    fleet.registry.revoke_station("line-1", "superseded", "admin:test")
+    fleet.add_station("line-1")
+    new_cert = load_certificates(enroll(fleet, "sensor-2").cert)[0]
+    assert (old_cert.issuer, new_cert.issuer) == (old.subject, new.subject)
+    crl_dp = new_cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert crl_dp[0].full_name[0].value.endswith(f"/crl/{authority_key_id(new)}")
+
+    for cert, issuer in ((old_cert, old), (new_cert, new)):
+        request = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build()
+        der = fleet.service.ocsp_response(request.public_bytes(serialization.Encoding.DER))
+        answer = ocsp.load_der_ocsp_response(der)
+        assert answer.certificate_status == ocsp.OCSPCertStatus.GOOD
+        assert answer.responder_key_hash == bytes.fromhex(authority_key_id(issuer))
+        issuer.public_key().verify(  # type: ignore[call-arg, union-attr]
+            answer.signature, answer.tbs_response_bytes, ec.ECDSA(hashes.SHA256())
+        )
+    # A serial of the new CA asked of the old one: that CA never issued it.
+    mixed = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+        *_hashes(old), new_cert.serial_number, hashes.SHA1()
+    )
+    der = fleet.service.ocsp_response(mixed.build().public_bytes(serialization.Encoding.DER))
+    assert ocsp.load_der_ocsp_response(der).certificate_status == ocsp.OCSPCertStatus.UNKNOWN
+
+    fleet.service.change_device(
+        "sensor-2", DeviceState.REVOKED, reason="keyCompromise", actor="admin:test"
+    )
+    paths = ca_paths(fleet.config)
+    by_new = x509.load_der_x509_crl(paths.crl_of(authority_key_id(new)).read_bytes())
+    by_old = x509.load_der_x509_crl(paths.crl.read_bytes())  # the first CA's, at ca.crl_url
+    assert by_new.is_signature_valid(new.public_key())  # type: ignore[arg-type]
+    assert by_old.is_signature_valid(old.public_key())  # type: ignore[arg-type]
+    assert by_new.get_revoked_certificate_by_serial_number(new_cert.serial_number) is not None
+    assert by_old.get_revoked_certificate_by_serial_number(new_cert.serial_number) is None
+
+
+def _hashes(issuer: x509.Certificate) -> tuple[bytes, bytes]:
+    name = hashes.Hash(hashes.SHA1())
+    name.update(issuer.subject.public_bytes())
+    return name.finalize(), bytes.fromhex(authority_key_id(issuer))

@@ -748,8 +748,8 @@ def test_db_grant_prints_each_roles_sql_and_needs_postgresql_to_run_it(fleet):
     ).ok()
     lines = printed.stdout.splitlines()
     assert (
-        "GRANT SELECT ON aclrule, auditanchor, certificate, device, devicechange, alembic_version "
-        "TO fleet_broker;"
+        "GRANT SELECT ON aclrule, auditanchor, certauthority, certificate, device, devicechange, "
+        "alembic_version TO fleet_broker;"
     ) in lines
     assert "GRANT INSERT ON auditevent TO fleet_broker;" in lines
     assert not any("UPDATE" in line and "fleet_broker" in line for line in lines)
