@@ -189,14 +189,14 @@ def refresh_trust_anchors(keystore: KeyStore, ca_certs: list[x509.Certificate]) 
         return
     current = x509.load_pem_x509_certificates(path.read_bytes())
     listed = [c for c in ca_certs if c.subject == c.issuer and _signed_by(c, c)]
+    crosses = [c for c in ca_certs if c not in listed]  # a root rotation keeps the root's name
     trusted = [c for c in listed if c in current]
     for root in listed:
         if root not in trusted and any(
             cross.subject == root.subject
             and cross.public_key() == root.public_key()
             and any(_signed_by(cross, anchor) for anchor in current)
-            for cross in ca_certs
-            if cross.subject != cross.issuer
+            for cross in crosses
         ):
             trusted.append(root)
     if trusted and trusted != current:

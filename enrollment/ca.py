@@ -292,7 +292,17 @@ def load_ca(config: Config) -> CertificateAuthority:
     """Unlock the current issuing CA (the passphrase, or the token's PIN)."""
     anchors = load_anchors(config)
     key = load_ca_key(config, ca_paths(config).issuing_key)
-    return CertificateAuthority(config, anchors, key)
+    return CertificateAuthority(config, anchors, key, presented=_presented(config, anchors))
+
+
+def _presented(config: Config, anchors: TrustAnchors) -> tuple[x509.Certificate, ...]:
+    """The issuing CA, and during a root rotation the current root as certified by the old
+    one (in ``chain.pem`` until the old root is retired)."""
+    chain = ca_paths(config).chain
+    trusted = load_certificates(chain) if chain.exists() else []
+    root = anchors.root
+    crosses = [c for c in trusted if c.public_key() == root.public_key() and c != root]
+    return (anchors.issuing, *crosses)
 
 
 @dataclass(frozen=True)

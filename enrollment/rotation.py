@@ -8,9 +8,10 @@ to their trust (``enrollment.authorities``). The old CAs stay trusted, and keep 
 CRLs and OCSP answers, until ``retire``: refused while an active device still holds a certificate
 from the CA, unless forced, which revokes those certificates (cessationOfOperation).
 
-A root rotation makes a new root, cross-certifies the two roots both ways, and makes a new
-issuing CA under the new root. Devices learn the new root as they renew (EST ``cacerts``, where
-the cross certificate links it to the root they trust); retiring the old root withdraws it.
+A root rotation makes a new root (the same name, a new key), cross-certifies the two roots both
+ways, and makes a new issuing CA under the new root. Devices learn the new root as they renew
+(EST ``cacerts``, where the cross certificate links it to the root they trust); retiring the
+old root withdraws it.
 """
 
 from __future__ import annotations
@@ -134,16 +135,18 @@ def rotate_root(config: Config, registry: Registry, *, actor: str) -> x509.Certi
     key, token_label = new_ca_key(
         config, curve=curve, token_label=f"{label}-{now:%Y%m%d%H%M%S}" if label else ""
     )
-    subject = Subject(common_name=f"fleetgate root CA {_stamp(now)}")
+    # The same name, a new key (RFC 4210 5.3.1.1's root key update): the cross certificates are
+    # then self-issued, which RFC 5280 6.1.4 leaves out of path lengths, so a device that trusts
+    # only the old root (path length 1) verifies leaf -> new issuing CA -> cross -> old root.
+    subject = Subject(common_name=_common_name(anchors.root))
     root = _build(profiles.ROOT, subject, key.public_key(), Issuer(key, None), ROOT_VALIDITY, now)
     new_root = Issuer(key=key, certificate=root)
     # The new root's key certified by the old root (devices trusting the old root reach the new
     # one through it), and the old root's key by the new one.
     new_by_old = _build(profiles.ROOT, subject, key.public_key(), old_root, ROOT_VALIDITY, now)
-    old_subject = Subject(common_name=_common_name(anchors.root))
     old_key = anchors.root.public_key()
     assert isinstance(old_key, ec.EllipticCurvePublicKey)  # fleetgate roots are EC
-    old_by_new = _build(profiles.ROOT, old_subject, old_key, new_root, ROOT_VALIDITY, now)
+    old_by_new = _build(profiles.ROOT, subject, old_key, new_root, ROOT_VALIDITY, now)
     stem = paths.authority(authority_key_id(root))
     paths.authorities.mkdir(mode=0o700, parents=True, exist_ok=True)
     passphrase = _passphrase(config)

@@ -22,12 +22,12 @@ from sdk_helpers import Devices, devices_fixture, wait_for  # noqa: F401  (fixtu
 
 from device_sdk import DeviceClient, EnrollmentError, NotConnected
 from enrollment import rotation
-from enrollment.ca import ca_paths
+from enrollment.ca import ServerCredentials, ca_paths, ensure_server_certificate
 from enrollment.registry import DeviceState
 from enrollment.registry.authorities import authority_key_id
 from enrollment.registry.models import AuthorityRole, AuthorityState
 from fleetgate.config import Config
-from fleetgate.keyfiles import load_certificates
+from fleetgate.keyfiles import load_certificates, write_certificates
 
 FLEET = ("sensor-1", "sensor-2", "sensor-3")
 FLEETGATE = Path(sys.executable).with_name("fleetgate")
@@ -119,7 +119,10 @@ def test_devices_keep_publishing_through_an_issuing_and_a_root_rotation(
         renewed = client.renew()
         _wait_on(client, renewed)
         anchors = x509.load_pem_x509_certificates(stores[device_id].trust_anchors_path.read_bytes())
-        assert {a.subject for a in anchors} == {old_root.subject, new_root.subject}
+        assert {a.fingerprint(hashes.SHA256()) for a in anchors} == {
+            old_root.fingerprint(hashes.SHA256()),
+            new_root.fingerprint(hashes.SHA256()),
+        }
         renewed.verify_directly_issued_by(stores[device_id].certificates()[1])
     _publish_from_each(clients, "after root rotation")
     assert _refusals(broker) == 0, "a reconnect was refused during the rotations"
@@ -240,3 +243,25 @@ def _hashes(issuer: x509.Certificate) -> tuple[bytes, bytes]:
     name = hashes.Hash(hashes.SHA1())
     name.update(issuer.subject.public_bytes())
     return name.finalize(), bytes.fromhex(authority_key_id(issuer))
+
+
+def test_after_a_root_rotation_server_certificates_verify_under_the_old_and_the_new_root(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    old_root = tmp_path / "old-root.pem"
+    old_root.write_bytes(ca_paths(fleet.config).root_cert.read_bytes())
+    rotation.rotate_root(fleet.config, fleet.registry, actor="admin:test")
+    credentials = ServerCredentials(tmp_path / "b.crt", tmp_path / "b.key", ("localhost",))
+    ensure_server_certificate(fleet.config, credentials)  # as a broker on the CA host does
+    leaf, *presented = load_certificates(credentials.cert)
+    untrusted = tmp_path / "untrusted.pem"
+    write_certificates(untrusted, presented)
+    write_certificates(tmp_path / "leaf.pem", [leaf])
+    for anchor in (old_root, ca_paths(fleet.config).root_cert):
+        command = ["openssl", "verify", "-CAfile", str(anchor), "-untrusted", str(untrusted)]
+        verified = subprocess.run(
+            [*command, str(tmp_path / "leaf.pem")],
+            capture_output=True,
+            text=True,
+        )
+        assert verified.returncode == 0, verified.stderr
