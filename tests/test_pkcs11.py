@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -12,34 +13,39 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp as x509_ocsp
+from registry_helpers import new_registry
 
-from enrollment import ocsp, profiles
+from enrollment import ocsp, profiles, rotation
 from enrollment.ca import ca_paths, init_ca, load_ca
 from enrollment.crl import RevokedEntry, build_crl
 from enrollment.pkcs11 import PIN_ENV, SOFTHSM_MODULE, generate_key, softhsm_token, token_settings
+from enrollment.registry import AuditRecord
+from enrollment.registry.authorities import authority_key_id
+from enrollment.service import EnrollmentService
 from fleetgate.config import Config, load_config
 from fleetgate.errors import ConfigError
 
 PIN = "4711"
 
 
-@pytest.fixture
-def token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh SoftHSM2 token labelled ``fleetgate`` in a directory of this test's own."""
-    monkeypatch.setenv("SOFTHSM2_CONF", "")  # restored after the test
-    softhsm_token(tmp_path, "fleetgate", PIN)
-    monkeypatch.setenv(PIN_ENV, PIN)
+@pytest.fixture(scope="session")
+def token(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SoftHSM2 token per test session, in a directory of its own: the module reads
+    SOFTHSM2_CONF once, when the process first loads it. Tests keep apart by key labels."""
+    softhsm_token(tmp_path_factory.mktemp("softhsm"), "fleetgate", PIN)
     return "fleetgate"
 
 
 @pytest.fixture
-def hsm_config(home: Path, token: str) -> Config:
+def hsm_config(home: Path, token: str, monkeypatch: pytest.MonkeyPatch) -> Config:
+    monkeypatch.setenv(PIN_ENV, PIN)
     config = load_config(home)
     ca = dataclasses.replace(
         config.ca,
         key_store="pkcs11",
         pkcs11_module=str(SOFTHSM_MODULE),
         pkcs11_token_label=token,
+        pkcs11_key_label=f"issuing-{secrets.token_hex(4)}",
     )
     return dataclasses.replace(config, ca=ca)
 
@@ -50,7 +56,8 @@ def test_the_issuing_ca_signs_in_the_token_and_its_certificates_crls_and_ocsp_ve
     anchors = init_ca(hsm_config)
     paths = ca_paths(hsm_config)
     assert not paths.issuing_key.exists()  # no key file: only the token reference
-    assert paths.issuing_key.with_suffix(".p11").read_text().strip() == "fleetgate-issuing"
+    label = hsm_config.ca.pkcs11_key_label
+    assert paths.issuing_key.with_suffix(".p11").read_text().strip() == label
     ca = load_ca(hsm_config)
     assert ca.issuer.key.public_key() == anchors.issuing.public_key()
     device_key = ec.generate_private_key(ec.SECP256R1())
@@ -104,15 +111,34 @@ def test_the_issuing_ca_signs_in_the_token_and_its_certificates_crls_and_ocsp_ve
 def test_the_token_key_cannot_be_exported_and_the_pin_never_comes_from_the_command_line(
     hsm_config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key = generate_key(token_settings(hsm_config), "probe")
+    probe = f"probe-{secrets.token_hex(4)}"
+    key = generate_key(token_settings(hsm_config), probe)
     with pytest.raises(TypeError, match="does not allow export"):
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-    with pytest.raises(ConfigError, match="already holds a key labelled 'probe'"):
-        generate_key(token_settings(hsm_config), "probe")
+    with pytest.raises(ConfigError, match=f"already holds a key labelled '{probe}'"):
+        generate_key(token_settings(hsm_config), probe)
     monkeypatch.delenv(PIN_ENV)
     with pytest.raises(ConfigError, match="never on the command line"):
         token_settings(hsm_config)
+
+
+def test_a_rotated_issuing_ca_gets_a_new_key_in_the_token(hsm_config: Config) -> None:
+    first = init_ca(hsm_config)
+    registry = new_registry(hsm_config.database_url)
+    try:
+        rotation.register_new_ca(hsm_config, registry, AuditRecord("admin:test", "ca.init", "ok"))
+        issuing = rotation.rotate_issuing(hsm_config, registry, actor="admin:test")
+        stem = ca_paths(hsm_config).authority(authority_key_id(issuing))
+        label = stem.with_suffix(".p11").read_text().strip()
+        assert label.startswith(f"{hsm_config.ca.pkcs11_key_label}-")
+        service = EnrollmentService(load_ca(hsm_config), registry)
+        assert service.ca.anchors.issuing == issuing
+        assert len(service.cas.issuers) == 2  # the old CA still answers for its certificates
+        crl = service.publish_crl()
+        assert crl.is_signature_valid(first.issuing.public_key())  # type: ignore[arg-type]
+    finally:
+        registry.close()
