@@ -17,6 +17,8 @@ old root withdraws it.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,8 +106,24 @@ def register_new_ca(config: Config, registry: Registry, audit: AuditRecord) -> N
     adopt(config, registry, actor, audit)
 
 
+@contextmanager
+def _refusal_audited(registry: Registry, action: str, actor: str) -> Iterator[None]:
+    """A refused rotation step (a :class:`FleetgateError`) is audited, then re-raised."""
+    try:
+        yield
+    except FleetgateError as exc:
+        registry.audit(AuditRecord(actor, action, "refused", None, f"{exc.code}: {exc.message}"))
+        exc.audited = True
+        raise
+
+
 def rotate_issuing(config: Config, registry: Registry, *, actor: str) -> x509.Certificate:
     """A new issuing CA under the current root; it signs from now on, the old one is trusted."""
+    with _refusal_audited(registry, "ca.rotate.issuing", actor):
+        return _rotate_issuing(config, registry, actor)
+
+
+def _rotate_issuing(config: Config, registry: Registry, actor: str) -> x509.Certificate:
     records = adopt(config, registry, actor)
     paths = ca_paths(config)
     anchors = load_anchors(config)
@@ -125,6 +143,11 @@ def rotate_issuing(config: Config, registry: Registry, *, actor: str) -> x509.Ce
 def rotate_root(config: Config, registry: Registry, *, actor: str) -> x509.Certificate:
     """A new root, cross-certified both ways with the current one, and a new issuing CA under
     it that signs from now on. Returns the new root."""
+    with _refusal_audited(registry, "ca.rotate.root", actor):
+        return _rotate_root(config, registry, actor)
+
+
+def _rotate_root(config: Config, registry: Registry, actor: str) -> x509.Certificate:
     records = adopt(config, registry, actor)
     paths = ca_paths(config)
     anchors = load_anchors(config)
@@ -181,8 +204,8 @@ def retire(
     ``force``; then their certificates are revoked and :attr:`Retirement.cut_off` names them.
     """
     records = registry.authorities(include_retired=False)
-    target = registry.authority(key_id)
-    try:
+    with _refusal_audited(registry, "ca.retire", actor):
+        target = registry.authority(key_id)
         retiring = _retiring_with(target, records)
         issuing_ids = [r.key_id for r in retiring if r.role == AuthorityRole.ISSUING]
         holders = registry.holders_on(issuing_ids)
@@ -194,12 +217,6 @@ def retire(
                 "(`fleetgate ca status` counts them), give stations new certificates, or pass "
                 "--force to cut them off"
             )
-    except FleetgateError as exc:
-        registry.audit(
-            AuditRecord(actor, "ca.retire", "refused", None, f"{exc.code}: {exc.message}")
-        )
-        exc.audited = True
-        raise
     detail = "; ".join(_describe(r.certificate) for r in retiring if r.role != AuthorityRole.CROSS)
     cut = registry.retire_authorities(
         [r.certificate for r in retiring],

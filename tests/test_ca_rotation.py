@@ -27,6 +27,7 @@ from enrollment.registry import DeviceState
 from enrollment.registry.authorities import authority_key_id
 from enrollment.registry.models import AuthorityRole, AuthorityState
 from fleetgate.config import Config
+from fleetgate.errors import CAPassphraseError
 from fleetgate.keyfiles import load_certificates, write_certificates
 
 FLEET = ("sensor-1", "sensor-2", "sensor-3")
@@ -265,3 +266,13 @@ def test_after_a_root_rotation_server_certificates_verify_under_the_old_and_the_
             text=True,
         )
         assert verified.returncode == 0, verified.stderr
+
+
+def test_a_rotation_without_the_root_key_is_refused_and_audited(fleet: Fleet) -> None:
+    root_key = ca_paths(fleet.config).root_key
+    root_key.rename(root_key.with_suffix(".offline"))  # moved offline, as the runbook suggests
+    with pytest.raises(CAPassphraseError, match=r"root CA key .* is not on this host"):
+        rotation.rotate_issuing(fleet.config, fleet.registry, actor="admin:test")
+    refused = fleet.registry.audit_events(limit=100)[-1]
+    assert (refused.action, refused.outcome) == ("ca.rotate.issuing", "refused")
+    assert fleet.registry.authorities(include_retired=False)[-1].role == AuthorityRole.ISSUING
