@@ -123,21 +123,50 @@ def rotate_issuing(config: Config, registry: Registry, *, actor: str) -> x509.Ce
         return _rotate_issuing(config, registry, actor)
 
 
-def _rotate_issuing(config: Config, registry: Registry, actor: str) -> x509.Certificate:
+@dataclass(frozen=True)
+class _Start:
+    """What every rotation begins with: the recorded CAs and the unlocked current root."""
+
+    records: list[AuthorityRecord]
+    paths: CAPaths
+    root: Issuer
+    now: dt.datetime
+
+
+def _start(config: Config, registry: Registry, actor: str) -> _Start:
     records = adopt(config, registry, actor)
     paths = ca_paths(config)
-    anchors = load_anchors(config)
-    root = Issuer(key=_unlock(config, paths.root_key, "root"), certificate=anchors.root)
-    now = dt.datetime.now(dt.UTC)
-    issuing = _new_issuing(config, paths, root, now)
-    old = [r.key_id for r in records if r.role == AuthorityRole.ISSUING and r.state == ACTIVE]
-    registry.record_authorities(
+    root_cert = load_anchors(config).root
+    root = Issuer(key=_unlock(config, paths.root_key, "root"), certificate=root_cert)
+    return _Start(records, paths, root, dt.datetime.now(dt.UTC))
+
+
+def _rotate_issuing(config: Config, registry: Registry, actor: str) -> x509.Certificate:
+    start = _start(config, registry, actor)
+    issuing = _new_issuing(config, start.paths, start.root, start.now)
+    _record(
+        config,
+        registry,
         [(issuing, AuthorityRole.ISSUING, ACTIVE)],
-        demote=old,
+        demote=[r for r in start.records if r.role == AuthorityRole.ISSUING],
         audit=AuditRecord(actor, "ca.rotate.issuing", "ok", None, _describe(issuing)),
     )
-    write_trust_file(config, registry.authorities(include_retired=False))
     return issuing
+
+
+def _record(
+    config: Config,
+    registry: Registry,
+    added: list[tuple[x509.Certificate, AuthorityRole, AuthorityState]],
+    *,
+    demote: list[AuthorityRecord],
+    audit: AuditRecord,
+) -> None:
+    """Record the new CAs (the last step: running processes follow the registry) and rewrite
+    ``chain.pem``; the active CAs among ``demote`` become trusted."""
+    active = [r.key_id for r in demote if r.state == ACTIVE]
+    registry.record_authorities(added, demote=active, audit=audit)
+    write_trust_file(config, registry.authorities(include_retired=False))
 
 
 def rotate_root(config: Config, registry: Registry, *, actor: str) -> x509.Certificate:
@@ -148,50 +177,39 @@ def rotate_root(config: Config, registry: Registry, *, actor: str) -> x509.Certi
 
 
 def _rotate_root(config: Config, registry: Registry, actor: str) -> x509.Certificate:
-    records = adopt(config, registry, actor)
-    paths = ca_paths(config)
-    anchors = load_anchors(config)
-    old_root = Issuer(key=_unlock(config, paths.root_key, "root"), certificate=anchors.root)
-    now = dt.datetime.now(dt.UTC)
-    curve = config.ca.root_curve
-    label = config.ca.pkcs11_root_key_label
-    key, token_label = new_ca_key(
-        config, curve=curve, token_label=f"{label}-{now:%Y%m%d%H%M%S}" if label else ""
-    )
+    start = _start(config, registry, actor)
+    old_root, now = start.root, start.now
+    assert old_root.certificate is not None
+    key, token_label = _new_key(config, config.ca.root_curve, config.ca.pkcs11_root_key_label, now)
     # The same name, a new key (RFC 4210 5.3.1.1's root key update): the cross certificates are
     # then self-issued, which RFC 5280 6.1.4 leaves out of path lengths, so a device that trusts
     # only the old root (path length 1) verifies leaf -> new issuing CA -> cross -> old root.
-    subject = Subject(common_name=_common_name(anchors.root))
+    subject = Subject(common_name=_common_name(old_root.certificate))
     root = _build(profiles.ROOT, subject, key.public_key(), Issuer(key, None), ROOT_VALIDITY, now)
     new_root = Issuer(key=key, certificate=root)
     # The new root's key certified by the old root (devices trusting the old root reach the new
     # one through it), and the old root's key by the new one.
     new_by_old = _build(profiles.ROOT, subject, key.public_key(), old_root, ROOT_VALIDITY, now)
-    old_key = anchors.root.public_key()
+    old_key = old_root.certificate.public_key()
     assert isinstance(old_key, ec.EllipticCurvePublicKey)  # fleetgate roots are EC
     old_by_new = _build(profiles.ROOT, subject, old_key, new_root, ROOT_VALIDITY, now)
-    stem = paths.authority(authority_key_id(root))
-    paths.authorities.mkdir(mode=0o700, parents=True, exist_ok=True)
-    passphrase = _passphrase(config)
-    store_ca_key(stem.with_suffix(".key"), key, token_label, passphrase)
-    write_certificates(stem.with_suffix(".crt"), [root])
-    store_ca_key(paths.root_key, key, token_label, passphrase)
-    write_certificates(paths.root_cert, [root])
+    paths = start.paths
+    _install(config, root, key, token_label, current=(paths.root_cert, paths.root_key))
     issuing = _new_issuing(config, paths, new_root, now)
-    demote = [r.key_id for r in records if r.state == ACTIVE and r.role != AuthorityRole.CROSS]
-    registry.record_authorities(
+    _record(
+        config,
+        registry,
         [
             (root, AuthorityRole.ROOT, ACTIVE),
             (new_by_old, AuthorityRole.CROSS, TRUSTED),
             (old_by_new, AuthorityRole.CROSS, TRUSTED),
             (issuing, AuthorityRole.ISSUING, ACTIVE),
         ],
-        demote=demote,
+        demote=[r for r in start.records if r.role != AuthorityRole.CROSS],
         audit=AuditRecord(
             actor, "ca.rotate.root", "ok", None, f"{_describe(root)}; {_describe(issuing)}"
         ),
     )
-    write_trust_file(config, registry.authorities(include_retired=False))
     return root
 
 
@@ -268,20 +286,38 @@ def _new_issuing(
     config: Config, paths: CAPaths, root: Issuer, now: dt.datetime
 ) -> x509.Certificate:
     """Make, store and install as current a new issuing CA under ``root``."""
-    label = config.ca.pkcs11_key_label
-    key, token_label = new_ca_key(
-        config, curve="P-256", token_label=f"{label}-{now:%Y%m%d%H%M%S}" if label else ""
-    )
+    key, token_label = _new_key(config, "P-256", config.ca.pkcs11_key_label, now)
     subject = Subject(common_name=f"fleetgate issuing CA {_stamp(now)}")
     issuing = _build(profiles.ISSUING, subject, key.public_key(), root, ISSUING_VALIDITY, now)
-    stem = paths.authority(authority_key_id(issuing))
+    _install(config, issuing, key, token_label, current=(paths.issuing_cert, paths.issuing_key))
+    return issuing
+
+
+def _new_key(
+    config: Config, curve: str, label: str, now: dt.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, str | None]:
+    """A CA key, in the token under ``<label>-<time>`` when the configuration puts it there."""
+    token_label = f"{label}-{now:%Y%m%d%H%M%S}" if label else ""
+    return new_ca_key(config, curve=curve, token_label=token_label)
+
+
+def _install(
+    config: Config,
+    cert: x509.Certificate,
+    key: ec.EllipticCurvePrivateKey,
+    token_label: str | None,
+    *,
+    current: tuple[Path, Path],
+) -> None:
+    """Store a new CA under ``authorities/<key id>`` and as the current one (``current``: its
+    certificate and key paths)."""
+    paths = ca_paths(config)
+    stem = paths.authority(authority_key_id(cert))
     paths.authorities.mkdir(mode=0o700, parents=True, exist_ok=True)
     passphrase = _passphrase(config)
-    store_ca_key(stem.with_suffix(".key"), key, token_label, passphrase)
-    write_certificates(stem.with_suffix(".crt"), [issuing])
-    store_ca_key(paths.issuing_key, key, token_label, passphrase)
-    write_certificates(paths.issuing_cert, [issuing])
-    return issuing
+    for cert_path, key_path in ((stem.with_suffix(".crt"), stem.with_suffix(".key")), current):
+        store_ca_key(key_path, key, token_label, passphrase)
+        write_certificates(cert_path, [cert])
 
 
 def _build(

@@ -15,7 +15,8 @@ from __future__ import annotations
 import abc
 import datetime
 import functools
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -81,11 +82,10 @@ SignatureHash = hashes.SHA256 | hashes.SHA384
 def sign_certificate(
     builder: x509.CertificateBuilder, key: ec.EllipticCurvePrivateKey, algorithm: SignatureHash
 ) -> x509.Certificate:
-    if not isinstance(key, ExternalKey):
-        return builder.sign(key, algorithm)
-    draft = builder.sign(_stand_in(key.curve.name), algorithm)
-    der = _resign(draft.public_bytes(serialization.Encoding.DER), key, algorithm)
-    return x509.load_der_x509_certificate(der)
+    def sign(signer: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+        return builder.sign(signer, algorithm)
+
+    return _signed(sign, key, algorithm, x509.load_der_x509_certificate)
 
 
 def sign_crl(
@@ -93,11 +93,26 @@ def sign_crl(
     key: ec.EllipticCurvePrivateKey,
     algorithm: SignatureHash,
 ) -> x509.CertificateRevocationList:
+    def sign(signer: ec.EllipticCurvePrivateKey) -> x509.CertificateRevocationList:
+        return builder.sign(signer, algorithm)
+
+    return _signed(sign, key, algorithm, x509.load_der_x509_crl)
+
+
+_Signed = TypeVar("_Signed", x509.Certificate, x509.CertificateRevocationList)
+
+
+def _signed(
+    sign: Callable[[ec.EllipticCurvePrivateKey], _Signed],
+    key: ec.EllipticCurvePrivateKey,
+    algorithm: SignatureHash,
+    load: Callable[[bytes], _Signed],
+) -> _Signed:
+    """``sign(key)``; for an external key, signed by a stand-in and then re-signed."""
     if not isinstance(key, ExternalKey):
-        return builder.sign(key, algorithm)
-    draft = builder.sign(_stand_in(key.curve.name), algorithm)
-    der = _resign(draft.public_bytes(serialization.Encoding.DER), key, algorithm)
-    return x509.load_der_x509_crl(der)
+        return sign(key)
+    draft = sign(_stand_in(key.curve.name))
+    return load(_resign(draft.public_bytes(serialization.Encoding.DER), key, algorithm))
 
 
 def sign_ocsp(

@@ -11,11 +11,13 @@ import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import update
 from sqlmodel import col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from enrollment.registry.audit import AuditLog, AuditRecord
 from enrollment.registry.certificates import issuer_key_id
@@ -58,6 +60,19 @@ def authority_key_id(cert: x509.Certificate) -> str:
 
 def _fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+_Row = TypeVar("_Row")
+
+
+def _of_active_devices(query: SelectOfScalar[_Row]) -> SelectOfScalar[_Row]:
+    """``query`` limited to the active certificates of active devices."""
+    return (
+        query.join(Device, col(Device.id) == col(Certificate.subject_id))
+        .where(col(Certificate.subject_kind) == SubjectKind.DEVICE)
+        .where(col(Certificate.status) == CertStatus.ACTIVE)
+        .where(col(Device.state) == DeviceState.ACTIVE)
+    )
 
 
 class Authorities(AuditLog):
@@ -116,13 +131,8 @@ class Authorities(AuditLog):
     def active_devices_by_issuer(self) -> Counter[str | None]:
         """How many active devices hold an active certificate from each CA (by key id)."""
         with self._read_session() as s:
-            rows = s.exec(
-                select(Certificate.issuer_key_id)
-                .join(Device, col(Device.id) == col(Certificate.subject_id))
-                .where(col(Certificate.subject_kind) == SubjectKind.DEVICE)
-                .where(col(Certificate.status) == CertStatus.ACTIVE)
-                .where(col(Device.state) == DeviceState.ACTIVE)
-            ).all()
+            issuer = col(Certificate.issuer_key_id)  # a column: select() then types one scalar
+            rows = s.exec(_of_active_devices(select(issuer))).all()
         return Counter(rows)
 
     def holders_on(self, key_ids: Sequence[str]) -> list[str]:
@@ -130,12 +140,9 @@ class Authorities(AuditLog):
         one of these CAs issued, sorted."""
         with self._read_session() as s:
             devices = s.exec(
-                select(Certificate.subject_id)
-                .join(Device, col(Device.id) == col(Certificate.subject_id))
-                .where(col(Certificate.subject_kind) == SubjectKind.DEVICE)
-                .where(col(Certificate.status) == CertStatus.ACTIVE)
-                .where(col(Device.state) == DeviceState.ACTIVE)
-                .where(col(Certificate.issuer_key_id).in_(list(key_ids)))
+                _of_active_devices(select(Certificate.subject_id)).where(
+                    col(Certificate.issuer_key_id).in_(list(key_ids))
+                )
             ).all()
             stations = s.exec(
                 select(Certificate.subject_id)
