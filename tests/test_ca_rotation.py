@@ -4,10 +4,12 @@ server, through an issuing rotation and a root rotation; and a device that misse
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,11 +22,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 from sdk_helpers import Devices, devices_fixture, wait_for  # noqa: F401  (fixtures)
 
-from device_sdk import DeviceClient, EnrollmentError, NotConnected
+from device_sdk import DeviceClient, EnrollmentError, NotConnected, RenewalPolicy
 from enrollment import rotation
 from enrollment.ca import ServerCredentials, ca_paths, ensure_server_certificate
 from enrollment.registry import DeviceState
 from enrollment.registry.authorities import authority_key_id
+from enrollment.registry.certificates import issuer_key_id
 from enrollment.registry.models import AuthorityRole, AuthorityState
 from fleetgate.config import Config
 from fleetgate.errors import CAPassphraseError
@@ -276,3 +279,29 @@ def test_a_rotation_without_the_root_key_is_refused_and_audited(fleet: Fleet) ->
     refused = fleet.registry.audit_events(limit=100)[-1]
     assert (refused.action, refused.outcome) == ("ca.rotate.issuing", "refused")
     assert fleet.registry.authorities(include_retired=False)[-1].role == AuthorityRole.ISSUING
+
+
+def test_automatic_renewal_moves_a_device_to_the_new_issuing_ca(
+    fleet: Fleet, est_server: RunningServer, broker: RunningBroker, devices: Devices
+) -> None:
+    store = devices.enroll("sensor-1")
+    first = store.certificates()[0]
+    rotated = threading.Event()
+
+    def clock() -> dt.datetime:
+        """Seventy days on (past two thirds of 90) once the CA has rotated, until renewed."""
+        now = dt.datetime.now(dt.UTC)
+        renewed = store.certificates()[0].serial_number != first.serial_number
+        return now + dt.timedelta(days=70) if rotated.is_set() and not renewed else now
+
+    policy = RenewalPolicy(check_interval=0.05, clock=clock)
+    client = devices.client(store, "sensor-1", broker, renewal=policy).start()
+    client.wait_connected(10)
+    issuing = rotation.rotate_issuing(fleet.config, fleet.registry, actor="admin:test")
+    _picked_up(est_server, broker, issuing)
+    rotated.set()
+    wait_for(lambda: store.certificates()[0].issuer == issuing.subject, 15, "automatic renewal")
+    _wait_on(client, store.certificates()[0])
+    _publish_from_each({"sensor-1": client}, "after automatic renewal")
+    assert _refusals(broker) == 0
+    assert fleet.registry.active_devices_by_issuer()[issuer_key_id(first)] == 0
