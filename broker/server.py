@@ -37,7 +37,13 @@ from broker.core import BrokerCore, CoreSettings
 from broker.feed import PolicyChange, RevocationFeed
 from broker.metrics import Metrics
 from broker.mqtt import MAX_PACKET_SIZE
-from broker.tls import broker_context, broker_credentials, handshake_label
+from broker.tls import (
+    broker_context,
+    broker_credentials,
+    fleet_trust,
+    follow_fleet_cas,
+    handshake_label,
+)
 from enrollment.ca import ServerCredentials, ensure_server_certificate, is_initialised
 from enrollment.registry import AdmissionFacts, AuditRecord, DeviceChange, DeviceState, Registry
 from enrollment.registry.outage import RegistryOutage
@@ -202,6 +208,7 @@ class Broker:
 
             self.fabric = FabricNode(config, self.core, wake=self.wake, clock=self.now)
         self.identities = CertificateIdentities()
+        self.trust_changed = asyncio.Event()  # set when a rotated CA joins the trust (tests)
         self._admit_inline = self.registry.reads_locally
         self.ports = BoundPorts(0, 0, 0)
         self._protocols: dict[Connection, _MqttProtocol] = {}
@@ -255,7 +262,13 @@ class Broker:
             )
         metrics_port = await self._start_metrics() if settings.metrics_port else 0
         renewal = self._keep_certificate_current(context, credentials)
-        for job in (self.feed.run(), self.audit.run(), self._tick(), renewal):
+        rotation = follow_fleet_cas(  # a rotated CA is trusted without a restart (issue 14)
+            fleet_trust(self.config, context),
+            self.registry,
+            interval_s=self.config.ca.authority_poll_interval_s,
+            changed=self.trust_changed,
+        )
+        for job in (self.feed.run(), self.audit.run(), self._tick(), renewal, rotation):
             task = self._loop.create_task(job)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

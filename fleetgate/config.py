@@ -36,6 +36,16 @@ class CASettings:
     ocsp_validity_minutes: int = 60
     crl_url: str = "https://localhost:8443/crl"
     ocsp_url: str = "https://localhost:8443/ocsp"
+    # Where the CA keys live: "file" (encrypted PEM under ca/) or "pkcs11" (a token; the PIN from
+    # FLEETGATE_PKCS11_PIN or pkcs11_pin_file, never the command line or this file).
+    key_store: str = "file"
+    pkcs11_module: str = ""
+    pkcs11_token_label: str = ""
+    pkcs11_key_label: str = "fleetgate-issuing"
+    pkcs11_root_key_label: str = ""  # empty: the root key stays in an encrypted file
+    pkcs11_pin_file: str = ""
+    # How often a running enrollment service and broker look for a rotated CA in the registry.
+    authority_poll_interval_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -542,6 +552,11 @@ device_validity_days = 90
 crl_next_update_hours = 24
 crl_url = "https://localhost:8443/crl"
 ocsp_url = "https://localhost:8443/ocsp"
+key_store = "file"            # or "pkcs11": CA keys in a token (docs/operations.md)
+# pkcs11_module = "/usr/lib/softhsm/libsofthsm2.so"
+# pkcs11_token_label = "fleetgate"
+# pkcs11_key_label = "fleetgate-issuing"
+# pkcs11_pin_file = "pkcs11.pin"   # or FLEETGATE_PKCS11_PIN
 
 [enrollment]
 host = "127.0.0.1"
