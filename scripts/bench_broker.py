@@ -137,7 +137,7 @@ MOSQUITTO_INFLIGHT = 64  # = fleetgate's broker.receive_maximum, the per-client 
 DISCONNECT = encode(Disconnect(), MQTT5)
 PUBACK_HEAD = b"\x40\x02"
 PACKET_IDS = [n.to_bytes(2, "big") for n in range(65536)]
-PHASES = ("idle", "connect", "fanin", "kick")
+PHASES = ("idle", "connect", "fanin", "fanin-q1-sat", "kick")
 STAMP = struct.Struct("<dH")  # perf_counter() at send, publisher index; the payload's head
 
 
@@ -156,6 +156,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="timed fan-in seconds (D)")
     parser.add_argument("--window", type=int, default=8, help="messages in flight per publisher")
     parser.add_argument("--payload", type=int, default=64, help="PUBLISH payload bytes")
+    parser.add_argument(
+        "--sat-publishers", type=int, default=50, help="saturated QoS 1 fan-in publishers"
+    )
+    parser.add_argument(
+        "--sat-window",
+        type=int,
+        default=64,
+        help="saturated fan-in: unacknowledged PUBLISHes per publisher (capped by the broker's "
+        "Receive Maximum)",
+    )
     parser.add_argument("--kicks", type=int, default=20, help="devices revoked while connected")
     parser.add_argument(
         "--phases",
@@ -178,6 +188,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--connects may not exceed --idle (connects reuse the idle identities)")
     if args.publishers > args.idle or args.publishers < 1:
         parser.error("--publishers must be between 1 and --idle")
+    if not 1 <= args.sat_publishers <= args.idle or args.sat_window < 2:
+        parser.error("--sat-publishers must be between 1 and --idle, --sat-window >= 2")
     if args.window < 2 or args.window * args.publishers > 900:
         parser.error(
             "--window must be >= 2 and window * publishers <= 900 (fleetgate's broker queues at "
@@ -898,11 +910,17 @@ def check_fast_codec(payload_size: int) -> None:
 
 
 class FanIn:
-    """P publishers -> one subscriber, closed loop (W messages in flight per publisher)."""
+    """P publishers -> one subscriber, closed loop (W messages in flight per publisher), or
+    ``saturated``: each publisher keeps W PUBLISHes unacknowledged (at most the broker's
+    Receive Maximum), whatever the subscriber has received, so the broker's own flow control
+    (when it acknowledges, when it reads) is all that bounds what it holds."""
 
-    def __init__(self, qos: QoS, window: int, payload_size: int) -> None:
+    def __init__(
+        self, qos: QoS, window: int, payload_size: int, *, saturated: bool = False
+    ) -> None:
         self.qos = qos
         self.window = window
+        self.saturated = saturated
         self.burst = max(1, window // 2)
         self.pad = b"x" * (payload_size - STAMP.size)
         self.payload_size = payload_size
@@ -939,9 +957,13 @@ class FanIn:
         """Send a burst if this publisher has room in its window (and, QoS 1, the broker's)."""
         if self.stopping or pub.link.closed_at is not None:
             return
-        room = self.window - (pub.sent - self.delivered[pub.index] - pub.lost)
-        if self.qos:
-            room = min(room, pub.receive_maximum - (pub.sent - pub.acked - pub.lost_acks))
+        unacked = pub.sent - pub.acked - pub.lost_acks
+        if self.saturated:
+            room = min(self.window, pub.receive_maximum) - unacked
+        else:
+            room = self.window - (pub.sent - self.delivered[pub.index] - pub.lost)
+            if self.qos:
+                room = min(room, pub.receive_maximum - unacked)
         if room < self.burst:
             return
         tail = STAMP.pack(time.perf_counter(), pub.index) + self.pad
@@ -1081,8 +1103,10 @@ async def fanin_phase(
     publishers: list[str],
     args: argparse.Namespace,
     failures: Failures,
+    *,
+    saturated: bool = False,
 ) -> FanInResult:
-    test = FanIn(qos, args.window, args.payload)
+    test = FanIn(qos, args.window, args.payload, saturated=saturated)
     subscriber = await endpoint.open(BACKEND)
     links = [subscriber]
     watchdog: asyncio.Task[None] | None = None
@@ -1107,7 +1131,7 @@ async def fanin_phase(
         test.measuring = False
         delivered = test.received - received0
         test.stopping = True
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + (10.0 if saturated else 3.0)
         while time.monotonic() < deadline and test.undelivered():
             await asyncio.sleep(0.05)
         return FanInResult(
@@ -1126,6 +1150,22 @@ async def fanin_phase(
             watchdog.cancel()
         await close_all(links, limit=5.0)
         await wait_quiet(pid)
+
+
+async def saturated_phase(
+    endpoint: Endpoint,
+    pid: int,
+    publishers: list[str],
+    args: argparse.Namespace,
+    failures: Failures,
+) -> FanInResult:
+    """QoS 1 fan-in at saturation, the brokers at their defaults: each publisher keeps
+    ``--sat-window`` PUBLISHes unacknowledged (at most the broker's Receive Maximum), so the
+    latency is whatever the broker lets build up between publisher and subscriber."""
+    sat = argparse.Namespace(**{**vars(args), "window": args.sat_window})
+    return await fanin_phase(
+        endpoint, pid, QoS.AT_LEAST_ONCE, publishers, sat, failures, saturated=True
+    )
 
 
 @dataclass
@@ -1187,6 +1227,7 @@ class BrokerResult:
     idle: IdleResult | None = None
     connect: ConnectResult | None = None
     fanin: dict[int, FanInResult] = field(default_factory=dict)
+    saturated: FanInResult | None = None
     kick: KickResult | None = None
     failures: Failures = field(default_factory=Failures)
     cipher: str = ""
@@ -1197,7 +1238,10 @@ class BrokerResult:
 
     def usages(self) -> list[tuple[str, Usage]]:
         out = [("connect", self.connect.usage)] if self.connect is not None else []
-        return out + [(f"QoS {qos} fan-in", f.usage) for qos, f in sorted(self.fanin.items())]
+        out += [(f"QoS {qos} fan-in", f.usage) for qos, f in sorted(self.fanin.items())]
+        if self.saturated is not None:
+            out.append(("saturated QoS 1 fan-in", self.saturated.usage))
+        return out
 
 
 async def wait_serving(broker: BrokerProcess, endpoint: Endpoint, probe: str) -> Link:
@@ -1259,6 +1303,14 @@ async def exercise(broker: BrokerProcess, fleet: Fleet, args: argparse.Namespace
             print(f"  {broker.name}: QoS {int(qos)} fan-in ...", flush=True)
             result.fanin[int(qos)] = await asyncio.wait_for(
                 fanin_phase(endpoint, pid, qos, devices[: args.publishers], args, result.failures),
+                limit,
+            )
+        if "fanin-q1-sat" in args.phases:
+            print(f"  {broker.name}: saturated QoS 1 fan-in ...", flush=True)
+            result.saturated = await asyncio.wait_for(
+                saturated_phase(
+                    endpoint, pid, devices[: args.sat_publishers], args, result.failures
+                ),
                 limit,
             )
         if broker.name == "fleetgate" and args.kicks and "kick" in args.phases:
@@ -1341,6 +1393,11 @@ class Figures:
     q1_cpu_us: float = math.nan
     q1_p50_ms: float = math.nan
     q1_p99_ms: float = math.nan
+    sat_per_s: float = math.nan
+    sat_cpu_us: float = math.nan
+    sat_p50_ms: float = math.nan
+    sat_p99_ms: float = math.nan
+    sat_lost: float = math.nan
     idle_kib: float = math.nan
     kick_p50_ms: float = math.nan
     kick_p99_ms: float = math.nan
@@ -1369,7 +1426,11 @@ def figures(result: BrokerResult | None) -> Figures:
         out.connect_cpu_ms = c.usage.broker_cpu / c.connects * 1e3
         out.connect_p50_ms = percentile(c.latencies, 0.5) * 1e3
         out.connect_p99_ms = percentile(c.latencies, 0.99) * 1e3
-    for qos, f in result.fanin.items():
+    phases = [(f"q{qos}", f) for qos, f in result.fanin.items()]
+    if result.saturated is not None:
+        phases.append(("sat", result.saturated))
+        out.sat_lost = result.saturated.lost
+    for prefix, f in phases:
         if not f.delivered:
             continue
         values = (
@@ -1378,7 +1439,6 @@ def figures(result: BrokerResult | None) -> Figures:
             percentile(f.latencies, 0.5) * 1e3,
             percentile(f.latencies, 0.99) * 1e3,
         )
-        prefix = f"q{qos}"
         for name, value in zip(("per_s", "cpu_us", "p50_ms", "p99_ms"), values, strict=True):
             setattr(out, f"{prefix}_{name}", value)
     if result.idle is not None:
@@ -1411,11 +1471,19 @@ def print_details(result: BrokerResult, args: argparse.Namespace) -> None:
             f"{percentile(c.latencies, 0.99) * 1e3:.1f} ms"
         )
         print(cpu_line(u, c.connects, "ms", 1e3, ".2f"))
-    for qos, f in sorted(result.fanin.items()):
+    runs = [
+        (f"QoS {qos}:   ", f, args.publishers, args.window, "in flight")
+        for qos, f in sorted(result.fanin.items())
+    ]
+    if result.saturated is not None:
+        runs.append(
+            ("QoS 1 sat:", result.saturated, args.sat_publishers, args.sat_window, "unacknowledged")
+        )
+    for label, f, publishers, window, what in runs:
         u = f.usage
         print(
-            f"QoS {qos}:    {f.delivered} delivered in {u.wall:.2f} s = {fmt(f.per_s, '.0f')}/s "
-            f"({args.publishers} -> 1, {args.window} in flight per publisher); latency p50 "
+            f"{label} {f.delivered} delivered in {u.wall:.2f} s = {fmt(f.per_s, '.0f')}/s "
+            f"({publishers} -> 1, {window} {what} per publisher); latency p50 "
             f"{percentile(f.latencies, 0.5) * 1e3:.2f} ms, p99 "
             f"{percentile(f.latencies, 0.99) * 1e3:.2f} ms, max "
             f"{max(f.latencies, default=math.nan) * 1e3:.2f} ms"
@@ -1485,6 +1553,11 @@ def print_table(fg: Figures, mq: Figures) -> None:
         ("  broker CPU us per message", "q1_cpu_us", ".1f"),
         ("  one core's worth (1 / CPU per message)", "q1_capacity", ".0f"),
         ("  p99 publish->receive ms", "q1_p99_ms", ".2f"),
+        ("saturated QoS 1 fan-in messages/s", "sat_per_s", ".0f"),
+        ("  broker CPU us per message", "sat_cpu_us", ".1f"),
+        ("  p50 publish->receive ms", "sat_p50_ms", ".2f"),
+        ("  p99 publish->receive ms", "sat_p99_ms", ".2f"),
+        ("  messages lost", "sat_lost", ".0f"),
         ("RSS KiB per idle mTLS connection", "idle_kib", ".1f"),
         ("revoke -> kick p99 ms", "kick_p99_ms", ".0f"),
     ]
@@ -1509,6 +1582,7 @@ def print_bounds(results: dict[str, BrokerResult]) -> None:
         ("connect", "connect"),
         ("QoS 0 fan-in", "QoS 0"),
         ("QoS 1 fan-in", "QoS 1"),
+        ("QoS 1 sat", "QoS 1 sat"),
     ):
         cells = []
         for name in names:
@@ -1527,6 +1601,8 @@ def phase_usages(result: BrokerResult) -> list[tuple[str, Usage, int]]:
         out.append(("connect", result.connect.usage, result.connect.connects))
     for qos, f in sorted(result.fanin.items()):
         out.append((f"QoS {qos}", f.usage, f.delivered))
+    if result.saturated is not None:
+        out.append(("QoS 1 sat", result.saturated.usage, result.saturated.delivered))
     return out
 
 
@@ -1536,8 +1612,11 @@ def print_targets(fg: Figures, mq: Figures) -> None:
         ("QoS 0 fan-in >= 0.5x Mosquitto", ratio(fg.q0_per_s, mq.q0_per_s), 0.5, 1),
         ("memory per idle connection <= 64 KiB", fg.idle_kib, 64.0, -1),
         ("revoke -> session closed p99 <= 1000 ms", fg.kick_p99_ms, 1000.0, -1),
+        ("saturated QoS 1: nothing lost", fg.sat_lost, 0.0, -1),
+        ("saturated QoS 1: p99 <= 100 ms", fg.sat_p99_ms, 100.0, -1),
+        ("saturated QoS 1 >= 1.0x Mosquitto", ratio(fg.sat_per_s, mq.sat_per_s), 1.0, 1),
     ]
-    print("\ntargets (issue 3):")
+    print("\ntargets (issue 3; the saturated fan-in's, issue 11):")
     for label, value, target, sense in checks:
         if math.isnan(value):
             verdict = "not measured"
@@ -1556,6 +1635,13 @@ def last_line(fg: Figures, mq: Figures) -> str:
         f" fanin_q1_ratio={kv(ratio(fg.q1_per_s, mq.q1_per_s), '.2f')}"
         f" idle_kib_per_conn={kv(fg.idle_kib, '.1f')}"
         f" revoke_kick_p99_ms={kv(fg.kick_p99_ms, '.0f')}"
+        f" fanin_q1_sat_ratio={kv(ratio(fg.sat_per_s, mq.sat_per_s), '.2f')}"
+        f" fanin_q1_sat_p50_ms={kv(fg.sat_p50_ms, '.1f')}"
+        f" fanin_q1_sat_p99_ms={kv(fg.sat_p99_ms, '.1f')}"
+        f" fanin_q1_sat_mosquitto_p50_ms={kv(mq.sat_p50_ms, '.1f')}"
+        f" fanin_q1_sat_mosquitto_p99_ms={kv(mq.sat_p99_ms, '.1f')}"
+        f" fanin_q1_sat_lost={kv(fg.sat_lost, '.0f')}"
+        f" fanin_q1_sat_mosquitto_lost={kv(mq.sat_lost, '.0f')}"
     )
 
 
@@ -1607,12 +1693,12 @@ def sanity(results: dict[str, BrokerResult]) -> list[str]:
             problems.append(f"{r.name}: {r.error}")
         if r.failures.count:
             problems.append(f"{r.name}: {r.failures.count} connections failed")
-        q1 = r.fanin.get(1)
-        if q1 is not None and (q1.lost or q1.refused or q1.stalls):
-            problems.append(
-                f"{r.name}: QoS 1 never delivered {q1.lost}, refused {q1.refused} messages; "
-                f"{q1.stalls} publisher stalls"
-            )
+        for label, q1 in (("QoS 1", r.fanin.get(1)), ("saturated QoS 1", r.saturated)):
+            if q1 is not None and (q1.lost or q1.refused or q1.stalls):
+                problems.append(
+                    f"{r.name}: {label} never delivered {q1.lost}, refused {q1.refused} "
+                    f"messages; {q1.stalls} publisher stalls"
+                )
         for f in r.fanin.values():
             if f.problems:
                 problems.append(f"{r.name}: QoS {f.qos} fan-in: {dict(f.problems)}")
