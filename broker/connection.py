@@ -303,7 +303,7 @@ class Connection:
         held, self._pressure_ack = self._pressure_ack, None
         if held is not None and held.packet is not None and not held.ready:
             held.stored(True, now)
-        self.core.released.add(self)
+        self.core.released[self] = None
 
     def resume_publishing(self, now: float) -> None:
         """Go on with the packets that waited while the client was held (it may be held

@@ -107,7 +107,8 @@ class BrokerCore:
         # Backpressure: sessions whose full queue holds publishers, the publisher of the message
         # being routed, and publishers let go that the I/O layer has to read again.
         self.pressured: set[Session] = set()
-        self.released: set[Connection] = set()
+        # In the order they were held: the first held goes on first (no publisher starves).
+        self.released: dict[Connection, None] = {}
         self._publisher: Connection | None = None
         self.gate: PublishGate | None = None
         # Fabric mode (broker.fabric): why a topic filter cannot be subscribed to, or None.

@@ -439,7 +439,7 @@ class Broker:
         Resuming one can hold or release others; a bounded number of rounds per loop turn."""
         now = self.now()
         for _ in range(8):
-            released, self.core.released = self.core.released, set()
+            released, self.core.released = self.core.released, {}
             for conn in released:
                 conn.resume_publishing(now)
                 protocol = self._protocols.get(conn)

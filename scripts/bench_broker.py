@@ -80,7 +80,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from asyncio import sslproto
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -115,6 +114,7 @@ from enrollment.registry.schema import upgrade
 from enrollment.service import EnrollmentService
 from fleetgate.config import PASSPHRASE_ENV, Config, load_config
 from fleetgate.keyfiles import write_secret
+from fleetgate.tlspump import TLSPump
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,6 @@ BROKER_CORE = 0
 GENERATOR_CORE = 1
 MQTT5 = 5
 IDLE_KEEP_ALIVE = 3600
-GENERATOR_TLS_BUFFER = 16 * 1024  # one TLS record; asyncio's default is 256 KiB per connection
 MOSQUITTO = "/usr/sbin/mosquitto"
 MOSQUITTO_QUEUE = 0  # no limit; see mosquitto_config
 MOSQUITTO_INFLIGHT = 64  # = fleetgate's broker.receive_maximum, the per-client send window
@@ -175,6 +174,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--phase-timeout", type=float, default=60.0, help="bound on a phase, s")
     parser.add_argument("--log-level", default="WARNING", help="fleetgate FLEETGATE_LOG_LEVEL")
+    parser.add_argument(
+        "--fleetgate-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a FLEETGATE_* setting for fleetgate's broker (A/B runs; repeatable)",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="run fleetgate's broker under cProfile (slower)"
     )
@@ -367,7 +373,12 @@ finally:
 
 
 def start_fleetgate(
-    tmp: Path, fleet: Fleet, pin: bool, log_level: str, profile_out: Path | None
+    tmp: Path,
+    fleet: Fleet,
+    pin: bool,
+    log_level: str,
+    profile_out: Path | None,
+    settings: Iterable[str] = (),
 ) -> BrokerProcess:
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETGATE_")}
@@ -380,6 +391,9 @@ def start_fleetgate(
         FLEETGATE_BROKER_METRICS_PORT=str(metrics_port),
         FLEETGATE_BROKER_PLAINTEXT_PORT="0",
     )
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        env[name] = value
     fleetgate = Path(sys.executable).with_name("fleetgate")
     argv = [str(fleetgate), "serve", "broker"]
     if profile_out is not None:
@@ -451,13 +465,46 @@ class Refused(ConnectionError):
 LINK_ERRORS = (OSError, TimeoutError)
 
 
-class Link(asyncio.Protocol):
-    """One client connection. Control packets go through the codec until a phase installs a
-    fast ``on_data``; ``closed_at`` is when a DISCONNECT or the close was first seen."""
+class TlsChannel:
+    """The plaintext side of a :class:`Link`: what the phases write through, encrypted by the
+    link's :class:`TLSPump` onto its TCP transport."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, client_id: str) -> None:
+    __slots__ = ("pump", "tcp")
+
+    def __init__(self, tcp: asyncio.Transport, pump: TLSPump) -> None:
+        self.tcp = tcp
+        self.pump = pump
+
+    def write(self, data: bytes) -> None:
+        self.tcp.write(self.pump.send(data))
+
+    def close(self) -> None:
+        if not self.tcp.is_closing():
+            self.tcp.write(self.pump.close())
+            self.tcp.close()
+
+    def abort(self) -> None:
+        self.tcp.abort()
+
+    def is_closing(self) -> bool:
+        return self.tcp.is_closing()
+
+
+class Link(asyncio.Protocol):
+    """One client connection: TLS by a :class:`TLSPump` (the public ``ssl`` API, one TLS record
+    read at a time) over plain TCP, so the generator holds no asyncio TLS buffer per connection.
+    Control packets go through the codec until a phase installs a fast ``on_data``;
+    ``transport`` is set once the handshake is done; ``closed_at`` is when a DISCONNECT or the
+    close was first seen."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, client_id: str, context: ssl.SSLContext
+    ) -> None:
         self.client_id = client_id
-        self.transport: asyncio.Transport | None = None
+        self.pump = TLSPump(context, server_side=False, server_hostname=SERVER_NAME)
+        self.tcp: asyncio.Transport | None = None
+        self.transport: TlsChannel | None = None
+        self.handshake: asyncio.Future[None] = loop.create_future()
         self.decoder = Decoder(protocol_level=MQTT5)
         self.connack: asyncio.Future[ConnAck] = loop.create_future()
         self.suback: asyncio.Future[SubAck] = loop.create_future()
@@ -468,16 +515,37 @@ class Link(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.tcp = transport
+        transport.write(self.pump.start())
 
     def tls(self) -> tuple[str, bytes | None]:
         """The negotiated version and suite, and the server's certificate (DER)."""
-        assert self.transport is not None
-        ssl_object = self.transport.get_extra_info("ssl_object")
+        ssl_object = self.pump.ssl_object
         cert = ssl_object.getpeercert(binary_form=True)
-        return f"{ssl_object.version()} {ssl_object.cipher()[0]}", cert
+        cipher = ssl_object.cipher()
+        return f"{ssl_object.version()} {cipher[0] if cipher else '-'}", cert
 
     def data_received(self, data: bytes) -> None:
+        pump, tcp = self.pump, self.tcp
+        assert tcp is not None
+        try:
+            plain = pump.receive(data)
+        except ssl.SSLError as exc:
+            tcp.write(pump.outgoing())
+            tcp.abort()
+            self.closed(f"TLS: {exc}", exc)
+            return
+        if pump.has_output():  # a handshake flight, a key update's answer
+            tcp.write(pump.outgoing())
+        if self.transport is None and pump.handshake_done:
+            self.transport = TlsChannel(tcp, pump)
+            self.handshake.set_result(None)
+        if plain:
+            self.plaintext(plain)
+        if pump.closed_by_peer:
+            tcp.close()
+
+    def plaintext(self, data: bytes) -> None:
         if self.on_data is not None:
             self.on_data(data)
             return
@@ -500,10 +568,13 @@ class Link(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed("closed" + (f" ({exc})" if exc else ""))
 
-    def closed(self, reason: str) -> None:
+    def closed(self, reason: str, error: OSError | None = None) -> None:
         if self.closed_at is None:
             self.closed_at = time.perf_counter()
             self.close_reason = reason
+        if not self.handshake.done():
+            self.handshake.set_exception(error or ConnectionError(reason))
+            self.handshake.exception()  # retrieved: Endpoint.open may have given up already
         for waiter in (self.connack, self.suback):
             if not waiter.done():
                 waiter.set_exception(ConnectionError(reason))
@@ -528,17 +599,17 @@ class Endpoint:
     async def open(self, client_id: str, *, keep_alive: int = 60) -> Link:
         """TLS handshake, CONNECT, CONNACK; raises on any failure (the link is then closed)."""
         loop = asyncio.get_running_loop()
+        context = self.contexts[client_id]
         _, link = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: Link(loop, client_id),
-                HOST,
-                self.port,
-                ssl=self.contexts[client_id],
-                server_hostname=SERVER_NAME,
-                ssl_handshake_timeout=self.timeout,
-            ),
+            loop.create_connection(lambda: Link(loop, client_id, context), HOST, self.port),
             self.timeout,
         )
+        try:
+            await asyncio.wait_for(asyncio.shield(link.handshake), self.timeout)
+        except BaseException:
+            assert link.tcp is not None
+            link.tcp.abort()
+            raise
         assert link.transport is not None
         link.transport.write(encode(Connect(client_id=client_id, keep_alive=keep_alive), MQTT5))
         try:
@@ -607,8 +678,8 @@ async def close_all(links: list[Link], limit: float = 15.0) -> None:
     if pending:
         await asyncio.wait(pending, timeout=limit)
     for link in links:
-        if link.transport is not None and not link.gone.done():
-            link.transport.abort()
+        if link.tcp is not None and not link.gone.done():
+            link.tcp.abort()
 
 
 def core_ticks() -> dict[int, tuple[int, int]]:
@@ -1265,7 +1336,7 @@ def scrape_metrics(port: int) -> list[str]:
     """fleetgate's /metrics samples worth a look after a run: kicks, drops, failures."""
     with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    keep = ("kick", "drop", "fail", "refus", "error", "connections_total")
+    keep = ("kick", "drop", "fail", "refus", "error", "connections_total", "pause", "hold")
     return [
         line
         for line in text.splitlines()
@@ -1484,7 +1555,8 @@ def print_details(result: BrokerResult, args: argparse.Namespace) -> None:
         print(
             f"{label} {f.delivered} delivered in {u.wall:.2f} s = {fmt(f.per_s, '.0f')}/s "
             f"({publishers} -> 1, {window} {what} per publisher); latency p50 "
-            f"{percentile(f.latencies, 0.5) * 1e3:.2f} ms, p99 "
+            f"{percentile(f.latencies, 0.5) * 1e3:.2f} ms, p90 "
+            f"{percentile(f.latencies, 0.9) * 1e3:.2f} ms, p99 "
             f"{percentile(f.latencies, 0.99) * 1e3:.2f} ms, max "
             f"{max(f.latencies, default=math.nan) * 1e3:.2f} ms"
         )
@@ -1734,8 +1806,6 @@ def main() -> int:
     if nofile < args.idle + 1000:
         print(f"error: RLIMIT_NOFILE is {nofile}; --idle {args.idle} needs more", file=sys.stderr)
         return 2
-    # The generator's memory and CPU per connection: one TLS record is all asyncio ever reads.
-    sslproto.SSLProtocol.max_size = GENERATOR_TLS_BUFFER
     signal.signal(signal.SIGTERM, _terminate)
     check_fast_codec(args.payload)
 
@@ -1763,7 +1833,9 @@ def main() -> int:
                 broker = start_mosquitto(tmp, fleet, pin)
             else:
                 profile_out = tmp / "broker.prof" if args.profile else None
-                broker = start_fleetgate(tmp, fleet, pin, args.log_level, profile_out)
+                broker = start_fleetgate(
+                    tmp, fleet, pin, args.log_level, profile_out, args.fleetgate_env
+                )
             started.append(broker)
             ours.add(broker.pid)
             strangers = other_mosquittos(ours)
