@@ -14,7 +14,8 @@ one broker certificate from the fleet CA, and runs the same load against
   messages under this load), errors, warnings and notices logged, connections not.
 
 Each broker is pinned to core 0 (``taskset``); the load generator, one process pinned
-to core 1, speaks MQTT 5 over TLS 1.3 with P-256 certificates and P-256 key exchange only. Its
+to core 1, speaks MQTT 5 over TLS 1.3 with P-256 certificates and P-256 key exchange only, its
+TLS on :class:`fleetgate.tlspump.TLSPump` over plain TCP (one record read at a time). Its
 hot paths (PUBLISH out, PUBLISH/PUBACK in) are hand-rolled byte strings, checked byte for byte
 against the ``broker.mqtt`` codec at start-up, because the codec (~5 us to encode and ~9 us to
 decode a PUBLISH here) would cost the generator as much as Mosquitto spends on a whole message,
@@ -36,7 +37,15 @@ Phases, each bounded in time and count, loopback only:
    bounded (P x W <= 900, below fleetgate's max_queued_messages) and latency means something:
    at saturation it is about P x W / throughput. Messages/s at the subscriber, publish->receive
    latency (a timestamp in the payload, one clock), broker CPU per message.
-5. revoke kick (fleetgate only): R connected devices are revoked one by one in-process with
+5. saturated QoS 1 fan-in (``fanin-q1-sat``, issue 11): ``--sat-publishers`` (50) -> 1
+   subscriber, each publisher keeping ``--sat-window`` (64, the Receive Maximum both brokers
+   grant) PUBLISHes unacknowledged, whatever the subscriber has received: the brokers at their
+   defaults decide how much builds up between publisher and subscriber (fleetgate: a queue of
+   1,000 with ``overflow_policy = "backpressure"``; Mosquitto: as configured above, its queue
+   unbounded). Publish->receive latency p50/p99, messages never delivered, messages/s. Whatever
+   the broker does, up to publishers x window messages are in flight, so the latency cannot be
+   below that number divided by the rate (3,200 / rate here).
+6. revoke kick (fleetgate only): R connected devices are revoked one by one in-process with
    ``EnrollmentService.change_device(id, REVOKED)`` (what ``fleetgate device revoke`` calls,
    CRL signing included, minus the CLI's ~1 s start-up), timed until the device's connection
    sees the broker's DISCONNECT (or close).
@@ -51,9 +60,11 @@ per operation) says whether a figure is broker- or generator-bound, and "one cor
 The last line is machine-readable::
 
     connect_ratio=<x> fanin_q0_ratio=<x> fanin_q1_ratio=<x> idle_kib_per_conn=<n> \
-revoke_kick_p99_ms=<n>
+revoke_kick_p99_ms=<n> fanin_q1_sat_ratio=<x> fanin_q1_sat_p50_ms=<n> fanin_q1_sat_p99_ms=<n> \
+fanin_q1_sat_mosquitto_p50_ms=<n> fanin_q1_sat_mosquitto_p99_ms=<n> fanin_q1_sat_lost=<n> \
+fanin_q1_sat_mosquitto_lost=<n>
 
-(ratios are fleetgate / Mosquitto; the other two are fleetgate's own figures; ``nan`` when a
+(ratios are fleetgate / Mosquitto; the others are each broker's own figures; ``nan`` when a
 broker could not be measured.)
 """
 
