@@ -203,25 +203,23 @@ class Metrics:
             "backpressure), by the subscriber's client id.",
             _by_client(queue_holds),
         )
-        lines += family_lines(
-            "backpressure_holds_total",
-            "counter",
-            "Publishes whose acknowledgement a full queue held, all sessions.",
-            [("", self.backpressure_holds)],
-        )
-        lines += family_lines(
-            "backpressure_timeouts_total",
-            "counter",
-            "Full queues that held publishers for max_backpressure_s and then dropped new "
-            "messages until they drained.",
-            [("", self.backpressure_timeouts)],
-        )
-        lines += family_lines(
-            "publishers_held",
-            "gauge",
-            "Publishing connections held by full queues now.",
-            [("", publishers_held)],
-        )
+        for name, kind, text, value in (
+            (
+                "backpressure_holds_total",
+                "counter",
+                "Publishes whose acknowledgement a full queue held, all sessions.",
+                self.backpressure_holds,
+            ),
+            (
+                "backpressure_timeouts_total",
+                "counter",
+                "Full queues that held publishers for max_backpressure_s and then dropped new "
+                "messages until they drained.",
+                self.backpressure_timeouts,
+            ),
+            ("publishers_held", "gauge", "Publishing connections held now.", publishers_held),
+        ):
+            lines += family_lines(name, kind, text, [("", value)])
         return "\n".join(lines) + "\n"
 
 

@@ -106,6 +106,7 @@ class PlainPaho:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=V5)
         self.client.max_inflight_messages_set(100)
         self.client.max_queued_messages_set(0)
+        self.started = 0.0  # when a test began publishing
         self.acked: list[int] = []
         self.received: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
@@ -163,110 +164,88 @@ def payloads(count: int) -> list[bytes]:
 # -- each policy, real clients ---------------------------------------------------------------------
 
 
-def test_drop_new_keeps_the_oldest_and_drops_the_rest_counted_and_audited_once(fleet):
-    with overflowing(fleet, overflow_policy="drop-new") as broker:
+@contextmanager
+def flooded(
+    fleet, count: int, **limits: object
+) -> Iterator[tuple[RunningBroker, SlowSubscriber, PlainPaho]]:
+    """:func:`overflowing`, the slow subscriber, and a publisher that has just sent it
+    ``count`` QoS 1 messages (without waiting for their acknowledgements)."""
+    with overflowing(fleet, **limits) as broker:
         slow = SlowSubscriber(broker)
         publisher = PlainPaho(broker, "pub")
         try:
-            for payload in payloads(30):
+            publisher.started = time.monotonic()
+            for payload in payloads(count):
                 publisher.publish(SLOW, payload)
-            wait_for(lambda: len(publisher.acked) == 30, what="every PUBLISH acknowledged")
-            assert slow.drain(WINDOW + QUEUE) == payloads(WINDOW + QUEUE)
-            slow.nothing(0.3)
-            dropped = 30 - WINDOW - QUEUE
-            assert broker.metric("session_queue_dropped_total", 'client_id="slow-sub"') == dropped
-            assert broker.metric("messages_dropped_total", 'reason="queue_full"') == dropped
-            rows = overflow_rows(broker, "dropped")
-            assert len(rows) == 1 and "drop-new" in rows[0].reason
+            yield broker, slow, publisher
         finally:
             publisher.close()
             slow.close()
+
+
+def test_drop_new_keeps_the_oldest_and_drops_the_rest_counted_and_audited_once(fleet):
+    with flooded(fleet, 30, overflow_policy="drop-new") as (broker, slow, publisher):
+        wait_for(lambda: len(publisher.acked) == 30, what="every PUBLISH acknowledged")
+        assert slow.drain(WINDOW + QUEUE) == payloads(WINDOW + QUEUE)
+        slow.nothing(0.3)
+        dropped = 30 - WINDOW - QUEUE
+        assert broker.metric("session_queue_dropped_total", 'client_id="slow-sub"') == dropped
+        assert broker.metric("messages_dropped_total", 'reason="queue_full"') == dropped
+        rows = overflow_rows(broker, "dropped")
+        assert len(rows) == 1 and "drop-new" in rows[0].reason
 
 
 def test_drop_oldest_keeps_the_newest_queued(fleet):
-    with overflowing(fleet, overflow_policy="drop-oldest") as broker:
-        slow = SlowSubscriber(broker)
-        publisher = PlainPaho(broker, "pub")
-        try:
-            for payload in payloads(30):
-                publisher.publish(SLOW, payload)
-            wait_for(lambda: len(publisher.acked) == 30, what="every PUBLISH acknowledged")
-            # the window's five were sent before the queue filled; the queue kept the last ten
-            assert slow.drain(WINDOW + QUEUE) == payloads(WINDOW) + payloads(30)[-QUEUE:]
-            assert broker.metric("session_queue_dropped_total", 'client_id="slow-sub"') == 15
-            rows = overflow_rows(broker, "dropped")
-            assert len(rows) == 1 and "oldest" in rows[0].reason
-        finally:
-            publisher.close()
-            slow.close()
+    with flooded(fleet, 30, overflow_policy="drop-oldest") as (broker, slow, publisher):
+        wait_for(lambda: len(publisher.acked) == 30, what="every PUBLISH acknowledged")
+        # the window's five were sent before the queue filled; the queue kept the last ten
+        assert slow.drain(WINDOW + QUEUE) == payloads(WINDOW) + payloads(30)[-QUEUE:]
+        assert broker.metric("session_queue_dropped_total", 'client_id="slow-sub"') == 15
+        rows = overflow_rows(broker, "dropped")
+        assert len(rows) == 1 and "oldest" in rows[0].reason
 
 
 def test_backpressure_holds_the_publisher_until_the_subscriber_drains_and_loses_nothing(fleet):
-    with overflowing(fleet) as broker:  # backpressure is the default
+    with flooded(fleet, 40) as (broker, slow, publisher):  # backpressure is the default
         assert broker.broker.core.limits.default.overflow_policy == "backpressure"
-        slow = SlowSubscriber(broker)
-        publisher = PlainPaho(broker, "pub")
-        try:
-            for payload in payloads(40):
-                publisher.publish(SLOW, payload)
-            in_flight = slow.take(WINDOW)  # the window, unacknowledged
-            # the queue's ten, and the eleventh queued over the limit, are acknowledged...
-            wait_for(lambda: len(publisher.acked) == WINDOW + QUEUE, what="acks up to the hold")
-            time.sleep(0.3)
-            assert len(publisher.acked) == WINDOW + QUEUE  # ... the eleventh's is held
-            assert broker.metric("publishers_held") == 1
-            for packet in in_flight:
-                assert packet.packet_id is not None
-                slow.send(PubAck(packet_id=packet.packet_id))
-            received = [p.payload for p in in_flight] + slow.drain(40 - WINDOW)
-            assert received == payloads(40)  # nothing lost, in order
-            wait_for(lambda: len(publisher.acked) == 40, what="every PUBLISH acknowledged")
-            assert broker.metric("publishers_held") == 0
-            assert broker.metric("session_queue_dropped_total", 'client_id="slow-sub"') == 0
-            assert broker.metric("session_queue_held_total", 'client_id="slow-sub"') >= 1
-            rows = overflow_rows(broker, "held")
-            assert len(rows) == 1 and "held" in rows[0].reason
-        finally:
-            publisher.close()
-            slow.close()
+        in_flight = slow.take(WINDOW)  # the window, unacknowledged
+        # the queue's ten, and the eleventh queued over the limit, are acknowledged...
+        wait_for(lambda: len(publisher.acked) == WINDOW + QUEUE, what="acks up to the hold")
+        time.sleep(0.3)
+        assert len(publisher.acked) == WINDOW + QUEUE  # ... the eleventh's is held
+        assert broker.metric("publishers_held") == 1
+        for packet in in_flight:
+            assert packet.packet_id is not None
+            slow.send(PubAck(packet_id=packet.packet_id))
+        received = [p.payload for p in in_flight] + slow.drain(40 - WINDOW)
+        assert received == payloads(40)  # nothing lost, in order
+        wait_for(lambda: len(publisher.acked) == 40, what="every PUBLISH acknowledged")
+        assert broker.metric("publishers_held") == 0
+        assert broker.metric("session_queue_dropped_total", 'client_id="slow-sub"') == 0
+        assert broker.metric("session_queue_held_total", 'client_id="slow-sub"') >= 1
+        rows = overflow_rows(broker, "held")
+        assert len(rows) == 1 and "held" in rows[0].reason
 
 
 def test_a_subscriber_that_never_drains_holds_publishers_for_max_backpressure_s_only(fleet):
-    with overflowing(fleet, max_backpressure_s=1.0) as broker:
-        slow = SlowSubscriber(broker)
-        publisher = PlainPaho(broker, "pub")
-        try:
-            started = time.monotonic()
-            for payload in payloads(40):
-                publisher.publish(SLOW, payload)
-            wait_for(lambda: len(publisher.acked) == 40, what="the publisher let go")
-            held_for = time.monotonic() - started
-            assert 0.9 <= held_for <= 3.0
-            assert broker.metric("backpressure_timeouts_total") == 1
-            # queued: window + limit + the one held; the rest dropped, counted and audited
-            dropped = 40 - WINDOW - QUEUE - 1
-            assert broker.metric("session_queue_dropped_total", 'client_id="slow-sub"') == dropped
-            rows = overflow_rows(broker, "dropped")
-            assert len(rows) == 1 and "max_backpressure_s" in rows[0].reason
-            assert slow.drain(WINDOW + QUEUE + 1) == payloads(WINDOW + QUEUE + 1)
-        finally:
-            publisher.close()
-            slow.close()
+    with flooded(fleet, 40, max_backpressure_s=1.0) as (broker, slow, publisher):
+        wait_for(lambda: len(publisher.acked) == 40, what="the publisher let go")
+        assert 0.9 <= time.monotonic() - publisher.started <= 3.0
+        assert broker.metric("backpressure_timeouts_total") == 1
+        # queued: window + limit + the one held; the rest dropped, counted and audited
+        dropped = 40 - WINDOW - QUEUE - 1
+        assert broker.metric("session_queue_dropped_total", 'client_id="slow-sub"') == dropped
+        rows = overflow_rows(broker, "dropped")
+        assert len(rows) == 1 and "max_backpressure_s" in rows[0].reason
+        assert slow.drain(WINDOW + QUEUE + 1) == payloads(WINDOW + QUEUE + 1)
 
 
 def test_a_held_publisher_is_released_when_the_subscriber_goes_away(fleet):
-    with overflowing(fleet, max_backpressure_s=60.0) as broker:
-        slow = SlowSubscriber(broker)
-        publisher = PlainPaho(broker, "pub")
-        try:
-            for payload in payloads(40):
-                publisher.publish(SLOW, payload)
-            wait_for(lambda: broker.metric("publishers_held") == 1, what="the publisher held")
-            slow.close()  # its session (clean, no expiry) is discarded with the connection
-            wait_for(lambda: len(publisher.acked) == 40, what="the publisher let go")
-            assert broker.metric("publishers_held") == 0
-        finally:
-            publisher.close()
+    with flooded(fleet, 40, max_backpressure_s=60.0) as (broker, slow, publisher):
+        wait_for(lambda: broker.metric("publishers_held") == 1, what="the publisher held")
+        slow.close()  # its session (clean, no expiry) is discarded with the connection
+        wait_for(lambda: len(publisher.acked) == 40, what="the publisher let go")
+        assert broker.metric("publishers_held") == 0
 
 
 # -- backpressure stalls nobody else ---------------------------------------------------------------
