@@ -501,9 +501,14 @@ class TlsChannel:
         return self.tcp.is_closing()
 
 
-class Link(asyncio.Protocol):
-    """One client connection: TLS by a :class:`TLSPump` (the public ``ssl`` API, one TLS record
-    read at a time) over plain TCP, so the generator holds no asyncio TLS buffer per connection.
+RECEIVE_BUFFER = memoryview(bytearray(16 * 1024))
+"""Every link reads into this one buffer (the loop is single-threaded and a read is consumed at
+once): without it, asyncio allocates 256 KiB for each ``recv``, costly for many small reads."""
+
+
+class Link(asyncio.BufferedProtocol):
+    """One client connection: TLS by a :class:`TLSPump` (the public ``ssl`` API) over plain
+    TCP read into :data:`RECEIVE_BUFFER`, so the generator holds no read buffer per connection.
     Control packets go through the codec until a phase installs a fast ``on_data``;
     ``transport`` is set once the handshake is done; ``closed_at`` is when a DISCONNECT or the
     close was first seen."""
@@ -536,11 +541,14 @@ class Link(asyncio.Protocol):
         cipher = ssl_object.cipher()
         return f"{ssl_object.version()} {cipher[0] if cipher else '-'}", cert
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return RECEIVE_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
         pump, tcp = self.pump, self.tcp
         assert tcp is not None
         try:
-            plain = pump.receive(data)
+            plain = pump.receive(RECEIVE_BUFFER[:nbytes])
         except ssl.SSLError as exc:
             tcp.write(pump.outgoing())
             tcp.abort()
