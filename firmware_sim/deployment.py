@@ -28,12 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from enrollment import profiles
 from enrollment.ca import init_ca, load_ca
-from enrollment.registry import DeviceState, Registry
+from enrollment.registry import AuditRecord, DeviceState, Registry
 from enrollment.registry.schema import upgrade
 from enrollment.service import EnrollmentService
 from fleetgate.config import CONFIG_FILE, PASSPHRASE_ENV, Config, load_config
+from fleetgate.ids import device_uri
 from fleetgate.keyfiles import write_certificates, write_private_key
 
 FLEETGATE = Path(sys.executable).with_name("fleetgate")
@@ -220,12 +223,24 @@ class LocalDeployment:
             device_id, DeviceState.REVOKED, reason="keyCompromise", actor="sim"
         )
 
-    def backdated_service(self, expires_at: dt.datetime) -> EnrollmentService:
-        """A service whose certificates expire at ``expires_at`` (a renewal wave's first ones)."""
+    def backdated_enroll(
+        self, device_id: str, public_key: ec.EllipticCurvePublicKey, expires_at: dt.datetime
+    ) -> x509.Certificate:
+        """A renewal wave's first certificate: issued as the EST service would, but dated so
+        that it expires at ``expires_at`` (EST issues ``device_validity_days``, never less),
+        and recorded as this run's station's enrollment."""
         assert self.service is not None
         validity = dt.timedelta(days=self.config.ca.device_validity_days)
-        issued = expires_at - validity
-        return EnrollmentService(self.service.ca, self.service.registry, clock=lambda: issued)
+        cert = self.service.ca.issue(
+            profiles.DEVICE,
+            profiles.Subject(common_name=device_id, uris=(device_uri(device_id),)),
+            public_key,
+            validity,
+            now=expires_at - validity,
+        )
+        audit = AuditRecord("sim", "enroll", "ok", device_id, f"serial {cert.serial_number:x}")
+        self.service.registry.record_enrollment(self.station_id, device_id, cert, audit)
+        return cert
 
     def station_certificate(self, path: Path) -> x509.Certificate:
         return x509.load_pem_x509_certificates(path.read_bytes())[0]

@@ -286,7 +286,7 @@ class Shard:
         attempt = 0
         while device.wanted and not self.stopping:
             if device.credentials is None and not await self._enroll(device):
-                await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+                await self._backoff(attempt)
                 attempt += 1
                 continue
             if device.renew_at is not None and self.clock.now() >= device.renew_at:
@@ -295,7 +295,7 @@ class Shard:
             if client is None:
                 if device.revoked:
                     return
-                await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+                await self._backoff(attempt)
                 attempt += 1
                 continue
             attempt = 0
@@ -303,6 +303,11 @@ class Shard:
             if device.bounce:
                 device.bounce = False
                 await asyncio.sleep(self.rng.uniform(0.5, 2.0))
+
+    async def _backoff(self, attempt: int) -> None:
+        """Exponential, with jitter (half to all of the step), as a real device backs off."""
+        step = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+        await asyncio.sleep(step * self.rng.uniform(0.5, 1.0))
 
     async def _enroll(self, device: Device) -> bool:
         started = time.perf_counter()
@@ -359,7 +364,7 @@ class Shard:
         except Refused as exc:
             answer = f"CONNACK {exc.reason_code.name}"
         except (SessionClosed, OSError, TimeoutError) as exc:
-            self.obs.errors[f"connect: {exc or type(exc).__name__}"[:120]] += 1
+            self.obs.errors[f"connect: {type(exc).__name__} {exc}".strip()[:120]] += 1
             device.broker = (device.broker + 1) % len(self.target.brokers)
             return None
         now = self.clock.now()

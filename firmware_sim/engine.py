@@ -9,7 +9,6 @@ and the misbehaving devices with the answers they must get.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import multiprocessing
 import secrets
@@ -24,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker.mqtt import Publish, QoS, ReasonCode
-from device_sdk.est import client_context, device_csr
+from device_sdk.est import client_context
 from enrollment import profiles
 from firmware_sim.deployment import LocalDeployment, Target
 from firmware_sim.devices import (
@@ -196,6 +195,8 @@ class Coordinator:
         )
 
     def _recovered(self, mark: FaultMark) -> FaultMark:
+        if mark.renewal:
+            return mark
         keep = 1.0
         for fault in self.scenario.faults:
             if fault.kind == FaultKind.REVOKE and fault.at_s == mark.start:
@@ -236,7 +237,11 @@ class Coordinator:
         first = self.scenario.groups[0].name
         for group, members in ids.items():
             extra = self._misbehaving_ids(prefix) if group == first else []
-            await asyncio.to_thread(deployment.assign, group, members + extra, None)
+            spec = self.scenario.group(group)
+            acl = None
+            if spec.acl_publish or spec.acl_subscribe:
+                acl = {"publish": list(spec.acl_publish), "subscribe": list(spec.acl_subscribe)}
+            await asyncio.to_thread(deployment.assign, group, members + extra, acl)
         backend = f"{prefix}backend"
         slow = [
             f"{prefix}slow-subscriber-{n}"
@@ -262,19 +267,15 @@ class Coordinator:
         ]
 
     def _backdate_renewal_groups(self, target: Target, ids: dict[str, list[str]]) -> None:
-        """A renewal wave's devices hold certificates that expire during the run: issued
-        in-process by a service whose clock runs behind (EST cannot issue one that short)."""
+        """A renewal wave's devices hold certificates that expire during the run."""
         assert self.deployment is not None
-        station = x509.load_pem_x509_certificates(target.station_cert.read_bytes())[0]
         for group, (expires, _) in renewal_due(self.scenario).items():
             members = ids[group]
-            estimate = 1.0 + 0.005 * len(members)
+            estimate = 1.0 + 0.005 * len(members)  # until the run starts
             expires_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=estimate + expires)
-            service = self.deployment.backdated_service(expires_at)
             for device_id in members:
                 key = ec.generate_private_key(ec.SECP256R1())
-                body = base64.b64encode(device_csr(device_id, key).public_bytes(Encoding.DER))
-                cert = service.enroll(station, body)
+                cert = self.deployment.backdated_enroll(device_id, key.public_key(), expires_at)
                 store_credentials(
                     credentials_path(target, device_id), key, [cert.public_bytes(Encoding.PEM)]
                 )
@@ -535,9 +536,9 @@ class Coordinator:
         await asyncio.gather(*(self._fault(f) for f in self.scenario.faults))
 
     async def _fault(self, fault: Fault) -> None:
-        if fault.kind == FaultKind.RENEWAL_WAVE:
+        if fault.kind == FaultKind.RENEWAL_WAVE:  # no disruption: shown, not "recovered"
             end = fault.at_s + fault.duration_s
-            self.marks.append(FaultMark(fault.label, fault.at_s, end))
+            self.marks.append(FaultMark(fault.label, fault.at_s, end, renewal=True))
             return
         await self.clock.until(fault.at_s)
         start = self.clock.now()

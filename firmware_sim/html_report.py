@@ -19,6 +19,7 @@ from firmware_sim.summary import summary
 
 COLOURS = {"sent": "#7f8c9a", "acknowledged": "#2f6db5", "delivered": "#2e9c5a"}
 FAULT_COLOUR = "#d9534f"
+RENEWAL_COLOUR = "#1f78b4"
 WIDTH, HEIGHT = 10.0, 3.2
 
 
@@ -52,29 +53,33 @@ def _timeline(title: str, ylabel: str, faults: list[FaultMark], seconds: int) ->
     axes.grid(True, alpha=0.3)
     for spine in ("top", "right"):
         axes.spines[spine].set_visible(False)
-    for mark in faults:
+    for row, mark in enumerate(faults):
+        renewal = mark.renewal
+        colour = RENEWAL_COLOUR if renewal else FAULT_COLOUR
         end = max(mark.end, mark.start + 0.3)
-        axes.axvspan(mark.start, end, color=FAULT_COLOUR, alpha=0.15, lw=0)
+        axes.axvspan(mark.start, end, color=colour, alpha=0.08 if renewal else 0.15, lw=0)
+        if renewal:
+            axes.axvline(mark.end, color=colour, lw=1.5)
         axes.annotate(
-            mark.label,
-            (mark.start, 1.0),
+            f"{mark.label} (expiry)" if renewal else mark.label,
+            (mark.end if renewal else mark.start, 1.0),
             xycoords=("data", "axes fraction"),
-            xytext=(3, -12),
+            xytext=(3, -11 - 10 * row),
             textcoords="offset points",
             fontsize=8,
-            color=FAULT_COLOUR,
+            color=colour,
         )
         if mark.recovery_s is not None:
             at = mark.start + mark.recovery_s
-            axes.axvline(at, color=FAULT_COLOUR, ls="--", lw=1)
+            axes.axvline(at, color=colour, ls="--", lw=1)
             axes.annotate(
-                f"recovered +{mark.recovery_s:.1f} s",
+                f"{mark.label}: recovered +{mark.recovery_s:.1f} s",
                 (at, 0.0),
                 xycoords=("data", "axes fraction"),
-                xytext=(3, 4),
+                xytext=(3, 4 + 10 * row),
                 textcoords="offset points",
                 fontsize=8,
-                color=FAULT_COLOUR,
+                color=colour,
             )
     return figure, axes
 
@@ -214,7 +219,7 @@ def render(result: RunResult) -> str:
     """The whole report as one HTML document."""
     obs = result.obs
     data = summary(result)
-    seconds = max(obs.seconds(), int(result.scenario.duration_s) + 1)
+    seconds = int(result.scenario.duration_s)  # the samples after it are the shutdown
     faults = result.faults
     broken = [name for name, v in data["invariants"].items() if not v["held"]]
     verdict = (
@@ -237,6 +242,11 @@ def render(result: RunResult) -> str:
             _card(sum(data["refusals"].values()), "refusals"),
         ]
     )
+    if data["revoked"]:
+        cards += _card(f"{data['kicked']} / {data['revoked']}", "kicked / revoked")
+    if data["renewals"]["due"]:
+        renewals = data["renewals"]
+        cards += _card(f"{renewals['done']} / {renewals['due']}", "renewed / due")
     invariant_rows = "".join(
         _invariant_row(name, verdict) for name, verdict in data["invariants"].items()
     )

@@ -61,6 +61,7 @@ class ImpairmentProxy:
         self._up = _Direction()
         self._down = _Direction()
         self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
         self.resets = 0
 
     async def start(self, host: str = "127.0.0.1") -> int:
@@ -68,10 +69,13 @@ class ImpairmentProxy:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        """Stop listening, reset every connection, and wait for their pumps to end."""
         if self._server is not None:
             self._server.close()
-        self.reset()
         self._healed.set()
+        self.reset()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
 
     def impair(self, impairment: Impairment) -> None:
         self.impairment = impairment
@@ -91,6 +95,10 @@ class ImpairmentProxy:
         self._links.clear()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:

@@ -39,6 +39,7 @@ class FaultMark:
     start: float
     end: float
     recovery_s: float | None = None
+    renewal: bool = False  # a renewal wave: its end is the certificates' expiry
 
 
 @dataclass(frozen=True)
@@ -284,20 +285,27 @@ def _wrong_answers(obs: Observations) -> Violation | None:
 def recovery_time(
     obs: Observations, start: float, end: float, *, keep: float = 1.0, window: int = 3
 ) -> float | None:
-    """Seconds from ``start`` until the fleet is back to its connected count (times ``keep``,
-    for a fault that removes devices on purpose) and its delivered rate of the ``window``
-    seconds before the fault, both within 5 %; ``None`` if it never was before the run ended."""
+    """Seconds from ``start`` until the fleet is back, for two seconds running, to its
+    connected count (times ``keep``, for a fault that removes devices on purpose) and its
+    delivered rate of the ``window`` seconds before the fault, both within 5 %; ``None`` if it
+    never was before the run ended. Second ``s`` is the gauge sampled at ``s`` and the
+    messages delivered in ``[s, s + 1)``."""
     first = int(start)
     before = range(max(0, first - window), first)
     if not before:
         return None
     connected = sum(obs.connected[s] for s in before) / len(before) * keep
     rate = sum(obs.counts[DELIVERED][s] for s in before) / len(before) * keep
+
+    def back(second: int) -> bool:
+        return (
+            obs.connected[second] >= connected * 0.95
+            and obs.counts[DELIVERED][second] >= rate * 0.95
+        )
+
     for second in range(max(first, int(end)), obs.seconds() - 1):
-        here = obs.connected[second]
-        delivered = (obs.counts[DELIVERED][second] + obs.counts[DELIVERED][second + 1]) / 2
-        if here >= connected * 0.95 and delivered >= rate * 0.95:
-            return max(0.0, second + 1 - start)
+        if back(second) and back(second + 1):  # and stays back
+            return max(0.0, second - start)
     return None
 
 

@@ -80,6 +80,9 @@ class Group:
     qos: int = 1
     mqtt: int = 5  # 5 or 3 (3.1.1)
     persistent: bool = True  # clean_start false with a session expiry: queued QoS 1/2 survives
+    # The group's ACL template (in-process only); empty: the registry's built-in default
+    acl_publish: tuple[str, ...] = ()
+    acl_subscribe: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,7 @@ class Scenario:
         ]
         if self.broker_config:
             found.append("[broker] settings")
+        found += [f"group {g.name}'s ACL" for g in self.groups if g.acl_publish or g.acl_subscribe]
         return found
 
     def needs_proxy(self) -> bool:
@@ -243,7 +247,12 @@ def load_scenario(path: Path) -> Scenario:
 def parse_scenario(table: Mapping[str, Any], *, default_name: str = "scenario") -> Scenario:
     top = _Table("the top level", table)
     groups = tuple(
-        _build(Group, f"[[groups]] #{n + 1}", item, {"key_store": KeyStore})
+        _build(
+            Group,
+            f"[[groups]] #{n + 1}",
+            item,
+            {"key_store": KeyStore, "acl_publish": tuple, "acl_subscribe": tuple},
+        )
         for n, item in enumerate(top.list_of_tables("groups", required=True))
     )
     stages = tuple(
@@ -402,7 +411,7 @@ def _required(f: Any) -> bool:
 def _coerce(name: str, value: Any, annotation: str, convert: Any) -> Any:
     if convert is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise TypeError("expected a list of names")
+            raise TypeError("expected a list of strings")
         return tuple(value)
     if convert is not None:
         if not isinstance(value, str):
