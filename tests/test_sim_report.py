@@ -98,7 +98,7 @@ def test_a_screenshot_shows_the_plotted_lines(report):
     assert shot.exists(), result.stderr[-2000:]
     image = Image.open(shot).convert("RGB")
     pixels = list(image.get_flattened_data())
-    near_blue = sum(1 for p in pixels if all(abs(a - b) < 40 for a, b in zip(p, BLUE)))
+    near_blue = sum(1 for p in pixels if all(abs(a - b) < 40 for a, b in zip(p, BLUE, strict=True)))
     not_white = sum(1 for p in pixels if min(p) < 200)
     assert near_blue > 2000  # the connected line and histogram, drawn
     assert not_white > 0.03 * image.width * image.height
