@@ -172,7 +172,15 @@ def lost_messages(obs: Observations, subscribers: tuple[str, ...]) -> int:
     return sum(len(missing) for _, _, missing in _missing(obs, subscribers))
 
 
-def _missing(obs: Observations, subscribers: tuple[str, ...]) -> list[tuple[str, str, list[int]]]:
+def lost_sent_times(obs: Observations, subscribers: tuple[str, ...]) -> list[float]:
+    """When each lost message was sent (run seconds): did the losses cluster at a fault?"""
+    return sorted(t for _, _, missing in _missing(obs, subscribers) for _, t in missing)
+
+
+def _missing(
+    obs: Observations, subscribers: tuple[str, ...]
+) -> list[tuple[str, str, list[tuple[int, float]]]]:
+    """(subscriber, topic, [(seq, sent)]) for each topic with acknowledged messages missing."""
     result = []
     for subscriber in subscribers:
         filters = obs.subscribers.get(subscriber, ())
@@ -181,8 +189,8 @@ def _missing(obs: Observations, subscribers: tuple[str, ...]) -> list[tuple[str,
             if not any(topic_matches(f, topic) for f in filters):
                 continue
             got = set(obs.arrivals.get((subscriber, topic), ()))
-            due = (s for s, t in zip(acked, obs.acked_sent[topic], strict=True) if t >= since)
-            missing = sorted(set(due) - got)
+            due = zip(acked, obs.acked_sent[topic], strict=True)
+            missing = sorted({(s, t) for s, t in due if t >= since and s not in got})
             if missing:
                 result.append((subscriber, topic, missing))
     return result
@@ -197,7 +205,8 @@ def _violation(name: str, problems: list[str], count: int | None = None) -> Viol
 def _lost(obs: Observations, subscribers: tuple[str, ...]) -> Violation | None:
     missing = _missing(obs, subscribers)
     problems = [
-        f"{sub} lacks {topic} #{seqs[0]}" + (f" and {len(seqs) - 1} more" if len(seqs) > 1 else "")
+        f"{sub} lacks {topic} #{seqs[0][0]}"
+        + (f" and {len(seqs) - 1} more" if len(seqs) > 1 else "")
         for sub, topic, seqs in missing
     ]
     return _violation(ACKED_DELIVERED, problems, sum(len(s) for _, _, s in missing))
@@ -317,5 +326,6 @@ __all__ = [
     "Violation",
     "check_invariants",
     "lost_messages",
+    "lost_sent_times",
     "recovery_time",
 ]
