@@ -35,6 +35,7 @@ from enrollment.ca import init_ca, load_ca
 from enrollment.registry import AuditRecord, DeviceState, Registry
 from enrollment.registry.schema import upgrade
 from enrollment.service import EnrollmentService
+from firmware_sim.fleet import retire_station
 from fleetgate.config import CONFIG_FILE, PASSPHRASE_ENV, Config, load_config
 from fleetgate.ids import device_uri
 from fleetgate.keyfiles import write_certificates, write_private_key
@@ -123,6 +124,7 @@ class LocalDeployment:
         self.config: Config = load_config(self.home, environ=self.env)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.service: EnrollmentService | None = None
+        self.station_id = ""
         self.broker_kills = 0
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -187,6 +189,8 @@ class LocalDeployment:
         for name in list(self.processes):
             self.stop_service(name)
         if self.service is not None:
+            if not self.throwaway and self.station_id:
+                retire_station(self.service, self.station_id)  # its key stays on disk
             self.service.registry.close()
         if self.throwaway and not keep:
             shutil.rmtree(self.home, ignore_errors=True)
