@@ -137,6 +137,7 @@ class Coordinator:
         self.deployment: LocalDeployment | None = None
         self.proxies: list[ImpairmentProxy] = []
         self.shard_connected: dict[int, int] = {}
+        self.shard_refusals: dict[int, int] = {}
         self.subscribers: list[str] = []
         self.delivered_total = 0
         self._stop = asyncio.Event()
@@ -195,15 +196,21 @@ class Coordinator:
         )
 
     def _recovered(self, mark: FaultMark) -> FaultMark:
+        """Recovery after a fault; after a revocation storm, to the fleet minus the revoked
+        devices and their share of the traffic."""
         if mark.renewal:
             return mark
-        keep = 1.0
-        for fault in self.scenario.faults:
-            if fault.kind == FaultKind.REVOKE and fault.at_s == mark.start:
-                keep = 1 - fault.percent / 100 * self.scenario.group(fault.group).devices / max(
-                    1, self.scenario.devices
-                )
-        return replace(mark, recovery_s=recovery_time(self.obs, mark.start, mark.end, keep=keep))
+        scenario = self.scenario
+        keep, keep_rate = 1.0, 1.0
+        traffic = sum(g.devices * g.rate for g in scenario.groups) or 1.0
+        for fault in scenario.faults:
+            if fault.kind == FaultKind.REVOKE and fault.label == mark.label:
+                group = scenario.group(fault.group)
+                revoked = max(1, round(group.devices * fault.percent / 100))
+                keep -= revoked / scenario.devices
+                keep_rate -= revoked * group.rate / traffic
+        recovery = recovery_time(self.obs, mark.start, mark.end, keep=keep, keep_rate=keep_rate)
+        return replace(mark, recovery_s=recovery)
 
     # -- provisioning ----------------------------------------------------------------------------
 
@@ -296,6 +303,7 @@ class Coordinator:
 
             def status(shard: Shard) -> None:
                 self.shard_connected[0] = shard.connected
+                self.shard_refusals[0] = shard.obs.refusal_total
 
             shard = Shard(self.scenario, target, self.clock, status=status)
             return [await shard.run()]
@@ -325,7 +333,7 @@ class Coordinator:
                 self.notes.append("a shard process ended without its observations")
                 return None
             if kind == "status":
-                self.shard_connected[index] = value
+                self.shard_connected[index], self.shard_refusals[index] = value
             else:
                 return value  # type: ignore[no-any-return]
 
@@ -594,7 +602,7 @@ class Coordinator:
             now = self.clock.now()
             rate = (self.delivered_total - last) / max(1e-3, now - last_t)
             last, last_t = self.delivered_total, now
-            refusals = sum(sum(c.values()) for c in self.obs.refusals.values())
+            refusals = self.obs.refusal_total + sum(self.shard_refusals.values())
             self.progress(
                 Progress(
                     t=now,

@@ -146,7 +146,7 @@ def plot_connect_latency(obs: Observations) -> str:
             )
     axes.set_xlabel("ms")
     axes.set_ylabel("attempts")
-    axes.legend(loc="upper right", fontsize=8, frameon=False)
+    axes.legend(loc="center right", fontsize=8, frameon=False)
     for spine in ("top", "right"):
         axes.spines[spine].set_visible(False)
     return _png(figure)
@@ -167,6 +167,7 @@ def plot_refusals(obs: Observations, faults: list[FaultMark], seconds: int) -> s
             color=palette[n % len(palette)],
         )
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    axes.yaxis.get_major_locator().set_params(integer=True)
     if obs.refusals:
         axes.legend(loc="upper right", fontsize=8, frameon=False)
     else:
@@ -202,7 +203,10 @@ def _card(value: object, label: str) -> str:
 
 
 def _ms(stats: dict[str, Any]) -> str:
-    return "-" if stats["p50"] is None else f"{stats['p50']:.0f} / {stats['p99']:.0f} ms"
+    def one(value: float) -> str:
+        return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+    return "-" if stats["p50"] is None else f"{one(stats['p50'])} / {one(stats['p99'])} ms"
 
 
 def _invariant_row(name: str, verdict: dict[str, Any]) -> str:
@@ -257,8 +261,15 @@ def render(result: RunResult) -> str:
         "</td></tr>"
         for f in data["faults"]
     )
+    expected = {answer for _, _, answer, wanted in obs.answers if answer in wanted}
     refusal_rows = "".join(
-        f"<tr><td class='num'>{count}</td><td>{html.escape(reason)}</td></tr>"
+        f"<tr><td class='num'>{count}</td><td>{html.escape(reason)}</td>"
+        + (
+            "<td class='held'>expected</td>"
+            if reason in expected
+            else "<td class='broken'>unexpected</td>"
+        )
+        + "</tr>"
         for reason, count in data["refusals"].items()
     )
     plots = [

@@ -78,12 +78,14 @@ class Observations:
     revoked_at: dict[str, float] = field(default_factory=dict)
     renewals: list[Renewal] = field(default_factory=list)
     enrolled: int = 0
+    refusal_total: int = 0
 
     def count(self, name: str, t: float, n: int = 1) -> None:
         self.counts[name][int(t)] += n
 
     def refused(self, reason: str, t: float) -> None:
         self.refusals[reason][int(t)] += 1
+        self.refusal_total += 1
 
     def acknowledged(self, topic: str, seq: int, t: float, *, sent: float) -> None:
         self.counts[ACKED][int(t)] += 1
@@ -132,6 +134,7 @@ class Observations:
         self.revoked_at.update(other.revoked_at)
         self.renewals += other.renewals
         self.enrolled += other.enrolled
+        self.refusal_total += other.refusal_total
 
     def total(self, name: str) -> int:
         return sum(self.counts[name].values())
@@ -292,19 +295,26 @@ def _wrong_answers(obs: Observations) -> Violation | None:
 
 
 def recovery_time(
-    obs: Observations, start: float, end: float, *, keep: float = 1.0, window: int = 3
+    obs: Observations,
+    start: float,
+    end: float,
+    *,
+    keep: float = 1.0,
+    keep_rate: float | None = None,
+    window: int = 3,
 ) -> float | None:
     """Seconds from ``start`` until the fleet is back, for two seconds running, to its
     connected count (times ``keep``, for a fault that removes devices on purpose) and its
-    delivered rate of the ``window`` seconds before the fault, both within 5 %; ``None`` if it
-    never was before the run ended. Second ``s`` is the gauge sampled at ``s`` and the
-    messages delivered in ``[s, s + 1)``."""
+    delivered rate (times ``keep_rate``, or ``keep``) of the ``window`` seconds before the
+    fault, both within 5 %; ``None`` if it never was before the run ended. Second ``s`` is
+    the gauge sampled at ``s`` and the messages delivered in ``[s, s + 1)``."""
     first = int(start)
     before = range(max(0, first - window), first)
     if not before:
         return None
     connected = sum(obs.connected[s] for s in before) / len(before) * keep
-    rate = sum(obs.counts[DELIVERED][s] for s in before) / len(before) * keep
+    rate = sum(obs.counts[DELIVERED][s] for s in before) / len(before)
+    rate *= keep if keep_rate is None else keep_rate
 
     def back(second: int) -> bool:
         return (

@@ -100,7 +100,8 @@ def to_text(result: RunResult) -> str:
         f"devices      {data['devices']}: {data['enrolled']} enrolled, "
         f"peak {data['peak_connected']} connected, {data['connects']} connects",
         f"messages     {data['sent']} sent, {data['acknowledged']} acknowledged, "
-        f"{data['delivered']} delivered ({data['delivered_unique']} unique), {data['lost']} lost",
+        f"{data['delivered']} delivered to {len(data['checked_subscribers'])} subscriber(s) "
+        f"({data['delivered_unique']} unique), {data['lost']} lost",
     ]
     for name, label in (("publish_to_deliver", "latency"), ("connect", "connect"),
                         ("enroll", "enroll")):  # fmt: skip
