@@ -160,6 +160,7 @@ def _hardware_line(
     from firmware_sim.hardware_line import LinePlan, parse_kind
     from firmware_sim.runner import simulate_hardware
 
+    line = LinePlan(kind=parse_kind(key_store), devices=devices, messages=messages)
     deployment = None
     if home_registry:
         config = home_config()
@@ -174,7 +175,6 @@ def _hardware_line(
                 "ran": bar.add_task("running", total=devices),
                 "manufactured": bar.add_task(f"making {key_store}s", total=devices),
             }
-            line = LinePlan(kind=parse_kind(key_store), devices=devices, messages=messages)
             report = asyncio.run(
                 simulate_hardware(config, line, lambda stage, n: bar.advance(tasks[stage], n))
             )
