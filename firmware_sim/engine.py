@@ -645,19 +645,4 @@ def foreign_certificate(device_id: str) -> tuple[ec.EllipticCurvePrivateKey, x50
     return key, cert
 
 
-async def run_scenario(
-    scenario: Scenario,
-    *,
-    remote: Remote | None = None,
-    home: Path | None = None,
-    procs: int = 1,
-    keep: bool = False,
-    progress: Callable[[Progress], None] = lambda p: None,
-) -> RunResult:
-    coordinator = Coordinator(
-        scenario, remote=remote, home=home, procs=procs, keep=keep, progress=progress
-    )
-    return await coordinator.run()
-
-
-__all__ = ["Progress", "Remote", "RunResult", "run_scenario"]
+__all__ = ["Coordinator", "Progress", "Remote", "RunResult"]

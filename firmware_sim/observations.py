@@ -12,6 +12,7 @@ from __future__ import annotations
 from array import array
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from fleetgate.topics import topic_matches
 
@@ -89,22 +90,11 @@ class Observations:
 
     def acknowledged(self, topic: str, seq: int, t: float, *, sent: float) -> None:
         self.counts[ACKED][int(t)] += 1
-        acked = self.acked.get(topic)
-        if acked is None:
-            acked = self.acked[topic] = array("q")
-            self.acked_sent[topic] = array("d")
-        acked.append(seq)
-        self.acked_sent[topic].append(sent)
+        _append(self.acked, self.acked_sent, topic, seq, sent)
 
     def delivered(self, subscriber: str, topic: str, seq: int, sent: float, t: float) -> None:
         self.counts[DELIVERED][int(t)] += 1
-        key = (subscriber, topic)
-        seqs = self.arrivals.get(key)
-        if seqs is None:
-            seqs = self.arrivals[key] = array("q")
-            self.sent_at[key] = array("d")
-        seqs.append(seq)
-        self.sent_at[key].append(sent)
+        _append(self.arrivals, self.sent_at, (subscriber, topic), seq, sent)
         self.latency_ms[int(t)].append((t - sent) * 1000)
 
     def answered(self, who: str, what: str, answer: str, expected: tuple[str, ...]) -> None:
@@ -143,6 +133,18 @@ class Observations:
         """One past the last second anything was recorded in."""
         last = [max(c) for c in (*self.counts.values(), self.connected) if c]
         return max(last, default=0) + 1
+
+
+def _append(
+    seqs: dict[Any, array[int]], times: dict[Any, array[float]], key: Any, seq: int, t: float
+) -> None:
+    """One (sequence number, send time) pair into two parallel compact arrays under ``key``."""
+    found = seqs.get(key)
+    if found is None:
+        found = seqs[key] = array("q")
+        times[key] = array("d")
+    found.append(seq)
+    times[key].append(t)
 
 
 # -- the invariants ------------------------------------------------------------------------------

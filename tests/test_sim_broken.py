@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from firmware_sim.engine import run_scenario
+from firmware_sim.engine import Coordinator
 from firmware_sim.observations import ACKED_DELIVERED, ACL, REASONS
 from firmware_sim.scenario import parse_scenario
 
@@ -62,7 +62,7 @@ def test_a_tiny_broker_queue_loses_acknowledged_messages_and_the_run_says_so():
             },
         }
     )
-    result = asyncio.run(run_scenario(scenario))
+    result = asyncio.run(Coordinator(scenario).run())
     broken = {v.invariant: v for v in result.violations}
     assert set(broken) == {ACKED_DELIVERED}
     assert broken[ACKED_DELIVERED].count > 20

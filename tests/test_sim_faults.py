@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from firmware_sim.engine import run_scenario
+from firmware_sim.engine import Coordinator
 from firmware_sim.observations import ACKED_DELIVERED, lost_sent_times
 from firmware_sim.scenario import parse_scenario
 
@@ -33,7 +33,7 @@ def test_the_fleet_recovers_from_a_broker_kill_a_partition_and_resets_and_renews
             ],
         }
     )
-    result = asyncio.run(run_scenario(scenario))
+    result = asyncio.run(Coordinator(scenario).run())
     # The broker keeps sessions and queues in memory: a SIGKILL may lose what it had
     # acknowledged but not yet written to the subscriber. Such losses, and only those, are
     # allowed here, and only for messages sent in the moment before the kill.

@@ -90,7 +90,7 @@ def sim(
     if key_store != "file":
         _hardware_line(key_store, devices or 3, messages, home_registry, as_json)
         return
-    from firmware_sim.engine import Remote, run_scenario
+    from firmware_sim.engine import Coordinator, Remote
     from firmware_sim.progress import LiveLine
     from firmware_sim.scenario import DEFAULT, ScenarioError, load_scenario, resized
 
@@ -119,11 +119,10 @@ def sim(
     home = home_config().home if home_registry else None
     line = LiveLine(sys.stderr, enabled=not as_json or sys.stderr.isatty())
     try:
-        result = asyncio.run(
-            run_scenario(
-                scenario, remote=remote, home=home, procs=procs, keep=keep, progress=line.update
-            )
+        coordinator = Coordinator(
+            scenario, remote=remote, home=home, procs=procs, keep=keep, progress=line.update
         )
+        result = asyncio.run(coordinator.run())
     except ValueError as exc:
         line.close()
         raise typer.BadParameter(str(exc)) from exc
