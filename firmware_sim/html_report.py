@@ -248,6 +248,7 @@ def render(result: RunResult) -> str:
     )
     if data["revoked"]:
         cards += _card(f"{data['kicked']} / {data['revoked']}", "kicked / revoked")
+        cards += _card(_ms(lat["revoke_to_kick"]), "revoke → kick p50 / p99")
     if data["renewals"]["due"]:
         renewals = data["renewals"]
         cards += _card(f"{renewals['done']} / {renewals['due']}", "renewed / due")

@@ -54,6 +54,9 @@ def summary(result: RunResult) -> dict[str, Any]:
             "publish_to_deliver": _ms(latency),
             "connect": _ms(obs.connect_ms),
             "enroll": _ms(obs.enroll_ms),
+            "revoke_to_kick": _ms(
+                [(obs.kicked[d] - at) * 1000 for d, at in obs.revoked_at.items() if d in obs.kicked]
+            ),
         },
         "refusals": {reason: sum(c.values()) for reason, c in sorted(obs.refusals.items())},
         "errors": dict(obs.errors.most_common(10)),
@@ -104,7 +107,7 @@ def to_text(result: RunResult) -> str:
         f"({data['delivered_unique']} unique), {data['lost']} lost",
     ]
     for name, label in (("publish_to_deliver", "latency"), ("connect", "connect"),
-                        ("enroll", "enroll")):  # fmt: skip
+                        ("enroll", "enroll"), ("revoke_to_kick", "revoke→kick")):  # fmt: skip
         stats = latency[name]
         if stats["p50"] is not None:
             lines.append(
