@@ -338,13 +338,13 @@ class Coordinator:
                 return value  # type: ignore[no-any-return]
 
     async def _drain(self, shard_obs: list[Observations]) -> None:
-        """Wait for in-flight deliveries: until the backend has every acknowledged message it
-        is due, nothing more arrives for a second, or ``drain_s`` passed."""
+        """Wait for in-flight deliveries: until every subscriber could have every acknowledged
+        message, nothing more arrives for a second, or ``drain_s`` passed."""
         acked = sum(o.total("acknowledged") for o in shard_obs) + self.obs.total("acknowledged")
         deadline = time.monotonic() + self.scenario.drain_s
         last, quiet_since = -1, time.monotonic()
         while time.monotonic() < deadline and self.subscribers:
-            if self.delivered_total >= acked:
+            if self.delivered_total >= acked * len(self.subscribers):
                 return
             if self.delivered_total != last:
                 last, quiet_since = self.delivered_total, time.monotonic()
