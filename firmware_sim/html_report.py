@@ -209,6 +209,19 @@ def _ms(stats: dict[str, Any]) -> str:
     return "-" if stats["p50"] is None else f"{one(stats['p50'])} / {one(stats['p99'])} ms"
 
 
+def _fault_row(fault: dict[str, Any], renewals: dict[str, int]) -> str:
+    if fault["renewal"]:
+        outcome = f"{renewals['done']} of {renewals['due']} renewed before expiry"
+    elif fault["recovery_s"] is None:
+        outcome = "not recovered"
+    else:
+        outcome = f"{fault['recovery_s']} s"
+    return (
+        f"<tr><td>{html.escape(fault['fault'])}</td><td class='num'>{fault['at_s']:.1f} s</td>"
+        f"<td class='num'>{fault['until_s']:.1f} s</td><td class='num'>{outcome}</td></tr>"
+    )
+
+
 def _invariant_row(name: str, verdict: dict[str, Any]) -> str:
     if verdict["held"]:
         return f"<tr><td class='held'>held</td><td>{html.escape(name)}</td><td></td></tr>"
@@ -255,13 +268,7 @@ def render(result: RunResult) -> str:
     invariant_rows = "".join(
         _invariant_row(name, verdict) for name, verdict in data["invariants"].items()
     )
-    fault_rows = "".join(
-        f"<tr><td>{html.escape(f['fault'])}</td><td class='num'>{f['at_s']:.1f} s</td>"
-        f"<td class='num'>{f['until_s']:.1f} s</td><td class='num'>"
-        f"{'not recovered' if f['recovery_s'] is None else str(f['recovery_s']) + ' s'}"
-        "</td></tr>"
-        for f in data["faults"]
-    )
+    fault_rows = "".join(_fault_row(f, data["renewals"]) for f in data["faults"])
     expected = {answer for _, _, answer, wanted in obs.answers if answer in wanted}
     refusal_rows = "".join(
         f"<tr><td class='num'>{count}</td><td>{html.escape(reason)}</td>"
@@ -298,7 +305,7 @@ def render(result: RunResult) -> str:
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in data["notes"])
     sections = ""
     if fault_rows:
-        head = "<tr><th>fault</th><th>at</th><th>until</th><th>recovery</th></tr>"
+        head = "<tr><th>fault</th><th>at</th><th>until (expiry)</th><th>recovery</th></tr>"
         sections += f"<h2>Faults</h2><table>{head}{fault_rows}</table>"
     if refusal_rows:
         sections += f"<h2>Refusals</h2><table>{refusal_rows}</table>"

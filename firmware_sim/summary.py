@@ -72,6 +72,7 @@ def summary(result: RunResult) -> dict[str, Any]:
                 "at_s": round(m.start, 2),
                 "until_s": round(m.end, 2),
                 "recovery_s": None if m.recovery_s is None else round(m.recovery_s, 1),
+                "renewal": m.renewal,
             }
             for m in result.faults
         ],
@@ -120,7 +121,13 @@ def to_text(result: RunResult) -> str:
     if data["errors"]:
         lines.append("network errors (not refusals):")
         lines += [f"  {count:6}  {reason}" for reason, count in data["errors"].items()]
+    renewals = data["renewals"]
     for fault in data["faults"]:
+        if fault["renewal"]:
+            outcome = f"{renewals['done']} of {renewals['due']} renewed before expiry at"
+            lines.append(f"fault        {fault['fault']} from {fault['at_s']} s: {outcome} "
+                         f"{fault['until_s']} s")  # fmt: skip
+            continue
         recovery = "not recovered" if fault["recovery_s"] is None else f"{fault['recovery_s']} s"
         lines.append(
             f"fault        {fault['fault']} at {fault['at_s']} s (until {fault['until_s']} s): "
