@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import multiprocessing
+import resource
 import secrets
 import ssl
 import time
@@ -146,6 +147,8 @@ class Coordinator:
 
     async def run(self) -> RunResult:
         started = time.perf_counter()
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # thousands of sockets; children
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # (services, shards) inherit it
         try:
             target, backend = await self._provision()
             direct = target

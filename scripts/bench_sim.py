@@ -38,11 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from firmware_sim.engine import Coordinator, Progress
+from firmware_sim.fleet import BACKEND_GROUP
 from firmware_sim.observations import FaultMark, Observations
 from firmware_sim.progress import LiveLine
 from firmware_sim.scenario import Fault, FaultKind, Group, Scenario, Stage
 
 TICKS = os.sysconf("SC_CLK_TCK")
+BACKEND_QUEUE = 500_000
 
 
 def parse_args() -> argparse.Namespace:
@@ -76,6 +78,21 @@ def scenario(args: argparse.Namespace) -> Scenario:
             Fault(FaultKind.BROKER_KILL, at_s=outage_from + args.kill_after, duration_s=args.down),
         ),
         drain_s=15.0,
+        # The backend subscriber takes the whole fleet's 10,000 msg/s: a deployment gives such
+        # a consumer a deep queue and a wide window, or a hiccup of 0.1 s overflows the
+        # default 1,000-message queue and the broker drops what it acknowledged.
+        broker_config={
+            "max_queued_messages": BACKEND_QUEUE,
+            "limits": {
+                "groups": {
+                    BACKEND_GROUP: {
+                        "max_queued_messages": BACKEND_QUEUE,
+                        "max_queued_bytes": 256 * 1024 * 1024,
+                        "max_inflight": 1024,
+                    }
+                }
+            },
+        },
     )
 
 
