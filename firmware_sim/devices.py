@@ -42,7 +42,8 @@ HEAD = struct.Struct("!qd")  # seq, monotonic send time; the rest of a payload i
 SESSION_EXPIRY_S = 3600
 KEEP_ALIVE_S = 30
 TICK_S = 0.1
-BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0)
+BACKOFF_BASE_S = 0.5
+CONNECTING = 128  # per shard: enrollments + handshakes in flight at once (a line's stations)
 KICK = "DISCONNECT ADMINISTRATIVE_ACTION"
 REVOKED_CONNECT = "CONNACK NOT_AUTHORIZED"
 
@@ -217,6 +218,7 @@ class Shard:
             self.devices[group_name] = mine
         self.connected = 0
         self.stopping = False
+        self.connecting = asyncio.Semaphore(CONNECTING)
         self._pokes: set[asyncio.Task[None]] = set()
 
     # -- scheduling ------------------------------------------------------------------------------
@@ -291,17 +293,15 @@ class Shard:
     async def _life(self, device: Device) -> None:
         attempt = 0
         while device.wanted and not self.stopping:
-            if device.credentials is None and not await self._enroll(device):
-                await self._backoff(attempt)
-                attempt += 1
-                continue
-            if device.renew_at is not None and self.clock.now() >= device.renew_at:
-                await self._renew(device)
-            client = await self._connect(device)
+            async with self.connecting:
+                enrolled = device.credentials is not None or await self._enroll(device)
+                if enrolled and device.renew_at is not None and self.clock.now() >= device.renew_at:
+                    await self._renew(device)
+                client = await self._connect(device) if enrolled else None
             if client is None:
                 if device.revoked:
                     return
-                await self._backoff(attempt)
+                await self._backoff(device, attempt)
                 attempt += 1
                 continue
             attempt = 0
@@ -310,10 +310,11 @@ class Shard:
                 device.bounce = False
                 await asyncio.sleep(self.rng.uniform(0.5, 2.0))
 
-    async def _backoff(self, attempt: int) -> None:
-        """Exponential, with jitter (half to all of the step), as a real device backs off."""
-        step = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
-        await asyncio.sleep(step * self.rng.uniform(0.5, 1.0))
+    async def _backoff(self, device: Device, attempt: int) -> None:
+        """Exponential with full jitter, capped by the group's ``reconnect_max_s``: thousands
+        of devices that lost the broker at once must not all come back in the same second."""
+        cap = min(device.group.reconnect_max_s, BACKOFF_BASE_S * 2 ** min(attempt, 16))
+        await asyncio.sleep(self.rng.uniform(0.1, 1.0) * cap)
 
     async def _enroll(self, device: Device) -> bool:
         started = time.perf_counter()

@@ -23,6 +23,7 @@ from broker.mqtt import (
     Decoder,
     Disconnect,
     Packet,
+    PingReq,
     PingResp,
     Properties,
     ProtocolError,
@@ -41,6 +42,7 @@ from broker.mqtt import (
 
 MQTT5 = 5
 MQTT311 = 4
+PINGREQ = encode(PingReq(), MQTT5)  # the same two bytes at both protocol levels
 V3_REFUSALS = {
     ConnackReturnCodeV3.UNACCEPTABLE_PROTOCOL_VERSION: ReasonCode.UNSUPPORTED_PROTOCOL_VERSION,
     ConnackReturnCodeV3.IDENTIFIER_REJECTED: ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
@@ -93,6 +95,8 @@ class SimClient:
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.session_present = False
         self._reader_task: asyncio.Task[None] | None = None
+        self._ping: asyncio.TimerHandle | None = None
+        self._last_sent = 0.0
 
     @classmethod
     async def connect(
@@ -150,7 +154,29 @@ class SimClient:
             raise Refused(ReasonCode(int(code)))
         client.session_present = connack.session_present
         client._reader_task = asyncio.create_task(client._read_loop())
+        granted = connack.properties.server_keep_alive if protocol == MQTT5 else None
+        client._keep_alive(granted if granted is not None else keep_alive)
         return client
+
+    def _keep_alive(self, seconds: int) -> None:
+        """PINGREQ whenever nothing was sent for half the keep-alive (one timer per client)."""
+        if seconds <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        half = seconds / 2
+
+        def tick() -> None:
+            if self.closed.done():
+                return
+            if loop.time() - self._last_sent >= half:
+                self._write(PINGREQ)
+            self._ping = loop.call_later(half, tick)
+
+        self._ping = loop.call_later(half, tick)
+
+    def _write(self, data: bytes) -> None:
+        self._last_sent = asyncio.get_running_loop().time()
+        self._writer.write(data)
 
     async def _read_packet(self) -> Packet:
         while (packet := self._decoder.next_packet()) is None:
@@ -201,9 +227,11 @@ class SimClient:
 
     def _send(self, packet: PubAck | PubRec | PubRel | PubComp) -> None:
         if not self.closed.done():
-            self._writer.write(encode(packet, self.protocol))
+            self._write(encode(packet, self.protocol))
 
     def _finish(self, reason: str) -> None:
+        if self._ping is not None:
+            self._ping.cancel()
         if not self.closed.done():
             self.closed.set_result(reason)
         for future in self._pending.values():
@@ -217,7 +245,7 @@ class SimClient:
             raise SessionClosed(self.closed.result())
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._pending[packet_id] = future
-        self._writer.write(encode(packet, self.protocol))
+        self._write(encode(packet, self.protocol))
         return await future
 
     async def subscribe(self, topic_filter: str, qos: QoS = QoS.AT_LEAST_ONCE) -> ReasonCode:
@@ -236,7 +264,7 @@ class SimClient:
         if qos == QoS.AT_MOST_ONCE:
             if self.closed.done():
                 raise SessionClosed(self.closed.result())
-            self._writer.write(encode(Publish(topic=topic, payload=payload), self.protocol))
+            self._write(encode(Publish(topic=topic, payload=payload), self.protocol))
             return ReasonCode.SUCCESS
         packet_id = next(self._ids)
         packet = Publish(topic=topic, payload=payload, qos=qos, packet_id=packet_id)

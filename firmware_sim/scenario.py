@@ -80,6 +80,7 @@ class Group:
     qos: int = 1
     mqtt: int = 5  # 5 or 3 (3.1.1)
     persistent: bool = True  # clean_start false with a session expiry: queued QoS 1/2 survives
+    reconnect_max_s: float = 30.0  # the cap of the devices' jittered exponential backoff
     # The group's ACL template (in-process only); empty: the registry's built-in default
     acl_publish: tuple[str, ...] = ()
     acl_subscribe: tuple[str, ...] = ()
@@ -297,6 +298,7 @@ def check_scenario(scenario: Scenario) -> None:
         _require(group.qos in (0, 1, 2), f"{where}: qos must be 0, 1 or 2")
         _require(group.mqtt in (3, 5), f"{where}: mqtt must be 5 or 3 (3.1.1)")
         _require(group.rate >= 0, f"{where}: rate must not be negative")
+        _require(group.reconnect_max_s >= 0.5, f"{where}: reconnect_max_s must be >= 0.5")
         _require(0 <= group.payload_bytes <= 1 << 20, f"{where}: payload_bytes 0 .. 1 MiB")
         _require(
             group.key_store == KeyStore.FILE or group.devices <= MAX_HARDWARE_DEVICES,

@@ -18,8 +18,8 @@ def test_the_fleet_recovers_from_a_broker_kill_a_partition_and_resets_and_renews
             "name": "faults",
             "drain_s": 4,
             "groups": [
-                {"name": "meters", "devices": 6, "rate": 2.0},
-                {"name": "sensors", "devices": 6, "rate": 2.0},
+                {"name": "meters", "devices": 6, "rate": 2.0, "reconnect_max_s": 2},
+                {"name": "sensors", "devices": 6, "rate": 2.0, "reconnect_max_s": 2},
             ],
             "stages": [
                 {"name": "ramp", "duration_s": 2, "connect_rate": 40},
@@ -47,7 +47,7 @@ def test_the_fleet_recovers_from_a_broker_kill_a_partition_and_resets_and_renews
     marks = {m.label: m for m in result.faults}
     assert set(marks) == {"renewal wave meters", "broker-kill", "partition", "reset"}
     assert marks["broker-kill"].recovery_s is not None  # back to 12 connected and full rate
-    # down 1 s plus the broker's start-up (~2 s), then the devices' backoff (at most 4 s)
+    # down 1 s plus the broker's start-up (~2 s), then the devices' backoff (at most 2 s)
     assert marks["broker-kill"].recovery_s < 9
     assert marks["reset"].recovery_s is not None
     assert result.obs.total("acknowledged") > 200
