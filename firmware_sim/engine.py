@@ -166,7 +166,9 @@ class Coordinator:
             self._stop.set()
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(outcome, Exception):  # a fault or misbehaviour that failed
+                    self.notes.append(f"{type(outcome).__name__}: {outcome}")
         finally:
             for proxy in self.proxies:
                 await proxy.stop()
