@@ -62,6 +62,7 @@ from firmware_sim.scenario import (
 from fleetgate.ids import device_uri
 
 TELEMETRY = "devices/+/telemetry"
+SLOW_GROUP = "sim-slow-subscribers"
 FLOOD_S = 3.0
 OVERSIZE = 2 * 1024 * 1024  # above any sensible broker.max_packet_size (default 256 KiB)
 
@@ -261,7 +262,9 @@ class Coordinator:
             if m.kind == Misbehaviour.SLOW_SUBSCRIBER
             for n in range(m.count)
         ]
-        await asyncio.to_thread(deployment.assign, BACKEND_GROUP, [backend, *slow], BACKEND_ACL)
+        await asyncio.to_thread(deployment.assign, BACKEND_GROUP, [backend], BACKEND_ACL)
+        if slow:  # a group of their own, so a scenario can give them their own [broker] limits
+            await asyncio.to_thread(deployment.assign, SLOW_GROUP, slow, BACKEND_ACL)
         await deployment.start()
         enroller = Enroller(target)
         for device_id in [backend, *slow, *self._misbehaving_ids(prefix)]:

@@ -58,7 +58,11 @@ def test_a_tiny_broker_queue_loses_acknowledged_messages_and_the_run_says_so():
             # one queued: the broker drops the rest (and acknowledged them to the devices)
             "misbehaviour": [{"kind": "slow-subscriber", "at_s": 0.5, "ack_delay_s": 0.1}],
             "broker": {
-                "limits": {"groups": {"sim-backend": {"max_queued_messages": 1, "max_inflight": 1}}}
+                "limits": {
+                    "groups": {
+                        "sim-slow-subscribers": {"max_queued_messages": 1, "max_inflight": 1}
+                    }
+                }
             },
         }
     )
