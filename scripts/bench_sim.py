@@ -240,7 +240,11 @@ async def main(args: argparse.Namespace) -> int:
         f"p50/p99 {pct(obs.connect_ms, 0.5)}/{pct(obs.connect_ms, 0.99)} ms)"
     )
     print("  " + bound(*sampler.phase(0, online if online is not None else steady_from)))
-    print(f"steady: {acked} acknowledged, {lost} lost, delivered ratio {ratio:.6f}")
+    asked = args.devices * args.steady
+    print(
+        f"steady: {acked} acknowledged ({acked / args.steady:.0f} msg/s of the "
+        f"{asked / args.steady:.0f} asked), {lost} lost, delivered ratio {ratio:.6f}"
+    )
     print("  " + bound(*sampler.phase(steady_from + 2, outage_from)))
     recovered = "not recovered" if recovery is None else f"{recovery:.1f} s"
     print(
