@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from broker.mqtt import Publish, QoS, ReasonCode
-from device_sdk.est import EstClient, client_context, device_csr
+from device_sdk.est import EstClient, EstError, client_context, device_csr
 from firmware_sim.deployment import Target
 from firmware_sim.mqtt_client import MQTT5, MQTT311, Refused, SessionClosed, SimClient
 from firmware_sim.observations import (
@@ -318,6 +318,10 @@ class Shard:
                 device.bounce = False
                 await asyncio.sleep(self.rng.uniform(0.5, 2.0))
 
+    def _revoked_by_now(self, device: Device) -> bool:
+        at = self.revocations.get(device.device_id)
+        return at is not None and self.clock.now() >= at
+
     async def _backoff(self, device: Device, attempt: int) -> None:
         """Exponential with full jitter, capped by the group's ``reconnect_max_s``: thousands
         of devices that lost the broker at once must not all come back in the same second."""
@@ -328,7 +332,18 @@ class Shard:
         started = time.perf_counter()
         try:
             device.credentials = await asyncio.to_thread(self.enroller.enroll, device.device_id)
-        except Exception as exc:  # EstError, OSError, http.client errors: the run goes on
+        except EstError as exc:
+            if exc.status == 409 and self._revoked_by_now(device):
+                # revoked before it ever enrolled: refused for good, as it must be
+                answer = "EST 409 (revoked)"
+                self.obs.refused(answer, self.clock.now())
+                self.obs.answered(device.device_id, "enroll", answer, (answer,))
+                device.revoked = True
+                device.wanted = False
+            else:
+                self.obs.errors[f"enroll: {exc}"[:160]] += 1
+            return False
+        except Exception as exc:  # OSError, http.client errors: the run goes on
             self.obs.errors[f"enroll: {type(exc).__name__}: {exc}"[:160]] += 1
             return False
         self.obs.enroll_ms.append((time.perf_counter() - started) * 1000)
@@ -385,9 +400,7 @@ class Shard:
         now = self.clock.now()
         if answer:
             self.obs.refused(answer, now)
-            revoked = (
-                device.device_id in self.revocations and now >= self.revocations[device.device_id]
-            )
+            revoked = self._revoked_by_now(device)
             expected = (REVOKED_CONNECT,) if revoked else ()
             self.obs.answered(device.device_id, "connect", answer, expected)
             if revoked:
@@ -472,10 +485,12 @@ class Shard:
 
 
 def run_shard_process(
-    scenario: Scenario, target: Target, clock: Clock, index: int, shards: int, pipe: Connection
+    scenario: Scenario, target: Target, index: int, shards: int, pipe: Connection
 ) -> None:
-    """A worker process: one shard on its own event loop; status each second, then the
-    observations, through ``pipe``."""
+    """A worker process: says it is ready, receives the run's clock, runs one shard on its own
+    event loop; status each second, then the observations, through ``pipe``."""
+    pipe.send(("ready", index, None))
+    clock = pipe.recv()
 
     def status(shard: Shard) -> None:
         pipe.send(("status", index, (shard.connected, shard.obs.refusal_total)))

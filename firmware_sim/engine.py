@@ -17,6 +17,8 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from cryptography import x509
@@ -45,6 +47,7 @@ from firmware_sim.fleet import BACKEND_ACL, BACKEND_GROUP
 from firmware_sim.impairment import Impairment, ImpairmentProxy
 from firmware_sim.mqtt_client import Refused, SessionClosed, SimClient
 from firmware_sim.observations import (
+    SENT,
     FaultMark,
     Observations,
     Violation,
@@ -155,6 +158,7 @@ class Coordinator:
             direct = target
             if self.scenario.needs_proxy():
                 target = await self._proxied(target)
+            spawned = await self._spawn(target)
             self.clock = Clock(time.monotonic() + 0.2, time.time() + 0.2)
             tasks = [
                 asyncio.create_task(self._subscriber(direct, *backend, ack_delay_s=0.0)),
@@ -162,7 +166,7 @@ class Coordinator:
                 asyncio.create_task(self._ticker()),
                 *(asyncio.create_task(self._misbehave(direct, m)) for m in self._misbehaviour()),
             ]
-            shard_obs = await self._shards(target)
+            shard_obs = await self._shards(target, spawned)
             await self._drain(shard_obs)
             self._stop.set()
             for task in tasks:
@@ -180,6 +184,7 @@ class Coordinator:
             obs.merge(other)
         checked = tuple(self.subscribers)
         violations = check_invariants(obs, checked_subscribers=checked)
+        self.notes += pace_notes(self.scenario, obs)
         marks = [self._recovered(m) for m in self.marks]
         mode = (
             f"against {self.remote.est_url}"
@@ -306,8 +311,34 @@ class Coordinator:
 
     # -- shards ----------------------------------------------------------------------------------
 
-    async def _shards(self, target: Target) -> list[Observations]:
+    async def _spawn(self, target: Target) -> list[tuple[BaseProcess, Connection]]:
+        """With ``--procs N``, N shard processes, each waiting (imported, ready) for the run's
+        clock: the clock starts only when all are ready, so a slow start costs no stage time."""
         if self.procs == 1:
+            return []
+        context = multiprocessing.get_context("spawn")
+        spawned: list[tuple[BaseProcess, Connection]] = []
+        for index in range(self.procs):
+            mine, theirs = context.Pipe()
+            process = context.Process(
+                target=run_shard_process,
+                args=(self.scenario, target, index, self.procs, theirs),
+                daemon=True,
+            )
+            process.start()
+            theirs.close()
+            spawned.append((process, mine))
+        for _, pipe in spawned:
+            try:
+                await asyncio.to_thread(pipe.recv)  # ("ready", index, None)
+            except EOFError as exc:
+                raise RuntimeError("a shard process died while starting") from exc
+        return spawned
+
+    async def _shards(
+        self, target: Target, spawned: list[tuple[BaseProcess, Connection]]
+    ) -> list[Observations]:
+        if not spawned:
 
             def status(shard: Shard) -> None:
                 self.shard_connected[0] = shard.connected
@@ -315,25 +346,16 @@ class Coordinator:
 
             shard = Shard(self.scenario, target, self.clock, status=status)
             return [await shard.run()]
-        context = multiprocessing.get_context("spawn")
-        pipes, processes = [], []
-        for index in range(self.procs):
-            mine, theirs = context.Pipe(duplex=False)
-            process = context.Process(
-                target=run_shard_process,
-                args=(self.scenario, target, self.clock, index, self.procs, theirs),
-                daemon=True,
-            )
-            process.start()
-            theirs.close()
-            pipes.append(mine)
-            processes.append(process)
-        results = await asyncio.gather(*(asyncio.to_thread(self._listen, p) for p in pipes))
-        for process in processes:
+        for _, pipe in spawned:
+            pipe.send(self.clock)
+        results = await asyncio.gather(
+            *(asyncio.to_thread(self._listen, pipe) for _, pipe in spawned)
+        )
+        for process, _ in spawned:
             process.join(10)
         return [r for r in results if r is not None]
 
-    def _listen(self, pipe: multiprocessing.connection.Connection) -> Observations | None:
+    def _listen(self, pipe: Connection) -> Observations | None:
         while True:
             try:
                 kind, index, value = pipe.recv()
@@ -622,6 +644,28 @@ class Coordinator:
                     stage=self.scenario.stage_at(now).name,
                 )
             )
+
+
+def pace_notes(scenario: Scenario, obs: Observations) -> list[str]:
+    """Stages in which the devices published less than 90 % of what the connected devices
+    were asked to: the run's figures then describe a lighter load than the scenario's."""
+    notes = []
+    start = 0.0
+    for stage in scenario.stages:
+        end = start + stage.duration_s
+        rate = sum(g.devices * stage.rate_for(g) for g in scenario.groups) / scenario.devices
+        seconds = range(int(start) + 1, int(end))
+        asked = sum(obs.connected[s] for s in seconds) * rate
+        sent = sum(obs.counts[SENT][s] for s in seconds)
+        if asked >= 10 and sent < 0.9 * asked:
+            notes.append(
+                f"stage {stage.name}: the devices published {sent / asked:.0%} of the asked "
+                f"rate ({sent / len(seconds):.0f} of {asked / len(seconds):.0f} msg/s): "
+                "acknowledgements held back by a fault, or a simulator short of CPU "
+                "(try --procs, or a less loaded machine)"
+            )
+        start = end
+    return notes
 
 
 def _disconnect_name(reason: str) -> str:

@@ -256,3 +256,21 @@ def test_recovery_is_when_connected_and_rate_are_back():
     obs.connected[15] = 90  # still short of 95 % at 15 s
     assert recovery_time(obs, 10.0, 11.0) == 6.0
     assert recovery_time(obs, 10.0, 11.0, keep=0.9) == 4.0
+
+
+def test_a_stage_the_simulator_could_not_keep_pace_with_is_noted():
+    from firmware_sim.engine import pace_notes
+
+    scenario = parse_scenario(MINIMAL)  # 10 devices at 1 msg/s for 10 s
+    obs = Observations()
+    for second in range(10):
+        obs.connected[second] = 10
+        obs.counts["sent"][second] = 10
+    assert pace_notes(scenario, obs) == []
+    for second in range(10):
+        obs.counts["sent"][second] = 5
+    assert pace_notes(scenario, obs) == [
+        "stage steady: the devices published 50% of the asked rate (5 of 10 msg/s): "
+        "acknowledgements held back by a fault, or a simulator short of CPU "
+        "(try --procs, or a less loaded machine)"
+    ]
