@@ -48,6 +48,7 @@ from broker.fabric.durable import (
     STREAM_PREFIX,
     DurableLedger,
 )
+from broker.fabric.sessions import SENDER_HEADER, SessionStore
 from broker.fabric.subjects import (
     Unmappable,
     filter_to_subjects,
@@ -198,6 +199,7 @@ class FabricNode:
         self._nc: NatsClient | None = None
         self._outbox: deque[tuple[str, bytes, dict[str, str] | None]] = deque()
         self.ledger = DurableLedger(self.name, secrets.token_hex(6))
+        self.sessions: SessionStore | None = None
         self._stored_outbox: deque[int] = deque()  # ledger numbers to send to the stream
         self._outbox_ready = asyncio.Event()
         self._interest: deque[tuple[str, bool]] = deque()
@@ -257,6 +259,16 @@ class FabricNode:
         core = self._core
         if core.subscriptions.match("#") or core.sessions:
             raise RuntimeError("the fabric must be started before any client connects")
+        self.sessions = SessionStore(
+            self.name,
+            core,
+            self._nc,
+            replicas=settings.replicas,
+            clock=self._clock,
+            wake=self._wake,
+        )
+        await self.sessions.start(settings.connect_timeout_s)
+        core.session_hooks = self.sessions
         core.gate = self
         core.filter_refusal = refusal
         self._tree = core.subscriptions = InterestTree(self._interest_gained, self._interest_lost)
@@ -270,8 +282,18 @@ class FabricNode:
             extra={"node": self.name, "server": self._nc.connected_url.netloc},  # type: ignore[union-attr]
         )
 
+    async def claim_session(
+        self, device_id: str, client_id: str, clean_start: bool, expiry: int
+    ) -> None:
+        """Before the CONNACK: make this node the holder of the client's session
+        (:meth:`SessionStore.claim`)."""
+        assert self.sessions is not None
+        await self.sessions.claim(client_id, device_id, clean_start, expiry)
+
     async def stop(self) -> None:
         self._stopping = True
+        if self.sessions is not None:
+            await self.sessions.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -374,7 +396,9 @@ class FabricNode:
         self._outbox_ready.set()
         if message.qos == QoS.AT_MOST_ONCE:
             return GateVerdict.ROUTE
-        number = self.ledger.add(subject, message.payload, headers, on_stored, now)
+        stored_headers = dict(headers or {})
+        stored_headers[SENDER_HEADER] = message.sender  # for no-local, on the stored copy only
+        number = self.ledger.add(subject, message.payload, stored_headers, on_stored, now)
         self._stored_outbox.append(number)
         return GateVerdict.HOLD
 
