@@ -23,7 +23,7 @@ import nats
 import pytest
 from broker_helpers import V5, V311, Creds, Paho, free_port, wait_for
 from conftest import PASSPHRASE, Fleet
-from nats_cluster import NatsCluster
+from nats_cluster import NatsCluster, healthy_cluster
 from test_broker_delivery import pair  # noqa: F401 (pair: sensor-1, ops-1)
 from test_fabric_node import FabricBroker
 
@@ -37,7 +37,7 @@ TOPIC = "devices/sensor-1/telemetry/s"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    with NatsCluster(tmp_path_factory.mktemp("nats")) as running:
+    with healthy_cluster(tmp_path_factory.mktemp("nats")) as running:
         yield running
 
 

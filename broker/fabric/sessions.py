@@ -253,6 +253,13 @@ class SessionStore:
             self.spawn(job)
 
     async def stop(self) -> None:
+        """Write what the sessions' last moments changed (the core closed every connection
+        first), then stop."""
+        feeds = [s.fabric for s in self._core.sessions.values() if s.fabric is not None]
+        await asyncio.gather(
+            *(feed.flush() for feed in feeds if isinstance(feed, SessionFeed)),
+            return_exceptions=True,
+        )
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
