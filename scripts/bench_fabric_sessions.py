@@ -35,20 +35,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from nats_cluster import NatsCluster, healthy_cluster  # noqa: E402
-
 from benchlib import free_port  # noqa: E402
+from nats_cluster import NatsCluster, healthy_cluster  # noqa: E402
 
 PASSPHRASE = "bench-fabric-sessions-passphrase"
 IDENTITY = "bench"
 TOPIC = "devices/bench/commands/{}"
+T = TypeVar("T")
 
 
 # -- a minimal MQTT 3.1.1 client -------------------------------------------------------------------
@@ -83,6 +84,7 @@ class Client:
     connack: asyncio.Future[bool] | None = None
     suback: asyncio.Event = field(default_factory=asyncio.Event)
     puback: asyncio.Event = field(default_factory=asyncio.Event)
+    acked: int = 0
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
@@ -111,6 +113,20 @@ class Client:
         self.puback.clear()
         self.writer.write(_packet(0x32, _string(topic) + struct.pack("!H", packet_id) + payload))
         await asyncio.wait_for(self.puback.wait(), 30)
+
+    async def publish_many(self, topic: str, count: int, window: int = 32) -> None:
+        """``count`` QoS 1 messages with up to ``window`` unacknowledged."""
+        assert self.writer is not None
+        start = self.acked
+        for n in range(count):
+            while n - (self.acked - start) >= window:
+                self.puback.clear()
+                await asyncio.wait_for(self.puback.wait(), 30)
+            head = _string(topic) + struct.pack("!H", n % 60000 + 1)
+            self.writer.write(_packet(0x32, head + f"{n:08d}".encode()))
+        while self.acked - start < count:
+            self.puback.clear()
+            await asyncio.wait_for(self.puback.wait(), 30)
 
     async def disconnect(self) -> None:
         if self.writer is not None:
@@ -148,6 +164,7 @@ class Client:
                 elif kind == 9:
                     self.suback.set()
                 elif kind == 4:
+                    self.acked += 1
                     self.puback.set()
                 elif kind == 3:
                     size = struct.unpack("!H", body[:2])[0]
@@ -168,10 +185,11 @@ class Client:
             self.closed.set()
 
 
-async def bounded(jobs: list, limit: int) -> list:  # type: ignore[type-arg]
+async def bounded(jobs: list[Coroutine[Any, Any, T]], limit: int) -> list[T]:
+    """Run ``jobs`` with at most ``limit`` at a time."""
     gate = asyncio.Semaphore(limit)
 
-    async def run(job):  # type: ignore[no-untyped-def]
+    async def run(job: Coroutine[Any, Any, T]) -> T:
         async with gate:
             return await job
 
@@ -418,17 +436,62 @@ async def _session_kib(cluster: NatsCluster, node: Node, sessions: int) -> dict[
     }
 
 
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_delivery_cpu(messages: int = 5000) -> dict[str, float]:
+    """The subscriber node's CPU per QoS 1 message from another node, for a persistent session
+    (from the stream, through its consumer) and a clean one (the live core-NATS copy)."""
+    with fabric(2) as (_, (publisher_node, subscriber_node), _):
+        return asyncio.run(_delivery_cpu(publisher_node, subscriber_node, messages))
+
+
+async def _delivery_cpu(pub_node: Node, sub_node: Node, messages: int) -> dict[str, float]:
+    result = {}
+    for kind, clean in (("persistent", False), ("clean", True), ("persistent2", False)):
+        subscriber = Client(f"cpu-{kind}")
+        await subscriber.connect(sub_node.port, clean=clean)
+        topic = TOPIC.format(f"cpu-{kind}")
+        await subscriber.subscribe(topic)
+        publisher = Client(f"cpu-pub-{kind}")
+        await publisher.connect(pub_node.port, clean=True)
+        await asyncio.sleep(1.5)  # the node's NATS interest reaches the other servers
+        await publisher.publish_many(topic, 50)  # warm-up
+        while len(subscriber.payloads) < 50:
+            subscriber.changed.clear()
+            await asyncio.wait_for(subscriber.changed.wait(), 10)
+        subscriber.payloads.clear()
+        before = _cpu_s(sub_node.process.pid)
+        started = time.monotonic()
+        await publisher.publish_many(topic, messages)
+        while len(subscriber.payloads) < messages:
+            subscriber.changed.clear()
+            await asyncio.wait_for(subscriber.changed.wait(), 30)
+        elapsed = time.monotonic() - started
+        used = _cpu_s(sub_node.process.pid) - before
+        result[f"{kind}_us_per_msg"] = used / messages * 1e6
+        result[f"{kind}_msgs_per_s"] = messages / elapsed
+        await publisher.disconnect()
+        await subscriber.disconnect()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=1000)
     parser.add_argument("--queued", type=int, default=2)
     parser.add_argument("--takeovers", type=int, default=50)
+    parser.add_argument("--messages", type=int, default=5000)
     args = parser.parse_args()
     print(f"load before: {os.getloadavg()}", flush=True)
     failover = measure_failover(args.sessions, args.queued)
     print("failover:", " ".join(f"{k}={v:g}" for k, v in failover.items()), flush=True)
     takeover = measure_takeover(args.takeovers)
     print("takeover:", " ".join(f"{k}={v:.2f}" for k, v in takeover.items()), flush=True)
+    cpu = measure_delivery_cpu(args.messages)
+    print("delivery cpu:", " ".join(f"{k}={v:.1f}" for k, v in cpu.items()), flush=True)
     memory = measure_session_kib(args.sessions)
     print("memory:", " ".join(f"{k}={v:.2f}" for k, v in memory.items()), flush=True)
     print(f"load after: {os.getloadavg()}", flush=True)

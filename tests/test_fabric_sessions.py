@@ -27,7 +27,7 @@ from nats_cluster import NatsCluster, healthy_cluster
 from test_broker_delivery import pair  # noqa: F401 (pair: sensor-1, ops-1)
 from test_fabric_node import FabricBroker
 
-from broker.fabric.records import FilterState, SessionRecord, record_key
+from broker.fabric.records import FilterState, SessionRecord, client_id_of, record_key
 from broker.fabric.sessions import BUCKET, SINCE_MARGIN_S
 from broker.session import NEVER_EXPIRES
 
@@ -142,6 +142,8 @@ def test_record_keys_take_any_client_id() -> None:
     assert record_key("a.b_c") == "c.a.b_c"
     assert record_key("with space") == "h." + b"with space".hex()
     assert record_key("a..b") != record_key("a.b")
+    for client_id in ("sensor-1", "a.b_c", "with space", "a..b", "ü"):
+        assert client_id_of(record_key(client_id)) == client_id
 
 
 # -- across live nodes ---------------------------------------------------------------------------
@@ -277,6 +279,23 @@ def test_a_session_expires_and_its_record_is_removed(
     again.close()
 
 
+def test_takeover_of_a_clean_session_across_nodes(
+    nodes: tuple[FabricBroker, FabricBroker], pair: tuple[Creds, Creds]
+) -> None:
+    """A session without a record (clean, no expiry) is taken over too: the new node
+    announces the client id, the old one closes with 0x8E."""
+    a, b = nodes
+    _, ops_creds = pair
+    first = Paho(a, ops_creds, version=V5)
+    assert first.connect()[0] == 0
+    second = Paho(b, ops_creds, version=V5)
+    code, present, _ = second.connect()
+    assert (code, present) == (0, False)
+    assert first.disconnect_code()[0] == 0x8E
+    first.client.loop_stop()
+    second.close()
+
+
 # -- a node killed with SIGKILL ------------------------------------------------------------------
 
 
@@ -351,6 +370,38 @@ def test_a_persistent_session_survives_sigkill_of_its_node(
         assert [m.payload for m in got] == payloads
         assert all(m.dup for m in got[:10])  # were in flight: again with DUP
         again.close()
+    finally:
+        if victim.process.poll() is None:
+            victim.kill()
+        b.stop()
+
+
+def test_the_session_of_a_killed_node_expires_and_a_sweep_removes_its_record(
+    fleet: Fleet, pair: tuple[Creds, Creds], cluster: NatsCluster
+) -> None:
+    """Its record still says "connected on node-k": a sweep finds node-k gone (no responder),
+    starts the expiry clock, and a later sweep deletes the expired record."""
+    _, ops_creds = pair
+    b = FabricBroker(fleet, [cluster.nodes[1].url], "node-b").start()
+    asyncio.run(_forget_sessions(cluster.nodes[0].url))
+    victim = ProcessNode(fleet, [cluster.nodes[0].url], "node-k")
+    try:
+        victim.wait_listening()
+        ops = Paho(victim, ops_creds, version=V5, clean=False, session_expiry=1)
+        assert ops.connect()[0] == 0
+        assert ops.subscribe("devices/+/telemetry/#", qos=1) == [1]
+        victim.kill()
+        ops.client.loop_stop()
+        sweep = b.broker.fabric.sessions.sweep
+        record = record_of(cluster, "ops-1")
+        assert record is not None and record.node == "node-k" and record.away_since is None
+        b.call(lambda: None)
+        asyncio.run_coroutine_threadsafe(sweep(), b._loop).result(10)
+        record = record_of(cluster, "ops-1")
+        assert record is not None and record.away_since is not None  # now counting
+        time.sleep(1.1)
+        assert asyncio.run_coroutine_threadsafe(sweep(), b._loop).result(10) == 1
+        assert record_of(cluster, "ops-1") is None
     finally:
         if victim.process.poll() is None:
             victim.kill()

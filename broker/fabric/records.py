@@ -33,6 +33,12 @@ def record_key(client_id: str) -> str:
     return "h." + client_id.encode().hex()
 
 
+def client_id_of(key: str) -> str:
+    """The client id a record key stands for (:func:`record_key` reversed)."""
+    kind, _, rest = key.partition(".")
+    return rest if kind == "c" else bytes.fromhex(rest).decode(errors="replace")
+
+
 @dataclass(slots=True)
 class FilterState:
     """One subscription of a persistent session."""

@@ -48,7 +48,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from broker.fabric.durable import STREAM, STREAM_PREFIX
-from broker.fabric.records import RELEASED, FilterState, SessionRecord, record_key
+from broker.fabric.records import (
+    RELEASED,
+    FilterState,
+    SessionRecord,
+    client_id_of,
+    record_key,
+)
 from broker.fabric.subjects import filter_to_subjects
 from broker.mqtt import NO_PROPERTIES, Publish, PubRel, QoS
 from broker.routing import SubscriptionOptions
@@ -67,6 +73,8 @@ log = logging.getLogger("fleetgate.fabric")
 
 BUCKET = "FG_SESSIONS"
 RELEASE_PREFIX = "$FG.ctl.release."
+TAKEOVER_SUBJECT = "$FG.ctl.takeover"
+HOLDS_PREFIX = "$FG.ctl.holds."
 SENDER_HEADER = "Fg-Client"  # the publishing client id, on the stored copy only (no local)
 SINCE_MARGIN_S = 1.0
 """A new filter also takes stream messages stored this long before it was made: clocks of
@@ -249,6 +257,8 @@ class SessionStore:
                     raise
                 await asyncio.sleep(0.2)
         await self._nc.subscribe(RELEASE_PREFIX + self.node, cb=self._on_release)
+        await self._nc.subscribe(TAKEOVER_SUBJECT, cb=self._on_takeover)
+        await self._nc.subscribe(HOLDS_PREFIX + self.node, cb=self._on_holds)
         for job in (self._checkpoints(), self._sweeps(), self._watchdog()):
             self.spawn(job)
 
@@ -300,6 +310,8 @@ class SessionStore:
                 if record is None and expiry == 0:  # a clean session: no record
                     if revision is not None:
                         await self.kv.delete(key, last=revision)
+                    if not asked:
+                        await self._announce(client_id)
                     self._claims[client_id] = None
                     return
                 if record is None:
@@ -313,6 +325,8 @@ class SessionStore:
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue  # another node wrote it meanwhile
             self.claimed += 1
+            if not asked:
+                await self._announce(client_id)
             self._claims[client_id] = (record, revision)
             if resumed:
                 self.resumed += 1
@@ -348,6 +362,48 @@ class SessionStore:
             )
         except Exception as exc:  # no responders: that node is gone; its checkpoint stands
             log.info("fabric: node %s did not release %r: %s", node, client_id, exc)
+
+    async def _announce(self, client_id: str) -> None:
+        """Tell every node this client id connected here: one holding it live in a session
+        without a record (clean) closes that connection with 0x8E. At most once, like all of
+        core NATS: such a session has nothing to lose."""
+        with contextlib.suppress(Exception):
+            await self._nc.publish(TAKEOVER_SUBJECT, f"{self.node}\n{client_id}".encode())
+
+    async def _on_takeover(self, msg: Msg) -> None:
+        node, _, client_id = msg.data.decode(errors="replace").partition("\n")
+        session = self._core.sessions.get(client_id)
+        if node == self.node or session is None or session.connection is None:
+            return
+        if session.fabric is None:  # a clean session (a persistent one was asked to release)
+            self.taken_over += 1
+            session.connection.take_over(self._clock())
+            self._wake()
+
+    def holds(self, client_id: str) -> bool:
+        """Whether this node holds the session live (or is claiming it)."""
+        session = self._core.sessions.get(client_id)
+        live = session is not None and session.connection is not None
+        return live or client_id in self._claims
+
+    async def _holds(self, node: str, client_id: str) -> bool:
+        import nats.errors
+
+        if node == self.node:
+            return self.holds(client_id)
+        try:
+            answer = await self._nc.request(
+                HOLDS_PREFIX + node, client_id.encode(), timeout=RELEASE_TIMEOUT_S
+            )
+        except nats.errors.NoRespondersError:  # the node is gone
+            return False
+        except Exception:  # slow or unreachable: assume it is alive, ask at the next sweep
+            return True
+        return answer.data == b"yes"
+
+    async def _on_holds(self, msg: Msg) -> None:
+        with contextlib.suppress(Exception):
+            await msg.respond(b"yes" if self.holds(msg.data.decode(errors="replace")) else b"no")
 
     async def _on_release(self, msg: Msg) -> None:
         """Another node takes over a session this node holds."""
@@ -668,7 +724,17 @@ class SessionStore:
             except nats.js.errors.KeyNotFoundError:
                 continue
             record = SessionRecord.decode(entry.value or b"")
-            if record is None or not record.expired(wall):
+            if record is None:
+                continue
+            if record.away_since is None:  # connected, if its node still holds it
+                client_id = client_id_of(key)
+                if await self._holds(record.node, client_id):
+                    continue
+                record.away_since = wall  # its node died: the expiry counts from now
+                with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                    await self.kv.update(key, record.encode(), last=entry.revision)
+                continue
+            if not record.expired(wall):
                 continue
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
                 await self.kv.delete(key, last=entry.revision)
