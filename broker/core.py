@@ -118,6 +118,7 @@ class BrokerCore:
         # Fabric mode (broker.fabric): why a topic filter cannot be subscribed to, or None.
         self.filter_refusal: Callable[[str], str | None] | None = None
         self.session_hooks: SessionHooks | None = None
+        self.assigned_prefix = "auto-"  # fabric mode: unique across nodes (it names the node)
         self._assigned_ids = itertools.count(1)
 
     # -- sessions ------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ class BrokerCore:
     def assign_client_id(self) -> str:
         """An id for a plaintext client that sent none (MQTT 5 Assigned Client Identifier)."""
         while True:
-            client_id = f"auto-{next(self._assigned_ids)}"
+            client_id = f"{self.assigned_prefix}{next(self._assigned_ids)}"
             if client_id not in self.sessions:
                 return client_id
 

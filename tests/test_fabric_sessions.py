@@ -173,6 +173,8 @@ def test_a_session_made_on_one_node_resumes_on_another_with_its_queue(
     again.no_message()
     record = record_of(cluster, "ops-1")
     assert record is not None and record.node == "node-b" and record.away_since is None
+    assert b.metric("fabric_sessions_resumed_total", 'node="node-b"') == 1
+    assert b.metric("fabric_sessions_fed", 'node="node-b"') == 1
     again.close()
 
 

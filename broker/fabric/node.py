@@ -269,6 +269,7 @@ class FabricNode:
         )
         await self.sessions.start(settings.connect_timeout_s)
         core.session_hooks = self.sessions
+        core.assigned_prefix = f"auto-{self.name}-"
         core.gate = self
         core.filter_refusal = refusal
         self._tree = core.subscriptions = InterestTree(self._interest_gained, self._interest_lost)
@@ -344,6 +345,8 @@ class FabricNode:
                 len(self.ledger.pending),
             ),
         ]
+        if self.sessions is not None:
+            families.extend(self.sessions.metric_families())
         lines = [
             line
             for name, kind, text, value in families

@@ -274,6 +274,41 @@ class SessionStore:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def metric_families(self) -> list[tuple[str, str, str, float]]:
+        """(name, type, help, value) of the node's session figures for /metrics."""
+        return [
+            (
+                "fabric_sessions_claimed_total",
+                "counter",
+                "Sessions claimed from FG_SESSIONS.",
+                self.claimed,
+            ),
+            (
+                "fabric_sessions_resumed_total",
+                "counter",
+                "Claims that resumed a stored session.",
+                self.resumed,
+            ),
+            (
+                "fabric_sessions_taken_over_total",
+                "counter",
+                "Sessions another node took from this one.",
+                self.taken_over,
+            ),
+            (
+                "fabric_sessions_swept_total",
+                "counter",
+                "Expired session records this node deleted.",
+                self.swept,
+            ),
+            (
+                "fabric_sessions_fed",
+                "gauge",
+                "Connected persistent sessions fed from FG_MSGS.",
+                len(self._feeds),
+            ),
+        ]
+
     def spawn(self, job: Any) -> None:
         task = asyncio.get_running_loop().create_task(job)
         self._tasks.add(task)
