@@ -6,9 +6,9 @@ test listener, every client the one identity ``bench``) and returns numbers:
 
 * :func:`measure_failover`: ``sessions`` persistent sessions (MQTT 3.1.1, clean session 0, one
   QoS 1 subscription each) connected to node K, ``queued`` QoS 1 messages each sent from node S
-  and left unacknowledged (in flight), one checkpoint interval, then SIGKILL of node K and one
-  more message per session while it is dead. Every client reconnects to node S (64 at a
-  time); the time from the kill until every session has all its messages again is
+  and left unacknowledged (in flight), one checkpoint interval, then SIGKILL of node K. Every
+  client reconnects to node S (64 at a time) while one more message per session is published
+  there; the time from the kill until every session has all its messages again is
   ``failover_s``, the messages never seen again ``failover_lost``.
 * :func:`measure_takeover`: one client id connected on node A, then on node B: time from the
   CONNECT on B to its CONNACK (session present), and until A's connection is closed.
@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from benchlib import free_port  # noqa: E402
+from benchlib import cpu_seconds, free_port, percentile  # noqa: E402
 from nats_cluster import NatsCluster, healthy_cluster  # noqa: E402
 
 PASSPHRASE = "bench-fabric-sessions-passphrase"
@@ -323,7 +323,6 @@ async def _failover(victim: Node, survivor: Node, sessions: int, queued: int) ->
     victim.kill()
     for client in clients:
         client.abandon()
-    await _publish_each(survivor.port, sessions, "dead")
     finished: list[float] = []
     resumed = 0
 
@@ -342,7 +341,11 @@ async def _failover(victim: Node, survivor: Node, sessions: int, queued: int) ->
                 await asyncio.wait_for(client.changed.wait(), 1)
         finished.append(time.monotonic())
 
-    await bounded([resume(c, n) for n, c in enumerate(clients)], 64)
+    # The devices come back while one more message each is published (their node is dead).
+    await asyncio.gather(
+        _publish_each(survivor.port, sessions, "dead"),
+        bounded([resume(c, n) for n, c in enumerate(clients)], 64),
+    )
     lost = 0
     for n, client in enumerate(clients):
         want = {p for p in expected if p.endswith(f"-{n}".encode())} | {f"dead-{n}".encode()}
@@ -382,15 +385,10 @@ async def _takeover(a: Node, b: Node, rounds: int) -> dict[str, float]:
         await new.disconnect()
     return {
         "takeover_p50_ms": statistics.median(connack),
-        "takeover_p99_ms": _p99(connack),
+        "takeover_p99_ms": percentile(connack, 0.99),
         "old_closed_p50_ms": statistics.median(closed),
         "rounds": float(rounds),
     }
-
-
-def _p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
 
 
 def _rss_kib(pid: int) -> int:
@@ -436,11 +434,6 @@ async def _session_kib(cluster: NatsCluster, node: Node, sessions: int) -> dict[
     }
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure_delivery_cpu(messages: int = 5000) -> dict[str, float]:
     """The subscriber node's CPU per QoS 1 message from another node, for a persistent session
     (from the stream, through its consumer) and a clean one (the live core-NATS copy)."""
@@ -463,14 +456,14 @@ async def _delivery_cpu(pub_node: Node, sub_node: Node, messages: int) -> dict[s
             subscriber.changed.clear()
             await asyncio.wait_for(subscriber.changed.wait(), 10)
         subscriber.payloads.clear()
-        before = _cpu_s(sub_node.process.pid)
+        before = cpu_seconds(sub_node.process.pid)
         started = time.monotonic()
         await publisher.publish_many(topic, messages)
         while len(subscriber.payloads) < messages:
             subscriber.changed.clear()
             await asyncio.wait_for(subscriber.changed.wait(), 30)
         elapsed = time.monotonic() - started
-        used = _cpu_s(sub_node.process.pid) - before
+        used = cpu_seconds(sub_node.process.pid) - before
         result[f"{kind}_us_per_msg"] = used / messages * 1e6
         result[f"{kind}_msgs_per_s"] = messages / elapsed
         await publisher.disconnect()

@@ -199,8 +199,9 @@ class SessionFeed:
             try:
                 self.revision = await self.store.kv.update(self.key, data, last=self.revision)
             except nats.js.errors.KeyWrongLastSequenceError:
-                self.lost = True
+                self.lost = True  # claimed elsewhere without asking this node (it was slow)
                 log.warning("fabric: session %r was claimed elsewhere", self.session.client_id)
+                self.store.let_go(self.session)
             except Exception as exc:  # the fabric is down: try again at the next checkpoint
                 self.dirty = True
                 log.debug("fabric: session record write failed: %s", exc)
@@ -336,8 +337,8 @@ class SessionStore:
             live_elsewhere = record is not None and record.away_since is None
             if live_elsewhere and record is not None and record.node != self.node and not asked:
                 asked = True  # live on another node: ask it to let go, then read again
-                await self._ask_release(record.node, client_id)
-                continue
+                if await self._ask_release(record.node, client_id):
+                    continue
             resumed = record is not None and not clean_start and not record.expired(time.time())
             if not resumed:
                 record = None
@@ -375,13 +376,21 @@ class SessionStore:
         session = self._core.sessions.get(client_id)
         if session is None:
             return
-        if session.connection is not None:
-            session.connection.take_over(self._clock())
-            self._wake()
+        self._close_here(session)
         feed = session.fabric
         if isinstance(feed, SessionFeed):
             await feed.flush()
         self._forget(session)
+
+    def let_go(self, session: Session) -> None:
+        """Another node holds the session now: close its connection here (0x8E), forget it."""
+        self._close_here(session)
+        self._forget(session)
+
+    def _close_here(self, session: Session) -> None:
+        if session.connection is not None:
+            session.connection.take_over(self._clock())
+            self._wake()
 
     def _forget(self, session: Session) -> None:
         """Drop a session this node no longer holds, without its will or its record."""
@@ -390,13 +399,17 @@ class SessionStore:
         if session.connection is None and self._core.sessions.get(session.client_id) is session:
             self._core.end_session(session, self._clock())
 
-    async def _ask_release(self, node: str, client_id: str) -> None:
+    async def _ask_release(self, node: str, client_id: str) -> bool:
+        """True if the node answered (the record may have changed: read it again); False if
+        it is gone or silent, and its last checkpoint stands."""
         try:
             await self._nc.request(
                 RELEASE_PREFIX + node, client_id.encode(), timeout=RELEASE_TIMEOUT_S
             )
-        except Exception as exc:  # no responders: that node is gone; its checkpoint stands
+        except Exception as exc:  # no responders: that node is gone
             log.info("fabric: node %s did not release %r: %s", node, client_id, exc)
+            return False
+        return True
 
     async def _announce(self, client_id: str) -> None:
         """Tell every node this client id connected here: one holding it live in a session
@@ -412,8 +425,7 @@ class SessionStore:
             return
         if session.fabric is None:  # a clean session (a persistent one was asked to release)
             self.taken_over += 1
-            session.connection.take_over(self._clock())
-            self._wake()
+            self._close_here(session)
 
     def holds(self, client_id: str) -> bool:
         """Whether this node holds the session live (or is claiming it)."""
