@@ -658,9 +658,10 @@ class SessionStore:
         now = self._clock()
         filter_feed.heard = now
         headers = msg.headers
-        if not msg.reply:  # a heartbeat: the consumer's last sequence must be ours
+        if not msg.reply:  # a status: a heartbeat naming the consumer's last sequence, or 409
             last = headers.get("Nats-Last-Consumer") if headers else None
-            if last is not None and int(last) != filter_feed.expected - 1:
+            gone = headers is not None and headers.get("Status") == "409"  # consumer deleted
+            if gone or (last is not None and int(last) != filter_feed.expected - 1):
                 self.spawn(self.restart(feed, filter_feed))
             return
         seq, cseq, stored_at = _stream_position(msg.reply)
