@@ -298,6 +298,48 @@ def test_takeover_of_a_clean_session_across_nodes(
     second.close()
 
 
+def test_a_consumer_lost_with_its_nats_server_is_started_again(
+    nodes: tuple[FabricBroker, FabricBroker], pair: tuple[Creds, Creds], cluster: NatsCluster
+) -> None:
+    """The session's consumer is R1 on one nats-server: SIGKILL of that server loses it, and
+    the node starts it again after the last sequence it handed on (missing heartbeats): the
+    messages published meanwhile all arrive, once each, in order."""
+    a, b = nodes
+    sensor_creds, ops_creds = pair
+    ops, _ = persistent(b, ops_creds, V5)
+    assert ops.subscribe("devices/+/telemetry/#", qos=1) == [1]
+    publish_all(a, sensor_creds, [b"first"])
+    assert ops.message(15).payload == b"first"
+
+    def consumers() -> list[str]:
+        feeds = b.broker.fabric.sessions._feeds
+        return [f.consumer for feed in feeds for f in feed.filters.values()]
+
+    (consumer,) = b.call(consumers)
+
+    async def host() -> str:
+        nc = await nats.connect(cluster.nodes[0].url)
+        info = await nc.jetstream().consumer_info("FG_MSGS", consumer)
+        await nc.close()
+        return str(info.cluster.leader)  # type: ignore[union-attr]
+
+    (victim,) = [n for n in cluster.nodes if n.name == asyncio.run(host())]
+    cluster.kill(victim)
+    try:
+        sensor = Paho(a, sensor_creds)
+        assert sensor.connect()[0] == 0
+        payloads = [f"x{i}".encode() for i in range(10)]
+        for payload in payloads:  # not waiting: PUBACKs pause while FG_MSGS elects a leader
+            sensor.client.publish(TOPIC, payload, qos=1)
+        got = [ops.message(40).payload for _ in payloads]
+        assert got == payloads
+        ops.no_message()
+        sensor.close()
+        ops.close()
+    finally:
+        cluster.restart(victim)
+
+
 # -- a node killed with SIGKILL ------------------------------------------------------------------
 
 

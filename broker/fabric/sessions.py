@@ -83,6 +83,7 @@ not be missed."""
 HEARTBEAT_S = 5.0
 INACTIVE_S = 30.0
 RELEASE_TIMEOUT_S = 3.0
+RETRY_S = 1.0
 _QOS = (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE, QoS.EXACTLY_ONCE)
 
 
@@ -645,8 +646,13 @@ class SessionStore:
             filter_feed.heard = self._clock()
             filter_feed.sub = sub
             info = await self._js.add_consumer(STREAM, config)
-        except Exception as exc:  # the watchdog tries again
+        except Exception as exc:  # a stream leader election, say: again in a second
             log.warning("fabric: consumer for %r failed: %s", filter_feed.filter, exc)
+            await asyncio.sleep(RETRY_S)
+            current = feed.filters.get(filter_feed.filter) is filter_feed
+            if current and filter_feed.generation == generation:
+                filter_feed.heard = self._clock()
+                self.spawn(self.restart(feed, filter_feed))
             return
         if filter_feed.generation != generation:
             await self._drop_consumer(sub, info.name)
@@ -735,7 +741,7 @@ class SessionStore:
 
     async def _watchdog(self) -> None:
         """Restart consumers that went quiet (their server died, say): no heartbeat within
-        three intervals."""
+        two intervals."""
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             now = self._clock()
@@ -743,7 +749,7 @@ class SessionStore:
                 for topic_filter, filter_feed in feed.filters.items():
                     if topic_filter in feed.paused:
                         continue
-                    if now - filter_feed.heard > 3 * HEARTBEAT_S:
+                    if now - filter_feed.heard > 2 * HEARTBEAT_S:
                         filter_feed.heard = now
                         self.spawn(self.restart(feed, filter_feed))
 
