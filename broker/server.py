@@ -428,6 +428,8 @@ class Broker:
             reason = f"the fabric's session store did not answer: {exc}"
             result = Refused(reason, ReasonCode.SERVER_UNAVAILABLE, "fabric")
         conn.admission_done(result, self.now())
+        if conn.session is None and isinstance(result, Admitted):  # it left while claiming
+            self.fabric.abandon_session(client_id)
         protocol.admission_finished()
         protocol.pace()
         self.wake()

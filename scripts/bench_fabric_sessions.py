@@ -320,6 +320,7 @@ async def _failover(victim: Node, survivor: Node, sessions: int, queued: int) ->
     await asyncio.sleep(2.0)  # a checkpoint of what is in flight
     in_flight = sum(len(c.payloads) for c in clients)
     killed = time.monotonic()
+    cpu_before = cpu_seconds(survivor.process.pid)
     victim.kill()
     for client in clients:
         client.abandon()
@@ -346,6 +347,7 @@ async def _failover(victim: Node, survivor: Node, sessions: int, queued: int) ->
         _publish_each(survivor.port, sessions, "dead"),
         bounded([resume(c, n) for n, c in enumerate(clients)], 64),
     )
+    survivor_cpu = cpu_seconds(survivor.process.pid) - cpu_before
     lost = 0
     for n, client in enumerate(clients):
         want = {p for p in expected if p.endswith(f"-{n}".encode())} | {f"dead-{n}".encode()}
@@ -359,6 +361,7 @@ async def _failover(victim: Node, survivor: Node, sessions: int, queued: int) ->
         "resumed_present": float(resumed),
         "in_flight_at_kill": float(in_flight),
         "redelivered_dup": float(dups),
+        "survivor_cpu_s": survivor_cpu,
     }
 
 

@@ -84,22 +84,16 @@ def receive(client: Paho, count: int) -> list[Any]:
     return [client.message(15) for _ in range(count)]
 
 
-async def _records(url: str) -> dict[str, SessionRecord | None]:
+async def _record(url: str, key: str) -> SessionRecord | None:
     nc = await nats.connect(url)
     kv = await nc.jetstream().key_value(BUCKET)
-    found: dict[str, SessionRecord | None] = {}
     try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        keys = []
-    for key in keys:
-        try:
-            entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            continue
-        found[key] = SessionRecord.decode(entry.value or b"")
-    await nc.close()
-    return found
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    finally:
+        await nc.close()
+    return SessionRecord.decode(entry.value or b"")
 
 
 async def _forget_sessions(url: str) -> None:
@@ -112,7 +106,7 @@ async def _forget_sessions(url: str) -> None:
 
 
 def record_of(cluster: NatsCluster, client_id: str) -> SessionRecord | None:
-    return asyncio.run(_records(cluster.nodes[2].url)).get(record_key(client_id))
+    return asyncio.run(_record(cluster.nodes[2].url, record_key(client_id)))
 
 
 # -- the record, pure ---------------------------------------------------------------------------
@@ -327,7 +321,8 @@ def test_a_consumer_lost_with_its_nats_server_is_started_again(
     cluster.kill(victim)
     try:
         sensor = Paho(a, sensor_creds)
-        assert sensor.connect()[0] == 0
+        sensor.start()  # its CONNACK waits while FG_SESSIONS elects a leader
+        assert sensor.events.connack.get(timeout=30)[0] == 0
         payloads = [f"x{i}".encode() for i in range(10)]
         for payload in payloads:  # not waiting: PUBACKs pause while FG_MSGS elects a leader
             sensor.client.publish(TOPIC, payload, qos=1)

@@ -291,6 +291,11 @@ class FabricNode:
         assert self.sessions is not None
         await self.sessions.claim(client_id, device_id, clean_start, expiry)
 
+    def abandon_session(self, client_id: str) -> None:
+        """The client left before its CONNACK: the claim is not taken up."""
+        assert self.sessions is not None
+        self.sessions.abandon(client_id)
+
     async def stop(self) -> None:
         self._stopping = True
         if self.sessions is not None:

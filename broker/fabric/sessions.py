@@ -84,6 +84,9 @@ HEARTBEAT_S = 5.0
 INACTIVE_S = 30.0
 RELEASE_TIMEOUT_S = 3.0
 RETRY_S = 1.0
+CLAIM_PATIENCE_S = 8.0
+JS_TIMEOUT_S = 2.0
+"""A JetStream request not answered in this long is tried again (a claim, a consumer)."""
 _QOS = (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE, QoS.EXACTLY_ONCE)
 
 
@@ -227,7 +230,7 @@ class SessionStore:
         self.node = node
         self._core = core
         self._nc = nc
-        self._js = nc.jetstream()
+        self._js = nc.jetstream(timeout=JS_TIMEOUT_S)
         self._replicas = replicas
         self._clock = clock
         self._wake = wake
@@ -322,28 +325,34 @@ class SessionStore:
     # -- claim (before the CONNACK) ---------------------------------------------------------------
 
     async def claim(self, client_id: str, device_id: str, clean_start: bool, expiry: int) -> None:
-        """Make this node the holder of ``client_id``'s session, per the CONNECT's flags."""
+        """Make this node the holder of ``client_id``'s session, per the CONNECT's flags.
+
+        While the bucket has no leader (an election after a server died: 4-9 s) the CONNECT
+        waits, up to ``CLAIM_PATIENCE_S``; then it is refused (Server unavailable)."""
+        import nats.errors
         import nats.js.errors
 
         await self._let_go_locally(client_id)
         key = record_key(client_id)
-        asked = False
-        for _ in range(10):
+        asked, conflicts = False, 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLAIM_PATIENCE_S
+        while True:
             try:
-                entry = await self.kv.get(key)
-                record = SessionRecord.decode(entry.value or b"")
-                revision: int | None = entry.revision
-            except nats.js.errors.KeyNotFoundError:
-                record, revision = None, None
-            live_elsewhere = record is not None and record.away_since is None
-            if live_elsewhere and record is not None and record.node != self.node and not asked:
-                asked = True  # live on another node: ask it to let go, then read again
-                if await self._ask_release(record.node, client_id):
-                    continue
-            resumed = record is not None and not clean_start and not record.expired(time.time())
-            if not resumed:
-                record = None
-            try:
+                try:
+                    entry = await self.kv.get(key)
+                    record = SessionRecord.decode(entry.value or b"")
+                    revision: int | None = entry.revision
+                except nats.js.errors.KeyNotFoundError:
+                    record, revision = None, None
+                holder = record.node if record is not None and record.away_since is None else ""
+                if holder and holder != self.node and not asked:
+                    asked = True  # live on another node: ask it to let go, then read again
+                    if await self._ask_release(holder, client_id):
+                        continue
+                resumed = record is not None and not clean_start and not record.expired(time.time())
+                if not resumed:
+                    record = None
                 if record is None and expiry == 0:  # a clean session: no record
                     if revision is not None:
                         await self.kv.delete(key, last=revision)
@@ -360,16 +369,23 @@ class SessionStore:
                 else:
                     revision = await self.kv.update(key, data, last=revision)
             except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # another node wrote it meanwhile
-            self.claimed += 1
-            if not asked:
-                await self._announce(client_id)
-            self._claims[client_id] = (record, revision)
-            if resumed:
-                self.resumed += 1
-                await self._restore(client_id, record, revision)
-            return
-        raise RuntimeError(f"could not claim the session of {client_id!r}: too much contention")
+                conflicts += 1  # another node wrote it meanwhile: read again
+                if conflicts > 10:
+                    raise
+                continue
+            except (nats.errors.Error, TimeoutError):
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(0.25)
+                continue
+            break
+        self.claimed += 1
+        if not asked:
+            await self._announce(client_id)
+        self._claims[client_id] = (record, revision)
+        if resumed:
+            self.resumed += 1
+            await self._restore(client_id, record, revision)
 
     async def _let_go_locally(self, client_id: str) -> None:
         """This node's own copy of the session (a takeover on the same node, or a client
@@ -382,6 +398,15 @@ class SessionStore:
         if isinstance(feed, SessionFeed):
             await feed.flush()
         self._forget(session)
+
+    def abandon(self, client_id: str) -> None:
+        """A claim whose client left before its CONNACK: forget it here. Its record still
+        names this node as connected; the sweep finds this node does not hold it and starts
+        its expiry."""
+        self._claims.pop(client_id, None)
+        session = self._core.sessions.get(client_id)
+        if session is not None and session.connection is None:
+            self._forget(session)
 
     def let_go(self, session: Session) -> None:
         """Another node holds the session now: close its connection here (0x8E), forget it."""
