@@ -56,7 +56,7 @@ from broker.fabric.records import (
     record_key,
 )
 from broker.fabric.subjects import filter_to_subjects
-from broker.mqtt import NO_PROPERTIES, Publish, PubRel, QoS
+from broker.mqtt import NO_PROPERTIES, Properties, Publish, PubRel, QoS
 from broker.routing import SubscriptionOptions
 from broker.session import Delivery, Session
 from fleetgate.topics import topic_matches
@@ -504,8 +504,20 @@ class SessionStore:
             found = next(messages)
             if found is not None:  # else aged out of the stream
                 topic, payload = found
+                ids = tuple(
+                    sorted(
+                        state.subscription_id
+                        for f, state in record.subs.items()
+                        if state.subscription_id is not None and topic_matches(f, topic)
+                    )
+                )
                 session.inflight[pid] = Publish(
-                    topic=topic, payload=payload, qos=_QOS[stage], packet_id=pid, dup=True
+                    topic=topic,
+                    payload=payload,
+                    qos=_QOS[stage],
+                    packet_id=pid,
+                    dup=True,
+                    properties=Properties(subscription_identifiers=ids) if ids else NO_PROPERTIES,
                 )
         self._core.sessions[client_id] = session
         for topic_filter, state in record.subs.items():
