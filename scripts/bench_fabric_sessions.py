@@ -7,7 +7,7 @@ test listener, every client the one identity ``bench``) and returns numbers:
 * :func:`measure_failover`: ``sessions`` persistent sessions (MQTT 3.1.1, clean session 0, one
   QoS 1 subscription each) connected to node K, ``queued`` QoS 1 messages each sent from node S
   and left unacknowledged (in flight), one checkpoint interval, then SIGKILL of node K. Every
-  client reconnects to node S (64 at a time) while one more message per session is published
+  client reconnects to node S (``reconnecting``, 64, at a time) while one more message per session is published
   there; the time from the kill until every session has all its messages again is
   ``failover_s``, the messages never seen again ``failover_lost``.
 * :func:`measure_takeover`: one client id connected on node A, then on node B: time from the
@@ -298,14 +298,19 @@ async def _publish_each(port: int, sessions: int, tag: str) -> None:
     await sender.disconnect()
 
 
-def measure_failover(sessions: int = 1000, queued: int = 2) -> dict[str, float]:
+def measure_failover(
+    sessions: int = 1000, queued: int = 2, reconnecting: int = 64
+) -> dict[str, float]:
     """Seconds from SIGKILL of the node holding ``sessions`` persistent sessions until every
-    one has resumed on another node with all its messages; messages lost."""
+    one has resumed on another node with all its messages (``reconnecting`` clients at a
+    time); messages lost."""
     with fabric(2) as (_, (victim, survivor), _):
-        return asyncio.run(_failover(victim, survivor, sessions, queued))
+        return asyncio.run(_failover(victim, survivor, sessions, queued, reconnecting))
 
 
-async def _failover(victim: Node, survivor: Node, sessions: int, queued: int) -> dict[str, float]:
+async def _failover(
+    victim: Node, survivor: Node, sessions: int, queued: int, reconnecting: int
+) -> dict[str, float]:
     clients = [Client(f"s{n}", ack=False) for n in range(sessions)]
 
     async def setup(client: Client, n: int) -> None:
@@ -345,7 +350,7 @@ async def _failover(victim: Node, survivor: Node, sessions: int, queued: int) ->
     # The devices come back while one more message each is published (their node is dead).
     await asyncio.gather(
         _publish_each(survivor.port, sessions, "dead"),
-        bounded([resume(c, n) for n, c in enumerate(clients)], 64),
+        bounded([resume(c, n) for n, c in enumerate(clients)], reconnecting),
     )
     survivor_cpu = cpu_seconds(survivor.process.pid) - cpu_before
     lost = 0
@@ -480,9 +485,10 @@ def main() -> None:
     parser.add_argument("--queued", type=int, default=2)
     parser.add_argument("--takeovers", type=int, default=50)
     parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--reconnecting", type=int, default=64, help="clients resuming at once")
     args = parser.parse_args()
     print(f"load before: {os.getloadavg()}", flush=True)
-    failover = measure_failover(args.sessions, args.queued)
+    failover = measure_failover(args.sessions, args.queued, args.reconnecting)
     print("failover:", " ".join(f"{k}={v:g}" for k, v in failover.items()), flush=True)
     takeover = measure_takeover(args.takeovers)
     print("takeover:", " ".join(f"{k}={v:.2f}" for k, v in takeover.items()), flush=True)
