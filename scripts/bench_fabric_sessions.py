@@ -7,7 +7,7 @@ test listener, every client the one identity ``bench``) and returns numbers:
 * :func:`measure_failover`: ``sessions`` persistent sessions (MQTT 3.1.1, clean session 0, one
   QoS 1 subscription each) connected to node K, ``queued`` QoS 1 messages each sent from node S
   and left unacknowledged (in flight), one checkpoint interval, then SIGKILL of node K. Every
-  client reconnects to node S (``reconnecting``, 64, at a time) while one more message per
+  client reconnects to node S (``reconnecting`` at a time; 256 from the command line) while one more message per
   session is published there; the time from the kill until every session has all its
   messages again is ``failover_s``, the messages never seen again ``failover_lost``.
 * :func:`measure_takeover`: one client id connected on node A, then on node B: time from the
@@ -485,7 +485,7 @@ def main() -> None:
     parser.add_argument("--queued", type=int, default=2)
     parser.add_argument("--takeovers", type=int, default=50)
     parser.add_argument("--messages", type=int, default=5000)
-    parser.add_argument("--reconnecting", type=int, default=64, help="clients resuming at once")
+    parser.add_argument("--reconnecting", type=int, default=256, help="clients resuming at once")
     args = parser.parse_args()
     print(f"load before: {os.getloadavg()}", flush=True)
     failover = measure_failover(args.sessions, args.queued, args.reconnecting)
