@@ -7,9 +7,10 @@ test listener, every client the one identity ``bench``) and returns numbers:
 * :func:`measure_failover`: ``sessions`` persistent sessions (MQTT 3.1.1, clean session 0, one
   QoS 1 subscription each) connected to node K, ``queued`` QoS 1 messages each sent from node S
   and left unacknowledged (in flight), one checkpoint interval, then SIGKILL of node K. Every
-  client reconnects to node S (``reconnecting`` at a time; 256 from the command line) while one more message per
-  session is published there; the time from the kill until every session has all its
-  messages again is ``failover_s``, the messages never seen again ``failover_lost``.
+  client reconnects to node S (``reconnecting`` at a time; 256 from the command line) while
+  one more message per session is published there; the time from the kill until every
+  session has all its messages again is ``failover_s``, the messages never seen again
+  ``failover_lost``.
 * :func:`measure_takeover`: one client id connected on node A, then on node B: time from the
   CONNECT on B to its CONNACK (session present), and until A's connection is closed.
 * :func:`measure_session_kib`: ``sessions`` persistent sessions made and left (away: no

@@ -80,6 +80,17 @@ def publish_all(
     sender.close()
 
 
+def listening(node: Any, other: Any, pair: tuple[Creds, Creds], payload: bytes) -> Paho:
+    """ops-1 in a persistent MQTT 5 session on ``node``, subscribed to all telemetry at QoS 1,
+    once a message from sensor-1 on ``other`` has reached it."""
+    sensor_creds, ops_creds = pair
+    client, _ = persistent(node, ops_creds, V5)
+    assert client.subscribe("devices/+/telemetry/#", qos=1) == [1]
+    publish_all(other, sensor_creds, [payload])
+    assert client.message(15).payload == payload
+    return client
+
+
 def receive(client: Paho, count: int) -> list[Any]:
     return [client.message(15) for _ in range(count)]
 
@@ -177,10 +188,7 @@ def test_takeover_across_nodes_closes_the_old_connection_with_0x8e_and_loses_not
 ) -> None:
     a, b = nodes
     sensor_creds, ops_creds = pair
-    first, _ = persistent(a, ops_creds, V5)
-    assert first.subscribe("devices/+/telemetry/#", qos=1) == [1]
-    publish_all(b, sensor_creds, [b"before"])
-    assert first.message(15).payload == b"before"
+    first = listening(a, b, pair, b"before")
     started = time.monotonic()
     second, present = persistent(b, ops_creds, V5)
     took = time.monotonic() - started
@@ -299,11 +307,8 @@ def test_a_consumer_lost_with_its_nats_server_is_started_again(
     the node starts it again after the last sequence it handed on (missing heartbeats): the
     messages published meanwhile all arrive, once each, in order."""
     a, b = nodes
-    sensor_creds, ops_creds = pair
-    ops, _ = persistent(b, ops_creds, V5)
-    assert ops.subscribe("devices/+/telemetry/#", qos=1) == [1]
-    publish_all(a, sensor_creds, [b"first"])
-    assert ops.message(15).payload == b"first"
+    sensor_creds, _ = pair
+    ops = listening(b, a, pair, b"first")
 
     def consumers() -> list[str]:
         feeds = b.broker.fabric.sessions._feeds
