@@ -328,6 +328,17 @@ class Connection:
         self._accept(self._connect, now)
         self._process(now)  # packets the client sent before its CONNACK (MQTT 5 section 3.1.4)
 
+    def requested_session(self) -> tuple[str, bool, int]:
+        """While admitting: (client id, clean start, session expiry interval) of the CONNECT,
+        for the fabric to claim the session before the CONNACK."""
+        assert self._connect is not None
+        packet = self._connect
+        if self.level is _V5:
+            expiry = packet.properties.session_expiry_interval or 0
+        else:
+            expiry = 0 if packet.clean_start else NEVER_EXPIRES
+        return self.client_id, packet.clean_start, expiry
+
     def take_output(self) -> bytes:
         data = b"".join(self._out)
         self._out.clear()
@@ -553,8 +564,8 @@ class Connection:
         return AdmissionRequest(identity, packet.will.topic if packet.will else None)
 
     def _accept(self, packet: Connect, now: float) -> None:
+        expiry = self.requested_session()[2]
         if self.level is _V5:
-            expiry = packet.properties.session_expiry_interval or 0
             self._send_window = min(
                 packet.properties.receive_maximum or 0xFFFF,
                 self.core.settings.receive_maximum,
@@ -567,7 +578,6 @@ class Connection:
             if self._out_alias_limit:
                 self._out_aliases = {}
         else:
-            expiry = 0 if packet.clean_start else NEVER_EXPIRES
             self._send_window = min(self._send_window, self.limits.max_inflight)
         self.keep_alive = packet.keep_alive
         cap = self.core.settings.max_keep_alive_s
@@ -970,8 +980,9 @@ class Connection:
         self.core.metrics.messages_sent[delivery.qos] += 1
         self._emit(data)
         if packet_id is not None:
-            assert self.session is not None
-            self.session.inflight[packet_id] = Publish(
+            session = self.session
+            assert session is not None
+            session.inflight[packet_id] = Publish(
                 topic=message.topic,
                 payload=message.payload,
                 qos=delivery.qos,
@@ -979,6 +990,8 @@ class Connection:
                 packet_id=packet_id,
                 properties=props,
             )
+            if session.fabric is not None:
+                session.fabric.sent(packet_id, delivery)
 
     def _encode_aliased(
         self, aliases: dict[str, int], delivery: Delivery, packet_id: int | None, props: Properties

@@ -57,6 +57,19 @@ class GateVerdict(Enum):
     INVALID = "invalid"  # fabric mode: the topic has no NATS subject; refuse it (0x90)
 
 
+class SessionHooks(Protocol):
+    """Fabric mode (:mod:`broker.fabric.sessions`): persistent sessions kept in the fabric
+    hear of every change the core makes to them."""
+
+    def attached(self, session: Session, now: float) -> None: ...
+    def detached(self, session: Session, now: float) -> None: ...
+    def ended(self, session: Session, now: float) -> None: ...
+    def subscribed(
+        self, session: Session, topic_filter: str, options: SubscriptionOptions
+    ) -> None: ...
+    def unsubscribed(self, session: Session, topic_filter: str) -> None: ...
+
+
 class PublishGate(Protocol):
     """Sees every authorised client PUBLISH before it is routed: the bridges (issue 5).
 
@@ -128,6 +141,8 @@ class BrokerCore:
         self.will_keeper: WillKeeper | None = None
         # Fabric mode (broker.fabric): why a topic filter cannot be subscribed to, or None.
         self.filter_refusal: Callable[[str], str | None] | None = None
+        self.session_hooks: SessionHooks | None = None
+        self.assigned_prefix = "auto-"  # fabric mode: unique across nodes (it names the node)
         self._assigned_ids = itertools.count(1)
 
     # -- sessions ------------------------------------------------------------------------------
@@ -135,7 +150,7 @@ class BrokerCore:
     def assign_client_id(self) -> str:
         """An id for a plaintext client that sent none (MQTT 5 Assigned Client Identifier)."""
         while True:
-            client_id = f"auto-{next(self._assigned_ids)}"
+            client_id = f"{self.assigned_prefix}{next(self._assigned_ids)}"
             if client_id not in self.sessions:
                 return client_id
 
@@ -174,6 +189,8 @@ class BrokerCore:
         session.expiry_interval = expiry
         if self.will_keeper is not None:
             self.will_keeper.connected(session, will)
+        if self.session_hooks is not None:
+            self.session_hooks.attached(session, now)
         return session, existing is not None
 
     def detach(self, session: Session, will: Will | None, now: float) -> None:
@@ -194,6 +211,8 @@ class BrokerCore:
             return
         if session.expiry_interval != NEVER_EXPIRES:
             session.expires_at = now + session.expiry_interval
+        if session.fabric is not None and self.session_hooks is not None:
+            self.session_hooks.detached(session, now)
         if will is None:
             return
         delay = will.properties.will_delay_interval or 0
@@ -206,6 +225,8 @@ class BrokerCore:
         """Forget the session; a will still waiting for its delay is published now."""
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+        if session.fabric is not None and self.session_hooks is not None:
+            self.session_hooks.ended(session, now)
         for topic_filter in session.subscriptions:
             self.subscriptions.remove(topic_filter, session.client_id)
         session.subscriptions.clear()
@@ -221,11 +242,15 @@ class BrokerCore:
     def subscribe(self, session: Session, topic_filter: str, options: SubscriptionOptions) -> bool:
         """Add or replace a subscription; True if the session did not have this filter."""
         session.subscriptions[topic_filter] = options
+        if session.fabric is not None and self.session_hooks is not None:
+            self.session_hooks.subscribed(session, topic_filter, options)
         return self.subscriptions.add(topic_filter, session.client_id, options)
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
+        if session.fabric is not None and self.session_hooks is not None:
+            self.session_hooks.unsubscribed(session, topic_filter)
         return self.subscriptions.remove(topic_filter, session.client_id)
 
     # -- messages ------------------------------------------------------------------------------
@@ -323,7 +348,10 @@ class BrokerCore:
         self.publish(message, now, owner=session.device_id)
 
     def deliver(self, session: Session, delivery: Delivery, now: float) -> None:
-        """Send now if the client is connected; keep QoS 1/2 for it while it is away."""
+        """Send now if the client is connected; keep QoS 1/2 for it while it is away. A
+        persistent session in the fabric gets QoS 1/2 from the stream, not from here."""
+        if session.fabric is not None and delivery.qos != QoS.AT_MOST_ONCE:
+            return
         if session.connection is not None:
             session.connection.send(delivery, now)
         elif delivery.qos != QoS.AT_MOST_ONCE:

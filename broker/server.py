@@ -24,8 +24,10 @@ from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.admission import (
+    Admitted,
     CertificateIdentities,
     Identity,
+    Refused,
     Unidentified,
     decide_admission,
     read_admission_facts,
@@ -36,7 +38,7 @@ from broker.connection import AdmissionRequest, Connection
 from broker.core import BrokerCore, CoreSettings
 from broker.feed import PolicyChange, RevocationFeed
 from broker.metrics import Metrics
-from broker.mqtt import MAX_PACKET_SIZE
+from broker.mqtt import MAX_PACKET_SIZE, ReasonCode
 from broker.tls import (
     broker_context,
     broker_credentials,
@@ -429,8 +431,35 @@ class Broker:
         barred = self.feed.barred_since(identity.device_id, cursor)
         verdict = decide_admission(facts, identity, barred=barred, will_topic=request.will_topic)
         assert protocol.conn is not None
+        if isinstance(verdict, Admitted) and self.fabric is not None:  # the session first
+            protocol.admission_started()
+            assert self._loop is not None
+            task = self._loop.create_task(self._claim_then_admit(protocol, verdict))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
         protocol.conn.admission_done(verdict, self.now())
         protocol.pace()  # packets sent before the CONNACK may be over the publish rate
+
+    async def _claim_then_admit(self, protocol: _MqttProtocol, verdict: Admitted) -> None:
+        """Fabric mode: the session is claimed from the fabric before the CONNACK; a fabric
+        that cannot answer refuses the CONNECT (Server unavailable)."""
+        conn = protocol.conn
+        assert conn is not None and self.fabric is not None
+        client_id, clean_start, expiry = conn.requested_session()
+        result: Admitted | Refused = verdict
+        try:
+            await self.fabric.claim_session(conn.device_id, client_id, clean_start, expiry)
+        except Exception as exc:
+            log.warning("fabric: session claim failed: %s", exc, extra={"client": client_id})
+            reason = f"the fabric's session store did not answer: {exc}"
+            result = Refused(reason, ReasonCode.SERVER_UNAVAILABLE, "fabric")
+        conn.admission_done(result, self.now())
+        if conn.session is None and isinstance(result, Admitted):  # it left while claiming
+            self.fabric.abandon_session(client_id)
+        protocol.admission_finished()
+        protocol.pace()
+        self.wake()
 
     def call_at(self, when: float, callback: Callable[[], None]) -> None:
         assert self._loop is not None

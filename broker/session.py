@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from broker.limits import DeviceLimits
 from broker.mqtt import Publish, PubRel, QoS, Will
@@ -42,6 +42,12 @@ class PendingWill:
     will: Will
 
 
+class SessionFeedHook(Protocol):
+    """What a connection tells the fabric about a persistent session's deliveries."""
+
+    def sent(self, packet_id: int, delivery: Delivery) -> None: ...
+
+
 class Session:
     """One client id's session; ``connection`` is ``None`` while the client is away."""
 
@@ -52,6 +58,7 @@ class Session:
         "device_id",
         "expires_at",
         "expiry_interval",
+        "fabric",
         "held",
         "held_since",
         "incoming_qos2",
@@ -93,6 +100,9 @@ class Session:
         self.expires_at: float | None = None
         self.pending_will: PendingWill | None = None
         self._next_packet_id = 1
+        # Fabric mode, persistent session (broker.fabric.sessions.SessionFeed): QoS 1/2 come
+        # from the stream, and packet ids given to them are reported to it.
+        self.fabric: SessionFeedHook | None = None
 
     def push(self, delivery: Delivery) -> None:
         self.queue.append(delivery)

@@ -9,6 +9,7 @@ MQTT listener, to check fleetgate's subject mapping against the server's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -209,3 +211,26 @@ jetstream {{
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def healthy_cluster(
+    directory: Path, *, attempts: int = 3, timeout: float = 30.0, **options: Any
+) -> Iterator[NatsCluster]:
+    """A running cluster, started again on fresh ports and directories if one start does not
+    become healthy in ``timeout`` (seen on the loaded CI machine: the meta leader kept one
+    peer not current for over a minute; a fresh start was healthy in under a second)."""
+    for attempt in range(1, attempts + 1):
+        cluster = NatsCluster(directory / f"start-{attempt}", **options)
+        try:
+            cluster.start(timeout)
+        except TimeoutError:
+            cluster.stop()
+            if attempt == attempts:
+                raise
+            continue
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+        return
