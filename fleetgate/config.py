@@ -206,9 +206,12 @@ class FabricSettings:
 
     Without the section the broker is one process with everything in memory. ``servers`` are
     NATS URLs (``nats://`` or ``tls://``); the TLS files and ``credentials_file`` (a NATS
-    ``.creds`` file) are paths resolved against the data directory. ``node_name`` (default:
-    the host name) says which node did what; ``replicas`` is the copy count of the fabric's
-    JetStream streams.
+    ``.creds`` file) are paths resolved against the data directory. ``user`` with
+    ``password_file`` logs in as a NATS user (the password is read from the file, owner-only,
+    never from the command line or the environment). ``node_name`` (default: the host name)
+    says which node did what; ``replicas`` is the copy count of the fabric's JetStream streams.
+    ``local`` has the broker start and supervise one nats-server (R1, store in the data
+    directory, client port ``local_port`` on loopback) instead of reaching ``servers``.
     """
 
     servers: tuple[str, ...] = ()
@@ -217,8 +220,12 @@ class FabricSettings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     credentials_file: str = ""
+    user: str = ""
+    password_file: str = ""
     replicas: int = 3
     connect_timeout_s: float = 5.0
+    local: bool = False
+    local_port: int = 4222
 
 
 _FABRIC_SECTION = "fabric"
@@ -231,6 +238,14 @@ def _build_fabric(raw: dict[str, Any], env: Any) -> FabricSettings | None:
     fabric: FabricSettings = _build_section(
         _FABRIC_SECTION, FabricSettings, raw.get(_FABRIC_SECTION, {}), env
     )
+    if fabric.local:
+        if fabric.servers:
+            raise ConfigError("[fabric] local = true runs its own nats-server: leave servers out")
+        if not 1 <= fabric.local_port <= 65535:
+            raise ConfigError("[fabric] local_port must be between 1 and 65535")
+        fabric = dataclasses.replace(
+            fabric, servers=(f"nats://127.0.0.1:{fabric.local_port}",), replicas=1
+        )
     if not fabric.servers:
         raise ConfigError('[fabric] needs servers, e.g. servers = ["nats://nats-1:4222"]')
     for url in fabric.servers:
@@ -238,6 +253,10 @@ def _build_fabric(raw: dict[str, Any], env: Any) -> FabricSettings | None:
             raise ConfigError(f"[fabric] servers: {url!r} is not a nats:// or tls:// URL")
     if bool(fabric.tls_cert_file) != bool(fabric.tls_key_file):
         raise ConfigError("[fabric] tls_cert_file and tls_key_file go together")
+    if bool(fabric.user) != bool(fabric.password_file):
+        raise ConfigError("[fabric] user and password_file go together")
+    if fabric.user and fabric.credentials_file:
+        raise ConfigError("[fabric] user/password_file or credentials_file, not both")
     if not 1 <= fabric.replicas <= 5:
         raise ConfigError("[fabric] replicas must be between 1 and 5")
     if fabric.node_name and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fabric.node_name):
