@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import os
 import queue
 import secrets
@@ -22,13 +23,21 @@ import nats
 import pytest
 from broker_helpers import Creds, Paho, RunningBroker, ThreadedBroker
 from conftest import Fleet
-from nats_cluster import FabricUsers, NatsCluster, accounts_block
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from nats_cluster import FabricUsers, NatsCluster, accounts_block, tls_block
 from test_broker_delivery import connected, pair  # noqa: F401 (pair: sensor-1, ops-1)
 from test_fabric_node import await_route
+from typer.testing import CliRunner
 
 from broker.fabric.node import FabricUnavailable
+from fleetgate.cli import app
+from fleetgate.cli.ca import issue_fabric_certificate
 from fleetgate.config import FabricSettings
 from fleetgate.errors import ConfigError
+from fleetgate.keyfiles import write_certificates, write_private_key
 
 USERS = FabricUsers(*(secrets.token_urlsafe(18) for _ in range(3)))
 
@@ -50,11 +59,11 @@ def password_file(fleet: Fleet, password: str, mode: int = 0o600) -> str:
 
 
 class AuthNode(RunningBroker):
-    """A broker of ``fleet``'s data directory as a node of ``server``, logged in as told."""
+    """A broker of ``fleet``'s data directory as a node of the fabric, logged in as told."""
 
-    def __init__(self, fleet: Fleet, server: NatsCluster, name: str, **fabric: Any) -> None:
+    def __init__(self, fleet: Fleet, servers: list[str], name: str, **fabric: Any) -> None:
         settings = FabricSettings(
-            servers=tuple(server.urls), node_name=name, replicas=1, connect_timeout_s=3.0, **fabric
+            servers=tuple(servers), node_name=name, replicas=1, connect_timeout_s=3.0, **fabric
         )
         ThreadedBroker.__init__(self, dataclasses.replace(fleet.config, fabric=settings))
         self.fleet = fleet
@@ -63,8 +72,8 @@ class AuthNode(RunningBroker):
 @pytest.fixture
 def nodes(fleet: Fleet, server: NatsCluster) -> Iterator[tuple[AuthNode, AuthNode]]:
     login = {"user": "fleetgate", "password_file": password_file(fleet, USERS.fleetgate)}
-    a = AuthNode(fleet, server, "node-a", **login).start()
-    b = AuthNode(fleet, server, "node-b", **login).start()
+    a = AuthNode(fleet, server.urls, "node-a", **login).start()
+    b = AuthNode(fleet, server.urls, "node-b", **login).start()
     yield a, b
     a.stop()
     b.stop()
@@ -205,12 +214,12 @@ def drain(client: Paho) -> list[bytes]:
 def test_a_node_without_the_fabric_credentials_does_not_start(
     fleet: Fleet, server: NatsCluster
 ) -> None:
-    anonymous = AuthNode(fleet, server, "anonymous")
+    anonymous = AuthNode(fleet, server.urls, "anonymous")
     with pytest.raises(FabricUnavailable, match="Authorization Violation"):
         anonymous.start()
     anonymous.stop()
     wrong = AuthNode(
-        fleet, server, "wrong", user="fleetgate", password_file=password_file(fleet, "guess")
+        fleet, server.urls, "wrong", user="fleetgate", password_file=password_file(fleet, "guess")
     )
     with pytest.raises(FabricUnavailable, match="Authorization Violation") as raised:
         wrong.start()
@@ -220,8 +229,108 @@ def test_a_node_without_the_fabric_credentials_does_not_start(
 
 def test_a_password_file_others_can_read_is_refused(fleet: Fleet, server: NatsCluster) -> None:
     loose = password_file(fleet, USERS.fleetgate, mode=0o644)
-    node = AuthNode(fleet, server, "loose", user="fleetgate", password_file=loose)
+    node = AuthNode(fleet, server.urls, "loose", user="fleetgate", password_file=loose)
     with pytest.raises(ConfigError, match=r"readable by others .* chmod 600"):
         node.start()
     node.stop()
     assert Path(fleet.config.home / loose).exists()
+
+
+# -- TLS 1.3 with client certificates from the fleet CA -------------------------------------------
+
+
+def cli(fleet: Fleet, *args: str) -> None:
+    result = CliRunner().invoke(app, ["--home", str(fleet.config.home), *args])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture
+def tls_server(fleet: Fleet, tmp_path: Path) -> Iterator[NatsCluster]:
+    """One nats-server with the fleet's account, requiring TLS 1.3 and a client certificate
+    from the fleet CA; its own certificate comes from ``ca server-cert``."""
+    out = tmp_path / "nats-tls"
+    cli(fleet, "ca", "server-cert", "--name", "127.0.0.1", "--out", str(out))
+    extra = accounts_block(USERS) + tls_block(out / "broker.crt", out / "broker.key", fleet.root)
+    with NatsCluster(tmp_path / "nats", size=1, extra=extra) as running:
+        yield running
+
+
+def tls_login(fleet: Fleet, out: Path) -> dict[str, str]:
+    return {
+        "user": "fleetgate",
+        "password_file": password_file(fleet, USERS.fleetgate),
+        "tls_ca_file": str(out / "ca.crt"),
+        "tls_cert_file": str(out / "fabric-node.crt"),
+        "tls_key_file": str(out / "fabric-node.key"),
+    }
+
+
+def self_signed(directory: Path, name: str) -> None:
+    """A client certificate the fleet CA never issued."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    write_private_key(directory / "key.pem", key)
+    write_certificates(directory / "cert.pem", [cert])
+
+
+def tls_urls(server: NatsCluster) -> list[str]:
+    return [url.replace("nats://", "tls://") for url in server.urls]
+
+
+def test_a_node_with_a_fabric_certificate_connects_over_tls_1_3(
+    fleet: Fleet, tls_server: NatsCluster, tmp_path: Path
+) -> None:
+    out = tmp_path / "node-a"
+    cli(fleet, "ca", "fabric-cert", "--node", "node-a", "--out", str(out))
+    assert (out / "fabric-node.key").stat().st_mode & 0o777 == 0o600
+    node = AuthNode(fleet, tls_urls(tls_server), "node-a", **tls_login(fleet, out)).start()
+    try:
+        connections = tls_server.nodes[0].http_json("/connz?auth=1")["connections"]
+        ours = [c for c in connections if c.get("name") == "fleetgate-node-a"]
+        assert ours and ours[0]["tls_version"] == "1.3"
+        assert ours[0]["authorized_user"] == "fleetgate"
+    finally:
+        node.stop()
+
+
+def test_a_node_without_a_fleet_client_certificate_is_refused(
+    fleet: Fleet, tls_server: NatsCluster, tmp_path: Path
+) -> None:
+    out = tmp_path / "node-b"
+    issue_fabric_certificate(fleet.config, "node-b", out)
+    login = tls_login(fleet, out)
+    del login["tls_cert_file"], login["tls_key_file"]
+    stranger = tmp_path / "stranger"
+    self_signed(stranger, "node-b")
+    for settings, reason in [
+        (login, "certificate required"),
+        (
+            {
+                **login,
+                "tls_cert_file": str(stranger / "cert.pem"),
+                "tls_key_file": str(stranger / "key.pem"),
+            },
+            "unknown ca",
+        ),
+    ]:
+        node = AuthNode(fleet, tls_urls(tls_server), "node-b", **settings)
+        with pytest.raises(FabricUnavailable, match=reason) as raised:
+            node.start()
+        node.stop()
+        assert USERS.fleetgate not in str(raised.value)
+    (out / "fabric-node.key").chmod(0o640)
+    node = AuthNode(fleet, tls_urls(tls_server), "node-b", **tls_login(fleet, out))
+    with pytest.raises(ConfigError, match=r"tls_key_file .* is readable by others"):
+        node.start()
+    node.stop()
