@@ -211,7 +211,8 @@ class FabricSettings:
     never from the command line or the environment). ``node_name`` (default: the host name)
     says which node did what; ``replicas`` is the copy count of the fabric's JetStream streams.
     ``local`` has the broker start and supervise one nats-server (R1, store in the data
-    directory, client port ``local_port`` on loopback) instead of reaching ``servers``.
+    directory, client port ``local_port`` on loopback, user ``fleetgate`` with a password made
+    up on first start) instead of reaching ``servers``; ``local_binary`` names that server.
     """
 
     servers: tuple[str, ...] = ()
@@ -226,6 +227,7 @@ class FabricSettings:
     connect_timeout_s: float = 5.0
     local: bool = False
     local_port: int = 4222
+    local_binary: str = ""
 
 
 _FABRIC_SECTION = "fabric"
@@ -244,7 +246,11 @@ def _build_fabric(raw: dict[str, Any], env: Any) -> FabricSettings | None:
         if not 1 <= fabric.local_port <= 65535:
             raise ConfigError("[fabric] local_port must be between 1 and 65535")
         fabric = dataclasses.replace(
-            fabric, servers=(f"nats://127.0.0.1:{fabric.local_port}",), replicas=1
+            fabric,
+            servers=(f"nats://127.0.0.1:{fabric.local_port}",),
+            replicas=1,
+            user=fabric.user or "fleetgate",
+            password_file=fabric.password_file or "fabric/local.password",
         )
     if not fabric.servers:
         raise ConfigError('[fabric] needs servers, e.g. servers = ["nats://nats-1:4222"]')

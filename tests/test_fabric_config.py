@@ -81,3 +81,4 @@ def test_a_local_fabric_is_one_loopback_server_with_one_replica(tmp_path: Path) 
     fabric = _load(tmp_path, "[fabric]\nlocal = true\nlocal_port = 4333\n")
     assert fabric.servers == ("nats://127.0.0.1:4333",)
     assert fabric.replicas == 1
+    assert (fabric.user, fabric.password_file) == ("fleetgate", "fabric/local.password")
