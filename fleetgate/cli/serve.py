@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 from typing import Annotated
 
 import typer
@@ -63,7 +64,8 @@ def serve_broker(
         from broker.server import run_forever
         from broker.workers import worker_config
 
-        asyncio.run(run_forever(worker_config(config, worker), reuse_port=True))
+        ready = sys.stdout.fileno()  # the parent reads "ready" there
+        asyncio.run(run_forever(worker_config(config, worker), reuse_port=True, ready_fd=ready))
         return
     if not asyncio.run(_serve(config, workers)):
         raise typer.Exit(1)
