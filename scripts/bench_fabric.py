@@ -100,6 +100,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--phase-timeout", type=float, default=30.0, help="bound on a connect")
     parser.add_argument("--log-level", default="WARNING", help="fleetgate FLEETGATE_LOG_LEVEL")
     parser.add_argument("--no-hooks", action="store_true", help="skip the sessions/kick hooks")
+    parser.add_argument("--qos", default="0,1", help="QoS levels to run, e.g. 1")
+    parser.add_argument(
+        "--profile", action="store_true", help="run the fabric nodes under cProfile (slower)"
+    )
+    parser.add_argument("--top", type=int, default=25, help="profile rows to print")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
     if args.window < 2 or args.window * args.publishers > 900:
@@ -108,6 +113,7 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--payload must be between {bb.STAMP.size} and 100 bytes")
     # What bench_broker.provision reads: one identity per publisher, no kicks.
     args.idle, args.kicks = args.publishers, 0
+    args.qos = [QoS(int(level)) for level in args.qos.split(",")]
     return args
 
 
@@ -121,6 +127,7 @@ def start_node(
     pin: bool,
     log_level: str,
     fabric: dict[str, str] | None = None,
+    profile_out: Path | None = None,
 ) -> bb.BrokerProcess:
     """``fleetgate serve broker`` on the fleet's data directory, pinned to the broker core; a
     node of the fabric when ``fabric`` gives its ``FLEETGATE_FABRIC_*`` settings."""
@@ -136,10 +143,13 @@ def start_node(
         FLEETGATE_BROKER_PLAINTEXT_PORT="0",
     )
     env.update({f"FLEETGATE_FABRIC_{key.upper()}": value for key, value in (fabric or {}).items()})
+    argv = [str(Path(sys.executable).with_name("fleetgate")), "serve", "broker"]
+    if profile_out is not None:
+        argv = [sys.executable, "-c", bb.PROFILED_BROKER.format(out=str(profile_out))]
     stderr = tmp / f"{name}.stderr"
     with stderr.open("wb") as err:
         proc = subprocess.Popen(
-            bb.pinned([str(Path(sys.executable).with_name("fleetgate")), "serve", "broker"], pin),
+            bb.pinned(argv, pin),
             env=env,
             cwd=REPO,
             stdout=subprocess.DEVNULL,
@@ -356,6 +366,7 @@ async def run_fabric(
     cluster: NatsCluster,
     qos: QoS,
 ) -> Run:
+    profiles = [tmp / f"node{i + 1}-q{int(qos)}.prof" for i in range(2)]
     nodes = [
         start_node(
             tmp,
@@ -364,6 +375,7 @@ async def run_fabric(
             pin,
             args.log_level,
             {"servers": cluster.nodes[i].url, "node_name": f"bench-{i + 1}", "replicas": "3"},
+            profiles[i] if args.profile else None,
         )
         for i in range(2)
     ]
@@ -379,6 +391,10 @@ async def run_fabric(
     finally:
         for node in nodes:
             bb.stop_broker(node)
+        if args.profile:
+            for i, path in enumerate(profiles):
+                print(f"-- profile of fabric node {i + 1} (QoS {int(qos)}) --")
+                bb.print_profile(path, args.top)
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -476,7 +492,7 @@ def main() -> int:
         if pin:
             os.sched_setaffinity(0, {bb.GENERATOR_CORE})
         for _ in range(args.rounds):
-            for qos in (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE):
+            for qos in args.qos:
                 for setup in ("embedded", "fabric"):
                     if setup == "embedded":
                         run = asyncio.run(run_embedded(tmp, fleet, args, pin, qos))
