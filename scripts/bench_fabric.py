@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import math
 import os
@@ -51,7 +52,7 @@ import sys
 import tempfile
 import time
 from asyncio import sslproto
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,16 +213,15 @@ class GroupMeter:
                 busy[core] = (busy1 - busy0) / (total1 - total0)
         others = bb.others_cpu(self.ours)
         foreign = sum(c - self.others.get(pid, 0.0) for pid, c in others.items())
-        return Measured(wall, cpu, time.process_time() - self.generator, busy, max(0.0, foreign))
+        generator = time.process_time() - self.generator
+        return Measured(wall, cpu.get("fleetgate", 0.0), generator, busy, max(0.0, foreign), cpu)
 
 
 @dataclass
-class Measured:
-    wall: float = 0.0
+class Measured(bb.Usage):
+    """bench_broker's Usage, with CPU per process group instead of one broker's."""
+
     cpu: dict[str, float] = field(default_factory=dict)
-    generator_cpu: float = 0.0
-    core_busy: dict[int, float] = field(default_factory=dict)
-    others_cpu: float = 0.0
 
 
 @dataclass
@@ -249,62 +249,59 @@ class Run:
         return cpu / self.delivered * 1e6
 
 
+class SplitEndpoint(bb.Endpoint):
+    """The subscriber on one node, the publishers on another: bench_broker's own fan-in
+    (``fanin_phase``) then runs across the fabric unchanged."""
+
+    def __init__(self, publish_to: bb.Endpoint, subscribe_to: bb.Endpoint) -> None:
+        super().__init__(publish_to.port, publish_to.contexts, publish_to.timeout)
+        self._publish_to, self._subscribe_to = publish_to, subscribe_to
+
+    async def open(self, client_id: str, *, keep_alive: int = 60) -> bb.Link:
+        target = self._subscribe_to if client_id == bb.BACKEND else self._publish_to
+        return await target.open(client_id, keep_alive=keep_alive)
+
+
+@contextlib.contextmanager
+def metered(groups: dict[str, list[int]]) -> Iterator[None]:
+    """``fanin_phase`` measures one broker's PID with ``bench_broker.Meter``; here it measures
+    every process group instead (the name is looked up when the phase runs)."""
+    original = bb.Meter
+    bb.Meter = lambda pid: GroupMeter(groups)  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        bb.Meter = original  # type: ignore[misc]
+
+
 async def fanin(
     setup: str,
-    publish_to: bb.Endpoint,
-    subscribe_to: bb.Endpoint,
+    endpoint: bb.Endpoint,
     groups: dict[str, list[int]],
     qos: QoS,
     publishers: list[str],
     args: argparse.Namespace,
 ) -> Run:
-    """``bench_broker.fanin_phase`` with the subscriber and the publishers on different nodes
-    (the same one when embedded) and CPU summed per process group."""
-    test = bb.FanIn(qos, args.window, args.payload)
+    """One timed fan-in (``bench_broker.fanin_phase``), CPU summed per process group."""
     failures = bb.Failures()
-    subscriber = await subscribe_to.open(bb.BACKEND)
-    links = [subscriber]
-    watchdog: asyncio.Task[None] | None = None
-    try:
-        granted = await subscribe_to.subscribe(subscriber, bb.TELEMETRY_FILTER, qos)
-        if granted != int(qos):
-            raise RuntimeError(f"SUBSCRIBE QoS {int(qos)}: 0x{granted:02x}")
-        pub_links = await bb.open_many(publish_to, publishers, args.concurrency, failures)
-        links += pub_links
-        if len(pub_links) != len(publishers):
-            raise RuntimeError(f"{failures.count} publishers did not connect: {failures.samples}")
-        await asyncio.sleep(0.5)  # the subscriber's NATS interest reaches the other servers
-        for link in pub_links:
-            test.add_publisher(link)
-        watchdog = asyncio.create_task(test.watchdog())
-        test.start(subscriber)
-        await asyncio.sleep(1.5)  # warm-up: not counted
-        received0 = test.received
-        test.measuring = True
-        meter = GroupMeter(groups)
-        await asyncio.sleep(args.duration)
-        measured = meter.stop()
-        test.measuring = False
-        delivered = test.received - received0
-        test.stopping = True
-        deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline and test.undelivered():
-            await asyncio.sleep(0.05)
-        return Run(
-            setup,
-            int(qos),
-            delivered,
-            measured,
-            test.latencies,
-            test.undelivered(),
-            test.stalls,
-            sum(p.refused for p in test.publishers),
-            dict(test.problems),
+    with metered(groups):
+        result = await bb.fanin_phase(
+            endpoint, groups["fleetgate"][-1], qos, publishers, args, failures
         )
-    finally:
-        if watchdog is not None:
-            watchdog.cancel()
-        await bb.close_all(links, limit=5.0)
+    if failures.count:
+        raise RuntimeError(f"{failures.count} publishers did not connect: {failures.samples}")
+    assert isinstance(result.usage, Measured)
+    return Run(
+        setup,
+        result.qos,
+        result.delivered,
+        result.usage,
+        result.latencies,
+        result.lost,
+        result.stalls,
+        result.refused,
+        dict(result.problems),
+    )
 
 
 # -- the hooks ------------------------------------------------------------------------------------
@@ -353,7 +350,7 @@ async def run_embedded(
         await wait_serving(broker, endpoint)
         await bb.wait_quiet(broker.pid)
         groups = {"fleetgate": [broker.pid]}
-        return await fanin("embedded", endpoint, endpoint, groups, qos, fleet.devices, args)
+        return await fanin("embedded", endpoint, groups, qos, fleet.devices, args)
     finally:
         bb.stop_broker(broker)
 
@@ -387,7 +384,8 @@ async def run_fabric(
             await bb.wait_quiet(node.pid)
         nats_pids = [n.process.pid for n in cluster.nodes if n.process is not None]
         groups = {"fleetgate": [n.pid for n in nodes], "nats": nats_pids}
-        return await fanin("fabric", endpoints[0], endpoints[1], groups, qos, fleet.devices, args)
+        split = SplitEndpoint(endpoints[0], endpoints[1])
+        return await fanin("fabric", split, groups, qos, fleet.devices, args)
     finally:
         for node in nodes:
             bb.stop_broker(node)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime as dt
 import os
 import queue
 import secrets
@@ -23,21 +22,17 @@ import nats
 import pytest
 from broker_helpers import Creds, Paho, RunningBroker, ThreadedBroker
 from conftest import Fleet
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from nats_cluster import FabricUsers, NatsCluster, accounts_block, tls_block
 from test_broker_delivery import connected, pair  # noqa: F401 (pair: sensor-1, ops-1)
 from test_fabric_node import await_route
 from typer.testing import CliRunner
 
 from broker.fabric.node import FabricUnavailable
+from enrollment.ca import init_ca
 from fleetgate.cli import app
 from fleetgate.cli.ca import issue_fabric_certificate
-from fleetgate.config import FabricSettings
+from fleetgate.config import FabricSettings, load_config
 from fleetgate.errors import ConfigError
-from fleetgate.keyfiles import write_certificates, write_private_key
 
 USERS = FabricUsers(*(secrets.token_urlsafe(18) for _ in range(3)))
 
@@ -265,25 +260,6 @@ def tls_login(fleet: Fleet, out: Path) -> dict[str, str]:
     }
 
 
-def self_signed(directory: Path, name: str) -> None:
-    """A client certificate the fleet CA never issued."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    write_private_key(directory / "key.pem", key)
-    write_certificates(directory / "cert.pem", [cert])
-
-
 def tls_urls(server: NatsCluster) -> list[str]:
     return [url.replace("nats://", "tls://") for url in server.urls]
 
@@ -311,15 +287,17 @@ def test_a_node_without_a_fleet_client_certificate_is_refused(
     issue_fabric_certificate(fleet.config, "node-b", out)
     login = tls_login(fleet, out)
     del login["tls_cert_file"], login["tls_key_file"]
-    stranger = tmp_path / "stranger"
-    self_signed(stranger, "node-b")
+    stranger = tmp_path / "stranger"  # a node certificate from another fleet's CA
+    other_fleet = load_config(tmp_path / "other-fleet", environ={})
+    init_ca(other_fleet)
+    issue_fabric_certificate(other_fleet, "node-b", stranger)
     for settings, reason in [
         (login, "certificate required"),
         (
             {
                 **login,
-                "tls_cert_file": str(stranger / "cert.pem"),
-                "tls_key_file": str(stranger / "key.pem"),
+                "tls_cert_file": str(stranger / "fabric-node.crt"),
+                "tls_key_file": str(stranger / "fabric-node.key"),
             },
             "unknown ca",
         ),
