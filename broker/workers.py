@@ -6,8 +6,9 @@ the kernel spreads new connections among them; what one worker's client publishe
 another worker's subscribers through the fabric, exactly as between machines. So workers need
 ``[fabric]``: without it each would be an island, and the command refuses to start.
 
-Each worker is a node of its own: ``<node_name>-w<i>`` (``node_name`` defaulting to the host
-name), with ``/metrics`` on ``metrics_port + i`` when ``metrics_port`` is set. The parent
+Each worker is a node of its own: ``<name>-w<i>``, ``<name>`` being what the broker would be
+called alone (``[broker] node_name``, default ``<host>-<port>``), with ``/metrics`` on
+``metrics_port + i`` when ``metrics_port`` is set. The parent
 process starts them, restarts one that dies (with a log line), and stops them all by PID on
 SIGINT/SIGTERM. A worker that exits before it first reported "ready" on its stdout (the fabric
 unreachable, say: its reason is in the log) stops the whole command, which exits non-zero.
@@ -24,7 +25,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from fleetgate.config import Config
+from fleetgate.config import Config, node_name
 from fleetgate.errors import ConfigError
 
 log = logging.getLogger("fleetgate.broker.workers")
@@ -46,17 +47,11 @@ def check_workers(config: Config, count: int) -> None:
 
 def worker_config(config: Config, index: int) -> Config:
     """Worker ``index``'s configuration: its own node name and metrics port."""
-    from broker.fabric.node import _host_name
-
-    assert config.fabric is not None
-    base = config.fabric.node_name or _host_name()
-    name = f"{base}-w{index}"[-64:]
     broker = config.broker
+    name = f"{node_name(config)}-w{index}"[-64:]
     metrics = broker.metrics_port + index if broker.metrics_port else 0
     return dataclasses.replace(
-        config,
-        fabric=dataclasses.replace(config.fabric, node_name=name),
-        broker=dataclasses.replace(broker, metrics_port=metrics),
+        config, broker=dataclasses.replace(broker, node_name=name, metrics_port=metrics)
     )
 
 
