@@ -67,6 +67,13 @@ bench-bridge: bootstrap-test
 bench-sim: bootstrap-test
 	$(VENV)/python scripts/bench_sim.py $(BENCH_ARGS)
 
+# Fabric: QoS 0/1 fan-in across two broker nodes on a 3-node NATS cluster beside the embedded
+# node, CPU per message; sessions/kick hooks. Last line: fabric_q0_ratio=… fabric_q1_ratio=…
+# failover_s=… failover_lost=… kick_p99_ms=… session_kib=…
+.PHONY: bench-fabric
+bench-fabric: bootstrap-test
+	$(VENV)/python scripts/bench_fabric.py $(BENCH_ARGS)
+
 # Coverage-guided fuzzing (atheris, libFuzzer) of the MQTT codec, the broker connection and the
 # enrollment parsers: over a million inputs, each under a timeout and an RSS limit; a crash input
 # lands in tests/fuzz/crashes/. Last line: fuzz_inputs=… crashes=0 hangs=0 … max_rss_mb=…

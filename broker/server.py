@@ -13,6 +13,7 @@ import datetime as dt
 import gc
 import ipaddress
 import logging
+import os
 import socket
 import sqlite3
 import ssl
@@ -172,10 +173,13 @@ class Broker:
     certificate_check_interval_s = 3600.0
     """How often a running broker checks that its own certificate is current (tests shorten it)."""
 
-    def __init__(self, config: Config, *, registry: Registry | None = None) -> None:
+    def __init__(
+        self, config: Config, *, registry: Registry | None = None, reuse_port: bool = False
+    ) -> None:
         settings = config.broker
         _check_settings(config)
         self.config = config
+        self.reuse_port = reuse_port  # one of several worker processes on one port
         self.registry = registry or Registry(config.database_url)
         self._own_registry = registry is None
         self.metrics = Metrics()
@@ -245,6 +249,7 @@ class Broker:
             context=context,
             on_refused=self._on_handshake_refused,
             handshake_timeout=settings.tls_handshake_timeout_s,
+            reuse_port=self.reuse_port,
         )
         self._servers.append(tls_server)
         plaintext_port = 0
@@ -254,6 +259,7 @@ class Broker:
                 settings.plaintext_host,
                 settings.plaintext_port,
                 reuse_address=True,
+                reuse_port=self.reuse_port or None,
             )
             self._servers.append(plain)
             plaintext_port = plain.sockets[0].getsockname()[1]
@@ -639,7 +645,25 @@ def _check_settings(config: Config) -> None:
         raise ConfigError("[broker] max_queued_messages must be >= 0, feed_poll_interval_s > 0")
 
 
-async def run_forever(config: Config) -> None:
+class _Announced:
+    """A worker's broker, which tells its parent on ``ready_fd`` once it listens."""
+
+    def __init__(self, broker: Broker, ready_fd: int) -> None:
+        self._broker = broker
+        self._ready_fd = ready_fd
+
+    async def start(self) -> BoundPorts:
+        ports = await self._broker.start()
+        os.write(self._ready_fd, b"ready\n")
+        return ports
+
+    async def stop(self) -> None:
+        await self._broker.stop()
+
+
+async def run_forever(
+    config: Config, *, reuse_port: bool = False, ready_fd: int | None = None
+) -> None:
     """Serve until SIGINT or SIGTERM.
 
     What the process holds once the broker is built (modules, the registry's engine, caches)
@@ -647,7 +671,7 @@ async def run_forever(config: Config) -> None:
     (``gc.freeze``), so a full collection walks only connection and session state. Without
     it, each full collection during a connect burst stopped the event loop for ~44 ms.
     """
-    broker = Broker(config)
+    broker = Broker(config, reuse_port=reuse_port)
     gc.collect()
     gc.freeze()
-    await run_until_signalled(broker)
+    await run_until_signalled(broker if ready_fd is None else _Announced(broker, ready_fd))

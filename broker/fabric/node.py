@@ -34,12 +34,12 @@ import asyncio
 import base64
 import logging
 import secrets
-import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from broker.core import BrokerCore, GateVerdict
+from broker.fabric.connect import auth_options
 from broker.fabric.durable import (
     DUPLICATE_WINDOW_S,
     MAX_AGE_S,
@@ -247,10 +247,7 @@ class FabricNode:
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
         }
-        if settings.tls_ca_file or settings.tls_cert_file:
-            options["tls"] = self._tls_context()
-        if settings.credentials_file:
-            options["user_credentials"] = str(self._config.data_path(settings.credentials_file))
+        options.update(auth_options(self._config))  # TLS and credentials: never logged
         try:
             self._nc = await asyncio.wait_for(nats.connect(**options), settings.connect_timeout_s)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
@@ -404,17 +401,6 @@ class FabricNode:
             for line in family_lines(name, kind, text, [(label, float(value))])
         ]
         return "\n".join(lines) + "\n"
-
-    def _tls_context(self) -> ssl.SSLContext:
-        """TLS 1.3 to NATS, with the fabric CA and this node's client certificate if given."""
-        settings, path = self.settings, self._config.data_path
-        context = ssl.create_default_context(
-            cafile=str(path(settings.tls_ca_file)) if settings.tls_ca_file else None
-        )
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-        if settings.tls_cert_file:
-            context.load_cert_chain(path(settings.tls_cert_file), path(settings.tls_key_file))
-        return context
 
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = str(exc) or type(exc).__name__
