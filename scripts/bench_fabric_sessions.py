@@ -480,6 +480,21 @@ async def _delivery_cpu(pub_node: Node, sub_node: Node, messages: int) -> dict[s
     return result
 
 
+def run(bench: object) -> dict[str, float]:
+    """The hook ``make bench-fabric`` calls: each figure on clusters and nodes of its own
+    (``bench``'s cluster carries the fan-in phases' state), at this script's defaults."""
+    del bench
+    failover = measure_failover(1000, 2, 256)
+    takeover = measure_takeover(50)
+    memory = measure_session_kib(1000)
+    return {
+        "failover_s": failover["failover_s"],
+        "failover_lost": failover["failover_lost"],
+        "session_kib": memory["session_kib"],
+        "takeover_ms": takeover["takeover_p99_ms"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=1000)
