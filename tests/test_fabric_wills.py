@@ -21,7 +21,7 @@ from typing import Any
 import nats
 import nats.js.errors
 import pytest
-from broker_helpers import Creds, Paho, wait_for
+from broker_helpers import Creds, Paho, enroll, wait_for
 from conftest import Fleet
 from nats_cluster import NatsCluster
 from paho.mqtt.packettypes import PacketTypes
@@ -113,7 +113,11 @@ def test_the_will_of_a_killed_node_is_published_once_by_a_survivor(
     c = FabricBroker(fleet, [cluster.nodes[2].url], "node-c").start()
     proc, port = start_node(fleet.config.home, cluster.nodes[0].url, "node-a", tmp_path / "a.log")
     try:
-        watchers = [_watching(node, ops_creds) for node in (b, c)]
+        # Two client ids: one id on two nodes is a session takeover across nodes (0x8E).
+        watchers = [
+            _watching(b, ops_creds),
+            _watching(c, enroll(fleet, "ops-9", group="controllers")),
+        ]
 
         class Remote:  # what Paho needs of a broker: its port and the fleet's CA
             pass

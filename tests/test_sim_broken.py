@@ -55,12 +55,17 @@ def test_a_tiny_broker_queue_loses_acknowledged_messages_and_the_run_says_so():
             "groups": [{"name": "sensors", "devices": 8, "rate": 10.0}],
             "stages": [{"name": "steady", "duration_s": 4, "connect_rate": 50}],
             # a dashboard that sits 100 ms on every message, with room for one in flight and
-            # one queued: the broker drops the rest (and acknowledged them to the devices)
+            # one queued, and the drop-new policy instead of the default backpressure: the broker
+            # drops the rest (and acknowledged them to the devices)
             "misbehaviour": [{"kind": "slow-subscriber", "at_s": 0.5, "ack_delay_s": 0.1}],
             "broker": {
                 "limits": {
                     "groups": {
-                        "sim-slow-subscribers": {"max_queued_messages": 1, "max_inflight": 1}
+                        "sim-slow-subscribers": {
+                            "max_queued_messages": 1,
+                            "max_inflight": 1,
+                            "overflow_policy": "drop-new",
+                        }
                     }
                 }
             },
