@@ -221,7 +221,8 @@ def device_context(root: Path, credentials: Path) -> ssl.SSLContext:
     return context
 
 
-def provision(tmp: Path, args: argparse.Namespace) -> Fleet:
+def provision(tmp: Path, args: argparse.Namespace, extra: dict[str, str] | None = None) -> Fleet:
+    """``extra`` enrolls more identities, id -> group (their contexts only; scripts/soak.py)."""
     home = tmp / "fleet-data"
     os.environ[PASSPHRASE_ENV] = PASSPHRASE  # this process only: the CA is unlocked in-process
     config = load_config(home, environ={})
@@ -238,6 +239,8 @@ def provision(tmp: Path, args: argparse.Namespace) -> Fleet:
             STATION, enrolling[start : start + 1000], group="default", label="bench", actor="bench"
         )
     registry.add_batch(STATION, [BACKEND], group=BACKEND_GROUP, label="bench", actor="bench")
+    for device_id, group in (extra or {}).items():
+        registry.add_batch(STATION, [device_id], group=group, label="bench", actor="bench")
     registry.set_acl(BACKEND_GROUP, publish=[], subscribe=[TELEMETRY_FILTER], actor="bench")
     # The broker's own certificate, issued now as `fleetgate serve broker` would on first start
     # (it finds it current and reuses it); Mosquitto is given the same files.
@@ -246,7 +249,7 @@ def provision(tmp: Path, args: argparse.Namespace) -> Fleet:
     issuing_pem = service.ca.anchors.issuing.public_bytes(Encoding.PEM)
     root = config.ca_dir / "root.crt"
     contexts = {}
-    for device_id in [BACKEND, *enrolling]:
+    for device_id in [BACKEND, *enrolling, *(extra or {})]:
         key = ec.generate_private_key(ec.SECP256R1())
         body = base64.b64encode(device_csr(device_id, key).public_bytes(Encoding.DER))
         cert = service.enroll(station_cert, body)
