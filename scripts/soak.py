@@ -18,7 +18,9 @@ process pinned to core 1:
    the generator's own timing comes first, running each attack of :data:`ATTACKS` in turn
    (one device id, ``soak-attacker``; the slow-subscriber attack needs a second identity,
    ``soak-commander``, to publish the commands the attacker never reads) until the attack time
-   is over; each attack reports the reason codes it got and whether the limit held;
+   is over; each attack reports the reason codes it got and whether the limit held (the last,
+   a handshake flood without any certificate, is not in the issue's list: it checks that
+   refused handshakes are audited through the refusal throttle);
 4. after a quiet tail, takes the final figures.
 
 Measured: well-behaved devices dropped (connection closed) or messages lost (never
@@ -117,6 +119,7 @@ ATTACKS = (
     "protocol_violations",
     "slow_subscriber",
     "reconnect_storm",
+    "handshake_flood",
 )
 TARGETS = "drops 0, RSS growth <= 5 %, descriptor growth 0, audit <= 1 MiB, p99 ratio <= 2"
 
@@ -751,6 +754,29 @@ class Attacker:
             "connects_per_s": round(sum(codes.values()) / elapsed),
             "codes": codes,
             "held": accepted <= 20 + elapsed + 1,
+        }
+
+    async def handshake_flood(self) -> dict[str, Any]:
+        """Handshakes without a client certificate in a loop, one at a time (no certificate
+        needed at all): counted, but audited once per address and kind a minute."""
+        context = ssl.create_default_context(cafile=self.brief.root)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        seconds = self.seconds(20)
+        outcomes: Counter[str] = Counter()
+        started = time.monotonic()
+        while (elapsed := time.monotonic() - started) < seconds:
+            try:
+                link = await open_link(self.brief.port, ATTACKER, context, timeout=5)
+            except LINK_ERRORS as exc:
+                outcomes[type(exc).__name__] += 1
+                continue
+            outcomes["admitted"] += 1
+            link.abort()
+        return {
+            "seconds": round(elapsed, 1),
+            "handshakes_per_s": round(sum(outcomes.values()) / elapsed),
+            "outcomes": outcomes,
+            "held": not outcomes["admitted"],
         }
 
 

@@ -51,6 +51,7 @@ def test_soak_script_runs_every_attack_and_ends_with_its_last_line() -> None:
         "protocol_violations",
         "slow_subscriber",
         "reconnect_storm",
+        "handshake_flood",
     ):
         summary = re.search(rf"^  {attack} +runs (\d+), held (\d+),", out, re.MULTILINE)
         assert summary is not None, f"{attack} did not run:\n{out}"
