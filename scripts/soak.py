@@ -78,7 +78,7 @@ from bench_broker import (
     start_fleetgate,
     stop_broker,
 )
-from benchlib import percentile
+from benchlib import close_all, percentile
 
 from broker.mqtt import (
     ConnAck,
@@ -143,6 +143,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated attacks to run in turn, of {','.join(ATTACKS)}",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--samples",
+        type=Path,
+        help="write each message's send time and latency, and each attack's window, to this "
+        "CSV (time.monotonic() seconds: compare with the broker's own timestamps)",
+    )
     parser.add_argument("--attacker-child", help=argparse.SUPPRESS)  # JSON: the child's brief
     args = parser.parse_args(argv)
     args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
@@ -399,17 +405,6 @@ async def open_fleet(
     return failures, wall
 
 
-async def close_links(links: list[Link], limit: float = 15.0) -> None:
-    for link in links:
-        link.disconnect()
-    pending = [link.gone for link in links if not link.gone.done()]
-    if pending:
-        await asyncio.wait(pending, timeout=limit)
-    for link in links:
-        if not link.gone.done():
-            link.abort()
-
-
 # -- the attacker (a child process) --------------------------------------------------------------
 
 
@@ -514,6 +509,10 @@ class Attacker:
                 head = f"devices/{ATTACKER}/commands/{n}/{k}/"
                 batch.append(head + "+/" * ((65535 - len(head)) // 2 - 1) + "+")
             batches.append(batch)
+        return await self.all_refused(link, batches)
+
+    async def all_refused(self, link: Link, batches: list[list[str]]) -> dict[str, Any]:
+        """SUBSCRIBE every batch; the limit held if every filter got 0x97 (quota exceeded)."""
         codes = await self.subscribe_all(link, batches)
         link.disconnect()
         return {
@@ -598,13 +597,7 @@ class Attacker:
         link = await self.connect()
         head = f"devices/{ATTACKER}/commands/"
         batches = [[head + f"{n:05d}" + "x" * (65_000 - len(head))] for n in range(self.n(300))]
-        codes = await self.subscribe_all(link, batches)
-        link.disconnect()
-        return {
-            "sent": f"{len(batches)} SUBSCRIBEs",
-            "codes": codes,
-            "held": set(codes) == {"0x97"},
-        }
+        return await self.all_refused(link, batches)
 
     async def publish_flood(self) -> dict[str, Any]:
         """QoS 1 as fast as the broker acknowledges, 64 in flight (its receive maximum): the
@@ -996,8 +989,10 @@ async def soak(
             )
         await child.wait()
         attack_end = time.monotonic()
+        after_meter = Meter(pid)
         await asyncio.sleep(max(plan.tail, end - attack_end))
         after_window = (attack_end + 1.0, time.monotonic())
+        print(f"quiet again after the attacks: {cpu_note(after_meter.stop())}", flush=True)
         usage = hold_meter.stop()
         msgs = sum(hold.sent) + hold.pings + sum(hold.delivered) - msgs_before
         figures.minutes = (time.monotonic() - start) / 60
@@ -1027,6 +1022,8 @@ async def soak(
     figures.drops = len(hold.drops)
     figures.lost = hold.undelivered()
     notes.extend(f"DROPPED {d}" for d in hold.drops[:5])
+    if args.samples is not None:
+        write_samples(args.samples, hold.samples, results)
     figures.rss_peak_kib = max((rss for at, rss, _ in series if at >= quiet_window[0]), default=0)
     figures.quiet_p99_ms, quiet_n = p99_ms(hold.samples, [quiet_window])
     windows = [(r["start"], r["end"]) for r in results]
@@ -1053,8 +1050,17 @@ async def soak(
         notes.append(f"PINGRESP missing: {hold.pings - hold.pongs}")
     with contextlib.suppress(OSError):
         notes.extend(await asyncio.to_thread(metrics_lines, broker.metrics_port))
-    await close_links([*hold.links, backend])
+    await close_all([*hold.links, backend])
     return figures, results, notes
+
+
+def write_samples(
+    path: Path, samples: list[tuple[float, float]], results: list[dict[str, Any]]
+) -> None:
+    lines = ["kind,at,value"]
+    lines += [f"latency_ms,{at:.4f},{lat * 1e3:.3f}" for at, lat in samples]
+    lines += [f"attack_{r['attack']},{r['start']:.4f},{r['end']:.4f}" for r in results]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def cpu_note(usage: Usage) -> str:
@@ -1087,7 +1093,7 @@ async def wait_serving(broker: BrokerProcess, fleet: Fleet) -> None:
                 raise
             await asyncio.sleep(0.2)
             continue
-        await close_links([probe])
+        await close_all([probe])
         return
 
 
