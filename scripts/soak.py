@@ -7,15 +7,15 @@ enrolled in-process), starts ``fleetgate serve broker`` pinned to core 0, and fr
 process pinned to core 1:
 
 1. opens ``--conns`` mTLS connections (MQTT 5, TLS 1.3, P-256, keep-alive 60 s) and one backend
-   subscriber on ``devices/+/telemetry``; TLS is :class:`fleetgate.tlspump.TLSPump` over plain
-   TCP transports (asyncio's TLS transport costs the generator about twice the CPU and memory
-   per connection, and 10,000 of them had to fit on one core);
+   subscriber on ``devices/+/telemetry``; TLS is :class:`fleetgate.tlspump.TLSPump` (the
+   broker's own sans-IO layer) over plain TCP transports, not asyncio's TLS transport, to keep
+   10,000 connections light on one core;
 2. holds them ``--minutes``: each device publishes one QoS 1 message per ``--period`` (60 s)
    with a timestamp, and sends a PINGREQ half a period later; the backend's receive time gives
    the publish->deliver latency (one clock: ``time.monotonic``);
 3. after a warm-up and a quiet window (the quiet latency and the baseline RSS, descriptors and
-   registry size), starts the attacker: a child process of this script, niced and on core 1 so
-   the generator's own timing comes first, running each attack of :data:`ATTACKS` in turn
+   registry size), starts the attacker: a child process of this script, ``SCHED_IDLE`` on core 1
+   so the generator's own timing comes first, running each attack of :data:`ATTACKS` in turn
    (one device id, ``soak-attacker``; the slow-subscriber attack needs a second identity,
    ``soak-commander``, to publish the commands the attacker never reads) until the attack time
    is over; each attack reports the reason codes it got and whether the limit held (the last,
@@ -26,8 +26,9 @@ process pinned to core 1:
 Measured: well-behaved devices dropped (connection closed) or messages lost (never
 delivered); the broker's RSS and descriptors after warm-up against the end (and the peak);
 the registry's growth during the attacks (``PRAGMA page_count`` counts pages still in the
-WAL) and the audit rows written meanwhile; the p99 publish->deliver latency during the attacks
-against the quiet window's, also per attack. The last line is::
+WAL) and the audit rows written meanwhile (``audit_mib`` is the larger of the two); the
+p99 publish->deliver latency during the attacks against the quiet window's, also per attack.
+The last line is::
 
     soak_conns=<held> minutes=<m> drops=<n> rss_growth_pct=<x> audit_mib=<x> \
 attack_p99_ratio=<x>
