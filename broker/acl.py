@@ -1,5 +1,7 @@
 """Topic ACLs: per-group templates where ``%d`` stands for the device id. Pure, default deny.
 
+Also the one decision on what a live session keeps when its ACL changes (:func:`outgrown`).
+
 A device may PUBLISH to a topic name matched by one of its publish patterns, and SUBSCRIBE to a
 filter only if every topic that filter could match is inside one of its subscribe patterns
 (filter containment, not mere overlap): ``devices/+/commands/#`` is refused even though it
@@ -11,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from broker.limits import audit_text
+
 # What may be stored is decided beside the registry, which refuses what this module would.
 from enrollment.registry.acl import DEVICE_PLACEHOLDER as DEVICE_PLACEHOLDER
+from enrollment.registry.acl import AclPatterns, check_patterns
 from enrollment.registry.acl import InvalidAcl as InvalidAcl
-from enrollment.registry.acl import check_patterns
 from fleetgate.topics import filter_contains
 
 RESERVED_PREFIX = "$"
@@ -66,3 +70,40 @@ def check_template(publish: Iterable[str], subscribe: Iterable[str]) -> AclTempl
     """
     patterns = check_patterns(publish, subscribe)
     return AclTemplate(publish=patterns.publish, subscribe=patterns.subscribe)
+
+
+def bind_acl(patterns: AclPatterns | None, device_id: str) -> DeviceAcl:
+    """A group's stored template (None: it has none, the default applies) bound to a device."""
+    template = AclTemplate(patterns.publish, patterns.subscribe) if patterns else None
+    return (template or DEFAULT_TEMPLATE).for_device(device_id)
+
+
+@dataclass(frozen=True)
+class Outgrown:
+    """What a live session holds that its new ACL does not allow."""
+
+    filters: tuple[str, ...]
+    will_topic: str | None
+
+    def describe(self, group: str) -> str:
+        """One bounded line for the device (MQTT 5 reason string) and the audit trail."""
+        held = [f"subscription {audit_text(f)!r}" for f in self.filters[:3]]
+        if len(self.filters) > 3:
+            held.append(f"{len(self.filters) - 3} more subscription(s)")
+        if self.will_topic is not None:
+            held.append(f"will topic {audit_text(self.will_topic)!r}")
+        return f"the ACL of group {group} no longer allows {', '.join(held)}"
+
+
+def outgrown(acl: DeviceAcl, filters: Iterable[str], will_topic: str | None) -> Outgrown | None:
+    """What of a live session's subscriptions and will the new ``acl`` refuses; None: nothing,
+    the session goes on under ``acl``.
+
+    The one decision on a policy change, whatever its source (``fleetgate acl set``, ``device
+    move``): a subscription is judged as a new SUBSCRIBE would be, the will as at CONNECT.
+    """
+    refused = tuple(f for f in filters if not acl.may_subscribe(f))
+    will = will_topic if will_topic is not None and not acl.may_publish(will_topic) else None
+    if not refused and will is None:
+        return None
+    return Outgrown(refused, will)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from cryptography import x509
 
-from broker.acl import DEFAULT_TEMPLATE, AclTemplate, DeviceAcl
+from broker.acl import DeviceAcl, bind_acl
 from broker.limits import audit_text
 from broker.mqtt import ReasonCode
 from enrollment.identity import PeerIdentity, named_identity
@@ -153,8 +153,7 @@ def decide_admission(
             return Refused(f"certificate {cert.serial} of {device_id} is {cert.status}{advice}")
     if barred:
         return Refused(f"device {device_id} was barred while connecting")
-    template = AclTemplate(facts.acl.publish, facts.acl.subscribe) if facts.acl else None
-    acl = (template or DEFAULT_TEMPLATE).for_device(device_id)
+    acl = bind_acl(facts.acl, device_id)
     if will_topic is not None and not acl.may_publish(will_topic):
         return Refused(f"will topic {audit_text(will_topic)!r} is not permitted", label="will")
     return Admitted(facts.group, acl)

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from broker.acl import DeviceAcl
+from broker.acl import DeviceAcl, outgrown
 from broker.admission import Admitted, Identity, Refused, Unidentified
 from broker.core import BrokerCore, CoreSettings, GateVerdict
 from broker.limits import DeviceLimits, Limit, TokenBucket, audit_text, topic_excess
@@ -135,6 +135,11 @@ _SUCCESS = ReasonCode.SUCCESS
 _HOLD = GateVerdict.HOLD
 _ROUTE = GateVerdict.ROUTE
 _LOOP = GateVerdict.LOOP
+_NOT_HELD = frozenset({PubAck, PubRec, PubRel, PubComp, PingReq})
+MAX_DEFERRED = 32
+"""Packets a client held by a full queue may send meanwhile (besides acknowledgements and
+pings, which are processed) before the broker stops reading it: at most this many PUBLISHes of
+``max_packet_size`` each are buffered per held client."""
 
 
 class _HeldAck:
@@ -171,11 +176,14 @@ class Connection:
         "_connect",
         "_created",
         "_decoder",
+        "_deferred",
         "_drained_at",
         "_held",
+        "_holders",
         "_out",
         "_out_alias_limit",
         "_out_aliases",
+        "_pressure_ack",
         "_publish_rate",
         "_send_window",
         "_stalled",
@@ -241,6 +249,11 @@ class Connection:
         """Set while a PUBLISH waits for the publish rate: read nothing until then, and call
         :meth:`resume`."""
         self._drained_at: float | None = None  # draining: when the last held ack went out
+        # Backpressure: the sessions whose full queue holds this publisher, the acknowledgement
+        # held for them, and the packets read meanwhile that wait (all but acks and pings).
+        self._holders: set[Session] = set()
+        self._pressure_ack: _HeldAck | None = None
+        self._deferred: deque[Packet | PlainPublish] = deque()
         core.connections.add(self)
 
     @property
@@ -270,6 +283,34 @@ class Connection:
             self.last_received = now  # the keep-alive counts from when reading resumed
             self._process(now)
 
+    @property
+    def held_back(self) -> bool:
+        """Held by a full queue with :data:`MAX_DEFERRED` packets waiting: read nothing more
+        until :meth:`resume_publishing` (TCP backpressure)."""
+        return bool(self._holders) and len(self._deferred) >= MAX_DEFERRED
+
+    def hold_for(self, session: Session) -> None:
+        """``session``'s full queue took this client's PUBLISH over its limit: keep that
+        PUBLISH's acknowledgement and process no more of its PUBLISHes until released."""
+        self._holders.add(session)
+
+    def release_from(self, session: Session, now: float) -> None:
+        """``session`` no longer holds this client; once none does, its acknowledgement goes
+        out and :attr:`BrokerCore.released` asks the I/O layer for :meth:`resume_publishing`."""
+        self._holders.discard(session)
+        if self._holders:
+            return
+        held, self._pressure_ack = self._pressure_ack, None
+        if held is not None and held.packet is not None and not held.ready:
+            held.stored(True, now)
+        self.core.released[self] = None
+
+    def resume_publishing(self, now: float) -> None:
+        """Go on with the packets that waited while the client was held (it may be held
+        again)."""
+        if not self._holders and self.state is _CONNECTED:
+            self._process(now)
+
     def admission_done(self, result: Admitted | Refused, now: float) -> None:
         """The verdict on the CONNECT (:func:`broker.admission.decide_admission`); a connection
         closed meanwhile ignores it."""
@@ -286,6 +327,17 @@ class Connection:
         self._publish_rate = TokenBucket(limits.publish_rate, limits.publish_burst, now)
         self._accept(self._connect, now)
         self._process(now)  # packets the client sent before its CONNACK (MQTT 5 section 3.1.4)
+
+    def requested_session(self) -> tuple[str, bool, int]:
+        """While admitting: (client id, clean start, session expiry interval) of the CONNECT,
+        for the fabric to claim the session before the CONNACK."""
+        assert self._connect is not None
+        packet = self._connect
+        if self.level is _V5:
+            expiry = packet.properties.session_expiry_interval or 0
+        else:
+            expiry = 0 if packet.clean_start else NEVER_EXPIRES
+        return self.client_id, packet.clean_start, expiry
 
     def take_output(self) -> bytes:
         data = b"".join(self._out)
@@ -312,6 +364,7 @@ class Connection:
             self.state is State.CONNECTED
             and self.keep_alive
             and self.resume_at is None  # not read by choice (publish rate): not silent
+            and not self._holders  # nor while held by a full queue
             and now - self.last_received > KEEP_ALIVE_GRACE * self.keep_alive
         ):
             self._disconnect(_R.KEEP_ALIVE_TIMEOUT, "keep-alive timeout", now, publish_will=True)
@@ -339,6 +392,36 @@ class Connection:
         self._disconnect(_R.ADMINISTRATIVE_ACTION, f"device {state}", now, publish_will=False)
         return True
 
+    def apply_policy(self, group: str, acl: DeviceAcl, now: float) -> bool | None:
+        """The device's group or its group's ACL changed while it is connected: True if the
+        session was closed, False if it goes on, None if it is not connected (an admission
+        under way reads the registry again, ``Broker._admit_in_thread``).
+
+        From now on its PUBLISHes and SUBSCRIBEs are judged by ``acl`` (the remembered publish
+        verdicts are forgotten). A session holding a subscription or a will the new ACL
+        refuses (:func:`broker.acl.outgrown`) is closed without its will, its device told why
+        (MQTT 5: DISCONNECT 0x87 with the reason; 3.1.1 has no server DISCONNECT: the
+        connection closes), and the session is discarded: messages queued for it may have come
+        through a filter it may no longer hold. Limits stay those of the group it connected
+        under until it reconnects.
+        """
+        if self.state is not State.CONNECTED:
+            return None
+        session = self.session
+        assert session is not None
+        refused = outgrown(acl, session.subscriptions, self._will.topic if self._will else None)
+        self.group, self.acl = group, acl
+        self._allowed.clear()
+        if refused is None:
+            return False
+        reason = refused.describe(group)
+        self.core.audit(
+            AuditRecord(self._actor(), "mqtt.policy_kick", "ok", self.device_id, reason)
+        )
+        self._disconnect(_R.NOT_AUTHORIZED, reason, now, publish_will=False)
+        self.core.end_session(session, now)
+        return True
+
     def shut_down(self, now: float) -> None:
         self._disconnect(_R.SERVER_SHUTTING_DOWN, "server shutting down", now, publish_will=False)
 
@@ -346,19 +429,30 @@ class Connection:
 
     def _process(self, now: float) -> AdmissionRequest | None:
         decoder = self._decoder
+        deferred = self._deferred
         while self.state in _LIVE:
             item = self._stalled
             if item is None:
-                try:
-                    item = decoder.next_item()
-                except ProtocolError as exc:
-                    self._protocol_error(exc, now)
-                    return None
-                if item is None:
-                    return None
+                if deferred and not self._holders:
+                    item = deferred.popleft()
+                else:
+                    if len(deferred) >= MAX_DEFERRED:
+                        return None  # held: read nothing more (held_back)
+                    try:
+                        item = decoder.next_item()
+                    except ProtocolError as exc:
+                        self._protocol_error(exc, now)
+                        return None
+                    if item is None:
+                        return None
             else:
                 self._stalled = None
             kind = type(item)
+            # Held by a full queue: acknowledgements and pings go on (a held client that also
+            # subscribes keeps draining its own queue), the rest waits in order.
+            if self._holders and kind not in _NOT_HELD:
+                deferred.append(item)
+                continue
             # Over the publish rate: stop here, and let TCP slow the device down.
             if (kind is tuple or kind is Publish) and (wait := self._publish_rate.take(now)):
                 self._stall(item, now, wait)
@@ -470,8 +564,8 @@ class Connection:
         return AdmissionRequest(identity, packet.will.topic if packet.will else None)
 
     def _accept(self, packet: Connect, now: float) -> None:
+        expiry = self.requested_session()[2]
         if self.level is _V5:
-            expiry = packet.properties.session_expiry_interval or 0
             self._send_window = min(
                 packet.properties.receive_maximum or 0xFFFF,
                 self.core.settings.receive_maximum,
@@ -484,7 +578,6 @@ class Connection:
             if self._out_alias_limit:
                 self._out_aliases = {}
         else:
-            expiry = 0 if packet.clean_start else NEVER_EXPIRES
             self._send_window = min(self._send_window, self.limits.max_inflight)
         self.keep_alive = packet.keep_alive
         cap = self.core.settings.max_keep_alive_s
@@ -498,10 +591,11 @@ class Connection:
         session, present = self.core.attach(
             self,
             self.client_id,
-            clean_start=packet.clean_start,
+            clean_start=packet.clean_start or self._stored_session_outgrown(),
             expiry=expiry,
             now=now,
             limits=self.limits,
+            will=packet.will,
         )
         self.session = session
         self.state = State.CONNECTED
@@ -514,6 +608,21 @@ class Connection:
             else:
                 self._write(pending)
         self._drain(now)
+
+    def _stored_session_outgrown(self) -> bool:
+        """Whether the stored session this CONNECT would resume holds a subscription the ACL
+        just admitted refuses (the policy changed while the device was away): it is then
+        discarded, as :meth:`apply_policy` does for a live one, and the device starts clean
+        (session present 0)."""
+        stored = self.core.sessions.get(self.client_id)
+        assert self.acl is not None
+        refused = None if stored is None else outgrown(self.acl, stored.subscriptions, None)
+        if refused is None:
+            return False
+        reason = f"stored session {self.client_id!r} discarded: {refused.describe(self.group)}"
+        record = AuditRecord(self._actor(), "mqtt.policy_discard", "ok", self.device_id, reason)
+        self.core.audit(record)
+        return True
 
     def _on_publish(
         self,
@@ -601,7 +710,9 @@ class Connection:
                     self._queue_full(packet_id, qos, now)
                     return
                 held = None
-        core.publish(message, now, owner=owner)
+        core.publish(message, now, owner=owner, publisher=self)
+        if self._holders and held is None:  # a full queue took it: hold its acknowledgement
+            held = self._pressure_ack = _HeldAck(self)
         self._answer_publish(packet_id, qos, _SUCCESS, held)
 
     def _queue_full(self, packet_id: int | None, qos: QoS, now: float) -> None:
@@ -619,8 +730,8 @@ class Connection:
     def _may_publish(self, topic: str) -> ReasonCode:
         """Whether ``topic`` is within the group's topic limits and the ACL (success, quota
         exceeded, not authorized), for a topic not in ``_allowed`` yet, remembered there: a
-        device publishes to a handful of topics, over and over, and neither its ACL nor its
-        limits change while it is connected."""
+        device publishes to a handful of topics, over and over; a policy change forgets them
+        (:meth:`apply_policy`)."""
         assert self.acl is not None
         if topic_excess(topic, self.limits) is not None:
             access = _R.QUOTA_EXCEEDED
@@ -832,6 +943,8 @@ class Connection:
         while session.queue and len(session.inflight) < self._send_window:
             delivery = session.pop()
             self._send_publish(delivery, session.next_packet_id(), now)
+        if session.held or session.shedding:
+            self.core.drained(session, now)
 
     def _send_publish(self, delivery: Delivery, packet_id: int | None, now: float) -> None:
         message = delivery.message
@@ -867,8 +980,9 @@ class Connection:
         self.core.metrics.messages_sent[delivery.qos] += 1
         self._emit(data)
         if packet_id is not None:
-            assert self.session is not None
-            self.session.inflight[packet_id] = Publish(
+            session = self.session
+            assert session is not None
+            session.inflight[packet_id] = Publish(
                 topic=message.topic,
                 payload=message.payload,
                 qos=delivery.qos,
@@ -876,6 +990,8 @@ class Connection:
                 packet_id=packet_id,
                 properties=props,
             )
+            if session.fabric is not None:
+                session.fabric.sent(packet_id, delivery)
 
     def _encode_aliased(
         self, aliases: dict[str, int], delivery: Delivery, packet_id: int | None, props: Properties
@@ -1061,6 +1177,11 @@ class Connection:
 
     def _close(self, now: float, *, publish_will: bool) -> None:
         self._held.clear()  # never sent: the client resends those messages
+        if self._holders:
+            self.core.forget_publisher(self, self._holders)
+            self._holders.clear()
+        self._pressure_ack = None
+        self._deferred.clear()
         self.state = State.CLOSED
         self.closing = True
         self.core.dirty.add(self)

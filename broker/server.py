@@ -13,19 +13,22 @@ import datetime as dt
 import gc
 import ipaddress
 import logging
+import os
 import socket
 import sqlite3
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.admission import (
+    Admitted,
     CertificateIdentities,
     Identity,
+    Refused,
     Unidentified,
     decide_admission,
     read_admission_facts,
@@ -34,14 +37,20 @@ from broker.audit import AuditWriter
 from broker.bridge import BridgeManager
 from broker.connection import AdmissionRequest, Connection
 from broker.core import BrokerCore, CoreSettings
-from broker.feed import RevocationFeed
+from broker.feed import PolicyChange, RevocationFeed
 from broker.metrics import Metrics
-from broker.mqtt import MAX_PACKET_SIZE
-from broker.tls import broker_context, broker_credentials, handshake_label
+from broker.mqtt import MAX_PACKET_SIZE, ReasonCode
+from broker.tls import (
+    broker_context,
+    broker_credentials,
+    fleet_trust,
+    follow_fleet_cas,
+    handshake_label,
+)
 from enrollment.ca import ServerCredentials, ensure_server_certificate, is_initialised
 from enrollment.registry import AdmissionFacts, AuditRecord, DeviceChange, DeviceState, Registry
 from enrollment.registry.outage import RegistryOutage
-from fleetgate.config import Config
+from fleetgate.config import Config, node_name
 from fleetgate.errors import ConfigError, FleetgateError, InvalidDeviceId
 from fleetgate.ids import validate_id
 from fleetgate.lifecycle import run_until_signalled
@@ -98,6 +107,8 @@ class _MqttProtocol(asyncio.Protocol):
         if request is not None:
             self._broker.admit(self, request)
         self.pace()
+        if self.conn.held_back:  # held by a full queue, with enough read meanwhile
+            self._update_reading()
         self._broker.wake()
 
     def pace(self) -> None:
@@ -149,7 +160,8 @@ class _MqttProtocol(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if self._admitting or self._write_paused or self._rate_paused:
+        held = self.conn is not None and self.conn.held_back
+        if self._admitting or self._write_paused or self._rate_paused or held:
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
@@ -161,16 +173,20 @@ class Broker:
     certificate_check_interval_s = 3600.0
     """How often a running broker checks that its own certificate is current (tests shorten it)."""
 
-    def __init__(self, config: Config, *, registry: Registry | None = None) -> None:
+    def __init__(
+        self, config: Config, *, registry: Registry | None = None, reuse_port: bool = False
+    ) -> None:
         settings = config.broker
         _check_settings(config)
         self.config = config
+        self.reuse_port = reuse_port  # one of several worker processes on one port
         self.registry = registry or Registry(config.database_url)
         self._own_registry = registry is None
         self.metrics = Metrics()
         # One for the feed, admission and audit: an outage is logged once, not once per caller.
         self.outage = RegistryOutage(self.registry.url, log)
         self.audit = AuditWriter(self.registry, self.metrics, outage=self.outage)
+        self.node_name = node_name(config)
         self.core = BrokerCore(
             CoreSettings(
                 max_packet_size=settings.max_packet_size,
@@ -179,7 +195,7 @@ class Broker:
                 max_keep_alive_s=settings.max_keep_alive_s,
             ),
             metrics=self.metrics,
-            audit=self.audit.submit,
+            audit=self._audit,
             limits=settings.limits,
         )
         self.feed = RevocationFeed(
@@ -187,6 +203,7 @@ class Broker:
             self.metrics,
             interval=settings.feed_poll_interval_s,
             on_change=self._on_device_change,
+            on_policy=self._on_policy_change,
             outage=self.outage,
         )
         self.bridges = (
@@ -200,6 +217,7 @@ class Broker:
 
             self.fabric = FabricNode(config, self.core, wake=self.wake, clock=self.now)
         self.identities = CertificateIdentities()
+        self.trust_changed = asyncio.Event()  # set when a rotated CA joins the trust (tests)
         self._admit_inline = self.registry.reads_locally
         self.ports = BoundPorts(0, 0, 0)
         self._protocols: dict[Connection, _MqttProtocol] = {}
@@ -231,6 +249,7 @@ class Broker:
             context=context,
             on_refused=self._on_handshake_refused,
             handshake_timeout=settings.tls_handshake_timeout_s,
+            reuse_port=self.reuse_port,
         )
         self._servers.append(tls_server)
         plaintext_port = 0
@@ -240,6 +259,7 @@ class Broker:
                 settings.plaintext_host,
                 settings.plaintext_port,
                 reuse_address=True,
+                reuse_port=self.reuse_port or None,
             )
             self._servers.append(plain)
             plaintext_port = plain.sockets[0].getsockname()[1]
@@ -253,7 +273,13 @@ class Broker:
             )
         metrics_port = await self._start_metrics() if settings.metrics_port else 0
         renewal = self._keep_certificate_current(context, credentials)
-        for job in (self.feed.run(), self.audit.run(), self._tick(), renewal):
+        rotation = follow_fleet_cas(  # a rotated CA is trusted without a restart (issue 14)
+            fleet_trust(self.config, context),
+            self.registry,
+            interval_s=self.config.ca.authority_poll_interval_s,
+            changed=self.trust_changed,
+        )
+        for job in (self.feed.run(), self.audit.run(), self._tick(), renewal, rotation):
             task = self._loop.create_task(job)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -262,7 +288,12 @@ class Broker:
         )
         log.info(
             "broker listening",
-            extra={"host": settings.host, "port": self.ports.tls, "metrics": metrics_port},
+            extra={
+                "host": settings.host,
+                "port": self.ports.tls,
+                "metrics": metrics_port,
+                "node": self.node_name,
+            },
         )
         return self.ports
 
@@ -384,8 +415,12 @@ class Broker:
         return facts
 
     async def _admit_in_thread(self, protocol: _MqttProtocol, request: AdmissionRequest) -> None:
-        cursor = self.feed.cursor
-        facts = await asyncio.to_thread(self._read_facts, request)
+        device_id = request.identity.device_id
+        while True:  # again if a policy change the read may predate was applied meanwhile
+            cursor = self.feed.cursor
+            facts = await asyncio.to_thread(self._read_facts, request)
+            if facts is None or not self.feed.policy_changed_since(device_id, facts.group, cursor):
+                break
         self._decide(protocol, request, facts, cursor)
         protocol.admission_finished()
         self.wake()
@@ -402,8 +437,35 @@ class Broker:
         barred = self.feed.barred_since(identity.device_id, cursor)
         verdict = decide_admission(facts, identity, barred=barred, will_topic=request.will_topic)
         assert protocol.conn is not None
+        if isinstance(verdict, Admitted) and self.fabric is not None:  # the session first
+            protocol.admission_started()
+            assert self._loop is not None
+            task = self._loop.create_task(self._claim_then_admit(protocol, verdict))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
         protocol.conn.admission_done(verdict, self.now())
         protocol.pace()  # packets sent before the CONNACK may be over the publish rate
+
+    async def _claim_then_admit(self, protocol: _MqttProtocol, verdict: Admitted) -> None:
+        """Fabric mode: the session is claimed from the fabric before the CONNACK; a fabric
+        that cannot answer refuses the CONNECT (Server unavailable)."""
+        conn = protocol.conn
+        assert conn is not None and self.fabric is not None
+        client_id, clean_start, expiry = conn.requested_session()
+        result: Admitted | Refused = verdict
+        try:
+            await self.fabric.claim_session(conn.device_id, client_id, clean_start, expiry)
+        except Exception as exc:
+            log.warning("fabric: session claim failed: %s", exc, extra={"client": client_id})
+            reason = f"the fabric's session store did not answer: {exc}"
+            result = Refused(reason, ReasonCode.SERVER_UNAVAILABLE, "fabric")
+        conn.admission_done(result, self.now())
+        if conn.session is None and isinstance(result, Admitted):  # it left while claiming
+            self.fabric.abandon_session(client_id)
+        protocol.admission_finished()
+        protocol.pace()
+        self.wake()
 
     def call_at(self, when: float, callback: Callable[[], None]) -> None:
         assert self._loop is not None
@@ -411,13 +473,15 @@ class Broker:
 
     def wake(self) -> None:
         """Write pending output at the end of this loop turn."""
-        if self.core.dirty and not self._flush_scheduled:
+        if (self.core.dirty or self.core.released) and not self._flush_scheduled:
             assert self._loop is not None
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self.core.released:
+            self._resume_released()
         dirty, self.core.dirty = self.core.dirty, set()
         for conn in dirty:
             protocol = self._protocols.get(conn)
@@ -429,6 +493,24 @@ class Broker:
             if conn.closing:
                 protocol.transport.close()
 
+    def _resume_released(self) -> None:
+        """Publishers a full queue let go: process what they sent meanwhile, read them again.
+        Resuming one can hold or release others; a bounded number of rounds per loop turn."""
+        now = self.now()
+        for _ in range(8):
+            released, self.core.released = self.core.released, {}
+            for conn in released:
+                conn.resume_publishing(now)
+                protocol = self._protocols.get(conn)
+                if protocol is not None:
+                    protocol.pace()
+                    protocol._update_reading()
+            if not self.core.released:
+                return
+        self._flush_scheduled = True  # the rest on the next turn
+        assert self._loop is not None
+        self._loop.call_soon(self._flush)
+
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
@@ -438,15 +520,46 @@ class Broker:
     # -- events from outside ---------------------------------------------------------------------
 
     def _on_device_change(self, change: DeviceChange) -> None:
-        if change.state not in (DeviceState.REVOKED, DeviceState.SUSPENDED):
+        if change.device_id is None or change.state not in (
+            DeviceState.REVOKED,
+            DeviceState.SUSPENDED,
+        ):
             return
+        if self.fabric is not None:  # the other nodes kick now, not at their next poll
+            self.fabric.kicks.announce(change)
         kicked = self.core.kick(change.device_id, change.state, change.reason, self.now())
         if kicked:
             log.warning(
                 "device session closed by revocation",
-                extra={"device": change.device_id, "state": str(change.state)},
+                extra={
+                    "device": change.device_id,
+                    "state": str(change.state),
+                    "node": self.node_name,
+                },
             )
         self.wake()
+
+    def _on_policy_change(self, change: PolicyChange) -> None:
+        reached, closed = self.core.apply_policy(
+            change.device_id, change.group, change.acl, self.now()
+        )
+        if reached:
+            log.info(
+                "policy change applied to live sessions",
+                extra={
+                    "group": change.group,
+                    "sessions": reached,
+                    "closed": closed,
+                    "node": self.node_name,
+                },
+            )
+        self.wake()
+
+    def _audit(self, record: AuditRecord) -> None:
+        """Every audit row says which node wrote it: two brokers' kicks of one device are two
+        rows that differ (in the reason text, which the hash chain covers; a new column would
+        change the chain's encoding, which must never change)."""
+        self.audit.submit(replace(record, reason=f"{record.reason} [node {self.node_name}]"))
 
     def _on_handshake_refused(self, peer: str, reason: str) -> None:
         """Counted every time; audited like every other refusal (:meth:`BrokerCore.refused`):
@@ -479,7 +592,10 @@ class Broker:
             retained=self.core.retained.count,
             feed_lag_s=self.now() - self.feed.last_read,
         )
-        text += self.metrics.render_limits(self.core.queue_drops())
+        text += self.metrics.render_limits(
+            self.core.queue_drops(), self.core.queue_holds(), self.core.publishers_held()
+        )
+        text += self.metrics.render_node(self.node_name)
         if self.bridges is not None:
             text += self.bridges.render_metrics()
         if self.fabric is not None:
@@ -535,7 +651,25 @@ def _check_settings(config: Config) -> None:
         raise ConfigError("[broker] max_queued_messages must be >= 0, feed_poll_interval_s > 0")
 
 
-async def run_forever(config: Config) -> None:
+class _Announced:
+    """A worker's broker, which tells its parent on ``ready_fd`` once it listens."""
+
+    def __init__(self, broker: Broker, ready_fd: int) -> None:
+        self._broker = broker
+        self._ready_fd = ready_fd
+
+    async def start(self) -> BoundPorts:
+        ports = await self._broker.start()
+        os.write(self._ready_fd, b"ready\n")
+        return ports
+
+    async def stop(self) -> None:
+        await self._broker.stop()
+
+
+async def run_forever(
+    config: Config, *, reuse_port: bool = False, ready_fd: int | None = None
+) -> None:
     """Serve until SIGINT or SIGTERM.
 
     What the process holds once the broker is built (modules, the registry's engine, caches)
@@ -543,7 +677,7 @@ async def run_forever(config: Config) -> None:
     (``gc.freeze``), so a full collection walks only connection and session state. Without
     it, each full collection during a connect burst stopped the event loop for ~44 ms.
     """
-    broker = Broker(config)
+    broker = Broker(config, reuse_port=reuse_port)
     gc.collect()
     gc.freeze()
-    await run_until_signalled(broker)
+    await run_until_signalled(broker if ready_fd is None else _Announced(broker, ready_fd))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,16 @@ class CASettings:
     ocsp_validity_minutes: int = 60
     crl_url: str = "https://localhost:8443/crl"
     ocsp_url: str = "https://localhost:8443/ocsp"
+    # Where the CA keys live: "file" (encrypted PEM under ca/) or "pkcs11" (a token; the PIN from
+    # FLEETGATE_PKCS11_PIN or pkcs11_pin_file, never the command line or this file).
+    key_store: str = "file"
+    pkcs11_module: str = ""
+    pkcs11_token_label: str = ""
+    pkcs11_key_label: str = "fleetgate-issuing"
+    pkcs11_root_key_label: str = ""  # empty: the root key stays in an encrypted file
+    pkcs11_pin_file: str = ""
+    # How often a running enrollment service and broker look for a rotated CA in the registry.
+    authority_poll_interval_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,10 @@ class DeviceLimits:
     ``connect_*`` applies before the registry is asked, so before the group is known: only the
     ``[broker.limits]`` defaults count for it. ``max_queued_messages`` is further capped by
     ``[broker] max_queued_messages``, the broker-wide ceiling.
+
+    ``overflow_policy`` is what a full queue of a device's session does with one more QoS 1/2
+    message (:data:`OVERFLOW_POLICIES`; docs/threat-model.md says why ``backpressure`` is the
+    default); ``max_backpressure_s`` bounds how long its full queue may hold a publisher.
     """
 
     max_subscriptions: int = 100
@@ -81,6 +96,12 @@ class DeviceLimits:
     publish_burst: int = 1000
     connect_rate: float = 1.0
     connect_burst: int = 20
+    overflow_policy: str = "backpressure"
+    max_backpressure_s: float = 10.0
+
+
+OVERFLOW_POLICIES = ("backpressure", "drop-new", "drop-oldest")
+"""``[broker.limits] overflow_policy``: hold the publishers, refuse the newest, evict the oldest."""
 
 
 @dataclass(frozen=True)
@@ -111,8 +132,13 @@ class BrokerSettings:
     within 15 minutes instead of whenever the kernel gives up on the socket. 600 leaves the
     usual 30-120 s keep-alives (paho's and the SDK's 60, a bridge's 30) alone; 0 is no cap.
     An MQTT 3.1.1 client cannot be told, so it keeps the keep-alive it asked for.
+
+    ``node_name`` names this broker process in audit rows, logs and ``/metrics`` (several
+    brokers share one registry, with or without ``[fabric]``); default ``<host>-<port>``, see
+    :func:`node_name`.
     """
 
+    node_name: str = ""
     host: str = "127.0.0.1"
     port: int = 8883
     server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
@@ -206,9 +232,14 @@ class FabricSettings:
 
     Without the section the broker is one process with everything in memory. ``servers`` are
     NATS URLs (``nats://`` or ``tls://``); the TLS files and ``credentials_file`` (a NATS
-    ``.creds`` file) are paths resolved against the data directory. ``node_name`` (default:
-    the host name) says which node did what; ``replicas`` is the copy count of the fabric's
-    JetStream streams.
+    ``.creds`` file) are paths resolved against the data directory. ``user`` with
+    ``password_file`` logs in as a NATS user (the password is read from the file, owner-only,
+    never from the command line or the environment). ``node_name`` is the older spelling of
+    ``[broker] node_name`` (used when that is empty); ``replicas`` is the copy count of the
+    fabric's JetStream streams and KV buckets. ``local`` has the broker start and supervise one
+    nats-server (R1, store in the data directory, client port ``local_port`` on loopback, user
+    ``fleetgate`` with a password made up on first start) instead of reaching ``servers``;
+    ``local_binary`` names that server.
     """
 
     servers: tuple[str, ...] = ()
@@ -217,8 +248,13 @@ class FabricSettings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     credentials_file: str = ""
+    user: str = ""
+    password_file: str = ""
     replicas: int = 3
     connect_timeout_s: float = 5.0
+    local: bool = False
+    local_port: int = 4222
+    local_binary: str = ""
 
 
 _FABRIC_SECTION = "fabric"
@@ -231,6 +267,18 @@ def _build_fabric(raw: dict[str, Any], env: Any) -> FabricSettings | None:
     fabric: FabricSettings = _build_section(
         _FABRIC_SECTION, FabricSettings, raw.get(_FABRIC_SECTION, {}), env
     )
+    if fabric.local:
+        if fabric.servers:
+            raise ConfigError("[fabric] local = true runs its own nats-server: leave servers out")
+        if not 1 <= fabric.local_port <= 65535:
+            raise ConfigError("[fabric] local_port must be between 1 and 65535")
+        fabric = dataclasses.replace(
+            fabric,
+            servers=(f"nats://127.0.0.1:{fabric.local_port}",),
+            replicas=1,
+            user=fabric.user or "fleetgate",
+            password_file=fabric.password_file or "fabric/local.password",
+        )
     if not fabric.servers:
         raise ConfigError('[fabric] needs servers, e.g. servers = ["nats://nats-1:4222"]')
     for url in fabric.servers:
@@ -238,13 +286,13 @@ def _build_fabric(raw: dict[str, Any], env: Any) -> FabricSettings | None:
             raise ConfigError(f"[fabric] servers: {url!r} is not a nats:// or tls:// URL")
     if bool(fabric.tls_cert_file) != bool(fabric.tls_key_file):
         raise ConfigError("[fabric] tls_cert_file and tls_key_file go together")
+    if bool(fabric.user) != bool(fabric.password_file):
+        raise ConfigError("[fabric] user and password_file go together")
+    if fabric.user and fabric.credentials_file:
+        raise ConfigError("[fabric] user/password_file or credentials_file, not both")
     if not 1 <= fabric.replicas <= 5:
         raise ConfigError("[fabric] replicas must be between 1 and 5")
-    if fabric.node_name and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fabric.node_name):
-        raise ConfigError(
-            f"[fabric] node_name {fabric.node_name!r}: 1-64 of A-Z a-z 0-9 _ - (it becomes a "
-            "NATS subject token)"
-        )
+    _check_node_name("fabric", fabric.node_name)
     if fabric.connect_timeout_s <= 0:
         raise ConfigError("[fabric] connect_timeout_s must be > 0")
     return fabric
@@ -345,11 +393,34 @@ def load_config(home: Path | None = None, environ: dict[str, str] | None = None)
         sections["broker"], limits=_build_limits(limits_table, env)
     )
     _check_enrollment(sections["enrollment"])
+    _check_node_name("broker", sections["broker"].node_name)
     bridges = _build_bridges(raw.get(_BRIDGE_SECTION, []))
     return Config(home=home, **sections, bridges=bridges, fabric=_build_fabric(raw, env))
 
 
 _LIMITS_KEY = "limits"
+_NODE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _check_node_name(section: str, name: str) -> None:
+    if name and not _NODE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"[{section}] node_name {name!r}: 1-64 of A-Z a-z 0-9 _ - (it becomes a NATS "
+            "subject token)"
+        )
+
+
+def node_name(config: Config) -> str:
+    """This broker process's name: ``[broker] node_name``, else ``[fabric] node_name``, else
+    ``<host>-<port>`` (the host name's first label, as a subject token, and the MQTT port),
+    which differs between brokers on one host and stays the same across restarts."""
+    if config.broker.node_name:
+        return config.broker.node_name
+    if config.fabric is not None and config.fabric.node_name:
+        return config.fabric.node_name
+    host = socket.gethostname().split(".")[0]
+    host = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in host)[:50] or "node"
+    return f"{host}-{config.broker.port}"
 
 
 def _check_enrollment(settings: EnrollmentSettings) -> None:
@@ -393,9 +464,14 @@ def _build_limits(table: Any, env: Any) -> LimitSettings:
 
 
 def _check_limits(where: str, limits: DeviceLimits) -> DeviceLimits:
+    if limits.overflow_policy not in OVERFLOW_POLICIES:
+        raise ConfigError(
+            f"{where} overflow_policy must be one of {', '.join(OVERFLOW_POLICIES)}, "
+            f"not {limits.overflow_policy!r}"
+        )
     for fld in dataclasses.fields(DeviceLimits):
         value = getattr(limits, fld.name)
-        if value <= 0:
+        if not isinstance(value, str) and value <= 0:
             raise ConfigError(f"{where} {fld.name} must be above 0, not {value}")
     return limits
 
@@ -517,6 +593,11 @@ device_validity_days = 90
 crl_next_update_hours = 24
 crl_url = "https://localhost:8443/crl"
 ocsp_url = "https://localhost:8443/ocsp"
+key_store = "file"            # or "pkcs11": CA keys in a token (docs/operations.md)
+# pkcs11_module = "/usr/lib/softhsm/libsofthsm2.so"
+# pkcs11_token_label = "fleetgate"
+# pkcs11_key_label = "fleetgate-issuing"
+# pkcs11_pin_file = "pkcs11.pin"   # or FLEETGATE_PKCS11_PIN
 
 [enrollment]
 host = "127.0.0.1"
@@ -556,6 +637,8 @@ publish_rate = 1000.0         # messages/s; a faster device is slowed (not read)
 publish_burst = 1000
 connect_rate = 1.0            # CONNECTs/s per device id, before the registry is asked
 connect_burst = 20
+overflow_policy = "backpressure"  # a full queue holds its publishers; or drop-new, drop-oldest
+max_backpressure_s = 10.0     # then that queue drops new messages until it has drained
 
 # [broker.limits.groups.controllers]   # one group's overrides; other keys as above
 # max_subscriptions = 1000

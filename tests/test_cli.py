@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 
 from device_sdk.est import device_csr
 from enrollment.ca import load_ca
-from enrollment.registry import DeviceState, Registry, StationState, SubjectKind
+from enrollment.registry import DeviceState, Registry, StationState, SubjectKind, schema
 from enrollment.service import EnrollmentService
 from fleetgate.config import load_config
 from fleetgate.errors import CAPassphraseError
@@ -708,14 +708,14 @@ def _registry_main_made(home: Path) -> None:
 def test_ca_init_creates_the_registry_schema_and_db_status_says_it_is_current(fresh):
     fresh("ca", "init").ok()
     assert fresh("db", "status").ok().stdout.strip() == (
-        "the registry schema is at revision 0002, the current one"
+        f"the registry schema is at revision {schema.HEAD}, the current one"
     )
     assert fresh("db", "status", "--json").ok().json() == {
-        "revision": "0002",
-        "head": "0002",
+        "revision": schema.HEAD,
+        "head": schema.HEAD,
         "current": True,
     }
-    assert "already at revision 0002" in fresh("db", "upgrade").ok().stdout
+    assert f"already at revision {schema.HEAD}" in fresh("db", "upgrade").ok().stdout
 
 
 @pytest.mark.parametrize(
@@ -748,8 +748,8 @@ def test_db_grant_prints_each_roles_sql_and_needs_postgresql_to_run_it(fleet):
     ).ok()
     lines = printed.stdout.splitlines()
     assert (
-        "GRANT SELECT ON aclrule, auditanchor, certificate, device, devicechange, alembic_version "
-        "TO fleet_broker;"
+        "GRANT SELECT ON aclrule, auditanchor, certauthority, certificate, device, devicechange, "
+        "alembic_version TO fleet_broker;"
     ) in lines
     assert "GRANT INSERT ON auditevent TO fleet_broker;" in lines
     assert not any("UPDATE" in line and "fleet_broker" in line for line in lines)
@@ -763,3 +763,33 @@ def test_acl_set_refuses_a_template_the_broker_would_and_stores_nothing(fleet):
     result = fleet("acl", "set", "meters", "--publish", "meters/x%d/#", "--subscribe", "m/%d")
     assert "%d must be a whole topic level" in result.failed().stderr
     assert "default" in fleet("acl", "show", "meters").ok().stdout
+
+
+def test_device_move_changes_the_group_and_audits_who_and_old_to_new(fleet, template):
+    fleet("acl", "set", "meters", "--publish", "meters/%d/#", "--subscribe", "meters/%d/in").ok()
+    result = fleet("device", "move", "d1", "--group", "meters").ok()
+    assert "moved from group default to meters" in result.stdout
+    assert fleet("device", "show", "d1", "--json").ok().json()["group"] == "meters"
+    with _open_registry(fleet.home) as registry:
+        [moved] = [e for e in registry.audit_events(subject="d1") if e.action == "device.move"]
+        [acl] = [e for e in registry.audit_events(subject="meters") if e.action == "acl.set"]
+    assert (moved.outcome, moved.reason) == ("ok", "group default -> meters")
+    assert moved.actor.startswith("admin:")
+    assert "(was the default)" in acl.reason
+    fleet("device", "move", "d1", "--group", "default").ok()  # back: default always exists
+
+
+@pytest.mark.parametrize(
+    ("device", "group", "says"),
+    [
+        ("ghost", "default", "no device 'ghost' in the registry"),
+        ("d1", "meterz", "no group 'meterz': give it an ACL first with `fleetgate acl set meterz"),
+        ("d1", "default", "device d1 is already in group default"),
+        ("d1", "bad group!", "group"),
+    ],
+)
+def test_device_move_errors_clearly_and_changes_nothing(fleet, template, device, group, says):
+    assert says in fleet("device", "move", device, "--group", group).failed().stderr
+    assert fleet("device", "show", "d1", "--json").ok().json()["group"] == "default"
+    with _open_registry(fleet.home) as registry:
+        assert not [c for c in registry.changes_since(0) if c.group is not None]

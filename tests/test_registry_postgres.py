@@ -601,7 +601,8 @@ def test_service_roles_do_their_work_but_cannot_change_the_schema_or_the_audit_t
     facts = read_admission_facts(broker, identity)
     admitted = decide_admission(facts, identity, barred=False, will_topic=None)
     assert isinstance(admitted, Admitted) and admitted.group == "g"
-    assert [c.device_id for c in broker.changes_since(0)] == ["sensor-2"]
+    changes = [(c.device_id, c.group) for c in broker.changes_since(0)]
+    assert changes == [(None, "g"), ("sensor-2", None)]  # the acl.set, then the revoke
     assert broker.last_change_id() >= 1
     assert broker.acl_patterns("g") is not None
     metrics = Metrics()

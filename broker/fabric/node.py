@@ -34,13 +34,12 @@ import asyncio
 import base64
 import logging
 import secrets
-import socket
-import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from broker.core import BrokerCore, GateVerdict
+from broker.fabric.connect import auth_options
 from broker.fabric.durable import (
     DUPLICATE_WINDOW_S,
     MAX_AGE_S,
@@ -48,6 +47,10 @@ from broker.fabric.durable import (
     STREAM_PREFIX,
     DurableLedger,
 )
+from broker.fabric.kicks import KickRelay
+from broker.fabric.retained import FabricRetained
+from broker.fabric.retained import families as retained_families
+from broker.fabric.sessions import SENDER_HEADER, SessionStore
 from broker.fabric.subjects import (
     Unmappable,
     filter_to_subjects,
@@ -55,6 +58,7 @@ from broker.fabric.subjects import (
     subject_to_topic,
     topic_to_subject,
 )
+from broker.fabric.wills import WillKeeper
 from broker.metrics import family_lines
 from broker.mqtt import NO_PROPERTIES, QoS
 from broker.mqtt._wire import Reader
@@ -62,7 +66,8 @@ from broker.mqtt.errors import ProtocolError
 from broker.mqtt.packets import PacketType
 from broker.mqtt.properties import decode_properties, encode_properties
 from broker.routing import Message, SubscriptionOptions, SubscriptionTree
-from fleetgate.config import Config, FabricSettings
+from enrollment.registry import DeviceChange
+from fleetgate.config import Config, FabricSettings, node_name
 from fleetgate.errors import FleetgateError
 from fleetgate.topics import InvalidTopic, validate_topic_name
 
@@ -76,6 +81,8 @@ log = logging.getLogger("fleetgate.fabric")
 MIN_SERVER_VERSION = (2, 10)
 """2.9 silently ignores a consumer's filter_subjects (a data leak) and maps no '.' in topics."""
 
+SETUP_TIMEOUT_S = 15.0
+"""How long start-up may take to find or create the retained stream and the will buckets."""
 QOS_HEADER = "Nmqtt-Pub"  # nats-server's MQTT listener reads and writes the QoS here
 EXPIRY_HEADER = "Fg-Expiry"  # MQTT 5 message expiry, whole seconds left
 PROPERTIES_HEADER = "Fg-Props"  # MQTT 5 message properties, encoded as on the wire, base64
@@ -190,7 +197,7 @@ class FabricNode:
     ) -> None:
         assert config.fabric is not None
         self.settings: FabricSettings = config.fabric
-        self.name = self.settings.node_name or _host_name()
+        self.name = node_name(config)
         self._config = config
         self._core = core
         self._wake = wake
@@ -198,6 +205,7 @@ class FabricNode:
         self._nc: NatsClient | None = None
         self._outbox: deque[tuple[str, bytes, dict[str, str] | None]] = deque()
         self.ledger = DurableLedger(self.name, secrets.token_hex(6))
+        self.sessions: SessionStore | None = None
         self._stored_outbox: deque[int] = deque()  # ledger numbers to send to the stream
         self._outbox_ready = asyncio.Event()
         self._interest: deque[tuple[str, bool]] = deque()
@@ -214,6 +222,9 @@ class FabricNode:
         self.not_stored = 0
         self.received = 0
         self.dropped = 0
+        self.kicks = KickRelay(self.name, self._kick)
+        self.retained: FabricRetained | None = None
+        self.wills = WillKeeper(self.name, core, wake=wake, clock=clock)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -236,10 +247,7 @@ class FabricNode:
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
         }
-        if settings.tls_ca_file or settings.tls_cert_file:
-            options["tls"] = self._tls_context()
-        if settings.credentials_file:
-            options["user_credentials"] = str(self._config.data_path(settings.credentials_file))
+        options.update(auth_options(self._config))  # TLS and credentials: never logged
         try:
             self._nc = await asyncio.wait_for(nats.connect(**options), settings.connect_timeout_s)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
@@ -254,24 +262,73 @@ class FabricNode:
             raise
         await self._ensure_stream()
         await self._nc.subscribe(self.ledger.ack_prefix + "*", cb=self._on_ack)
+        await self.kicks.start(self._nc)
         core = self._core
         if core.subscriptions.match("#") or core.sessions:
             raise RuntimeError("the fabric must be started before any client connects")
-        core.gate = self
+        # A loaded or just-started cluster may take seconds to place replicated assets.
+        setup_s = max(settings.connect_timeout_s, SETUP_TIMEOUT_S)
+        js = self._nc.jetstream(timeout=setup_s)
+        self.retained = FabricRetained(
+            self.name, clock=self._clock, headers=nats_headers, decode=message_from_nats
+        )
+        try:
+            await self.retained.start(js, settings.replicas, setup_s)
+            await self.wills.start(js, settings.replicas, setup_s)
+        except (FabricUnavailable, TimeoutError) as exc:
+            await self._nc.close()
+            raise FabricUnavailable(f"the fabric's retained messages or wills: {exc}") from exc
+        core.retained = self.retained
+        core.will_keeper = self.wills
+        self.sessions = SessionStore(
+            self.name,
+            core,
+            self._nc,
+            replicas=settings.replicas,
+            clock=self._clock,
+            wake=self._wake,
+        )
+        await self.sessions.start(setup_s)
+        core.session_hooks = self.sessions
+        core.assigned_prefix = f"auto-{self.name}-"
+        core.gate = core.will_gate = self
         core.filter_refusal = refusal
         self._tree = core.subscriptions = InterestTree(self._interest_gained, self._interest_lost)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(job)
-            for job in (self._send(), self._follow_interest(), self._watch_stored())
+            for job in (
+                self._send(),
+                self._follow_interest(),
+                self._watch_stored(),
+                self.retained.write(js),
+            )
         ]
         log.info(
             "fabric connected",
             extra={"node": self.name, "server": self._nc.connected_url.netloc},  # type: ignore[union-attr]
         )
 
+    async def claim_session(
+        self, device_id: str, client_id: str, clean_start: bool, expiry: int
+    ) -> None:
+        """Before the CONNACK: make this node the holder of the client's session
+        (:meth:`SessionStore.claim`)."""
+        assert self.sessions is not None
+        await self.sessions.claim(client_id, device_id, clean_start, expiry)
+
+    def abandon_session(self, client_id: str) -> None:
+        """The client left before its CONNACK: the claim is not taken up."""
+        assert self.sessions is not None
+        self.sessions.abandon(client_id)
+
     async def stop(self) -> None:
         self._stopping = True
+        if self.sessions is not None:
+            await self.sessions.stop()
+        if self.retained is not None:  # the last retained writes, before the link goes
+            await self.retained.stop(5.0)
+        await self.wills.stop(5.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -315,30 +372,35 @@ class FabricNode:
                 "QoS 1/2 messages given up on: the client got 0x83 or a close.",
                 self.not_stored,
             ),
+            ("fabric_kicks_sent_total", "counter", "Feed changes announced.", self.kicks.sent),
+            (
+                "fabric_kicks_received_total",
+                "counter",
+                "Kicks other nodes announced.",
+                self.kicks.received,
+            ),
             (
                 "fabric_pending_stored",
                 "gauge",
                 "QoS 1/2 messages waiting for FG_MSGS.",
                 len(self.ledger.pending),
             ),
+            *retained_families(self.retained),
+            (
+                "fabric_wills_claimed_total",
+                "counter",
+                "Wills of clients of dead nodes this node won and published (or cancelled).",
+                self.wills.claimed,
+            ),
         ]
+        if self.sessions is not None:
+            families.extend(self.sessions.metric_families())
         lines = [
             line
             for name, kind, text, value in families
             for line in family_lines(name, kind, text, [(label, float(value))])
         ]
         return "\n".join(lines) + "\n"
-
-    def _tls_context(self) -> ssl.SSLContext:
-        """TLS 1.3 to NATS, with the fabric CA and this node's client certificate if given."""
-        settings, path = self.settings, self._config.data_path
-        context = ssl.create_default_context(
-            cafile=str(path(settings.tls_ca_file)) if settings.tls_ca_file else None
-        )
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-        if settings.tls_cert_file:
-            context.load_cert_chain(path(settings.tls_cert_file), path(settings.tls_key_file))
-        return context
 
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = str(exc) or type(exc).__name__
@@ -358,6 +420,14 @@ class FabricNode:
             return
         log.info("fabric reconnected", extra={"node": self.name, "server_version": version})
 
+    def _kick(self, change: DeviceChange) -> int:
+        """Another node announced a revocation: close the device's sessions here now."""
+        if change.device_id is None or change.state is None:  # policy rows are never announced
+            return 0
+        kicked = self._core.kick(change.device_id, change.state, change.reason, self._clock())
+        self._wake()
+        return kicked
+
     # -- out: the publish gate ---------------------------------------------------------------------
 
     def offer(
@@ -374,7 +444,9 @@ class FabricNode:
         self._outbox_ready.set()
         if message.qos == QoS.AT_MOST_ONCE:
             return GateVerdict.ROUTE
-        number = self.ledger.add(subject, message.payload, headers, on_stored, now)
+        stored_headers = dict(headers or {})
+        stored_headers[SENDER_HEADER] = message.sender  # for no-local, on the stored copy only
+        number = self.ledger.add(subject, message.payload, stored_headers, on_stored, now)
         self._stored_outbox.append(number)
         return GateVerdict.HOLD
 
@@ -551,9 +623,3 @@ class FabricNode:
 def _server_version(nc: NatsClient) -> str:
     version = nc.connected_server_version
     return f"{version.major}.{version.minor}.{version.patch}"
-
-
-def _host_name() -> str:
-    """The host name as a NATS subject token (no dots)."""
-    name = socket.gethostname().split(".")[0]
-    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name)[:64] or "node"

@@ -1,4 +1,4 @@
-"""What brokers ask the registry: admission at CONNECT, the revocation change feed, ACLs.
+"""What brokers ask the registry: admission at CONNECT, the change feed, ACLs.
 
 Every CONNECT and every feed poll pays for these reads, so they avoid the ORM and, on a local
 SQLite file, SQLAlchemy itself (``Database._fast_rows``).
@@ -73,17 +73,18 @@ class BrokerReads(AuditLog):
         )
 
     def changes_since(self, after_id: int, *, limit: int = 1000) -> list[DeviceChange]:
-        """Device state changes committed after ``after_id``, oldest first."""
+        """Device state and policy changes committed after ``after_id``, oldest first."""
         params = {"after_id": after_id, "limit": limit, "offset": 0}
         return [
             DeviceChange(
                 id=change_id,
                 device_id=device_id,
-                state=_member(DeviceState, state),
+                state=None if state is None else _member(DeviceState, state),
                 reason=reason,
                 at=at if isinstance(at, dt.datetime) else dt.datetime.fromisoformat(at),
+                group=group,
             )
-            for change_id, device_id, state, reason, at in self._fast_rows(
+            for change_id, device_id, state, reason, at, group in self._fast_rows(
                 sql.CHANGES_SINCE, params
             )
         ]
@@ -102,11 +103,18 @@ class BrokerReads(AuditLog):
     def set_acl(
         self, group: str, *, publish: Iterable[str], subscribe: Iterable[str], actor: str
     ) -> None:
-        """Replace a group's ACL template in one transaction; a malformed one is refused."""
+        """Replace a group's ACL template in one transaction; a malformed one is refused.
+
+        The change feed gets a row in the same transaction, so that every broker reapplies
+        the group's ACL to its live sessions (``broker.feed``); the audit row keeps the old
+        template beside the new one.
+        """
         validate_id(group, kind="group")
         template = check_patterns(publish, subscribe)
         with self.transaction() as s:
-            for row in s.exec(select(AclRule).where(AclRule.group == group)).all():
+            old = s.exec(select(AclRule).where(AclRule.group == group)).all()
+            before = _acl_patterns([(r.action, r.pattern) for r in old])
+            for row in old:
                 s.delete(row)
             s.flush()
             for action, patterns in (
@@ -115,13 +123,19 @@ class BrokerReads(AuditLog):
             ):
                 for pattern in dict.fromkeys(patterns):
                     s.add(AclRule(group=group, action=action, pattern=pattern))
-            summary = f"publish {list(template.publish)} subscribe {list(template.subscribe)}"
+            s.add(DeviceChange(group=group, reason="acl.set"))
+            was = "the default" if before is None else _summary(before)
+            summary = f"{_summary(template)} (was {was})"
             self.audit(AuditRecord(actor, "acl.set", "ok", group, summary), s)
 
 
 def _member(enum: Any, value: Any) -> Any:
     """An enum member from a processed row (the member) or a raw one (its stored name)."""
     return value if isinstance(value, enum) else enum[value]
+
+
+def _summary(template: AclPatterns) -> str:
+    return f"publish {list(template.publish)} subscribe {list(template.subscribe)}"
 
 
 def _acl_patterns(rules: Sequence[tuple[str, str]]) -> AclPatterns | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from sqlalchemy import Connection, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from enrollment.attestation import AttestedKey
 from enrollment.registry import statements as sql
@@ -21,17 +21,20 @@ from enrollment.registry.attestation import bind_hardware
 from enrollment.registry.audit import AuditLog, AuditRecord, append_audit
 from enrollment.registry.certificates import certificate_values, revoke_certificates, serial_hex
 from enrollment.registry.models import (
+    AclRule,
     Certificate,
     CertStatus,
     Device,
     DeviceChange,
     DeviceState,
+    GroupPolicy,
     StationState,
     SubjectKind,
     as_utc,
     utcnow,
 )
 from fleetgate.errors import EnrollmentRefused, InvalidStateChange, NotFound
+from fleetgate.ids import validate_id
 
 # The audit action recorded for each target state of a device.
 DEVICE_ACTIONS = {
@@ -251,20 +254,69 @@ class Devices(AuditLog):
             self.audit(AuditRecord(actor, action, "ok", device_id, reason), s)
             return device
 
-    def crl_entries(self) -> list[tuple[str, dt.datetime, str]]:
-        """(serial hex, revocation time, reason) of every withdrawn, unexpired certificate.
+    def move_device(self, device_id: str, group: str, *, actor: str) -> str:
+        """Put a device in another group; the group it left.
+
+        The group must be known: ``default``, or one with an ACL template, a key-protection
+        policy or a device already (a typo would otherwise leave the device under the default
+        ACL). A change-feed row in the same transaction makes every broker apply the new
+        group's ACL to the device's live sessions (``broker.feed``); the move is audited with
+        both groups.
+        """
+        validate_id(group, kind="group")
+        with self.transaction() as s:
+            device = s.get(Device, device_id)
+            if device is None:
+                raise NotFound(f"no device {device_id!r} in the registry")
+            old = device.group or sql.DEFAULT_GROUP
+            if device.state == DeviceState.REVOKED:
+                raise InvalidStateChange(
+                    f"device {device_id} is revoked; it cannot move (revocation is final)"
+                )
+            if group == old:
+                raise InvalidStateChange(f"device {device_id} is already in group {group}")
+            if not _group_known(s, group):
+                raise NotFound(
+                    f"no group {group!r}: give it an ACL first with "
+                    f"`fleetgate acl set {group} --publish ... --subscribe ...`"
+                )
+            device.group = group
+            device.updated_at = utcnow()
+            s.add(device)
+            s.add(DeviceChange(device_id=device_id, group=group, reason=f"moved from {old}"))
+            self.audit(
+                AuditRecord(actor, "device.move", "ok", device_id, f"group {old} -> {group}"), s
+            )
+            return old
+
+    def crl_entries(self, issuer_key_id: str | None = None) -> list[tuple[str, dt.datetime, str]]:
+        """(serial hex, revocation time, reason) of every withdrawn, unexpired certificate
+        (of the CA with that key id, if given: each CA signs a CRL of its own).
 
         Withdrawn: revoked, on hold, or superseded by a renewal.
         """
         now = utcnow()
         withdrawn = [CertStatus.REVOKED, CertStatus.ON_HOLD, CertStatus.SUPERSEDED]
+        query = select(Certificate).where(col(Certificate.status).in_(withdrawn))
+        if issuer_key_id is not None:
+            query = query.where(col(Certificate.issuer_key_id) == issuer_key_id)
         with self._read_session() as s:
-            rows = s.exec(select(Certificate).where(col(Certificate.status).in_(withdrawn))).all()
+            rows = s.exec(query).all()
             return [
                 (r.serial, as_utc(r.revoked_at or now), r.revocation_reason or "unspecified")
                 for r in rows
                 if as_utc(r.not_after) > now
             ]
+
+
+def _group_known(s: Session, group: str) -> bool:
+    """Whether anything in the registry names ``group`` (the default group always exists)."""
+    if group == sql.DEFAULT_GROUP:
+        return True
+    return any(
+        s.exec(select(column).where(column == group).limit(1)).first() is not None
+        for column in (col(AclRule.group), col(GroupPolicy.group), col(Device.group))
+    )
 
 
 def _insert_issued(

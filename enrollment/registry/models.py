@@ -91,6 +91,34 @@ class Certificate(SQLModel, table=True):
     revoked_at: dt.datetime | None = _ts(nullable=True)
     revocation_reason: str | None = None
     pem: str
+    issuer_key_id: str | None = Field(default=None, max_length=40, index=True)  # the CA's SKI, hex
+
+
+class AuthorityRole(StrEnum):
+    ROOT = "root"
+    ISSUING = "issuing"
+    CROSS = "cross"  # a root's key certified by the other root during a root rotation
+
+
+class AuthorityState(StrEnum):
+    ACTIVE = "active"  # the issuing CA that signs now; the current root
+    TRUSTED = "trusted"  # no longer signs, still trusted while a rotation overlaps
+    RETIRED = "retired"
+
+
+class CertAuthority(SQLModel, table=True):
+    """One CA certificate of the fleet and where it stands in a rotation (stored as values)."""
+
+    fingerprint_sha256: str = Field(primary_key=True, max_length=64)
+    key_id: str = Field(max_length=40, index=True)
+    role: str = Field(max_length=16)
+    state: str = Field(max_length=16, index=True)
+    subject: str
+    issuer_key_id: str | None = Field(default=None, max_length=40)
+    pem: str
+    not_after: dt.datetime = _ts()
+    created_at: dt.datetime = _ts()
+    retired_at: dt.datetime | None = _ts(nullable=True)
 
 
 class Station(SQLModel, table=True):
@@ -143,17 +171,21 @@ class AuditAnchor(SQLModel, table=True):
 
 
 class DeviceChange(SQLModel, table=True):
-    """The revocation change feed: one row per device state change, in commit order.
+    """The change feed: one row per device state change or policy change, in commit order.
 
-    Brokers poll ``id > last_seen`` (see ``Registry.changes_since``) so that a revoke or suspend
-    made by any process reaches every broker sharing the registry, without a side channel.
+    Brokers poll ``id > last_seen`` (see ``Registry.changes_since``) so that a revoke or suspend,
+    an ACL change or a device's move to another group, made by any process, reaches every
+    broker sharing the registry without a side channel. A row is one of: ``device_id`` and
+    ``state`` (a state change); ``device_id`` and ``group`` (the device moved to ``group``);
+    ``group`` alone (the group's ACL changed).
     """
 
     id: int | None = Field(default=None, primary_key=True)
-    device_id: str = Field(max_length=64)
-    state: DeviceState
+    device_id: str | None = Field(default=None, max_length=64)
+    state: DeviceState | None = None
     reason: str = ""
     at: dt.datetime = _ts()
+    group: str | None = Field(default=None, max_length=64)
 
 
 class GroupPolicy(SQLModel, table=True):

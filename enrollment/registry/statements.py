@@ -179,6 +179,7 @@ CHANGES_SINCE = (
         DEVICE_CHANGES.c.state,
         DEVICE_CHANGES.c.reason,
         DEVICE_CHANGES.c.at,
+        DEVICE_CHANGES.c.group,
     )
     .where(DEVICE_CHANGES.c.id > bindparam("after_id"))
     .order_by(DEVICE_CHANGES.c.id)

@@ -1,4 +1,4 @@
-"""``fleetgate device``: inspect, suspend, reinstate, revoke and run devices."""
+"""``fleetgate device``: inspect, suspend, reinstate, revoke, move and run devices."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from fleetgate.cli.common import (
     when,
 )
 
-device_app = typer.Typer(no_args_is_help=True, help="Enrolled devices: inspect, suspend, revoke.")
+device_app = typer.Typer(
+    no_args_is_help=True, help="Enrolled devices: inspect, suspend, revoke, move between groups."
+)
 
 
 @device_app.command("list")
@@ -108,6 +110,19 @@ def device_revoke(
 ) -> None:
     """Revoke a device for good: every certificate it holds goes into the CRL."""
     _change_device(device_id, DeviceState.REVOKED, reason, f"revoked ({reason})")
+
+
+@device_app.command("move")
+def device_move(
+    device_id: str,
+    group: Annotated[str, typer.Option(help="The group whose ACL the device takes.")],
+) -> None:
+    """Move a device to another group: its live sessions take the group's ACL at once."""
+    old = open_registry(home_config()).move_device(device_id, group, actor=admin_actor())
+    typer.echo(
+        f"device {device_id} moved from group {old} to {group}; live sessions take its ACL "
+        "within the brokers' feed poll (a session holding what it no longer allows is closed)"
+    )
 
 
 @device_app.command("run")

@@ -25,11 +25,15 @@ def acl_set(
     publish: Annotated[list[str], typer.Option(help="Topic filter a device may publish to.")],
     subscribe: Annotated[list[str], typer.Option(help="Topic filter a device may subscribe to.")],
 ) -> None:
-    """Replace GROUP's ACL template, e.g. --publish 'devices/%d/#'."""
+    """Replace GROUP's ACL template, e.g. --publish 'devices/%d/#'; live sessions take it too."""
     open_registry(home_config()).set_acl(
         group, publish=publish, subscribe=subscribe, actor=admin_actor()
     )
-    typer.echo(f"ACL of group {group} set: publish {publish}, subscribe {subscribe}")
+    typer.echo(
+        f"ACL of group {group} set: publish {publish}, subscribe {subscribe}; live sessions "
+        "take it within the brokers' feed poll (a session holding what it no longer allows "
+        "is closed)"
+    )
 
 
 @acl_app.command("show")
