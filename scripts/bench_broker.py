@@ -97,7 +97,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import cpu_seconds, free_port, percentile
+from benchlib import close_all, cpu_seconds, free_port, percentile
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
@@ -690,18 +690,6 @@ async def open_many(
 
     await bounded(ids, concurrency, job)
     return links
-
-
-async def close_all(links: list[Link], limit: float = 15.0) -> None:
-    """DISCONNECT and close every link; abort those the peer has not closed within ``limit``."""
-    for link in links:
-        link.disconnect()
-    pending = [link.gone for link in links if not link.gone.done()]
-    if pending:
-        await asyncio.wait(pending, timeout=limit)
-    for link in links:
-        if link.tcp is not None and not link.gone.done():
-            link.tcp.abort()
 
 
 def core_ticks() -> dict[int, tuple[int, int]]:

@@ -51,7 +51,7 @@ def percentile(values: list[float], q: float) -> float:
 class Closable(Protocol):
     """A load generator's client link: DISCONNECT and close, and a future set once it is gone."""
 
-    transport: asyncio.Transport | None
+    tcp: asyncio.Transport | None
     gone: asyncio.Future[str]
 
     def disconnect(self) -> None: ...
@@ -65,5 +65,5 @@ async def close_all(links: Sequence[Closable], limit: float = 15.0) -> None:
     if pending:
         await asyncio.wait(pending, timeout=limit)
     for link in links:
-        if link.transport is not None and not link.gone.done():
-            link.transport.abort()
+        if link.tcp is not None and not link.gone.done():
+            link.tcp.abort()

@@ -187,7 +187,7 @@ class Link(asyncio.Protocol):
         self.client_id = client_id
         self.context = context
         self.keep_alive = keep_alive
-        self.transport: asyncio.Transport | None = None
+        self.tcp: asyncio.Transport | None = None
         self.pump: TLSPump | None = None
         self.decoder = Decoder(protocol_level=MQTT5)
         self.connack: asyncio.Future[ConnAck] = loop.create_future()
@@ -198,12 +198,12 @@ class Link(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.tcp = transport
         self.pump = TLSPump(self.context, server_side=False, server_hostname=SERVER_NAME)
         transport.write(self.pump.start())
 
     def data_received(self, data: bytes) -> None:
-        pump, transport = self.pump, self.transport
+        pump, transport = self.pump, self.tcp
         assert pump is not None and transport is not None
         connecting = not pump.handshake_done
         try:
@@ -247,9 +247,9 @@ class Link(asyncio.Protocol):
             self.gone.set_result(reason)
 
     def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.tcp is not None and not self.tcp.is_closing():
             assert self.pump is not None
-            self.transport.write(self.pump.send(data))
+            self.tcp.write(self.pump.send(data))
 
     def packet_id(self) -> int:
         self.next_id = self.next_id % 65535 + 1
@@ -257,12 +257,12 @@ class Link(asyncio.Protocol):
 
     def disconnect(self) -> None:
         self.send(DISCONNECT)
-        if self.transport is not None:
-            self.transport.close()
+        if self.tcp is not None:
+            self.tcp.close()
 
     def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        if self.tcp is not None:
+            self.tcp.abort()
 
 
 async def open_link(
@@ -686,8 +686,8 @@ class Attacker:
         it 64 KB commands for a while. The session's queue must stay within its caps."""
         link = await self.connect()
         await self.subscribe_all(link, [[f"devices/{ATTACKER}/commands/#"]], QoS.AT_LEAST_ONCE)
-        assert link.transport is not None
-        link.transport.pause_reading()
+        assert link.tcp is not None
+        link.tcp.pause_reading()
         commander = await self.connect(commander=True)
         seconds = self.seconds(20)
         payload = os.urandom(64 * 1024)
