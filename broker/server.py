@@ -562,8 +562,14 @@ class Broker:
         self.audit.submit(replace(record, reason=f"{record.reason} [node {self.node_name}]"))
 
     def _on_handshake_refused(self, peer: str, reason: str) -> None:
-        self.metrics.handshake_failures[handshake_label(reason)] += 1
-        self._audit(AuditRecord(f"peer:{peer}", "mqtt.tls_handshake", "refused", None, reason))
+        """Counted every time; audited like every other refusal (:meth:`BrokerCore.refused`):
+        once per source address and kind a minute. Failing a handshake needs no certificate,
+        and each one wrote a row: a loop of them was an audit flood open to anyone."""
+        label = handshake_label(reason)
+        self.metrics.handshake_failures[label] += 1
+        address = peer.rpartition(":")[0] or peer  # the port changes with every connection
+        record = AuditRecord(f"peer:{peer}", "mqtt.tls_handshake", "refused", None, reason)
+        self.core.refused(f"peer:{address}", f"tls.{label}", record, self.now())
         log.info("TLS handshake refused", extra={"peer": peer, "reason": reason})
 
     # -- /metrics --------------------------------------------------------------------------------

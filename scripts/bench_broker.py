@@ -97,7 +97,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import cpu_seconds, free_port, percentile
+from benchlib import close_all, cpu_seconds, free_port, percentile
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
@@ -250,7 +250,8 @@ def device_context(root: Path, credentials: Path) -> ssl.SSLContext:
     return context
 
 
-def provision(tmp: Path, args: argparse.Namespace) -> Fleet:
+def provision(tmp: Path, args: argparse.Namespace, extra: dict[str, str] | None = None) -> Fleet:
+    """``extra`` enrolls more identities, id -> group (their contexts only; scripts/soak.py)."""
     home = tmp / "fleet-data"
     os.environ[PASSPHRASE_ENV] = PASSPHRASE  # this process only: the CA is unlocked in-process
     config = load_config(home, environ={})
@@ -267,6 +268,8 @@ def provision(tmp: Path, args: argparse.Namespace) -> Fleet:
             STATION, enrolling[start : start + 1000], group="default", label="bench", actor="bench"
         )
     registry.add_batch(STATION, [BACKEND], group=BACKEND_GROUP, label="bench", actor="bench")
+    for device_id, group in (extra or {}).items():
+        registry.add_batch(STATION, [device_id], group=group, label="bench", actor="bench")
     registry.set_acl(BACKEND_GROUP, publish=[], subscribe=[TELEMETRY_FILTER], actor="bench")
     # The broker's own certificate, issued now as `fleetgate serve broker` would on first start
     # (it finds it current and reuses it); Mosquitto is given the same files.
@@ -275,7 +278,7 @@ def provision(tmp: Path, args: argparse.Namespace) -> Fleet:
     issuing_pem = service.ca.anchors.issuing.public_bytes(Encoding.PEM)
     root = config.ca_dir / "root.crt"
     contexts = {}
-    for device_id in [BACKEND, *enrolling]:
+    for device_id in [BACKEND, *enrolling, *(extra or {})]:
         key = ec.generate_private_key(ec.SECP256R1())
         body = base64.b64encode(device_csr(device_id, key).public_bytes(Encoding.DER))
         cert = service.enroll(station_cert, body)
@@ -687,18 +690,6 @@ async def open_many(
 
     await bounded(ids, concurrency, job)
     return links
-
-
-async def close_all(links: list[Link], limit: float = 15.0) -> None:
-    """DISCONNECT and close every link; abort those the peer has not closed within ``limit``."""
-    for link in links:
-        link.disconnect()
-    pending = [link.gone for link in links if not link.gone.done()]
-    if pending:
-        await asyncio.wait(pending, timeout=limit)
-    for link in links:
-        if link.tcp is not None and not link.gone.done():
-            link.tcp.abort()
 
 
 def core_ticks() -> dict[int, tuple[int, int]]:

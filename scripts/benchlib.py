@@ -1,12 +1,16 @@
-"""What the benchmark scripts share: free loopback ports, process CPU time, percentiles."""
+"""What the benchmark scripts share: free loopback ports, process CPU time, percentiles, closing
+a generator's links."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import random
 import socket
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -42,3 +46,24 @@ def percentile(values: list[float], q: float) -> float:
         return math.nan
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class Closable(Protocol):
+    """A load generator's client link: DISCONNECT and close, and a future set once it is gone."""
+
+    tcp: asyncio.Transport | None
+    gone: asyncio.Future[str]
+
+    def disconnect(self) -> None: ...
+
+
+async def close_all(links: Sequence[Closable], limit: float = 15.0) -> None:
+    """DISCONNECT and close every link; abort those the peer has not closed within ``limit``."""
+    for link in links:
+        link.disconnect()
+    pending = [link.gone for link in links if not link.gone.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=limit)
+    for link in links:
+        if link.tcp is not None and not link.gone.done():
+            link.tcp.abort()
