@@ -16,7 +16,15 @@ _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats a record as JSON; ``extra=`` fields become top-level keys."""
+    """Formats a record as JSON; ``extra=`` fields become top-level keys.
+
+    ``node`` names the broker node on every line, so the logs of several nodes can be merged
+    and still say which node admitted, refused or kicked a device.
+    """
+
+    def __init__(self, node: str | None = None) -> None:
+        super().__init__()
+        self.node = node
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -25,6 +33,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self.node is not None:
+            entry["node"] = self.node
         for key, var in (("request_id", request_id), ("device_id", device_id)):
             value = var.get()
             if value is not None:
@@ -35,8 +45,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure(level: str = "INFO", log_dir: Path | None = None) -> None:
-    """Send JSON lines to stderr and, when given, to ``<log_dir>/fleetgate.log``."""
+def configure(level: str = "INFO", log_dir: Path | None = None, node: str | None = None) -> None:
+    """Send JSON lines to stderr and, when given, to ``<log_dir>/fleetgate.log``; with ``node``,
+    every line names that broker node."""
     import time
 
     JsonFormatter.converter = time.gmtime
@@ -48,7 +59,7 @@ def configure(level: str = "INFO", log_dir: Path | None = None) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     for handler in handlers:
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(node))
         root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -238,7 +239,12 @@ def test_serve_broker_runs_as_its_own_process_kicks_on_revoke_and_stops_on_sigte
             process.kill()
             process.wait(10)
         log.close()
-    assert '"msg": "broker stopped"' in (tmp_path / "broker.log").read_text()
+    lines = [json.loads(line) for line in (tmp_path / "broker.log").read_text().splitlines()]
+    assert any(entry["msg"] == "broker stopped" for entry in lines)
+    # Every line names the node: merged logs of several brokers still say who kicked whom.
+    assert {entry.get("node") for entry in lines} == {
+        f"{socket.gethostname().split('.')[0]}-{port}"
+    }
 
 
 class _PortOnly:

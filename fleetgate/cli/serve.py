@@ -14,7 +14,7 @@ from fleetgate import jsonlog
 from fleetgate.cli.common import (
     home_config,
 )
-from fleetgate.config import Config
+from fleetgate.config import Config, node_name
 
 serve_app = typer.Typer(no_args_is_help=True, help="Run fleetgate services.")
 
@@ -59,13 +59,15 @@ def serve_broker(
     if port is not None:
         config = dataclasses.replace(config, broker=dataclasses.replace(config.broker, port=port))
     check_workers(config, workers)
-    jsonlog.configure(config.log.level, config.logs_dir)
     if worker is not None:
         from broker.server import run_forever
         from broker.workers import worker_config
 
+        config = worker_config(config, worker)
+    jsonlog.configure(config.log.level, config.logs_dir, node=node_name(config))
+    if worker is not None:
         ready = sys.stdout.fileno()  # the parent reads "ready" there
-        asyncio.run(run_forever(worker_config(config, worker), reuse_port=True, ready_fd=ready))
+        asyncio.run(run_forever(config, reuse_port=True, ready_fd=ready))
         return
     if not asyncio.run(_serve(config, workers)):
         raise typer.Exit(1)
