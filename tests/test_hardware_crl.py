@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from tpm_helpers import anchors, ek_chain
+from tpm_helpers import anchors, ek_chain, issuer_key
 
 from device_sdk.errors import EnrollmentError
 from device_sdk.piv_provisioning import enroll_smartcard
@@ -75,10 +75,6 @@ def crl(
 # -- TPM: the EK certificate of a real swtpm -----------------------------------------------------
 
 
-def _issuer_key(maker: TpmManufacturer) -> rsa.RSAPrivateKey:
-    return _rsa_key(maker.issuer_key)
-
-
 def _root_key(maker: TpmManufacturer) -> rsa.RSAPrivateKey:
     return _rsa_key(maker.directory / "swtpm-localca-rootca-privkey.pem")
 
@@ -118,7 +114,7 @@ def challenge(
 
 def test_a_revoked_ek_certificate_is_refused(tpm_maker, ek_evidence):
     issuer = ek_chain(tpm_maker)[0]
-    revoked = crl(issuer, _issuer_key(tpm_maker), (ek_evidence[0].serial_number,))
+    revoked = crl(issuer, issuer_key(tpm_maker), (ek_evidence[0].serial_number,))
     for policy in (CrlPolicy.REQUIRE, CrlPolicy.IF_PRESENT):
         with pytest.raises(
             AttestationRefused, match=r"the EK certificate .* is revoked by .*\(keyCompromise\)"
@@ -131,10 +127,10 @@ def test_a_clean_crl_passes_and_a_crl_from_a_namesake_ca_does_not_count(
     tpm_maker, foreign_vtpm, ek_evidence
 ):
     issuer, root = ek_chain(tpm_maker)[0], anchors(tpm_maker)[0]
-    clean = crl(issuer, _issuer_key(tpm_maker), (12345,))
+    clean = crl(issuer, issuer_key(tpm_maker), (12345,))
     # Every swtpm_localca is "CN=swtpm-localca": a CRL signed by another one revokes nothing here.
     other = foreign_vtpm.manufacturer
-    namesake = crl(ek_chain(other)[0], _issuer_key(other), (ek_evidence[0].serial_number,))
+    namesake = crl(ek_chain(other)[0], issuer_key(other), (ek_evidence[0].serial_number,))
     assert namesake.issuer == clean.issuer
     assert challenge(tpm_maker, ek_evidence, [clean, namesake], CrlPolicy.IF_PRESENT) == (
         f"no CRL in the trust store for {root.subject.rfc4514_string()} (hardware_crl = if-present)"
@@ -161,7 +157,7 @@ def test_missing_crl_under_each_policy_for_the_ek(tpm_maker, ek_evidence):
 def test_a_stale_crl_is_refused_unless_ignored(tpm_maker, ek_evidence):
     stale = crl(
         ek_chain(tpm_maker)[0],
-        _issuer_key(tpm_maker),
+        issuer_key(tpm_maker),
         next_update=_now() - dt.timedelta(minutes=30),
     )
     for policy in (CrlPolicy.REQUIRE, CrlPolicy.IF_PRESENT):
