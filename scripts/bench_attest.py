@@ -17,6 +17,11 @@ Where each enrollment's time goes:
 - **station**: the rest of the wall time, i.e. the station's own code (TLS context set-up,
   JSON/base64, the CSR build around the card signature, checks, key store files).
 
+Every other recorded enrollment runs with the makers' CRLs in the trust stores (the default
+``hardware_crl = "if-present"`` then checks each manufacturer-issued certificate of the chain),
+the others without: interleaved, so both halves see the same noise; the difference of their
+medians is the cost of the revocation check.
+
 ``station_overhead_pct`` is the station's share of both enrollments' total (medians). The
 server's CPU time per enrollment is printed as well. swtpm answers in microseconds where a
 discrete TPM takes tens to hundreds of milliseconds per command, so the hardware share here is
@@ -30,6 +35,7 @@ The last line is machine-readable::
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import functools
 import os
 import shutil
@@ -40,7 +46,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bench_enroll import (
     PASSPHRASE,
@@ -53,6 +59,8 @@ from bench_enroll import (
 )
 from benchlib import cpu_seconds, free_port, percentile
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from device_sdk import est as est_module
 from device_sdk import piv as piv_module
@@ -123,6 +131,24 @@ def instrument(watch: Stopwatch) -> None:
     watch.wrap(est_module.EstClient, "attested_enroll", "step:issue")
 
 
+def crl_pem(cert: Path, key: Path) -> bytes:
+    """An empty week-long CRL of the CA in ``cert`` (``swtpm_localca`` keys are certtool text,
+    then the PEM)."""
+    ca = x509.load_pem_x509_certificate(cert.read_bytes())
+    text = key.read_bytes()
+    signer = serialization.load_pem_private_key(text[text.index(b"-----BEGIN") :], None)
+    assert not isinstance(signer, bytes)
+    now = dt.datetime.now(dt.UTC)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=7))
+        .sign(cast(CertificateIssuerPrivateKeyTypes, signer), hashes.SHA256())
+    )
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
 def main() -> int:
     args = parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fleetgate-bench-attest-"))
@@ -157,6 +183,17 @@ def main() -> int:
         ):
             (home / store).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ca, home / store / "bench-maker.pem")
+        crls = {
+            home / "trust/tpm-manufacturers" / "bench-maker-crls.pem": crl_pem(
+                tpm_maker.issuer_certificate, tpm_maker.issuer_key
+            )
+            + crl_pem(
+                tpm_maker.ca_certificate, tpm_maker.directory / "swtpm-localca-rootca-privkey.pem"
+            ),
+            home / "trust/card-manufacturers" / "bench-maker.crl": crl_pem(
+                card_maker.cert_path, card_maker.key_path
+            ),
+        }
         print(f"set-up: swtpm + tpm2-abrmd, pcscd + card in {time.perf_counter() - started:.1f} s")
 
         station_cert = home / "stations" / STATION / "station.crt"
@@ -218,8 +255,14 @@ def main() -> int:
             for device_id in ids[kind][: args.warmup]:
                 once(device_id)
             cpu_before = cpu_seconds(proc.pid)
-            for device_id in ids[kind][args.warmup :]:
-                results[kind].append(once(device_id))
+            for index, device_id in enumerate(ids[kind][args.warmup :]):
+                with_crls = index % 2 == 1
+                for path, pem in crls.items():
+                    if with_crls:
+                        path.write_bytes(pem)
+                    else:
+                        path.unlink(missing_ok=True)
+                results[kind].append({**once(device_id), "crl": float(with_crls)})
             server_cpu[kind] = (cpu_seconds(proc.pid) - cpu_before) / args.runs
     finally:
         if proc is not None:
@@ -260,6 +303,17 @@ def report(
             f"station={station_ms:.1f} ({100 * station_ms / total:.1f} %)  "
             f"server CPU={server_cpu[kind] * 1000:.1f}/enrollment"
         )
+    for kind in ("tpm", "card"):
+        halves = [
+            statistics.median(r["total"] * 1000 for r in results[kind] if r["crl"] == flag)
+            for flag in (0.0, 1.0)
+            if any(r["crl"] == flag for r in results[kind])
+        ]
+        if len(halves) == 2:
+            print(
+                f"{kind:>4}: without CRLs {halves[0]:.1f}, with the makers' CRLs checked "
+                f"{halves[1]:.1f} (interleaved halves, medians)"
+            )
     print(
         "      (card: certify = INS F9 attestation + reading the F9 certificate; "
         "no credential activation exists for a card)"
