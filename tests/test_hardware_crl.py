@@ -26,14 +26,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from tpm_helpers import anchors, ek_chain, issuer_key
+from tpm_helpers import anchors, challenge_for, ek_chain, issuer_key
 
 from device_sdk.errors import EnrollmentError
 from device_sdk.piv_provisioning import enroll_smartcard
 from device_sdk.smartcard_keystore import SmartcardKeyStore
 from device_sdk.tpm import Tpm
 from enrollment.attestation.piv import verify_piv_attestation
-from enrollment.attestation.tpm import make_challenge
 from enrollment.attestation.trust import CrlPolicy, load_crls, load_trust_store
 from enrollment.registry import DeviceState
 from firmware_sim.vtpm import TpmManufacturer, VirtualTpm
@@ -100,15 +99,7 @@ def challenge(
     policy: CrlPolicy,
 ) -> str:
     ek, ak_public = evidence
-    made = make_challenge(
-        ek_certificate=der(ek),
-        ek_chain=[der(c) for c in ek_chain(maker)],
-        ak_public=ak_public,
-        anchors=anchors(maker),
-        now=_now(),
-        crls=crls,
-        crl_policy=policy,
-    )
+    made = challenge_for(maker, der(ek), ak_public, crls=crls, crl_policy=policy)
     return made.revocation
 
 

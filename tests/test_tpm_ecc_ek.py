@@ -10,8 +10,6 @@ ActivateCredential; MakeCredential needs the same SHA-256 / AES-128-CFB for both
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,13 +17,11 @@ import pytest
 from conftest import Fleet, RunningServer
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding
-from tpm_helpers import anchors, der, ek_chain, provision_ek, trust_manufacturer
+from tpm_helpers import challenge_for, hand_driven_enrollment, provision_ek, trust_manufacturer
 
 from device_sdk.est import device_csr
 from device_sdk.tpm import Tpm
-from device_sdk.tpm_provisioning import CHALLENGE, ENROLL
-from enrollment.attestation.tpm import make_challenge, verify_certify
+from enrollment.attestation.tpm import verify_certify
 from enrollment.attestation.trust import key_fingerprint
 from enrollment.profiles import key_protection_of
 from enrollment.registry import DeviceState
@@ -47,10 +43,6 @@ def ecc_vtpm_fixture(
         yield tpm
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_a_p256_ek_is_found_recreated_and_challenged(ecc_vtpm, tpm_maker, kind):
     with Tpm(ecc_vtpm.tcti) as chip:
@@ -60,13 +52,7 @@ def test_a_p256_ek_is_found_recreated_and_challenged(ecc_vtpm, tpm_maker, kind):
         assert isinstance(ek_key, ec.EllipticCurvePublicKey)
         assert isinstance(ek_key.curve, ec.SECP256R1)
         key, ak = chip.create_device_key(), chip.create_attestation_key()
-        challenge = make_challenge(
-            ek_certificate=endorsement.certificate,
-            ek_chain=[der(c) for c in ek_chain(tpm_maker)],
-            ak_public=ak.public,
-            anchors=anchors(tpm_maker),
-            now=dt.datetime.now(dt.UTC),
-        )
+        challenge = challenge_for(tpm_maker, endorsement.certificate, ak.public)
         assert challenge.ek_summary == "EK ECC P-256 issued by CN=swtpm-localca"
         with chip.loaded(ak, key) as (ak_handle, key_handle):
             # _check_ek inside: the EK recreated from the template is the certified key
@@ -96,13 +82,7 @@ def test_a_credential_for_the_low_range_ek_does_not_open_with_the_high_range_one
         low, high = chip.endorsement(("EK-ECC256",)), chip.endorsement(("EK-HIGH-ECC256",))
         assert low.x509().public_key() != high.x509().public_key()
         ak = chip.create_attestation_key()
-        challenge = make_challenge(
-            ek_certificate=low.certificate,
-            ek_chain=[der(c) for c in ek_chain(tpm_maker)],
-            ak_public=ak.public,
-            anchors=anchors(tpm_maker),
-            now=dt.datetime.now(dt.UTC),
-        )
+        challenge = challenge_for(tpm_maker, low.certificate, ak.public)
         with chip.loaded(ak) as (ak_handle,), pytest.raises(TpmError, match="not made for"):
             chip.activate_credential(
                 ak_handle, high, challenge.credential_blob, challenge.encrypted_secret
@@ -123,41 +103,10 @@ def test_p256_ek_enrollment_end_to_end_through_the_service(
         Tpm(ecc_vtpm.tcti) as chip,
         est_server.client(fleet.root, station.cert, station.key) as est,
     ):
+        cert = hand_driven_enrollment(est, chip, device, tpm_maker, kinds=(kind,))
         endorsement = chip.endorsement((kind,))
-        key, ak = chip.create_device_key(), chip.create_attestation_key()
-        challenge = est.attestation_json(
-            CHALLENGE,
-            {
-                "device_id": device,
-                "ek_certificate": _b64(endorsement.certificate),
-                "ek_chain": [_b64(der(c)) for c in ek_chain(tpm_maker)],
-                "ak_public": _b64(ak.public),
-            },
-        )
-        with chip.loaded(ak, key) as (ak_handle, key_handle):
-            secret = chip.activate_credential(
-                ak_handle,
-                endorsement,
-                base64.b64decode(challenge["credential_blob"]),
-                base64.b64decode(challenge["encrypted_secret"]),
-            )
-            nonce = base64.b64decode(challenge["nonce"])
-            certification = chip.certify(key_handle, ak_handle, nonce)
-            csr = device_csr(device, chip.signer(key_handle))
-        cert = est.attested_enroll(
-            ENROLL,
-            {
-                "challenge_id": challenge["challenge_id"],
-                "activated_secret": _b64(secret),
-                "csr": _b64(csr.public_bytes(Encoding.DER)),
-                "key_public": _b64(key.public),
-                "certify_info": _b64(certification.info),
-                "certify_signature": _b64(certification.signature),
-            },
-        )
     assert isinstance(cert, x509.Certificate)
     assert key_protection_of(cert) == "tpm"
-    assert cert.public_key() == key.public_key()
     registered = fleet.registry.device(device)
     assert (registered.state, registered.key_protection) == (DeviceState.ACTIVE, "tpm")
     assert registered.hardware_binding == key_fingerprint(endorsement.x509())

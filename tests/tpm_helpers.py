@@ -14,12 +14,13 @@ with software keys.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,10 @@ from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_NV
 from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMS_NV_PUBLIC
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
+from device_sdk.est import EstClient, device_csr
 from device_sdk.tpm import EK_KINDS, Tpm
+from device_sdk.tpm_provisioning import CHALLENGE, ENROLL
+from enrollment.attestation.tpm import TpmChallenge, make_challenge
 from firmware_sim.vtpm import DbusSession, TpmManufacturer, VirtualTpm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,6 +129,70 @@ def resigned(
     for extension in cert.extensions:
         builder = builder.add_extension(extension.value, extension.critical)
     return builder.sign(key, hashes.SHA256())
+
+
+def challenge_for(
+    maker: TpmManufacturer, ek_certificate: bytes, ak_public: bytes, **trust: Any
+) -> TpmChallenge:
+    """The verifier's challenge for evidence from ``maker``'s TPM, checked now; ``trust``
+    passes CRLs and the CRL policy through."""
+    return make_challenge(
+        ek_certificate=ek_certificate,
+        ek_chain=[der(c) for c in ek_chain(maker)],
+        ak_public=ak_public,
+        anchors=anchors(maker),
+        now=dt.datetime.now(dt.UTC),
+        **trust,
+    )
+
+
+def hand_driven_enrollment(
+    est: EstClient,
+    chip: Tpm,
+    device_id: str,
+    maker: TpmManufacturer,
+    *,
+    kinds: tuple[str, ...] = tuple(EK_KINDS),
+    tamper: Callable[[dict[str, Any]], None] = lambda request: None,
+) -> x509.Certificate:
+    """A station's two attestation round trips done step by step with the first EK of
+    ``kinds``; ``tamper`` edits the enroll request before it is sent."""
+    endorsement = chip.endorsement(kinds)
+    key = chip.create_device_key()
+    ak = chip.create_attestation_key()
+    challenge = est.attestation_json(
+        CHALLENGE,
+        {
+            "device_id": device_id,
+            "ek_certificate": _b64(endorsement.certificate),
+            "ek_chain": [_b64(der(c)) for c in ek_chain(maker)],
+            "ak_public": _b64(ak.public),
+        },
+    )
+    nonce = base64.b64decode(challenge["nonce"])
+    with chip.loaded(ak, key) as (ak_handle, key_handle):
+        secret = chip.activate_credential(
+            ak_handle,
+            endorsement,
+            base64.b64decode(challenge["credential_blob"]),
+            base64.b64decode(challenge["encrypted_secret"]),
+        )
+        certification = chip.certify(key_handle, ak_handle, nonce)
+        csr = device_csr(device_id, chip.signer(key_handle))
+    request = {
+        "challenge_id": challenge["challenge_id"],
+        "activated_secret": _b64(secret),
+        "csr": _b64(csr.public_bytes(serialization.Encoding.DER)),
+        "key_public": _b64(key.public),
+        "certify_info": _b64(certification.info),
+        "certify_signature": _b64(certification.signature),
+    }
+    tamper(request)
+    return est.attested_enroll(ENROLL, request)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def provision_ek(tpm: VirtualTpm, kind: str) -> x509.Certificate:
