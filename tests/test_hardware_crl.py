@@ -204,6 +204,32 @@ def test_missing_and_stale_card_crls_under_each_policy():
     assert verify_card(card, [stale, fresh], CrlPolicy.REQUIRE).startswith("not revoked")
 
 
+def test_a_crl_whose_scope_leaves_the_certificate_out_does_not_count():
+    """A user-certificates-only CRL (RFC 5280 IssuingDistributionPoint) says nothing about a
+    CA certificate such as the card's F9 certificate: it does not count as that one's CRL."""
+    card = software_card()
+    scope = x509.IssuingDistributionPoint(
+        full_name=None,
+        relative_name=None,
+        only_contains_user_certs=True,
+        only_contains_ca_certs=False,
+        only_some_reasons=None,
+        indirect_crl=False,
+        only_contains_attribute_certs=False,
+    )
+    users_only = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(card.ca.subject)
+        .last_update(_now() - dt.timedelta(minutes=5))
+        .next_update(_now() + dt.timedelta(days=1))
+        .add_extension(scope, critical=True)
+        .sign(card.ca_key, hashes.SHA256())
+    )
+    # software_card's F9 certificate is a CA (it signs the slot attestations)
+    with pytest.raises(AttestationRefused, match="no CRL of CN=software maker"):
+        verify_card(card, [users_only], CrlPolicy.REQUIRE)
+
+
 # -- the trust store and the configuration --------------------------------------------------------
 
 

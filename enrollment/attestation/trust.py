@@ -199,7 +199,7 @@ def check_revocation(
     for index in range(first, len(path) - 1):
         cert, issuer = path[index], path[index + 1]
         label = what if index == first else "issuer certificate"
-        crl = _newest_crl(issuer, crls)
+        crl = _newest_crl(issuer, cert, crls)
         if crl is None:
             if policy is CrlPolicy.REQUIRE:
                 raise AttestationRefused(
@@ -224,25 +224,39 @@ def check_revocation(
 
 
 def _newest_crl(
-    issuer: x509.Certificate, crls: Sequence[x509.CertificateRevocationList]
+    issuer: x509.Certificate,
+    cert: x509.Certificate,
+    crls: Sequence[x509.CertificateRevocationList],
 ) -> x509.CertificateRevocationList | None:
-    """The latest of ``issuer``'s CRLs (by thisUpdate); delta CRLs are not used."""
+    """The latest (by thisUpdate) of ``issuer``'s full CRLs that cover ``cert``."""
     own = [
         crl
         for crl in crls
         if crl.issuer == issuer.subject
-        and not _is_delta(crl)
+        and _covers(crl, cert)
         and _signed_by(crl, issuer.public_key())
     ]
     return max(own, key=lambda crl: crl.last_update_utc, default=None)
 
 
-def _is_delta(crl: x509.CertificateRevocationList) -> bool:
+def _covers(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> bool:
+    """Whether ``crl`` could list ``cert``: not a delta CRL, and not a partitioned one (RFC
+    5280 5.2.5) whose scope leaves ``cert`` out. Such a CRL's silence says nothing."""
     try:
         crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
-    except x509.ExtensionNotFound:
         return False
-    return True
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        scope = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+    except x509.ExtensionNotFound:
+        return True
+    if scope.only_some_reasons or scope.indirect_crl or scope.only_contains_attribute_certs:
+        return False
+    return not (
+        (scope.only_contains_ca_certs and not _is_ca(cert))
+        or (scope.only_contains_user_certs and _is_ca(cert))
+    )
 
 
 def _signed_by(crl: x509.CertificateRevocationList, key: PublicKeyTypes) -> bool:
