@@ -282,8 +282,8 @@ def _check_fresh(
         )
         raise AttestationRefused(
             f"the CRL of {describe(issuer)} in the trust store is stale ({since}): fetch the "
-            f"manufacturer's current CRL{_where(cert)}, or remove it and set hardware_crl = "
-            '"if-present" to accept unchecked hardware'
+            f"manufacturer's current CRL{_where(cert)} (without one, hardware_crl = "
+            '"if-present" accepts this hardware unchecked)'
         )
     if now < crl.last_update_utc:
         raise AttestationRefused(
