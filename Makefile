@@ -3,7 +3,7 @@
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: bootstrap bootstrap-test demo test test-latest lock check-lock lint typecheck unit bench-enroll bench-chacha bench-broker bench-bridge bench-sim soak clean
+.PHONY: bootstrap bootstrap-test demo test test-latest lock check-lock lint typecheck unit bench-enroll bench-attest bench-chacha bench-broker bench-bridge bench-sim soak clean
 
 # `make demo` needs the runtime packages; tests and benchmarks also need the real peers.
 bootstrap:
@@ -42,6 +42,12 @@ test: lint typecheck unit
 
 bench-enroll: bootstrap-test
 	$(VENV)/python scripts/bench_enroll.py
+
+# Attested enrollment step by step: a TPM on swtpm (+ tpm2-abrmd) and a PIV card on the virtual
+# card (pcscd + vpcd), each through the SDK's station code against `fleetgate serve enrollment`.
+# Last line: tpm_enroll_ms=… card_enroll_ms=… station_overhead_pct=…
+bench-attest: bootstrap-test
+	$(VENV)/python scripts/bench_attest.py
 
 # Never removes fleet-data: that is the default data directory, CA keys included.
 clean:

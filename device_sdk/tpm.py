@@ -86,9 +86,16 @@ _SRK_ATTRIBUTES = (
     | TPMA_OBJECT.RESTRICTED
     | TPMA_OBJECT.DECRYPT
 )
-# EK certificates in the order tried: RSA-2048 (low range), ECC P-256 (low), ECC P-384 (H-3).
+# EK certificates in the order tried: RSA-2048 (low range), ECC P-256 (low), ECC P-384 (H-3),
+# then the high-range RSA-2048 (H-1) and P-256 (H-2) (TCG EK Credential Profile 2.0 2.2.1.5).
 # swtpm 0.7 writes RSA-2048 and P-384 only; many real TPMs have RSA-2048 and P-256.
-EK_KINDS = {"EK-RSA2048": 0x01C00002, "EK-ECC256": 0x01C0000A, "EK-HIGH-ECC384": 0x01C00016}
+EK_KINDS = {
+    "EK-RSA2048": 0x01C00002,
+    "EK-ECC256": 0x01C0000A,
+    "EK-HIGH-ECC384": 0x01C00016,
+    "EK-HIGH-RSA2048": 0x01C00012,
+    "EK-HIGH-ECC256": 0x01C00014,
+}
 # ActivateCredential's answers to a credential made for another EK or AK name (handle and
 # parameter bits stripped): TPM_RC_INTEGRITY, TPM_RC_VALUE (an RSA secret that does not decrypt),
 # and TPM_RC_FAILURE, which libtpms (swtpm) answers for that RSA case while staying usable.
@@ -201,7 +208,7 @@ class Endorsement:
 
     certificate: bytes  # DER
     nv_index: int
-    kind: str  # "EK-RSA2048", "EK-ECC256" or "EK-HIGH-ECC384"
+    kind: str  # a key of EK_KINDS
     template: bytes  # marshalled TPM2B_PUBLIC
 
     def x509(self) -> x509.Certificate:
@@ -290,7 +297,8 @@ class Tpm:
             if cert:
                 return Endorsement(bytes(cert), index, kind, template.marshal())
         raise TpmError(
-            "this TPM holds no EK certificate (NV 0x01c00002, 0x01c0000a or 0x01c00016): "
+            "this TPM holds no EK certificate (NV 0x01c00002, 0x01c0000a, 0x01c00016, "
+            "0x01c00012 or 0x01c00014): "
             "it cannot be attested; ask the TPM vendor for its EK certificate, or provision "
             "one in the factory (swtpm_setup --create-ek-cert for a virtual TPM)"
         )

@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypedDict
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -31,7 +32,7 @@ from enrollment.attestation.messages import (
     TpmChallengeRequest,
     TpmEnrollRequest,
 )
-from enrollment.attestation.trust import load_trust_store
+from enrollment.attestation.trust import CrlPolicy, load_crls, load_trust_store
 from enrollment.authorities import IssuingCAs, load_issuing_cas
 from enrollment.ca import CertificateAuthority, ca_paths
 from enrollment.crl import RevokedEntry, build_crl, parse_reason
@@ -259,8 +260,8 @@ class EnrollmentService:
                 ek_certificate=request.ek_certificate,
                 ek_chain=request.ek_chain,
                 ak_public=request.ak_public,
-                anchors=self._anchors(self.config.attestation.tpm_manufacturer_cas),
                 now=now,
+                **self._trust(self.config.attestation.tpm_manufacturer_cas),
             )
             _check_binding(subject, binding, challenge.ek_fingerprint, "TPM's EK")
             challenge_id = secrets.token_urlsafe(18)
@@ -282,7 +283,7 @@ class EnrollmentService:
                     "tpm.challenge",
                     "ok",
                     subject,
-                    f"challenge {challenge_id}; {challenge.ek_summary}",
+                    f"challenge {challenge_id}; {challenge.ek_summary}; {challenge.revocation}",
                     request_id,
                 ),
             )
@@ -348,9 +349,9 @@ class EnrollmentService:
             attested = verify_piv_attestation(
                 attestation_certificate=request.attestation_certificate,
                 attestation_intermediate=request.attestation_intermediate,
-                anchors=self._anchors(self.config.attestation.card_manufacturer_cas),
                 csr_key=checked.public_key,
                 now=self.clock(),
+                **self._trust(self.config.attestation.card_manufacturer_cas),
             )
             return self._issue_attested(peer, subject, attested, "piv.enroll", request_id)
 
@@ -391,7 +392,11 @@ class EnrollmentService:
             action,
             "ok",
             device_id,
-            f"serial {cert.serial_number:x}; {attested.summary}",
+            "; ".join(
+                filter(
+                    None, [f"serial {cert.serial_number:x}", attested.summary, attested.revocation]
+                )
+            ),
             request_id,
         )
         if peer.kind == "station":
@@ -408,8 +413,15 @@ class EnrollmentService:
             )
         return checked
 
-    def _anchors(self, setting: str) -> list[x509.Certificate]:
-        return load_trust_store(self.config.data_path(setting))
+    def _trust(self, setting: str) -> _Trust:
+        """A manufacturer trust store as the verifiers take it: CAs, CRLs and the CRL policy
+        (read at each request, so a CRL the operator refreshes counts at once)."""
+        directory = self.config.data_path(setting)
+        return _Trust(
+            anchors=load_trust_store(directory),
+            crls=load_crls(directory),
+            crl_policy=CrlPolicy(self.config.attestation.hardware_crl),
+        )
 
     def _identify(self, cert: x509.Certificate | None, *, expected_kind: str) -> PeerIdentity:
         """Who the TLS-verified client certificate names; not yet whether it may act."""
@@ -579,6 +591,14 @@ class EnrollmentService:
         if "" not in self.cas.crl_names:  # the first CA is retired: crl.der is the signer's
             write_atomic(paths.crl, published[0].public_bytes(Encoding.DER), mode=0o644)
         return published[0]
+
+
+class _Trust(TypedDict):
+    """The trust arguments of ``make_challenge`` and ``verify_piv_attestation``."""
+
+    anchors: list[x509.Certificate]
+    crls: list[x509.CertificateRevocationList]
+    crl_policy: CrlPolicy
 
 
 def _b64(data: bytes) -> str:

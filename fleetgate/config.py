@@ -163,11 +163,16 @@ class AttestationSettings:
     Each trust store is a directory of PEM certificates (relative paths are under the data
     directory): the TPM manufacturers' EK-certificate CAs, and the card manufacturers'
     attestation CAs. An empty or missing directory trusts no hardware of that kind.
+    The manufacturers' CRLs go in the same directories (``*.crl``, or PEM in ``*.pem``);
+    ``hardware_crl`` says what a missing one means: "require" (refuse), "if-present" (accept,
+    noted in the audit trail) or "ignore" (no revocation check). A stale CRL is refused unless
+    "ignore". docs/threat-model.md says why "if-present" is the default.
     """
 
     tpm_manufacturer_cas: str = "trust/tpm-manufacturers"
     card_manufacturer_cas: str = "trust/card-manufacturers"
     challenge_ttl_s: int = 120
+    hardware_crl: str = "if-present"
 
 
 @dataclass(frozen=True)
@@ -393,12 +398,18 @@ def load_config(home: Path | None = None, environ: dict[str, str] | None = None)
         sections["broker"], limits=_build_limits(limits_table, env)
     )
     _check_enrollment(sections["enrollment"])
+    if sections["attestation"].hardware_crl not in _HARDWARE_CRL_POLICIES:
+        raise ConfigError(
+            f"[attestation] hardware_crl is {' or '.join(map(repr, _HARDWARE_CRL_POLICIES))}, "
+            f"not {sections['attestation'].hardware_crl!r}"
+        )
     _check_node_name("broker", sections["broker"].node_name)
     bridges = _build_bridges(raw.get(_BRIDGE_SECTION, []))
     return Config(home=home, **sections, bridges=bridges, fabric=_build_fabric(raw, env))
 
 
 _LIMITS_KEY = "limits"
+_HARDWARE_CRL_POLICIES = ("require", "if-present", "ignore")  # trust.CrlPolicy's values
 _NODE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 

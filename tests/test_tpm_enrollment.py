@@ -19,14 +19,13 @@ from typing import Any
 import pytest
 from conftest import Fleet, RunningServer, StationCredentials
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-from tpm_helpers import der, ek_chain, trust_manufacturer
+from tpm_helpers import der, ek_chain, hand_driven_enrollment, trust_manufacturer
 
 from device_sdk.errors import EnrollmentError
-from device_sdk.est import EstError, device_csr
+from device_sdk.est import EstError
 from device_sdk.tpm import Tpm
 from device_sdk.tpm_keystore import TpmKeyStore
-from device_sdk.tpm_provisioning import CHALLENGE, ENROLL, enroll_tpm
+from device_sdk.tpm_provisioning import ENROLL, enroll_tpm
 from enrollment.attestation.trust import key_fingerprint
 from enrollment.profiles import key_protection_of
 from enrollment.registry import DeviceState
@@ -67,38 +66,7 @@ def hand_driven_station(
         Tpm(tpm.tcti) as chip,
         est_server.client(fleet.root, station.cert, station.key) as est,
     ):
-        endorsement = chip.endorsement()
-        key = chip.create_device_key()
-        ak = chip.create_attestation_key()
-        challenge = est.attestation_json(
-            CHALLENGE,
-            {
-                "device_id": DEVICE,
-                "ek_certificate": b64(endorsement.certificate),
-                "ek_chain": [b64(der(c)) for c in ek_chain(maker)],
-                "ak_public": b64(ak.public),
-            },
-        )
-        nonce = base64.b64decode(challenge["nonce"])
-        with chip.loaded(ak, key) as (ak_handle, key_handle):
-            secret = chip.activate_credential(
-                ak_handle,
-                endorsement,
-                base64.b64decode(challenge["credential_blob"]),
-                base64.b64decode(challenge["encrypted_secret"]),
-            )
-            certification = chip.certify(key_handle, ak_handle, nonce)
-            csr = device_csr(DEVICE, chip.signer(key_handle))
-        request = {
-            "challenge_id": challenge["challenge_id"],
-            "activated_secret": b64(secret),
-            "csr": b64(csr.public_bytes(Encoding.DER)),
-            "key_public": b64(key.public),
-            "certify_info": b64(certification.info),
-            "certify_signature": b64(certification.signature),
-        }
-        tamper(request)
-        return est.attested_enroll(ENROLL, request)
+        return hand_driven_enrollment(est, chip, DEVICE, maker, tamper=tamper)
 
 
 def assert_refused_and_unchanged(fleet: Fleet, refusal: EstError, reason: str) -> None:

@@ -14,12 +14,13 @@ with software keys.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,16 @@ import pytest
 from conftest import Fleet
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from tpm2_pytss import ESAPI
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_NV
+from tpm2_pytss.types import TPM2B_NV_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMS_NV_PUBLIC
+from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
+from device_sdk.est import EstClient, device_csr
+from device_sdk.tpm import EK_KINDS, Tpm
+from device_sdk.tpm_provisioning import CHALLENGE, ENROLL
+from enrollment.attestation.tpm import TpmChallenge, make_challenge
 from firmware_sim.vtpm import DbusSession, TpmManufacturer, VirtualTpm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,9 +116,7 @@ def resigned(
     cert: x509.Certificate, maker: TpmManufacturer, *, not_after: dt.datetime
 ) -> x509.Certificate:
     """``cert`` re-issued by the manufacturer's intermediate with another end of validity."""
-    text = maker.issuer_key.read_bytes()
-    key = serialization.load_pem_private_key(text[text.index(b"-----BEGIN") :], None)
-    assert isinstance(key, rsa.RSAPrivateKey)
+    key = issuer_key(maker)
     builder = (
         x509.CertificateBuilder()
         .subject_name(cert.subject)
@@ -122,6 +129,154 @@ def resigned(
     for extension in cert.extensions:
         builder = builder.add_extension(extension.value, extension.critical)
     return builder.sign(key, hashes.SHA256())
+
+
+def challenge_for(
+    maker: TpmManufacturer, ek_certificate: bytes, ak_public: bytes, **trust: Any
+) -> TpmChallenge:
+    """The verifier's challenge for evidence from ``maker``'s TPM, checked now; ``trust``
+    passes CRLs and the CRL policy through."""
+    return make_challenge(
+        ek_certificate=ek_certificate,
+        ek_chain=[der(c) for c in ek_chain(maker)],
+        ak_public=ak_public,
+        anchors=anchors(maker),
+        now=dt.datetime.now(dt.UTC),
+        **trust,
+    )
+
+
+def hand_driven_enrollment(
+    est: EstClient,
+    chip: Tpm,
+    device_id: str,
+    maker: TpmManufacturer,
+    *,
+    kinds: tuple[str, ...] = tuple(EK_KINDS),
+    tamper: Callable[[dict[str, Any]], None] = lambda request: None,
+) -> x509.Certificate:
+    """A station's two attestation round trips done step by step with the first EK of
+    ``kinds``; ``tamper`` edits the enroll request before it is sent."""
+    endorsement = chip.endorsement(kinds)
+    key = chip.create_device_key()
+    ak = chip.create_attestation_key()
+    challenge = est.attestation_json(
+        CHALLENGE,
+        {
+            "device_id": device_id,
+            "ek_certificate": _b64(endorsement.certificate),
+            "ek_chain": [_b64(der(c)) for c in ek_chain(maker)],
+            "ak_public": _b64(ak.public),
+        },
+    )
+    nonce = base64.b64decode(challenge["nonce"])
+    with chip.loaded(ak, key) as (ak_handle, key_handle):
+        secret = chip.activate_credential(
+            ak_handle,
+            endorsement,
+            base64.b64decode(challenge["credential_blob"]),
+            base64.b64decode(challenge["encrypted_secret"]),
+        )
+        certification = chip.certify(key_handle, ak_handle, nonce)
+        csr = device_csr(device_id, chip.signer(key_handle))
+    request = {
+        "challenge_id": challenge["challenge_id"],
+        "activated_secret": _b64(secret),
+        "csr": _b64(csr.public_bytes(serialization.Encoding.DER)),
+        "key_public": _b64(key.public),
+        "certify_info": _b64(certification.info),
+        "certify_signature": _b64(certification.signature),
+    }
+    tamper(request)
+    return est.attested_enroll(ENROLL, request)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def provision_ek(tpm: VirtualTpm, kind: str) -> x509.Certificate:
+    """Give ``tpm`` an EK of ``kind`` ("EK-ECC256": L-2, "EK-HIGH-ECC256": H-2, ...) with a
+    certificate from its manufacturer in the kind's NV index, as a TPM factory does: swtpm
+    0.7.1's ``swtpm_setup`` makes RSA-2048 and P-384 EK certificates only.
+
+    The EK is the TPM's own primary from the TCG template; the certificate copies the swtpm
+    RSA EK certificate's TCG extensions (SAN with the TPM's model, EK policy) with this key.
+    The NV index is owner-defined with the read attributes ``NVReadEK`` uses.
+    """
+    index = EK_KINDS[kind]
+
+    def placeholder(nv: int) -> bytes:  # the template's defaults; no certificate exists yet
+        if nv == index:
+            return b"placeholder"
+        raise NoSuchIndex(nv)
+
+    _, template = create_ek_template(kind, placeholder)
+    with Tpm(tpm.direct_tcti) as chip:
+        model = chip.endorsement(("EK-RSA2048",)).x509()
+    ectx = ESAPI(tpm.direct_tcti)
+    try:
+        handle, public, _, _, _ = ectx.create_primary(
+            TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT
+        )
+        ectx.flush_context(handle)
+        key = serialization.load_pem_public_key(public.to_pem())
+        assert isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(model.subject)
+            .issuer_name(model.issuer)
+            .public_key(key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(model.not_valid_before_utc)
+            .not_valid_after(model.not_valid_after_utc)
+        )
+        skipped = (x509.KeyUsage, x509.SubjectKeyIdentifier, x509.AuthorityKeyIdentifier)
+        for extension in model.extensions:
+            if not isinstance(extension.value, skipped):
+                builder = builder.add_extension(extension.value, extension.critical)
+        usage = dict.fromkeys(
+            ("digital_signature", "content_commitment", "data_encipherment", "key_cert_sign",
+             "crl_sign", "encipher_only", "decipher_only"),
+            False,
+        )  # fmt: skip
+        ecc = isinstance(key, ec.EllipticCurvePublicKey)
+        builder = builder.add_extension(
+            x509.KeyUsage(key_encipherment=not ecc, key_agreement=ecc, **usage), critical=True
+        )
+        cert = builder.sign(issuer_key(tpm.manufacturer), hashes.SHA256())
+        data = der(cert)
+        attributes = (
+            TPMA_NV.OWNERWRITE
+            | TPMA_NV.AUTHWRITE
+            | TPMA_NV.OWNERREAD
+            | TPMA_NV.AUTHREAD
+            | TPMA_NV.NO_DA
+        )
+        nv = ectx.nv_define_space(
+            b"",
+            TPM2B_NV_PUBLIC(
+                nvPublic=TPMS_NV_PUBLIC(
+                    nvIndex=index,
+                    nameAlg=TPM2_ALG.SHA256,
+                    attributes=attributes,
+                    dataSize=len(data),
+                )
+            ),
+        )
+        for offset in range(0, len(data), 512):  # below swtpm's MAX_NV_BUFFER_SIZE
+            ectx.nv_write(nv, data[offset : offset + 512], offset)
+    finally:
+        ectx.close()
+    return cert
+
+
+def issuer_key(maker: TpmManufacturer) -> rsa.RSAPrivateKey:
+    """The manufacturer's EK-issuing key (``swtpm_localca`` writes certtool's text, then PEM)."""
+    text = maker.issuer_key.read_bytes()
+    key = serialization.load_pem_private_key(text[text.index(b"-----BEGIN") :], None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return key
 
 
 def run_device(script: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:

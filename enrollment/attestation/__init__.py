@@ -35,3 +35,5 @@ class AttestedKey:
     binding: str
     # One line for the audit trail and `device show`, e.g. "EK RSA-2048 issued by <CN>".
     summary: str
+    # trust.check_revocation's line for the audit trail: checked, or why not.
+    revocation: str = ""

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from enrollment.attestation import AttestedKey, KeyProtection
 from enrollment.attestation.trust import (
+    CrlPolicy,
+    check_revocation,
     describe,
     key_fingerprint,
     load_certificate,
@@ -38,6 +40,8 @@ def verify_piv_attestation(
     anchors: Sequence[x509.Certificate],
     csr_key: ec.EllipticCurvePublicKey,
     now: dt.datetime,
+    crls: Sequence[x509.CertificateRevocationList] = (),
+    crl_policy: CrlPolicy = CrlPolicy.IF_PRESENT,
 ) -> AttestedKey:
     """Chain attestation cert -> F9 cert -> card-manufacturer CA; attested key == csr_key.
 
@@ -54,6 +58,11 @@ def verify_piv_attestation(
             "certificate sent with it: send the F9 certificate read from the same card "
             "(GET DATA 5FFF01)"
         )
+    # The leaf is the card's own statement (no CRL exists for it); the F9 certificate up are
+    # the manufacturer's, and a revoked F9 certificate is a revoked card.
+    revocation = check_revocation(
+        path, crls, policy=crl_policy, now=now, what="card's attestation (F9) certificate", first=1
+    )
     try:
         attested = attestation.public_key()
     except (ValueError, UnsupportedAlgorithm) as exc:  # e.g. a point not on its curve
@@ -80,6 +89,7 @@ def verify_piv_attestation(
         summary=(
             f"PIV card {describe(f9)}, attestation key issued by {f9.issuer.rfc4514_string()}"
         ),
+        revocation=revocation,
     )
 
 

@@ -51,6 +51,8 @@ from tpm2_pytss.types import (  # type: ignore[import-untyped]
 from tpm2_pytss.utils import make_credential  # type: ignore[import-untyped]
 
 from enrollment.attestation.trust import (
+    CrlPolicy,
+    check_revocation,
     describe,
     key_fingerprint,
     load_certificate,
@@ -85,6 +87,7 @@ class TpmChallenge:
     encrypted_secret: bytes  # marshalled TPM2B_ENCRYPTED_SECRET
     ek_fingerprint: str  # trust.key_fingerprint of the EK certificate
     ek_summary: str  # e.g. "EK RSA-2048 issued by CN=swtpm-localca"
+    revocation: str = ""  # trust.check_revocation's line for the audit trail
 
 
 def make_challenge(
@@ -94,11 +97,15 @@ def make_challenge(
     ak_public: bytes,
     anchors: Sequence[x509.Certificate],
     now: dt.datetime,
+    crls: Sequence[x509.CertificateRevocationList] = (),
+    crl_policy: CrlPolicy = CrlPolicy.IF_PRESENT,
 ) -> TpmChallenge:
-    """Check the EK certificate chain and the AK; wrap a fresh secret to the EK for the AK."""
+    """Check the EK certificate chain (and its manufacturers' CRLs) and the AK; wrap a fresh
+    secret to the EK for the AK."""
     ek_cert = load_certificate(ek_certificate, "EK certificate")
     chain = [load_certificate(der, "EK chain certificate") for der in ek_chain]
-    verify_chain(ek_cert, chain, anchors, now=now, what="EK certificate")
+    path = verify_chain(ek_cert, chain, anchors, now=now, what="EK certificate")
+    revocation = check_revocation(path, crls, policy=crl_policy, now=now, what="EK certificate")
     ak = _public_area(ak_public, "AK public area")
     _require_attributes(ak, _REQUIRED_AK_ATTRIBUTES, "attestation key")
     if ak.publicArea.objectAttributes & TPMA_OBJECT.DECRYPT:
@@ -114,6 +121,7 @@ def make_challenge(
         encrypted_secret=encrypted.marshal(),
         ek_fingerprint=key_fingerprint(ek_cert),
         ek_summary=f"EK {kind} issued by {ek_cert.issuer.rfc4514_string() or describe(ek_cert)}",
+        revocation=revocation,
     )
 
 
@@ -227,28 +235,35 @@ def _spki(key: Any) -> bytes:
     return bytes(key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
 
 
-# What the TCG default EK templates (EK Credential Profile 2.0) use for MakeCredential: the name
-# algorithm (KDF and HMAC) and the symmetric algorithm; RSA-2048 and P-256 are L-1/L-2 (or
-# H-1/H-2, same values), P-384 is H-3.
+# What MakeCredential needs of an EK (TCG EK Credential Profile 2.0, section 2.2.1): its name
+# algorithm (the KDF and HMAC of the credential) and its symmetric cipher (AES-CFB). The templates
+# differ in more (authPolicy, userWithAuth, unique), but those change the EK's own name, which
+# MakeCredential does not use (it seals to the AK's name). Low range L-1 (RSA-2048) and L-2
+# (P-256) and high range H-1 (RSA-2048) and H-2 (P-256) share SHA-256 / AES-128; H-3 (P-384),
+# H-6 (RSA-3072) and H-7 (RSA-4096) use SHA-384 / AES-256; H-4 (P-521) SHA-512 / AES-256.
+# H-5 (SM2) has no SM2/SM4 support in cryptography: refused.
 _EK_PARAMETERS = {
     "RSA-2048": (TPM2_ALG.SHA256, 128),
+    "RSA-3072": (TPM2_ALG.SHA384, 256),
+    "RSA-4096": (TPM2_ALG.SHA384, 256),
     "ECC P-256": (TPM2_ALG.SHA256, 128),
     "ECC P-384": (TPM2_ALG.SHA384, 256),
+    "ECC P-521": (TPM2_ALG.SHA512, 256),
 }
-_EK_CURVES = {"secp256r1": "ECC P-256", "secp384r1": "ECC P-384"}
+_EK_CURVES = {"secp256r1": "ECC P-256", "secp384r1": "ECC P-384", "secp521r1": "ECC P-521"}
 
 
 def _ek_public_area(cert: x509.Certificate) -> tuple[Any, str]:
     """The EK's public area as the TPM holds it, rebuilt from the certificate's key."""
     key = cert.public_key()
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size == 2048:
-        kind = "RSA-2048"
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size in (2048, 3072, 4096):
+        kind = f"RSA-{key.key_size}"
     elif isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _EK_CURVES:
         kind = _EK_CURVES[key.curve.name]
     else:
         raise AttestationRefused(
-            f"the EK certificate's key ({type(key).__name__}) is not RSA-2048, ECC P-256 or "
-            "ECC P-384, the EK types fleetgate can make a credential for"
+            f"the EK certificate's key ({type(key).__name__}) is not RSA-2048/3072/4096 or "
+            "ECC P-256/384/521, the TCG EK types fleetgate can make a credential for"
         )
     name_alg, aes_bits = _EK_PARAMETERS[kind]
     symmetric = TPMT_SYM_DEF_OBJECT(
