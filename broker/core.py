@@ -34,6 +34,7 @@ from broker.routing import (
     weight,
 )
 from broker.session import NEVER_EXPIRES, Delivery, PendingWill, Session
+from broker.shared import SharedSubscriptions, share_key
 from enrollment.registry import AclPatterns, AuditRecord, DeviceState
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class BrokerCore:
         self.sessions: dict[str, Session] = {}
         self.connections: set[Connection] = set()
         self.subscriptions = SubscriptionTree()
+        self.shared = SharedSubscriptions()  # $share/<group>/<filter> (broker.shared)
         self.retained = RetainedMessages()
         self.dirty: set[Connection] = set()
         self.gate: PublishGate | None = None
@@ -173,9 +175,12 @@ class BrokerCore:
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
         for topic_filter in session.subscriptions:
-            self.subscriptions.remove(topic_filter, session.client_id)
+            self._forget(session.client_id, topic_filter)
         session.subscriptions.clear()
+        orphans = self.shared.orphans(session)  # handed on to other members (broker.shared)
         session.clear_queue()
+        for orphan in orphans:
+            self.publish_shared(orphan.share, orphan.message, now)
         if session.pending_will is not None:
             will, session.pending_will = session.pending_will.will, None
             self.publish_will(session, will, now)
@@ -185,12 +190,21 @@ class BrokerCore:
     def subscribe(self, session: Session, topic_filter: str, options: SubscriptionOptions) -> bool:
         """Add or replace a subscription; True if the session did not have this filter."""
         session.subscriptions[topic_filter] = options
+        key = share_key(topic_filter)
+        if key is not None:
+            return self.shared.add(key, session.client_id, options)
         return self.subscriptions.add(topic_filter, session.client_id, options)
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
-        return self.subscriptions.remove(topic_filter, session.client_id)
+        return self._forget(session.client_id, topic_filter)
+
+    def _forget(self, client_id: str, topic_filter: str) -> bool:
+        key = share_key(topic_filter)
+        if key is not None:
+            return self.shared.remove(key, client_id)
+        return self.subscriptions.remove(topic_filter, client_id)
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -199,6 +213,10 @@ class BrokerCore:
         see :meth:`retain_excess`), deliver it."""
         if message.retain:
             self.retained.store(message, owner)
+        shared = self.shared
+        if shared.groups and shared.local:  # fabric mode: the node's queue groups route
+            for group in shared.matching(message.topic):
+                self.publish_shared(group.key, message, now)
         # One copy per subscribed session (MQTT-3.3.4-2): the highest QoS of its matching
         # subscriptions, and all their subscription identifiers.
         found = self.subscriptions.match(message.topic)
@@ -237,6 +255,16 @@ class BrokerCore:
                 tuple(sorted(ids)),
             )
             self.deliver(self.sessions[client_id], delivery, now)
+
+    def publish_shared(self, key: str, message: Message, now: float) -> None:
+        """One copy of ``message`` to one member of the shared subscription ``key``
+        (:meth:`broker.shared.ShareGroup.choose`); dropped if it has no member that can take it."""
+        group = self.shared.groups.get(key)
+        session = None if group is None else group.choose(self.sessions, message.qos)
+        if group is None or session is None:
+            self.metrics.dropped["shared_no_member"] += 1
+            return
+        self.deliver(session, self.shared.delivery(group, session, message), now)
 
     def retain_excess(self, owner: str, message: Message, limits: DeviceLimits) -> str | None:
         """Which retained limit of ``owner`` storing ``message`` would break, or ``None``
