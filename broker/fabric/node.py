@@ -20,7 +20,17 @@ other nodes come in for its local subscribers (issue 12, first slice).
 - **Overlapping filters.** NATS sends one copy per matching subscription (``a/#`` and
   ``a/+`` both match ``a/b``); the core already delivers one copy per session for all its
   matching filters, so only the copy arriving on the *canonical* filter (the smallest of this
-  node's active filters that match the topic) is routed, the others are dropped.
+  node's active filters that match the topic) is routed, the others are dropped. Such a copy
+  reaches ordinary subscribers only, never shared subscriptions.
+- **Shared subscriptions** (:mod:`broker.shared`). Each ``$share/<group>/<filter>`` with a
+  local member is one NATS *queue* subscription per subject of its filter, in a queue group
+  named after the group and the filter (:func:`broker.shared.queue_name`), so NATS hands each
+  message to one node of the cluster, which hands it to one local member. Those subscriptions
+  live on a second connection, opened at the first shared subscription: with ``no_echo``,
+  nats-server never picks the publishing connection's own queue subscription (measured), so
+  a message from this node's clients could never reach this node's members. The core does not
+  route shared subscriptions itself in fabric mode (``SharedSubscriptions.local``): the queue
+  groups decide for local and remote publishers alike.
 
 Core NATS is at-most-once: a message sent while the link is down, or before a new filter's
 interest reached the other servers, is not delivered live (a QoS 1/2 one is still in the
@@ -62,9 +72,10 @@ from broker.mqtt.errors import ProtocolError
 from broker.mqtt.packets import PacketType
 from broker.mqtt.properties import decode_properties, encode_properties
 from broker.routing import Message, SubscriptionOptions, SubscriptionTree
+from broker.shared import queue_name
 from fleetgate.config import Config, FabricSettings
 from fleetgate.errors import FleetgateError
-from fleetgate.topics import InvalidTopic, validate_topic_name
+from fleetgate.topics import SHARE_PREFIX, InvalidTopic, validate_topic_name
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -203,6 +214,8 @@ class FabricNode:
         self._interest: deque[tuple[str, bool]] = deque()
         self._interest_ready = asyncio.Event()
         self._nats_subs: dict[str, list[Subscription]] = {}
+        self._options: dict[str, Any] = {}
+        self._share_nc: NatsClient | None = None  # queue subscriptions (module docstring)
         self._active = SubscriptionTree()  # filters whose NATS subscriptions the server has
         self._tree: InterestTree | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -240,6 +253,7 @@ class FabricNode:
             options["tls"] = self._tls_context()
         if settings.credentials_file:
             options["user_credentials"] = str(self._config.data_path(settings.credentials_file))
+        self._options = options
         try:
             self._nc = await asyncio.wait_for(nats.connect(**options), settings.connect_timeout_s)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
@@ -259,6 +273,10 @@ class FabricNode:
             raise RuntimeError("the fabric must be started before any client connects")
         core.gate = self
         core.filter_refusal = refusal
+        core.shared.local = False
+        # As "$share/<key>": no ordinary filter starts so (the core routes those to shared).
+        core.shared.on_first = lambda key: self._interest_gained(SHARE_PREFIX + key)
+        core.shared.on_last = lambda key: self._interest_lost(SHARE_PREFIX + key)
         self._tree = core.subscriptions = InterestTree(self._interest_gained, self._interest_lost)
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -275,6 +293,8 @@ class FabricNode:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._share_nc is not None and not self._share_nc.is_closed:
+            await self._share_nc.drain()
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.drain()
 
@@ -493,6 +513,7 @@ class FabricNode:
     # -- in: interest and delivery ---------------------------------------------------------------
 
     def _interest_gained(self, topic_filter: str) -> None:
+        """A filter (or a shared subscription's key) got its first local subscriber."""
         self._interest.append((topic_filter, True))
         self._interest_ready.set()
 
@@ -521,6 +542,10 @@ class FabricNode:
                     log.exception("fabric subscription change failed", extra={"filter": f})
 
     async def _subscribe(self, nc: NatsClient, topic_filter: str) -> None:
+        if topic_filter.startswith(SHARE_PREFIX):
+            await self._subscribe_shared(topic_filter)
+            return
+
         async def on_message(msg: Msg) -> None:
             self._on_message(topic_filter, msg)
 
@@ -532,6 +557,36 @@ class FabricNode:
         assert self._tree is not None
         if self._tree.has(topic_filter):  # still wanted once the server had it
             self._active.add(topic_filter, topic_filter, _ANY)
+
+    async def _subscribe_shared(self, topic_filter: str) -> None:
+        """Queue subscriptions for the shared subscription ``$share/<group>/<filter>``."""
+        import nats
+
+        key = topic_filter[len(SHARE_PREFIX) :]
+        if self._share_nc is None:
+            options = dict(self._options, no_echo=False, name=f"fleetgate-{self.name}-shared")
+            self._share_nc = await nats.connect(**options)
+        nc, queue = self._share_nc, queue_name(key)
+
+        async def on_message(msg: Msg) -> None:
+            self._on_shared_message(key, msg)
+
+        self._nats_subs[topic_filter] = [
+            await nc.subscribe(subject, queue=queue, cb=on_message)
+            for subject in filter_to_subjects(key.partition("/")[2])
+        ]
+        await nc.flush()
+
+    def _on_shared_message(self, key: str, msg: Msg) -> None:
+        """NATS picked this node for one message of a shared subscription: one local member."""
+        now = self._clock()
+        message = message_from_nats(msg.subject, msg.data, msg.headers, now)
+        if message is None:
+            self.dropped += 1
+            return
+        self.received += 1
+        self._core.publish_shared(key, message, now)
+        self._wake()
 
     def _on_message(self, topic_filter: str, msg: Msg) -> None:
         """A message from another node (or a NATS-native publisher) for this node's clients."""
