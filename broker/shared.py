@@ -71,12 +71,14 @@ class ShareGroup:
         count = len(order)
         for step in range(count):
             index = (self._cursor + step) % count
-            session = sessions[order[index]]
+            session = sessions.get(order[index])
+            if session is None:  # its session is ending: its subscriptions go next
+                continue
             conn = session.connection
             if conn is not None and conn.writable and not session.queue:
                 self._cursor = index + 1
                 return session
-        members = [sessions[client_id] for client_id in order]
+        members = [s for client_id in order if (s := sessions.get(client_id)) is not None]
         connected = [s for s in members if s.connection is not None]
         if connected:
             return min(connected, key=lambda s: len(s.queue) + len(s.inflight))

@@ -25,6 +25,7 @@ from broker_helpers import (  # running_broker: the `broker` fixture
     wait_for,
 )
 
+from broker.acl import DEFAULT_TEMPLATE
 from broker.mqtt import (
     Disconnect,
     PubAck,
@@ -290,6 +291,12 @@ def test_the_pick_goes_round_the_ready_members_and_skips_a_backlog() -> None:
     sessions["c"].expiry_interval = 60
     assert (picked := group.choose(sessions, QoS.AT_LEAST_ONCE)) is not None
     assert picked.client_id == "c"
+
+
+def test_the_acl_judges_a_shared_subscription_by_its_filter() -> None:
+    acl = DEFAULT_TEMPLATE.for_device("d1")
+    assert acl.may_subscribe("$share/g/devices/d1/commands/#")  # kept on a policy change
+    assert not acl.may_subscribe("$share/g/devices/d2/commands/#")
 
 
 def test_keys_and_queue_names() -> None:

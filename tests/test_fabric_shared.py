@@ -10,13 +10,12 @@ from __future__ import annotations
 import queue
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from broker_helpers import V5, V311, Creds, Paho, enroll, wait_for
 from conftest import Fleet
-from nats_cluster import NatsCluster
-from test_fabric_node import FabricBroker, cluster  # noqa: F401 (one cluster per module)
+from test_broker_shared import drain
+from test_fabric_node import FabricBroker, cluster, nodes  # noqa: F401 (a cluster per module)
 
 JOBS = "$share/workers/jobs/#"
 
@@ -27,16 +26,6 @@ def workers(fleet: Fleet) -> list[Creds]:
     return [enroll(fleet, f"worker-{n}", group="workers") for n in range(1, 7)]
 
 
-@pytest.fixture
-def nodes(fleet: Fleet, cluster: NatsCluster) -> Iterator[tuple[FabricBroker, FabricBroker]]:
-    """Node A on NATS server 1, node B on NATS server 2."""
-    a = FabricBroker(fleet, [cluster.nodes[0].url], "node-a").start()
-    b = FabricBroker(fleet, [cluster.nodes[1].url], "node-b").start()
-    yield a, b
-    a.stop()
-    b.stop()
-
-
 def connected(broker: FabricBroker, creds: Creds, version: int = V5) -> Paho:
     client = Paho(broker, creds, version=version)
     assert client.connect()[0] == 0
@@ -45,14 +34,7 @@ def connected(broker: FabricBroker, creds: Creds, version: int = V5) -> Paho:
 
 def received(client: Paho, quiet: float = 0.5) -> list[bytes]:
     """Every payload but the probes until ``client`` has been quiet for ``quiet`` seconds."""
-    got = []
-    while True:
-        try:
-            payload = client.message(quiet).payload
-        except queue.Empty:
-            return got
-        if not payload.startswith(b"probe"):
-            got.append(payload)
+    return [p for p in drain(client, quiet) if not p.startswith(b"probe")]
 
 
 def probe_until(publisher: Paho, *receivers: Paho) -> None:

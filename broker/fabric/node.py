@@ -569,7 +569,7 @@ class FabricNode:
         nc, queue = self._share_nc, queue_name(key)
 
         async def on_message(msg: Msg) -> None:
-            self._on_shared_message(key, msg)
+            self._on_message(key, msg, shared=True)
 
         self._nats_subs[topic_filter] = [
             await nc.subscribe(subject, queue=queue, cb=on_message)
@@ -577,29 +577,23 @@ class FabricNode:
         ]
         await nc.flush()
 
-    def _on_shared_message(self, key: str, msg: Msg) -> None:
-        """NATS picked this node for one message of a shared subscription: one local member."""
+    def _on_message(self, topic_filter: str, msg: Msg, *, shared: bool = False) -> None:
+        """A message from another node (or a NATS-native publisher) for this node's clients;
+        ``shared``: NATS picked this node for it in the queue group of the shared subscription
+        ``topic_filter`` (its key), and one local member gets it."""
         now = self._clock()
         message = message_from_nats(msg.subject, msg.data, msg.headers, now)
         if message is None:
             self.dropped += 1
             return
+        if shared:
+            self._core.publish_shared(topic_filter, message, now)
+        else:
+            matching = self._active.match(message.topic)
+            if not matching or min(f for f, _ in matching) != topic_filter:
+                return  # another of this node's filters routes this copy
+            self._core.publish(message, now)
         self.received += 1
-        self._core.publish_shared(key, message, now)
-        self._wake()
-
-    def _on_message(self, topic_filter: str, msg: Msg) -> None:
-        """A message from another node (or a NATS-native publisher) for this node's clients."""
-        now = self._clock()
-        message = message_from_nats(msg.subject, msg.data, msg.headers, now)
-        if message is None:
-            self.dropped += 1
-            return
-        matching = self._active.match(message.topic)
-        if not matching or min(f for f, _ in matching) != topic_filter:
-            return  # another of this node's filters routes this copy
-        self.received += 1
-        self._core.publish(message, now)
         self._wake()
 
 
