@@ -533,6 +533,7 @@ class Connection:
             expiry=expiry,
             now=now,
             limits=self.limits,
+            will=packet.will,
         )
         self.session = session
         self.state = State.CONNECTED

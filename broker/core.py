@@ -67,6 +67,17 @@ class PublishGate(Protocol):
     ) -> GateVerdict: ...
 
 
+class WillKeeper(Protocol):
+    """Fabric mode: keeps each session's will where a surviving node finds it if this node
+    dies (:mod:`broker.fabric.wills`)."""
+
+    def connected(self, session: Session, will: Will | None) -> None: ...
+
+    def waiting(self, session: Session) -> None: ...
+
+    def will_published(self, session: Session) -> None: ...
+
+
 @dataclass(frozen=True)
 class CoreSettings:
     """Limits of the protocol core; ``receive_maximum`` caps QoS 1/2 in flight each way,
@@ -105,6 +116,9 @@ class BrokerCore:
         self.retained = RetainedMessages()
         self.dirty: set[Connection] = set()
         self.gate: PublishGate | None = None
+        # Fabric mode: wills go to the other nodes too (a bridge's gate sees client messages only).
+        self.will_gate: PublishGate | None = None
+        self.will_keeper: WillKeeper | None = None
         # Fabric mode (broker.fabric): why a topic filter cannot be subscribed to, or None.
         self.filter_refusal: Callable[[str], str | None] | None = None
         self._assigned_ids = itertools.count(1)
@@ -127,6 +141,7 @@ class BrokerCore:
         expiry: int,
         now: float,
         limits: DeviceLimits | None = None,
+        will: Will | None = None,
     ) -> tuple[Session, bool]:
         """Give ``conn`` the session of ``client_id``; True if an existing session was resumed.
 
@@ -150,11 +165,18 @@ class BrokerCore:
         session.limits = limits or self.limits.default
         session.expires_at = None
         session.expiry_interval = expiry
+        if self.will_keeper is not None:
+            self.will_keeper.connected(session, will)
         return session, existing is not None
 
     def detach(self, session: Session, will: Will | None, now: float) -> None:
         """The session's connection is gone; ``will`` is published now, later or with the end."""
         session.connection = None
+        self._settle_will(session, will, now)
+        if self.will_keeper is not None:
+            self.will_keeper.waiting(session)
+
+    def _settle_will(self, session: Session, will: Will | None, now: float) -> None:
         if session.expiry_interval == 0:
             self.end_session(session, now)
             if will is not None:
@@ -298,6 +320,10 @@ class BrokerCore:
         ):
             self.metrics.limit_refusals[excess] += 1
             message = replace(message, retain=False)
+        if self.will_keeper is not None:
+            self.will_keeper.will_published(session)
+        if self.will_gate is not None:  # nothing acknowledges a will: the outcome is not needed
+            self.will_gate.offer(message, False, _no_acknowledgement)
         self.publish(message, now, owner=session.device_id)
 
     def deliver(self, session: Session, delivery: Delivery, now: float) -> None:
@@ -431,3 +457,7 @@ class BrokerCore:
     def shutdown(self, now: float) -> None:
         for conn in list(self.connections):
             conn.shut_down(now)
+
+
+def _no_acknowledgement(stored: bool, now: float) -> None:
+    """A will's publish gate callback: no client waits for it."""

@@ -154,6 +154,18 @@ class Metrics:
         )
         return "\n".join(lines) + "\n"
 
+    @staticmethod
+    def render_node(name: str) -> str:
+        """``node_info{node="..."} 1``: which broker node this scrape's counters (admissions,
+        refusals, kicks) are from, to join on when several nodes are scraped."""
+        lines = family_lines(
+            "node_info",
+            "gauge",
+            "This broker node's name (the value is always 1).",
+            [(f'{{node="{name}"}}', 1)],
+        )
+        return "\n".join(lines) + "\n"
+
     def render_limits(self, queue_drops: Iterable[tuple[str, int]]) -> str:
         """The per-device limit families; ``queue_drops`` is (client id, dropped) per session
         whose queue overflowed: one series per such session, so bounded by the sessions."""

@@ -17,7 +17,7 @@ import socket
 import sqlite3
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aiohttp import web
@@ -37,11 +37,17 @@ from broker.core import BrokerCore, CoreSettings
 from broker.feed import PolicyChange, RevocationFeed
 from broker.metrics import Metrics
 from broker.mqtt import MAX_PACKET_SIZE
-from broker.tls import broker_context, broker_credentials, handshake_label
+from broker.tls import (
+    broker_context,
+    broker_credentials,
+    fleet_trust,
+    follow_fleet_cas,
+    handshake_label,
+)
 from enrollment.ca import ServerCredentials, ensure_server_certificate, is_initialised
 from enrollment.registry import AdmissionFacts, AuditRecord, DeviceChange, DeviceState, Registry
 from enrollment.registry.outage import RegistryOutage
-from fleetgate.config import Config
+from fleetgate.config import Config, node_name
 from fleetgate.errors import ConfigError, FleetgateError, InvalidDeviceId
 from fleetgate.ids import validate_id
 from fleetgate.lifecycle import run_until_signalled
@@ -171,6 +177,7 @@ class Broker:
         # One for the feed, admission and audit: an outage is logged once, not once per caller.
         self.outage = RegistryOutage(self.registry.url, log)
         self.audit = AuditWriter(self.registry, self.metrics, outage=self.outage)
+        self.node_name = node_name(config)
         self.core = BrokerCore(
             CoreSettings(
                 max_packet_size=settings.max_packet_size,
@@ -179,7 +186,7 @@ class Broker:
                 max_keep_alive_s=settings.max_keep_alive_s,
             ),
             metrics=self.metrics,
-            audit=self.audit.submit,
+            audit=self._audit,
             limits=settings.limits,
         )
         self.feed = RevocationFeed(
@@ -201,6 +208,7 @@ class Broker:
 
             self.fabric = FabricNode(config, self.core, wake=self.wake, clock=self.now)
         self.identities = CertificateIdentities()
+        self.trust_changed = asyncio.Event()  # set when a rotated CA joins the trust (tests)
         self._admit_inline = self.registry.reads_locally
         self.ports = BoundPorts(0, 0, 0)
         self._protocols: dict[Connection, _MqttProtocol] = {}
@@ -254,7 +262,13 @@ class Broker:
             )
         metrics_port = await self._start_metrics() if settings.metrics_port else 0
         renewal = self._keep_certificate_current(context, credentials)
-        for job in (self.feed.run(), self.audit.run(), self._tick(), renewal):
+        rotation = follow_fleet_cas(  # a rotated CA is trusted without a restart (issue 14)
+            fleet_trust(self.config, context),
+            self.registry,
+            interval_s=self.config.ca.authority_poll_interval_s,
+            changed=self.trust_changed,
+        )
+        for job in (self.feed.run(), self.audit.run(), self._tick(), renewal, rotation):
             task = self._loop.create_task(job)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -263,7 +277,12 @@ class Broker:
         )
         log.info(
             "broker listening",
-            extra={"host": settings.host, "port": self.ports.tls, "metrics": metrics_port},
+            extra={
+                "host": settings.host,
+                "port": self.ports.tls,
+                "metrics": metrics_port,
+                "node": self.node_name,
+            },
         )
         return self.ports
 
@@ -448,11 +467,17 @@ class Broker:
             DeviceState.SUSPENDED,
         ):
             return
+        if self.fabric is not None:  # the other nodes kick now, not at their next poll
+            self.fabric.kicks.announce(change)
         kicked = self.core.kick(change.device_id, change.state, change.reason, self.now())
         if kicked:
             log.warning(
                 "device session closed by revocation",
-                extra={"device": change.device_id, "state": str(change.state)},
+                extra={
+                    "device": change.device_id,
+                    "state": str(change.state),
+                    "node": self.node_name,
+                },
             )
         self.wake()
 
@@ -463,15 +488,24 @@ class Broker:
         if reached:
             log.info(
                 "policy change applied to live sessions",
-                extra={"group": change.group, "sessions": reached, "closed": closed},
+                extra={
+                    "group": change.group,
+                    "sessions": reached,
+                    "closed": closed,
+                    "node": self.node_name,
+                },
             )
         self.wake()
 
+    def _audit(self, record: AuditRecord) -> None:
+        """Every audit row says which node wrote it: two brokers' kicks of one device are two
+        rows that differ (in the reason text, which the hash chain covers; a new column would
+        change the chain's encoding, which must never change)."""
+        self.audit.submit(replace(record, reason=f"{record.reason} [node {self.node_name}]"))
+
     def _on_handshake_refused(self, peer: str, reason: str) -> None:
         self.metrics.handshake_failures[handshake_label(reason)] += 1
-        self.audit.submit(
-            AuditRecord(f"peer:{peer}", "mqtt.tls_handshake", "refused", None, reason)
-        )
+        self._audit(AuditRecord(f"peer:{peer}", "mqtt.tls_handshake", "refused", None, reason))
         log.info("TLS handshake refused", extra={"peer": peer, "reason": reason})
 
     # -- /metrics --------------------------------------------------------------------------------
@@ -495,6 +529,7 @@ class Broker:
             feed_lag_s=self.now() - self.feed.last_read,
         )
         text += self.metrics.render_limits(self.core.queue_drops())
+        text += self.metrics.render_node(self.node_name)
         if self.bridges is not None:
             text += self.bridges.render_metrics()
         if self.fabric is not None:

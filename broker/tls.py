@@ -7,18 +7,25 @@ handshake with OpenSSL's reason; :func:`handshake_label` folds those reasons int
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 import ssl
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from sqlalchemy.exc import SQLAlchemyError
 
+from enrollment.authorities import TrustedCAs
 from enrollment.ca import ServerCredentials, ca_paths
+from enrollment.registry import Registry
 from fleetgate.config import Config
 from fleetgate.errors import ConfigError
 from fleetgate.keyfiles import load_certificates
 from fleetgate.tls import server_context
+
+log = logging.getLogger("fleetgate.broker")
 
 _HANDSHAKE_LABELS = (
     ("no certificate", "no_client_certificate"),
@@ -64,6 +71,35 @@ def broker_context(config: Config, cert: Path, key: Path) -> ssl.SSLContext:
     )
     context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # ChaCha20 honoured: server_context
     return context
+
+
+def fleet_trust(config: Config, context: ssl.SSLContext) -> TrustedCAs:
+    """What ``context`` trusts at start (``ca/chain.pem``), ready to grow with a rotation."""
+    return TrustedCAs(context, load_certificates(ca_paths(config).chain))
+
+
+async def follow_fleet_cas(
+    trust: TrustedCAs, registry: Registry, *, interval_s: float, changed: asyncio.Event
+) -> None:
+    """Trust a rotated CA without a restart: every ``interval_s``, the registry's CA
+    certificates that are not retired and chain to a CA already trusted (a new issuing CA under
+    the root, a new root through its cross certificate) join the broker's trust, for the
+    handshakes that follow. A retired CA's devices are refused by the registry (``ca retire``
+    revokes their certificates); it leaves the TLS trust at the next restart (``chain.pem``)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            records = await asyncio.to_thread(registry.authorities, include_retired=False)
+        except (OSError, SQLAlchemyError) as exc:
+            log.warning("reading the fleet CAs failed: %s", exc)
+            continue
+        added = trust.add([r.certificate for r in records])
+        if added:
+            log.info(
+                "trusting rotated fleet CA(s)",
+                extra={"added": [c.subject.rfc4514_string() for c in added]},
+            )
+            changed.set()
 
 
 def check_fleet_chain(certs: list[x509.Certificate], *, now: dt.datetime, source: Path) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sdk.errors import EnrollmentError
@@ -160,15 +161,51 @@ def _obtain(
         ca_certs = est.cacerts()
         cert = est.simpleenroll(csr) if operation == "enroll" else est.simplereenroll(csr)
     install_issued(keystore, key, cert, ca_certs, device_id=device_id)
+    refresh_trust_anchors(keystore, ca_certs)
     return cert
 
 
 def issuers_of(leaf: x509.Certificate, ca_certs: list[x509.Certificate]) -> list[x509.Certificate]:
-    """The intermediate CAs above ``leaf`` (roots stay out: the broker has them)."""
+    """The intermediate CAs above ``leaf`` up to a root (roots and the cross certificates of a
+    root rotation stay out: the broker has them)."""
+    roots = {c.subject for c in ca_certs if c.subject == c.issuer}
     by_subject = {c.subject: c for c in ca_certs if c.subject != c.issuer}
     chain: list[x509.Certificate] = []
     current = leaf
-    while (parent := by_subject.pop(current.issuer, None)) is not None:
+    while current.issuer not in roots and (parent := by_subject.pop(current.issuer, None)):
         chain.append(parent)
         current = parent
     return chain
+
+
+def refresh_trust_anchors(keystore: KeyStore, ca_certs: list[x509.Certificate]) -> None:
+    """Follow a root rotation through EST ``cacerts`` (fetched over TLS verified by the current
+    anchors): a new root is adopted only where a cross certificate in the answer shows a trusted
+    root certified its key, and a root the server no longer lists is dropped once another is
+    trusted. Nothing changes while the answer vouches for no root."""
+    setter = getattr(keystore, "set_trust_anchors", None)
+    path = keystore.trust_anchors_path
+    if setter is None or not path.exists():
+        return
+    current = x509.load_pem_x509_certificates(path.read_bytes())
+    listed = [c for c in ca_certs if c.subject == c.issuer and _signed_by(c, c)]
+    crosses = [c for c in ca_certs if c not in listed]  # a root rotation keeps the root's name
+    trusted = [c for c in listed if c in current]
+    for root in listed:
+        if root not in trusted and any(
+            cross.subject == root.subject
+            and cross.public_key() == root.public_key()
+            and any(_signed_by(cross, anchor) for anchor in current)
+            for cross in crosses
+        ):
+            trusted.append(root)
+    if trusted and trusted != current:
+        setter(trusted)
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

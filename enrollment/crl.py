@@ -7,9 +7,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
-from enrollment.profiles import Issuer
+from enrollment.profiles import Issuer, hash_for
+from enrollment.signing import sign_crl
 from fleetgate.errors import FleetgateError
 
 # RFC 5280 section 5.3.1 reason names, as the CLI accepts them.
@@ -71,7 +71,7 @@ def build_crl(
             # RFC 5280 5.3.1: the reason code should be absent rather than "unspecified".
             revoked = revoked.add_extension(x509.CRLReason(entry.reason), critical=False)
         builder = builder.add_revoked_certificate(revoked.build())
-    return builder.sign(issuer.key, hashes.SHA256())
+    return sign_crl(builder, issuer.key, hash_for(issuer.key))
 
 
 def needs_refresh(crl_der: bytes, *, now: dt.datetime) -> bool:

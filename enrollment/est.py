@@ -102,7 +102,7 @@ class ESTApp:
         self,
         service: EnrollmentService,
         *,
-        crl_path_getter: Callable[[], bytes],
+        crl_path_getter: Callable[[str], bytes],
         threads: ServiceThreads,
         outage: RegistryOutage | None = None,
         middlewares: tuple[Middleware, ...] = (),
@@ -115,8 +115,7 @@ class ESTApp:
         self.outage = outage or RegistryOutage(service.registry.url, log)
         self.max_body = service.config.enrollment.max_body_bytes
         self._crl = crl_path_getter
-        chain = [service.ca.anchors.issuing, service.ca.anchors.root]
-        self._cacerts = pkcs7.serialize_certificates(chain, Encoding.DER)
+        self._cacerts: tuple[tuple[x509.Certificate, ...], bytes] = ((), b"")
 
     def build(self) -> web.Application:
         # client_max_size backs up the explicit check in _read_body.
@@ -133,6 +132,7 @@ class ESTApp:
         app.router.add_post(f"{EST_PREFIX}/fleetgate/tpm/enroll", self.tpm_enroll)
         app.router.add_post(f"{EST_PREFIX}/fleetgate/piv/enroll", self.piv_enroll)
         app.router.add_get("/crl", self.crl)
+        app.router.add_get("/crl/{name:[0-9a-f]{40}}", self.crl)
         app.router.add_post("/ocsp", self.ocsp_post)
         app.router.add_get("/ocsp/{request:.+}", self.ocsp_get)
         return app
@@ -151,13 +151,22 @@ class ESTApp:
         return response
 
     async def cacerts(self, request: web.Request) -> web.Response:
-        return _b64_response(self._cacerts, "application/pkcs7-mime")
+        """Every CA certificate not retired (RFC 7030 4.1.3), the signing CA and its root first:
+        during a rotation, the new CA and, for a new root, the cross certificates that link it
+        to the root devices already trust (the SDK adopts a new root only through one)."""
+        trusted = self.service.cas.trusted
+        if self._cacerts[0] != trusted:  # a rotation since the last request
+            self._cacerts = (trusted, pkcs7.serialize_certificates(list(trusted), Encoding.DER))
+        return _b64_response(self._cacerts[1], "application/pkcs7-mime")
 
     async def csrattrs(self, request: web.Request) -> web.Response:
         return _b64_response(CSR_ATTRS_DER, "application/csrattrs")
 
     async def crl(self, request: web.Request) -> web.Response:
-        crl = await self.threads.run(self._crl)  # may re-sign it from the registry
+        name = request.match_info.get("name", "")  # a rotated CA's key id: its own CRL
+        crl = await self.threads.run(functools.partial(self._crl, name))  # may re-sign them
+        if not crl:
+            return _error(404, f"no_such_crl: no issuing CA with key id {name} is in service")
         return web.Response(body=crl, content_type="application/pkix-crl")
 
     async def ocsp_post(self, request: web.Request) -> web.Response:

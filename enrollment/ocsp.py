@@ -1,7 +1,9 @@
 """An OCSP responder (RFC 6960), as a pure function of a request and the registry's answer.
 
 The issuing CA signs the responses itself (RFC 6960 section 4.2.2.2 allows the CA as responder),
-so relying parties need no extra trust anchor. A certificate is ``good`` while active,
+so relying parties need no extra trust anchor. While a rotation overlaps two issuing CAs, each
+answers for its own certificates: the request's issuer name and key hashes pick the CA, and a
+serial that CA did not issue is ``unknown``. A certificate is ``good`` while active,
 ``revoked`` once revoked, on hold (reason certificateHold) or renewed (reason superseded: the
 broker and EST refuse it too), ``unknown`` if never issued here.
 
@@ -17,14 +19,15 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from enrollment.profiles import Issuer
+from enrollment.profiles import Issuer, hash_for
+from enrollment.signing import sign_ocsp
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class CertificateStatus:
     revoked: bool
     revoked_at: dt.datetime | None = None
     reason: x509.ReasonFlags | None = None
+    issuer_key_id: str | None = None  # hex SubjectKeyIdentifier of the CA that issued it
 
 
 StatusLookup = Callable[[int], CertificateStatus | None]
@@ -47,11 +51,11 @@ class ResponseCache:
         self._size = size
         self._lock = threading.Lock()  # the service threads answer OCSP concurrently
         self._entries: OrderedDict[
-            tuple[int, str], tuple[CertificateStatus | None, dt.datetime, bytes]
+            tuple[str, int, str], tuple[CertificateStatus | None, dt.datetime, bytes]
         ] = OrderedDict()
 
     def get(
-        self, key: tuple[int, str], status: CertificateStatus | None, now: dt.datetime
+        self, key: tuple[str, int, str], status: CertificateStatus | None, now: dt.datetime
     ) -> bytes | None:
         with self._lock:
             entry = self._entries.get(key)
@@ -62,7 +66,7 @@ class ResponseCache:
 
     def put(
         self,
-        key: tuple[int, str],
+        key: tuple[str, int, str],
         status: CertificateStatus | None,
         stale_at: dt.datetime,
         der: bytes,
@@ -88,28 +92,41 @@ def _issuer_hashes(
     return name.finalize(), key.finalize()
 
 
+def key_id(certificate: x509.Certificate) -> str:
+    """A CA's key identifier (RFC 5280 4.2.1.2 method 1), hex: what its certificates' AKI say."""
+    return x509.SubjectKeyIdentifier.from_public_key(certificate.public_key()).digest.hex()
+
+
 def respond(
     request_der: bytes,
     *,
-    issuer: Issuer,
+    issuers: Sequence[Issuer],
     lookup: StatusLookup,
     now: dt.datetime,
     validity: dt.timedelta,
     cache: ResponseCache | None = None,
 ) -> bytes:
-    """A DER OCSPResponse for ``request_der``; malformed or foreign requests get an error status."""
+    """A DER OCSPResponse for ``request_der``, signed by the one of ``issuers`` it names;
+    malformed requests, or requests about another CA, get an error status."""
     try:
         request = ocsp.load_der_ocsp_request(request_der)
     except ValueError:
         return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
-    if issuer.certificate is None:
-        raise ValueError("the OCSP responder needs the issuing CA certificate")
-    name_hash, key_hash = _issuer_hashes(issuer.certificate, request.hash_algorithm)
-    if (request.issuer_name_hash, request.issuer_key_hash) != (name_hash, key_hash):
+    asked = (request.issuer_name_hash, request.issuer_key_hash)
+    for issuer in issuers:
+        if issuer.certificate is None:
+            raise ValueError("the OCSP responder needs the issuing CA certificates")
+        name_hash, key_hash = _issuer_hashes(issuer.certificate, request.hash_algorithm)
+        if asked == (name_hash, key_hash):
+            break
+    else:
         return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+    issuer_id = key_id(issuer.certificate)
     status = lookup(request.serial_number)
+    if status is not None and status.issuer_key_id not in (None, issuer_id):
+        status = None  # a serial of the other CA: this one never issued it
     nonces = [e.value for e in request.extensions if isinstance(e.value, x509.OCSPNonce)]
-    key = (request.serial_number, request.hash_algorithm.name)
+    key = (issuer_id, request.serial_number, request.hash_algorithm.name)
     if cache is not None and not nonces:
         cached = cache.get(key, status, now)
         if cached is not None:
@@ -131,10 +148,9 @@ def respond(
         revocation_time=(status.revoked_at or now) if status and status.revoked else None,
         revocation_reason=status.reason if status and status.revoked else None,
     )
-    builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, issuer.certificate)
     for nonce in nonces:  # echo the nonce: the client's replay defence
         builder = builder.add_extension(nonce, critical=False)
-    der = builder.sign(issuer.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+    der = sign_ocsp(builder, issuer.certificate, issuer.key, hash_for(issuer.key))
     if cache is not None and not nonces:
         cache.put(key, status, now + validity / 2, der)
     return der

@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from enrollment.signing import sign_certificate
+
 # Backdating absorbs clock skew between the CA and devices fresh off the line.
 CLOCK_SKEW = dt.timedelta(minutes=5)
 
@@ -182,7 +184,7 @@ def build_certificate(
         )
     if not profile.is_ca:
         builder = _add_revocation_pointers(builder, pointers)
-    return builder.sign(issuer.key, _hash_for(issuer.key))
+    return sign_certificate(builder, issuer.key, hash_for(issuer.key))
 
 
 def _key_usage(profile: Profile) -> x509.KeyUsage:
@@ -219,6 +221,6 @@ def _add_revocation_pointers(
     return builder
 
 
-def _hash_for(key: ec.EllipticCurvePrivateKey) -> hashes.SHA256 | hashes.SHA384:
+def hash_for(key: ec.EllipticCurvePrivateKey) -> hashes.SHA256 | hashes.SHA384:
     """SHA-384 for a P-384 signer, SHA-256 otherwise (RFC 5480 section 4)."""
     return hashes.SHA384() if key.curve.key_size >= 384 else hashes.SHA256()

@@ -11,8 +11,10 @@ import ssl
 import threading
 
 from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
 
 from enrollment.audit_writer import AuditWriter
+from enrollment.authorities import TrustedCAs
 from enrollment.ca import (
     ServerCredentials,
     ca_paths,
@@ -30,6 +32,7 @@ from enrollment.service import EnrollmentService
 from enrollment.workers import ServiceThreads, service_threads
 from fleetgate.config import Config, EnrollmentSettings
 from fleetgate.errors import CAPassphraseError, FleetgateError
+from fleetgate.keyfiles import load_certificates
 from fleetgate.lifecycle import run_until_signalled
 from fleetgate.tls import ConnectionCaps, serve_tls, server_context
 
@@ -85,14 +88,20 @@ class EnrollmentServer:
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self.authorities_changed = asyncio.Event()  # set on each rotation picked up (tests)
         self._auditor: asyncio.Task[None] | None = None
         self.certificate_check_interval_s = CERTIFICATE_CHECK_INTERVAL_S
         self._crl_lock = threading.Lock()
 
-    def _read_crl(self) -> bytes:
-        """The current CRL, re-signed first if it is stale. Runs on the service threads: the
+    def _read_crl(self, name: str = "") -> bytes:
+        """A CA's current CRL (``name``: its key id; "" for the one at ``ca.crl_url``), re-signed
+        first if it is stale; empty for a CA not in service. Runs on the service threads: the
         lock keeps two of them from re-signing at once (both would write ``crl.der.tmp``)."""
-        path = ca_paths(self.config).crl
+        paths = ca_paths(self.config)
+        if name and name not in self.service.cas.crl_names:
+            return b""
+        path = paths.crl_of(name) if name else paths.crl
         with self._crl_lock:
             if not path.exists() or needs_refresh(path.read_bytes(), now=self.service.clock()):
                 self.service.publish_crl()
@@ -149,6 +158,8 @@ class EnrollmentServer:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._renewer = asyncio.create_task(self._keep_certificate_current(context, credentials))
+        trust = TrustedCAs(context, load_certificates(paths.chain))
+        self._follower = asyncio.create_task(self._follow_authorities(trust))
         log.info(
             "enrollment service listening",
             extra={"host": self.config.enrollment.host, "port": self.port},
@@ -179,10 +190,33 @@ class EnrollmentServer:
                 context.load_cert_chain(credentials.cert, credentials.key)  # new handshakes
                 log.info("server certificate renewed", extra={"names": list(credentials.names)})
 
+    async def _follow_authorities(self, trust: TrustedCAs) -> None:
+        """Pick up a CA rotation without a restart: sign with the registry's active issuing CA,
+        and trust (for renewals) every rotated CA that chains to the ones already trusted."""
+        while True:
+            await asyncio.sleep(self.config.ca.authority_poll_interval_s)
+            try:
+                changed = await self.threads.run(self.service.refresh_authorities)
+            except (OSError, FleetgateError, SQLAlchemyError) as exc:
+                log.error("reading the CA generations failed: %s", exc)
+                continue
+            if changed:
+                added = trust.add(self.service.cas.trusted)
+                log.info(
+                    "CA generations changed",
+                    extra={
+                        "signer": self.service.ca.anchors.issuing.subject.rfc4514_string(),
+                        "trusted_added": [c.subject.rfc4514_string() for c in added],
+                    },
+                )
+                self.authorities_changed.set()
+
     async def stop(self) -> None:
         """Stop listening, finish the requests in progress, store the queued audit, close."""
         if self._renewer is not None:
             self._renewer.cancel()
+        if self._follower is not None:
+            self._follower.cancel()
         if self._server is not None:
             self._server.close()
         if self._runner is not None:

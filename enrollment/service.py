@@ -32,6 +32,7 @@ from enrollment.attestation.messages import (
     TpmEnrollRequest,
 )
 from enrollment.attestation.trust import load_trust_store
+from enrollment.authorities import IssuingCAs, load_issuing_cas
 from enrollment.ca import CertificateAuthority, ca_paths
 from enrollment.crl import RevokedEntry, build_crl, parse_reason
 from enrollment.csr import CheckedCSR, check_device_csr, decode_est_body
@@ -45,6 +46,7 @@ from enrollment.registry import (
     Registry,
     SubjectKind,
 )
+from enrollment.registry.authorities import CUT_OFF_REASON
 from enrollment.registry.models import AttestationChallenge, as_utc
 from enrollment.registry.store import DEVICE_ACTIONS
 from fleetgate import jsonlog
@@ -123,6 +125,24 @@ class EnrollmentService:
         self.clock = clock
         self.timer = StageTimer()
         self.ocsp_cache = ocsp.ResponseCache()  # responses without a nonce, re-signed at half-life
+        self.cas = IssuingCAs(
+            ca, (ca.issuer,), {"": ca.issuer}, (ca.anchors.issuing, ca.anchors.root)
+        )
+        self._unlocked: dict[str, profiles.Issuer] = {ocsp.key_id(ca.anchors.issuing): ca.issuer}
+        self._authority_rows: object = None
+        self.refresh_authorities()
+
+    def refresh_authorities(self) -> bool:
+        """Follow the registry's CA rows (a rotation by ``fleetgate ca rotate``): sign with the
+        active issuing CA from now on; True when anything changed."""
+        records = self.registry.authorities()
+        seen = [(r.key_id, r.role, r.state) for r in records]
+        if seen == self._authority_rows or not records:
+            return False
+        self.cas = load_issuing_cas(self.config, records, self._unlocked)
+        self.ca = self.cas.signer
+        self._authority_rows = seen
+        return True
 
     # -- EST operations ----------------------------------------------------------------------
 
@@ -413,9 +433,11 @@ class EnrollmentService:
         if record.status != CertStatus.ACTIVE:
             when = f" on {record.revoked_at:%Y-%m-%d %H:%M}Z" if record.revoked_at else ""
             reason = f" ({record.reason}{when})" if record.reason else ""
+            hint = _CREDENTIAL_HINTS[(kind, record.status)]
+            if record.reason == CUT_OFF_REASON:
+                hint = "its issuing CA was retired before it renewed: provision it again"
             raise NotAuthorised(
-                f"{peer.actor}: certificate {peer.serial:x} is {record.status}{reason}; "
-                + _CREDENTIAL_HINTS[(kind, record.status)]
+                f"{peer.actor}: certificate {peer.serial:x} is {record.status}{reason}; " + hint
             )
         if not record.holder_active:
             raise NotAuthorised(f"{peer.actor} is not active in the registry")
@@ -508,7 +530,7 @@ class EnrollmentService:
         cached response is reused only while the registry still states its status)."""
         return ocsp.respond(
             request_der,
-            issuer=self.ca.issuer,
+            issuers=self.cas.issuers,
             lookup=self._certificate_status,
             now=self.clock(),
             validity=dt.timedelta(minutes=self.config.ca.ocsp_validity_minutes),
@@ -524,23 +546,39 @@ class EnrollmentService:
                 revoked=True,
                 revoked_at=as_utc(record.revoked_at) if record.revoked_at else None,
                 reason=parse_reason(record.revocation_reason or "unspecified"),
+                issuer_key_id=record.issuer_key_id,
             )
-        return ocsp.CertificateStatus(revoked=False)
+        return ocsp.CertificateStatus(revoked=False, issuer_key_id=record.issuer_key_id)
 
     def publish_crl(self) -> x509.CertificateRevocationList:
-        """Sign a CRL of the registry's revoked and held certificates and write ``ca/crl.der``."""
-        entries = [
-            RevokedEntry(int(serial, 16), at, parse_reason(reason))
-            for serial, at, reason in self.registry.crl_entries()
-        ]
-        crl = build_crl(
-            self.ca.issuer,
-            entries,
-            now=self.clock(),
-            next_update=dt.timedelta(hours=self.config.ca.crl_next_update_hours),
-        )
-        write_atomic(ca_paths(self.config).crl, crl.public_bytes(Encoding.DER), mode=0o644)
-        return crl
+        """Sign each issuing CA's CRL of its revoked and held certificates: ``ca/crl.der`` for the
+        CA whose certificates name ``ca.crl_url``, ``ca/crl-<key id>.der`` for every CA. Returns
+        the first."""
+        paths = ca_paths(self.config)
+        published: list[x509.CertificateRevocationList] = []
+        for name, issuer in self.cas.crl_names.items():
+            assert issuer.certificate is not None
+            kid = ocsp.key_id(issuer.certificate)
+            entries = [
+                RevokedEntry(int(serial, 16), at, parse_reason(reason))
+                for serial, at, reason in self.registry.crl_entries(kid)
+            ]
+            crl = build_crl(
+                issuer,
+                entries,
+                now=self.clock(),
+                next_update=dt.timedelta(hours=self.config.ca.crl_next_update_hours),
+            )
+            der = crl.public_bytes(Encoding.DER)
+            write_atomic(paths.crl_of(kid), der, mode=0o644)
+            if name == "":
+                write_atomic(paths.crl, der, mode=0o644)
+                published.insert(0, crl)
+            else:
+                published.append(crl)
+        if "" not in self.cas.crl_names:  # the first CA is retired: crl.der is the signer's
+            write_atomic(paths.crl, published[0].public_bytes(Encoding.DER), mode=0o644)
+        return published[0]
 
 
 def _b64(data: bytes) -> str:

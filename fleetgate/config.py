@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,16 @@ class CASettings:
     ocsp_validity_minutes: int = 60
     crl_url: str = "https://localhost:8443/crl"
     ocsp_url: str = "https://localhost:8443/ocsp"
+    # Where the CA keys live: "file" (encrypted PEM under ca/) or "pkcs11" (a token; the PIN from
+    # FLEETGATE_PKCS11_PIN or pkcs11_pin_file, never the command line or this file).
+    key_store: str = "file"
+    pkcs11_module: str = ""
+    pkcs11_token_label: str = ""
+    pkcs11_key_label: str = "fleetgate-issuing"
+    pkcs11_root_key_label: str = ""  # empty: the root key stays in an encrypted file
+    pkcs11_pin_file: str = ""
+    # How often a running enrollment service and broker look for a rotated CA in the registry.
+    authority_poll_interval_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -111,8 +122,13 @@ class BrokerSettings:
     within 15 minutes instead of whenever the kernel gives up on the socket. 600 leaves the
     usual 30-120 s keep-alives (paho's and the SDK's 60, a bridge's 30) alone; 0 is no cap.
     An MQTT 3.1.1 client cannot be told, so it keeps the keep-alive it asked for.
+
+    ``node_name`` names this broker process in audit rows, logs and ``/metrics`` (several
+    brokers share one registry, with or without ``[fabric]``); default ``<host>-<port>``, see
+    :func:`node_name`.
     """
 
+    node_name: str = ""
     host: str = "127.0.0.1"
     port: int = 8883
     server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
@@ -206,9 +222,9 @@ class FabricSettings:
 
     Without the section the broker is one process with everything in memory. ``servers`` are
     NATS URLs (``nats://`` or ``tls://``); the TLS files and ``credentials_file`` (a NATS
-    ``.creds`` file) are paths resolved against the data directory. ``node_name`` (default:
-    the host name) says which node did what; ``replicas`` is the copy count of the fabric's
-    JetStream streams.
+    ``.creds`` file) are paths resolved against the data directory. ``node_name`` is the
+    older spelling of ``[broker] node_name`` (used when that is empty); ``replicas`` is the
+    copy count of the fabric's JetStream streams and KV buckets.
     """
 
     servers: tuple[str, ...] = ()
@@ -240,11 +256,7 @@ def _build_fabric(raw: dict[str, Any], env: Any) -> FabricSettings | None:
         raise ConfigError("[fabric] tls_cert_file and tls_key_file go together")
     if not 1 <= fabric.replicas <= 5:
         raise ConfigError("[fabric] replicas must be between 1 and 5")
-    if fabric.node_name and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fabric.node_name):
-        raise ConfigError(
-            f"[fabric] node_name {fabric.node_name!r}: 1-64 of A-Z a-z 0-9 _ - (it becomes a "
-            "NATS subject token)"
-        )
+    _check_node_name("fabric", fabric.node_name)
     if fabric.connect_timeout_s <= 0:
         raise ConfigError("[fabric] connect_timeout_s must be > 0")
     return fabric
@@ -345,11 +357,34 @@ def load_config(home: Path | None = None, environ: dict[str, str] | None = None)
         sections["broker"], limits=_build_limits(limits_table, env)
     )
     _check_enrollment(sections["enrollment"])
+    _check_node_name("broker", sections["broker"].node_name)
     bridges = _build_bridges(raw.get(_BRIDGE_SECTION, []))
     return Config(home=home, **sections, bridges=bridges, fabric=_build_fabric(raw, env))
 
 
 _LIMITS_KEY = "limits"
+_NODE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _check_node_name(section: str, name: str) -> None:
+    if name and not _NODE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"[{section}] node_name {name!r}: 1-64 of A-Z a-z 0-9 _ - (it becomes a NATS "
+            "subject token)"
+        )
+
+
+def node_name(config: Config) -> str:
+    """This broker process's name: ``[broker] node_name``, else ``[fabric] node_name``, else
+    ``<host>-<port>`` (the host name's first label, as a subject token, and the MQTT port),
+    which differs between brokers on one host and stays the same across restarts."""
+    if config.broker.node_name:
+        return config.broker.node_name
+    if config.fabric is not None and config.fabric.node_name:
+        return config.fabric.node_name
+    host = socket.gethostname().split(".")[0]
+    host = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in host)[:50] or "node"
+    return f"{host}-{config.broker.port}"
 
 
 def _check_enrollment(settings: EnrollmentSettings) -> None:
@@ -517,6 +552,11 @@ device_validity_days = 90
 crl_next_update_hours = 24
 crl_url = "https://localhost:8443/crl"
 ocsp_url = "https://localhost:8443/ocsp"
+key_store = "file"            # or "pkcs11": CA keys in a token (docs/operations.md)
+# pkcs11_module = "/usr/lib/softhsm/libsofthsm2.so"
+# pkcs11_token_label = "fleetgate"
+# pkcs11_key_label = "fleetgate-issuing"
+# pkcs11_pin_file = "pkcs11.pin"   # or FLEETGATE_PKCS11_PIN
 
 [enrollment]
 host = "127.0.0.1"

@@ -95,8 +95,12 @@ def main() -> None:
         FLEETGATE_LOG_LEVEL="WARNING",
     )
     est_url = f"https://localhost:{ports['enrollment']}"
+    in_token = os.environ.get("FLEETGATE_CA_KEY_STORE") == "pkcs11"
+    if in_token:  # `FLEETGATE_CA_KEY_STORE=pkcs11 make demo`: the issuing key in SoftHSM2
+        demo_token()
 
-    step("1. Create the fleet CA (root + issuing, keys encrypted at rest)")
+    where = "the issuing key in a SoftHSM2 token" if in_token else "keys encrypted at rest"
+    step(f"1. Create the fleet CA (root + issuing, {where})")
     run("ca", "init")
 
     step("2. A production-line station, the ids it may enroll, and a dashboard identity")
@@ -119,6 +123,22 @@ def main() -> None:
             process.terminate()
             process.wait(15)
     print(f"\nDemo complete. Data directory: {HOME} (service logs: {HOME}/*.log)")
+
+
+def demo_token() -> None:
+    """A throw-away SoftHSM2 token under the demo's directory, and the settings naming it; the
+    PIN goes through the environment, as it would from a secret store."""
+    from enrollment.pkcs11 import PIN_ENV, softhsm_token
+
+    pin = secrets.token_hex(8)
+    token = softhsm_token(HOME / "softhsm", "fleetgate-demo", pin)
+    os.environ.update(
+        {
+            "FLEETGATE_CA_PKCS11_MODULE": str(token.module),
+            "FLEETGATE_CA_PKCS11_TOKEN_LABEL": token.token_label,
+            PIN_ENV: pin,
+        }
+    )
 
 
 def demo(est_url: str, ports: dict[str, int]) -> None:

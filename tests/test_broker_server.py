@@ -282,7 +282,8 @@ def test_a_client_that_hangs_up_during_the_handshake_is_reported_without_an_asyn
         what="the refused handshake's audit event",
     )
     assert [e.reason for e in refused] == [
-        "connection closed before the TLS handshake finished (a port probe or health check?)"
+        "connection closed before the TLS handshake finished (a port probe or health check?) "
+        f"[node {broker.broker.node_name}]"
     ]
     assert not [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
     # The listener still serves the next client normally.
@@ -301,7 +302,8 @@ def test_a_handshake_that_never_starts_times_out_and_is_reported(fleet):
             lambda: running.audit_events(action="mqtt.tls_handshake", outcome="refused"),
             what="the timed-out handshake's audit event",
         )
-        assert [e.reason for e in refused] == ["TLS handshake timed out"]
+        node = running.broker.node_name
+        assert [e.reason for e in refused] == [f"TLS handshake timed out [node {node}]"]
     finally:
         running.stop()
 

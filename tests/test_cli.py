@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 
 from device_sdk.est import device_csr
 from enrollment.ca import load_ca
-from enrollment.registry import DeviceState, Registry, StationState, SubjectKind
+from enrollment.registry import DeviceState, Registry, StationState, SubjectKind, schema
 from enrollment.service import EnrollmentService
 from fleetgate.config import load_config
 from fleetgate.errors import CAPassphraseError
@@ -708,14 +708,14 @@ def _registry_main_made(home: Path) -> None:
 def test_ca_init_creates_the_registry_schema_and_db_status_says_it_is_current(fresh):
     fresh("ca", "init").ok()
     assert fresh("db", "status").ok().stdout.strip() == (
-        "the registry schema is at revision 0003, the current one"
+        f"the registry schema is at revision {schema.HEAD}, the current one"
     )
     assert fresh("db", "status", "--json").ok().json() == {
-        "revision": "0003",
-        "head": "0003",
+        "revision": schema.HEAD,
+        "head": schema.HEAD,
         "current": True,
     }
-    assert "already at revision 0003" in fresh("db", "upgrade").ok().stdout
+    assert f"already at revision {schema.HEAD}" in fresh("db", "upgrade").ok().stdout
 
 
 @pytest.mark.parametrize(
@@ -748,8 +748,8 @@ def test_db_grant_prints_each_roles_sql_and_needs_postgresql_to_run_it(fleet):
     ).ok()
     lines = printed.stdout.splitlines()
     assert (
-        "GRANT SELECT ON aclrule, auditanchor, certificate, device, devicechange, alembic_version "
-        "TO fleet_broker;"
+        "GRANT SELECT ON aclrule, auditanchor, certauthority, certificate, device, devicechange, "
+        "alembic_version TO fleet_broker;"
     ) in lines
     assert "GRANT INSERT ON auditevent TO fleet_broker;" in lines
     assert not any("UPDATE" in line and "fleet_broker" in line for line in lines)

@@ -44,7 +44,6 @@ import asyncio
 import base64
 import logging
 import secrets
-import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -58,6 +57,9 @@ from broker.fabric.durable import (
     STREAM_PREFIX,
     DurableLedger,
 )
+from broker.fabric.kicks import KickRelay
+from broker.fabric.retained import FabricRetained
+from broker.fabric.retained import families as retained_families
 from broker.fabric.subjects import (
     Unmappable,
     filter_to_subjects,
@@ -65,6 +67,7 @@ from broker.fabric.subjects import (
     subject_to_topic,
     topic_to_subject,
 )
+from broker.fabric.wills import WillKeeper
 from broker.metrics import family_lines
 from broker.mqtt import NO_PROPERTIES, QoS
 from broker.mqtt._wire import Reader
@@ -73,7 +76,8 @@ from broker.mqtt.packets import PacketType
 from broker.mqtt.properties import decode_properties, encode_properties
 from broker.routing import Message, SubscriptionOptions, SubscriptionTree
 from broker.shared import queue_name
-from fleetgate.config import Config, FabricSettings
+from enrollment.registry import DeviceChange
+from fleetgate.config import Config, FabricSettings, node_name
 from fleetgate.errors import FleetgateError
 from fleetgate.topics import SHARE_PREFIX, InvalidTopic, validate_topic_name
 
@@ -87,6 +91,8 @@ log = logging.getLogger("fleetgate.fabric")
 MIN_SERVER_VERSION = (2, 10)
 """2.9 silently ignores a consumer's filter_subjects (a data leak) and maps no '.' in topics."""
 
+SETUP_TIMEOUT_S = 15.0
+"""How long start-up may take to find or create the retained stream and the will buckets."""
 QOS_HEADER = "Nmqtt-Pub"  # nats-server's MQTT listener reads and writes the QoS here
 EXPIRY_HEADER = "Fg-Expiry"  # MQTT 5 message expiry, whole seconds left
 PROPERTIES_HEADER = "Fg-Props"  # MQTT 5 message properties, encoded as on the wire, base64
@@ -201,7 +207,7 @@ class FabricNode:
     ) -> None:
         assert config.fabric is not None
         self.settings: FabricSettings = config.fabric
-        self.name = self.settings.node_name or _host_name()
+        self.name = node_name(config)
         self._config = config
         self._core = core
         self._wake = wake
@@ -227,6 +233,9 @@ class FabricNode:
         self.not_stored = 0
         self.received = 0
         self.dropped = 0
+        self.kicks = KickRelay(self.name, self._kick)
+        self.retained: FabricRetained | None = None
+        self.wills = WillKeeper(self.name, core, wake=wake, clock=clock)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -268,10 +277,25 @@ class FabricNode:
             raise
         await self._ensure_stream()
         await self._nc.subscribe(self.ledger.ack_prefix + "*", cb=self._on_ack)
+        await self.kicks.start(self._nc)
         core = self._core
         if core.subscriptions.match("#") or core.sessions:
             raise RuntimeError("the fabric must be started before any client connects")
-        core.gate = self
+        # A loaded or just-started cluster may take seconds to place replicated assets.
+        setup_s = max(settings.connect_timeout_s, SETUP_TIMEOUT_S)
+        js = self._nc.jetstream(timeout=setup_s)
+        self.retained = FabricRetained(
+            self.name, clock=self._clock, headers=nats_headers, decode=message_from_nats
+        )
+        try:
+            await self.retained.start(js, settings.replicas, setup_s)
+            await self.wills.start(js, settings.replicas, setup_s)
+        except (FabricUnavailable, TimeoutError) as exc:
+            await self._nc.close()
+            raise FabricUnavailable(f"the fabric's retained messages or wills: {exc}") from exc
+        core.retained = self.retained
+        core.will_keeper = self.wills
+        core.gate = core.will_gate = self
         core.filter_refusal = refusal
         core.shared.local = False
         # As "$share/<key>": no ordinary filter starts so (the core routes those to shared).
@@ -281,7 +305,12 @@ class FabricNode:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(job)
-            for job in (self._send(), self._follow_interest(), self._watch_stored())
+            for job in (
+                self._send(),
+                self._follow_interest(),
+                self._watch_stored(),
+                self.retained.write(js),
+            )
         ]
         log.info(
             "fabric connected",
@@ -290,6 +319,9 @@ class FabricNode:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self.retained is not None:  # the last retained writes, before the link goes
+            await self.retained.stop(5.0)
+        await self.wills.stop(5.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -335,11 +367,25 @@ class FabricNode:
                 "QoS 1/2 messages given up on: the client got 0x83 or a close.",
                 self.not_stored,
             ),
+            ("fabric_kicks_sent_total", "counter", "Feed changes announced.", self.kicks.sent),
+            (
+                "fabric_kicks_received_total",
+                "counter",
+                "Kicks other nodes announced.",
+                self.kicks.received,
+            ),
             (
                 "fabric_pending_stored",
                 "gauge",
                 "QoS 1/2 messages waiting for FG_MSGS.",
                 len(self.ledger.pending),
+            ),
+            *retained_families(self.retained),
+            (
+                "fabric_wills_claimed_total",
+                "counter",
+                "Wills of clients of dead nodes this node won and published (or cancelled).",
+                self.wills.claimed,
             ),
         ]
         lines = [
@@ -377,6 +423,14 @@ class FabricNode:
             log.error("fabric reconnected to a server that is too old: %s", exc.message)
             return
         log.info("fabric reconnected", extra={"node": self.name, "server_version": version})
+
+    def _kick(self, change: DeviceChange) -> int:
+        """Another node announced a revocation: close the device's sessions here now."""
+        if change.device_id is None or change.state is None:  # policy rows are never announced
+            return 0
+        kicked = self._core.kick(change.device_id, change.state, change.reason, self._clock())
+        self._wake()
+        return kicked
 
     # -- out: the publish gate ---------------------------------------------------------------------
 
@@ -600,9 +654,3 @@ class FabricNode:
 def _server_version(nc: NatsClient) -> str:
     version = nc.connected_server_version
     return f"{version.major}.{version.minor}.{version.patch}"
-
-
-def _host_name() -> str:
-    """The host name as a NATS subject token (no dots)."""
-    name = socket.gethostname().split(".")[0]
-    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name)[:64] or "node"

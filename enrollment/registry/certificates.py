@@ -36,7 +36,17 @@ def certificate_values(
         "revoked_at": None,
         "revocation_reason": None,
         "pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
+        "issuer_key_id": issuer_key_id(cert),
     }
+
+
+def issuer_key_id(cert: x509.Certificate) -> str | None:
+    """Which CA signed ``cert``: its authority key identifier, hex (None if it has none)."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    return aki.key_identifier.hex() if aki.key_identifier else None
 
 
 def revoke_certificates(s: Session, kind: SubjectKind, subject_id: str, reason: str) -> None:

@@ -289,15 +289,19 @@ class Devices(AuditLog):
             )
             return old
 
-    def crl_entries(self) -> list[tuple[str, dt.datetime, str]]:
-        """(serial hex, revocation time, reason) of every withdrawn, unexpired certificate.
+    def crl_entries(self, issuer_key_id: str | None = None) -> list[tuple[str, dt.datetime, str]]:
+        """(serial hex, revocation time, reason) of every withdrawn, unexpired certificate
+        (of the CA with that key id, if given: each CA signs a CRL of its own).
 
         Withdrawn: revoked, on hold, or superseded by a renewal.
         """
         now = utcnow()
         withdrawn = [CertStatus.REVOKED, CertStatus.ON_HOLD, CertStatus.SUPERSEDED]
+        query = select(Certificate).where(col(Certificate.status).in_(withdrawn))
+        if issuer_key_id is not None:
+            query = query.where(col(Certificate.issuer_key_id) == issuer_key_id)
         with self._read_session() as s:
-            rows = s.exec(select(Certificate).where(col(Certificate.status).in_(withdrawn))).all()
+            rows = s.exec(query).all()
             return [
                 (r.serial, as_utc(r.revoked_at or now), r.revocation_reason or "unspecified")
                 for r in rows

@@ -91,6 +91,34 @@ class Certificate(SQLModel, table=True):
     revoked_at: dt.datetime | None = _ts(nullable=True)
     revocation_reason: str | None = None
     pem: str
+    issuer_key_id: str | None = Field(default=None, max_length=40, index=True)  # the CA's SKI, hex
+
+
+class AuthorityRole(StrEnum):
+    ROOT = "root"
+    ISSUING = "issuing"
+    CROSS = "cross"  # a root's key certified by the other root during a root rotation
+
+
+class AuthorityState(StrEnum):
+    ACTIVE = "active"  # the issuing CA that signs now; the current root
+    TRUSTED = "trusted"  # no longer signs, still trusted while a rotation overlaps
+    RETIRED = "retired"
+
+
+class CertAuthority(SQLModel, table=True):
+    """One CA certificate of the fleet and where it stands in a rotation (stored as values)."""
+
+    fingerprint_sha256: str = Field(primary_key=True, max_length=64)
+    key_id: str = Field(max_length=40, index=True)
+    role: str = Field(max_length=16)
+    state: str = Field(max_length=16, index=True)
+    subject: str
+    issuer_key_id: str | None = Field(default=None, max_length=40)
+    pem: str
+    not_after: dt.datetime = _ts()
+    created_at: dt.datetime = _ts()
+    retired_at: dt.datetime | None = _ts(nullable=True)
 
 
 class Station(SQLModel, table=True):

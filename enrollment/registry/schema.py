@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # Alembic is imported only to upgrade: it costs ~0.2 s, every
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
-REVISIONS = ("0001", "0002", "0003")
+REVISIONS = ("0001", "0002", "0003", "0004")
 """Every revision, oldest first; a test checks it against the migrations directory."""
 HEAD = REVISIONS[-1]
 VERSION_TABLE = "alembic_version"
@@ -177,6 +177,7 @@ _ALL_TABLES = (
     "auditevent",
     "batch",
     "batchentry",
+    "certauthority",
     "certificate",
     "device",
     "devicechange",
@@ -188,7 +189,15 @@ _ALL_TABLES = (
 # which reads the chain's head: the last row's id and hash (only those columns of auditevent) or
 # the archive anchor. Audit ids come from the chain, not from auditevent's sequence.
 _BROKER = {
-    "SELECT": ("aclrule", "auditanchor", "certificate", "device", "devicechange", VERSION_TABLE),
+    "SELECT": (
+        "aclrule",
+        "auditanchor",
+        "certauthority",
+        "certificate",
+        "device",
+        "devicechange",
+        VERSION_TABLE,
+    ),
     "INSERT": ("auditevent",),
 }
 _ENROLLMENT = {

@@ -6,6 +6,7 @@
 * ``devices`` -- devices and their certificates: enrollment, renewal, suspension, revocation;
 * ``attestation`` -- attestation challenges, group key policies, hardware binding;
 * ``broker_reads`` -- what brokers ask: admission, the revocation change feed, ACL templates;
+* ``authorities`` -- the CA certificates and their rotation state;
 * ``audit`` -- the append-only audit trail, which every other aggregate writes to;
 
 on top of ``engine`` (connections and transactions). Opening a registry never changes its schema:
@@ -20,6 +21,7 @@ from enrollment.registry import schema
 from enrollment.registry.acl import AclPatterns
 from enrollment.registry.attestation import Attestation
 from enrollment.registry.audit import AuditRecord
+from enrollment.registry.authorities import Authorities
 from enrollment.registry.broker_reads import AdmissionFacts, BrokerReads, CertificateFacts
 from enrollment.registry.certificates import fingerprint, serial_hex
 from enrollment.registry.devices import (
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 
-class Registry(Stations, Devices, Attestation, BrokerReads):
+class Registry(Stations, Devices, Attestation, BrokerReads, Authorities):
     """Typed operations on the registry database, whose schema must be current.
 
     Raises :class:`~enrollment.registry.schema.SchemaOutdated` (naming ``fleetgate db

@@ -10,17 +10,20 @@ import typer
 from cryptography import x509
 
 from enrollment import ca as ca_module
+from enrollment import rotation
 from enrollment.registry import (
     AuditRecord,
     Registry,
     schema,
 )
+from enrollment.registry.authorities import authority_key_id
 from fleetgate.cli.common import (
     JsonFlag,
     admin_actor,
     cert_summary,
     emit,
     home_config,
+    open_registry,
     open_service,
     when,
 )
@@ -42,12 +45,11 @@ def ca_init(
     anchors = ca_module.init_ca(config, curve=curve or None, force=force)
     schema.create_if_empty(config.database_url)
     registry = Registry(config.database_url)
-    open_service(config).publish_crl()
-    registry.audit(
-        AuditRecord(
-            admin_actor(), "ca.init", "ok", None, f"root {cert_summary(anchors.root)['serial']}"
-        )
+    audit = AuditRecord(
+        admin_actor(), "ca.init", "ok", None, f"root {cert_summary(anchors.root)['serial']}"
     )
+    rotation.register_new_ca(config, registry, audit)
+    open_service(config).publish_crl()
     typer.echo(f"CA created in {config.ca_dir}")
     typer.echo(f"  root:    {anchors.root.subject.rfc4514_string()}")
     typer.echo(f"  issuing: {anchors.issuing.subject.rfc4514_string()}")
@@ -89,3 +91,79 @@ def ca_server_cert(
         f"(until {when(cert.not_valid_after_utc)}) in {out}: copy broker.crt, broker.key "
         "and chain.pem to the host's <home>/ca/"
     )
+
+
+# -- rotation (issue 14): rotate, status, retire ------------------------------------------------
+
+rotate_app = typer.Typer(no_args_is_help=True, help="Roll a CA over while devices keep connecting.")
+ca_app.add_typer(rotate_app, name="rotate")
+
+
+@rotate_app.command("issuing")
+def ca_rotate_issuing() -> None:
+    """A new issuing CA under the same root: it signs from now on, the old one stays trusted.
+
+    Running enrollment services and brokers pick it up from the registry within
+    ``ca.authority_poll_interval_s``; devices move over as they renew. Then `ca retire` the old.
+    """
+    config = home_config()
+    registry = open_registry(config)
+    issuing = rotation.rotate_issuing(config, registry, actor=admin_actor())
+    typer.echo(f"new issuing CA {issuing.subject.rfc4514_string()}")
+    typer.echo(
+        f"  key id {authority_key_id(issuing)}; the previous one stays trusted until retired"
+    )
+
+
+@rotate_app.command("root")
+def ca_rotate_root() -> None:
+    """A new root, cross-certified both ways with the current one, and a new issuing CA under it.
+
+    Devices learn the new root as they renew (EST cacerts); `ca retire` the old root once
+    `ca status` shows no device on it.
+    """
+    config = home_config()
+    registry = open_registry(config)
+    root = rotation.rotate_root(config, registry, actor=admin_actor())
+    typer.echo(f"new root CA {root.subject.rfc4514_string()} (key id {authority_key_id(root)})")
+    typer.echo(f"  trust anchor for new devices and brokers: {config.ca_dir / 'root.crt'}")
+
+
+@ca_app.command("status")
+def ca_status(as_json: JsonFlag = False) -> None:
+    """Every CA generation, its state, and how many active devices still hold its certificates."""
+    registry = open_registry(home_config())
+    counts = registry.active_devices_by_issuer()
+    rows = [
+        {
+            "key_id": r.key_id[:16],
+            "role": r.role.value,
+            "state": r.state.value,
+            "active_devices": counts.get(r.key_id, 0) if r.role == "issuing" else "-",
+            "subject": r.certificate.subject.rfc4514_string(),
+            "not_after": when(r.certificate.not_valid_after_utc),
+        }
+        for r in registry.authorities()
+    ]
+    emit(rows, as_json)
+
+
+@ca_app.command("retire")
+def ca_retire(
+    key_id: Annotated[str, typer.Argument(help="The CA's key id (a prefix) from `ca status`.")],
+    force: Annotated[
+        bool, typer.Option(help="Retire even if active devices still need it; lists them.")
+    ] = False,
+) -> None:
+    """End a rotation's overlap: stop trusting an old issuing CA (or an old root, with all under
+    it). Refused while an active device still holds a certificate from it, unless --force."""
+    config = home_config()
+    registry = open_registry(config)
+    done = rotation.retire(config, registry, key_id, force=force, actor=admin_actor())
+    open_service(config).publish_crl()
+    for record in done.retired:
+        typer.echo(f"retired {record.role} {record.certificate.subject.rfc4514_string()}")
+    if done.cut_off:
+        typer.echo(f"cut off {len(done.cut_off)} certificate(s), revoked (cessationOfOperation):")
+        for holder in done.cut_off:
+            typer.echo(f"  {holder}")

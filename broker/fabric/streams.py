@@ -1,0 +1,72 @@
+"""Creating the fabric's JetStream streams and KV buckets: every node tries at start, the
+first one wins; a cluster that just started may not place a replicated one yet, so each
+attempt is retried until a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from broker.fabric.node import FabricUnavailable
+
+if TYPE_CHECKING:
+    from nats.js.api import StreamConfig, StreamInfo
+    from nats.js.client import JetStreamContext
+    from nats.js.kv import KeyValue
+
+_T = TypeVar("_T")
+
+
+async def _until(what: str, attempt: Callable[[], Awaitable[_T]], timeout: float) -> _T:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if loop.time() < deadline:
+                await asyncio.sleep(0.2)
+                continue
+            raise FabricUnavailable(f"the fabric has no usable {what}: {exc}") from exc
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, timeout: float) -> StreamInfo:
+    """The stream's info, created with ``config`` if it does not exist."""
+    import nats.js.errors
+
+    assert config.name is not None
+    name = config.name
+
+    async def attempt() -> StreamInfo:
+        try:
+            return await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            return await js.add_stream(config)
+
+    return await _until(f"JetStream stream {name} (R{config.num_replicas})", attempt, timeout)
+
+
+async def ensure_bucket(
+    js: JetStreamContext, bucket: str, replicas: int, ttl: float | None, timeout: float
+) -> KeyValue:
+    """The KV bucket (history 1, file storage, direct gets), created if it does not exist."""
+    import nats.js.errors
+    from nats.js.api import KeyValueConfig, StorageType
+
+    config = KeyValueConfig(
+        bucket=bucket,
+        history=1,
+        ttl=ttl,
+        replicas=replicas,
+        storage=StorageType.FILE,
+        direct=True,
+    )
+
+    async def attempt() -> KeyValue:
+        try:
+            return await js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            return await js.create_key_value(config)
+
+    return await _until(f"KV bucket {bucket} (R{replicas})", attempt, timeout)
