@@ -104,6 +104,8 @@ class _MqttProtocol(asyncio.Protocol):
         if request is not None:
             self._broker.admit(self, request)
         self.pace()
+        if self.conn.held_back:  # held by a full queue, with enough read meanwhile
+            self._update_reading()
         self._broker.wake()
 
     def pace(self) -> None:
@@ -155,7 +157,8 @@ class _MqttProtocol(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if self._admitting or self._write_paused or self._rate_paused:
+        held = self.conn is not None and self.conn.held_back
+        if self._admitting or self._write_paused or self._rate_paused or held:
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
@@ -435,13 +438,15 @@ class Broker:
 
     def wake(self) -> None:
         """Write pending output at the end of this loop turn."""
-        if self.core.dirty and not self._flush_scheduled:
+        if (self.core.dirty or self.core.released) and not self._flush_scheduled:
             assert self._loop is not None
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self.core.released:
+            self._resume_released()
         dirty, self.core.dirty = self.core.dirty, set()
         for conn in dirty:
             protocol = self._protocols.get(conn)
@@ -452,6 +457,24 @@ class Broker:
                 protocol.transport.write(data)
             if conn.closing:
                 protocol.transport.close()
+
+    def _resume_released(self) -> None:
+        """Publishers a full queue let go: process what they sent meanwhile, read them again.
+        Resuming one can hold or release others; a bounded number of rounds per loop turn."""
+        now = self.now()
+        for _ in range(8):
+            released, self.core.released = self.core.released, {}
+            for conn in released:
+                conn.resume_publishing(now)
+                protocol = self._protocols.get(conn)
+                if protocol is not None:
+                    protocol.pace()
+                    protocol._update_reading()
+            if not self.core.released:
+                return
+        self._flush_scheduled = True  # the rest on the next turn
+        assert self._loop is not None
+        self._loop.call_soon(self._flush)
 
     async def _tick(self) -> None:
         while True:
@@ -528,7 +551,9 @@ class Broker:
             retained=self.core.retained.count,
             feed_lag_s=self.now() - self.feed.last_read,
         )
-        text += self.metrics.render_limits(self.core.queue_drops())
+        text += self.metrics.render_limits(
+            self.core.queue_drops(), self.core.queue_holds(), self.core.publishers_held()
+        )
         text += self.metrics.render_node(self.node_name)
         if self.bridges is not None:
             text += self.bridges.render_metrics()

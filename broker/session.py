@@ -52,6 +52,8 @@ class Session:
         "device_id",
         "expires_at",
         "expiry_interval",
+        "held",
+        "held_since",
         "incoming_qos2",
         "inflight",
         "limits",
@@ -59,7 +61,9 @@ class Session:
         "pending_will",
         "queue",
         "queue_dropped",
+        "queue_held",
         "queued_bytes",
+        "shedding",
         "subscriptions",
     )
 
@@ -75,7 +79,14 @@ class Session:
         self.queue: deque[Delivery] = deque()
         self.queued_bytes = 0
         self.queue_dropped = 0  # messages the full queue refused, for /metrics
+        self.queue_held = 0  # publishes whose acknowledgement its full queue held, for /metrics
         self.overflowing = False  # from the first refused message until the queue empties
+        # Backpressure (broker.core.BrokerCore.enqueue): the publishers its full queue holds,
+        # since when, and whether it gave up holding them (max_backpressure_s) and drops new
+        # messages until it has drained to half its limits.
+        self.held: dict[Connection, None] = {}
+        self.held_since: float | None = None
+        self.shedding = False
         self.incoming_qos2: set[int] = set()
         self.expiry_interval = 0
         self.connection: Connection | None = None
@@ -99,6 +110,7 @@ class Session:
         self.queue.clear()
         self.queued_bytes = 0
         self.overflowing = False
+        self.shedding = False
 
     def next_packet_id(self) -> int:
         """A packet id not in flight; the window is capped well below 65535, so one exists."""

@@ -78,6 +78,10 @@ class DeviceLimits:
     ``connect_*`` applies before the registry is asked, so before the group is known: only the
     ``[broker.limits]`` defaults count for it. ``max_queued_messages`` is further capped by
     ``[broker] max_queued_messages``, the broker-wide ceiling.
+
+    ``overflow_policy`` is what a full queue of a device's session does with one more QoS 1/2
+    message (:data:`OVERFLOW_POLICIES`; docs/threat-model.md says why ``backpressure`` is the
+    default); ``max_backpressure_s`` bounds how long its full queue may hold a publisher.
     """
 
     max_subscriptions: int = 100
@@ -92,6 +96,12 @@ class DeviceLimits:
     publish_burst: int = 1000
     connect_rate: float = 1.0
     connect_burst: int = 20
+    overflow_policy: str = "backpressure"
+    max_backpressure_s: float = 10.0
+
+
+OVERFLOW_POLICIES = ("backpressure", "drop-new", "drop-oldest")
+"""``[broker.limits] overflow_policy``: hold the publishers, refuse the newest, evict the oldest."""
 
 
 @dataclass(frozen=True)
@@ -428,9 +438,14 @@ def _build_limits(table: Any, env: Any) -> LimitSettings:
 
 
 def _check_limits(where: str, limits: DeviceLimits) -> DeviceLimits:
+    if limits.overflow_policy not in OVERFLOW_POLICIES:
+        raise ConfigError(
+            f"{where} overflow_policy must be one of {', '.join(OVERFLOW_POLICIES)}, "
+            f"not {limits.overflow_policy!r}"
+        )
     for fld in dataclasses.fields(DeviceLimits):
         value = getattr(limits, fld.name)
-        if value <= 0:
+        if not isinstance(value, str) and value <= 0:
             raise ConfigError(f"{where} {fld.name} must be above 0, not {value}")
     return limits
 
@@ -596,6 +611,8 @@ publish_rate = 1000.0         # messages/s; a faster device is slowed (not read)
 publish_burst = 1000
 connect_rate = 1.0            # CONNECTs/s per device id, before the registry is asked
 connect_burst = 20
+overflow_policy = "backpressure"  # a full queue holds its publishers; or drop-new, drop-oldest
+max_backpressure_s = 10.0     # then that queue drops new messages until it has drained
 
 # [broker.limits.groups.controllers]   # one group's overrides; other keys as above
 # max_subscriptions = 1000
