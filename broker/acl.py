@@ -19,7 +19,7 @@ from broker.limits import audit_text
 from enrollment.registry.acl import DEVICE_PLACEHOLDER as DEVICE_PLACEHOLDER
 from enrollment.registry.acl import AclPatterns, check_patterns
 from enrollment.registry.acl import InvalidAcl as InvalidAcl
-from fleetgate.topics import filter_contains
+from fleetgate.topics import filter_contains, parse_shared_subscription
 
 RESERVED_PREFIX = "$"
 """Topics starting with ``$`` (``$SYS/...``) belong to the server (MQTT 4.7.2): no template
@@ -57,6 +57,9 @@ class DeviceAcl:
         )
 
     def may_subscribe(self, topic_filter: str) -> bool:
+        """A shared subscription (``$share/<group>/<filter>``) is judged by its filter."""
+        if (shared := parse_shared_subscription(topic_filter)) is not None:
+            topic_filter = shared.topic_filter
         return not topic_filter.startswith(RESERVED_PREFIX) and any(
             filter_contains(pattern, topic_filter) for pattern in self.subscribe
         )

@@ -53,6 +53,7 @@ from broker.mqtt import (
 )
 from broker.routing import Message, SubscriptionOptions
 from broker.session import NEVER_EXPIRES, Delivery, Session
+from broker.shared import SharedDelivery
 from enrollment.registry import AuditRecord, DeviceState
 
 _V3 = ProtocolLevel.MQTT_3_1_1
@@ -105,7 +106,7 @@ def _connack_success(
             receive_maximum=settings.receive_maximum,
             maximum_packet_size=settings.max_packet_size,
             topic_alias_maximum=settings.topic_alias_maximum,
-            shared_subscription_available=False,
+            shared_subscription_available=True,
             assigned_client_identifier=assigned,
             server_keep_alive=settings.max_keep_alive_s if capped else None,
         )
@@ -846,17 +847,14 @@ class Connection:
         v5 = self.level is _V5
         for sub in packet.subscriptions:
             topic_filter = sub.topic_filter
-            if parse_shared_subscription(topic_filter) is not None:
-                codes.append(_R.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED if v5 else _R.UNSPECIFIED_ERROR)
-                self._refused(
-                    "mqtt.subscribe",
-                    "shared",
-                    f"shared subscription {audit_text(topic_filter)!r}: not supported",
-                    now,
-                )
-                continue
+            # $share/<group>/<filter> (its form checked by the codec): the limits, the fabric's
+            # mapping and the ACL judge <filter>; the share name counts against the length.
+            shared = parse_shared_subscription(topic_filter)
+            inner = topic_filter if shared is None else shared.topic_filter
             # Before the ACL: checking a 64 KiB filter against it would cost the CPU it bounds.
-            excess = topic_excess(topic_filter, self.limits)
+            excess = topic_excess(inner, self.limits)
+            if excess is None and shared is not None:
+                excess = topic_excess(shared.share_name, self.limits)  # one level: bytes only
             if excess is None and (
                 len(self.session.subscriptions) >= self.limits.max_subscriptions
                 and topic_filter not in self.session.subscriptions
@@ -867,7 +865,7 @@ class Connection:
                 codes.append(_R.QUOTA_EXCEEDED if v5 else _R.UNSPECIFIED_ERROR)
                 continue
             refusal = self.core.filter_refusal
-            if refusal is not None and refusal(topic_filter) is not None:  # fabric mode
+            if refusal is not None and refusal(inner) is not None:  # fabric mode
                 self._unmappable("subscribe", topic_filter, now)
                 codes.append(_R.TOPIC_FILTER_INVALID if v5 else _R.UNSPECIFIED_ERROR)
                 continue
@@ -884,8 +882,9 @@ class Connection:
             new = self.core.subscribe(self.session, topic_filter, options)
             codes.append(_R(sub.qos))
             handling = sub.retain_handling
-            if handling == RetainHandling.SEND_ON_SUBSCRIBE or (
-                handling == RetainHandling.SEND_IF_NEW_SUBSCRIPTION and new
+            if shared is None and (  # no retained messages on a shared one (MQTT 5 4.8.2)
+                handling == RetainHandling.SEND_ON_SUBSCRIBE
+                or (handling == RetainHandling.SEND_IF_NEW_SUBSCRIPTION and new)
             ):
                 sub_ids = () if subscription_id is None else (subscription_id,)
                 retained.extend(
@@ -992,6 +991,8 @@ class Connection:
             )
             if session.fabric is not None:
                 session.fabric.sent(packet_id, delivery)
+            if type(delivery) is SharedDelivery:  # handed on if its session ends unacked
+                self.core.shared.sent(session, packet_id, delivery)
 
     def _encode_aliased(
         self, aliases: dict[str, int], delivery: Delivery, packet_id: int | None, props: Properties

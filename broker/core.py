@@ -37,6 +37,7 @@ from broker.routing import (
     weight,
 )
 from broker.session import NEVER_EXPIRES, Delivery, PendingWill, Session
+from broker.shared import SharedSubscriptions, share_key
 from enrollment.registry import AclPatterns, AuditRecord, DeviceState
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ class BrokerCore:
         self.sessions: dict[str, Session] = {}
         self.connections: set[Connection] = set()
         self.subscriptions = SubscriptionTree()
+        self.shared = SharedSubscriptions()  # $share/<group>/<filter> (broker.shared)
         self.retained = RetainedMessages()
         self.dirty: set[Connection] = set()
         # Backpressure: sessions whose full queue holds publishers, the publisher of the message
@@ -228,11 +230,14 @@ class BrokerCore:
         if session.fabric is not None and self.session_hooks is not None:
             self.session_hooks.ended(session, now)
         for topic_filter in session.subscriptions:
-            self.subscriptions.remove(topic_filter, session.client_id)
+            self._forget(session.client_id, topic_filter)
         session.subscriptions.clear()
+        orphans = self.shared.orphans(session)  # handed on to other members (broker.shared)
         session.clear_queue()
         if session.held:
             self.release(session, now)
+        for orphan in orphans:
+            self.publish_shared(orphan.share, orphan.message, now)
         if session.pending_will is not None:
             will, session.pending_will = session.pending_will.will, None
             self.publish_will(session, will, now)
@@ -242,6 +247,9 @@ class BrokerCore:
     def subscribe(self, session: Session, topic_filter: str, options: SubscriptionOptions) -> bool:
         """Add or replace a subscription; True if the session did not have this filter."""
         session.subscriptions[topic_filter] = options
+        key = share_key(topic_filter)
+        if key is not None:  # shared subscriptions are not part of a fabric session's record
+            return self.shared.add(key, session.client_id, options)
         if session.fabric is not None and self.session_hooks is not None:
             self.session_hooks.subscribed(session, topic_filter, options)
         return self.subscriptions.add(topic_filter, session.client_id, options)
@@ -249,9 +257,19 @@ class BrokerCore:
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
-        if session.fabric is not None and self.session_hooks is not None:
+        if (
+            session.fabric is not None
+            and self.session_hooks is not None
+            and share_key(topic_filter) is None
+        ):
             self.session_hooks.unsubscribed(session, topic_filter)
-        return self.subscriptions.remove(topic_filter, session.client_id)
+        return self._forget(session.client_id, topic_filter)
+
+    def _forget(self, client_id: str, topic_filter: str) -> bool:
+        key = share_key(topic_filter)
+        if key is not None:
+            return self.shared.remove(key, client_id)
+        return self.subscriptions.remove(topic_filter, client_id)
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -270,6 +288,10 @@ class BrokerCore:
     def _route(self, message: Message, now: float, owner: str) -> None:
         if message.retain:
             self.retained.store(message, owner)
+        shared = self.shared
+        if shared.groups and shared.local:  # fabric mode: the node's queue groups route
+            for group in shared.matching(message.topic):
+                self.publish_shared(group.key, message, now)
         # One copy per subscribed session (MQTT-3.3.4-2): the highest QoS of its matching
         # subscriptions, and all their subscription identifiers.
         found = self.subscriptions.match(message.topic)
@@ -308,6 +330,16 @@ class BrokerCore:
                 tuple(sorted(ids)),
             )
             self.deliver(self.sessions[client_id], delivery, now)
+
+    def publish_shared(self, key: str, message: Message, now: float) -> None:
+        """One copy of ``message`` to one member of the shared subscription ``key``
+        (:meth:`broker.shared.ShareGroup.choose`); dropped if it has no member that can take it."""
+        group = self.shared.groups.get(key)
+        session = None if group is None else group.choose(self.sessions, message.qos)
+        if group is None or session is None:
+            self.metrics.dropped["shared_no_member"] += 1
+            return
+        self.deliver(session, self.shared.delivery(group, session, message), now)
 
     def retain_excess(self, owner: str, message: Message, limits: DeviceLimits) -> str | None:
         """Which retained limit of ``owner`` storing ``message`` would break, or ``None``

@@ -539,7 +539,7 @@ def test_connack_advertises_the_brokers_limits(broker, pair):
         receive_maximum=64,
         topic_alias_maximum=64,
         maximum_packet_size=262144,
-        shared_subscription_available=False,
+        shared_subscription_available=True,
     )
     raw.close()
 

@@ -518,14 +518,6 @@ def test_protocol_refusals_are_audited(fleet, sensor, topic, code, said, level):
         assert broker.metric("protocol_refusals_total", f'reason="{code.name.lower()}"') == 1
 
 
-def test_a_shared_subscription_refusal_is_audited(fleet, sensor):
-    shared = "$share/g/devices/sensor-1/commands/#"
-    with limited_client(fleet, sensor) as (broker, client):
-        assert client.subscribe(shared, 1) == [ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED.value]
-        events = refusals(broker, "mqtt.subscribe")
-        assert [shared in e.reason for e in events] == [True]
-
-
 def test_a_fast_publisher_is_slowed_to_its_rate_without_being_disconnected(fleet, sensor):
     fleet.registry.set_acl(
         "chatty", publish=["devices/%d/#"], subscribe=["devices/%d/#"], actor="t"

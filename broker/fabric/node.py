@@ -20,7 +20,17 @@ other nodes come in for its local subscribers (issue 12, first slice).
 - **Overlapping filters.** NATS sends one copy per matching subscription (``a/#`` and
   ``a/+`` both match ``a/b``); the core already delivers one copy per session for all its
   matching filters, so only the copy arriving on the *canonical* filter (the smallest of this
-  node's active filters that match the topic) is routed, the others are dropped.
+  node's active filters that match the topic) is routed, the others are dropped. Such a copy
+  reaches ordinary subscribers only, never shared subscriptions.
+- **Shared subscriptions** (:mod:`broker.shared`). Each ``$share/<group>/<filter>`` with a
+  local member is one NATS *queue* subscription per subject of its filter, in a queue group
+  named after the group and the filter (:func:`broker.shared.queue_name`), so NATS hands each
+  message to one node of the cluster, which hands it to one local member. Those subscriptions
+  live on a second connection, opened at the first shared subscription: with ``no_echo``,
+  nats-server never picks the publishing connection's own queue subscription (measured), so
+  a message from this node's clients could never reach this node's members. The core does not
+  route shared subscriptions itself in fabric mode (``SharedSubscriptions.local``): the queue
+  groups decide for local and remote publishers alike.
 
 Core NATS is at-most-once: a message sent while the link is down, or before a new filter's
 interest reached the other servers, is not delivered live (a QoS 1/2 one is still in the
@@ -66,10 +76,11 @@ from broker.mqtt.errors import ProtocolError
 from broker.mqtt.packets import PacketType
 from broker.mqtt.properties import decode_properties, encode_properties
 from broker.routing import Message, SubscriptionOptions, SubscriptionTree
+from broker.shared import queue_name
 from enrollment.registry import DeviceChange
 from fleetgate.config import Config, FabricSettings, node_name
 from fleetgate.errors import FleetgateError
-from fleetgate.topics import InvalidTopic, validate_topic_name
+from fleetgate.topics import SHARE_PREFIX, InvalidTopic, validate_topic_name
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -211,6 +222,8 @@ class FabricNode:
         self._interest: deque[tuple[str, bool]] = deque()
         self._interest_ready = asyncio.Event()
         self._nats_subs: dict[str, list[Subscription]] = {}
+        self._options: dict[str, Any] = {}
+        self._share_nc: NatsClient | None = None  # queue subscriptions (module docstring)
         self._active = SubscriptionTree()  # filters whose NATS subscriptions the server has
         self._tree: InterestTree | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -248,6 +261,7 @@ class FabricNode:
             "reconnected_cb": self._on_reconnected,
         }
         options.update(auth_options(self._config))  # TLS and credentials: never logged
+        self._options = options
         try:
             self._nc = await asyncio.wait_for(nats.connect(**options), settings.connect_timeout_s)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
@@ -293,6 +307,10 @@ class FabricNode:
         core.assigned_prefix = f"auto-{self.name}-"
         core.gate = core.will_gate = self
         core.filter_refusal = refusal
+        core.shared.local = False
+        # As "$share/<key>": no ordinary filter starts so (the core routes those to shared).
+        core.shared.on_first = lambda key: self._interest_gained(SHARE_PREFIX + key)
+        core.shared.on_last = lambda key: self._interest_lost(SHARE_PREFIX + key)
         self._tree = core.subscriptions = InterestTree(self._interest_gained, self._interest_lost)
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -332,6 +350,8 @@ class FabricNode:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._share_nc is not None and not self._share_nc.is_closed:
+            await self._share_nc.drain()
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.drain()
 
@@ -565,6 +585,7 @@ class FabricNode:
     # -- in: interest and delivery ---------------------------------------------------------------
 
     def _interest_gained(self, topic_filter: str) -> None:
+        """A filter (or a shared subscription's key) got its first local subscriber."""
         self._interest.append((topic_filter, True))
         self._interest_ready.set()
 
@@ -593,6 +614,10 @@ class FabricNode:
                     log.exception("fabric subscription change failed", extra={"filter": f})
 
     async def _subscribe(self, nc: NatsClient, topic_filter: str) -> None:
+        if topic_filter.startswith(SHARE_PREFIX):
+            await self._subscribe_shared(topic_filter)
+            return
+
         async def on_message(msg: Msg) -> None:
             self._on_message(topic_filter, msg)
 
@@ -605,18 +630,42 @@ class FabricNode:
         if self._tree.has(topic_filter):  # still wanted once the server had it
             self._active.add(topic_filter, topic_filter, _ANY)
 
-    def _on_message(self, topic_filter: str, msg: Msg) -> None:
-        """A message from another node (or a NATS-native publisher) for this node's clients."""
+    async def _subscribe_shared(self, topic_filter: str) -> None:
+        """Queue subscriptions for the shared subscription ``$share/<group>/<filter>``."""
+        import nats
+
+        key = topic_filter[len(SHARE_PREFIX) :]
+        if self._share_nc is None:
+            options = dict(self._options, no_echo=False, name=f"fleetgate-{self.name}-shared")
+            self._share_nc = await nats.connect(**options)
+        nc, queue = self._share_nc, queue_name(key)
+
+        async def on_message(msg: Msg) -> None:
+            self._on_message(key, msg, shared=True)
+
+        self._nats_subs[topic_filter] = [
+            await nc.subscribe(subject, queue=queue, cb=on_message)
+            for subject in filter_to_subjects(key.partition("/")[2])
+        ]
+        await nc.flush()
+
+    def _on_message(self, topic_filter: str, msg: Msg, *, shared: bool = False) -> None:
+        """A message from another node (or a NATS-native publisher) for this node's clients;
+        ``shared``: NATS picked this node for it in the queue group of the shared subscription
+        ``topic_filter`` (its key), and one local member gets it."""
         now = self._clock()
         message = message_from_nats(msg.subject, msg.data, msg.headers, now)
         if message is None:
             self.dropped += 1
             return
-        matching = self._active.match(message.topic)
-        if not matching or min(f for f, _ in matching) != topic_filter:
-            return  # another of this node's filters routes this copy
+        if shared:
+            self._core.publish_shared(topic_filter, message, now)
+        else:
+            matching = self._active.match(message.topic)
+            if not matching or min(f for f, _ in matching) != topic_filter:
+                return  # another of this node's filters routes this copy
+            self._core.publish(message, now)
         self.received += 1
-        self._core.publish(message, now)
         self._wake()
 
 
