@@ -91,7 +91,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -973,6 +973,9 @@ class Publisher:
     seen: int = 0  # deliveries at the watchdog's last look
     progress_at: float = 0.0
     buf: bytearray = field(default_factory=bytearray)
+    # QoS 1: [send time, PUBLISHes of that burst not yet acknowledged], oldest first (the
+    # brokers acknowledge in order), for the publish->PUBACK latency.
+    bursts: deque[list[float]] = field(default_factory=deque)
 
 
 def publish_head(topic: str, qos: QoS, payload_size: int) -> bytes:
@@ -1018,6 +1021,10 @@ class FanIn:
         self.delivered: list[int] = []
         self.received = 0
         self.latencies: list[float] = []
+        # QoS 1: publish->PUBACK, the time a message spent before the broker took it (socket,
+        # publish rate, held by a full queue); the rest of its latency is the broker's queue
+        # and the subscriber's window.
+        self.ack_latencies: list[float] = []
         self.measuring = False
         self.stopping = False
         self.sub_buf = bytearray()
@@ -1056,8 +1063,10 @@ class FanIn:
                 room = min(room, pub.receive_maximum - unacked)
         if room < self.burst:
             return
-        tail = STAMP.pack(time.perf_counter(), pub.index) + self.pad
+        sent_at = time.perf_counter()
+        tail = STAMP.pack(sent_at, pub.index) + self.pad
         if self.qos:
+            pub.bursts.append([sent_at, room])
             ids, head, body = PACKET_IDS, pub.head, b"\x00" + tail
             first = pub.next_id
             data = b"".join([head + ids[(first + n - 1) % 65535 + 1] + body for n in range(room)])
@@ -1127,6 +1136,8 @@ class FanIn:
         buf += data
         end = len(buf)
         pos = 0
+        now = time.perf_counter()
+        bursts, acks = pub.bursts, self.ack_latencies if self.measuring else None
         while end - pos >= 2:
             header = decode_varint(buf, pos + 1, end)
             if header is None:
@@ -1138,6 +1149,13 @@ class FanIn:
             kind = buf[pos] >> 4
             if kind == 4:  # PUBACK; a reason code, if any, follows the packet id
                 pub.acked += 1
+                if bursts:
+                    oldest = bursts[0]
+                    if acks is not None:
+                        acks.append(now - oldest[0])
+                    oldest[1] -= 1
+                    if not oldest[1]:
+                        bursts.popleft()
                 if remaining >= 3 and buf[body + 2] >= 0x80:
                     pub.refused += 1
             elif kind == 14:
@@ -1165,6 +1183,7 @@ class FanIn:
                     self.stalls += 1
                     pub.lost += self.outstanding(pub)
                     pub.lost_acks += max(0, pub.sent - pub.acked - pub.lost_acks)
+                    pub.bursts.clear()
                     pub.progress_at = now
                     self.pump(pub)
 
@@ -1174,6 +1193,7 @@ class FanInResult:
     qos: int
     delivered: int = 0
     latencies: list[float] = field(default_factory=list)
+    ack_latencies: list[float] = field(default_factory=list)  # QoS 1: publish->PUBACK
     usage: Usage = field(default_factory=Usage)
     sent_total: int = 0
     lost: int = 0  # never delivered, even after the final drain
@@ -1228,6 +1248,7 @@ async def fanin_phase(
             qos=int(qos),
             delivered=delivered,
             latencies=test.latencies,
+            ack_latencies=test.ack_latencies,
             usage=usage,
             sent_total=sum(p.sent for p in test.publishers),
             lost=test.undelivered(),
@@ -1579,6 +1600,13 @@ def print_details(result: BrokerResult, args: argparse.Namespace) -> None:
             f"{percentile(f.latencies, 0.99) * 1e3:.2f} ms, max "
             f"{max(f.latencies, default=math.nan) * 1e3:.2f} ms"
         )
+        if f.ack_latencies:
+            acks = f.ack_latencies
+            print(
+                f"          of which publish->PUBACK (socket, publish rate, held): p50 "
+                f"{percentile(acks, 0.5) * 1e3:.2f} ms, p90 {percentile(acks, 0.9) * 1e3:.2f} "
+                f"ms, p99 {percentile(acks, 0.99) * 1e3:.2f} ms"
+            )
         print(cpu_line(u, f.delivered, "us", 1e6, ".1f"))
         print(
             f"          sent {f.sent_total}, never delivered {f.lost}, publisher stalls (nothing "
