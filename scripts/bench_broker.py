@@ -1198,6 +1198,7 @@ class FanInResult:
     sent_total: int = 0
     lost: int = 0  # never delivered, even after the final drain
     stalls: int = 0
+    shares: list[int] = field(default_factory=list)  # delivered per publisher, timed part
     refused: int = 0
     problems: Counter[str] = field(default_factory=Counter)
 
@@ -1233,13 +1234,14 @@ async def fanin_phase(
         watchdog = asyncio.create_task(test.watchdog())
         test.start(subscriber)
         await asyncio.sleep(1.0)  # warm-up: not counted
-        received0 = test.received
+        received0, each0 = test.received, list(test.delivered)
         test.measuring = True
         meter = Meter(pid)
         await asyncio.sleep(args.duration)
         usage = meter.stop()
         test.measuring = False
         delivered = test.received - received0
+        shares = sorted(n - n0 for n, n0 in zip(test.delivered, each0, strict=True))
         test.stopping = True
         deadline = time.monotonic() + (10.0 if saturated else 3.0)
         while time.monotonic() < deadline and test.undelivered():
@@ -1253,6 +1255,7 @@ async def fanin_phase(
             sent_total=sum(p.sent for p in test.publishers),
             lost=test.undelivered(),
             stalls=test.stalls,
+            shares=shares,
             refused=sum(p.refused for p in test.publishers),
             problems=test.problems,
         )
@@ -1606,6 +1609,11 @@ def print_details(result: BrokerResult, args: argparse.Namespace) -> None:
                 f"          of which publish->PUBACK (socket, publish rate, held): p50 "
                 f"{percentile(acks, 0.5) * 1e3:.2f} ms, p90 {percentile(acks, 0.9) * 1e3:.2f} "
                 f"ms, p99 {percentile(acks, 0.99) * 1e3:.2f} ms"
+            )
+        if f.shares:
+            print(
+                f"          delivered per publisher: min {f.shares[0]}, median "
+                f"{f.shares[len(f.shares) // 2]}, max {f.shares[-1]} (fairness)"
             )
         print(cpu_line(u, f.delivered, "us", 1e6, ".1f"))
         print(
