@@ -21,6 +21,7 @@ __all__ = [
     "DROP_NEW",
     "DROP_OLDEST",
     "OVERFLOW_POLICIES",
+    "PACE_S",
     "AuditThrottle",
     "DeviceLimits",
     "Limit",
