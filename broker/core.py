@@ -179,6 +179,7 @@ class BrokerCore:
             session.pending_will = None  # reconnected before the will delay passed
         session.connection = conn
         session.drain_rate, session.rate_since = 0.0, None  # a new link: measured afresh
+        session.hold_at = None
         session.limits = limits or self.limits.default
         session.expires_at = None
         session.expiry_interval = expiry
@@ -351,9 +352,10 @@ class BrokerCore:
             return
         session.push(delivery)
         publisher = self._publisher
+        hold_at = session.hold_at
         if (
-            session.drain_rate
-            and len(session.queue) > self.pressure_cap(session)
+            hold_at is not None
+            and len(session.queue) > hold_at
             and session.limits.overflow_policy == BACKPRESSURE
             and self._may_hold(session, publisher)
         ):
@@ -371,6 +373,7 @@ class BrokerCore:
             rate = (session.popped - session.rate_popped) / (now - since)
             session.drain_rate = (session.drain_rate + rate) / 2 if session.drain_rate else rate
             session.rate_since, session.rate_popped = now, session.popped
+            session.hold_at = self.pressure_cap(session)
 
     def pressure_cap(self, session: Session) -> int:
         """How many queued messages hold a live session's publishers under ``backpressure``:
@@ -487,10 +490,12 @@ class BrokerCore:
         )
 
     def drained(self, session: Session, now: float) -> None:
-        """The session's queue shrank: at half its limits (:meth:`pressure_cap`), its held
+        """The session's queue shrank: at half its limits (or its :meth:`pressure_cap`), its held
         publishers go on and a session that gave up holding them stops dropping."""
         limits = session.limits
-        cap = self.pressure_cap(session)
+        cap = session.hold_at
+        if cap is None:
+            cap = min(self.settings.max_queued_messages, limits.max_queued_messages)
         if len(session.queue) * 2 <= cap and session.queued_bytes * 2 <= limits.max_queued_bytes:
             session.shedding = False
             self.release(session, now)

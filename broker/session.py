@@ -55,6 +55,7 @@ class Session:
         "expiry_interval",
         "held",
         "held_since",
+        "hold_at",
         "incoming_qos2",
         "inflight",
         "limits",
@@ -94,6 +95,7 @@ class Session:
         # How fast the client takes messages off a non-empty queue (messages/s, 0.0 until
         # measured; broker.core.BrokerCore.measure_drain), from ``popped`` since ``rate_since``.
         self.drain_rate = 0.0
+        self.hold_at: int | None = None  # BrokerCore.pressure_cap of that rate, once measured
         self.popped = 0
         self.rate_popped = 0
         self.rate_since: float | None = None
