@@ -42,15 +42,6 @@ from enrollment.registry import AclPatterns, AuditRecord, DeviceState
 if TYPE_CHECKING:
     from broker.connection import Connection
 
-BACKPRESSURE_QUEUE_S = 0.02
-"""Under ``backpressure``, a live session's queue holds its publishers once it holds more than
-this long's worth of messages at the rate its client takes them (:meth:`BrokerCore.measure_drain`),
-not only at ``max_queued_messages``: every message queued beyond that adds its wait to all that
-follow, and holding the publishers sooner loses nothing. 1,000 messages are 20 ms to a client
-taking 50,000/s, but 120 ms to one that gets 8,000/s from a busy machine."""
-DRAIN_SAMPLE_S = 0.05
-"""How long a drain rate sample lasts; each new one is averaged with the estimate so far."""
-
 AuditSink = Callable[[AuditRecord], None]
 AUDIT_REASON_CHARS = 1024
 """The longest reason a refusal's audit row keeps (its topic already bounded within it)."""
@@ -178,8 +169,6 @@ class BrokerCore:
             session = existing
             session.pending_will = None  # reconnected before the will delay passed
         session.connection = conn
-        session.drain_rate, session.rate_since = 0.0, None  # a new link: measured afresh
-        session.hold_at = None
         session.limits = limits or self.limits.default
         session.expires_at = None
         session.expiry_interval = expiry
@@ -342,49 +331,12 @@ class BrokerCore:
 
     def enqueue(self, session: Session, delivery: Delivery, now: float) -> None:
         """Queue behind the receive window, bounded in messages and bytes by the session's
-        group; a full queue applies the group's ``overflow_policy`` (:meth:`_overflow`). Under
-        ``backpressure`` a live session's queue also holds the publisher once it is longer than
-        :meth:`pressure_cap` (no message is refused for that)."""
-        self.measure_drain(session, now)
+        group; a full queue applies the group's ``overflow_policy`` (:meth:`_overflow`)."""
         excess = self._queue_excess(session, weight(delivery.message))
-        if excess is not None:
+        if excess is None:
+            session.push(delivery)
+        else:
             self._overflow(session, delivery, excess, now)
-            return
-        session.push(delivery)
-        publisher = self._publisher
-        hold_at = session.hold_at
-        if (
-            hold_at is not None
-            and len(session.queue) > hold_at
-            and session.limits.overflow_policy == BACKPRESSURE
-            and self._may_hold(session, publisher)
-        ):
-            assert publisher is not None
-            self._hold(session, publisher, None, now)
-
-    def measure_drain(self, session: Session, now: float) -> None:
-        """Sample how fast the client takes messages off its queue: called as messages are
-        queued, which is while the queue is not empty (or its window is full), so the rate is
-        the client's, not its publishers'; an empty queue ends a sample (:meth:`Session.pop`)."""
-        since = session.rate_since
-        if since is None:
-            session.rate_since, session.rate_popped = now, session.popped
-        elif now - since >= DRAIN_SAMPLE_S:
-            rate = (session.popped - session.rate_popped) / (now - since)
-            session.drain_rate = (session.drain_rate + rate) / 2 if session.drain_rate else rate
-            session.rate_since, session.rate_popped = now, session.popped
-            session.hold_at = self.pressure_cap(session)
-
-    def pressure_cap(self, session: Session) -> int:
-        """How many queued messages hold a live session's publishers under ``backpressure``:
-        :data:`BACKPRESSURE_QUEUE_S` of its measured drain rate, at least two receive windows
-        (so that the half it is released at still fills the client's window), at most its
-        ``max_queued_messages``."""
-        cap = min(self.settings.max_queued_messages, session.limits.max_queued_messages)
-        if session.drain_rate:
-            timed = int(session.drain_rate * BACKPRESSURE_QUEUE_S)
-            cap = min(cap, max(2 * self.settings.receive_maximum, timed))
-        return cap
 
     def _queue_excess(self, session: Session, size: int) -> str | None:
         """Which queue limit one more message of ``size`` bytes breaks, or ``None``."""
@@ -407,8 +359,12 @@ class BrokerCore:
         policy = session.limits.overflow_policy
         publisher = self._publisher
         if policy == BACKPRESSURE:
-            if self._may_hold(session, publisher):
-                assert publisher is not None
+            if (
+                publisher is not None
+                and session.connection is not None
+                and not session.shedding
+                and publisher.session is not session  # never hold a client on its own queue
+            ):
                 session.push(delivery)
                 self._hold(session, publisher, excess, now)
                 return
@@ -429,23 +385,7 @@ class BrokerCore:
         session.queue_dropped += dropped
         self._overflow_episode(session, excess, policy, now)
 
-    @staticmethod
-    def _may_hold(session: Session, publisher: Connection | None) -> bool:
-        """Whether ``session``'s queue may hold ``publisher``: only a live session that has
-        not given up holding (:meth:`tick`), never a client on its own queue, never a message
-        with no publishing connection (a will, a bridge's)."""
-        return (
-            publisher is not None
-            and session.connection is not None
-            and not session.shedding
-            and publisher.session is not session
-        )
-
-    def _hold(
-        self, session: Session, publisher: Connection, excess: str | None, now: float
-    ) -> None:
-        """Hold ``publisher`` on ``session``'s queue; ``excess`` is the limit the queue reached
-        (audited), ``None`` for :meth:`pressure_cap` (a queue long in time, not full)."""
+    def _hold(self, session: Session, publisher: Connection, excess: str, now: float) -> None:
         if publisher not in session.held:
             session.held[publisher] = None
             publisher.hold_for(session)
@@ -454,8 +394,7 @@ class BrokerCore:
             self.pressured.add(session)
         session.queue_held += 1
         self.metrics.backpressure_holds += 1
-        if excess is not None:
-            self._overflow_episode(session, excess, BACKPRESSURE, now)
+        self._overflow_episode(session, excess, BACKPRESSURE, now)
 
     def _overflow_episode(self, session: Session, excess: str, policy: str, now: float) -> None:
         """Audit the first overflow of an episode (until the queue empties), throttled."""
@@ -490,12 +429,10 @@ class BrokerCore:
         )
 
     def drained(self, session: Session, now: float) -> None:
-        """The session's queue shrank: at half its limits (or its :meth:`pressure_cap`), its held
-        publishers go on and a session that gave up holding them stops dropping."""
+        """The session's queue shrank: at half its limits, its held publishers go on and a
+        session that gave up holding them stops dropping."""
         limits = session.limits
-        cap = session.hold_at
-        if cap is None:
-            cap = min(self.settings.max_queued_messages, limits.max_queued_messages)
+        cap = min(self.settings.max_queued_messages, limits.max_queued_messages)
         if len(session.queue) * 2 <= cap and session.queued_bytes * 2 <= limits.max_queued_bytes:
             session.shedding = False
             self.release(session, now)

@@ -50,24 +50,19 @@ class Session:
         "client_id",
         "connection",
         "device_id",
-        "drain_rate",
         "expires_at",
         "expiry_interval",
         "held",
         "held_since",
-        "hold_at",
         "incoming_qos2",
         "inflight",
         "limits",
         "overflowing",
         "pending_will",
-        "popped",
         "queue",
         "queue_dropped",
         "queue_held",
         "queued_bytes",
-        "rate_popped",
-        "rate_since",
         "shedding",
         "subscriptions",
     )
@@ -92,13 +87,6 @@ class Session:
         self.held: dict[Connection, None] = {}
         self.held_since: float | None = None
         self.shedding = False
-        # How fast the client takes messages off a non-empty queue (messages/s, 0.0 until
-        # measured; broker.core.BrokerCore.measure_drain), from ``popped`` since ``rate_since``.
-        self.drain_rate = 0.0
-        self.hold_at: int | None = None  # BrokerCore.pressure_cap of that rate, once measured
-        self.popped = 0
-        self.rate_popped = 0
-        self.rate_since: float | None = None
         self.incoming_qos2: set[int] = set()
         self.expiry_interval = 0
         self.connection: Connection | None = None
@@ -111,14 +99,11 @@ class Session:
         self.queued_bytes += weight(delivery.message)
 
     def pop(self) -> Delivery:
-        """The oldest queued delivery; an empty queue ends an overflow episode (and a drain rate
-        sample: the client then waited for messages, so the rate would understate it)."""
+        """The oldest queued delivery; an empty queue ends an overflow episode."""
         delivery = self.queue.popleft()
         self.queued_bytes -= weight(delivery.message)
-        self.popped += 1
         if not self.queue:
             self.overflowing = False
-            self.rate_since = None
         return delivery
 
     def clear_queue(self) -> None:
@@ -126,7 +111,6 @@ class Session:
         self.queued_bytes = 0
         self.overflowing = False
         self.shedding = False
-        self.rate_since = None
 
     def next_packet_id(self) -> int:
         """A packet id not in flight; the window is capped well below 65535, so one exists."""

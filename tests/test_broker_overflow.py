@@ -391,37 +391,6 @@ def test_overflow_policy_is_checked_in_config(tmp_path):
         load_config(tmp_path, {})
 
 
-def test_a_live_queue_holds_its_publishers_at_its_drain_time_before_it_is_full():
-    """A queue far below ``max_queued_messages`` still holds its publishers once it holds more
-    than ``BACKPRESSURE_QUEUE_S`` of what its subscriber takes a second (at least two receive
-    windows): every message queued beyond that only adds its wait to all behind it. Not a
-    refusal: nothing is dropped or audited, and the hold ends at half that length."""
-    audit: list[AuditRecord] = []
-    limits = LimitSettings(DeviceLimits(max_queued_messages=1000))
-    core = BrokerCore(
-        CoreSettings(receive_maximum=4), metrics=Metrics(), audit=audit.append, limits=limits
-    )
-    sub = _connected(core, "sub", properties=Properties(receive_maximum=4))
-    _subscribe(sub, SLOW)
-    session = core.sessions["sub"]
-    pub = _connected(core, "pub")
-    pub.receive_data(_publishes(SLOW, 1, 24), 0.0)  # 4 in flight, 20 queued: rate not known
-    assert core.publishers_held() == 0 and core.pressure_cap(session) == 1000
-    for packet_id in (1, 2, 3, 4):  # 4 taken in 0.1 s: 40/s, 20 ms of which is < 1 message
-        sub.receive_data(encode(PubAck(packet_id=packet_id), 5), 0.1)
-    pub.receive_data(_publishes(SLOW, 25, 1), 0.1)
-    assert session.drain_rate == pytest.approx(40.0)
-    assert core.pressure_cap(session) == session.hold_at == 8  # two receive windows
-    assert core.publishers_held() == 1 and len(session.queue) == 17
-    assert session.queue_dropped == 0 and not core.metrics.limit_refusals and not audit
-    sub.take_output()
-    for packet_id in range(5, 17):  # 12 more taken: 5 left, above half of 8
-        sub.receive_data(encode(PubAck(packet_id=packet_id), 5), 0.2)
-    assert core.publishers_held() == 1
-    sub.receive_data(encode(PubAck(packet_id=17), 5), 0.2)  # 4 left: released
-    assert core.publishers_held() == 0 and list(core.released) == [pub]
-
-
 def test_a_released_publisher_resumes_one_deferred_packet_at_a_time_when_asked():
     """The I/O layer resumes released publishers round robin (``Broker._resume_released``):
     ``resume_publishing(now, 1)`` processes one deferred packet and says whether more wait."""
