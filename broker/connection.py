@@ -306,11 +306,14 @@ class Connection:
             held.stored(True, now)
         self.core.released[self] = None
 
-    def resume_publishing(self, now: float) -> None:
+    def resume_publishing(self, now: float, budget: int = -1) -> bool:
         """Go on with the packets that waited while the client was held (it may be held
-        again)."""
-        if not self._holders and self.state is _CONNECTED:
-            self._process(now)
+        again), at most ``budget`` of them (-1: all, then what is buffered after them); True
+        if deferred packets remain for another call."""
+        if self._holders or self.state is not _CONNECTED:
+            return False
+        self._process(now, budget)
+        return bool(self._deferred) and not self._holders and self.resume_at is None
 
     def admission_done(self, result: Admitted | Refused, now: float) -> None:
         """The verdict on the CONNECT (:func:`broker.admission.decide_admission`); a connection
@@ -428,13 +431,18 @@ class Connection:
 
     # -- packets in ------------------------------------------------------------------------------
 
-    def _process(self, now: float) -> AdmissionRequest | None:
+    def _process(self, now: float, budget: int = -1) -> AdmissionRequest | None:
+        """Consume packets until none is complete, the client is stalled or held, or ``budget``
+        deferred ones were (-1: no bound)."""
         decoder = self._decoder
         deferred = self._deferred
         while self.state in _LIVE:
             item = self._stalled
             if item is None:
                 if deferred and not self._holders:
+                    if not budget:
+                        return None
+                    budget -= 1
                     item = deferred.popleft()
                 else:
                     if len(deferred) >= MAX_DEFERRED:

@@ -21,6 +21,7 @@ __all__ = [
     "DROP_NEW",
     "DROP_OLDEST",
     "OVERFLOW_POLICIES",
+    "PACE_S",
     "AuditThrottle",
     "DeviceLimits",
     "Limit",
@@ -95,20 +96,29 @@ def retained_excess(
     return None
 
 
+PACE_S = 0.005
+"""A caller kept waiting by a :class:`TokenBucket` waits for this long's worth of tokens (at
+least one, at most the burst), not for the next single token: a device publishing at its
+``publish_rate`` is then read 200 times a second in slices, not once per message, each pause
+and resume of its transport a timer and two ``epoll_ctl`` calls. The price is at most this
+much extra wait for the first message of a slice; the rate is the same."""
+
+
 class TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved up; starts full."""
 
-    __slots__ = ("burst", "rate", "stamp", "tokens")
+    __slots__ = ("burst", "quantum", "rate", "stamp", "tokens")
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate = rate
         self.burst = burst
         self.tokens = float(burst)
         self.stamp = now
+        self.quantum = max(1.0, min(float(burst), rate * PACE_S))
 
     def take(self, now: float) -> float:
-        """Take one token: 0.0 if there was one, else the seconds until there will be one (and
-        nothing is taken)."""
+        """Take one token: 0.0 if there was one, else the seconds until there will be
+        :data:`PACE_S`'s worth (one, at a low rate; nothing is taken)."""
         tokens = self.tokens
         if now != self.stamp:  # packets of one read share a time: refilled once for them all
             tokens += (now - self.stamp) * self.rate
@@ -119,7 +129,7 @@ class TokenBucket:
             self.tokens = tokens - 1.0
             return 0.0
         self.tokens = tokens
-        return (1.0 - tokens) / self.rate
+        return (self.quantum - tokens) / self.rate
 
 
 class RateLimiter:

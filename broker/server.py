@@ -495,12 +495,18 @@ class Broker:
 
     def _resume_released(self) -> None:
         """Publishers a full queue let go: process what they sent meanwhile, read them again.
-        Resuming one can hold or release others; a bounded number of rounds per loop turn."""
+        Their deferred packets go in round robin, one each per round, so they share the room
+        the queue made (one after another, the first would fill it and every other would get
+        one message in before it is held again, in the same order each time). Resuming one
+        can hold or release others; a bounded number of rounds per loop turn."""
         now = self.now()
         for _ in range(8):
             released, self.core.released = self.core.released, {}
+            going = list(released)
+            while going:
+                going = [conn for conn in going if conn.resume_publishing(now, 1)]
             for conn in released:
-                conn.resume_publishing(now)
+                conn.resume_publishing(now)  # what was buffered behind its deferred packets
                 protocol = self._protocols.get(conn)
                 if protocol is not None:
                     protocol.pace()

@@ -33,6 +33,7 @@ from broker.admission import Admitted, Identity
 from broker.connection import Connection
 from broker.core import BrokerCore, CoreSettings
 from broker.limits import (
+    PACE_S,
     AuditThrottle,
     DeviceLimits,
     Limit,
@@ -122,6 +123,15 @@ def test_token_bucket_gives_its_burst_then_one_token_per_interval():
     assert bucket.take(0.1) == 0.0
     assert bucket.take(100.0) == 0.0  # saved up to the burst, no more
     assert [bucket.take(100.0) for _ in range(3)][-1] == pytest.approx(0.1)
+
+
+def test_a_token_bucket_at_a_high_rate_makes_its_caller_wait_for_a_slice_of_tokens():
+    """At 1,000/s an empty bucket asks for 5 ms (PACE_S) worth, not 1 ms: a device publishing
+    at its rate is paused and resumed 200 times a second, not 1,000; the rate is the same."""
+    bucket = TokenBucket(rate=1000.0, burst=1000, now=0.0)
+    assert all(bucket.take(0.0) == 0.0 for _ in range(1000))
+    assert bucket.take(0.0) == pytest.approx(PACE_S)
+    assert [bucket.take(PACE_S) for _ in range(6)] == [0.0] * 5 + [pytest.approx(PACE_S)]
 
 
 def test_rate_limiter_keeps_one_bucket_per_recent_key_and_no_more():

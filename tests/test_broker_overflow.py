@@ -389,3 +389,21 @@ def test_overflow_policy_is_checked_in_config(tmp_path):
     path.write_text('[broker.limits]\noverflow_policy = "drop-all"\n')
     with pytest.raises(ConfigError, match="overflow_policy must be one of"):
         load_config(tmp_path, {})
+
+
+def test_a_released_publisher_resumes_one_deferred_packet_at_a_time_when_asked():
+    """The I/O layer resumes released publishers round robin (``Broker._resume_released``):
+    ``resume_publishing(now, 1)`` processes one deferred packet and says whether more wait."""
+    core, _ = _core()
+    sub = _connected(core, "sub", properties=Properties(receive_maximum=1))
+    _subscribe(sub, SLOW)
+    pub = _connected(core, "pub")
+    pub.receive_data(_publishes(SLOW, 1, 8), 1.0)  # 1 in flight, 4 queued, the 6th held
+    assert core.metrics.messages_received[1] == 6
+    for packet_id in (1, 2, 3):
+        sub.receive_data(encode(PubAck(packet_id=packet_id), 5), 2.0)
+    assert list(core.released) == [pub]
+    assert pub.resume_publishing(2.0, 1) is True
+    assert core.metrics.messages_received[1] == 7
+    assert pub.resume_publishing(2.0, 1) is False  # the last one
+    assert core.metrics.messages_received[1] == 8
