@@ -152,15 +152,7 @@ class Enroller:
 
     def enroll(self, device_id: str) -> Path:
         key = ec.generate_private_key(ec.SECP256R1())
-        try:
-            cert = self._client().simpleenroll(device_csr(device_id, key))
-        except OSError:
-            # EstClient closes its connection on HTTP and connection errors, not on a TLS EOF
-            # (ssl.SSLEOFError when the server dropped an idle keep-alive): without this the
-            # thread's next request fails with CannotSendRequest.
-            self._local.client.close()
-            self._local.client = None
-            raise
+        cert = self._client().simpleenroll(device_csr(device_id, key))
         path = credentials_path(self.target, device_id)
         store_credentials(path, key, [cert.public_bytes(Encoding.PEM)])
         return path
