@@ -42,6 +42,7 @@ HEAD = struct.Struct("!qd")  # seq, monotonic send time; the rest of a payload i
 SESSION_EXPIRY_S = 3600
 KEEP_ALIVE_S = 30
 TICK_S = 0.1
+SEND_SLOT_S = 0.05  # telemetry goes out on a 20 Hz grid (see Shard._wait_slot)
 BACKOFF_BASE_S = 0.5
 CONNECTING = 128  # per shard: enrollments + handshakes in flight at once (a line's stations)
 KICK = "DISCONNECT ADMINISTRATIVE_ACTION"
@@ -442,12 +443,15 @@ class Shard:
         while device.wanted and not device.bounce and not self.stopping:
             if device.renew_at is not None and self.clock.now() >= device.renew_at:
                 return  # renew, then reconnect with the new certificate
-            rate = self.scenario.stage_at(self.clock.now()).rate_for(group)
+            now = self.clock.now()
+            rate = self.scenario.stage_at(now).rate_for(group)
             if rate <= 0:
-                next_at = self.clock.now() + TICK_S
-                await self._wait(client, TICK_S)
+                await self._idle(device, client, now)
+                if client.closed.done():
+                    return
+                next_at = self.clock.now() + self.rng.uniform(0, 1.0)
                 continue
-            await self._wait(client, next_at - self.clock.now())
+            await self._wait_slot(next_at)
             if client.closed.done() or not device.wanted or device.bounce or self.stopping:
                 return
             next_at = max(next_at + 1 / rate, self.clock.now() - 1.0)
@@ -464,11 +468,22 @@ class Shard:
             elif qos != QoS.AT_MOST_ONCE:
                 self.obs.acknowledged(topic, seq, now, sent=sent)
 
-    async def _wait(self, client: SimClient, seconds: float) -> None:
-        """A plain sleep: cheaper than waiting on the close too, and a closed session shows
-        at the next publish (at most one interval later)."""
-        if seconds > 0:
-            await asyncio.sleep(seconds)
+    async def _idle(self, device: Device, client: SimClient, now: float) -> None:
+        """A silent device waits for the next stage, its renewal or its session's end, not in
+        ticks: 10,000 connected devices polling every 0.1 s cost the shard a core."""
+        until = self.scenario.stage_end(now)
+        if device.renew_at is not None:
+            until = min(until, device.renew_at)
+        await asyncio.wait((client.closed,), timeout=max(0.0, until - now) + 0.001)
+
+    async def _wait_slot(self, at: float) -> None:
+        """Sleep until the first send slot at or after ``at``. Devices that send in the same
+        slot are handled in one turn of the event loop, and the broker reads their messages in
+        one wake-up: the same load spread evenly over the second cost the simulator 2.5 times
+        the CPU per message. A plain sleep: a closed session shows at the next publish."""
+        wait = math.ceil(at / SEND_SLOT_S) * SEND_SLOT_S - self.clock.now()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def _received(self, device: Device, message: Publish) -> None:
         """A device hears only its own commands; anything else is an ACL crossing."""

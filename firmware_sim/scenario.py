@@ -177,6 +177,15 @@ class Scenario:
                 return stage
         return self.stages[-1]
 
+    def stage_end(self, t: float) -> float:
+        """When the stage running at ``t`` ends (the run's end after it)."""
+        end = 0.0
+        for stage in self.stages:
+            end += stage.duration_s
+            if t < end:
+                return end
+        return end
+
     def needs_services(self) -> list[str]:
         """What in this scenario only the in-process mode (its own CA and broker) can do."""
         found = [f"fault {f.kind}" for f in self.faults if f.kind in NEEDS_SERVICES]
