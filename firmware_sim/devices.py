@@ -16,10 +16,11 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,10 +29,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from broker.mqtt import Publish, QoS, ReasonCode
 from device_sdk.est import EstClient, EstError, client_context, device_csr
 from firmware_sim.deployment import Target
-from firmware_sim.mqtt_client import MQTT5, MQTT311, Refused, SessionClosed, SimClient
+from firmware_sim.mqtt_client import MQTT5, MQTT311, Refused, SessionClosed, SimClient, Unacked
 from firmware_sim.observations import (
     CONNECTS,
     DISCONNECTS,
+    RESENT,
     SENT,
     Observations,
     Renewal,
@@ -183,6 +185,7 @@ class Device:
     renew_at: float | None = None
     not_after: float | None = None
     broker: int = 0
+    unacked: tuple[int, float, Unacked] | None = None  # seq, send time, what to send again
 
 
 @dataclass
@@ -417,6 +420,10 @@ class Shard:
             client.on_message = lambda message: self._received(device, message)
             if not client.session_present:
                 await client.subscribe(topic, QoS(min(group.qos, 1)))
+            if device.unacked is not None:
+                seq, sent, unacked = device.unacked
+                self.obs.count(RESENT, self.clock.now())
+                await self._send(device, seq, sent, client.resend(unacked))
             await self._publish_loop(device, client)
         except SessionClosed:
             pass
@@ -459,14 +466,29 @@ class Shard:
             device.seq += 1
             sent = self.clock.now()
             self.obs.count(SENT, sent)
-            code = await client.publish(topic, payload_for(seq, group.payload_bytes, sent), qos)
-            now = self.clock.now()
-            if code >= ReasonCode.UNSPECIFIED_ERROR:
-                answer = f"PUBACK {code.name}"
-                self.obs.refused(answer, now)
-                self.obs.answered(device.device_id, "publish own telemetry", answer, ())
-            elif qos != QoS.AT_MOST_ONCE:
-                self.obs.acknowledged(topic, seq, now, sent=sent)
+            payload = payload_for(seq, group.payload_bytes, sent)
+            await self._send(device, seq, sent, client.publish(topic, payload, qos))
+
+    async def _send(
+        self, device: Device, seq: int, sent: float, sending: Coroutine[Any, Any, ReasonCode]
+    ) -> None:
+        """Await one publish (or its resend) and record the broker's answer. Cut short by the
+        connection's end, the message is kept to be sent again after the reconnect."""
+        device.unacked = None
+        try:
+            code = await sending
+        except SessionClosed as exc:
+            if exc.unacked is not None:
+                device.unacked = (seq, sent, exc.unacked)
+            raise
+        now = self.clock.now()
+        topic = f"devices/{device.device_id}/telemetry"
+        if code >= ReasonCode.UNSPECIFIED_ERROR:
+            answer = f"PUBACK {code.name}"
+            self.obs.refused(answer, now)
+            self.obs.answered(device.device_id, "publish own telemetry", answer, ())
+        elif device.group.qos != QoS.AT_MOST_ONCE:
+            self.obs.acknowledged(topic, seq, now, sent=sent)
 
     async def _idle(self, device: Device, client: SimClient, now: float) -> None:
         """A silent device waits for the next stage, its renewal or its session's end, not in
