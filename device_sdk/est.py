@@ -139,8 +139,11 @@ class EstClient:
             self._conn.request(method, f"{EST_PREFIX}/{operation}", body=body, headers=headers)
             response = self._conn.getresponse()
             data = response.read()
-        except (http.client.HTTPException, ConnectionError):
-            self._conn.close()  # a fresh connection next time
+        except (http.client.HTTPException, OSError):
+            # OSError, not just ConnectionError: a server that drops the connection in the TLS
+            # handshake shows as ssl.SSLEOFError, and a connection left half-way through a
+            # request fails every later one with CannotSendRequest. A fresh connection next time.
+            self._conn.close()
             raise
         if response.status != 200:
             raise EstError(response.status, data.decode(errors="replace").strip())

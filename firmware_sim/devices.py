@@ -16,10 +16,11 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,10 +29,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from broker.mqtt import Publish, QoS, ReasonCode
 from device_sdk.est import EstClient, EstError, client_context, device_csr
 from firmware_sim.deployment import Target
-from firmware_sim.mqtt_client import MQTT5, MQTT311, Refused, SessionClosed, SimClient
+from firmware_sim.mqtt_client import MQTT5, MQTT311, Refused, SessionClosed, SimClient, Unacked
 from firmware_sim.observations import (
     CONNECTS,
     DISCONNECTS,
+    RESENT,
     SENT,
     Observations,
     Renewal,
@@ -42,6 +44,7 @@ HEAD = struct.Struct("!qd")  # seq, monotonic send time; the rest of a payload i
 SESSION_EXPIRY_S = 3600
 KEEP_ALIVE_S = 30
 TICK_S = 0.1
+SEND_SLOT_S = 0.05  # telemetry goes out on a 20 Hz grid (see Shard._wait_slot)
 BACKOFF_BASE_S = 0.5
 CONNECTING = 128  # per shard: enrollments + handshakes in flight at once (a line's stations)
 KICK = "DISCONNECT ADMINISTRATIVE_ACTION"
@@ -152,15 +155,7 @@ class Enroller:
 
     def enroll(self, device_id: str) -> Path:
         key = ec.generate_private_key(ec.SECP256R1())
-        try:
-            cert = self._client().simpleenroll(device_csr(device_id, key))
-        except OSError:
-            # EstClient closes its connection on HTTP and connection errors, not on a TLS EOF
-            # (ssl.SSLEOFError when the server dropped an idle keep-alive): without this the
-            # thread's next request fails with CannotSendRequest.
-            self._local.client.close()
-            self._local.client = None
-            raise
+        cert = self._client().simpleenroll(device_csr(device_id, key))
         path = credentials_path(self.target, device_id)
         store_credentials(path, key, [cert.public_bytes(Encoding.PEM)])
         return path
@@ -190,6 +185,7 @@ class Device:
     renew_at: float | None = None
     not_after: float | None = None
     broker: int = 0
+    unacked: tuple[int, float, Unacked] | None = None  # seq, send time, what to send again
 
 
 @dataclass
@@ -424,6 +420,10 @@ class Shard:
             client.on_message = lambda message: self._received(device, message)
             if not client.session_present:
                 await client.subscribe(topic, QoS(min(group.qos, 1)))
+            if device.unacked is not None:
+                seq, sent, unacked = device.unacked
+                self.obs.count(RESENT, self.clock.now())
+                await self._send(device, seq, sent, client.resend(unacked))
             await self._publish_loop(device, client)
         except SessionClosed:
             pass
@@ -450,12 +450,15 @@ class Shard:
         while device.wanted and not device.bounce and not self.stopping:
             if device.renew_at is not None and self.clock.now() >= device.renew_at:
                 return  # renew, then reconnect with the new certificate
-            rate = self.scenario.stage_at(self.clock.now()).rate_for(group)
+            now = self.clock.now()
+            rate = self.scenario.stage_at(now).rate_for(group)
             if rate <= 0:
-                next_at = self.clock.now() + TICK_S
-                await self._wait(client, TICK_S)
+                await self._idle(device, client, now)
+                if client.closed.done():
+                    return
+                next_at = self.clock.now() + self.rng.uniform(0, 1.0)
                 continue
-            await self._wait(client, next_at - self.clock.now())
+            await self._wait_slot(next_at)
             if client.closed.done() or not device.wanted or device.bounce or self.stopping:
                 return
             next_at = max(next_at + 1 / rate, self.clock.now() - 1.0)
@@ -463,20 +466,46 @@ class Shard:
             device.seq += 1
             sent = self.clock.now()
             self.obs.count(SENT, sent)
-            code = await client.publish(topic, payload_for(seq, group.payload_bytes, sent), qos)
-            now = self.clock.now()
-            if code >= ReasonCode.UNSPECIFIED_ERROR:
-                answer = f"PUBACK {code.name}"
-                self.obs.refused(answer, now)
-                self.obs.answered(device.device_id, "publish own telemetry", answer, ())
-            elif qos != QoS.AT_MOST_ONCE:
-                self.obs.acknowledged(topic, seq, now, sent=sent)
+            payload = payload_for(seq, group.payload_bytes, sent)
+            await self._send(device, seq, sent, client.publish(topic, payload, qos))
 
-    async def _wait(self, client: SimClient, seconds: float) -> None:
-        """A plain sleep: cheaper than waiting on the close too, and a closed session shows
-        at the next publish (at most one interval later)."""
-        if seconds > 0:
-            await asyncio.sleep(seconds)
+    async def _send(
+        self, device: Device, seq: int, sent: float, sending: Coroutine[Any, Any, ReasonCode]
+    ) -> None:
+        """Await one publish (or its resend) and record the broker's answer. Cut short by the
+        connection's end, the message is kept to be sent again after the reconnect."""
+        device.unacked = None
+        try:
+            code = await sending
+        except SessionClosed as exc:
+            if exc.unacked is not None:
+                device.unacked = (seq, sent, exc.unacked)
+            raise
+        now = self.clock.now()
+        topic = f"devices/{device.device_id}/telemetry"
+        if code >= ReasonCode.UNSPECIFIED_ERROR:
+            answer = f"PUBACK {code.name}"
+            self.obs.refused(answer, now)
+            self.obs.answered(device.device_id, "publish own telemetry", answer, ())
+        elif device.group.qos != QoS.AT_MOST_ONCE:
+            self.obs.acknowledged(topic, seq, now, sent=sent)
+
+    async def _idle(self, device: Device, client: SimClient, now: float) -> None:
+        """A silent device waits for the next stage, its renewal or its session's end, not in
+        ticks: 10,000 connected devices polling every 0.1 s cost the shard a core."""
+        until = self.scenario.stage_end(now)
+        if device.renew_at is not None:
+            until = min(until, device.renew_at)
+        await asyncio.wait((client.closed,), timeout=max(0.0, until - now) + 0.001)
+
+    async def _wait_slot(self, at: float) -> None:
+        """Sleep until the first send slot at or after ``at``. Devices that send in the same
+        slot are handled in one turn of the event loop, and the broker reads their messages in
+        one wake-up: the same load spread evenly over the second cost the simulator 2.5 times
+        the CPU per message. A plain sleep: a closed session shows at the next publish."""
+        wait = math.ceil(at / SEND_SLOT_S) * SEND_SLOT_S - self.clock.now()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def _received(self, device: Device, message: Publish) -> None:
         """A device hears only its own commands; anything else is an ACL crossing."""

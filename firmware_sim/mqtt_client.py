@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from broker.mqtt import (
     ConnAck,
@@ -53,12 +53,23 @@ V3_REFUSALS = {
 Answer = PubAck | SubAck | PubRec | PubComp
 
 
-class SessionClosed(ConnectionError):
-    """The broker closed the session; ``reason`` says why (a DISCONNECT reason or the socket)."""
+@dataclass(frozen=True)
+class Unacked:
+    """A QoS 1/2 publish whose acknowledgement the connection's end cut short; ``released``:
+    QoS 2 with PUBREC received and PUBREL sent, so only PUBREL is to be sent again."""
 
-    def __init__(self, reason: str) -> None:
+    packet: Publish
+    released: bool = False
+
+
+class SessionClosed(ConnectionError):
+    """The broker closed the session; ``reason`` says why (a DISCONNECT reason or the socket).
+    Raised by :meth:`SimClient.publish`, ``unacked`` is the message to send again."""
+
+    def __init__(self, reason: str, unacked: Unacked | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.unacked = unacked
 
 
 @dataclass(frozen=True)
@@ -250,7 +261,7 @@ class SimClient:
 
     async def subscribe(self, topic_filter: str, qos: QoS = QoS.AT_LEAST_ONCE) -> ReasonCode:
         """Subscribe; returns the granted QoS or the refusal reason code."""
-        packet_id = next(self._ids)
+        packet_id = self._free_id()
         subscription = Subscription(topic_filter=topic_filter, qos=qos)
         ack = await self._request(
             packet_id, Subscribe(packet_id=packet_id, subscriptions=(subscription,))
@@ -266,16 +277,43 @@ class SimClient:
                 raise SessionClosed(self.closed.result())
             self._write(encode(Publish(topic=topic, payload=payload), self.protocol))
             return ReasonCode.SUCCESS
-        packet_id = next(self._ids)
+        packet_id = self._free_id()
         packet = Publish(topic=topic, payload=payload, qos=qos, packet_id=packet_id)
-        ack = await self._request(packet_id, packet)
-        assert not isinstance(ack, SubAck)
-        code = ReasonCode(int(ack.reason_code))
-        if qos == QoS.EXACTLY_ONCE and code < ReasonCode.UNSPECIFIED_ERROR:
+        return await self._deliver(Unacked(packet))
+
+    async def resend(self, unacked: Unacked) -> ReasonCode:
+        """Send again what a dropped connection left unacknowledged, as a real client does.
+        With the session still there: the original packet id and DUP set, or PUBREL alone
+        when PUBREC had come (MQTT 5.0 section 4.4); without it, as a new message."""
+        packet = unacked.packet
+        if self.session_present:
+            return await self._deliver(Unacked(replace(packet, dup=True), unacked.released))
+        fresh = replace(packet, dup=False, packet_id=self._free_id())
+        return await self._deliver(Unacked(fresh))
+
+    async def _deliver(self, unacked: Unacked) -> ReasonCode:
+        packet = unacked.packet
+        packet_id = packet.packet_id
+        assert packet_id is not None
+        try:
+            if not unacked.released:
+                ack = await self._request(packet_id, packet)
+                assert not isinstance(ack, SubAck)
+                code = ReasonCode(int(ack.reason_code))
+                if packet.qos != QoS.EXACTLY_ONCE or code >= ReasonCode.UNSPECIFIED_ERROR:
+                    return code
+                unacked = Unacked(packet, released=True)
             done = await self._request(packet_id, PubRel(packet_id=packet_id))
-            assert not isinstance(done, SubAck)
-            code = ReasonCode(int(done.reason_code))
-        return code
+        except SessionClosed as exc:
+            raise SessionClosed(exc.reason, unacked) from exc
+        assert not isinstance(done, SubAck)
+        return ReasonCode(int(done.reason_code))
+
+    def _free_id(self) -> int:
+        """The next packet id not in flight (a resent message keeps its own)."""
+        while (packet_id := next(self._ids)) in self._pending:
+            pass
+        return packet_id
 
     async def disconnect(self) -> None:
         if not self.closed.done():

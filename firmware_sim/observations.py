@@ -22,6 +22,7 @@ ACKED = "acknowledged"
 DELIVERED = "delivered"
 CONNECTS = "connects"
 DISCONNECTS = "disconnects"
+RESENT = "resent"  # unacknowledged QoS 1/2 messages sent again after a reconnect
 
 
 @dataclass

@@ -170,12 +170,20 @@ class Scenario:
 
     def stage_at(self, t: float) -> Stage:
         """The stage running at ``t`` seconds after the start (the last one after the end)."""
+        return self._stage_span(t)[0]
+
+    def stage_end(self, t: float) -> float:
+        """When the stage running at ``t`` ends (the run's end after it)."""
+        return self._stage_span(t)[1]
+
+    def _stage_span(self, t: float) -> tuple[Stage, float]:
         end = 0.0
         for stage in self.stages:
             end += stage.duration_s
             if t < end:
-                return stage
-        return self.stages[-1]
+                return stage, end
+        return self.stages[-1], end
+        return end
 
     def needs_services(self) -> list[str]:
         """What in this scenario only the in-process mode (its own CA and broker) can do."""

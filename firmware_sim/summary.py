@@ -11,6 +11,7 @@ from firmware_sim.observations import (
     CONNECTS,
     DELIVERED,
     INVARIANTS,
+    RESENT,
     SENT,
     lost_messages,
 )
@@ -44,6 +45,7 @@ def summary(result: RunResult) -> dict[str, Any]:
         "peak_connected": max(obs.connected.values(), default=0),
         "connects": obs.total(CONNECTS),
         "sent": obs.total(SENT),
+        "resent": obs.total(RESENT),
         "acknowledged": acked,
         "delivered": obs.total(DELIVERED),
         "delivered_unique": delivered_unique,
@@ -103,7 +105,8 @@ def to_text(result: RunResult) -> str:
         f"scenario     {data['scenario']} ({data['mode']})",
         f"devices      {data['devices']}: {data['enrolled']} enrolled, "
         f"peak {data['peak_connected']} connected, {data['connects']} connects",
-        f"messages     {data['sent']} sent, {data['acknowledged']} acknowledged, "
+        f"messages     {data['sent']} sent ({data['resent']} sent again after a reconnect), "
+        f"{data['acknowledged']} acknowledged, "
         f"{data['delivered']} delivered to {len(data['checked_subscribers'])} subscriber(s) "
         f"({data['delivered_unique']} unique), {data['lost']} lost",
     ]
