@@ -608,8 +608,13 @@ class FabricNode:
                     if wanted and f not in self._nats_subs:
                         await self._subscribe(nc, f)
                     elif not wanted and f in self._nats_subs:
-                        for sub in self._nats_subs.pop(f):
+                        for sub in self._nats_subs[f]:
                             await sub.unsubscribe()
+                        if f.startswith(SHARE_PREFIX) and self._share_nc is not None:
+                            # The server has the UNSUB before anything else is published here:
+                            # it stops picking this node for a group it has no member of.
+                            await self._share_nc.flush()
+                        del self._nats_subs[f]
                 except Exception:
                     log.exception("fabric subscription change failed", extra={"filter": f})
 
