@@ -21,6 +21,11 @@ def as_utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
+def member(enum: Any, value: Any) -> Any:
+    """An enum member from a processed row (the member) or a raw SQLite one (its stored name)."""
+    return value if isinstance(value, enum) else enum[value]
+
+
 def _ts(*, nullable: bool = False, index: bool = False) -> Any:
     # Timezone-aware on PostgreSQL; SQLite stores text and fleetgate always writes UTC.
     column = Column(DateTime(timezone=True), nullable=nullable, index=index)
