@@ -30,8 +30,9 @@ from enrollment import profiles
 from enrollment.service import EnrollmentService
 from firmware_sim.mqtt_client import Refused, SessionClosed, SimClient
 from firmware_sim.report import FleetReport
+from firmware_sim.station import provision_station
 from fleetgate.ids import device_uri
-from fleetgate.keyfiles import write_certificates, write_private_key, write_secret
+from fleetgate.keyfiles import write_secret
 
 BACKEND_GROUP = "sim-backend"
 BACKEND_ACL = {"publish": ["devices/+/commands/#"], "subscribe": ["devices/+/telemetry"]}
@@ -116,10 +117,9 @@ class FleetSimulation:
     def provision(self) -> None:
         """A station and its batch, then every device enrolled over EST (the factory line)."""
         station_id = f"{self.run_id}-station"
-        key, cert = self.service.add_station(station_id, actor="sim")
-        station_key, station_cert = self.workdir / "station.key", self.workdir / "station.crt"
-        write_private_key(station_key, key)
-        write_certificates(station_cert, [cert, self.service.ca.anchors.issuing])
+        station_cert, station_key, _ = provision_station(
+            self.service, station_id, self.workdir, actor="sim"
+        )
         registry = self.service.registry
         enrolling = [d for d in self.devices if d.behaviour != Behaviour.FOREIGN_CA]
         registry.add_batch(

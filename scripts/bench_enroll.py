@@ -45,8 +45,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, pkcs7
 from cryptography.x509.oid import NameOID
 
-from device_sdk.est import client_context, device_csr
+from device_sdk.est import client_context, device_csr, station_csr
 from enrollment.registry import DeviceState, Registry
+from fleetgate.keyfiles import write_private_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,7 +138,12 @@ def run_cli(env: dict[str, str], *argv: str) -> None:
 
 def prepare_data_dir(home: Path, env: dict[str, str], device_ids: list[str]) -> None:
     run_cli(env, "ca", "init")
-    run_cli(env, "station", "add", STATION)
+    # The station's side: its key is made here and only its CSR goes to `station add`.
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = home / "station.csr"
+    csr.write_bytes(station_csr(STATION, key).public_bytes(Encoding.PEM))
+    run_cli(env, "station", "add", STATION, "--csr", str(csr))
+    write_private_key(home / "stations" / STATION / "station.key", key)
     registry = Registry(f"sqlite:///{home / 'registry.db'}")
     try:
         for start in range(0, len(device_ids), 1000):

@@ -132,6 +132,21 @@ class Station(SQLModel, table=True):
     created_at: dt.datetime = _ts()
 
 
+class StationBootstrap(SQLModel, table=True):
+    """A one-time code with which a station enrolls its own key over EST (stored hashed only).
+
+    ``code_sha256`` is the SHA-256 of the code, hex: the code is 128 random bits, so a plain
+    hash is enough to make a stolen database useless for redeeming it.
+    """
+
+    code_sha256: str = Field(primary_key=True, max_length=64)
+    station_id: str = Field(foreign_key="station.id", index=True, max_length=64)
+    created_by: str
+    created_at: dt.datetime = _ts()
+    expires_at: dt.datetime = _ts()
+    used_at: dt.datetime | None = _ts(nullable=True)
+
+
 class Batch(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     station_id: str = Field(foreign_key="station.id", index=True)
