@@ -418,10 +418,13 @@ async def serve_tls(
     on_refused: HandshakeRefused,
     handshake_timeout: float = 10.0,
     caps: ConnectionCaps | None = None,
+    reuse_port: bool = False,
 ) -> asyncio.Server:
     """Listen on ``host:port``; every accepted connection is TLS or is refused and reported.
 
     Without ``caps`` the listener holds as many connections as the process has descriptors.
+    ``reuse_port``: several processes listen on one port (SO_REUSEPORT; the kernel spreads
+    new connections over them).
     """
     loop = asyncio.get_running_loop()
     _throttle_accept_errors(loop)
@@ -432,6 +435,7 @@ async def serve_tls(
         host,
         port,
         reuse_address=True,
+        reuse_port=reuse_port or None,
         backlog=1024,
     )
 

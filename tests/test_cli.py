@@ -827,3 +827,8 @@ def test_device_move_errors_clearly_and_changes_nothing(fleet, template, device,
     assert fleet("device", "show", "d1", "--json").ok().json()["group"] == "default"
     with _open_registry(fleet.home) as registry:
         assert not [c for c in registry.changes_since(0) if c.group is not None]
+
+
+def test_serve_enrollment_with_several_workers_is_refused_on_sqlite(fleet):
+    result = fleet("serve", "enrollment", "--workers", "2").failed()
+    assert "--workers 2 needs a PostgreSQL registry" in result.stderr
