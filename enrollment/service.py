@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import secrets
@@ -165,8 +166,9 @@ class EnrollmentService:
                 required=target.required_protection,
                 proven=KeyProtection.SOFTWARE,
             )
+            signer = self.ca  # a rotation may swap self.ca meanwhile
             with self.timer.stage("sign"):
-                cert = self._issue_device(checked.device_id, checked.public_key)
+                cert = self._issue_device(checked.device_id, checked.public_key, signer=signer)
             audit = AuditRecord(
                 peer.actor,
                 "enroll",
@@ -176,7 +178,13 @@ class EnrollmentService:
                 request_id,
             )
             with self.timer.stage("db"):
-                self.registry.record_enrollment(station.id, checked.device_id, cert, audit)
+                self.registry.record_enrollment(
+                    station.id,
+                    checked.device_id,
+                    cert,
+                    audit,
+                    issuer_key_id=_key_id(signer.anchors.issuing),  # not re-parsed from cert
+                )
             return cert
 
     def reenroll(
@@ -450,11 +458,13 @@ class EnrollmentService:
         device_id: str,
         key: ec.EllipticCurvePublicKey,
         protection: KeyProtection = KeyProtection.SOFTWARE,
+        *,
+        signer: CertificateAuthority | None = None,
     ) -> x509.Certificate:
         subject = profiles.Subject(common_name=device_id, uris=(device_uri(device_id),))
         validity = dt.timedelta(days=self.config.ca.device_validity_days)
         policy = profiles.KEY_PROTECTION_POLICIES.get(protection)
-        return self.ca.issue(
+        return (signer or self.ca).issue(
             profiles.DEVICE,
             subject,
             key,
@@ -622,6 +632,11 @@ class EnrollmentService:
         if "" not in self.cas.crl_names:  # the first CA is retired: crl.der is the signer's
             write_atomic(paths.crl, published[0].public_bytes(Encoding.DER), mode=0o644)
         return published[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _key_id(issuing: x509.Certificate) -> str:
+    return ocsp.key_id(issuing)
 
 
 def _code_hash(code: str) -> str:

@@ -134,10 +134,13 @@ class Devices(AuditLog):
         cert: x509.Certificate,
         audit: AuditRecord,
         attested: AttestedKey | None = None,
+        *,
+        issuer_key_id: str | None = None,
     ) -> None:
         """Commit the first certificate of a pending device; exactly one concurrent caller wins.
 
-        With ``attested``, the device is bound to that hardware in the same transaction.
+        With ``attested``, the device is bound to that hardware in the same transaction;
+        ``issuer_key_id``: the signer's, when the caller knows it (else read from ``cert``).
         """
         now = utcnow()
         try:
@@ -153,7 +156,8 @@ class Devices(AuditLog):
                 run(sql.MARK_BATCH_ENTRY_ENROLLED, params)
                 if attested is not None:
                     bind_hardware(conn, device_id, attested)
-                run(sql.INSERT_CERTIFICATE, certificate_values(cert, SubjectKind.DEVICE, device_id))
+                row = certificate_values(cert, SubjectKind.DEVICE, device_id, issuer_key_id)
+                run(sql.INSERT_CERTIFICATE, row)
                 append_audit(conn, audit, run)
         except (IntegrityError, sqlite3.IntegrityError) as exc:  # a unique index caught a race
             raise EnrollmentRefused(
