@@ -3,7 +3,7 @@
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: bootstrap bootstrap-test demo test test-latest lock check-lock lint typecheck unit bench-enroll bench-chacha bench-broker bench-bridge clean
+.PHONY: bootstrap bootstrap-test demo test test-latest lock check-lock lint typecheck unit bench-enroll bench-chacha bench-broker bench-bridge bench-sim clean
 
 # `make demo` needs the runtime packages; tests and benchmarks also need the real peers.
 bootstrap:
@@ -60,6 +60,19 @@ bench-broker: bootstrap-test
 # catch-up after a 30 s upstream outage. Last line: bridged_ratio=… outage_lost=… catchup_msgs_per_s=…
 bench-bridge: bootstrap-test
 	$(VENV)/python scripts/bench_bridge.py
+
+# Fleet simulation at scale: 10,000 software-key devices enrolled over EST and connected over
+# mTLS, 60 s at 1 msg/s QoS 1, then a broker SIGKILL; each phase with what bounded it.
+# Last line: sim_devices=… online_s=… delivered_ratio=… lost=… recovery_s=…
+bench-sim: bootstrap-test
+	$(VENV)/python scripts/bench_sim.py $(BENCH_ARGS)
+
+# Fabric: QoS 0/1 fan-in across two broker nodes on a 3-node NATS cluster beside the embedded
+# node, CPU per message; sessions/kick hooks. Last line: fabric_q0_ratio=… fabric_q1_ratio=…
+# failover_s=… failover_lost=… kick_p99_ms=… session_kib=…
+.PHONY: bench-fabric
+bench-fabric: bootstrap-test
+	$(VENV)/python scripts/bench_fabric.py $(BENCH_ARGS)
 
 # Coverage-guided fuzzing (atheris, libFuzzer) of the MQTT codec, the broker connection and the
 # enrollment parsers: over a million inputs, each under a timeout and an RSS limit; a crash input

@@ -135,6 +135,11 @@ _SUCCESS = ReasonCode.SUCCESS
 _HOLD = GateVerdict.HOLD
 _ROUTE = GateVerdict.ROUTE
 _LOOP = GateVerdict.LOOP
+_NOT_HELD = frozenset({PubAck, PubRec, PubRel, PubComp, PingReq})
+MAX_DEFERRED = 32
+"""Packets a client held by a full queue may send meanwhile (besides acknowledgements and
+pings, which are processed) before the broker stops reading it: at most this many PUBLISHes of
+``max_packet_size`` each are buffered per held client."""
 
 
 class _HeldAck:
@@ -171,11 +176,14 @@ class Connection:
         "_connect",
         "_created",
         "_decoder",
+        "_deferred",
         "_drained_at",
         "_held",
+        "_holders",
         "_out",
         "_out_alias_limit",
         "_out_aliases",
+        "_pressure_ack",
         "_publish_rate",
         "_send_window",
         "_stalled",
@@ -241,6 +249,11 @@ class Connection:
         """Set while a PUBLISH waits for the publish rate: read nothing until then, and call
         :meth:`resume`."""
         self._drained_at: float | None = None  # draining: when the last held ack went out
+        # Backpressure: the sessions whose full queue holds this publisher, the acknowledgement
+        # held for them, and the packets read meanwhile that wait (all but acks and pings).
+        self._holders: set[Session] = set()
+        self._pressure_ack: _HeldAck | None = None
+        self._deferred: deque[Packet | PlainPublish] = deque()
         core.connections.add(self)
 
     @property
@@ -270,6 +283,34 @@ class Connection:
             self.last_received = now  # the keep-alive counts from when reading resumed
             self._process(now)
 
+    @property
+    def held_back(self) -> bool:
+        """Held by a full queue with :data:`MAX_DEFERRED` packets waiting: read nothing more
+        until :meth:`resume_publishing` (TCP backpressure)."""
+        return bool(self._holders) and len(self._deferred) >= MAX_DEFERRED
+
+    def hold_for(self, session: Session) -> None:
+        """``session``'s full queue took this client's PUBLISH over its limit: keep that
+        PUBLISH's acknowledgement and process no more of its PUBLISHes until released."""
+        self._holders.add(session)
+
+    def release_from(self, session: Session, now: float) -> None:
+        """``session`` no longer holds this client; once none does, its acknowledgement goes
+        out and :attr:`BrokerCore.released` asks the I/O layer for :meth:`resume_publishing`."""
+        self._holders.discard(session)
+        if self._holders:
+            return
+        held, self._pressure_ack = self._pressure_ack, None
+        if held is not None and held.packet is not None and not held.ready:
+            held.stored(True, now)
+        self.core.released[self] = None
+
+    def resume_publishing(self, now: float) -> None:
+        """Go on with the packets that waited while the client was held (it may be held
+        again)."""
+        if not self._holders and self.state is _CONNECTED:
+            self._process(now)
+
     def admission_done(self, result: Admitted | Refused, now: float) -> None:
         """The verdict on the CONNECT (:func:`broker.admission.decide_admission`); a connection
         closed meanwhile ignores it."""
@@ -286,6 +327,17 @@ class Connection:
         self._publish_rate = TokenBucket(limits.publish_rate, limits.publish_burst, now)
         self._accept(self._connect, now)
         self._process(now)  # packets the client sent before its CONNACK (MQTT 5 section 3.1.4)
+
+    def requested_session(self) -> tuple[str, bool, int]:
+        """While admitting: (client id, clean start, session expiry interval) of the CONNECT,
+        for the fabric to claim the session before the CONNACK."""
+        assert self._connect is not None
+        packet = self._connect
+        if self.level is _V5:
+            expiry = packet.properties.session_expiry_interval or 0
+        else:
+            expiry = 0 if packet.clean_start else NEVER_EXPIRES
+        return self.client_id, packet.clean_start, expiry
 
     def take_output(self) -> bytes:
         data = b"".join(self._out)
@@ -312,6 +364,7 @@ class Connection:
             self.state is State.CONNECTED
             and self.keep_alive
             and self.resume_at is None  # not read by choice (publish rate): not silent
+            and not self._holders  # nor while held by a full queue
             and now - self.last_received > KEEP_ALIVE_GRACE * self.keep_alive
         ):
             self._disconnect(_R.KEEP_ALIVE_TIMEOUT, "keep-alive timeout", now, publish_will=True)
@@ -376,19 +429,30 @@ class Connection:
 
     def _process(self, now: float) -> AdmissionRequest | None:
         decoder = self._decoder
+        deferred = self._deferred
         while self.state in _LIVE:
             item = self._stalled
             if item is None:
-                try:
-                    item = decoder.next_item()
-                except ProtocolError as exc:
-                    self._protocol_error(exc, now)
-                    return None
-                if item is None:
-                    return None
+                if deferred and not self._holders:
+                    item = deferred.popleft()
+                else:
+                    if len(deferred) >= MAX_DEFERRED:
+                        return None  # held: read nothing more (held_back)
+                    try:
+                        item = decoder.next_item()
+                    except ProtocolError as exc:
+                        self._protocol_error(exc, now)
+                        return None
+                    if item is None:
+                        return None
             else:
                 self._stalled = None
             kind = type(item)
+            # Held by a full queue: acknowledgements and pings go on (a held client that also
+            # subscribes keeps draining its own queue), the rest waits in order.
+            if self._holders and kind not in _NOT_HELD:
+                deferred.append(item)
+                continue
             # Over the publish rate: stop here, and let TCP slow the device down.
             if (kind is tuple or kind is Publish) and (wait := self._publish_rate.take(now)):
                 self._stall(item, now, wait)
@@ -500,8 +564,8 @@ class Connection:
         return AdmissionRequest(identity, packet.will.topic if packet.will else None)
 
     def _accept(self, packet: Connect, now: float) -> None:
+        expiry = self.requested_session()[2]
         if self.level is _V5:
-            expiry = packet.properties.session_expiry_interval or 0
             self._send_window = min(
                 packet.properties.receive_maximum or 0xFFFF,
                 self.core.settings.receive_maximum,
@@ -514,7 +578,6 @@ class Connection:
             if self._out_alias_limit:
                 self._out_aliases = {}
         else:
-            expiry = 0 if packet.clean_start else NEVER_EXPIRES
             self._send_window = min(self._send_window, self.limits.max_inflight)
         self.keep_alive = packet.keep_alive
         cap = self.core.settings.max_keep_alive_s
@@ -647,7 +710,9 @@ class Connection:
                     self._queue_full(packet_id, qos, now)
                     return
                 held = None
-        core.publish(message, now, owner=owner)
+        core.publish(message, now, owner=owner, publisher=self)
+        if self._holders and held is None:  # a full queue took it: hold its acknowledgement
+            held = self._pressure_ack = _HeldAck(self)
         self._answer_publish(packet_id, qos, _SUCCESS, held)
 
     def _queue_full(self, packet_id: int | None, qos: QoS, now: float) -> None:
@@ -878,6 +943,8 @@ class Connection:
         while session.queue and len(session.inflight) < self._send_window:
             delivery = session.pop()
             self._send_publish(delivery, session.next_packet_id(), now)
+        if session.held or session.shedding:
+            self.core.drained(session, now)
 
     def _send_publish(self, delivery: Delivery, packet_id: int | None, now: float) -> None:
         message = delivery.message
@@ -913,8 +980,9 @@ class Connection:
         self.core.metrics.messages_sent[delivery.qos] += 1
         self._emit(data)
         if packet_id is not None:
-            assert self.session is not None
-            self.session.inflight[packet_id] = Publish(
+            session = self.session
+            assert session is not None
+            session.inflight[packet_id] = Publish(
                 topic=message.topic,
                 payload=message.payload,
                 qos=delivery.qos,
@@ -922,6 +990,8 @@ class Connection:
                 packet_id=packet_id,
                 properties=props,
             )
+            if session.fabric is not None:
+                session.fabric.sent(packet_id, delivery)
 
     def _encode_aliased(
         self, aliases: dict[str, int], delivery: Delivery, packet_id: int | None, props: Properties
@@ -1107,6 +1177,11 @@ class Connection:
 
     def _close(self, now: float, *, publish_will: bool) -> None:
         self._held.clear()  # never sent: the client resends those messages
+        if self._holders:
+            self.core.forget_publisher(self, self._holders)
+            self._holders.clear()
+        self._pressure_ack = None
+        self._deferred.clear()
         self.state = State.CLOSED
         self.closing = True
         self.core.dirty.add(self)

@@ -9,13 +9,16 @@ The clock is a number passed in (the event loop's monotonic time), so tests can 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from broker.acl import bind_acl
 from broker.limits import (
+    BACKPRESSURE,
+    DROP_NEW,
+    DROP_OLDEST,
     AuditThrottle,
     DeviceLimits,
     Limit,
@@ -52,6 +55,19 @@ class GateVerdict(Enum):
     LOOP = "loop"  # it came back from a bridge: acknowledge it, do not route it again
     FULL = "full"  # the bridge's queue is full: refuse it
     INVALID = "invalid"  # fabric mode: the topic has no NATS subject; refuse it (0x90)
+
+
+class SessionHooks(Protocol):
+    """Fabric mode (:mod:`broker.fabric.sessions`): persistent sessions kept in the fabric
+    hear of every change the core makes to them."""
+
+    def attached(self, session: Session, now: float) -> None: ...
+    def detached(self, session: Session, now: float) -> None: ...
+    def ended(self, session: Session, now: float) -> None: ...
+    def subscribed(
+        self, session: Session, topic_filter: str, options: SubscriptionOptions
+    ) -> None: ...
+    def unsubscribed(self, session: Session, topic_filter: str) -> None: ...
 
 
 class PublishGate(Protocol):
@@ -113,12 +129,20 @@ class BrokerCore:
         self.subscriptions = SubscriptionTree()
         self.retained = RetainedMessages()
         self.dirty: set[Connection] = set()
+        # Backpressure: sessions whose full queue holds publishers, the publisher of the message
+        # being routed, and publishers let go that the I/O layer has to read again.
+        self.pressured: set[Session] = set()
+        # In the order they were held: the first held goes on first (no publisher starves).
+        self.released: dict[Connection, None] = {}
+        self._publisher: Connection | None = None
         self.gate: PublishGate | None = None
         # Fabric mode: wills go to the other nodes too (a bridge's gate sees client messages only).
         self.will_gate: PublishGate | None = None
         self.will_keeper: WillKeeper | None = None
         # Fabric mode (broker.fabric): why a topic filter cannot be subscribed to, or None.
         self.filter_refusal: Callable[[str], str | None] | None = None
+        self.session_hooks: SessionHooks | None = None
+        self.assigned_prefix = "auto-"  # fabric mode: unique across nodes (it names the node)
         self._assigned_ids = itertools.count(1)
 
     # -- sessions ------------------------------------------------------------------------------
@@ -126,7 +150,7 @@ class BrokerCore:
     def assign_client_id(self) -> str:
         """An id for a plaintext client that sent none (MQTT 5 Assigned Client Identifier)."""
         while True:
-            client_id = f"auto-{next(self._assigned_ids)}"
+            client_id = f"{self.assigned_prefix}{next(self._assigned_ids)}"
             if client_id not in self.sessions:
                 return client_id
 
@@ -165,11 +189,16 @@ class BrokerCore:
         session.expiry_interval = expiry
         if self.will_keeper is not None:
             self.will_keeper.connected(session, will)
+        if self.session_hooks is not None:
+            self.session_hooks.attached(session, now)
         return session, existing is not None
 
     def detach(self, session: Session, will: Will | None, now: float) -> None:
-        """The session's connection is gone; ``will`` is published now, later or with the end."""
+        """The session's connection is gone; ``will`` is published now, later or with the end.
+        Publishers its queue held go on (an away session's full queue drops new messages)."""
         session.connection = None
+        if session.held:
+            self.release(session, now)
         self._settle_will(session, will, now)
         if self.will_keeper is not None:
             self.will_keeper.waiting(session)
@@ -182,6 +211,8 @@ class BrokerCore:
             return
         if session.expiry_interval != NEVER_EXPIRES:
             session.expires_at = now + session.expiry_interval
+        if session.fabric is not None and self.session_hooks is not None:
+            self.session_hooks.detached(session, now)
         if will is None:
             return
         delay = will.properties.will_delay_interval or 0
@@ -194,10 +225,14 @@ class BrokerCore:
         """Forget the session; a will still waiting for its delay is published now."""
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+        if session.fabric is not None and self.session_hooks is not None:
+            self.session_hooks.ended(session, now)
         for topic_filter in session.subscriptions:
             self.subscriptions.remove(topic_filter, session.client_id)
         session.subscriptions.clear()
         session.clear_queue()
+        if session.held:
+            self.release(session, now)
         if session.pending_will is not None:
             will, session.pending_will = session.pending_will.will, None
             self.publish_will(session, will, now)
@@ -207,18 +242,32 @@ class BrokerCore:
     def subscribe(self, session: Session, topic_filter: str, options: SubscriptionOptions) -> bool:
         """Add or replace a subscription; True if the session did not have this filter."""
         session.subscriptions[topic_filter] = options
+        if session.fabric is not None and self.session_hooks is not None:
+            self.session_hooks.subscribed(session, topic_filter, options)
         return self.subscriptions.add(topic_filter, session.client_id, options)
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
+        if session.fabric is not None and self.session_hooks is not None:
+            self.session_hooks.unsubscribed(session, topic_filter)
         return self.subscriptions.remove(topic_filter, session.client_id)
 
     # -- messages ------------------------------------------------------------------------------
 
-    def publish(self, message: Message, now: float, *, owner: str = "") -> None:
+    def publish(
+        self, message: Message, now: float, *, owner: str = "", publisher: Connection | None = None
+    ) -> None:
         """An authorised message enters the broker: retain it if asked (on ``owner``'s account,
-        see :meth:`retain_excess`), deliver it."""
+        see :meth:`retain_excess`), deliver it. A full queue may hold ``publisher``
+        (backpressure: it then has sessions in :meth:`Connection.hold_for`)."""
+        self._publisher = publisher
+        try:
+            self._route(message, now, owner)
+        finally:
+            self._publisher = None
+
+    def _route(self, message: Message, now: float, owner: str) -> None:
         if message.retain:
             self.retained.store(message, owner)
         # One copy per subscribed session (MQTT-3.3.4-2): the highest QoS of its matching
@@ -299,7 +348,10 @@ class BrokerCore:
         self.publish(message, now, owner=session.device_id)
 
     def deliver(self, session: Session, delivery: Delivery, now: float) -> None:
-        """Send now if the client is connected; keep QoS 1/2 for it while it is away."""
+        """Send now if the client is connected; keep QoS 1/2 for it while it is away. A
+        persistent session in the fabric gets QoS 1/2 from the stream, not from here."""
+        if session.fabric is not None and delivery.qos != QoS.AT_MOST_ONCE:
+            return
         if session.connection is not None:
             session.connection.send(delivery, now)
         elif delivery.qos != QoS.AT_MOST_ONCE:
@@ -307,38 +359,128 @@ class BrokerCore:
 
     def enqueue(self, session: Session, delivery: Delivery, now: float) -> None:
         """Queue behind the receive window, bounded in messages and bytes by the session's
-        group. Every drop is counted (per session too, on ``/metrics``); the first of an
-        overflow episode (until the queue empties again) is audited, at most once a minute
-        (a slow live subscriber can fill and empty its queue often)."""
-        limits = session.limits
-        excess = None
-        if len(session.queue) >= min(self.settings.max_queued_messages, limits.max_queued_messages):
-            excess = Limit.QUEUED_MESSAGES
-        elif session.queued_bytes + weight(delivery.message) > limits.max_queued_bytes:
-            excess = Limit.QUEUED_BYTES
+        group; a full queue applies the group's ``overflow_policy`` (:meth:`_overflow`)."""
+        excess = self._queue_excess(session, weight(delivery.message))
         if excess is None:
             session.push(delivery)
+        else:
+            self._overflow(session, delivery, excess, now)
+
+    def _queue_excess(self, session: Session, size: int) -> str | None:
+        """Which queue limit one more message of ``size`` bytes breaks, or ``None``."""
+        limits = session.limits
+        if len(session.queue) >= min(self.settings.max_queued_messages, limits.max_queued_messages):
+            return Limit.QUEUED_MESSAGES
+        if session.queued_bytes + size > limits.max_queued_bytes:
+            return Limit.QUEUED_BYTES
+        return None
+
+    def _overflow(self, session: Session, delivery: Delivery, excess: str, now: float) -> None:
+        """The queue is full. ``backpressure``: the message is queued anyway (over the limit by
+        at most one message per held publisher) and its publisher held (its acknowledgement
+        kept, its PUBLISHes not read) until the queue drains to half its limits, so nothing
+        acknowledged is lost; a session that is away, or gave up holding (:meth:`tick`), or a
+        message with no publisher to hold (a will, a bridge's), drops the new message instead.
+        ``drop-oldest`` evicts from the head until the message fits; ``drop-new`` drops it.
+        Every drop and hold is counted (per session too, on ``/metrics``); the first of an
+        overflow episode (until the queue empties again) is audited, at most once a minute."""
+        policy = session.limits.overflow_policy
+        publisher = self._publisher
+        if policy == BACKPRESSURE:
+            if (
+                publisher is not None
+                and session.connection is not None
+                and not session.shedding
+                and publisher.session is not session  # never hold a client on its own queue
+            ):
+                session.push(delivery)
+                self._hold(session, publisher, excess, now)
+                return
+            policy = DROP_NEW
+        dropped = 1
+        if policy == DROP_OLDEST:
+            size = weight(delivery.message)
+            dropped = 0
+            while session.queue and self._queue_excess(session, size) is not None:
+                session.pop()
+                dropped += 1
+            if self._queue_excess(session, size) is None:
+                session.push(delivery)
+            else:  # larger than the byte limit on its own
+                dropped += 1
+        self.metrics.dropped["queue_full"] += dropped
+        self.metrics.limit_refusals[excess] += dropped
+        session.queue_dropped += dropped
+        self._overflow_episode(session, excess, policy, now)
+
+    def _hold(self, session: Session, publisher: Connection, excess: str, now: float) -> None:
+        if publisher not in session.held:
+            session.held[publisher] = None
+            publisher.hold_for(session)
+        if session.held_since is None:
+            session.held_since = now
+            self.pressured.add(session)
+        session.queue_held += 1
+        self.metrics.backpressure_holds += 1
+        self._overflow_episode(session, excess, BACKPRESSURE, now)
+
+    def _overflow_episode(self, session: Session, excess: str, policy: str, now: float) -> None:
+        """Audit the first overflow of an episode (until the queue empties), throttled."""
+        if session.overflowing:
             return
-        self.metrics.dropped["queue_full"] += 1
-        self.metrics.limit_refusals[excess] += 1
-        session.queue_dropped += 1
-        if not session.overflowing:
-            session.overflowing = True
-            self.refused(
-                session.client_id,
-                "queue_overflow",
-                AuditRecord(
-                    f"device:{session.device_id}" if session.device_id else "broker",
-                    "mqtt.queue_overflow",
-                    "dropped",
-                    session.device_id or None,
-                    f"the queue of session {session.client_id!r} is full ({len(session.queue)} "
-                    f"messages, {session.queued_bytes} bytes; limit {excess}): messages for it "
-                    "are dropped until it empties; fleetgate_broker_session_queue_dropped_total "
-                    "counts them",
-                ),
-                now,
+        session.overflowing = True
+        if policy == BACKPRESSURE:
+            outcome = "held"
+            then = (
+                "its publishers are held (acknowledgement kept, not read) until it drains to "
+                "half; fleetgate_broker_session_queue_held_total counts them"
             )
+        else:
+            which = "oldest queued" if policy == DROP_OLDEST else "new"
+            outcome = "dropped"
+            then = (
+                f"{which} messages for it are dropped ({policy}) until it empties; "
+                "fleetgate_broker_session_queue_dropped_total counts them"
+            )
+        self.refused(
+            session.client_id,
+            "queue_overflow",
+            AuditRecord(
+                f"device:{session.device_id}" if session.device_id else "broker",
+                "mqtt.queue_overflow",
+                outcome,
+                session.device_id or None,
+                f"the queue of session {session.client_id!r} is full ({len(session.queue)} "
+                f"messages, {session.queued_bytes} bytes; limit {excess}): {then}",
+            ),
+            now,
+        )
+
+    def drained(self, session: Session, now: float) -> None:
+        """The session's queue shrank: at half its limits, its held publishers go on and a
+        session that gave up holding them stops dropping."""
+        limits = session.limits
+        cap = min(self.settings.max_queued_messages, limits.max_queued_messages)
+        if len(session.queue) * 2 <= cap and session.queued_bytes * 2 <= limits.max_queued_bytes:
+            session.shedding = False
+            self.release(session, now)
+
+    def release(self, session: Session, now: float) -> None:
+        """Let every publisher held on ``session``'s queue go on (:attr:`released` tells the
+        I/O layer to read them again)."""
+        self.pressured.discard(session)
+        session.held_since = None
+        held, session.held = session.held, {}
+        for publisher in held:
+            publisher.release_from(session, now)
+
+    def forget_publisher(self, publisher: Connection, sessions: Iterable[Session]) -> None:
+        """A held publisher's connection closed: no session holds it any more."""
+        for session in sessions:
+            session.held.pop(publisher, None)
+            if not session.held:
+                session.held_since = None
+                self.pressured.discard(session)
 
     def refused(self, client: str, kind: str, record: AuditRecord, now: float) -> None:
         """Audit a refusal of ``client``'s request, at most once per kind per interval
@@ -356,6 +498,13 @@ class BrokerCore:
         """(client id, messages dropped) of each session whose queue overflowed."""
         return [(s.client_id, s.queue_dropped) for s in self.sessions.values() if s.queue_dropped]
 
+    def queue_holds(self) -> list[tuple[str, int]]:
+        """(client id, publishes held) of each session whose full queue held publishers."""
+        return [(s.client_id, s.queue_held) for s in self.sessions.values() if s.queue_held]
+
+    def publishers_held(self) -> int:
+        return sum(len(session.held) for session in self.pressured)
+
     def queued(self) -> int:
         return sum(len(session.queue) for session in self.sessions.values())
 
@@ -365,6 +514,10 @@ class BrokerCore:
         """Keep-alive and CONNECT timeouts, delayed wills, expired sessions."""
         for conn in list(self.connections):
             conn.check_timeouts(now)
+        for session in list(self.pressured):
+            assert session.held_since is not None
+            if now - session.held_since >= session.limits.max_backpressure_s:
+                self._give_up_holding(session, now)
         for session in list(self.sessions.values()):
             if session.connection is not None:
                 continue
@@ -373,6 +526,29 @@ class BrokerCore:
             elif session.pending_will is not None and now >= session.pending_will.due:
                 will, session.pending_will = session.pending_will.will, None
                 self.publish_will(session, will, now)
+
+    def _give_up_holding(self, session: Session, now: float) -> None:
+        """A full queue held its publishers for ``max_backpressure_s``: a subscriber too slow
+        (or unwilling) to drain may not hold them longer. Its publishers go on, and new
+        messages for it are dropped until it drains to half (counted, audited)."""
+        self.metrics.backpressure_timeouts += 1
+        session.shedding = True
+        self.refused(
+            session.client_id,
+            "queue_backpressure_timeout",
+            AuditRecord(
+                f"device:{session.device_id}" if session.device_id else "broker",
+                "mqtt.queue_overflow",
+                "dropped",
+                session.device_id or None,
+                f"the queue of session {session.client_id!r} held {len(session.held)} "
+                f"publisher(s) for {session.limits.max_backpressure_s:g} s "
+                "(max_backpressure_s): they go on, and new messages for it are dropped until "
+                "it drains to half; fleetgate_broker_session_queue_dropped_total counts them",
+            ),
+            now,
+        )
+        self.release(session, now)
 
     def kick(self, device_id: str, state: DeviceState, reason: str, now: float) -> int:
         """Close every live connection of a device that was revoked or suspended.

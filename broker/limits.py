@@ -13,10 +13,14 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from fleetgate.config import DeviceLimits, LimitSettings
+from fleetgate.config import OVERFLOW_POLICIES, DeviceLimits, LimitSettings
 
 __all__ = [
     "AUDIT_TEXT_CHARS",
+    "BACKPRESSURE",
+    "DROP_NEW",
+    "DROP_OLDEST",
+    "OVERFLOW_POLICIES",
     "AuditThrottle",
     "DeviceLimits",
     "Limit",
@@ -27,6 +31,9 @@ __all__ = [
     "retained_excess",
     "topic_excess",
 ]
+
+BACKPRESSURE, DROP_NEW, DROP_OLDEST = OVERFLOW_POLICIES
+"""What a session's full queue does with one more QoS 1/2 message (``overflow_policy``)."""
 
 AUDIT_TEXT_CHARS = 256
 """How much of a topic, filter or refusal message an audit row keeps."""

@@ -60,6 +60,8 @@ class Metrics:
         self.protocol_refusals: Counter[str] = Counter()  # by reason code name
         self.publish_pauses = 0
         self.audit_suppressed = 0
+        self.backpressure_holds = 0  # publishes whose acknowledgement a full queue held
+        self.backpressure_timeouts = 0  # full queues that held publishers too long
 
     def render(
         self, *, connections: int, sessions: int, queued: int, retained: int, feed_lag_s: float
@@ -166,9 +168,15 @@ class Metrics:
         )
         return "\n".join(lines) + "\n"
 
-    def render_limits(self, queue_drops: Iterable[tuple[str, int]]) -> str:
-        """The per-device limit families; ``queue_drops`` is (client id, dropped) per session
-        whose queue overflowed: one series per such session, so bounded by the sessions."""
+    def render_limits(
+        self,
+        queue_drops: Iterable[tuple[str, int]],
+        queue_holds: Iterable[tuple[str, int]] = (),
+        publishers_held: int = 0,
+    ) -> str:
+        """The per-device limit families; ``queue_drops`` and ``queue_holds`` are (client id,
+        messages dropped / publishes held) per session whose queue overflowed: one series per
+        such session, so bounded by the sessions; ``publishers_held`` a gauge."""
         lines: list[str] = []
         lines += family_lines(
             "limit_refusals_total",
@@ -198,9 +206,37 @@ class Metrics:
             "session_queue_dropped_total",
             "counter",
             "Messages dropped because a session's queue was full, by client id.",
-            [(f'{{client_id="{_label(c)}"}}', n) for c, n in sorted(queue_drops)],
+            _by_client(queue_drops),
         )
+        lines += family_lines(
+            "session_queue_held_total",
+            "counter",
+            "Publishes whose acknowledgement a session's full queue held (overflow_policy "
+            "backpressure), by the subscriber's client id.",
+            _by_client(queue_holds),
+        )
+        for name, kind, text, value in (
+            (
+                "backpressure_holds_total",
+                "counter",
+                "Publishes whose acknowledgement a full queue held, all sessions.",
+                self.backpressure_holds,
+            ),
+            (
+                "backpressure_timeouts_total",
+                "counter",
+                "Full queues that held publishers for max_backpressure_s and then dropped new "
+                "messages until they drained.",
+                self.backpressure_timeouts,
+            ),
+            ("publishers_held", "gauge", "Publishing connections held now.", publishers_held),
+        ):
+            lines += family_lines(name, kind, text, [("", value)])
         return "\n".join(lines) + "\n"
+
+
+def _by_client(counts: Iterable[tuple[str, int]]) -> list[tuple[str, Sample]]:
+    return [(f'{{client_id="{_label(c)}"}}', n) for c, n in sorted(counts)]
 
 
 def _label(value: str) -> str:

@@ -13,6 +13,7 @@ import datetime as dt
 import gc
 import ipaddress
 import logging
+import os
 import socket
 import sqlite3
 import ssl
@@ -24,8 +25,10 @@ from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.admission import (
+    Admitted,
     CertificateIdentities,
     Identity,
+    Refused,
     Unidentified,
     decide_admission,
     read_admission_facts,
@@ -36,7 +39,7 @@ from broker.connection import AdmissionRequest, Connection
 from broker.core import BrokerCore, CoreSettings
 from broker.feed import PolicyChange, RevocationFeed
 from broker.metrics import Metrics
-from broker.mqtt import MAX_PACKET_SIZE
+from broker.mqtt import MAX_PACKET_SIZE, ReasonCode
 from broker.tls import (
     broker_context,
     broker_credentials,
@@ -104,6 +107,8 @@ class _MqttProtocol(asyncio.Protocol):
         if request is not None:
             self._broker.admit(self, request)
         self.pace()
+        if self.conn.held_back:  # held by a full queue, with enough read meanwhile
+            self._update_reading()
         self._broker.wake()
 
     def pace(self) -> None:
@@ -155,7 +160,8 @@ class _MqttProtocol(asyncio.Protocol):
     def _update_reading(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if self._admitting or self._write_paused or self._rate_paused:
+        held = self.conn is not None and self.conn.held_back
+        if self._admitting or self._write_paused or self._rate_paused or held:
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
@@ -167,10 +173,13 @@ class Broker:
     certificate_check_interval_s = 3600.0
     """How often a running broker checks that its own certificate is current (tests shorten it)."""
 
-    def __init__(self, config: Config, *, registry: Registry | None = None) -> None:
+    def __init__(
+        self, config: Config, *, registry: Registry | None = None, reuse_port: bool = False
+    ) -> None:
         settings = config.broker
         _check_settings(config)
         self.config = config
+        self.reuse_port = reuse_port  # one of several worker processes on one port
         self.registry = registry or Registry(config.database_url)
         self._own_registry = registry is None
         self.metrics = Metrics()
@@ -240,6 +249,7 @@ class Broker:
             context=context,
             on_refused=self._on_handshake_refused,
             handshake_timeout=settings.tls_handshake_timeout_s,
+            reuse_port=self.reuse_port,
         )
         self._servers.append(tls_server)
         plaintext_port = 0
@@ -249,6 +259,7 @@ class Broker:
                 settings.plaintext_host,
                 settings.plaintext_port,
                 reuse_address=True,
+                reuse_port=self.reuse_port or None,
             )
             self._servers.append(plain)
             plaintext_port = plain.sockets[0].getsockname()[1]
@@ -426,8 +437,35 @@ class Broker:
         barred = self.feed.barred_since(identity.device_id, cursor)
         verdict = decide_admission(facts, identity, barred=barred, will_topic=request.will_topic)
         assert protocol.conn is not None
+        if isinstance(verdict, Admitted) and self.fabric is not None:  # the session first
+            protocol.admission_started()
+            assert self._loop is not None
+            task = self._loop.create_task(self._claim_then_admit(protocol, verdict))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
         protocol.conn.admission_done(verdict, self.now())
         protocol.pace()  # packets sent before the CONNACK may be over the publish rate
+
+    async def _claim_then_admit(self, protocol: _MqttProtocol, verdict: Admitted) -> None:
+        """Fabric mode: the session is claimed from the fabric before the CONNACK; a fabric
+        that cannot answer refuses the CONNECT (Server unavailable)."""
+        conn = protocol.conn
+        assert conn is not None and self.fabric is not None
+        client_id, clean_start, expiry = conn.requested_session()
+        result: Admitted | Refused = verdict
+        try:
+            await self.fabric.claim_session(conn.device_id, client_id, clean_start, expiry)
+        except Exception as exc:
+            log.warning("fabric: session claim failed: %s", exc, extra={"client": client_id})
+            reason = f"the fabric's session store did not answer: {exc}"
+            result = Refused(reason, ReasonCode.SERVER_UNAVAILABLE, "fabric")
+        conn.admission_done(result, self.now())
+        if conn.session is None and isinstance(result, Admitted):  # it left while claiming
+            self.fabric.abandon_session(client_id)
+        protocol.admission_finished()
+        protocol.pace()
+        self.wake()
 
     def call_at(self, when: float, callback: Callable[[], None]) -> None:
         assert self._loop is not None
@@ -435,13 +473,15 @@ class Broker:
 
     def wake(self) -> None:
         """Write pending output at the end of this loop turn."""
-        if self.core.dirty and not self._flush_scheduled:
+        if (self.core.dirty or self.core.released) and not self._flush_scheduled:
             assert self._loop is not None
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self.core.released:
+            self._resume_released()
         dirty, self.core.dirty = self.core.dirty, set()
         for conn in dirty:
             protocol = self._protocols.get(conn)
@@ -452,6 +492,24 @@ class Broker:
                 protocol.transport.write(data)
             if conn.closing:
                 protocol.transport.close()
+
+    def _resume_released(self) -> None:
+        """Publishers a full queue let go: process what they sent meanwhile, read them again.
+        Resuming one can hold or release others; a bounded number of rounds per loop turn."""
+        now = self.now()
+        for _ in range(8):
+            released, self.core.released = self.core.released, {}
+            for conn in released:
+                conn.resume_publishing(now)
+                protocol = self._protocols.get(conn)
+                if protocol is not None:
+                    protocol.pace()
+                    protocol._update_reading()
+            if not self.core.released:
+                return
+        self._flush_scheduled = True  # the rest on the next turn
+        assert self._loop is not None
+        self._loop.call_soon(self._flush)
 
     async def _tick(self) -> None:
         while True:
@@ -528,7 +586,9 @@ class Broker:
             retained=self.core.retained.count,
             feed_lag_s=self.now() - self.feed.last_read,
         )
-        text += self.metrics.render_limits(self.core.queue_drops())
+        text += self.metrics.render_limits(
+            self.core.queue_drops(), self.core.queue_holds(), self.core.publishers_held()
+        )
         text += self.metrics.render_node(self.node_name)
         if self.bridges is not None:
             text += self.bridges.render_metrics()
@@ -585,7 +645,25 @@ def _check_settings(config: Config) -> None:
         raise ConfigError("[broker] max_queued_messages must be >= 0, feed_poll_interval_s > 0")
 
 
-async def run_forever(config: Config) -> None:
+class _Announced:
+    """A worker's broker, which tells its parent on ``ready_fd`` once it listens."""
+
+    def __init__(self, broker: Broker, ready_fd: int) -> None:
+        self._broker = broker
+        self._ready_fd = ready_fd
+
+    async def start(self) -> BoundPorts:
+        ports = await self._broker.start()
+        os.write(self._ready_fd, b"ready\n")
+        return ports
+
+    async def stop(self) -> None:
+        await self._broker.stop()
+
+
+async def run_forever(
+    config: Config, *, reuse_port: bool = False, ready_fd: int | None = None
+) -> None:
     """Serve until SIGINT or SIGTERM.
 
     What the process holds once the broker is built (modules, the registry's engine, caches)
@@ -593,7 +671,7 @@ async def run_forever(config: Config) -> None:
     (``gc.freeze``), so a full collection walks only connection and session state. Without
     it, each full collection during a connect burst stopped the event loop for ~44 ms.
     """
-    broker = Broker(config)
+    broker = Broker(config, reuse_port=reuse_port)
     gc.collect()
     gc.freeze()
-    await run_until_signalled(broker)
+    await run_until_signalled(broker if ready_fd is None else _Announced(broker, ready_fd))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from broker.limits import DeviceLimits
 from broker.mqtt import Publish, PubRel, QoS, Will
@@ -42,6 +42,12 @@ class PendingWill:
     will: Will
 
 
+class SessionFeedHook(Protocol):
+    """What a connection tells the fabric about a persistent session's deliveries."""
+
+    def sent(self, packet_id: int, delivery: Delivery) -> None: ...
+
+
 class Session:
     """One client id's session; ``connection`` is ``None`` while the client is away."""
 
@@ -52,6 +58,9 @@ class Session:
         "device_id",
         "expires_at",
         "expiry_interval",
+        "fabric",
+        "held",
+        "held_since",
         "incoming_qos2",
         "inflight",
         "limits",
@@ -59,7 +68,9 @@ class Session:
         "pending_will",
         "queue",
         "queue_dropped",
+        "queue_held",
         "queued_bytes",
+        "shedding",
         "subscriptions",
     )
 
@@ -75,13 +86,23 @@ class Session:
         self.queue: deque[Delivery] = deque()
         self.queued_bytes = 0
         self.queue_dropped = 0  # messages the full queue refused, for /metrics
+        self.queue_held = 0  # publishes whose acknowledgement its full queue held, for /metrics
         self.overflowing = False  # from the first refused message until the queue empties
+        # Backpressure (broker.core.BrokerCore.enqueue): the publishers its full queue holds,
+        # since when, and whether it gave up holding them (max_backpressure_s) and drops new
+        # messages until it has drained to half its limits.
+        self.held: dict[Connection, None] = {}
+        self.held_since: float | None = None
+        self.shedding = False
         self.incoming_qos2: set[int] = set()
         self.expiry_interval = 0
         self.connection: Connection | None = None
         self.expires_at: float | None = None
         self.pending_will: PendingWill | None = None
         self._next_packet_id = 1
+        # Fabric mode, persistent session (broker.fabric.sessions.SessionFeed): QoS 1/2 come
+        # from the stream, and packet ids given to them are reported to it.
+        self.fabric: SessionFeedHook | None = None
 
     def push(self, delivery: Delivery) -> None:
         self.queue.append(delivery)
@@ -99,6 +120,7 @@ class Session:
         self.queue.clear()
         self.queued_bytes = 0
         self.overflowing = False
+        self.shedding = False
 
     def next_packet_id(self) -> int:
         """A packet id not in flight; the window is capped well below 65535, so one exists."""

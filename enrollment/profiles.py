@@ -79,6 +79,14 @@ SERVER = Profile(
     digital_signature=True,
     extended_key_usage=(ExtendedKeyUsageOID.SERVER_AUTH,),
 )
+# A broker node's client certificate for its NATS connection (issue 12): not a device, so the
+# registry has no row for it and the MQTT broker admits no one with it.
+FABRIC_NODE = Profile(
+    "fabric-node",
+    is_ca=False,
+    digital_signature=True,
+    extended_key_usage=(ExtendedKeyUsageOID.CLIENT_AUTH,),
+)
 
 
 @dataclass(frozen=True)

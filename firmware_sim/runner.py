@@ -1,8 +1,7 @@
-"""``fleetgate sim``: run the enrollment service and the broker in-process, then a fleet on them."""
+"""``fleetgate sim --key-store tpm|smartcard``: both services in-process, a hardware line."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -12,7 +11,7 @@ from enrollment.ca import load_ca
 from enrollment.registry import Registry
 from enrollment.server import EnrollmentServer
 from enrollment.service import EnrollmentService
-from firmware_sim.fleet import Endpoints, FleetPlan, FleetSimulation
+from firmware_sim.fleet import Endpoints
 from firmware_sim.hardware_line import HardwareLine, LinePlan
 from firmware_sim.report import FleetReport
 from fleetgate.config import Config
@@ -47,14 +46,6 @@ async def _services(config: Config) -> AsyncIterator[tuple[EnrollmentService, En
         registry.close()
         await broker.stop()
         await est.stop()
-
-
-async def simulate(config: Config, plan: FleetPlan, progress: Progress) -> FleetReport:
-    """Start both services on free ports, provision and run the fleet, stop the services."""
-    async with _services(config) as (service, endpoints):
-        simulation = FleetSimulation(service, endpoints, plan, progress=progress)
-        await asyncio.to_thread(simulation.provision)  # blocking EST client, served by this loop
-        return await simulation.run()
 
 
 async def simulate_hardware(config: Config, plan: LinePlan, progress: Progress) -> FleetReport:

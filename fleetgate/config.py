@@ -78,6 +78,10 @@ class DeviceLimits:
     ``connect_*`` applies before the registry is asked, so before the group is known: only the
     ``[broker.limits]`` defaults count for it. ``max_queued_messages`` is further capped by
     ``[broker] max_queued_messages``, the broker-wide ceiling.
+
+    ``overflow_policy`` is what a full queue of a device's session does with one more QoS 1/2
+    message (:data:`OVERFLOW_POLICIES`; docs/threat-model.md says why ``backpressure`` is the
+    default); ``max_backpressure_s`` bounds how long its full queue may hold a publisher.
     """
 
     max_subscriptions: int = 100
@@ -92,6 +96,12 @@ class DeviceLimits:
     publish_burst: int = 1000
     connect_rate: float = 1.0
     connect_burst: int = 20
+    overflow_policy: str = "backpressure"
+    max_backpressure_s: float = 10.0
+
+
+OVERFLOW_POLICIES = ("backpressure", "drop-new", "drop-oldest")
+"""``[broker.limits] overflow_policy``: hold the publishers, refuse the newest, evict the oldest."""
 
 
 @dataclass(frozen=True)
@@ -222,9 +232,14 @@ class FabricSettings:
 
     Without the section the broker is one process with everything in memory. ``servers`` are
     NATS URLs (``nats://`` or ``tls://``); the TLS files and ``credentials_file`` (a NATS
-    ``.creds`` file) are paths resolved against the data directory. ``node_name`` is the
-    older spelling of ``[broker] node_name`` (used when that is empty); ``replicas`` is the
-    copy count of the fabric's JetStream streams and KV buckets.
+    ``.creds`` file) are paths resolved against the data directory. ``user`` with
+    ``password_file`` logs in as a NATS user (the password is read from the file, owner-only,
+    never from the command line or the environment). ``node_name`` is the older spelling of
+    ``[broker] node_name`` (used when that is empty); ``replicas`` is the copy count of the
+    fabric's JetStream streams and KV buckets. ``local`` has the broker start and supervise one
+    nats-server (R1, store in the data directory, client port ``local_port`` on loopback, user
+    ``fleetgate`` with a password made up on first start) instead of reaching ``servers``;
+    ``local_binary`` names that server.
     """
 
     servers: tuple[str, ...] = ()
@@ -233,8 +248,13 @@ class FabricSettings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     credentials_file: str = ""
+    user: str = ""
+    password_file: str = ""
     replicas: int = 3
     connect_timeout_s: float = 5.0
+    local: bool = False
+    local_port: int = 4222
+    local_binary: str = ""
 
 
 _FABRIC_SECTION = "fabric"
@@ -247,6 +267,18 @@ def _build_fabric(raw: dict[str, Any], env: Any) -> FabricSettings | None:
     fabric: FabricSettings = _build_section(
         _FABRIC_SECTION, FabricSettings, raw.get(_FABRIC_SECTION, {}), env
     )
+    if fabric.local:
+        if fabric.servers:
+            raise ConfigError("[fabric] local = true runs its own nats-server: leave servers out")
+        if not 1 <= fabric.local_port <= 65535:
+            raise ConfigError("[fabric] local_port must be between 1 and 65535")
+        fabric = dataclasses.replace(
+            fabric,
+            servers=(f"nats://127.0.0.1:{fabric.local_port}",),
+            replicas=1,
+            user=fabric.user or "fleetgate",
+            password_file=fabric.password_file or "fabric/local.password",
+        )
     if not fabric.servers:
         raise ConfigError('[fabric] needs servers, e.g. servers = ["nats://nats-1:4222"]')
     for url in fabric.servers:
@@ -254,6 +286,10 @@ def _build_fabric(raw: dict[str, Any], env: Any) -> FabricSettings | None:
             raise ConfigError(f"[fabric] servers: {url!r} is not a nats:// or tls:// URL")
     if bool(fabric.tls_cert_file) != bool(fabric.tls_key_file):
         raise ConfigError("[fabric] tls_cert_file and tls_key_file go together")
+    if bool(fabric.user) != bool(fabric.password_file):
+        raise ConfigError("[fabric] user and password_file go together")
+    if fabric.user and fabric.credentials_file:
+        raise ConfigError("[fabric] user/password_file or credentials_file, not both")
     if not 1 <= fabric.replicas <= 5:
         raise ConfigError("[fabric] replicas must be between 1 and 5")
     _check_node_name("fabric", fabric.node_name)
@@ -428,9 +464,14 @@ def _build_limits(table: Any, env: Any) -> LimitSettings:
 
 
 def _check_limits(where: str, limits: DeviceLimits) -> DeviceLimits:
+    if limits.overflow_policy not in OVERFLOW_POLICIES:
+        raise ConfigError(
+            f"{where} overflow_policy must be one of {', '.join(OVERFLOW_POLICIES)}, "
+            f"not {limits.overflow_policy!r}"
+        )
     for fld in dataclasses.fields(DeviceLimits):
         value = getattr(limits, fld.name)
-        if value <= 0:
+        if not isinstance(value, str) and value <= 0:
             raise ConfigError(f"{where} {fld.name} must be above 0, not {value}")
     return limits
 
@@ -596,6 +637,8 @@ publish_rate = 1000.0         # messages/s; a faster device is slowed (not read)
 publish_burst = 1000
 connect_rate = 1.0            # CONNECTs/s per device id, before the registry is asked
 connect_burst = 20
+overflow_policy = "backpressure"  # a full queue holds its publishers; or drop-new, drop-oldest
+max_backpressure_s = 10.0     # then that queue drops new messages until it has drained
 
 # [broker.limits.groups.controllers]   # one group's overrides; other keys as above
 # max_subscriptions = 1000

@@ -423,8 +423,8 @@ async def serve_tls(
     """Listen on ``host:port``; every accepted connection is TLS or is refused and reported.
 
     Without ``caps`` the listener holds as many connections as the process has descriptors.
-    ``reuse_port``: several processes listen on one port (SO_REUSEPORT; the kernel spreads
-    new connections over them).
+    ``reuse_port`` (SO_REUSEPORT) lets several processes listen on one port, the kernel
+    spreading connections among them (``serve broker --workers``).
     """
     loop = asyncio.get_running_loop()
     _throttle_accept_errors(loop)

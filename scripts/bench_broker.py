@@ -14,7 +14,8 @@ one broker certificate from the fleet CA, and runs the same load against
   messages under this load), errors, warnings and notices logged, connections not.
 
 Each broker is pinned to core 0 (``taskset``); the load generator, one process pinned
-to core 1, speaks MQTT 5 over TLS 1.3 with P-256 certificates and P-256 key exchange only. Its
+to core 1, speaks MQTT 5 over TLS 1.3 with P-256 certificates and P-256 key exchange only, its
+TLS on :class:`fleetgate.tlspump.TLSPump` over plain TCP (one record read at a time). Its
 hot paths (PUBLISH out, PUBLISH/PUBACK in) are hand-rolled byte strings, checked byte for byte
 against the ``broker.mqtt`` codec at start-up, because the codec (~5 us to encode and ~9 us to
 decode a PUBLISH here) would cost the generator as much as Mosquitto spends on a whole message,
@@ -36,7 +37,15 @@ Phases, each bounded in time and count, loopback only:
    bounded (P x W <= 900, below fleetgate's max_queued_messages) and latency means something:
    at saturation it is about P x W / throughput. Messages/s at the subscriber, publish->receive
    latency (a timestamp in the payload, one clock), broker CPU per message.
-5. revoke kick (fleetgate only): R connected devices are revoked one by one in-process with
+5. saturated QoS 1 fan-in (``fanin-q1-sat``, issue 11): ``--sat-publishers`` (50) -> 1
+   subscriber, each publisher keeping ``--sat-window`` (64, the Receive Maximum both brokers
+   grant) PUBLISHes unacknowledged, whatever the subscriber has received: the brokers at their
+   defaults decide how much builds up between publisher and subscriber (fleetgate: a queue of
+   1,000 with ``overflow_policy = "backpressure"``; Mosquitto: as configured above, its queue
+   unbounded). Publish->receive latency p50/p99, messages never delivered, messages/s. Whatever
+   the broker does, up to publishers x window messages are in flight, so the latency cannot be
+   below that number divided by the rate (3,200 / rate here).
+6. revoke kick (fleetgate only): R connected devices are revoked one by one in-process with
    ``EnrollmentService.change_device(id, REVOKED)`` (what ``fleetgate device revoke`` calls,
    CRL signing included, minus the CLI's ~1 s start-up), timed until the device's connection
    sees the broker's DISCONNECT (or close).
@@ -51,9 +60,11 @@ per operation) says whether a figure is broker- or generator-bound, and "one cor
 The last line is machine-readable::
 
     connect_ratio=<x> fanin_q0_ratio=<x> fanin_q1_ratio=<x> idle_kib_per_conn=<n> \
-revoke_kick_p99_ms=<n>
+revoke_kick_p99_ms=<n> fanin_q1_sat_ratio=<x> fanin_q1_sat_p50_ms=<n> fanin_q1_sat_p99_ms=<n> \
+fanin_q1_sat_mosquitto_p50_ms=<n> fanin_q1_sat_mosquitto_p99_ms=<n> fanin_q1_sat_lost=<n> \
+fanin_q1_sat_mosquitto_lost=<n>
 
-(ratios are fleetgate / Mosquitto; the other two are fleetgate's own figures; ``nan`` when a
+(ratios are fleetgate / Mosquitto; the others are each broker's own figures; ``nan`` when a
 broker could not be measured.)
 """
 
@@ -80,7 +91,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from asyncio import sslproto
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -116,6 +126,7 @@ from enrollment.service import EnrollmentService
 from firmware_sim.station import provision_station
 from fleetgate.config import PASSPHRASE_ENV, Config, load_config
 from fleetgate.keyfiles import write_secret
+from fleetgate.tlspump import TLSPump
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +141,6 @@ BROKER_CORE = 0
 GENERATOR_CORE = 1
 MQTT5 = 5
 IDLE_KEEP_ALIVE = 3600
-GENERATOR_TLS_BUFFER = 16 * 1024  # one TLS record; asyncio's default is 256 KiB per connection
 MOSQUITTO = "/usr/sbin/mosquitto"
 MOSQUITTO_QUEUE = 0  # no limit; see mosquitto_config
 MOSQUITTO_INFLIGHT = 64  # = fleetgate's broker.receive_maximum, the per-client send window
@@ -138,7 +148,7 @@ MOSQUITTO_INFLIGHT = 64  # = fleetgate's broker.receive_maximum, the per-client 
 DISCONNECT = encode(Disconnect(), MQTT5)
 PUBACK_HEAD = b"\x40\x02"
 PACKET_IDS = [n.to_bytes(2, "big") for n in range(65536)]
-PHASES = ("idle", "connect", "fanin", "kick")
+PHASES = ("idle", "connect", "fanin", "fanin-q1-sat", "kick")
 STAMP = struct.Struct("<dH")  # perf_counter() at send, publisher index; the payload's head
 
 
@@ -157,6 +167,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="timed fan-in seconds (D)")
     parser.add_argument("--window", type=int, default=8, help="messages in flight per publisher")
     parser.add_argument("--payload", type=int, default=64, help="PUBLISH payload bytes")
+    parser.add_argument(
+        "--sat-publishers", type=int, default=50, help="saturated QoS 1 fan-in publishers"
+    )
+    parser.add_argument(
+        "--sat-window",
+        type=int,
+        default=64,
+        help="saturated fan-in: unacknowledged PUBLISHes per publisher (capped by the broker's "
+        "Receive Maximum)",
+    )
     parser.add_argument("--kicks", type=int, default=20, help="devices revoked while connected")
     parser.add_argument(
         "--phases",
@@ -166,6 +186,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--phase-timeout", type=float, default=60.0, help="bound on a phase, s")
     parser.add_argument("--log-level", default="WARNING", help="fleetgate FLEETGATE_LOG_LEVEL")
+    parser.add_argument(
+        "--fleetgate-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a FLEETGATE_* setting for fleetgate's broker (A/B runs; repeatable)",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="run fleetgate's broker under cProfile (slower)"
     )
@@ -179,6 +206,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--connects may not exceed --idle (connects reuse the idle identities)")
     if args.publishers > args.idle or args.publishers < 1:
         parser.error("--publishers must be between 1 and --idle")
+    if not 1 <= args.sat_publishers <= args.idle or args.sat_window < 2:
+        parser.error("--sat-publishers must be between 1 and --idle, --sat-window >= 2")
     if args.window < 2 or args.window * args.publishers > 900:
         parser.error(
             "--window must be >= 2 and window * publishers <= 900 (fleetgate's broker queues at "
@@ -357,7 +386,12 @@ finally:
 
 
 def start_fleetgate(
-    tmp: Path, fleet: Fleet, pin: bool, log_level: str, profile_out: Path | None
+    tmp: Path,
+    fleet: Fleet,
+    pin: bool,
+    log_level: str,
+    profile_out: Path | None,
+    settings: Iterable[str] = (),
 ) -> BrokerProcess:
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETGATE_")}
@@ -370,6 +404,9 @@ def start_fleetgate(
         FLEETGATE_BROKER_METRICS_PORT=str(metrics_port),
         FLEETGATE_BROKER_PLAINTEXT_PORT="0",
     )
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        env[name] = value
     fleetgate = Path(sys.executable).with_name("fleetgate")
     argv = [str(fleetgate), "serve", "broker"]
     if profile_out is not None:
@@ -441,13 +478,51 @@ class Refused(ConnectionError):
 LINK_ERRORS = (OSError, TimeoutError)
 
 
-class Link(asyncio.Protocol):
-    """One client connection. Control packets go through the codec until a phase installs a
-    fast ``on_data``; ``closed_at`` is when a DISCONNECT or the close was first seen."""
+class TlsChannel:
+    """The plaintext side of a :class:`Link`: what the phases write through, encrypted by the
+    link's :class:`TLSPump` onto its TCP transport."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, client_id: str) -> None:
+    __slots__ = ("pump", "tcp")
+
+    def __init__(self, tcp: asyncio.Transport, pump: TLSPump) -> None:
+        self.tcp = tcp
+        self.pump = pump
+
+    def write(self, data: bytes) -> None:
+        self.tcp.write(self.pump.send(data))
+
+    def close(self) -> None:
+        if not self.tcp.is_closing():
+            self.tcp.write(self.pump.close())
+            self.tcp.close()
+
+    def abort(self) -> None:
+        self.tcp.abort()
+
+    def is_closing(self) -> bool:
+        return self.tcp.is_closing()
+
+
+RECEIVE_BUFFER = memoryview(bytearray(16 * 1024))
+"""Every link reads into this one buffer (the loop is single-threaded and a read is consumed at
+once): without it, asyncio allocates 256 KiB for each ``recv``, costly for many small reads."""
+
+
+class Link(asyncio.BufferedProtocol):
+    """One client connection: TLS by a :class:`TLSPump` (the public ``ssl`` API) over plain
+    TCP read into :data:`RECEIVE_BUFFER`, so the generator holds no read buffer per connection.
+    Control packets go through the codec until a phase installs a fast ``on_data``;
+    ``transport`` is set once the handshake is done; ``closed_at`` is when a DISCONNECT or the
+    close was first seen."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, client_id: str, context: ssl.SSLContext
+    ) -> None:
         self.client_id = client_id
-        self.transport: asyncio.Transport | None = None
+        self.pump = TLSPump(context, server_side=False, server_hostname=SERVER_NAME)
+        self.tcp: asyncio.Transport | None = None
+        self.transport: TlsChannel | None = None
+        self.handshake: asyncio.Future[None] = loop.create_future()
         self.decoder = Decoder(protocol_level=MQTT5)
         self.connack: asyncio.Future[ConnAck] = loop.create_future()
         self.suback: asyncio.Future[SubAck] = loop.create_future()
@@ -458,16 +533,40 @@ class Link(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.tcp = transport
+        transport.write(self.pump.start())
 
     def tls(self) -> tuple[str, bytes | None]:
         """The negotiated version and suite, and the server's certificate (DER)."""
-        assert self.transport is not None
-        ssl_object = self.transport.get_extra_info("ssl_object")
+        ssl_object = self.pump.ssl_object
         cert = ssl_object.getpeercert(binary_form=True)
-        return f"{ssl_object.version()} {ssl_object.cipher()[0]}", cert
+        cipher = ssl_object.cipher()
+        return f"{ssl_object.version()} {cipher[0] if cipher else '-'}", cert
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return RECEIVE_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        pump, tcp = self.pump, self.tcp
+        assert tcp is not None
+        try:
+            plain = pump.receive(RECEIVE_BUFFER[:nbytes])
+        except ssl.SSLError as exc:
+            tcp.write(pump.outgoing())
+            tcp.abort()
+            self.closed(f"TLS: {exc}", exc)
+            return
+        if pump.has_output():  # a handshake flight, a key update's answer
+            tcp.write(pump.outgoing())
+        if self.transport is None and pump.handshake_done:
+            self.transport = TlsChannel(tcp, pump)
+            self.handshake.set_result(None)
+        if plain:
+            self.plaintext(plain)
+        if pump.closed_by_peer:
+            tcp.close()
+
+    def plaintext(self, data: bytes) -> None:
         if self.on_data is not None:
             self.on_data(data)
             return
@@ -490,10 +589,13 @@ class Link(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed("closed" + (f" ({exc})" if exc else ""))
 
-    def closed(self, reason: str) -> None:
+    def closed(self, reason: str, error: OSError | None = None) -> None:
         if self.closed_at is None:
             self.closed_at = time.perf_counter()
             self.close_reason = reason
+        if not self.handshake.done():
+            self.handshake.set_exception(error or ConnectionError(reason))
+            self.handshake.exception()  # retrieved: Endpoint.open may have given up already
         for waiter in (self.connack, self.suback):
             if not waiter.done():
                 waiter.set_exception(ConnectionError(reason))
@@ -518,17 +620,17 @@ class Endpoint:
     async def open(self, client_id: str, *, keep_alive: int = 60) -> Link:
         """TLS handshake, CONNECT, CONNACK; raises on any failure (the link is then closed)."""
         loop = asyncio.get_running_loop()
+        context = self.contexts[client_id]
         _, link = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: Link(loop, client_id),
-                HOST,
-                self.port,
-                ssl=self.contexts[client_id],
-                server_hostname=SERVER_NAME,
-                ssl_handshake_timeout=self.timeout,
-            ),
+            loop.create_connection(lambda: Link(loop, client_id, context), HOST, self.port),
             self.timeout,
         )
+        try:
+            await asyncio.wait_for(asyncio.shield(link.handshake), self.timeout)
+        except BaseException:
+            assert link.tcp is not None
+            link.tcp.abort()
+            raise
         assert link.transport is not None
         link.transport.write(encode(Connect(client_id=client_id, keep_alive=keep_alive), MQTT5))
         try:
@@ -597,8 +699,8 @@ async def close_all(links: list[Link], limit: float = 15.0) -> None:
     if pending:
         await asyncio.wait(pending, timeout=limit)
     for link in links:
-        if link.transport is not None and not link.gone.done():
-            link.transport.abort()
+        if link.tcp is not None and not link.gone.done():
+            link.tcp.abort()
 
 
 def core_ticks() -> dict[int, tuple[int, int]]:
@@ -900,11 +1002,17 @@ def check_fast_codec(payload_size: int) -> None:
 
 
 class FanIn:
-    """P publishers -> one subscriber, closed loop (W messages in flight per publisher)."""
+    """P publishers -> one subscriber, closed loop (W messages in flight per publisher), or
+    ``saturated``: each publisher keeps W PUBLISHes unacknowledged (at most the broker's
+    Receive Maximum), whatever the subscriber has received, so the broker's own flow control
+    (when it acknowledges, when it reads) is all that bounds what it holds."""
 
-    def __init__(self, qos: QoS, window: int, payload_size: int) -> None:
+    def __init__(
+        self, qos: QoS, window: int, payload_size: int, *, saturated: bool = False
+    ) -> None:
         self.qos = qos
         self.window = window
+        self.saturated = saturated
         self.burst = max(1, window // 2)
         self.pad = b"x" * (payload_size - STAMP.size)
         self.payload_size = payload_size
@@ -941,9 +1049,13 @@ class FanIn:
         """Send a burst if this publisher has room in its window (and, QoS 1, the broker's)."""
         if self.stopping or pub.link.closed_at is not None:
             return
-        room = self.window - (pub.sent - self.delivered[pub.index] - pub.lost)
-        if self.qos:
-            room = min(room, pub.receive_maximum - (pub.sent - pub.acked - pub.lost_acks))
+        unacked = pub.sent - pub.acked - pub.lost_acks
+        if self.saturated:
+            room = min(self.window, pub.receive_maximum) - unacked
+        else:
+            room = self.window - (pub.sent - self.delivered[pub.index] - pub.lost)
+            if self.qos:
+                room = min(room, pub.receive_maximum - unacked)
         if room < self.burst:
             return
         tail = STAMP.pack(time.perf_counter(), pub.index) + self.pad
@@ -1083,8 +1195,10 @@ async def fanin_phase(
     publishers: list[str],
     args: argparse.Namespace,
     failures: Failures,
+    *,
+    saturated: bool = False,
 ) -> FanInResult:
-    test = FanIn(qos, args.window, args.payload)
+    test = FanIn(qos, args.window, args.payload, saturated=saturated)
     subscriber = await endpoint.open(BACKEND)
     links = [subscriber]
     watchdog: asyncio.Task[None] | None = None
@@ -1109,7 +1223,7 @@ async def fanin_phase(
         test.measuring = False
         delivered = test.received - received0
         test.stopping = True
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + (10.0 if saturated else 3.0)
         while time.monotonic() < deadline and test.undelivered():
             await asyncio.sleep(0.05)
         return FanInResult(
@@ -1128,6 +1242,22 @@ async def fanin_phase(
             watchdog.cancel()
         await close_all(links, limit=5.0)
         await wait_quiet(pid)
+
+
+async def saturated_phase(
+    endpoint: Endpoint,
+    pid: int,
+    publishers: list[str],
+    args: argparse.Namespace,
+    failures: Failures,
+) -> FanInResult:
+    """QoS 1 fan-in at saturation, the brokers at their defaults: each publisher keeps
+    ``--sat-window`` PUBLISHes unacknowledged (at most the broker's Receive Maximum), so the
+    latency is whatever the broker lets build up between publisher and subscriber."""
+    sat = argparse.Namespace(**{**vars(args), "window": args.sat_window})
+    return await fanin_phase(
+        endpoint, pid, QoS.AT_LEAST_ONCE, publishers, sat, failures, saturated=True
+    )
 
 
 @dataclass
@@ -1189,6 +1319,7 @@ class BrokerResult:
     idle: IdleResult | None = None
     connect: ConnectResult | None = None
     fanin: dict[int, FanInResult] = field(default_factory=dict)
+    saturated: FanInResult | None = None
     kick: KickResult | None = None
     failures: Failures = field(default_factory=Failures)
     cipher: str = ""
@@ -1199,7 +1330,10 @@ class BrokerResult:
 
     def usages(self) -> list[tuple[str, Usage]]:
         out = [("connect", self.connect.usage)] if self.connect is not None else []
-        return out + [(f"QoS {qos} fan-in", f.usage) for qos, f in sorted(self.fanin.items())]
+        out += [(f"QoS {qos} fan-in", f.usage) for qos, f in sorted(self.fanin.items())]
+        if self.saturated is not None:
+            out.append(("saturated QoS 1 fan-in", self.saturated.usage))
+        return out
 
 
 async def wait_serving(broker: BrokerProcess, endpoint: Endpoint, probe: str) -> Link:
@@ -1223,7 +1357,7 @@ def scrape_metrics(port: int) -> list[str]:
     """fleetgate's /metrics samples worth a look after a run: kicks, drops, failures."""
     with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    keep = ("kick", "drop", "fail", "refus", "error", "connections_total")
+    keep = ("kick", "drop", "fail", "refus", "error", "connections_total", "pause", "hold")
     return [
         line
         for line in text.splitlines()
@@ -1261,6 +1395,14 @@ async def exercise(broker: BrokerProcess, fleet: Fleet, args: argparse.Namespace
             print(f"  {broker.name}: QoS {int(qos)} fan-in ...", flush=True)
             result.fanin[int(qos)] = await asyncio.wait_for(
                 fanin_phase(endpoint, pid, qos, devices[: args.publishers], args, result.failures),
+                limit,
+            )
+        if "fanin-q1-sat" in args.phases:
+            print(f"  {broker.name}: saturated QoS 1 fan-in ...", flush=True)
+            result.saturated = await asyncio.wait_for(
+                saturated_phase(
+                    endpoint, pid, devices[: args.sat_publishers], args, result.failures
+                ),
                 limit,
             )
         if broker.name == "fleetgate" and args.kicks and "kick" in args.phases:
@@ -1343,6 +1485,11 @@ class Figures:
     q1_cpu_us: float = math.nan
     q1_p50_ms: float = math.nan
     q1_p99_ms: float = math.nan
+    sat_per_s: float = math.nan
+    sat_cpu_us: float = math.nan
+    sat_p50_ms: float = math.nan
+    sat_p99_ms: float = math.nan
+    sat_lost: float = math.nan
     idle_kib: float = math.nan
     kick_p50_ms: float = math.nan
     kick_p99_ms: float = math.nan
@@ -1371,7 +1518,11 @@ def figures(result: BrokerResult | None) -> Figures:
         out.connect_cpu_ms = c.usage.broker_cpu / c.connects * 1e3
         out.connect_p50_ms = percentile(c.latencies, 0.5) * 1e3
         out.connect_p99_ms = percentile(c.latencies, 0.99) * 1e3
-    for qos, f in result.fanin.items():
+    phases = [(f"q{qos}", f) for qos, f in result.fanin.items()]
+    if result.saturated is not None:
+        phases.append(("sat", result.saturated))
+        out.sat_lost = result.saturated.lost
+    for prefix, f in phases:
         if not f.delivered:
             continue
         values = (
@@ -1380,7 +1531,6 @@ def figures(result: BrokerResult | None) -> Figures:
             percentile(f.latencies, 0.5) * 1e3,
             percentile(f.latencies, 0.99) * 1e3,
         )
-        prefix = f"q{qos}"
         for name, value in zip(("per_s", "cpu_us", "p50_ms", "p99_ms"), values, strict=True):
             setattr(out, f"{prefix}_{name}", value)
     if result.idle is not None:
@@ -1413,12 +1563,21 @@ def print_details(result: BrokerResult, args: argparse.Namespace) -> None:
             f"{percentile(c.latencies, 0.99) * 1e3:.1f} ms"
         )
         print(cpu_line(u, c.connects, "ms", 1e3, ".2f"))
-    for qos, f in sorted(result.fanin.items()):
+    runs = [
+        (f"QoS {qos}:   ", f, args.publishers, args.window, "in flight")
+        for qos, f in sorted(result.fanin.items())
+    ]
+    if result.saturated is not None:
+        runs.append(
+            ("QoS 1 sat:", result.saturated, args.sat_publishers, args.sat_window, "unacknowledged")
+        )
+    for label, f, publishers, window, what in runs:
         u = f.usage
         print(
-            f"QoS {qos}:    {f.delivered} delivered in {u.wall:.2f} s = {fmt(f.per_s, '.0f')}/s "
-            f"({args.publishers} -> 1, {args.window} in flight per publisher); latency p50 "
-            f"{percentile(f.latencies, 0.5) * 1e3:.2f} ms, p99 "
+            f"{label} {f.delivered} delivered in {u.wall:.2f} s = {fmt(f.per_s, '.0f')}/s "
+            f"({publishers} -> 1, {window} {what} per publisher); latency p50 "
+            f"{percentile(f.latencies, 0.5) * 1e3:.2f} ms, p90 "
+            f"{percentile(f.latencies, 0.9) * 1e3:.2f} ms, p99 "
             f"{percentile(f.latencies, 0.99) * 1e3:.2f} ms, max "
             f"{max(f.latencies, default=math.nan) * 1e3:.2f} ms"
         )
@@ -1487,6 +1646,11 @@ def print_table(fg: Figures, mq: Figures) -> None:
         ("  broker CPU us per message", "q1_cpu_us", ".1f"),
         ("  one core's worth (1 / CPU per message)", "q1_capacity", ".0f"),
         ("  p99 publish->receive ms", "q1_p99_ms", ".2f"),
+        ("saturated QoS 1 fan-in messages/s", "sat_per_s", ".0f"),
+        ("  broker CPU us per message", "sat_cpu_us", ".1f"),
+        ("  p50 publish->receive ms", "sat_p50_ms", ".2f"),
+        ("  p99 publish->receive ms", "sat_p99_ms", ".2f"),
+        ("  messages lost", "sat_lost", ".0f"),
         ("RSS KiB per idle mTLS connection", "idle_kib", ".1f"),
         ("revoke -> kick p99 ms", "kick_p99_ms", ".0f"),
     ]
@@ -1511,6 +1675,7 @@ def print_bounds(results: dict[str, BrokerResult]) -> None:
         ("connect", "connect"),
         ("QoS 0 fan-in", "QoS 0"),
         ("QoS 1 fan-in", "QoS 1"),
+        ("QoS 1 sat", "QoS 1 sat"),
     ):
         cells = []
         for name in names:
@@ -1529,6 +1694,8 @@ def phase_usages(result: BrokerResult) -> list[tuple[str, Usage, int]]:
         out.append(("connect", result.connect.usage, result.connect.connects))
     for qos, f in sorted(result.fanin.items()):
         out.append((f"QoS {qos}", f.usage, f.delivered))
+    if result.saturated is not None:
+        out.append(("QoS 1 sat", result.saturated.usage, result.saturated.delivered))
     return out
 
 
@@ -1538,8 +1705,11 @@ def print_targets(fg: Figures, mq: Figures) -> None:
         ("QoS 0 fan-in >= 0.5x Mosquitto", ratio(fg.q0_per_s, mq.q0_per_s), 0.5, 1),
         ("memory per idle connection <= 64 KiB", fg.idle_kib, 64.0, -1),
         ("revoke -> session closed p99 <= 1000 ms", fg.kick_p99_ms, 1000.0, -1),
+        ("saturated QoS 1: nothing lost", fg.sat_lost, 0.0, -1),
+        ("saturated QoS 1: p99 <= 100 ms", fg.sat_p99_ms, 100.0, -1),
+        ("saturated QoS 1 >= 1.0x Mosquitto", ratio(fg.sat_per_s, mq.sat_per_s), 1.0, 1),
     ]
-    print("\ntargets (issue 3):")
+    print("\ntargets (issue 3; the saturated fan-in's, issue 11):")
     for label, value, target, sense in checks:
         if math.isnan(value):
             verdict = "not measured"
@@ -1558,6 +1728,13 @@ def last_line(fg: Figures, mq: Figures) -> str:
         f" fanin_q1_ratio={kv(ratio(fg.q1_per_s, mq.q1_per_s), '.2f')}"
         f" idle_kib_per_conn={kv(fg.idle_kib, '.1f')}"
         f" revoke_kick_p99_ms={kv(fg.kick_p99_ms, '.0f')}"
+        f" fanin_q1_sat_ratio={kv(ratio(fg.sat_per_s, mq.sat_per_s), '.2f')}"
+        f" fanin_q1_sat_p50_ms={kv(fg.sat_p50_ms, '.1f')}"
+        f" fanin_q1_sat_p99_ms={kv(fg.sat_p99_ms, '.1f')}"
+        f" fanin_q1_sat_mosquitto_p50_ms={kv(mq.sat_p50_ms, '.1f')}"
+        f" fanin_q1_sat_mosquitto_p99_ms={kv(mq.sat_p99_ms, '.1f')}"
+        f" fanin_q1_sat_lost={kv(fg.sat_lost, '.0f')}"
+        f" fanin_q1_sat_mosquitto_lost={kv(mq.sat_lost, '.0f')}"
     )
 
 
@@ -1609,12 +1786,12 @@ def sanity(results: dict[str, BrokerResult]) -> list[str]:
             problems.append(f"{r.name}: {r.error}")
         if r.failures.count:
             problems.append(f"{r.name}: {r.failures.count} connections failed")
-        q1 = r.fanin.get(1)
-        if q1 is not None and (q1.lost or q1.refused or q1.stalls):
-            problems.append(
-                f"{r.name}: QoS 1 never delivered {q1.lost}, refused {q1.refused} messages; "
-                f"{q1.stalls} publisher stalls"
-            )
+        for label, q1 in (("QoS 1", r.fanin.get(1)), ("saturated QoS 1", r.saturated)):
+            if q1 is not None and (q1.lost or q1.refused or q1.stalls):
+                problems.append(
+                    f"{r.name}: {label} never delivered {q1.lost}, refused {q1.refused} "
+                    f"messages; {q1.stalls} publisher stalls"
+                )
         for f in r.fanin.values():
             if f.problems:
                 problems.append(f"{r.name}: QoS {f.qos} fan-in: {dict(f.problems)}")
@@ -1650,8 +1827,6 @@ def main() -> int:
     if nofile < args.idle + 1000:
         print(f"error: RLIMIT_NOFILE is {nofile}; --idle {args.idle} needs more", file=sys.stderr)
         return 2
-    # The generator's memory and CPU per connection: one TLS record is all asyncio ever reads.
-    sslproto.SSLProtocol.max_size = GENERATOR_TLS_BUFFER
     signal.signal(signal.SIGTERM, _terminate)
     check_fast_codec(args.payload)
 
@@ -1679,7 +1854,9 @@ def main() -> int:
                 broker = start_mosquitto(tmp, fleet, pin)
             else:
                 profile_out = tmp / "broker.prof" if args.profile else None
-                broker = start_fleetgate(tmp, fleet, pin, args.log_level, profile_out)
+                broker = start_fleetgate(
+                    tmp, fleet, pin, args.log_level, profile_out, args.fleetgate_env
+                )
             started.append(broker)
             ours.add(broker.pid)
             strangers = other_mosquittos(ours)

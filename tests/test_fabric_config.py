@@ -62,8 +62,23 @@ def test_the_environment_alone_can_turn_it_on(tmp_path: Path) -> None:
         ('servers = ["nats://n:4222"]\nnode_name = "a.b"', "node_name"),
         ('servers = ["nats://n:4222"]\nconnect_timeout_s = 0', "connect_timeout_s"),
         ('servers = ["nats://n:4222"]\nurl = "x"', "unknown key"),
+        ('servers = ["nats://n:4222"]\nuser = "fleetgate"', "go together"),
+        ('servers = ["nats://n:4222"]\npassword_file = "p"', "go together"),
+        (
+            'servers = ["nats://n:4222"]\nuser = "u"\npassword_file = "p"\ncredentials_file = "c"',
+            "not both",
+        ),
+        ('local = true\nservers = ["nats://n:4222"]', "leave servers out"),
+        ("local = true\nlocal_port = 0", "local_port"),
     ],
 )
 def test_mistakes_are_refused(tmp_path: Path, body: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         _load(tmp_path, f"[fabric]\n{body}\n")
+
+
+def test_a_local_fabric_is_one_loopback_server_with_one_replica(tmp_path: Path) -> None:
+    fabric = _load(tmp_path, "[fabric]\nlocal = true\nlocal_port = 4333\n")
+    assert fabric.servers == ("nats://127.0.0.1:4333",)
+    assert fabric.replicas == 1
+    assert (fabric.user, fabric.password_file) == ("fleetgate", "fabric/local.password")

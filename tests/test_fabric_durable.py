@@ -47,3 +47,16 @@ def test_overdue_messages_are_resent_and_hopeless_ones_given_up() -> None:
     assert ledger.due(22.5) == ([new], [])  # queued was never sent: not overdue
     assert ledger.due(30.0) == ([new], [old])  # given up, not resent
     assert queued in ledger.pending
+
+
+def test_the_wire_form_of_an_answer_is_read_without_json() -> None:
+    """nats-server's compact answers take the fast path; anything else is parsed."""
+    from broker.fabric.durable import stored
+
+    assert stored(b'{"stream":"FG_MSGS","seq":12}')
+    assert stored(b'{"stream":"FG_MSGS","seq":12,"duplicate":true}')
+    assert stored(b'{"stream":"FG_MSGS","domain":"x","seq":3}')
+    assert not stored(b'{"stream":"FG_MSGS","error":{"code":503},"seq":1}')
+    assert not stored(b'{"error":{"code":503,"description":"unavailable"}}')
+    assert not stored(b'{"stream":"FG_MSGS"}')
+    assert not stored(b"")

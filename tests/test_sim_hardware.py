@@ -61,7 +61,15 @@ def processes_mentioning(text: str) -> list[str]:
 
 def run_line(config: Config, kind: str) -> dict[str, Any]:
     result = fleetgate(
-        "sim", "--key-store", kind, "--devices", str(DEVICES), "--messages", str(MESSAGES), "--json"
+        "sim",
+        "--key-store",
+        kind,
+        "--devices",
+        str(DEVICES),
+        "--messages",
+        str(MESSAGES),
+        "--home-registry",  # on the fixture's data directory, so the test can read its registry
+        "--json",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report: dict[str, Any] = json.loads(result.stdout)

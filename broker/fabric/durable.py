@@ -32,6 +32,20 @@ DUPLICATE_WINDOW_S = 120.0
 MAX_AGE_S = 24 * 3600.0
 
 
+def stored(body: bytes) -> bool:
+    """Whether a JetStream publish acknowledgement says stored (``{"stream":…,"seq":…}``,
+    perhaps ``"duplicate":true``) rather than an error. One per QoS 1/2 message: the common
+    shape is recognised without ``json.loads`` (~6 µs here, a tenth of the node's cost per
+    message); anything else is parsed."""
+    if body.startswith(b'{"stream":') and b'"seq":' in body and b'"error"' not in body:
+        return True
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and "error" not in answer and "seq" in answer
+
+
 @dataclass(slots=True)
 class Pending:
     """One message waiting for the stream's acknowledgement."""
@@ -87,13 +101,7 @@ class DurableLedger:
             return None
         if number not in self.pending or status is not None:
             return None
-        try:
-            answer = json.loads(body)
-        except ValueError:
-            return None
-        if not isinstance(answer, dict) or "error" in answer or "seq" not in answer:
-            return None
-        return number
+        return number if stored(body) else None
 
     def due(self, now: float) -> tuple[list[int], list[int]]:
         """(to send again, to give up on): unanswered for ``ack_timeout_s`` since the last

@@ -34,12 +34,12 @@ import asyncio
 import base64
 import logging
 import secrets
-import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from broker.core import BrokerCore, GateVerdict
+from broker.fabric.connect import auth_options
 from broker.fabric.durable import (
     DUPLICATE_WINDOW_S,
     MAX_AGE_S,
@@ -50,6 +50,7 @@ from broker.fabric.durable import (
 from broker.fabric.kicks import KickRelay
 from broker.fabric.retained import FabricRetained
 from broker.fabric.retained import families as retained_families
+from broker.fabric.sessions import SENDER_HEADER, SessionStore
 from broker.fabric.subjects import (
     Unmappable,
     filter_to_subjects,
@@ -204,6 +205,7 @@ class FabricNode:
         self._nc: NatsClient | None = None
         self._outbox: deque[tuple[str, bytes, dict[str, str] | None]] = deque()
         self.ledger = DurableLedger(self.name, secrets.token_hex(6))
+        self.sessions: SessionStore | None = None
         self._stored_outbox: deque[int] = deque()  # ledger numbers to send to the stream
         self._outbox_ready = asyncio.Event()
         self._interest: deque[tuple[str, bool]] = deque()
@@ -245,10 +247,7 @@ class FabricNode:
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
         }
-        if settings.tls_ca_file or settings.tls_cert_file:
-            options["tls"] = self._tls_context()
-        if settings.credentials_file:
-            options["user_credentials"] = str(self._config.data_path(settings.credentials_file))
+        options.update(auth_options(self._config))  # TLS and credentials: never logged
         try:
             self._nc = await asyncio.wait_for(nats.connect(**options), settings.connect_timeout_s)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
@@ -281,6 +280,17 @@ class FabricNode:
             raise FabricUnavailable(f"the fabric's retained messages or wills: {exc}") from exc
         core.retained = self.retained
         core.will_keeper = self.wills
+        self.sessions = SessionStore(
+            self.name,
+            core,
+            self._nc,
+            replicas=settings.replicas,
+            clock=self._clock,
+            wake=self._wake,
+        )
+        await self.sessions.start(setup_s)
+        core.session_hooks = self.sessions
+        core.assigned_prefix = f"auto-{self.name}-"
         core.gate = core.will_gate = self
         core.filter_refusal = refusal
         self._tree = core.subscriptions = InterestTree(self._interest_gained, self._interest_lost)
@@ -299,8 +309,23 @@ class FabricNode:
             extra={"node": self.name, "server": self._nc.connected_url.netloc},  # type: ignore[union-attr]
         )
 
+    async def claim_session(
+        self, device_id: str, client_id: str, clean_start: bool, expiry: int
+    ) -> None:
+        """Before the CONNACK: make this node the holder of the client's session
+        (:meth:`SessionStore.claim`)."""
+        assert self.sessions is not None
+        await self.sessions.claim(client_id, device_id, clean_start, expiry)
+
+    def abandon_session(self, client_id: str) -> None:
+        """The client left before its CONNACK: the claim is not taken up."""
+        assert self.sessions is not None
+        self.sessions.abandon(client_id)
+
     async def stop(self) -> None:
         self._stopping = True
+        if self.sessions is not None:
+            await self.sessions.stop()
         if self.retained is not None:  # the last retained writes, before the link goes
             await self.retained.stop(5.0)
         await self.wills.stop(5.0)
@@ -368,23 +393,14 @@ class FabricNode:
                 self.wills.claimed,
             ),
         ]
+        if self.sessions is not None:
+            families.extend(self.sessions.metric_families())
         lines = [
             line
             for name, kind, text, value in families
             for line in family_lines(name, kind, text, [(label, float(value))])
         ]
         return "\n".join(lines) + "\n"
-
-    def _tls_context(self) -> ssl.SSLContext:
-        """TLS 1.3 to NATS, with the fabric CA and this node's client certificate if given."""
-        settings, path = self.settings, self._config.data_path
-        context = ssl.create_default_context(
-            cafile=str(path(settings.tls_ca_file)) if settings.tls_ca_file else None
-        )
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-        if settings.tls_cert_file:
-            context.load_cert_chain(path(settings.tls_cert_file), path(settings.tls_key_file))
-        return context
 
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = str(exc) or type(exc).__name__
@@ -428,7 +444,9 @@ class FabricNode:
         self._outbox_ready.set()
         if message.qos == QoS.AT_MOST_ONCE:
             return GateVerdict.ROUTE
-        number = self.ledger.add(subject, message.payload, headers, on_stored, now)
+        stored_headers = dict(headers or {})
+        stored_headers[SENDER_HEADER] = message.sender  # for no-local, on the stored copy only
+        number = self.ledger.add(subject, message.payload, stored_headers, on_stored, now)
         self._stored_outbox.append(number)
         return GateVerdict.HOLD
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 import shutil
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from enrollment import ca as ca_module
-from enrollment import rotation
+from enrollment import profiles, rotation
 from enrollment.registry import (
     AuditRecord,
     Registry,
@@ -27,7 +30,9 @@ from fleetgate.cli.common import (
     open_service,
     when,
 )
-from fleetgate.config import CONFIG_FILE, DEFAULT_CONFIG_TOML
+from fleetgate.config import CONFIG_FILE, DEFAULT_CONFIG_TOML, Config
+from fleetgate.errors import ConfigError
+from fleetgate.keyfiles import write_certificates, write_private_key
 
 ca_app = typer.Typer(no_args_is_help=True, help="Create and inspect the fleet CA.")
 
@@ -90,6 +95,48 @@ def ca_server_cert(
         f"server certificate {cert.serial_number:x} for {', '.join(credentials.names)} "
         f"(until {when(cert.not_valid_after_utc)}) in {out}: copy broker.crt, broker.key "
         "and chain.pem to the host's <home>/ca/"
+    )
+
+
+FABRIC_CERT, FABRIC_KEY, FABRIC_CA = "fabric-node.crt", "fabric-node.key", "ca.crt"
+
+
+def issue_fabric_certificate(config: Config, node: str, out: Path) -> x509.Certificate:
+    """A client certificate for a broker node's NATS connection: ``out`` gets the certificate
+    (with the issuing CA), its key (0600) and the fleet root, which also verifies the NATS
+    servers' certificates from ``ca server-cert``."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", node):
+        raise ConfigError(f"node name {node!r}: 1-64 of A-Z a-z 0-9 _ - (as [fabric] node_name)")
+    authority = ca_module.load_ca(config)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = authority.issue(
+        profiles.FABRIC_NODE,
+        profiles.Subject(common_name=node, organization="fleetgate fabric"),
+        key.public_key(),
+        dt.timedelta(days=config.ca.server_validity_days),
+    )
+    write_private_key(out / FABRIC_KEY, key)
+    write_certificates(out / FABRIC_CERT, [cert, *authority.presented])
+    shutil.copyfile(ca_module.ca_paths(config).root_cert, out / FABRIC_CA)
+    return cert
+
+
+@ca_app.command("fabric-cert")
+def ca_fabric_cert(
+    node: Annotated[str, typer.Option(help="The node's [fabric] node_name.")],
+    out: Annotated[Path, typer.Option(help=f"Directory for {FABRIC_CERT}, {FABRIC_KEY}, ca.crt.")],
+) -> None:
+    """Issue a broker node's client certificate for TLS to the NATS fabric (clientAuth).
+
+    Point ``[fabric] tls_cert_file``/``tls_key_file``/``tls_ca_file`` at the three files; the
+    NATS servers take their own certificates from ``ca server-cert`` and trust ca.crt with
+    ``verify: true`` (docs/operations.md).
+    """
+    cert = issue_fabric_certificate(home_config(), node, out)
+    typer.echo(
+        f"fabric client certificate {cert.serial_number:x} for node {node} "
+        f"(until {when(cert.not_valid_after_utc)}) in {out}: {FABRIC_CERT}, {FABRIC_KEY} (0600), "
+        f"{FABRIC_CA}"
     )
 
 
