@@ -8,6 +8,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import http.client
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,3 +177,37 @@ def test_a_station_may_renew_only_itself(
         est.simplereenroll(station_csr("line-1", _new_key()))
     assert refused.value.status == 403
     assert "must name the station (line-7)" in refused.value.message
+
+
+def test_station_enroll_and_renew_commands_keep_the_key_on_the_station(
+    fleet: Fleet, est_server: RunningServer, tmp_path: Path
+) -> None:
+    """`fleetgate station enroll` / `renew`, run on the station (here: another directory)."""
+    fleetgate = str(Path(sys.executable).with_name("fleetgate"))
+    code = fleet.service.invite_station(STATION, actor="test", ttl=TTL)
+    station_dir = tmp_path / "on-the-station"
+    common = ["--server", est_server.url, "--root", str(fleet.root), "--dir", str(station_dir)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETGATE_")}
+    enrolled = subprocess.run(
+        [fleetgate, "station", "enroll", STATION, *common],
+        env={**env, "FLEETGATE_STATION_CODE": code},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert code not in enrolled.stdout + enrolled.stderr
+    assert (station_dir / "station.key").stat().st_mode & 0o777 == 0o600
+    first = x509.load_pem_x509_certificates((station_dir / "station.crt").read_bytes())[0]
+    renewed = subprocess.run(
+        [fleetgate, "station", "renew", STATION, *common],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert renewed.returncode == 0, renewed.stderr
+    second = x509.load_pem_x509_certificates((station_dir / "station.crt").read_bytes())[0]
+    assert second.serial_number != first.serial_number
+    assert second.public_key() != first.public_key()
+    assert not list(fleet.config.home.rglob("station.key"))
