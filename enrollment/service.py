@@ -522,13 +522,17 @@ class EnrollmentService:
     ) -> x509.Certificate:
         """EST ``/station/simpleenroll``: a station redeems its bootstrap code (HTTP Basic: its
         id and the code) for a certificate of the key in its CSR."""
-        with self.audited("station.enroll", request_id, actor=f"bootstrap:{station_id}"):
+        try:  # the name is the client's: audited only once it is a valid id
+            actor = f"bootstrap:{validate_id(station_id, kind='station')}"
+        except FleetgateError:
+            actor = "bootstrap:(invalid station id)"
+        with self.audited("station.enroll", request_id, actor=actor):
             validate_id(station_id, kind="station")
             digest, now = _code_hash(code), self.clock()
             self.registry.check_station_code(station_id, digest, now)
             cert = self._issue_station(station_id, _station_csr(station_id, decode_est_body(body)))
             audit = AuditRecord(
-                f"bootstrap:{station_id}",
+                actor,
                 "station.enroll",
                 "ok",
                 station_id,

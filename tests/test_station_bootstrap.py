@@ -211,3 +211,15 @@ def test_station_enroll_and_renew_commands_keep_the_key_on_the_station(
     assert second.serial_number != first.serial_number
     assert second.public_key() != first.public_key()
     assert not list(fleet.config.home.rglob("station.key"))
+
+
+def test_an_invalid_station_name_is_refused_without_auditing_it_verbatim(
+    fleet: Fleet, est_server: RunningServer
+) -> None:
+    with pytest.raises(EstError) as refused:
+        _redeem(est_server, fleet, "some-code-0123456789", "bad\nname")
+    assert refused.value.status == 400
+    assert _audit(fleet, "station.enroll")[-1][:2] == (
+        "bootstrap:(invalid station id)",
+        "refused",
+    )
