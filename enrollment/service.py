@@ -37,7 +37,7 @@ from enrollment.authorities import IssuingCAs, load_issuing_cas
 from enrollment.ca import CertificateAuthority, ca_paths
 from enrollment.crl import RevokedEntry, build_crl, parse_reason
 from enrollment.csr import CheckedCSR, check_device_csr, decode_est_body
-from enrollment.identity import PeerIdentity, identify_client
+from enrollment.identity import PeerIdentity, named_identity
 from enrollment.policy import check_protection
 from enrollment.registry import (
     AuditRecord,
@@ -427,7 +427,9 @@ class EnrollmentService:
             raise NotAuthorised(
                 f"this request needs a {expected_kind} client certificate (mutual TLS)"
             )
-        return identify_client(cert, now=self.clock())
+        peer = _named_identity(cert)  # a station's certificate is parsed once, not per request
+        peer.check_validity(self.clock())
+        return peer
 
     def _known_subject(self, peer: PeerIdentity, *, expected_kind: str) -> PeerIdentity:
         """``peer`` if it is of ``expected_kind`` and its certificate is active in the registry."""
@@ -636,6 +638,12 @@ class EnrollmentService:
         if "" not in self.cas.crl_names:  # the first CA is retired: crl.der is the signer's
             write_atomic(paths.crl, published[0].public_bytes(Encoding.DER), mode=0o644)
         return published[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def _named_identity(cert: x509.Certificate) -> PeerIdentity:
+    """What a client certificate names (time-independent; a refusal is not cached)."""
+    return named_identity(cert)
 
 
 @functools.lru_cache(maxsize=16)
