@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import col, select
 
@@ -20,16 +21,12 @@ from enrollment.registry import (
     Device,
     Registry,
     StationState,
-    SubjectKind,
 )
 from fleetgate.cli.common import (
-    JsonFlag,
     admin_actor,
-    emit,
     home_config,
     open_registry,
     open_service,
-    when,
 )
 from fleetgate.errors import EnrollmentRefused, NotFound
 from fleetgate.ids import validate_id
@@ -77,73 +74,48 @@ def station_add(
     typer.echo(f"station {name} added; certificate in {directory / 'station.crt'}")
 
 
+ServerOption = Annotated[str, typer.Option("--server", help="The EST server, https://host:port.")]
+RootOption = Annotated[Path, typer.Option("--root", help="The fleet's root certificate.")]
+DirOption = Annotated[
+    Path, typer.Option("--dir", help="Where the station keeps its key and certificate.")
+]
+
+
 @station_app.command("enroll")
 def station_enroll(
     name: str,
-    server: Annotated[str, typer.Option(help="The EST server, https://host:port.")],
-    root: Annotated[Path, typer.Option(help="The fleet's root certificate.")],
+    server: ServerOption,
+    root: RootOption,
     code: Annotated[
         str, typer.Option(envvar="FLEETGATE_STATION_CODE", help="The one-time bootstrap code.")
     ],
-    directory: Annotated[
-        Path, typer.Option("--dir", help="Where the station keeps its key and certificate.")
-    ] = Path("station"),
+    directory: DirOption = Path("station"),
 ) -> None:
     """On the station: make its key (0600, never leaves), enroll it with the bootstrap code."""
     key = ec.generate_private_key(ec.SECP256R1())
     with EstClient(server, client_context(root)) as est:
         cert = est.station_enroll(station_csr(name, key), name, code)
-        chain = [cert, *est.cacerts()[:1]]
-    write_private_key(directory / "station.key", key)
-    write_certificates(directory / "station.crt", chain)
+        _keep(directory, key, [cert, *est.cacerts()[:1]])
     typer.echo(f"station {name} enrolled; key and certificate in {directory}")
 
 
 @station_app.command("renew")
 def station_renew(
-    name: str,
-    server: Annotated[str, typer.Option(help="The EST server, https://host:port.")],
-    root: Annotated[Path, typer.Option(help="The fleet's root certificate.")],
-    directory: Annotated[
-        Path, typer.Option("--dir", help="Where the station keeps its key and certificate.")
-    ] = Path("station"),
+    name: str, server: ServerOption, root: RootOption, directory: DirOption = Path("station")
 ) -> None:
     """On the station: renew its short-lived certificate over EST, with a new key."""
-    cert_path, key_path = directory / "station.crt", directory / "station.key"
     key = ec.generate_private_key(ec.SECP256R1())
-    with EstClient(server, client_context(root, cert_path, key_path)) as est:
+    credentials = (directory / "station.crt", directory / "station.key")
+    with EstClient(server, client_context(root, *credentials)) as est:
         cert = est.simplereenroll(station_csr(name, key))
-        chain = [cert, *est.cacerts()[:1]]
-    write_private_key(key_path, key)
-    write_certificates(cert_path, chain)
+        _keep(directory, key, [cert, *est.cacerts()[:1]])
     typer.echo(f"station {name} renewed; valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M}Z")
 
 
-@station_app.command("list")
-def station_list(as_json: JsonFlag = False) -> None:
-    """List stations."""
-    registry = open_registry(home_config())
-    rows = []
-    for station in registry.stations():
-        certs = registry.certificates_of(SubjectKind.STATION, station.id)
-        rows.append(
-            {
-                "id": station.id,
-                "state": station.state.value,
-                "certificate": certs[-1].serial if certs else "-",
-                "expires": when(certs[-1].not_after) if certs else "-",
-            }
-        )
-    emit(rows, as_json)
-
-
-@station_app.command("revoke")
-def station_revoke(
-    name: str, reason: Annotated[str, typer.Option(help="RFC 5280 reason.")] = "keyCompromise"
-) -> None:
-    """Revoke a station: it can enroll nothing more; the CRL is regenerated."""
-    open_service(home_config()).revoke_station(name, reason=reason, actor=admin_actor())
-    typer.echo(f"station {name} revoked ({reason}); CRL regenerated")
+def _keep(directory: Path, key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate]) -> None:
+    """The station's key (0600, PKCS#8) and its certificate chain."""
+    write_private_key(directory / "station.key", key)
+    write_certificates(directory / "station.crt", chain)
 
 
 # -- batches -----------------------------------------------------------------------------------
