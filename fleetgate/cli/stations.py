@@ -21,12 +21,16 @@ from enrollment.registry import (
     Device,
     Registry,
     StationState,
+    SubjectKind,
 )
 from fleetgate.cli.common import (
+    JsonFlag,
     admin_actor,
+    emit,
     home_config,
     open_registry,
     open_service,
+    when,
 )
 from fleetgate.errors import EnrollmentRefused, NotFound
 from fleetgate.ids import validate_id
@@ -116,6 +120,33 @@ def _keep(directory: Path, key: ec.EllipticCurvePrivateKey, chain: list[x509.Cer
     """The station's key (0600, PKCS#8) and its certificate chain."""
     write_private_key(directory / "station.key", key)
     write_certificates(directory / "station.crt", chain)
+
+
+@station_app.command("list")
+def station_list(as_json: JsonFlag = False) -> None:
+    """List stations."""
+    registry = open_registry(home_config())
+    rows = []
+    for station in registry.stations():
+        certs = registry.certificates_of(SubjectKind.STATION, station.id)
+        rows.append(
+            {
+                "id": station.id,
+                "state": station.state.value,
+                "certificate": certs[-1].serial if certs else "-",
+                "expires": when(certs[-1].not_after) if certs else "-",
+            }
+        )
+    emit(rows, as_json)
+
+
+@station_app.command("revoke")
+def station_revoke(
+    name: str, reason: Annotated[str, typer.Option(help="RFC 5280 reason.")] = "keyCompromise"
+) -> None:
+    """Revoke a station: it can enroll nothing more; the CRL is regenerated."""
+    open_service(home_config()).revoke_station(name, reason=reason, actor=admin_actor())
+    typer.echo(f"station {name} revoked ({reason}); CRL regenerated")
 
 
 # -- batches -----------------------------------------------------------------------------------
