@@ -55,6 +55,12 @@ def device_csr(device_id: str, key: ec.EllipticCurvePrivateKey) -> x509.Certific
     )
 
 
+def station_csr(station_id: str, key: ec.EllipticCurvePrivateKey) -> x509.CertificateSigningRequest:
+    """The CSR a station sends for its own key: the CN names it; the CA writes its URI SAN."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, station_id)])
+    return x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+
+
 def client_context(
     trust: Path, cert: Path | None = None, key: Path | None = None
 ) -> ssl.SSLContext:
@@ -106,6 +112,15 @@ class EstClient:
 
     def simplereenroll(self, csr: x509.CertificateSigningRequest) -> x509.Certificate:
         return _certificates(self._request("POST", "simplereenroll", csr))[0]
+
+    def station_enroll(
+        self, csr: x509.CertificateSigningRequest, station_id: str, code: str
+    ) -> x509.Certificate:
+        """A station's first certificate, authenticated by its one-time bootstrap code."""
+        body = base64.encodebytes(csr.public_bytes(Encoding.DER))
+        login = base64.b64encode(f"{station_id}:{code}".encode()).decode()
+        headers = {"Content-Type": "application/pkcs10", "Authorization": f"Basic {login}"}
+        return _certificates(self._send("POST", "station/simpleenroll", body, headers))[0]
 
     def attestation_json(self, operation: str, payload: dict[str, Any]) -> dict[str, Any]:
         """A fleetgate attestation step (``fleetgate/tpm/challenge``): JSON in, JSON out."""

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import unquote
 
-from aiohttp import web
+from aiohttp import BasicAuth, hdrs, web
 from aiohttp.typedefs import Middleware
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
@@ -50,6 +50,10 @@ CSR_ATTRS_DER = bytes.fromhex(
     "06082a8648ce3d030107"  # OID 1.2.840.10045.3.1.7 secp256r1
     "0603550403"  # OID 2.5.4.3 commonName (top level): the device id goes in the CN
 )
+
+# The CA label (RFC 7030 section 3.2.2) under which a station redeems its bootstrap code.
+STATION_LABEL = "station"
+BOOTSTRAP_REALM = 'Basic realm="fleetgate station bootstrap", charset="UTF-8"'
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
@@ -128,6 +132,7 @@ class ESTApp:
         app.router.add_get(f"{EST_PREFIX}/csrattrs", self.csrattrs)
         app.router.add_post(f"{EST_PREFIX}/simpleenroll", self.simpleenroll)
         app.router.add_post(f"{EST_PREFIX}/simplereenroll", self.simplereenroll)
+        app.router.add_post(f"{EST_PREFIX}/{STATION_LABEL}/simpleenroll", self.station_enroll)
         app.router.add_post(f"{EST_PREFIX}/fleetgate/tpm/challenge", self.tpm_challenge)
         app.router.add_post(f"{EST_PREFIX}/fleetgate/tpm/enroll", self.tpm_enroll)
         app.router.add_post(f"{EST_PREFIX}/fleetgate/piv/enroll", self.piv_enroll)
@@ -193,6 +198,37 @@ class ESTApp:
 
     async def simplereenroll(self, request: web.Request) -> web.Response:
         return await self._enroll(request, "reenroll", self.service.reenroll)
+
+    async def station_enroll(self, request: web.Request) -> web.Response:
+        """A station's first certificate for its own key, authenticated by its one-time
+        bootstrap code: HTTP Basic, user the station id, password the code (RFC 7030 section
+        3.2.3 allows HTTP authentication; TLS already verified the server)."""
+        try:
+            auth = BasicAuth.decode(request.headers.get(hdrs.AUTHORIZATION, ""))
+        except ValueError:
+            message = (
+                "not_authorised: send the station id and its bootstrap code with HTTP Basic "
+                "authentication (curl -u STATION:CODE)"
+            )
+            record = AuditRecord(
+                f"peer:{peer_address(request)}",
+                "station.enroll",
+                "refused",
+                None,
+                message,
+                jsonlog.request_id.get(),
+            )
+            await self.threads.run(functools.partial(self.service.registry.audit, record))
+            response = _error(401, message)
+            response.headers["WWW-Authenticate"] = BOOTSTRAP_REALM
+            return response
+
+        def redeem(_cert: object, body: bytes, *, request_id: str | None) -> x509.Certificate:
+            return self.service.enroll_station(
+                auth.login, auth.password, body, request_id=request_id
+            )
+
+        return await self._enroll(request, "station.enroll", redeem)
 
     async def tpm_challenge(self, request: web.Request) -> web.Response:
         """fleetgate extension, TPM step 1: JSON evidence in, a JSON challenge out."""

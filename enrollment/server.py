@@ -6,11 +6,19 @@ import asyncio
 import functools
 import json
 import logging
+import multiprocessing
+import multiprocessing.process
+import os
 import resource
+import signal
 import ssl
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.synchronize import Event as EventType
 
 from aiohttp import web
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from enrollment.audit_writer import AuditWriter
@@ -27,9 +35,11 @@ from enrollment.crl import needs_refresh
 from enrollment.deadlines import HeaderDeadline
 from enrollment.est import ESTApp
 from enrollment.registry import AuditRecord, Registry
+from enrollment.registry.engine import normalise_url
 from enrollment.registry.outage import RegistryOutage
 from enrollment.service import EnrollmentService
 from enrollment.workers import ServiceThreads, service_threads
+from fleetgate import jsonlog
 from fleetgate.config import Config, EnrollmentSettings
 from fleetgate.errors import CAPassphraseError, FleetgateError
 from fleetgate.keyfiles import load_certificates
@@ -64,11 +74,18 @@ class EnrollmentServer:
     """
 
     def __init__(
-        self, config: Config, *, port: int | None = None, threads: int | None = None
+        self,
+        config: Config,
+        *,
+        port: int | None = None,
+        threads: int | None = None,
+        reuse_port: bool = False,
     ) -> None:
         """``threads`` overrides :func:`~enrollment.workers.service_threads`'s choice (tests
-        use it to make requests overlap on SQLite)."""
+        use it to make requests overlap on SQLite); ``reuse_port``: one of several processes
+        on the port (:func:`serve_processes`)."""
         self.config = config
+        self.reuse_port = reuse_port
         self.registry = Registry(config.database_url)
         try:
             ca = load_ca(config)
@@ -155,6 +172,7 @@ class EnrollmentServer:
             on_refused=self._on_handshake_refused,
             handshake_timeout=settings.tls_handshake_timeout_s,
             caps=connection_caps(settings),
+            reuse_port=self.reuse_port,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._renewer = asyncio.create_task(self._keep_certificate_current(context, credentials))
@@ -237,6 +255,76 @@ class EnrollmentServer:
         self.registry.close()
 
 
-async def run_forever(config: Config) -> None:
-    """Serve until SIGINT or SIGTERM."""
-    await run_until_signalled(EnrollmentServer(config))
+async def run_forever(
+    config: Config, *, reuse_port: bool = False, ready: Callable[[], object] | None = None
+) -> None:
+    """Serve until SIGINT or SIGTERM; ``ready()`` once listening."""
+    server = EnrollmentServer(config, reuse_port=reuse_port)
+    await run_until_signalled(_Started(server, ready))
+
+
+@dataclass
+class _Started:
+    """``server``, calling ``ready`` once it listens."""
+
+    server: EnrollmentServer
+    ready: Callable[[], object] | None
+
+    async def start(self) -> int:
+        port = await self.server.start()
+        if self.ready is not None:
+            self.ready()
+        return port
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+
+def serve_processes(config: Config, workers: int) -> int:
+    """``workers`` processes serving one port (SO_REUSEPORT), until SIGINT or SIGTERM; the
+    exit status. PostgreSQL only: each process has its own pool of service threads, and the
+    database serialises what must be (the conditional UPDATEs, the audit chain's lock).
+
+    The first process starts alone (it may write the server certificate and the CRL), the
+    others once it listens. Every process unlocks the CA itself.
+    """
+    if make_url(normalise_url(config.database_url)).get_backend_name() != "postgresql":
+        raise FleetgateError(
+            f"--workers {workers} needs a PostgreSQL registry: SQLite lets one writer in at a "
+            "time and every enrollment writes, so more processes would only queue on its lock "
+            "(one process with one service thread is fastest there: enrollment/workers.py)"
+        )
+    spawn = multiprocessing.get_context("spawn")
+    first_ready = spawn.Event()
+    processes: list[multiprocessing.process.BaseProcess] = []
+
+    def stop(_signum: int, _frame: object) -> None:
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for n in range(workers):
+            ready = first_ready if n == 0 else None
+            process = spawn.Process(
+                target=_serve_one, args=(config, ready), name=f"fleetgate-enrollment-{n}"
+            )
+            process.start()
+            processes.append(process)
+            while n == 0 and not first_ready.wait(0.2):
+                if not process.is_alive():
+                    return process.exitcode or 1
+        for running in processes:
+            running.join()
+    finally:
+        stop(0, None)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return max((p.exitcode or 0 for p in processes), default=0)
+
+
+def _serve_one(config: Config, ready: EventType | None) -> None:
+    """One of :func:`serve_processes`' processes (spawned: a fresh interpreter)."""
+    jsonlog.configure(config.log.level, config.logs_dir)
+    asyncio.run(run_forever(config, reuse_port=True, ready=ready.set if ready else None))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import secrets
@@ -37,7 +38,7 @@ from enrollment.authorities import IssuingCAs, load_issuing_cas
 from enrollment.ca import CertificateAuthority, ca_paths
 from enrollment.crl import RevokedEntry, build_crl, parse_reason
 from enrollment.csr import CheckedCSR, check_device_csr, decode_est_body
-from enrollment.identity import PeerIdentity, identify_client
+from enrollment.identity import PeerIdentity, named_identity
 from enrollment.policy import check_protection
 from enrollment.registry import (
     AuditRecord,
@@ -166,8 +167,9 @@ class EnrollmentService:
                 required=target.required_protection,
                 proven=KeyProtection.SOFTWARE,
             )
+            signer = self.ca  # a rotation may swap self.ca meanwhile
             with self.timer.stage("sign"):
-                cert = self._issue_device(checked.device_id, checked.public_key)
+                cert = self._issue_device(checked.device_id, checked.public_key, signer=signer)
             audit = AuditRecord(
                 peer.actor,
                 "enroll",
@@ -177,7 +179,13 @@ class EnrollmentService:
                 request_id,
             )
             with self.timer.stage("db"):
-                self.registry.record_enrollment(station.id, checked.device_id, cert, audit)
+                self.registry.record_enrollment(
+                    station.id,
+                    checked.device_id,
+                    cert,
+                    audit,
+                    issuer_key_id=_key_id(signer.anchors.issuing),  # not re-parsed from cert
+                )
             return cert
 
     def reenroll(
@@ -187,7 +195,9 @@ class EnrollmentService:
         with self.audited("reenroll", request_id) as refusable:
             peer = self._identify(device_cert, expected_kind="device")
             refusable.actor = peer.actor  # refusals below are audited under the verified identity
-            refusable.about(peer.id if peer.kind == "device" else None)
+            if peer.kind == "station":
+                return self._renew_station(peer, body, request_id)
+            refusable.about(peer.id)
             device = self._known_subject(peer, expected_kind="device")
             checked = check_device_csr(decode_est_body(body))
             if checked.device_id != device.id:
@@ -429,7 +439,9 @@ class EnrollmentService:
             raise NotAuthorised(
                 f"this request needs a {expected_kind} client certificate (mutual TLS)"
             )
-        return identify_client(cert, now=self.clock())
+        peer = _named_identity(cert)  # a station's certificate is parsed once, not per request
+        peer.check_validity(self.clock())
+        return peer
 
     def _known_subject(self, peer: PeerIdentity, *, expected_kind: str) -> PeerIdentity:
         """``peer`` if it is of ``expected_kind`` and its certificate is active in the registry."""
@@ -460,11 +472,13 @@ class EnrollmentService:
         device_id: str,
         key: ec.EllipticCurvePublicKey,
         protection: KeyProtection = KeyProtection.SOFTWARE,
+        *,
+        signer: CertificateAuthority | None = None,
     ) -> x509.Certificate:
         subject = profiles.Subject(common_name=device_id, uris=(device_uri(device_id),))
         validity = dt.timedelta(days=self.config.ca.device_validity_days)
         policy = profiles.KEY_PROTECTION_POLICIES.get(protection)
-        return self.ca.issue(
+        return (signer or self.ca).issue(
             profiles.DEVICE,
             subject,
             key,
@@ -502,21 +516,66 @@ class EnrollmentService:
 
     # -- administration --------------------------------------------------------------------
 
-    def add_station(
-        self, station_id: str, *, actor: str
-    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-        """A new station key and certificate; the caller stores the key."""
+    def add_station(self, station_id: str, csr_der: bytes, *, actor: str) -> x509.Certificate:
+        """A station's first certificate, for the CSR of a key the station made itself."""
         validate_id(station_id, kind="station")
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = self.ca.issue(
+        cert = self._issue_station(station_id, _station_csr(station_id, csr_der))
+        self.registry.add_station(station_id, cert, actor)
+        return cert
+
+    def invite_station(self, station_id: str, *, actor: str, ttl: dt.timedelta) -> str:
+        """A one-time code with which the station enrolls its own key over EST (within
+        ``ttl``); only its hash is stored, and the code is shown once, to the caller."""
+        validate_id(station_id, kind="station")
+        code = secrets.token_urlsafe(16)  # 128 bits
+        self.registry.invite_station(station_id, _code_hash(code), self.clock() + ttl, actor)
+        return code
+
+    def enroll_station(
+        self, station_id: str, code: str, body: bytes, *, request_id: str | None = None
+    ) -> x509.Certificate:
+        """EST ``/station/simpleenroll``: a station redeems its bootstrap code (HTTP Basic: its
+        id and the code) for a certificate of the key in its CSR."""
+        try:  # the name is the client's: audited only once it is a valid id
+            actor = f"bootstrap:{validate_id(station_id, kind='station')}"
+        except FleetgateError:
+            actor = "bootstrap:(invalid station id)"
+        with self.audited("station.enroll", request_id, actor=actor):
+            validate_id(station_id, kind="station")
+            digest, now = _code_hash(code), self.clock()
+            self.registry.check_station_code(station_id, digest, now)
+            cert = self._issue_station(station_id, _station_csr(station_id, decode_est_body(body)))
+            audit = AuditRecord(
+                actor,
+                "station.enroll",
+                "ok",
+                station_id,
+                f"serial {cert.serial_number:x}; bootstrap code redeemed",
+                request_id,
+            )
+            self.registry.redeem_station_code(station_id, digest, now, cert, audit)
+            return cert
+
+    def _renew_station(
+        self, peer: PeerIdentity, body: bytes, request_id: str | None
+    ) -> x509.Certificate:
+        """simplereenroll with a station certificate: the station renews itself (new key
+        allowed); its certificates are short-lived, so it does so often."""
+        self._known_subject(peer, expected_kind="station")
+        cert = self._issue_station(peer.id, _station_csr(peer.id, decode_est_body(body)))
+        serial = f"serial {cert.serial_number:x}"
+        audit = AuditRecord(peer.actor, "station.reenroll", "ok", peer.id, serial, request_id)
+        self.registry.record_station_renewal(peer.id, peer.serial, cert, audit)
+        return cert
+
+    def _issue_station(self, station_id: str, key: ec.EllipticCurvePublicKey) -> x509.Certificate:
+        return self.ca.issue(
             profiles.STATION,
             profiles.Subject(common_name=station_id, uris=(station_uri(station_id),)),
-            key.public_key(),
+            key,
             dt.timedelta(days=self.config.ca.station_validity_days),
             now=self.clock(),
         )
-        self.registry.add_station(station_id, cert, actor)
-        return key, cert
 
     def revoke_station(
         self, station_id: str, *, reason: str, actor: str
@@ -599,6 +658,33 @@ class _Trust(TypedDict):
     anchors: list[x509.Certificate]
     crls: list[x509.CertificateRevocationList]
     crl_policy: CrlPolicy
+
+
+@functools.lru_cache(maxsize=4096)
+def _named_identity(cert: x509.Certificate) -> PeerIdentity:
+    """What a client certificate names (time-independent; a refusal is not cached)."""
+    return named_identity(cert)
+
+
+@functools.lru_cache(maxsize=16)
+def _key_id(issuing: x509.Certificate) -> str:
+    return ocsp.key_id(issuing)
+
+
+def _code_hash(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def _station_csr(station_id: str, der: bytes) -> ec.EllipticCurvePublicKey:
+    """The key of a station's CSR: P-256, signed by that key, CN the station id (no SAN: the
+    CA writes the station's URI)."""
+    checked = check_device_csr(der)
+    if checked.device_id != station_id:
+        raise NotAuthorised(
+            f"the CSR names {checked.device_id}; a station's CSR must name the station "
+            f"({station_id}) in its CN"
+        )
+    return checked.public_key
 
 
 def _b64(data: bytes) -> str:

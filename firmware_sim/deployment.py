@@ -36,9 +36,9 @@ from enrollment.registry import AuditRecord, DeviceState, Registry
 from enrollment.registry.schema import upgrade
 from enrollment.service import EnrollmentService
 from firmware_sim.fleet import retire_station
+from firmware_sim.station import provision_station
 from fleetgate.config import CONFIG_FILE, PASSPHRASE_ENV, Config, load_config
 from fleetgate.ids import device_uri
-from fleetgate.keyfiles import write_certificates, write_private_key
 
 FLEETGATE = Path(sys.executable).with_name("fleetgate")
 HOST = "127.0.0.1"
@@ -200,10 +200,7 @@ class LocalDeployment:
     def station(self, workdir: Path) -> tuple[Path, Path]:
         assert self.service is not None
         station_id = f"{STATION}-{secrets.token_hex(3)}"
-        key, cert = self.service.add_station(station_id, actor="sim")
-        key_path, cert_path = workdir / "station.key", workdir / "station.crt"
-        write_private_key(key_path, key)
-        write_certificates(cert_path, [cert, self.service.ca.anchors.issuing])
+        cert_path, key_path, _ = provision_station(self.service, station_id, workdir, actor="sim")
         self.station_id = station_id
         return cert_path, key_path
 

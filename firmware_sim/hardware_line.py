@@ -39,11 +39,12 @@ from enrollment.service import EnrollmentService
 from firmware_sim.fleet import BACKEND_ACL, BACKEND_GROUP, Endpoints, retire_station
 from firmware_sim.mqtt_client import Refused, SimClient
 from firmware_sim.report import FleetReport
+from firmware_sim.station import provision_station
 from firmware_sim.vcard import CardManufacturer, PcscDaemon, VirtualCard, VirtualCardError
 from firmware_sim.vtpm import DbusSession, TpmManufacturer, VirtualTpm, VirtualTpmError
 from fleetgate.config import Config
 from fleetgate.errors import FleetgateError
-from fleetgate.keyfiles import write_certificates, write_private_key, write_secret
+from fleetgate.keyfiles import write_secret
 
 __all__ = [
     "MAX_DEVICES",
@@ -356,10 +357,9 @@ class HardwareLine:
     def _provision(self, service: EnrollmentService, endpoints: Endpoints) -> tuple[Path, Path]:
         """Station, a batch in a group that requires the hardware, the backend identity."""
         station_id = f"{self.run_id}-station"
-        key, cert = service.add_station(station_id, actor="sim")
-        station_key, station_cert = self.workdir / "station.key", self.workdir / "station.crt"
-        write_private_key(station_key, key)
-        write_certificates(station_cert, [cert, service.ca.anchors.issuing])
+        station_cert, station_key, _ = provision_station(
+            service, station_id, self.workdir, actor="sim"
+        )
         registry = service.registry
         registry.set_group_policy(self.group, self.plan.kind, actor="sim")
         ids = [u.device_id for u in self.units] + [self._software_id]

@@ -30,7 +30,7 @@ class CASettings:
     root_curve: str = "P-256"
     passphrase_file: str = ""
     device_validity_days: int = 90
-    station_validity_days: int = 365
+    station_validity_days: int = 7  # short-lived: stations renew over EST (simplereenroll)
     server_validity_days: int = 365
     crl_next_update_hours: int = 24
     ocsp_validity_minutes: int = 60

@@ -77,6 +77,7 @@ from broker.mqtt import (
 )
 from device_sdk.est import device_csr
 from firmware_sim.mqtt_client import SimClient
+from firmware_sim.station import provision_station
 from fleetgate.keyfiles import write_certificates, write_private_key
 
 SITE = "bench"
@@ -106,7 +107,7 @@ def parse_args() -> argparse.Namespace:
 
 def enroll_bridge(fleet: Fleet, tmp: Path) -> Path:
     """A key store directory (device.crt, device.key, ca.crt) for the bridge identity."""
-    _, station_cert = fleet.service.add_station(BRIDGE_STATION, actor="bench")
+    *_, station_cert = provision_station(fleet.service, BRIDGE_STATION, tmp, actor="bench")
     fleet.registry.add_batch(
         BRIDGE_STATION, [BRIDGE_ID], group="bridges", label="bench", actor="bench"
     )

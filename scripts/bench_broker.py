@@ -123,6 +123,7 @@ from enrollment.ca import ensure_server_certificate, init_ca, load_ca
 from enrollment.registry import DeviceState, Registry
 from enrollment.registry.schema import upgrade
 from enrollment.service import EnrollmentService
+from firmware_sim.station import provision_station
 from fleetgate.config import PASSPHRASE_ENV, Config, load_config
 from fleetgate.keyfiles import write_secret
 from fleetgate.tlspump import TLSPump
@@ -266,7 +267,8 @@ def provision(tmp: Path, args: argparse.Namespace, extra: dict[str, str] | None 
     upgrade(config.database_url)  # what `fleetgate ca init` does for a new data directory
     registry = Registry(config.database_url)
     service = EnrollmentService(load_ca(config), registry)
-    _, station_cert = service.add_station(STATION, actor="bench")
+    station_dir = home / "stations" / STATION
+    *_, station_cert = provision_station(service, STATION, station_dir, actor="bench")
     devices = [f"dev-{n:05d}" for n in range(args.idle)]
     kick_ids = [f"kick-{n:03d}" for n in range(args.kicks)]
     enrolling = [*devices, *kick_ids]

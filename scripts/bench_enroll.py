@@ -45,8 +45,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, pkcs7
 from cryptography.x509.oid import NameOID
 
-from device_sdk.est import client_context, device_csr
+from device_sdk.est import client_context, device_csr, station_csr
 from enrollment.registry import DeviceState, Registry
+from fleetgate.keyfiles import write_private_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ SERVER_BOOT = """\
 import logging, sys
 logging.getLogger("fleetgate.server").setLevel(logging.INFO)
 from fleetgate.cli import main
-sys.argv = ["fleetgate", "serve", "enrollment", "--port", sys.argv[1]]
+sys.argv = ["fleetgate", "serve", "enrollment", "--port", sys.argv[1], "--workers", sys.argv[2]]
 profile_out = {profile_out!r}
 if not profile_out:
     main()
@@ -113,6 +114,12 @@ def parse_args() -> argparse.Namespace:
         default="WARNING",
         help="server FLEETGATE_LOG_LEVEL (INFO logs every request)",
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server processes (more than 1: PostgreSQL)"
+    )
+    parser.add_argument(
+        "--database-url", help="a PostgreSQL registry (empty database) instead of SQLite"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directory")
     parser.add_argument("--timeout", type=float, default=150.0, help="give up on the load after s")
     args = parser.parse_args()
@@ -137,8 +144,13 @@ def run_cli(env: dict[str, str], *argv: str) -> None:
 
 def prepare_data_dir(home: Path, env: dict[str, str], device_ids: list[str]) -> None:
     run_cli(env, "ca", "init")
-    run_cli(env, "station", "add", STATION)
-    registry = Registry(f"sqlite:///{home / 'registry.db'}")
+    # The station's side: its key is made here and only its CSR goes to `station add`.
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = home / "station.csr"
+    csr.write_bytes(station_csr(STATION, key).public_bytes(Encoding.PEM))
+    run_cli(env, "station", "add", STATION, "--csr", str(csr))
+    write_private_key(home / "stations" / STATION / "station.key", key)
+    registry = Registry(database_url(home, env))
     try:
         for start in range(0, len(device_ids), 1000):
             registry.add_batch(
@@ -184,10 +196,15 @@ def pregenerate(device_ids: list[str]) -> list[Enrollment]:
 
 
 def start_server(
-    env: dict[str, str], port: int, stderr_path: Path, profile_out: Path | None, pin: bool
+    env: dict[str, str],
+    port: int,
+    stderr_path: Path,
+    profile_out: Path | None,
+    pin: bool,
+    workers: int = 1,
 ) -> subprocess.Popen[bytes]:
     code = SERVER_BOOT.format(profile_out=str(profile_out) if profile_out else "")
-    argv = [sys.executable, "-c", code, str(port)]
+    argv = [sys.executable, "-c", code, str(port), str(workers)]
     if pin:
         argv = ["taskset", "-c", str(SERVER_CORE), *argv]
     with stderr_path.open("wb") as err:
@@ -218,6 +235,16 @@ def wait_until_serving(
         if time.monotonic() > deadline:
             raise RuntimeError("the server did not accept TLS within 30 s")
         time.sleep(0.1)
+
+
+def database_url(home: Path, env: dict[str, str]) -> str:
+    return env.get("FLEETGATE_DATABASE_URL") or f"sqlite:///{home / 'registry.db'}"
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of the server and its worker processes (``--workers``)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return cpu_seconds(pid) + sum(cpu_seconds(int(child)) for child in children)
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
@@ -359,14 +386,14 @@ async def run_load(
         conns.append(conn)
     try:
         warmup, timed = Phase(), Phase()
-        cpu0 = cpu_seconds(server_pid)
+        cpu0 = tree_cpu_seconds(server_pid)
         await asyncio.wait_for(drive(conns, work[: args.warmup], set(), warmup), args.timeout)
-        cpu1 = cpu_seconds(server_pid)
+        cpu1 = tree_cpu_seconds(server_pid)
         gen0, wall0 = time.process_time(), time.perf_counter()
         await asyncio.wait_for(drive(conns, work[args.warmup :], keep, timed), args.timeout)
         wall = time.perf_counter() - wall0
         gen_cpu = time.process_time() - gen0
-        cpu2 = cpu_seconds(server_pid)
+        cpu2 = tree_cpu_seconds(server_pid)
     finally:
         for conn in conns:
             if conn.transport is not None:
@@ -435,6 +462,8 @@ def main() -> int:
         FLEETGATE_CA_PASSPHRASE=PASSPHRASE,
         FLEETGATE_LOG_LEVEL=args.log_level,
     )
+    if args.database_url:
+        env["FLEETGATE_DATABASE_URL"] = args.database_url
     device_ids = [f"bench-{i:06d}" for i in range(args.devices)]
     proc: subprocess.Popen[bytes] | None = None
     try:
@@ -458,7 +487,7 @@ def main() -> int:
         port = free_port()
         stderr_path = tmp / "server.stderr"
         profile_path = tmp / "server.prof" if args.profile else None
-        proc = start_server(env, port, stderr_path, profile_path, pin)
+        proc = start_server(env, port, stderr_path, profile_path, pin, args.workers)
         wait_until_serving(proc, port, ctx, stderr_path)
 
         timed_count = args.devices - args.warmup
@@ -474,7 +503,7 @@ def main() -> int:
         stop_server(proc)
         stages = stage_seconds(stderr_path)
 
-        registry = Registry(f"sqlite:///{home / 'registry.db'}")
+        registry = Registry(database_url(home, env))
         try:
             active = len(registry.devices(state=DeviceState.ACTIVE))
         finally:

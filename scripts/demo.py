@@ -104,7 +104,7 @@ def main() -> None:
     run("ca", "init")
 
     step("2. A production-line station, the ids it may enroll, and a dashboard identity")
-    run("station", "add", "line-1")
+    code = run("station", "add", "line-1").splitlines()[1]  # one-time; its key is made on it
     run("batch", "add", "line-1", *DEVICES, "--group", "sensors", "--label", "WO-1001")
     run("batch", "add", "line-1", "dashboard", "--group", "dashboards")
     run("acl", "set", "dashboards", "--publish", "devices/+/commands/#",
@@ -116,6 +116,7 @@ def main() -> None:
     try:
         services.append(start_service("broker", ports["broker"]))
         print(f"EST on {est_url}, MQTT on localhost:{ports['broker']}")
+        enroll_station(est_url, code)
         demo(est_url, ports)
         tpm_line(est_url, ports)
     finally:
@@ -272,6 +273,17 @@ def tpm_line(est_url: str, ports: dict[str, int]) -> None:
         for tpm in tpms:
             tpm.stop()
         bus.stop()
+
+
+def enroll_station(est_url: str, code: str) -> None:
+    """The station makes its own key and redeems its bootstrap code over EST."""
+    os.environ["FLEETGATE_STATION_CODE"] = code  # not on a command line
+    try:
+        station, root = HOME / "stations" / "line-1", HOME / "ca" / "root.crt"
+        run("station", "enroll", "line-1", "--server", est_url, "--root", str(root),
+            "--dir", str(station))  # fmt: skip
+    finally:
+        del os.environ["FLEETGATE_STATION_CODE"]
 
 
 def enroll_meters(

@@ -25,6 +25,7 @@ from enrollment.ca import init_ca, load_ca
 from enrollment.registry import Registry
 from enrollment.server import EnrollmentServer
 from enrollment.service import EnrollmentService
+from firmware_sim.station import provision_station
 from fleetgate.config import Config, load_config
 from fleetgate.keyfiles import write_certificates, write_private_key
 
@@ -100,11 +101,9 @@ class Fleet:
         self.chain = config.ca_dir / "chain.pem"
 
     def add_station(self, name: str = "line-1") -> StationCredentials:
-        key, cert = self.service.add_station(name, actor="test")
         directory = self.config.home / "stations" / name
-        write_private_key(directory / "station.key", key)
-        write_certificates(directory / "station.crt", [cert, self.service.ca.anchors.issuing])
-        return StationCredentials(name, directory / "station.crt", directory / "station.key")
+        cert, key, _ = provision_station(self.service, name, directory, actor="test")
+        return StationCredentials(name, cert, key)
 
     def batch(self, station: str, *device_ids: str, group: str = "default") -> None:
         self.registry.add_batch(station, list(device_ids), group=group, label="test", actor="test")

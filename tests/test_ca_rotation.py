@@ -23,6 +23,7 @@ from cryptography.x509 import ocsp
 from sdk_helpers import Devices, devices_fixture, wait_for  # noqa: F401  (fixtures)
 
 from device_sdk import DeviceClient, EnrollmentError, NotConnected, RenewalPolicy
+from device_sdk.est import station_csr
 from enrollment import rotation
 from enrollment.ca import ServerCredentials, ca_paths, ensure_server_certificate
 from enrollment.registry import DeviceState
@@ -185,7 +186,10 @@ def test_the_cli_rotates_counts_and_retires_with_one_line_refusals(tmp_path: Pat
         return done.stdout if code == 0 else done.stderr
 
     cli("ca", "init")
-    cli("station", "add", "line-1")
+    csr = tmp_path / "line-1.csr"  # the station's key stays with the station
+    request = station_csr("line-1", ec.generate_private_key(ec.SECP256R1()))
+    csr.write_bytes(request.public_bytes(serialization.Encoding.PEM))
+    cli("station", "add", "line-1", "--csr", str(csr))
     first = json.loads(cli("ca", "status", "--json"))
     assert [(r["role"], r["state"]) for r in first] == [("root", "active"), ("issuing", "active")]
     assert "new issuing CA" in cli("ca", "rotate", "issuing")

@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 
-from device_sdk.est import device_csr
+from device_sdk.est import device_csr, station_csr
 from enrollment.ca import load_ca
 from enrollment.registry import DeviceState, Registry, StationState, SubjectKind, schema
 from enrollment.service import EnrollmentService
@@ -110,6 +110,16 @@ def _enroll(home: Path, station: str, device_id: str) -> x509.Certificate:
             registry.close()
 
 
+def _station_csr_file(
+    directory: Path, station: str, encoding: Encoding = Encoding.PEM
+) -> tuple[Path, ec.EllipticCurvePrivateKey]:
+    """The station's side of ``station add --csr``: its key stays here, its CSR goes to the CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = directory / f"{station}.csr"
+    path.write_bytes(station_csr(station, key).public_bytes(encoding))
+    return path, key
+
+
 @contextmanager
 def _open_registry(home: Path) -> Iterator[Registry]:
     """The data directory's registry, opened in the test process to check what the CLI did."""
@@ -159,8 +169,9 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Template:
     home = tmp_path_factory.mktemp("template") / "fleet-data"
     cli = Cli(home)
     cli("ca", "init").ok()
-    cli("station", "add", "line-1").ok()
-    cli("station", "add", "line-2").ok()
+    for station in ("line-1", "line-2"):
+        csr, _key = _station_csr_file(home.parent, station)
+        cli("station", "add", station, "--csr", str(csr)).ok()
     cli("batch", "add", "line-1", "d1", "d2", "d3").ok()
     serials = {d: format(_enroll(home, "line-1", d).serial_number, "x") for d in ("d1", "d2")}
     with _open_registry(home) as registry:
@@ -295,11 +306,12 @@ def test_the_home_option_selects_the_data_directory(fleet, tmp_path):
 # -- stations ----------------------------------------------------------------------------------
 
 
-def test_station_add_writes_an_owner_only_key_and_a_certificate_naming_the_station(fleet):
-    fleet("station", "add", "line-3").ok()
+def test_station_add_signs_the_stations_csr_and_writes_no_key_on_the_ca_host(fleet, tmp_path):
+    csr, key = _station_csr_file(tmp_path, "line-3", Encoding.DER)
+    fleet("station", "add", "line-3", "--csr", str(csr)).ok()
     directory = fleet.home / "stations" / "line-3"
-    assert _mode(directory / "station.key") == 0o600
-    key = load_pem_private_key((directory / "station.key").read_bytes(), password=None)
+    assert sorted(p.name for p in directory.iterdir()) == ["station.crt"]
+    assert not [p for p in fleet.home.rglob("*.key") if "station" in p.name]
     cert, issuing = x509.load_pem_x509_certificates((directory / "station.crt").read_bytes())
     assert key.public_key() == cert.public_key()
     assert issuing == x509.load_pem_x509_certificate(
@@ -313,6 +325,28 @@ def test_station_add_writes_an_owner_only_key_and_a_certificate_naming_the_stati
     assert set(rows) == {"line-1", "line-2", "line-3"}
     assert rows["line-3"]["state"] == "active"
     assert rows["line-3"]["certificate"] == format(cert.serial_number, "x")
+
+
+def test_station_add_refuses_a_csr_naming_another_station(fleet, tmp_path):
+    csr, _key = _station_csr_file(tmp_path, "line-4")
+    result = fleet("station", "add", "line-5", "--csr", str(csr)).failed()
+    assert "must name the station (line-5)" in result.stderr
+    with _open_registry(fleet.home) as registry:
+        assert "line-5" not in {s.id for s in registry.stations()}
+
+
+def test_station_add_without_a_csr_prints_a_one_time_code_and_stores_only_its_hash(fleet):
+    result = fleet("station", "add", "line-6", "--code-ttl", "5").ok()
+    code = result.stdout.splitlines()[1]
+    assert len(code) >= 22
+    assert not (fleet.home / "stations" / "line-6").exists()
+    for path in fleet.home.rglob("*"):
+        if path.is_file():
+            assert code.encode() not in path.read_bytes(), path
+    with _open_registry(fleet.home) as registry:
+        assert registry.station("line-6").state == StationState.ACTIVE
+        assert registry.certificates_of(SubjectKind.STATION, "line-6") == []
+        assert registry.audit_events(subject="line-6")[-1].action == "station.add"
 
 
 def test_station_add_with_an_invalid_name_is_refused_with_the_id_rule(fleet):
@@ -793,3 +827,8 @@ def test_device_move_errors_clearly_and_changes_nothing(fleet, template, device,
     assert fleet("device", "show", "d1", "--json").ok().json()["group"] == "default"
     with _open_registry(fleet.home) as registry:
         assert not [c for c in registry.changes_since(0) if c.group is not None]
+
+
+def test_serve_enrollment_with_several_workers_is_refused_on_sqlite(fleet):
+    result = fleet("serve", "enrollment", "--workers", "2").failed()
+    assert "--workers 2 needs a PostgreSQL registry" in result.stderr

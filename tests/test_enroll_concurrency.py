@@ -37,6 +37,7 @@ from device_sdk.est import EstClient, client_context, device_csr
 from enrollment.registry import CertStatus, DeviceState, SubjectKind
 from enrollment.service import StageTimer
 from enrollment.workers import ServiceThreads
+from firmware_sim.station import new_station
 from fleetgate.config import Config, load_config
 from fleetgate.errors import EnrollmentRefused
 
@@ -227,7 +228,7 @@ def test_twenty_threads_racing_inside_the_service_enroll_one_id_once(fleet):
     """The same race without the HTTP server in between: all twenty threads are held at signing
     until every one has passed the early check, so the registry's conditional update must stop
     all but one."""
-    _, station_cert = fleet.service.add_station("line-1", actor="test")
+    _, station_cert = new_station(fleet.service, "line-1", actor="test")
     fleet.batch("line-1", "sensor-1")
     bodies = [
         base64.encodebytes(

@@ -33,6 +33,7 @@ from enrollment.ca import init_ca, load_ca
 from enrollment.registry import AuditEvent, Certificate, DeviceState, Registry
 from enrollment.server import EnrollmentServer
 from enrollment.service import EnrollmentService
+from firmware_sim.station import new_station
 from fleetgate.config import load_config
 from fleetgate.errors import CAPassphraseError
 from fleetgate.keyfiles import write_certificates, write_private_key
@@ -387,7 +388,8 @@ def test_device_certificate_cannot_enroll_other_devices(fleet, est_server, stati
     assert fleet.registry.device("sensor-2").state == DeviceState.PENDING
 
 
-def test_station_certificate_cannot_reenroll(fleet, est_server, station, enrolled):
+def test_station_certificate_cannot_reenroll_a_device(fleet, est_server, station, enrolled):
+    """A station renews only itself at simplereenroll (tests/test_station_bootstrap.py)."""
     before = snapshot(fleet.registry)
     body = b64(device_csr("sensor-1", new_key()))
     reply = post(est_server, "simplereenroll", body, fleet.root, station.cert, station.key)
@@ -398,7 +400,7 @@ def test_station_certificate_cannot_reenroll(fleet, est_server, station, enrolle
         status=403,
         action="reenroll",
         actor="station:line-1",
-        says="a station certificate (line-1) cannot be used here",
+        says="a station's CSR must name the station (line-1)",
     )
 
 
@@ -410,7 +412,7 @@ def foreign_station(tmp_path, home):
     registry = new_registry(other.database_url)
     try:
         service = EnrollmentService(load_ca(other), registry)
-        key, cert = service.add_station("line-1", actor="test")
+        key, cert = new_station(service, "line-1", actor="test")
     finally:
         registry.close()
     directory = tmp_path / "foreign"
@@ -533,7 +535,7 @@ def expired_device(fleet, station) -> EnrolledDevice:
     """sensor-2, enrolled 200 days ago by a station of that time: its 90-day cert has expired."""
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=200)
     then = EnrollmentService(fleet.service.ca, fleet.registry, clock=lambda: past)
-    _, old_station = then.add_station("line-old", actor="test")
+    _, old_station = new_station(then, "line-old", actor="test")
     fleet.batch("line-old", "old-1")
     key = new_key()
     cert = then.enroll(old_station, b64(device_csr("old-1", key)))

@@ -46,6 +46,7 @@ from enrollment.registry import (
 from enrollment.registry.certificates import certificate_values
 from enrollment.registry.models import BatchEntry
 from enrollment.service import EnrollmentService
+from firmware_sim.station import new_station
 from fleetgate.config import load_config
 from fleetgate.errors import EnrollmentRefused, NotAuthorised, NotFound
 
@@ -108,7 +109,7 @@ def pg_fleet(home: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterat
     reg = new_registry(config.database_url)
     assert reg.engine.dialect.name == "postgresql"
     service = EnrollmentService(load_ca(config), reg)
-    _key, station_cert = service.add_station("line-1", actor="test")
+    _key, station_cert = new_station(service, "line-1", actor="test")
     yield PgFleet(service, reg, station_cert)
     reg.close()
 
@@ -564,7 +565,7 @@ def test_service_roles_do_their_work_but_cannot_change_the_schema_or_the_audit_t
     init_ca(config)
     ca = load_ca(config)
     owner = Registry(owner_url)
-    _key, station_cert = EnrollmentService(ca, owner).add_station("line-1", actor="test")
+    _key, station_cert = new_station(EnrollmentService(ca, owner), "line-1", actor="test")
     owner.add_batch("line-1", ["sensor-1", "sensor-2"], group="g", label="t", actor="test")
     owner.set_acl("g", publish=["g/%d/#"], subscribe=[], actor="test")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from sqlmodel import select as select_rows
 
 from enrollment.registry import statements as sql
 from enrollment.registry.chain import FIELDS, ChainCheck, canonical_time, row_hash, walk
-from enrollment.registry.engine import Database
+from enrollment.registry.engine import Cursorlike, Database
 from enrollment.registry.models import AuditEvent, as_utc, utcnow
 from fleetgate.errors import FleetgateError
 from fleetgate.keyfiles import write_atomic
@@ -38,6 +38,7 @@ _ANCHOR_ROW = select(_ANCHOR.c.last_id, _ANCHOR.c.last_hash).where(_ANCHOR.c.id 
 # pg_advisory_xact_lock key shared by every audit writer ("fgaudit" in ASCII); the schema
 # upgrade's lock is another constant.
 _CHAIN_LOCK = 0x66676175646974
+Lean = Callable[[Any, dict[str, Any]], Cursorlike]
 _STREAM = 1000  # rows fetched at a time when walking or archiving
 
 
@@ -82,16 +83,19 @@ def audit_values(record: AuditRecord) -> dict[str, Any]:
     }
 
 
-def append_audit(conn: Connection, record: AuditRecord) -> None:
-    """Append ``record`` as the chain's next row, in ``conn``'s (write) transaction."""
+def append_audit(conn: Connection, record: AuditRecord, run: Lean | None = None) -> None:
+    """Append ``record`` as the chain's next row, in ``conn``'s (write) transaction; ``run``:
+    the registry's lean statement path on that transaction (``Database._lean``)."""
     if conn.dialect.name == "postgresql":
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_CHAIN_LOCK})")
-    head_id, head_hash = conn.execute(_HEAD_ROW).first() or conn.execute(_ANCHOR_ROW).one()
+    execute: Lean = run or conn.execute
+    head = execute(_HEAD_ROW, {}).fetchone()
+    head_id, head_hash = head or conn.execute(_ANCHOR_ROW).one()
     values = audit_values(record)
     values["id"] = head_id + 1
     values["prev_hash"] = head_hash
     values["row_hash"] = row_hash(values, head_hash)
-    conn.execute(sql.INSERT_AUDIT, values)
+    execute(sql.INSERT_AUDIT, values)
 
 
 def archive_line(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,9 +22,10 @@ def fingerprint(cert: x509.Certificate) -> str:
 
 
 def certificate_values(
-    cert: x509.Certificate, kind: SubjectKind, subject_id: str
+    cert: x509.Certificate, kind: SubjectKind, subject_id: str, issuer_kid: str | None = None
 ) -> dict[str, Any]:
-    """A new certificate row as plain values (building a SQLModel instance costs ~0.1 ms)."""
+    """A new certificate row as plain values (building a SQLModel instance costs ~0.1 ms);
+    ``issuer_kid`` spares parsing the extensions (~50 µs) when the caller knows the signer."""
     return {
         "serial": serial_hex(cert.serial_number),
         "subject_kind": kind,
@@ -36,7 +37,7 @@ def certificate_values(
         "revoked_at": None,
         "revocation_reason": None,
         "pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
-        "issuer_key_id": issuer_key_id(cert),
+        "issuer_key_id": issuer_kid or issuer_key_id(cert),
     }
 
 

@@ -8,6 +8,8 @@ both win), and a partial unique index allows one active certificate per subject.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import sqlite3
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -31,6 +33,7 @@ from enrollment.registry.models import (
     StationState,
     SubjectKind,
     as_utc,
+    member,
     utcnow,
 )
 from fleetgate.errors import EnrollmentRefused, InvalidStateChange, NotFound
@@ -79,21 +82,20 @@ class Devices(AuditLog):
 
     def check_may_enroll(self, station_id: str, device_id: str) -> EnrollmentTarget:
         """Refuse early (before signing) when ``station_id`` may not enroll ``device_id`` now."""
-        with self._read() as conn:
-            row = conn.execute(sql.DEVICE_BATCH, {"device_id": device_id}).first()
-        if row is None or row.station_id != station_id:
+        rows = self._fast_rows(sql.DEVICE_BATCH, {"device_id": device_id})
+        if not rows or rows[0][3] != station_id:
             raise EnrollmentRefused(
                 f"device {device_id} is not in any batch of station {station_id}: "
                 f"add it with `fleetgate batch add {station_id} {device_id}`"
             )
-        if row.state != DeviceState.PENDING:
+        raw_state, group, binding, _station, required = rows[0]
+        state = member(DeviceState, raw_state)
+        if state != DeviceState.PENDING:
             raise EnrollmentRefused(
-                f"device {device_id} is already enrolled (state {row.state}); "
+                f"device {device_id} is already enrolled (state {state}); "
                 "an enrolled device renews with simplereenroll"
             )
-        return EnrollmentTarget(
-            device_id, row.group, row.required_protection or "none", row.hardware_binding
-        )
+        return EnrollmentTarget(device_id, group, required or "none", binding)
 
     def device_key(self, device_id: str) -> DeviceKey:
         """The device's key protection and its group's requirement, for renewal decisions."""
@@ -111,12 +113,19 @@ class Devices(AuditLog):
         query = sql.STATION_CREDENTIAL if station else sql.DEVICE_CREDENTIAL
         active = StationState.ACTIVE if station else DeviceState.ACTIVE
         params = {"serial": serial_hex(serial), "kind": kind, "subject_id": subject_id}
-        with self._read() as conn:
-            row = conn.execute(query, params).first()  # type: ignore[call-overload]
-        if row is None:
+        rows = self._fast_rows(query, params)
+        if not rows:
             return None
-        revoked_at = as_utc(row.revoked_at) if row.revoked_at else None
-        return Credential(row.status, revoked_at, row.revocation_reason, row.state == active)
+        status, revoked_at, reason, raw_state = rows[0]
+        if isinstance(revoked_at, str):  # a raw SQLite row
+            revoked_at = dt.datetime.fromisoformat(revoked_at)
+        holder = member(StationState if station else DeviceState, raw_state)
+        return Credential(
+            member(CertStatus, status),
+            as_utc(revoked_at) if revoked_at else None,
+            reason,
+            holder == active,
+        )
 
     def record_enrollment(
         self,
@@ -125,26 +134,32 @@ class Devices(AuditLog):
         cert: x509.Certificate,
         audit: AuditRecord,
         attested: AttestedKey | None = None,
+        *,
+        issuer_key_id: str | None = None,
     ) -> None:
         """Commit the first certificate of a pending device; exactly one concurrent caller wins.
 
-        With ``attested``, the device is bound to that hardware in the same transaction.
+        With ``attested``, the device is bound to that hardware in the same transaction;
+        ``issuer_key_id``: the signer's, when the caller knows it (else read from ``cert``).
         """
         now = utcnow()
         try:
             with self.engine.begin() as conn:
+                run = functools.partial(self._lean, conn)
                 params = {"b_device_id": device_id, "b_station_id": station_id, "now": now}
-                won = conn.execute(sql.ACTIVATE_PENDING_DEVICE, params).rowcount
+                won = run(sql.ACTIVATE_PENDING_DEVICE, params).rowcount
                 if won != 1:
                     raise EnrollmentRefused(
                         f"device {device_id} was enrolled by a concurrent request; "
                         "this request's certificate was discarded"
                     )
-                conn.execute(sql.MARK_BATCH_ENTRY_ENROLLED, params)
+                run(sql.MARK_BATCH_ENTRY_ENROLLED, params)
                 if attested is not None:
                     bind_hardware(conn, device_id, attested)
-                _insert_issued(conn, cert, device_id, audit)
-        except IntegrityError as exc:  # the partial unique index caught a race
+                row = certificate_values(cert, SubjectKind.DEVICE, device_id, issuer_key_id)
+                run(sql.INSERT_CERTIFICATE, row)
+                append_audit(conn, audit, run)
+        except (IntegrityError, sqlite3.IntegrityError) as exc:  # a unique index caught a race
             raise EnrollmentRefused(
                 f"device {device_id} already has an active certificate; this one was discarded"
             ) from exc

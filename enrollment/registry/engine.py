@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, event
 from sqlalchemy import exc as sa_exc
@@ -121,6 +122,42 @@ def create_registry_engine(url: str) -> Engine:
     return engine
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A statement compiled once for SQLite's driver: its text, its parameters in order with
+    their bind processors (enums stored by name, datetimes as text) and their defaults."""
+
+    text: str
+    names: tuple[str, ...]
+    processors: tuple[Callable[[Any], Any] | None, ...]
+    defaults: dict[str, Any]
+
+    @classmethod
+    def compile(cls, statement: Any, dialect: Any, keys: tuple[str, ...] = ()) -> Prepared:
+        """``keys``: the columns an INSERT's parameter dictionaries name."""
+        query = statement.compile(dialect=dialect, column_keys=list(keys) or None)
+        names = tuple(query.positiontup or ())
+        processors = tuple(query.binds[n].type.bind_processor(dialect) for n in names)
+        defaults = {n: b.effective_value for n, b in query.binds.items() if not b.required}
+        return cls(str(query), names, processors, defaults)
+
+    def parameters(self, params: dict[str, Any]) -> list[Any]:
+        merged = {**self.defaults, **params}
+        return [
+            merged[n] if p is None else p(merged[n])
+            for n, p in zip(self.names, self.processors, strict=True)
+        ]
+
+
+class Cursorlike(Protocol):
+    """What the lean statement path returns: sqlite3's cursor or SQLAlchemy's result."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+
 class SqliteReader:
     """Plain sqlite3 connections (one per thread) for the read every broker CONNECT makes.
 
@@ -135,18 +172,15 @@ class SqliteReader:
         self._path = database
         self._dialect = engine.dialect
         self._local = threading.local()
-        self._compiled: dict[object, tuple[str, tuple[str, ...]]] = {}
+        self._compiled: dict[object, Prepared] = {}
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
 
     def rows(self, statement: Any, params: dict[str, Any]) -> list[Any]:
         compiled = self._compiled.get(statement)
         if compiled is None:
-            query = statement.compile(dialect=self._dialect)
-            compiled = (str(query), tuple(query.positiontup or ()))
-            self._compiled[statement] = compiled
-        text, order = compiled
-        return self._connection().execute(text, [params[name] for name in order]).fetchall()
+            compiled = self._compiled[statement] = Prepared.compile(statement, self._dialect)
+        return self._connection().execute(compiled.text, compiled.parameters(params)).fetchall()
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -178,6 +212,8 @@ class Database:
         self.engine = create_registry_engine(url)
         file_sqlite = self.engine.dialect.name == "sqlite" and url not in _MEMORY_URLS
         self._fast_reads = SqliteReader(self.engine) if file_sqlite else None
+        sqlite = self.engine.dialect.name == "sqlite"
+        self._prepared: dict[object, Prepared] | None = {} if sqlite else None
 
     def close(self) -> None:
         if self._fast_reads is not None:
@@ -225,3 +261,19 @@ class Database:
             return self._fast_reads.rows(statement, params)
         with self._read() as conn:
             return list(conn.execute(statement, params).all())
+
+    def _lean(self, conn: Connection, statement: Any, params: dict[str, Any]) -> Cursorlike:
+        """Run a hot write-path statement in ``conn``'s transaction: on SQLite straight on the
+        driver with the statement compiled once (SQLAlchemy's execute costs ~70 µs a statement,
+        SQLite's ~10 µs), elsewhere through SQLAlchemy."""
+        if self._prepared is None:
+            return conn.execute(statement, params)
+        key = (statement, tuple(params)) if statement.is_insert else statement
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            keys = tuple(params) if statement.is_insert else ()
+            prepared = Prepared.compile(statement, self.engine.dialect, keys)
+            self._prepared[key] = prepared
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        return driver.execute(prepared.text, prepared.parameters(params))

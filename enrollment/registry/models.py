@@ -21,6 +21,11 @@ def as_utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
+def member(enum: Any, value: Any) -> Any:
+    """An enum member from a processed row (the member) or a raw SQLite one (its stored name)."""
+    return value if isinstance(value, enum) else enum[value]
+
+
 def _ts(*, nullable: bool = False, index: bool = False) -> Any:
     # Timezone-aware on PostgreSQL; SQLite stores text and fleetgate always writes UTC.
     column = Column(DateTime(timezone=True), nullable=nullable, index=index)
@@ -125,6 +130,21 @@ class Station(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=64)
     state: StationState = Field(default=StationState.ACTIVE)
     created_at: dt.datetime = _ts()
+
+
+class StationBootstrap(SQLModel, table=True):
+    """A one-time code with which a station enrolls its own key over EST (stored hashed only).
+
+    ``code_sha256`` is the SHA-256 of the code, hex: the code is 128 random bits, so a plain
+    hash is enough to make a stolen database useless for redeeming it.
+    """
+
+    code_sha256: str = Field(primary_key=True, max_length=64)
+    station_id: str = Field(foreign_key="station.id", index=True, max_length=64)
+    created_by: str
+    created_at: dt.datetime = _ts()
+    expires_at: dt.datetime = _ts()
+    used_at: dt.datetime | None = _ts(nullable=True)
 
 
 class Batch(SQLModel, table=True):

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # Alembic is imported only to upgrade: it costs ~0.2 s, every
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
-REVISIONS = ("0001", "0002", "0003", "0004")
+REVISIONS = ("0001", "0002", "0003", "0004", "0005")
 """Every revision, oldest first; a test checks it against the migrations directory."""
 HEAD = REVISIONS[-1]
 VERSION_TABLE = "alembic_version"
@@ -183,6 +183,7 @@ _ALL_TABLES = (
     "devicechange",
     "grouppolicy",
     "station",
+    "stationbootstrap",
     VERSION_TABLE,
 )
 # What each service does to each table, read from its code paths. Every role appends audit rows,
@@ -203,7 +204,7 @@ _BROKER = {
 _ENROLLMENT = {
     "SELECT": tuple(t for t in _ALL_TABLES if t != "auditevent"),
     "INSERT": ("attestationchallenge", "auditevent", "certificate"),
-    "UPDATE": ("attestationchallenge", "batchentry", "certificate", "device"),
+    "UPDATE": ("attestationchallenge", "batchentry", "certificate", "device", "stationbootstrap"),
 }
 # The admin archives the audit trail (fleetgate audit archive): it moves the anchor and deletes
 # the archived rows; the triggers refuse any other UPDATE or DELETE of either table.

@@ -4,14 +4,19 @@ each may enroll."""
 from __future__ import annotations
 
 import csv
+import datetime as dt
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlmodel import col, select
 
+from device_sdk.est import EstClient, client_context, station_csr
 from enrollment import ca as ca_module
+from enrollment.csr import decode_est_body
 from enrollment.registry import (
     Device,
     Registry,
@@ -38,17 +43,83 @@ batch_app = typer.Typer(no_args_is_help=True, help="Device ids a station may enr
 @station_app.command("add")
 def station_add(
     name: str,
+    csr: Annotated[
+        Path | None,
+        typer.Option(help="The station's CSR (PEM or DER), made on the station with its key."),
+    ] = None,
+    code_ttl: Annotated[
+        int, typer.Option(help="Without --csr: minutes the one-time bootstrap code is valid.")
+    ] = 60,
     out: Annotated[
-        Path | None, typer.Option(help="Directory for the station's key and cert.")
+        Path | None, typer.Option(help="With --csr: directory for the station's certificate.")
     ] = None,
 ) -> None:
-    """Issue a station certificate; its key is written 0600 beside it."""
+    """Add a station. Its key never exists here: either sign the CSR it made (--csr), or print
+    a one-time code with which it enrolls its own key over EST (fleetgate station enroll)."""
     config = home_config()
-    key, cert = open_service(config).add_station(name, actor=admin_actor())
+    service = open_service(config)
+    if csr is None:
+        if code_ttl < 1:
+            raise typer.BadParameter("--code-ttl must be at least 1 minute")
+        ttl = dt.timedelta(minutes=code_ttl)
+        code = service.invite_station(name, actor=admin_actor(), ttl=ttl)
+        typer.echo(
+            f"station {name} added; its one-time bootstrap code (valid {code_ttl} min, shown "
+            f"only now):\n{code}\n"
+            f"on the station: fleetgate station enroll {name} --server https://HOST:PORT "
+            "--root root.crt --code CODE"
+        )
+        return
+    data = csr.read_bytes()
+    der = decode_est_body(data) if data.lstrip().startswith(b"-----BEGIN") else data
+    cert = service.add_station(name, der, actor=admin_actor())
     directory = out or config.stations_dir / name
-    write_private_key(directory / "station.key", key)
     write_certificates(directory / "station.crt", [cert, ca_module.load_anchors(config).issuing])
-    typer.echo(f"station {name} added; key and certificate in {directory}")
+    typer.echo(f"station {name} added; certificate in {directory / 'station.crt'}")
+
+
+ServerOption = Annotated[str, typer.Option("--server", help="The EST server, https://host:port.")]
+RootOption = Annotated[Path, typer.Option("--root", help="The fleet's root certificate.")]
+DirOption = Annotated[
+    Path, typer.Option("--dir", help="Where the station keeps its key and certificate.")
+]
+
+
+@station_app.command("enroll")
+def station_enroll(
+    name: str,
+    server: ServerOption,
+    root: RootOption,
+    code: Annotated[
+        str, typer.Option(envvar="FLEETGATE_STATION_CODE", help="The one-time bootstrap code.")
+    ],
+    directory: DirOption = Path("station"),
+) -> None:
+    """On the station: make its key (0600, never leaves), enroll it with the bootstrap code."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    with EstClient(server, client_context(root)) as est:
+        cert = est.station_enroll(station_csr(name, key), name, code)
+        _keep(directory, key, [cert, *est.cacerts()[:1]])
+    typer.echo(f"station {name} enrolled; key and certificate in {directory}")
+
+
+@station_app.command("renew")
+def station_renew(
+    name: str, server: ServerOption, root: RootOption, directory: DirOption = Path("station")
+) -> None:
+    """On the station: renew its short-lived certificate over EST, with a new key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    credentials = (directory / "station.crt", directory / "station.key")
+    with EstClient(server, client_context(root, *credentials)) as est:
+        cert = est.simplereenroll(station_csr(name, key))
+        _keep(directory, key, [cert, *est.cacerts()[:1]])
+    typer.echo(f"station {name} renewed; valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M}Z")
+
+
+def _keep(directory: Path, key: ec.EllipticCurvePrivateKey, chain: list[x509.Certificate]) -> None:
+    """The station's key (0600, PKCS#8) and its certificate chain."""
+    write_private_key(directory / "station.key", key)
+    write_certificates(directory / "station.crt", chain)
 
 
 @station_app.command("list")
