@@ -72,6 +72,9 @@ A socket closed while its client's bytes are still arriving is reset by the kern
 client loses the acknowledgements it had not read yet: a paho client busy resending thousands
 of messages reads none until it has written them all (measured: 10,000 messages took 59,549
 commits, six per message, when the close came as soon as the acknowledgements were out)."""
+POLL_S = 0.5
+"""How often a connection in a state without a fixed deadline is checked (the tick's period
+before deadlines were kept in a heap)."""
 MAX_REASON_STRING = 256
 """Reason strings quote what the client sent (a topic, a client id, up to 64 KiB and longer once
 quoted): cut to this many characters, a UTF-8 string field holds only 65,535 bytes."""
@@ -256,6 +259,7 @@ class Connection:
         self._pressure_ack: _HeldAck | None = None
         self._deferred: deque[Packet | PlainPublish] = deque()
         core.connections.add(self)
+        core.recheck(self, now)
 
     @property
     def device_id(self) -> str:
@@ -372,6 +376,27 @@ class Connection:
             and now - self.last_received > KEEP_ALIVE_GRACE * self.keep_alive
         ):
             self._disconnect(_R.KEEP_ALIVE_TIMEOUT, "keep-alive timeout", now, publish_will=True)
+
+    def next_check(self, now: float) -> float | None:
+        """When :meth:`check_timeouts` next has something to decide (its deadlines, sooner
+        rather than later); None: nothing until the connection's state changes, which
+        reschedules it (:meth:`BrokerCore.recheck`). A state without a fixed deadline (draining
+        before its acks are out, paced or held) is polled every ``POLL_S``."""
+        state = self.state
+        if state is State.AWAITING_CONNECT:
+            return self._created + self.core.settings.connect_timeout_s
+        if state is State.CLOSED:
+            return None
+        if state is _DRAINING:
+            drained = self._drained_at
+            if drained is None:
+                return now + POLL_S
+            return min(max(drained, self.last_received) + LINGER_QUIET_S, drained + LINGER_MAX_S)
+        if self.resume_at is not None or self._holders:
+            return now + POLL_S
+        if not self.keep_alive:
+            return None
+        return self.last_received + KEEP_ALIVE_GRACE * self.keep_alive
 
     def take_over(self, now: float) -> None:
         """Another connection claimed this client id (MQTT-3.1.4-3)."""
@@ -608,6 +633,7 @@ class Connection:
         )
         self.session = session
         self.state = State.CONNECTED
+        self.core.recheck(self, now)  # its keep-alive deadline from now on
         self.core.metrics.connections_total[self.listener] += 1
         assigned = self.client_id if self.client_id != packet.client_id else None
         self._emit(_connack_success(self.level, present, self.core.settings, assigned, capped))
@@ -811,6 +837,7 @@ class Connection:
                 self._write(packet)
         if state is _DRAINING and not queue:
             self._drained_at = now  # closed once the client is quiet (LINGER_QUIET_S)
+            self.core.recheck(self, now)
 
     def _on_pubrel(self, packet: PubRel) -> None:
         assert self.session is not None
@@ -1124,6 +1151,7 @@ class Connection:
         self.state = State.CLOSED
         self.closing = True
         self.core.connections.discard(self)
+        self.core.connection_deadlines.cancel(self)
 
     def _protocol_error(self, exc: ProtocolError, now: float) -> None:
         if self.state is State.AWAITING_CONNECT:
@@ -1159,6 +1187,7 @@ class Connection:
         at the next full queue: a resend storm that never ends (issue 11). Nothing more from
         the client is processed but PINGREQ; the session ends now, as on any close."""
         self.state = _DRAINING
+        self.core.recheck(self, now)
         session, self.session = self.session, None
         if session is not None:
             self.core.detach(session, self._will, now)
@@ -1195,6 +1224,7 @@ class Connection:
         self.closing = True
         self.core.dirty.add(self)
         self.core.connections.discard(self)
+        self.core.connection_deadlines.cancel(self)
         session, self.session = self.session, None
         if session is not None:
             self.core.detach(session, self._will if publish_will else None, now)

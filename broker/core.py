@@ -38,6 +38,7 @@ from broker.routing import (
 )
 from broker.session import NEVER_EXPIRES, Delivery, PendingWill, Session
 from broker.shared import SharedSubscriptions, share_key
+from broker.timers import Deadlines
 from enrollment.registry import AclPatterns, AuditRecord, DeviceState
 
 if TYPE_CHECKING:
@@ -131,6 +132,10 @@ class BrokerCore:
         self.shared = SharedSubscriptions()  # $share/<group>/<filter> (broker.shared)
         self.retained = RetainedMessages()
         self.dirty: set[Connection] = set()
+        # What :meth:`tick` looks at: connections at their next keep-alive / CONNECT / linger
+        # deadline (:meth:`Connection.next_check`), away sessions at their will or expiry.
+        self.connection_deadlines: Deadlines[Connection] = Deadlines()
+        self.session_deadlines: Deadlines[Session] = Deadlines()
         # Backpressure: sessions whose full queue holds publishers, the publisher of the message
         # being routed, and publishers let go that the I/O layer has to read again.
         self.pressured: set[Session] = set()
@@ -189,6 +194,7 @@ class BrokerCore:
         session.limits = limits or self.limits.default
         session.expires_at = None
         session.expiry_interval = expiry
+        self.session_deadlines.cancel(session)
         if self.will_keeper is not None:
             self.will_keeper.connected(session, will)
         if self.session_hooks is not None:
@@ -213,6 +219,7 @@ class BrokerCore:
             return
         if session.expiry_interval != NEVER_EXPIRES:
             session.expires_at = now + session.expiry_interval
+            self._schedule_session(session)
         if session.fabric is not None and self.session_hooks is not None:
             self.session_hooks.detached(session, now)
         if will is None:
@@ -222,11 +229,23 @@ class BrokerCore:
             self.publish_will(session, will, now)
         else:
             session.pending_will = PendingWill(now + min(delay, session.expiry_interval), will)
+        self._schedule_session(session)
+
+    def _schedule_session(self, session: Session) -> None:
+        """An away session is looked at again at its will delay or its expiry, the sooner."""
+        times = [session.expires_at] if session.expires_at is not None else []
+        if session.pending_will is not None:
+            times.append(session.pending_will.due)
+        if times:
+            self.session_deadlines.schedule(session, min(times))
+        else:
+            self.session_deadlines.cancel(session)
 
     def end_session(self, session: Session, now: float) -> None:
         """Forget the session; a will still waiting for its delay is published now."""
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+        self.session_deadlines.cancel(session)
         if session.fabric is not None and self.session_hooks is not None:
             self.session_hooks.ended(session, now)
         for topic_filter in session.subscriptions:
@@ -542,22 +561,37 @@ class BrokerCore:
 
     # -- time and administration -----------------------------------------------------------------
 
+    def recheck(self, conn: Connection, now: float) -> None:
+        """``conn``'s state changed: :meth:`tick` looks at it again at its next deadline."""
+        when = conn.next_check(now)
+        if when is None:
+            self.connection_deadlines.cancel(conn)
+        else:
+            self.connection_deadlines.schedule(conn, when)
+
     def tick(self, now: float) -> None:
-        """Keep-alive and CONNECT timeouts, delayed wills, expired sessions."""
-        for conn in list(self.connections):
+        """Keep-alive and CONNECT timeouts, delayed wills, expired sessions: only the
+        connections and sessions whose deadline came (a heap each), not all of them."""
+        for conn in self.connection_deadlines.due(now):
             conn.check_timeouts(now)
+            self.recheck(conn, now)
         for session in list(self.pressured):
             assert session.held_since is not None
             if now - session.held_since >= session.limits.max_backpressure_s:
                 self._give_up_holding(session, now)
-        for session in list(self.sessions.values()):
-            if session.connection is not None:
-                continue
+        for session in self.session_deadlines.due(now):
+            if (
+                session.connection is not None
+                or self.sessions.get(session.client_id) is not session
+            ):
+                continue  # came back, or already ended
             if session.expires_at is not None and now >= session.expires_at:
                 self.end_session(session, now)
-            elif session.pending_will is not None and now >= session.pending_will.due:
+                continue
+            if session.pending_will is not None and now >= session.pending_will.due:
                 will, session.pending_will = session.pending_will.will, None
                 self.publish_will(session, will, now)
+            self._schedule_session(session)
 
     def _give_up_holding(self, session: Session, now: float) -> None:
         """A full queue held its publishers for ``max_backpressure_s``: a subscriber too slow

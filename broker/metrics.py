@@ -168,6 +168,38 @@ class Metrics:
         )
         return "\n".join(lines) + "\n"
 
+    @staticmethod
+    def render_gc(
+        count: dict[int, int], worst_s: dict[int, float], total_s: dict[int, float], refreezes: int
+    ) -> str:
+        """The garbage collector's pauses, per generation (:mod:`broker.gcpolicy`)."""
+
+        def per(values: dict[int, int] | dict[int, float]) -> list[tuple[str, Sample]]:
+            return [(f'{{generation="{g}"}}', values[g]) for g in sorted(values)]
+
+        lines = family_lines(
+            "gc_collections_total", "counter", "Garbage collections, by generation.", per(count)
+        )
+        lines += family_lines(
+            "gc_pause_seconds_total",
+            "counter",
+            "Time the event loop stood still in garbage collections, by generation.",
+            per(total_s),
+        )
+        lines += family_lines(
+            "gc_pause_seconds_max",
+            "gauge",
+            "The longest garbage collection pause since start, by generation.",
+            per(worst_s),
+        )
+        lines += family_lines(
+            "gc_refreezes_total",
+            "counter",
+            "Full collections the GC policy ran to free dead frozen objects.",
+            [("", refreezes)],
+        )
+        return "\n".join(lines) + "\n"
+
     def render_limits(
         self,
         queue_drops: Iterable[tuple[str, int]],

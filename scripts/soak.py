@@ -1129,6 +1129,7 @@ def metrics_lines(port: int) -> list[str]:
         "protocol_refusals",
         "dropped",
         "pauses",
+        "gc_",
     )
     return [
         f"metrics: {line}"
