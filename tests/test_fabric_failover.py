@@ -15,24 +15,18 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import nats
 import pytest
 from broker_helpers import V5, V311, Creds, Paho, enroll, wait_for
 from conftest import Fleet
-from nats_cluster import NatsCluster, healthy_cluster
+from nats_cluster import NatsCluster
 from test_broker_delivery import connected, pair  # noqa: F401 (pair: sensor-1, ops-1)
 from test_fabric_node import FabricBroker
+from test_fabric_sessions import cluster  # noqa: F401 (one healthy cluster per module)
 
 from broker.fabric.durable import STREAM, Availability
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    with healthy_cluster(tmp_path_factory.mktemp("nats")) as running:
-        yield running
 
 
 def _lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:

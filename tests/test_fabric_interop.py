@@ -3,7 +3,7 @@ subscribe on the other, at QoS 0, 1 and 2 on MQTT 3.1.1 and 5.0, with paho-mqtt 
 mosquitto_pub/mosquitto_sub; and a server that announces a version older than 2.10 refused
 at connect."""
 
-# ruff: noqa: F811 - the tests take the `pair` fixture imported from test_broker_delivery
+# ruff: noqa: F811 - the tests take fixtures imported from other test modules
 
 from __future__ import annotations
 
@@ -11,34 +11,17 @@ import queue
 import re
 import socket
 import threading
-from collections.abc import Iterator
 
 import pytest
 from broker_helpers import V5, V311, Creds, MosquittoSub, free_port, mosquitto
 from conftest import Fleet
-from nats_cluster import NatsCluster, healthy_cluster
 from test_broker_delivery import connected, pair  # noqa: F401 (pair: sensor-1, ops-1)
-from test_fabric_node import FabricBroker, await_route, paho_route
+from test_fabric_node import FabricBroker, await_route, nodes, paho_route  # noqa: F401 (nodes)
+from test_fabric_sessions import cluster  # noqa: F401 (one healthy cluster per module)
 
 from broker.fabric.node import FabricUnavailable
 
 TOPIC = "devices/sensor-1/telemetry/interop"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    with healthy_cluster(tmp_path_factory.mktemp("nats")) as running:
-        yield running
-
-
-@pytest.fixture
-def nodes(fleet: Fleet, cluster: NatsCluster) -> Iterator[tuple[FabricBroker, FabricBroker]]:
-    """Node A on NATS server 1, node B on NATS server 3."""
-    a = FabricBroker(fleet, [cluster.nodes[0].url], "node-a").start()
-    b = FabricBroker(fleet, [cluster.nodes[2].url], "node-b").start()
-    yield a, b
-    a.stop()
-    b.stop()
 
 
 @pytest.mark.parametrize("version", [V311, V5])
