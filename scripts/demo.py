@@ -435,7 +435,7 @@ def fabric_story(
     info = device.connection
     present = info.session_present if info is not None else "?"
     print(f"{FABRIC_DEVICE} resumed on node-2 (session present: {present}) and got "
-          f"{', '.join(commands)} {took:.1f} s after it turned to node-2")  # fmt: skip
+          f"{', '.join(commands)} {took * 1000:.0f} ms after it turned to node-2")  # fmt: skip
 
     step(f"13. {FABRIC_DEVICE} is revoked: the node that holds it now closes its session")
     run("device", "revoke", FABRIC_DEVICE, "--reason", "keyCompromise", show=False)
