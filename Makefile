@@ -14,6 +14,7 @@ bootstrap-test:
 	@scripts/get-nats-server.sh >/dev/null  # nats-server >= 2.10 for the fabric tests
 
 demo: bootstrap
+	@scripts/get-nats-server.sh >/dev/null || echo "demo: no nats-server >= 2.10, the scale-out part is skipped"
 	$(VENV)/python scripts/demo.py
 
 # The lock (requirements/) must be the lock of pyproject.toml; `make lock` refreshes it on purpose.

@@ -5,7 +5,8 @@ the broker over mutual TLS through the device SDK; one device revoked from the C
 off the broker within a second; its reconnects refused; a summary. Then a second line of
 meters whose keys are made in their TPMs (swtpm behind tpm2-abrmd) and proven by attestation
 before they get certificates. Each admin step runs the real `fleetgate` command, printed before
-it runs.
+it runs. Last, if a nats-server >= 2.10 is installed (`scripts/get-nats-server.sh`, which
+`make demo` runs), a short scale-out part: two broker nodes on a 3-node NATS cluster.
 """
 
 from __future__ import annotations
@@ -14,19 +15,23 @@ import datetime as dt
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sdk import DeviceClient, FileKeyStore, Message
+from device_sdk.backoff import Backoff
 from device_sdk.est import EstClient, EstError, client_context, device_csr
 from device_sdk.provisioning import enroll
 from device_sdk.tpm_keystore import TpmKeyStore
@@ -123,6 +128,7 @@ def main() -> None:
         for process in services:
             process.terminate()
             process.wait(15)
+    scale_out()
     print(f"\nDemo complete. Data directory: {HOME} (service logs: {HOME}/*.log)")
 
 
@@ -340,6 +346,127 @@ def ocsp_check(port: int) -> None:
     )  # fmt: skip
     print("$ openssl ocsp ... -cert devices/sensor-07/device.crt")
     print("  " + "\n  ".join(result.stdout.strip().splitlines()))
+
+
+# -- scale-out: two broker nodes on a NATS cluster (issue 12) ------------------------------------
+
+FABRIC_DEVICE = "sensor-03"
+RETAINED_TOPIC = "devices/sensor-04/commands/config"
+
+
+def start_node(name: str, servers: list[str], port: int) -> subprocess.Popen[bytes]:
+    """``fleetgate serve broker`` as one node of the fabric, on the demo's data directory."""
+    env = dict(os.environ)
+    env.update(
+        FLEETGATE_FABRIC_SERVERS=",".join(servers),
+        FLEETGATE_FABRIC_NODE_NAME=name,
+        FLEETGATE_BROKER_PORT=str(port),
+        FLEETGATE_BROKER_METRICS_PORT=str(free_port()),
+    )
+    log = (HOME / f"broker-{name}.log").open("a")
+    process = subprocess.Popen([FLEETGATE, "serve", "broker"], env=env, stdout=log, stderr=log)
+    wait_for_port(port, f"broker node {name}", 60)
+    return process
+
+
+def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+        process.wait(30)
+
+
+def wait_until(condition: Callable[[], bool], what: str, deadline_s: float = 30.0) -> float:
+    """Seconds until ``condition`` held; the demo fails naming ``what`` after ``deadline_s``."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > deadline_s:
+            sys.exit(f"demo failed: {what} did not happen within {deadline_s:.0f} s")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def scale_out() -> None:
+    """3 NATS servers and 2 broker nodes on loopback: a device on node 1 and a dashboard on
+    node 2 talk; node 1 is killed and the device resumes its session on node 2 with what was
+    queued; a revocation kicks it there; a retained message outlives both nodes."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from nats_cluster import NatsCluster, nats_server_binary
+
+    try:
+        nats_server_binary()
+    except RuntimeError as exc:
+        print(f"\n(scale-out part skipped: {exc})")
+        return
+    with tempfile.TemporaryDirectory(prefix="fleetgate-demo-nats-") as scratch:
+        step("11. Scale out: 3 NATS servers (JetStream, R3) and 2 broker nodes on loopback")
+        with NatsCluster(Path(scratch)) as cluster:
+            ports = [free_port(), free_port()]
+            nodes = [start_node(f"node-{i + 1}", cluster.urls, p) for i, p in enumerate(ports)]
+            print(f"NATS on {', '.join(cluster.urls)}; brokers node-1 :{ports[0]}, "
+                  f"node-2 :{ports[1]}")  # fmt: skip
+            try:
+                fabric_story(nodes, ports, cluster.urls)
+            finally:
+                for process in nodes:
+                    stop(process)
+
+
+def fabric_story(
+    nodes: list[subprocess.Popen[bytes]], ports: list[int], servers: list[str]
+) -> None:
+    stores = {d: FileKeyStore(HOME / "devices" / d) for d in (FABRIC_DEVICE, "sensor-04")}
+    stores["dashboard"] = FileKeyStore(HOME / "devices" / "dashboard")
+    telemetry: list[str] = []
+    commands: list[str] = []
+    dashboard = DeviceClient(stores["dashboard"], "dashboard", port=ports[1]).start()
+    dashboard.wait_connected(15)
+    dashboard.subscribe("devices/+/telemetry", lambda m: telemetry.append(m.payload.decode()))
+    dashboard.flush(15)
+    device = DeviceClient(
+        stores[FABRIC_DEVICE], FABRIC_DEVICE, port=ports[0], session_expiry=3600,
+        backoff=Backoff(initial=0.2, maximum=1.0),
+    ).start()  # fmt: skip
+    device.wait_connected(15)
+    device.subscribe(
+        f"devices/{FABRIC_DEVICE}/commands/#", lambda m: commands.append(m.payload.decode())
+    ).wait(15)
+    while not telemetry:  # the dashboard's interest reaches node 1's NATS server
+        device.publish(f"devices/{FABRIC_DEVICE}/telemetry", b'{"t": 20.0}').wait(10)
+        time.sleep(0.1)
+    print(f"{FABRIC_DEVICE} on node-1 -> dashboard on node-2: {telemetry[-1]}")
+    time.sleep(1.5)  # node-1 checkpoints the session's record in FG_SESSIONS once a second
+
+    step(f"12. node-1 is killed (SIGKILL) while {FABRIC_DEVICE} has a persistent session")
+    stop(nodes[0], signal.SIGKILL)
+    wait_until(lambda: device.connection is None, f"{FABRIC_DEVICE} noticing")
+    for n in range(1, 4):
+        dashboard.publish(f"devices/{FABRIC_DEVICE}/commands/set", f"setpoint-{n}").wait(15)
+    print(f"the dashboard queued 3 commands for {FABRIC_DEVICE} while it is away")
+    device.port = ports[1]  # its broker address now names node-2
+    took = wait_until(lambda: len(commands) >= 3, "the resumed session's queue", 45)
+    info = device.connection
+    present = info.session_present if info is not None else "?"
+    print(f"{FABRIC_DEVICE} resumed on node-2 (session present: {present}) and got "
+          f"{', '.join(commands)} {took * 1000:.0f} ms after it turned to node-2")  # fmt: skip
+
+    step(f"13. {FABRIC_DEVICE} is revoked: the node that holds it now closes its session")
+    run("device", "revoke", FABRIC_DEVICE, "--reason", "keyCompromise", show=False)
+    wait_until(lambda: "0x87" in (device.last_error or ""), "the kick and a refused reconnect", 15)
+    print(f"node-2 closed its session (0x98, above); reconnecting it is told: {device.last_error}")
+    device.close(5)
+
+    step("14. A retained message outlives a restart of both broker nodes")
+    dashboard.publish(RETAINED_TOPIC, "interval=60", retain=True).wait(15)
+    dashboard.close()
+    stop(nodes[1])
+    nodes[:] = [start_node(f"node-{i + 1}", servers, p) for i, p in enumerate(ports)]
+    retained: list[str] = []
+    meter = DeviceClient(stores["sensor-04"], "sensor-04", port=ports[0]).start()
+    meter.wait_connected(15)
+    meter.subscribe("devices/sensor-04/commands/#", lambda m: retained.append(m.payload.decode()))
+    wait_until(lambda: bool(retained), "the retained message", 15)
+    print(f"both nodes restarted; sensor-04 subscribed on node-1 and got {retained[0]!r}")
+    meter.close()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,13 @@ stream leader, during a leader election), the same message is sent again with th
 :attr:`DurableLedger.give_up_s` the message counts as not stored, and the device gets PUBACK
 0x83 (MQTT 5) or a close without acknowledgement (3.1.1, which then resends).
 
+A stall (a leader election: 4-9 s) only holds acknowledgements, within the client's receive
+maximum. A fabric that *stays* down is told apart by :class:`Availability`: the NATS link down
+for longer than ``link_grace_s`` (nats-py finds another server in milliseconds), or no stored
+answer for ``stall_s`` while a message waits. Then new QoS 1/2 messages are refused at once
+(0x97 on MQTT 5, a close without acknowledgement on 3.1.1) and the waiting ones given up, until
+the stream answers again.
+
 Subjects start with ``$``, so MQTT ``#`` and ``+`` subscribers on any node never see them
 (MQTT 4.7.2), and device ACLs never grant ``$`` topics.
 
@@ -113,3 +120,49 @@ class DurableLedger:
             elif item.last_sent is not None and now - item.last_sent >= self.ack_timeout_s:
                 resend.append(number)
         return resend, failed
+
+    def oldest(self) -> float | None:
+        """When the longest-waiting message was first sent, if any waits."""
+        return min((item.first_sent for item in self.pending.values()), default=None)
+
+
+@dataclass
+class Availability:
+    """Whether the fabric takes QoS 1/2 messages now: the state behind the refusals, its log
+    lines and /metrics (no I/O; the node feeds it what it sees)."""
+
+    link_grace_s: float = 2.0
+    stall_s: float = 12.0  # above the Raft election's 4-9 s
+    down: bool = False
+    changes: int = 0
+    refused: int = 0
+    reason: str = ""
+    _link_lost: float | None = None
+    _answered: float = 0.0
+
+    def answered(self, now: float) -> bool:
+        """The stream answered (a stored message, a probe); True if that ends a down state."""
+        self._answered = now
+        if not self.down:
+            return False
+        self.down, self.reason = False, ""
+        self.changes += 1
+        return True
+
+    def check(self, connected: bool, oldest: float | None, now: float) -> bool:
+        """Look at the link and the longest-waiting message; True if that starts a down state."""
+        if connected:
+            self._link_lost = None
+        elif self._link_lost is None:
+            self._link_lost = now
+        if self.down:
+            return False
+        if self._link_lost is not None and now - self._link_lost >= self.link_grace_s:
+            self.reason = f"the NATS link has been down for {now - self._link_lost:.0f} s"
+        elif oldest is not None and now - max(oldest, self._answered) >= self.stall_s:
+            self.reason = f"{STREAM} has not answered for {now - max(oldest, self._answered):.0f} s"
+        else:
+            return False
+        self.down = True
+        self.changes += 1
+        return True

@@ -55,6 +55,7 @@ from broker.fabric.durable import (
     MAX_AGE_S,
     STREAM,
     STREAM_PREFIX,
+    Availability,
     DurableLedger,
 )
 from broker.fabric.kicks import KickRelay
@@ -216,6 +217,8 @@ class FabricNode:
         self._nc: NatsClient | None = None
         self._outbox: deque[tuple[str, bytes, dict[str, str] | None]] = deque()
         self.ledger = DurableLedger(self.name, secrets.token_hex(6))
+        self.availability = Availability()
+        self._probe: asyncio.Task[None] | None = None
         self.sessions: SessionStore | None = None
         self._stored_outbox: deque[int] = deque()  # ledger numbers to send to the stream
         self._outbox_ready = asyncio.Event()
@@ -347,13 +350,18 @@ class FabricNode:
         if self.retained is not None:  # the last retained writes, before the link goes
             await self.retained.stop(5.0)
         await self.wills.stop(5.0)
+        if self._probe is not None:
+            self._tasks.append(self._probe)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._share_nc is not None and not self._share_nc.is_closed:
             await self._share_nc.drain()
         if self._nc is not None and not self._nc.is_closed:
-            await self._nc.drain()
+            if self._nc.is_connected:
+                await self._nc.drain()
+            else:  # the fabric is down: nothing to drain towards
+                await self._nc.close()
 
     def render_metrics(self) -> str:
         """The node's fabric figures for /metrics, labelled with its name."""
@@ -391,6 +399,24 @@ class FabricNode:
                 "counter",
                 "QoS 1/2 messages given up on: the client got 0x83 or a close.",
                 self.not_stored,
+            ),
+            (
+                "fabric_available",
+                "gauge",
+                "1 while FG_MSGS takes QoS 1/2 messages; 0 while they are refused.",
+                float(not self.availability.down),
+            ),
+            (
+                "fabric_state_changes_total",
+                "counter",
+                "Times the fabric went down or came back.",
+                self.availability.changes,
+            ),
+            (
+                "fabric_refused_total",
+                "counter",
+                "QoS 1/2 messages refused at once while the fabric was down (0x97 or a close).",
+                self.availability.refused,
             ),
             ("fabric_kicks_sent_total", "counter", "Feed changes announced.", self.kicks.sent),
             (
@@ -458,6 +484,9 @@ class FabricNode:
             subject = topic_to_subject(message.topic)
         except Unmappable:
             return GateVerdict.INVALID
+        if message.qos != QoS.AT_MOST_ONCE and self.availability.down:
+            self.availability.refused += 1
+            return GateVerdict.FULL  # 0x97 (MQTT 5) or a close without acknowledgement
         now = self._clock()
         headers = nats_headers(message, now)
         self._outbox.append((subject, message.payload, headers))
@@ -552,8 +581,51 @@ class FabricNode:
             return
         item = self.ledger.pending.pop(number)
         self.stored += 1
-        item.on_stored(True, self._clock())
+        now = self._clock()
+        item.on_stored(True, now)
+        self._answered(now)
         self._wake()
+
+    def _answered(self, now: float) -> None:
+        if self.availability.answered(now):
+            log.warning(
+                "fabric available again: QoS 1/2 publishes are taken",
+                extra={"node": self.name, "stream": STREAM},
+            )
+
+    async def _probe_stream(self) -> None:
+        """While down and linked: does the stream's leader answer again?"""
+        assert self._nc is not None
+        try:
+            await self._nc.jetstream(timeout=1.0).stream_info(STREAM)
+        except Exception as exc:
+            self._last_error = str(exc) or type(exc).__name__
+            await asyncio.sleep(0.5)  # one probe a second at most
+        else:
+            self._answered(self._clock())
+
+    def _check_availability(self, now: float) -> None:
+        """Declare the fabric down (refusing QoS 1/2 at once, giving up what waits), or probe
+        it while it is."""
+        assert self._nc is not None
+        available = self.availability
+        if available.check(self._nc.is_connected, self.ledger.oldest(), now):
+            log.error(
+                "fabric down: QoS 1/2 publishes refused until %s answers (%s)",
+                STREAM,
+                available.reason,
+                extra={"node": self.name, "reason": self._last_error},
+            )
+            self._give_up(list(self.ledger.pending), now)
+        if available.down and self._nc.is_connected and (self._probe is None or self._probe.done()):
+            self._probe = asyncio.get_running_loop().create_task(self._probe_stream())
+
+    def _give_up(self, numbers: list[int], now: float) -> None:
+        for number in numbers:
+            self.ledger.pending.pop(number).on_stored(False, now)
+        self.not_stored += len(numbers)
+        if numbers:
+            self._wake()
 
     async def _watch_stored(self) -> None:
         """Resend overdue messages (same Nats-Msg-Id); give up on the hopeless."""
@@ -561,11 +633,9 @@ class FabricNode:
         while True:
             await asyncio.sleep(min(0.25, ledger.ack_timeout_s / 4))
             now = self._clock()
+            self._check_availability(now)
             resend, failed = ledger.due(now)
-            for number in failed:
-                item = ledger.pending.pop(number)
-                self.not_stored += 1
-                item.on_stored(False, now)
+            self._give_up(failed, now)
             if failed:
                 log.error(
                     "fabric: %d message(s) not stored in %s within %.0f s",
@@ -574,7 +644,6 @@ class FabricNode:
                     ledger.give_up_s,
                     extra={"node": self.name, "reason": self._last_error},
                 )
-                self._wake()
             if resend:
                 self.resent += len(resend)
                 for number in resend:
