@@ -659,8 +659,9 @@ class Attacker:
         return "ok" if got == expect else f"0x{got:02x}" if got is not None else "no DISCONNECT"
 
     async def protocol_violations(self) -> dict[str, Any]:
-        """Wildcard in a PUBLISH topic (0x90), NUL and invalid UTF-8 (0x81), a ``$share/``
-        SUBSCRIBE (SUBACK 0x9E), an oversized PUBLISH (0x95); each needs a new connection."""
+        """Wildcard in a PUBLISH topic (0x90), NUL and invalid UTF-8 (0x81), a shared
+        subscription to another device's commands (SUBACK 0x87: the ACL judges the inner
+        filter), an oversized PUBLISH (0x95); each needs a new connection."""
         outcomes: dict[str, Counter[str]] = {}
         base = f"devices/{ATTACKER}/".encode()
         cases = (
@@ -671,10 +672,11 @@ class Attacker:
         )
         for _ in range(self.n(3)):
             link = await self.connect()
-            codes = await self.subscribe_all(link, [[f"$share/g/devices/{ATTACKER}/commands/#"]])
+            foreign = f"$share/g/devices/not-{ATTACKER}/commands/#"
+            codes = await self.subscribe_all(link, [[foreign]])
             link.disconnect()
-            outcomes.setdefault("share_0x9e", Counter())[
-                "ok" if set(codes) == {"0x9e"} else str(codes)
+            outcomes.setdefault("share_foreign_0x87", Counter())[
+                "ok" if set(codes) == {"0x87"} else str(codes)
             ] += 1
             for name, data, code in cases:
                 outcomes.setdefault(name, Counter())[await self.violation(data, code)] += 1
