@@ -17,7 +17,13 @@ import pytest
 from conftest import Fleet, RunningServer
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from tpm_helpers import challenge_for, hand_driven_enrollment, provision_ek, trust_manufacturer
+from tpm_helpers import (
+    challenge_for,
+    hand_driven_enrollment,
+    manufactured_tpm,
+    provision_ek,
+    trust_manufacturer,
+)
 
 from device_sdk.est import device_csr
 from device_sdk.tpm import Tpm
@@ -35,9 +41,7 @@ def ecc_vtpm_fixture(
     tmp_path_factory: pytest.TempPathFactory, tpm_bus: DbusSession, tpm_maker: TpmManufacturer
 ) -> Iterator[VirtualTpm]:
     """A TPM of the trusted manufacturer with both P-256 EK certificates besides swtpm's own."""
-    with VirtualTpm.manufacture(
-        tmp_path_factory.mktemp("vtpm-ecc"), manufacturer=tpm_maker, bus=tpm_bus, name="ecc"
-    ) as tpm:
+    for tpm in manufactured_tpm(tmp_path_factory, tpm_bus, tpm_maker, "ecc"):
         for kind in KINDS:
             provision_ek(tpm, kind)
         yield tpm

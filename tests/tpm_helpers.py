@@ -59,15 +59,22 @@ def tpm_maker_fixture(tmp_path_factory: pytest.TempPathFactory) -> TpmManufactur
     return TpmManufacturer(tmp_path_factory.mktemp("tpm-maker"))
 
 
+def manufactured_tpm(
+    factory: pytest.TempPathFactory, bus: DbusSession, maker: TpmManufacturer, name: str
+) -> Iterator[VirtualTpm]:
+    """One swtpm of ``maker`` on ``bus`` for a fixture's lifetime; the fixtures differ only here."""
+    with VirtualTpm.manufacture(
+        factory.mktemp(f"vtpm-{name}"), manufacturer=maker, bus=bus, name=name
+    ) as tpm:
+        yield tpm
+
+
 @pytest.fixture(name="vtpm", scope="session")
 def vtpm_fixture(
     tmp_path_factory: pytest.TempPathFactory, tpm_bus: DbusSession, tpm_maker: TpmManufacturer
 ) -> Iterator[VirtualTpm]:
     """A genuine TPM from the trusted manufacturer, shared by the session."""
-    with VirtualTpm.manufacture(
-        tmp_path_factory.mktemp("vtpm"), manufacturer=tpm_maker, bus=tpm_bus, name="genuine"
-    ) as tpm:
-        yield tpm
+    yield from manufactured_tpm(tmp_path_factory, tpm_bus, tpm_maker, "genuine")
 
 
 @pytest.fixture(name="second_vtpm", scope="session")
@@ -75,10 +82,7 @@ def second_vtpm_fixture(
     tmp_path_factory: pytest.TempPathFactory, tpm_bus: DbusSession, tpm_maker: TpmManufacturer
 ) -> Iterator[VirtualTpm]:
     """Another genuine TPM: the "different TPM" of mix-and-match attacks."""
-    with VirtualTpm.manufacture(
-        tmp_path_factory.mktemp("vtpm2"), manufacturer=tpm_maker, bus=tpm_bus, name="second"
-    ) as tpm:
-        yield tpm
+    yield from manufactured_tpm(tmp_path_factory, tpm_bus, tpm_maker, "second")
 
 
 @pytest.fixture(name="foreign_vtpm", scope="session")
@@ -87,10 +91,7 @@ def foreign_vtpm_fixture(
 ) -> Iterator[VirtualTpm]:
     """A TPM whose EK certificate comes from a manufacturer CA nobody configured."""
     maker = TpmManufacturer(tmp_path_factory.mktemp("unknown-maker"))
-    with VirtualTpm.manufacture(
-        tmp_path_factory.mktemp("vtpm-foreign"), manufacturer=maker, bus=tpm_bus, name="foreign"
-    ) as tpm:
-        yield tpm
+    yield from manufactured_tpm(tmp_path_factory, tpm_bus, maker, "foreign")
 
 
 def anchors(maker: TpmManufacturer) -> list[x509.Certificate]:
