@@ -35,6 +35,7 @@ _PLACEHOLDER = profiles.Subject(common_name="template", uris=("urn:template",))
 _SEQUENCE, _SET, _INTEGER, _OCTETS, _BIT_STRING = 0x30, 0x31, 0x02, 0x04, 0x03
 _UTF8, _URI, _UTC_TIME, _GENERALIZED_TIME, _EXTENSIONS = 0x0C, 0x86, 0x17, 0x18, 0xA3
 _OID = 0x06
+_EPOCH = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 _COMMON_NAME = tlv(_OID, bytes.fromhex("550403"))  # id-at-commonName
 _KEY_ID = tlv(_OID, bytes.fromhex("551d0e"))  # id-ce-subjectKeyIdentifier
 _ALT_NAME = tlv(_OID, bytes.fromhex("551d11"))  # id-ce-subjectAltName
@@ -71,13 +72,15 @@ class CertificateTemplate:
         policies: Sequence[x509.ObjectIdentifier] = (),
     ) -> CertificateTemplate:
         """Cut the template out of a certificate that cryptography builds and signs."""
+        # Any time inside the issuer's validity: the sample's validity is cut out again.
+        start = issuer.certificate.not_valid_before_utc if issuer.certificate else _EPOCH
         sample = profiles.build_certificate(
             profile,
             subject=_PLACEHOLDER,
             public_key=ec.generate_private_key(ec.SECP256R1()).public_key(),
             issuer=issuer,
-            validity=dt.timedelta(days=1),
-            now=dt.datetime(2030, 1, 1, tzinfo=dt.UTC),
+            validity=dt.timedelta(seconds=1),
+            now=start + profiles.CLOCK_SKEW,
             serial=1,
             pointers=pointers,
             policies=policies,
