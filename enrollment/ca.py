@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from enrollment import profiles
+from enrollment.cert_template import CertificateTemplate, templated
 from enrollment.profiles import Issuer, Profile, RevocationPointers, Subject
 from fleetgate.config import Config
 from fleetgate.errors import CANotInitialised, CAPassphraseError, ConfigError
@@ -89,6 +90,9 @@ class CAPaths:
         return self.directory / f"crl-{key_id}.der"
 
 
+_TemplateKey = tuple[Profile, RevocationPointers, tuple[x509.ObjectIdentifier, ...]]
+
+
 @dataclass(frozen=True)
 class TrustAnchors:
     """The public half of the CA, enough to verify fleet certificates."""
@@ -121,6 +125,7 @@ class CertificateAuthority:
         self._issuer = Issuer(key=issuing_key, certificate=anchors.issuing)
         self.crl_name = crl_name
         self.presented = presented or (anchors.issuing,)
+        self._templates: dict[_TemplateKey, CertificateTemplate] = {}
 
     @property
     def issuer(self) -> Issuer:
@@ -141,15 +146,35 @@ class CertificateAuthority:
         now: dt.datetime | None = None,
         policies: Sequence[x509.ObjectIdentifier] = (),
     ) -> x509.Certificate:
-        return profiles.build_certificate(
-            profile,
-            subject=subject,
-            public_key=public_key,
-            issuer=self._issuer,
-            validity=validity,
-            now=now or dt.datetime.now(dt.UTC),
-            pointers=self.pointers(),
-            policies=policies,
+        """A certificate of ``profile`` signed by the issuing key: from the profile's template
+        when the subject has one (:mod:`enrollment.cert_template`), else built by cryptography."""
+        now = now or dt.datetime.now(dt.UTC)
+        if not templated(subject):
+            return profiles.build_certificate(
+                profile,
+                subject=subject,
+                public_key=public_key,
+                issuer=self._issuer,
+                validity=validity,
+                now=now,
+                pointers=self.pointers(),
+                policies=policies,
+            )
+        pointers = self.pointers()
+        key = (profile, pointers, tuple(policies))
+        template = self._templates.get(key)
+        if template is None:
+            template = CertificateTemplate.build(
+                profile, issuer=self._issuer, pointers=pointers, policies=policies
+            )
+            self._templates[key] = template
+        not_before, not_after = profiles.validity_window(self._issuer, now, validity)
+        return template.issue(
+            subject,
+            public_key,
+            serial=x509.random_serial_number(),
+            not_before=not_before,
+            not_after=not_after,
         )
 
 

@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from sqlalchemy.exc import SQLAlchemyError
 
+from enrollment.group_commit import GroupCommit
 from enrollment.registry import AuditRecord
 from enrollment.registry.outage import RegistryOutage
 from enrollment.service import EnrollmentService
@@ -57,6 +58,7 @@ BOOTSTRAP_REALM = 'Basic realm="fleetgate station bootstrap", charset="UTF-8"'
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
+U = TypeVar("U")
 
 SECURITY_HEADERS = {
     "Strict-Transport-Security": "max-age=31536000",
@@ -120,6 +122,7 @@ class ESTApp:
         self.max_body = service.config.enrollment.max_body_bytes
         self._crl = crl_path_getter
         self._cacerts: tuple[tuple[x509.Certificate, ...], bytes] = ((), b"")
+        self.enrollments = GroupCommit(service.commit_enrollments, threads.run)
 
     def build(self) -> web.Application:
         # client_max_size backs up the explicit check in _read_body.
@@ -194,7 +197,11 @@ class ESTApp:
         return web.Response(body=answer, content_type="application/ocsp-response")
 
     async def simpleenroll(self, request: web.Request) -> web.Response:
-        return await self._enroll(request, "enroll", self.service.enroll)
+        """Checked and signed on the service threads, then committed with the enrollments of
+        concurrent requests (group commit); answered once its own commit is done."""
+        return await self._enroll(
+            request, "enroll", self.service.prepare_enroll, then=self.enrollments.submit
+        )
 
     async def simplereenroll(self, request: web.Request) -> web.Response:
         return await self._enroll(request, "reenroll", self.service.reenroll)
@@ -249,27 +256,37 @@ class ESTApp:
         self,
         request: web.Request,
         action: str,
-        operation: Callable[..., x509.Certificate],
+        operation: Callable[..., T],
+        then: Callable[[T], Awaitable[x509.Certificate]] | None = None,
     ) -> web.Response:
-        cert = await self._call(request, action, operation)
+        """``operation`` returns the certificate, or with ``then`` what ``then`` turns into it."""
+        cert = await self._call(request, action, operation, then)
         if isinstance(cert, web.Response):
             return cert
+        assert isinstance(cert, x509.Certificate)
         log.info("%s ok", action, extra={"serial": f"{cert.serial_number:x}"})
         return _b64_response(pkcs7.serialize_certificates([cert], Encoding.DER), PKCS7_CERTS_ONLY)
 
     async def _call(
-        self, request: web.Request, action: str, operation: Callable[..., T]
-    ) -> T | web.Response:
-        """Run a service operation on the request body; a refusal becomes a one-line error."""
+        self,
+        request: web.Request,
+        action: str,
+        operation: Callable[..., T],
+        then: Callable[[T], Awaitable[U]] | None = None,
+    ) -> T | U | web.Response:
+        """Run a service operation on the request body, and ``then`` on its result if given;
+        a refusal becomes a one-line error."""
         rid = jsonlog.request_id.get()
         body = await self._read_body(request, action, rid)
         if isinstance(body, web.Response):
             return body
         call = functools.partial(operation, peer_certificate(request), body, request_id=rid)
         context = contextvars.copy_context()
-        outcome: T | FleetgateError
+        outcome: T | U | FleetgateError
         try:
             outcome = await self.threads.run(call, context=context)
+            if then is not None:
+                outcome = await then(outcome)
         except FleetgateError as exc:
             outcome = exc
         except (SQLAlchemyError, sqlite3.Error) as exc:

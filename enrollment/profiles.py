@@ -156,17 +156,14 @@ def build_certificate(
 ) -> x509.Certificate:
     """Sign a certificate of ``profile`` for ``subject``; pure apart from the random serial."""
     issuer_name = issuer.certificate.subject if issuer.certificate else subject.name()
-    not_after = now + validity
-    if issuer.certificate is not None:
-        # A certificate never outlives the CA that vouches for it.
-        not_after = min(not_after, issuer.certificate.not_valid_after_utc)
+    not_before, not_after = validity_window(issuer, now, validity)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject.name())
         .issuer_name(issuer_name)
         .public_key(public_key)
         .serial_number(serial if serial is not None else x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(
             x509.BasicConstraints(ca=profile.is_ca, path_length=profile.path_length), critical=True
@@ -193,6 +190,17 @@ def build_certificate(
     if not profile.is_ca:
         builder = _add_revocation_pointers(builder, pointers)
     return sign_certificate(builder, issuer.key, hash_for(issuer.key))
+
+
+def validity_window(
+    issuer: Issuer, now: dt.datetime, validity: dt.timedelta
+) -> tuple[dt.datetime, dt.datetime]:
+    """(not before, not after) of a certificate issued ``now``: backdated by the clock skew,
+    and never outliving the CA that vouches for it."""
+    not_after = now + validity
+    if issuer.certificate is not None:
+        not_after = min(not_after, issuer.certificate.not_valid_after_utc)
+    return now - CLOCK_SKEW, not_after
 
 
 def _key_usage(profile: Profile) -> x509.KeyUsage:

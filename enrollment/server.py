@@ -103,6 +103,7 @@ class EnrollmentServer:
         self.audit = AuditWriter(self.registry, offload=self.threads.run, outage=self.outage)
         self.port = config.enrollment.port if port is None else port
         self._runner: web.AppRunner | None = None
+        self._est: ESTApp | None = None
         self._server: asyncio.Server | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
@@ -145,13 +146,14 @@ class EnrollmentServer:
         self._auditor = asyncio.create_task(self.audit.run())
         settings = self.config.enrollment
         deadline = HeaderDeadline(self._make_protocol, settings.header_timeout_s)
-        app = ESTApp(
+        self._est = ESTApp(
             self.service,
             crl_path_getter=self._read_crl,
             threads=self.threads,
             outage=self.outage,
             middlewares=(deadline.middleware,),
-        ).build()
+        )
+        app = self._est.build()
         # keepalive_timeout bounds a connection waiting for its next request, from its start or
         # its last response to the end of the next request's headers (aiohttp's default: 3630 s).
         # No lingering to read an unread body after the response (aiohttp's default: 10 s, which
@@ -250,9 +252,17 @@ class EnrollmentServer:
             extra={
                 "stage_seconds": json.dumps(timings),
                 "peak_service_calls": self.threads.peak_in_flight,
+                # enrollments committed and the transactions that carried them (group commit)
+                "enroll_commits": _commits(self._est),
             },
         )
         self.registry.close()
+
+
+def _commits(est: ESTApp | None) -> dict[str, int]:
+    if est is None:
+        return {"enrollments": 0, "transactions": 0}
+    return {"enrollments": est.enrollments.items, "transactions": est.enrollments.batches}
 
 
 async def run_forever(

@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypedDict
@@ -49,6 +49,7 @@ from enrollment.registry import (
     SubjectKind,
 )
 from enrollment.registry.authorities import CUT_OFF_REASON
+from enrollment.registry.devices import Issuance
 from enrollment.registry.models import AttestationChallenge, as_utc
 from enrollment.registry.store import DEVICE_ACTIONS
 from fleetgate import jsonlog
@@ -95,6 +96,16 @@ class StageTimer:
             elapsed = time.perf_counter() - start
             with self._lock:
                 self.seconds[name] += elapsed
+
+
+@dataclass(frozen=True)
+class PendingEnrollment:
+    """A simpleenroll checked and signed, not yet committed: the registry's :class:`Issuance`,
+    and who is refused (audited) if the commit finds the device enrolled meanwhile."""
+
+    issuance: Issuance
+    refusable: Refusable
+    request_id: str | None
 
 
 @dataclass
@@ -152,6 +163,17 @@ class EnrollmentService:
         self, station_cert: x509.Certificate | None, body: bytes, *, request_id: str | None = None
     ) -> x509.Certificate:
         """simpleenroll: a station asks for a device's first certificate."""
+        pending = self.prepare_enroll(station_cert, body, request_id=request_id)
+        (outcome,) = self.commit_enrollments([pending])
+        if isinstance(outcome, FleetgateError):
+            raise outcome
+        return outcome
+
+    def prepare_enroll(
+        self, station_cert: x509.Certificate | None, body: bytes, *, request_id: str | None = None
+    ) -> PendingEnrollment:
+        """simpleenroll up to its commit: every check, and the signature. Nothing is handed out
+        before :meth:`commit_enrollments` has committed it."""
         with self.audited("enroll", request_id) as refusable:
             peer = self._identify(station_cert, expected_kind="station")
             refusable.actor = peer.actor  # refusals below are audited under the verified identity
@@ -178,15 +200,31 @@ class EnrollmentService:
                 f"serial {cert.serial_number:x}",
                 request_id,
             )
-            with self.timer.stage("db"):
-                self.registry.record_enrollment(
-                    station.id,
-                    checked.device_id,
-                    cert,
-                    audit,
-                    issuer_key_id=_key_id(signer.anchors.issuing),  # not re-parsed from cert
-                )
-            return cert
+            issuance = Issuance(
+                station.id,
+                checked.device_id,
+                cert,
+                audit,
+                issuer_key_id=_key_id(signer.anchors.issuing),  # not re-parsed from cert
+            )
+            return PendingEnrollment(issuance, refusable, request_id)
+
+    def commit_enrollments(
+        self, pending: Sequence[PendingEnrollment]
+    ) -> list[x509.Certificate | FleetgateError]:
+        """Commit prepared enrollments in one transaction (group commit): per enrollment its
+        certificate, or its refusal (audited) if it lost a race meanwhile. A failure of the
+        transaction itself is raised: then none of them is committed."""
+        with self.timer.stage("db"):
+            refusals = self.registry.record_enrollments([p.issuance for p in pending])
+        outcomes: list[x509.Certificate | FleetgateError] = []
+        for item, refusal in zip(pending, refusals, strict=True):
+            if refusal is None:
+                outcomes.append(item.issuance.cert)
+                continue
+            self._audit_refusal("enroll", item.refusable, refusal, item.request_id)
+            outcomes.append(refusal)
+        return outcomes
 
     def reenroll(
         self, device_cert: x509.Certificate | None, body: bytes, *, request_id: str | None = None
@@ -505,14 +543,18 @@ class EnrollmentService:
         try:
             yield refusable
         except FleetgateError as exc:
-            reason = f"{exc.code}: {exc.message}"
-            self.registry.audit(
-                AuditRecord(
-                    refusable.actor, action, "refused", refusable.subject, reason, request_id
-                )
-            )
-            exc.audited = True
+            self._audit_refusal(action, refusable, exc, request_id)
             raise
+
+    def _audit_refusal(
+        self, action: str, refusable: Refusable, exc: FleetgateError, request_id: str | None
+    ) -> None:
+        reason = f"{exc.code}: {exc.message}"
+        record = AuditRecord(
+            refusable.actor, action, "refused", refusable.subject, reason, request_id
+        )
+        self.registry.audit(record)
+        exc.audited = True
 
     # -- administration --------------------------------------------------------------------
 

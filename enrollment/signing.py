@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.utils import Buffer
 from cryptography.x509 import ocsp
 
+from enrollment.der import children, content, tlv
+
 
 class ExternalKey(ec.EllipticCurvePrivateKey, metaclass=abc.ABCMeta):
     """An EC private key whose secret half never enters the process: it can sign and name its
@@ -141,12 +143,12 @@ def sign_ocsp(
     draft = draft.replace(stand_in_hash, _key_hash(key.public_key()))
     # OCSPResponse ::= SEQUENCE { responseStatus ENUMERATED,
     #   responseBytes [0] EXPLICIT SEQUENCE { responseType OID, response OCTET STRING } }
-    status, explicit = _children(draft)
-    (response_bytes,) = _children(explicit)
-    response_type, octets = _children(response_bytes)
-    basic = _resign(_content(octets), key, algorithm)
-    response_bytes = _tlv(0x30, response_type + _tlv(0x04, basic))
-    der = _tlv(0x30, status + _tlv(0xA0, response_bytes))
+    status, explicit = children(draft)
+    (response_bytes,) = children(explicit)
+    response_type, octets = children(response_bytes)
+    basic = _resign(content(octets), key, algorithm)
+    response_bytes = tlv(0x30, response_type + tlv(0x04, basic))
+    der = tlv(0x30, status + tlv(0xA0, response_bytes))
     ocsp.load_der_ocsp_response(der)  # it must still parse
     return der
 
@@ -181,46 +183,7 @@ def _stand_in(curve_name: str) -> ec.EllipticCurvePrivateKey:
 
 def _resign(signed: bytes, key: ExternalKey, algorithm: SignatureHash) -> bytes:
     """SEQUENCE { tbs, algorithm, BIT STRING signature } with the signature replaced."""
-    tbs, algorithm_id, _old = _children(signed)[:3]
-    rest = b"".join(_children(signed)[3:])  # an OCSP response's [0] certs, if any
+    tbs, algorithm_id, _old = children(signed)[:3]
+    rest = b"".join(children(signed)[3:])  # an OCSP response's [0] certs, if any
     signature = key.sign(tbs, ec.ECDSA(algorithm))
-    return _tlv(0x30, tbs + algorithm_id + _tlv(0x03, b"\x00" + signature) + rest)
-
-
-# -- the few DER rules needed to take a signed structure apart and put it together again --------
-
-
-def _read(der: bytes, at: int) -> tuple[int, int, int]:
-    """(content start, content end, element end) of the element at ``at``."""
-    length = der[at + 1]
-    start = at + 2
-    if length & 0x80:
-        count = length & 0x7F
-        length = int.from_bytes(der[start : start + count], "big")
-        start += count
-    return start, start + length, start + length
-
-
-def _content(element: bytes) -> bytes:
-    start, end, _ = _read(element, 0)
-    return element[start:end]
-
-
-def _children(element: bytes) -> list[bytes]:
-    """The complete elements (tag, length, content) inside a constructed element."""
-    start, end, _ = _read(element, 0)
-    children = []
-    at = start
-    while at < end:
-        _, _, stop = _read(element, at)
-        children.append(element[at:stop])
-        at = stop
-    return children
-
-
-def _tlv(tag: int, content: bytes) -> bytes:
-    size = len(content)
-    if size < 0x80:
-        return bytes([tag, size]) + content
-    encoded = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(encoded)]) + encoded + content
+    return tlv(0x30, tbs + algorithm_id + tlv(0x03, b"\x00" + signature) + rest)

@@ -19,8 +19,8 @@ How many threads (:func:`service_threads`):
   more than the engine's ``QueuePool`` keeps connections (``pool_size``, 5 by default; more
   threads would open and close overflow connections, or wait for one).
 
-The audit writer commits on the same pool, so the service never holds more registry
-connections than it has threads.
+The audit writer and the enrollments' group commit (:mod:`enrollment.group_commit`) commit on
+the same pool, so the service never holds more registry connections than it has threads.
 """
 
 from __future__ import annotations

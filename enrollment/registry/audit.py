@@ -83,19 +83,30 @@ def audit_values(record: AuditRecord) -> dict[str, Any]:
     }
 
 
-def append_audit(conn: Connection, record: AuditRecord, run: Lean | None = None) -> None:
+ChainHead = tuple[int, str]
+"""The audit chain's last row: its id and hash."""
+
+
+def append_audit(
+    conn: Connection, record: AuditRecord, run: Lean | None = None, head: ChainHead | None = None
+) -> ChainHead:
     """Append ``record`` as the chain's next row, in ``conn``'s (write) transaction; ``run``:
-    the registry's lean statement path on that transaction (``Database._lean``)."""
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_CHAIN_LOCK})")
+    the registry's lean statement path on that transaction (``Database._lean``). Returns the
+    new head; ``head``: the one an earlier append in this same transaction returned (the lock
+    is held already and the head need not be read again)."""
     execute: Lean = run or conn.execute
-    head = execute(_HEAD_ROW, {}).fetchone()
-    head_id, head_hash = head or conn.execute(_ANCHOR_ROW).one()
+    if head is None:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_CHAIN_LOCK})")
+        last = execute(_HEAD_ROW, {}).fetchone()
+        head = last or conn.execute(_ANCHOR_ROW).one()
+    head_id, head_hash = head
     values = audit_values(record)
     values["id"] = head_id + 1
     values["prev_hash"] = head_hash
     values["row_hash"] = row_hash(values, head_hash)
     execute(sql.INSERT_AUDIT, values)
+    return values["id"], values["row_hash"]
 
 
 def archive_line(row: Mapping[str, Any]) -> dict[str, Any]:

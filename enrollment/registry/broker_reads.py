@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from sqlmodel import col, select
 
@@ -17,7 +16,14 @@ from enrollment.registry import statements as sql
 from enrollment.registry.acl import AclPatterns, check_patterns
 from enrollment.registry.audit import AuditLog, AuditRecord
 from enrollment.registry.certificates import serial_hex
-from enrollment.registry.models import AclRule, CertStatus, DeviceChange, DeviceState, SubjectKind
+from enrollment.registry.models import (
+    AclRule,
+    CertStatus,
+    DeviceChange,
+    DeviceState,
+    SubjectKind,
+    member,
+)
 from fleetgate.ids import validate_id
 
 
@@ -62,11 +68,11 @@ class BrokerReads(AuditLog):
         certificate = None
         if cert_serial is not None:
             certificate = CertificateFacts(
-                cert_serial, _member(SubjectKind, kind), subject, _member(CertStatus, status)
+                cert_serial, member(SubjectKind, kind), subject, member(CertStatus, status)
             )
         rules = [(action, pattern) for *_, action, pattern in rows if action is not None]
         return AdmissionFacts(
-            _member(DeviceState, state),
+            member(DeviceState, state),
             group or sql.DEFAULT_GROUP,
             certificate,
             _acl_patterns(rules),
@@ -79,7 +85,7 @@ class BrokerReads(AuditLog):
             DeviceChange(
                 id=change_id,
                 device_id=device_id,
-                state=None if state is None else _member(DeviceState, state),
+                state=None if state is None else member(DeviceState, state),
                 reason=reason,
                 at=at if isinstance(at, dt.datetime) else dt.datetime.fromisoformat(at),
                 group=group,
@@ -127,11 +133,6 @@ class BrokerReads(AuditLog):
             was = "the default" if before is None else _summary(before)
             summary = f"{_summary(template)} (was {was})"
             self.audit(AuditRecord(actor, "acl.set", "ok", group, summary), s)
-
-
-def _member(enum: Any, value: Any) -> Any:
-    """An enum member from a processed row (the member) or a raw one (its stored name)."""
-    return value if isinstance(value, enum) else enum[value]
 
 
 def _summary(template: AclPatterns) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -20,7 +21,7 @@ from sqlmodel import Session, col, select
 from enrollment.attestation import AttestedKey
 from enrollment.registry import statements as sql
 from enrollment.registry.attestation import bind_hardware
-from enrollment.registry.audit import AuditLog, AuditRecord, append_audit
+from enrollment.registry.audit import AuditLog, AuditRecord, ChainHead, Lean, append_audit
 from enrollment.registry.certificates import certificate_values, revoke_certificates, serial_hex
 from enrollment.registry.models import (
     AclRule,
@@ -36,7 +37,13 @@ from enrollment.registry.models import (
     member,
     utcnow,
 )
-from fleetgate.errors import EnrollmentRefused, InvalidStateChange, NotFound
+from fleetgate.errors import (
+    AttestationRefused,
+    EnrollmentRefused,
+    FleetgateError,
+    InvalidStateChange,
+    NotFound,
+)
 from fleetgate.ids import validate_id
 
 # The audit action recorded for each target state of a device.
@@ -55,6 +62,20 @@ class EnrollmentTarget:
     group: str
     required_protection: str  # enrollment.policy.Requirement value; "none" without a policy
     hardware_binding: str | None
+
+
+@dataclass(frozen=True)
+class Issuance:
+    """A device's first certificate, signed and waiting to be committed with its audit row;
+    ``attested``: the hardware evidence to bind the device to; ``issuer_key_id``: the signer's
+    (else read from ``cert``)."""
+
+    station_id: str
+    device_id: str
+    cert: x509.Certificate
+    audit: AuditRecord
+    attested: AttestedKey | None = None
+    issuer_key_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,27 +163,42 @@ class Devices(AuditLog):
         With ``attested``, the device is bound to that hardware in the same transaction;
         ``issuer_key_id``: the signer's, when the caller knows it (else read from ``cert``).
         """
+        issuance = Issuance(station_id, device_id, cert, audit, attested, issuer_key_id)
+        (refusal,) = self.record_enrollments([issuance])
+        if refusal is not None:
+            raise refusal
+
+    def record_enrollments(self, batch: Sequence[Issuance]) -> list[FleetgateError | None]:
+        """Commit several first certificates in one transaction (group commit): per issuance
+        its refusal, or None once it is committed.
+
+        Each issuance runs in its own savepoint: one that loses a race (the device was enrolled
+        meanwhile, another active certificate, other hardware) is rolled back alone and
+        refused, and the others commit. Every issuance's audit row is in the transaction. If
+        the transaction itself fails, the exception is raised and none of them is committed.
+        """
         now = utcnow()
-        try:
-            with self.engine.begin() as conn:
-                run = functools.partial(self._lean, conn)
-                params = {"b_device_id": device_id, "b_station_id": station_id, "now": now}
-                won = run(sql.ACTIVATE_PENDING_DEVICE, params).rowcount
-                if won != 1:
-                    raise EnrollmentRefused(
-                        f"device {device_id} was enrolled by a concurrent request; "
-                        "this request's certificate was discarded"
+        refusals: list[FleetgateError | None] = []
+        with self.engine.begin() as conn:
+            run = functools.partial(self._lean, conn)
+            head: ChainHead | None = None
+            for issuance in batch:
+                try:
+                    with self._savepoint(conn):
+                        new_head = _activate(conn, run, issuance, now, head)
+                except (EnrollmentRefused, AttestationRefused) as refusal:
+                    refusals.append(refusal)
+                except (IntegrityError, sqlite3.IntegrityError) as exc:  # a unique index: a race
+                    refused = EnrollmentRefused(
+                        f"device {issuance.device_id} already has an active certificate; "
+                        "this one was discarded"
                     )
-                run(sql.MARK_BATCH_ENTRY_ENROLLED, params)
-                if attested is not None:
-                    bind_hardware(conn, device_id, attested)
-                row = certificate_values(cert, SubjectKind.DEVICE, device_id, issuer_key_id)
-                run(sql.INSERT_CERTIFICATE, row)
-                append_audit(conn, audit, run)
-        except (IntegrityError, sqlite3.IntegrityError) as exc:  # a unique index caught a race
-            raise EnrollmentRefused(
-                f"device {device_id} already has an active certificate; this one was discarded"
-            ) from exc
+                    refused.__cause__ = exc
+                    refusals.append(refused)
+                else:
+                    head = new_head  # only a released savepoint moves the audit chain on
+                    refusals.append(None)
+        return refusals
 
     def record_reenrollment(
         self,
@@ -332,6 +368,26 @@ def _group_known(s: Session, group: str) -> bool:
         s.exec(select(column).where(column == group).limit(1)).first() is not None
         for column in (col(AclRule.group), col(GroupPolicy.group), col(Device.group))
     )
+
+
+def _activate(
+    conn: Connection, run: Lean, issuance: Issuance, now: dt.datetime, head: ChainHead | None
+) -> ChainHead:
+    """``issuance``'s writes: the pending device turns active (the conditional UPDATE only one
+    caller wins), its batch entry, hardware binding, certificate row and audit row."""
+    device_id = issuance.device_id
+    params = {"b_device_id": device_id, "b_station_id": issuance.station_id, "now": now}
+    if run(sql.ACTIVATE_PENDING_DEVICE, params).rowcount != 1:
+        raise EnrollmentRefused(
+            f"device {device_id} was enrolled by a concurrent request; "
+            "this request's certificate was discarded"
+        )
+    run(sql.MARK_BATCH_ENTRY_ENROLLED, params)
+    if issuance.attested is not None:
+        bind_hardware(conn, device_id, issuance.attested)
+    row = certificate_values(issuance.cert, SubjectKind.DEVICE, device_id, issuance.issuer_key_id)
+    run(sql.INSERT_CERTIFICATE, row)
+    return append_audit(conn, issuance.audit, run, head)
 
 
 def _insert_issued(
