@@ -525,6 +525,20 @@ def test_overflow_policy_is_checked_in_config(tmp_path):
         load_config(tmp_path, {})
 
 
+def test_receive_maximum_is_read_per_group_and_may_not_be_0(tmp_path):
+    path = tmp_path / "fleetgate.toml"
+    path.write_text(
+        "[broker.limits]\nreceive_maximum = 8\n"
+        "[broker.limits.groups.gateways]\nreceive_maximum = 64\n"
+    )
+    limits = load_config(tmp_path, {}).broker.limits
+    assert (limits.default.receive_maximum, limits.for_group("gateways").receive_maximum) == (8, 64)
+    assert DeviceLimits().receive_maximum == 20
+    path.write_text("[broker.limits]\nreceive_maximum = 0\n")
+    with pytest.raises(ConfigError, match="receive_maximum must be above 0"):
+        load_config(tmp_path, {})
+
+
 def test_a_released_publisher_resumes_one_deferred_packet_at_a_time_when_asked():
     """The I/O layer resumes released publishers round robin (``Broker._resume_released``):
     ``resume_publishing(now, 1)`` processes one deferred packet and says whether more wait."""
