@@ -23,6 +23,7 @@ many messages between itself and the broker.
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import threading
 import time
@@ -511,31 +512,28 @@ def test_backpressure_never_holds_a_client_on_its_own_queue_nor_for_an_away_sess
     assert core.publishers_held() == 0 and core.sessions["away"].queue_dropped == 6
 
 
-def test_overflow_policy_is_checked_in_config(tmp_path):
+@pytest.mark.parametrize(
+    ("key", "default", "group", "bad", "refusal"),
+    [
+        ("overflow_policy", "drop-oldest", "backpressure", "drop-all", "must be one of"),
+        ("receive_maximum", 8, 64, 0, "must be above 0"),
+    ],
+)
+def test_overflow_policy_and_receive_maximum_are_read_per_group_and_checked(
+    tmp_path, key, default, group, bad, refusal
+):
     path = tmp_path / "fleetgate.toml"
     path.write_text(
-        '[broker.limits]\noverflow_policy = "drop-oldest"\n'
-        '[broker.limits.groups.backend]\noverflow_policy = "backpressure"\n'
+        f"[broker.limits]\n{key} = {json.dumps(default)}\n"
+        f"[broker.limits.groups.backend]\n{key} = {json.dumps(group)}\n"
     )
     limits = load_config(tmp_path, {}).broker.limits
-    assert limits.default.overflow_policy == "drop-oldest"
-    assert limits.for_group("backend").overflow_policy == "backpressure"
-    path.write_text('[broker.limits]\noverflow_policy = "drop-all"\n')
-    with pytest.raises(ConfigError, match="overflow_policy must be one of"):
-        load_config(tmp_path, {})
-
-
-def test_receive_maximum_is_read_per_group_and_may_not_be_0(tmp_path):
-    path = tmp_path / "fleetgate.toml"
-    path.write_text(
-        "[broker.limits]\nreceive_maximum = 8\n"
-        "[broker.limits.groups.gateways]\nreceive_maximum = 64\n"
+    assert (getattr(limits.default, key), getattr(limits.for_group("backend"), key)) == (
+        default,
+        group,
     )
-    limits = load_config(tmp_path, {}).broker.limits
-    assert (limits.default.receive_maximum, limits.for_group("gateways").receive_maximum) == (8, 64)
-    assert DeviceLimits().receive_maximum == 20
-    path.write_text("[broker.limits]\nreceive_maximum = 0\n")
-    with pytest.raises(ConfigError, match="receive_maximum must be above 0"):
+    path.write_text(f"[broker.limits]\n{key} = {json.dumps(bad)}\n")
+    with pytest.raises(ConfigError, match=f"{key} {refusal}"):
         load_config(tmp_path, {})
 
 
