@@ -17,7 +17,14 @@ from enum import Enum
 from broker.acl import DeviceAcl, outgrown
 from broker.admission import Admitted, Identity, Refused, Unidentified
 from broker.core import BrokerCore, CoreSettings, GateVerdict
-from broker.limits import DeviceLimits, Limit, TokenBucket, audit_text, topic_excess
+from broker.limits import (
+    DeviceLimits,
+    Limit,
+    TokenBucket,
+    audit_text,
+    granted_receive_maximum,
+    topic_excess,
+)
 from broker.mqtt import (
     NO_PROPERTIES,
     Auth,
@@ -86,7 +93,7 @@ def _reason_string(reason: str) -> Properties:
     return Properties(reason_string=reason)
 
 
-_CONNACKS: dict[tuple[ProtocolLevel, bool, CoreSettings, bool], bytes] = {}
+_CONNACKS: dict[tuple[ProtocolLevel, bool, CoreSettings, bool, int], bytes] = {}
 
 
 def _connack_success(
@@ -95,18 +102,19 @@ def _connack_success(
     settings: CoreSettings,
     assigned: str | None,
     capped: bool = False,
+    receive_maximum: int = 0,
 ) -> bytes:
     """The accepting CONNACK: the same few bytes for every client of a broker, so encoded (and
-    checked by the codec) once per level, session-present flag and whether it carries Server
-    Keep Alive (``capped``: always the broker's ``max_keep_alive_s``), unless an id was
-    assigned."""
-    key = (level, present, settings, capped)
+    checked by the codec) once per level, session-present flag, Receive Maximum granted (its
+    group's) and whether it carries Server Keep Alive (``capped``: always the broker's
+    ``max_keep_alive_s``), unless an id was assigned."""
+    key = (level, present, settings, capped, receive_maximum)
     if assigned is None and (cached := _CONNACKS.get(key)) is not None:
         return cached
     properties = NO_PROPERTIES
     if level is _V5:
         properties = Properties(
-            receive_maximum=settings.receive_maximum,
+            receive_maximum=receive_maximum or settings.receive_maximum,
             maximum_packet_size=settings.max_packet_size,
             topic_alias_maximum=settings.topic_alias_maximum,
             shared_subscription_available=True,
@@ -142,8 +150,19 @@ _LOOP = GateVerdict.LOOP
 _NOT_HELD = frozenset({PubAck, PubRec, PubRel, PubComp, PingReq})
 MAX_DEFERRED = 32
 """Packets a client held by a full queue may send meanwhile (besides acknowledgements and
-pings, which are processed) before the broker stops reading it: at most this many PUBLISHes of
-``max_packet_size`` each are buffered per held client."""
+pings, which are processed) before the broker stops reading it: at most this many packets of
+``max_packet_size`` each are buffered per held client. Its QoS 1/2 PUBLISHes are bounded sooner,
+by its Receive Maximum (:func:`broker.limits.granted_receive_maximum`)."""
+
+
+def _qos_of(item: Packet | PlainPublish) -> int:
+    """The QoS of a PUBLISH as the decoder gives it (a plain one's fields, or a Publish); 0 for
+    any other packet."""
+    if isinstance(item, tuple):
+        return item[2]
+    if isinstance(item, Publish):
+        return item.qos
+    return 0
 
 
 class _HeldAck:
@@ -181,6 +200,7 @@ class Connection:
         "_created",
         "_decoder",
         "_deferred",
+        "_deferred_publishes",
         "_drained_at",
         "_held",
         "_holders",
@@ -189,6 +209,7 @@ class Connection:
         "_out_aliases",
         "_pressure_ack",
         "_publish_rate",
+        "_receive_maximum",
         "_send_window",
         "_stalled",
         "_will",
@@ -258,6 +279,10 @@ class Connection:
         self._holders: set[Session] = set()
         self._pressure_ack: _HeldAck | None = None
         self._deferred: deque[Packet | PlainPublish] = deque()
+        self._deferred_publishes = 0  # QoS 1/2 PUBLISHes among them
+        self._receive_maximum = granted_receive_maximum(
+            self.limits, core.settings.receive_maximum
+        )  # its group's once admitted
         core.connections.add(self)
         core.recheck(self, now)
 
@@ -290,9 +315,31 @@ class Connection:
 
     @property
     def held_back(self) -> bool:
-        """Held by a full queue with :data:`MAX_DEFERRED` packets waiting: read nothing more
-        until :meth:`resume_publishing` (TCP backpressure)."""
-        return bool(self._holders) and len(self._deferred) >= MAX_DEFERRED
+        """Held by a full queue with :data:`MAX_DEFERRED` packets waiting (MQTT 3.1.1: or its
+        Receive Maximum of PUBLISHes unacknowledged): read nothing more until
+        :meth:`resume_publishing` (TCP backpressure)."""
+        return bool(self._holders) and self._read_paused()
+
+    def _read_paused(self) -> bool:
+        """While held: whether nothing more may be read. An MQTT 5 client is read on up to
+        :data:`MAX_DEFERRED` packets, so its acknowledgements go on and a PUBLISH beyond its
+        Receive Maximum is seen (and refused, :meth:`_defer`); a 3.1.1 client was granted no
+        Receive Maximum, so it is not read once that many of its PUBLISHes wait."""
+        return len(self._deferred) >= MAX_DEFERRED or (
+            self.level is _V3 and self._unacknowledged() >= self._receive_maximum
+        )
+
+    def _unacknowledged(self) -> int:
+        """QoS 1/2 PUBLISHes received and not yet acknowledged (PUBACK, or PUBCOMP for QoS 2),
+        as the Receive Maximum counts them: the one whose PUBACK a full queue holds, those
+        deferred behind it, and QoS 2 flows before their PUBREL. PUBACKs a bridge holds until
+        its disk write are not counted (:func:`broker.limits.granted_receive_maximum`)."""
+        assert self.session is not None
+        count = self._deferred_publishes + len(self.session.incoming_qos2)
+        held = self._pressure_ack
+        if held is not None and held.packet is not None and type(held.packet) is not PubRec:
+            count += 1  # a PUBREC's flow is in incoming_qos2 already
+        return count
 
     def hold_for(self, session: Session) -> None:
         """``session``'s full queue took this client's PUBLISH over its limit: keep that
@@ -469,8 +516,10 @@ class Connection:
                         return None
                     budget -= 1
                     item = deferred.popleft()
+                    if _qos_of(item):
+                        self._deferred_publishes -= 1
                 else:
-                    if len(deferred) >= MAX_DEFERRED:
+                    if self._holders and self._read_paused():
                         return None  # held: read nothing more (held_back)
                     try:
                         item = decoder.next_item()
@@ -485,7 +534,8 @@ class Connection:
             # Held by a full queue: acknowledgements and pings go on (a held client that also
             # subscribes keeps draining its own queue), the rest waits in order.
             if self._holders and kind not in _NOT_HELD:
-                deferred.append(item)
+                if not self._defer(item, now):
+                    return None
                 continue
             # Over the publish rate: stop here, and let TCP slow the device down.
             if (kind is tuple or kind is Publish) and (wait := self._publish_rate.take(now)):
@@ -499,6 +549,23 @@ class Connection:
             else:
                 self._on_packet(item, now)  # type: ignore[arg-type]
         return None
+
+    def _defer(self, item: Packet | PlainPublish, now: float) -> bool:
+        """Keep ``item`` until the full queue holding this client lets it go; False if it is a
+        PUBLISH beyond the client's Receive Maximum: an MQTT 5 client is then disconnected
+        (0x93). A 3.1.1 client is not read that far (:meth:`_read_paused`)."""
+        if _qos_of(item):
+            if self._unacknowledged() >= self._receive_maximum:
+                self._violation(
+                    _R.RECEIVE_MAXIMUM_EXCEEDED,
+                    f"more than the Receive Maximum of {self._receive_maximum} QoS 1/2 "
+                    f"PUBLISHes unacknowledged (group {self.group})",
+                    now,
+                )
+                return False
+            self._deferred_publishes += 1
+        self._deferred.append(item)
+        return True
 
     def _stall(self, item: Packet | PlainPublish, now: float, wait: float) -> None:
         """Keep ``item`` for :meth:`resume`; the I/O layer stops reading for ``wait`` s."""
@@ -599,6 +666,9 @@ class Connection:
 
     def _accept(self, packet: Connect, now: float) -> None:
         expiry = self.requested_session()[2]
+        self._receive_maximum = granted_receive_maximum(
+            self.limits, self.core.settings.receive_maximum
+        )
         if self.level is _V5:
             self._send_window = min(
                 packet.properties.receive_maximum or 0xFFFF,
@@ -636,7 +706,11 @@ class Connection:
         self.core.recheck(self, now)  # its keep-alive deadline from now on
         self.core.metrics.connections_total[self.listener] += 1
         assigned = self.client_id if self.client_id != packet.client_id else None
-        self._emit(_connack_success(self.level, present, self.core.settings, assigned, capped))
+        self._emit(
+            _connack_success(
+                self.level, present, self.core.settings, assigned, capped, self._receive_maximum
+            )
+        )
         for packet_id, pending in list(session.inflight.items()):  # resume (MQTT-4.4.0-1)
             if isinstance(pending, Publish):
                 self._write_publish(replace(pending, dup=True), packet_id)
@@ -690,11 +764,13 @@ class Connection:
             if packet_id in self.session.incoming_qos2:  # a resend: delivered once already
                 self._write(PubRec(packet_id=packet_id))
                 return
-            if (
-                self.level is _V5
-                and len(self.session.incoming_qos2) >= self.core.settings.receive_maximum
-            ):
-                self._violation(_R.RECEIVE_MAXIMUM_EXCEEDED, "too many QoS 2 in flight", now)
+            if self.level is _V5 and len(self.session.incoming_qos2) >= self._receive_maximum:
+                self._violation(
+                    _R.RECEIVE_MAXIMUM_EXCEEDED,
+                    f"more than the Receive Maximum of {self._receive_maximum} QoS 2 "
+                    f"PUBLISHes before their PUBREL (group {self.group})",
+                    now,
+                )
                 return
         access = self._allowed.get(topic)
         if access is None:
@@ -1220,6 +1296,7 @@ class Connection:
             self._holders.clear()
         self._pressure_ack = None
         self._deferred.clear()
+        self._deferred_publishes = 0
         self.state = State.CLOSED
         self.closing = True
         self.core.dirty.add(self)

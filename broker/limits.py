@@ -29,6 +29,7 @@ __all__ = [
     "RateLimiter",
     "TokenBucket",
     "audit_text",
+    "granted_receive_maximum",
     "retained_excess",
     "topic_excess",
 ]
@@ -94,6 +95,30 @@ def retained_excess(
     if total + size > limits.max_retained_bytes:
         return Limit.RETAINED_BYTES
     return None
+
+
+def granted_receive_maximum(limits: DeviceLimits, ceiling: int) -> int:
+    """The Receive Maximum a device of this group is granted: its group's ``receive_maximum``,
+    at most the broker's ``[broker] receive_maximum`` (``ceiling``).
+
+    Why it is small (20): a publisher faster than the subscribers of its topics keeps this many
+    QoS 1/2 PUBLISHes between itself and the broker whatever the broker's queues do, so with P
+    such publishers P x Receive Maximum messages wait ahead of each new one (Little's law: 50
+    publishers x 64 made 67 ms of latency at 48,000 messages/s before any queue, 50 x 20 make
+    21 ms). 20 is what a device needs: paho's and the SDK's own window (``device_sdk``'s
+    ``_WINDOW``), so they never exceed it, and 20 messages per round trip is 200/s over a
+    100 ms link, far above a sensor's rate; a group of faster publishers over slow links gets
+    more in ``[broker.limits.groups.<group>]``.
+
+    What happens beyond it (:class:`broker.connection.Connection`): an MQTT 5 client is told the
+    grant in CONNACK and one that sends more than it while the broker holds its
+    acknowledgements (a full queue's backpressure, or QoS 2 before PUBREL) gets DISCONNECT 0x93;
+    MQTT 3.1.1 has no Receive Maximum, so a held 3.1.1 client is not read once this many of its
+    PUBLISHes wait. Acknowledgements a bridge holds until its queue has the message on disk do
+    not count: the bridge's queue bounds those (PUBACK 0x97 when full), and paho, which ignores
+    the grant, keeps working through a bridge.
+    """
+    return min(limits.receive_maximum, ceiling)
 
 
 PACE_S = 0.005

@@ -82,6 +82,9 @@ class DeviceLimits:
     ``overflow_policy`` is what a full queue of a device's session does with one more QoS 1/2
     message (:data:`OVERFLOW_POLICIES`; docs/threat-model.md says why ``backpressure`` is the
     default); ``max_backpressure_s`` bounds how long its full queue may hold a publisher.
+    ``receive_maximum`` is the Receive Maximum a device is granted (MQTT 5 CONNACK, capped by
+    ``[broker] receive_maximum``): its QoS 1/2 PUBLISHes unacknowledged at once, which bounds
+    what it has in flight toward a slow subscriber (broker/limits.py, "Receive Maximum").
     """
 
     max_subscriptions: int = 100
@@ -98,6 +101,7 @@ class DeviceLimits:
     connect_burst: int = 20
     overflow_policy: str = "backpressure"
     max_backpressure_s: float = 10.0
+    receive_maximum: int = 20
 
 
 OVERFLOW_POLICIES = ("backpressure", "drop-new", "drop-oldest")
@@ -650,6 +654,7 @@ connect_rate = 1.0            # CONNECTs/s per device id, before the registry is
 connect_burst = 20
 overflow_policy = "backpressure"  # a full queue holds its publishers; or drop-new, drop-oldest
 max_backpressure_s = 10.0     # then that queue drops new messages until it has drained
+receive_maximum = 20          # QoS 1/2 a device may have unacknowledged (MQTT 5 CONNACK)
 
 # [broker.limits.groups.controllers]   # one group's overrides; other keys as above
 # max_subscriptions = 1000

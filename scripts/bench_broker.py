@@ -38,13 +38,15 @@ Phases, each bounded in time and count, loopback only:
    at saturation it is about P x W / throughput. Messages/s at the subscriber, publish->receive
    latency (a timestamp in the payload, one clock), broker CPU per message.
 5. saturated QoS 1 fan-in (``fanin-q1-sat``, issue 11): ``--sat-publishers`` (50) -> 1
-   subscriber, each publisher keeping ``--sat-window`` (64, the Receive Maximum both brokers
-   grant) PUBLISHes unacknowledged, whatever the subscriber has received: the brokers at their
-   defaults decide how much builds up between publisher and subscriber (fleetgate: a queue of
-   1,000 with ``overflow_policy = "backpressure"``; Mosquitto: as configured above, its queue
+   subscriber, each publisher keeping ``--sat-window`` (64) PUBLISHes unacknowledged, or the
+   Receive Maximum its broker's CONNACK grants if that is less (Mosquitto grants its
+   ``max_inflight_messages``, 64; fleetgate its ``[broker.limits] receive_maximum``, 20), in
+   bursts of half that, whatever the subscriber has received: the brokers at their defaults
+   decide how much builds up between publisher and subscriber (fleetgate: a queue of 1,000
+   with ``overflow_policy = "backpressure"``; Mosquitto: as configured above, its queue
    unbounded). Publish->receive latency p50/p99, messages never delivered, messages/s. Whatever
    the broker does, up to publishers x window messages are in flight, so the latency cannot be
-   below that number divided by the rate (3,200 / rate here).
+   below that number divided by the rate (3,200 / rate at a window of 64, 1,000 / rate at 20).
 6. revoke kick (fleetgate only): R connected devices are revoked one by one in-process with
    ``EnrollmentService.change_device(id, REVOKED)`` (what ``fleetgate device revoke`` calls,
    CRL signing included, minus the CLI's ~1 s start-up), timed until the device's connection
@@ -972,6 +974,7 @@ class Publisher:
     refused: int = 0
     next_id: int = 1
     receive_maximum: int = 65535
+    burst: int = 1  # PUBLISHes sent at once: half its window (as capped by receive_maximum)
     seen: int = 0  # deliveries at the watchdog's last look
     progress_at: float = 0.0
     buf: bytearray = field(default_factory=bytearray)
@@ -1042,6 +1045,9 @@ class FanIn:
         ack = link.connack.result()
         if ack.properties.receive_maximum:
             pub.receive_maximum = ack.properties.receive_maximum
+        # Half the window the broker lets it have: a burst of half of 64 would never fit in a
+        # granted Receive Maximum below 32, and the publisher would never send.
+        pub.burst = min(self.burst, max(1, pub.receive_maximum // 2))
         self.publishers.append(pub)
         self.delivered.append(0)
         link.on_data = lambda data: self.publisher_data(pub, data)
@@ -1063,7 +1069,7 @@ class FanIn:
             room = self.window - (pub.sent - self.delivered[pub.index] - pub.lost)
             if self.qos:
                 room = min(room, pub.receive_maximum - unacked)
-        if room < self.burst:
+        if room < pub.burst:
             return
         sent_at = time.perf_counter()
         tail = STAMP.pack(sent_at, pub.index) + self.pad
@@ -1203,6 +1209,7 @@ class FanInResult:
     shares: list[int] = field(default_factory=list)  # delivered per publisher, timed part
     refused: int = 0
     problems: Counter[str] = field(default_factory=Counter)
+    granted: int = 65535  # the smallest Receive Maximum a publisher's CONNACK granted
 
     @property
     def per_s(self) -> float:
@@ -1260,6 +1267,7 @@ async def fanin_phase(
             shares=shares,
             refused=sum(p.refused for p in test.publishers),
             problems=test.problems,
+            granted=min(p.receive_maximum for p in test.publishers),
         )
     finally:
         if watchdog is not None:
@@ -1597,6 +1605,8 @@ def print_details(result: BrokerResult, args: argparse.Namespace) -> None:
         )
     for label, f, publishers, window, what in runs:
         u = f.usage
+        if f.qos:
+            what += f", Receive Maximum granted {f.granted}"
         print(
             f"{label} {f.delivered} delivered in {u.wall:.2f} s = {fmt(f.per_s, '.0f')}/s "
             f"({publishers} -> 1, {window} {what} per publisher); latency p50 "

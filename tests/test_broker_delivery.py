@@ -536,7 +536,7 @@ def test_connack_advertises_the_brokers_limits(broker, pair):
     assert isinstance(connack, ConnAck)
     assert connack.properties == Properties(
         assigned_client_identifier="sensor-1",
-        receive_maximum=64,
+        receive_maximum=20,  # the group's [broker.limits] receive_maximum, not the ceiling 64
         topic_alias_maximum=64,
         maximum_packet_size=262144,
         shared_subscription_available=True,

@@ -12,11 +12,18 @@ The slow subscriber is a raw MQTT 5 client that withholds its PUBACKs (a receive
 makes its send window small), so what is in flight, queued and dropped is exact; the publishers
 and the other subscribers are paho clients, on the plaintext test listener so that 50 of them
 need no 50 certificates.
+
+What a held publisher may have waiting is its Receive Maximum (the group's
+``receive_maximum``, 20): granted in CONNACK, an MQTT 5 client beyond it while held is
+disconnected (0x93), a 3.1.1 client is not read beyond it. That is what bounds the latency of a
+saturated fan-in (``make bench-broker``'s ``fanin-q1-sat``): each publisher keeps at most that
+many messages between itself and the broker.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import threading
 import time
@@ -36,6 +43,7 @@ from broker.core import BrokerCore, CoreSettings
 from broker.limits import DeviceLimits, LimitSettings
 from broker.metrics import Metrics
 from broker.mqtt import (
+    ConnAck,
     Connect,
     Decoder,
     Disconnect,
@@ -43,6 +51,7 @@ from broker.mqtt import (
     PubAck,
     Publish,
     QoS,
+    ReasonCode,
     Subscribe,
     Subscription,
     encode,
@@ -61,16 +70,21 @@ WINDOW = 5  # the slow subscriber's receive maximum
 # -- clients ---------------------------------------------------------------------------------------
 
 
-class SlowSubscriber(RawClient):
-    """A raw MQTT 5 client on the plaintext listener that acknowledges only when told to."""
+class PlainRaw(RawClient):
+    """A raw MQTT 5 client on the plaintext listener, connected (``connack`` its CONNACK)."""
 
-    def __init__(self, broker: RunningBroker, client_id: str = "slow-sub") -> None:
+    def __init__(self, broker: RunningBroker, client_id: str, **connect: Any) -> None:
         self.sock = socket.create_connection(("127.0.0.1", broker.broker.ports.plaintext), 10)
         self.level = 5
         self.decoder = Decoder(protocol_level=5)
-        self.connect(
-            client_id=client_id, properties=Properties(receive_maximum=WINDOW), keep_alive=0
-        )
+        self.connack = self.connect(client_id=client_id, keep_alive=0, **connect)
+
+
+class SlowSubscriber(PlainRaw):
+    """A raw MQTT 5 client on the plaintext listener that acknowledges only when told to."""
+
+    def __init__(self, broker: RunningBroker, client_id: str = "slow-sub") -> None:
+        super().__init__(broker, client_id, properties=Properties(receive_maximum=WINDOW))
         self.send(
             Subscribe(
                 packet_id=1, subscriptions=(Subscription(topic_filter=SLOW, qos=QoS.AT_LEAST_ONCE),)
@@ -100,11 +114,13 @@ class SlowSubscriber(RawClient):
 
 
 class PlainPaho:
-    """paho-mqtt on the plaintext listener, counting acknowledgements and messages."""
+    """paho-mqtt on the plaintext listener, counting acknowledgements and messages. paho does
+    not read the Receive Maximum the broker grants (nor lets its window change once
+    connected), so its window is set to the default grant, as the SDK's is."""
 
     def __init__(self, broker: RunningBroker, client_id: str) -> None:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=V5)
-        self.client.max_inflight_messages_set(100)
+        self.client.max_inflight_messages_set(DeviceLimits().receive_maximum)
         self.client.max_queued_messages_set(0)
         self.started = 0.0  # when a test began publishing
         self.acked: list[int] = []
@@ -248,6 +264,37 @@ def test_a_held_publisher_is_released_when_the_subscriber_goes_away(fleet):
         assert broker.metric("publishers_held") == 0
 
 
+def test_a_held_publisher_beyond_its_receive_maximum_is_disconnected_0x93_and_loses_nothing(fleet):
+    """A raw MQTT 5 publisher that ignores the Receive Maximum in its CONNACK: once held, the
+    PUBLISH beyond it ends the connection (0x93). Every message it saw acknowledged, and the one
+    whose acknowledgement was held, reach the subscriber; the rest were never acknowledged, so
+    the publisher still has them to send again."""
+    with overflowing(fleet, max_backpressure_s=60.0) as broker:
+        slow = SlowSubscriber(broker)
+        pub = PlainRaw(broker, "raw-pub")
+        granted = pub.connack.properties.receive_maximum
+        assert granted == DeviceLimits().receive_maximum == 20
+        taken = WINDOW + QUEUE + 1  # the last of these finds the queue full: held
+        count = taken + granted  # the held one and the next 19 are its 20 unacknowledged
+        pub.send(
+            *(
+                Publish(topic=SLOW, payload=payload, qos=QoS.AT_LEAST_ONCE, packet_id=n)
+                for n, payload in enumerate(payloads(count), 1)
+            )
+        )
+        acked: list[int] = []
+        while (packet := pub.receive()) is not None and not isinstance(packet, Disconnect):
+            assert isinstance(packet, PubAck), packet
+            acked.append(packet.packet_id)
+        assert isinstance(packet, Disconnect)
+        assert packet.reason_code == ReasonCode.RECEIVE_MAXIMUM_EXCEEDED
+        assert pub.receive() is None  # closed
+        assert acked == list(range(1, taken))
+        assert broker.metric("protocol_refusals_total", 'reason="receive_maximum_exceeded"') == 1
+        assert slow.drain(taken) == payloads(taken)
+        slow.nothing(0.3)
+
+
 # -- backpressure stalls nobody else ---------------------------------------------------------------
 
 
@@ -300,10 +347,11 @@ def test_backpressure_on_one_slow_subscriber_does_not_stall_unrelated_publishers
 # -- the pure core: the policies on bytes and a clock ----------------------------------------------
 
 
-def _connected(core: BrokerCore, client_id: str, **connect: object) -> Connection:
+def _connected(core: BrokerCore, client_id: str, level: int = 5, **connect: object) -> Connection:
     identity = Identity(IDENTITY, None, client_id_bound=False)
     conn = Connection(core, peer="test:1", identity=identity, listener="plaintext", now=0)
-    assert conn.receive_data(encode(Connect(client_id=client_id, **connect), 5), 0) is not None  # type: ignore[arg-type]
+    packet = Connect(client_id=client_id, **connect)  # type: ignore[arg-type]
+    assert conn.receive_data(encode(packet, level), 0) is not None
     conn.admission_done(Admitted("default", DEFAULT_TEMPLATE.for_device(IDENTITY)), 0)
     conn.take_output()
     return conn
@@ -323,9 +371,9 @@ def _subscribe(conn: Connection, topic_filter: str) -> None:
     conn.take_output()
 
 
-def _publishes(topic: str, first_id: int, count: int) -> bytes:
+def _publishes(topic: str, first_id: int, count: int, level: int = 5) -> bytes:
     return b"".join(
-        encode(Publish(topic=topic, payload=b"%d" % n, qos=QoS.AT_LEAST_ONCE, packet_id=n), 5)
+        encode(Publish(topic=topic, payload=b"%d" % n, qos=QoS.AT_LEAST_ONCE, packet_id=n), level)
         for n in range(first_id, first_id + count)
     )
 
@@ -352,15 +400,102 @@ def test_a_held_publisher_keeps_reading_acknowledgements_and_resumes_in_order():
     assert [r.outcome for r in audit] == ["held"]
 
 
-def test_a_held_publisher_stops_being_read_after_max_deferred_packets():
-    core, _ = _core()
+def _qos0(topic: str, count: int) -> bytes:
+    return encode(Publish(topic=topic, payload=b"0", qos=QoS.AT_MOST_ONCE), 5) * count
+
+
+def _held_publisher(core: BrokerCore, level: int = 5) -> Connection:
+    """A publisher held by the slow subscriber's full queue (receive maximum 1, queue of 4):
+    one PUBLISH in flight, four queued, the sixth's PUBACK held."""
     sub = _connected(core, "sub", properties=Properties(receive_maximum=1))
     _subscribe(sub, SLOW)
-    pub = _connected(core, "pub")
-    pub.receive_data(_publishes(SLOW, 1, 6 + 40), 1.0)
+    pub = _connected(core, "pub", level=level)
+    pub.receive_data(_publishes(SLOW, 1, 6, level), 1.0)
+    assert core.publishers_held() == 1
+    pub.take_output()  # five PUBACKs
+    return pub
+
+
+def test_a_held_publisher_stops_being_read_after_max_deferred_packets():
+    core, _ = _core()
+    pub = _held_publisher(core)
+    pub.receive_data(_qos0(SLOW, 31), 1.0)  # QoS 0: no acknowledgement, no Receive Maximum
+    assert not pub.held_back
+    pub.receive_data(_qos0(SLOW, 1), 1.0)
     assert pub.held_back  # 32 waiting: the I/O layer pauses reading
     core.tick(1.0 + DeviceLimits().max_backpressure_s)
     assert core.metrics.backpressure_timeouts == 1 and list(core.released) == [pub]
+
+
+def test_connack_grants_the_groups_receive_maximum_capped_by_the_brokers():
+    for limit, ceiling, granted in ((20, 64, 20), (5, 64, 5), (100, 64, 64)):
+        settings = LimitSettings(DeviceLimits(receive_maximum=limit))
+        core = BrokerCore(
+            CoreSettings(receive_maximum=ceiling),
+            metrics=Metrics(),
+            audit=[].append,
+            limits=settings,
+        )
+        conn = Connection(
+            core,
+            peer="test:1",
+            identity=Identity(IDENTITY, None, client_id_bound=False),
+            listener="plaintext",
+            now=0,
+        )
+        conn.receive_data(encode(Connect(client_id="pub"), 5), 0)
+        conn.admission_done(Admitted("default", DEFAULT_TEMPLATE.for_device(IDENTITY)), 0)
+        decoder = Decoder(protocol_level=5)
+        decoder.feed(conn.take_output())
+        connack = decoder.next_packet()
+        assert isinstance(connack, ConnAck)
+        assert connack.properties.receive_maximum == granted
+
+
+def test_a_held_mqtt5_publisher_may_have_its_receive_maximum_waiting_and_no_more():
+    core, _ = _core(receive_maximum=8)
+    pub = _held_publisher(core)
+    pub.receive_data(_publishes(SLOW, 7, 7), 1.0)  # the held one and 7 more: 8 unacknowledged
+    assert pub.state.value == "connected" and not pub.held_back  # still read: its acks go on
+    pub.receive_data(_publishes(SLOW, 14, 1), 1.0)
+    assert pub.state.value == "closed"
+    out = Decoder(protocol_level=5)
+    out.feed(pub.take_output())
+    disconnect = out.next_packet()
+    assert isinstance(disconnect, Disconnect)
+    assert disconnect.reason_code == ReasonCode.RECEIVE_MAXIMUM_EXCEEDED
+    assert "Receive Maximum of 8" in (disconnect.properties.reason_string or "")
+    assert core.metrics.protocol_refusals["receive_maximum_exceeded"] == 1
+
+
+def test_a_held_311_publisher_is_not_read_beyond_its_receive_maximum():
+    """3.1.1 has no Receive Maximum to grant: the broker stops reading instead (TCP
+    backpressure), and reads on once released, losing nothing."""
+    core, _ = _core(receive_maximum=8)
+    pub = _held_publisher(core, level=4)
+    pub.receive_data(_publishes(SLOW, 7, 6, 4), 1.0)
+    assert not pub.held_back
+    pub.receive_data(_publishes(SLOW, 13, 4, 4), 1.0)  # one makes 8 waiting; three stay unread
+    assert pub.held_back and pub.state.value == "connected"
+    assert core.metrics.messages_received[1] == 6
+    core.tick(1.0 + DeviceLimits().max_backpressure_s)  # let go: the rest is read
+    assert list(core.released) == [pub]
+    pub.resume_publishing(11.0)
+    assert core.metrics.messages_received[1] == 16 and pub.state.value == "connected"
+
+
+def test_qos2_flows_before_their_pubrel_count_against_the_receive_maximum():
+    core, _ = _core(receive_maximum=3)
+    pub = _connected(core, "pub")
+    packets = [
+        encode(Publish(topic=SLOW, payload=b"2", qos=QoS.EXACTLY_ONCE, packet_id=n), 5)
+        for n in range(1, 5)
+    ]
+    pub.receive_data(b"".join(packets[:3]), 1.0)
+    assert pub.state.value == "connected"
+    pub.receive_data(packets[3], 1.0)
+    assert core.metrics.protocol_refusals["receive_maximum_exceeded"] == 1
+    assert pub.state.value == "closed"
 
 
 def test_backpressure_never_holds_a_client_on_its_own_queue_nor_for_an_away_session():
@@ -377,17 +512,28 @@ def test_backpressure_never_holds_a_client_on_its_own_queue_nor_for_an_away_sess
     assert core.publishers_held() == 0 and core.sessions["away"].queue_dropped == 6
 
 
-def test_overflow_policy_is_checked_in_config(tmp_path):
+@pytest.mark.parametrize(
+    ("key", "default", "group", "bad", "refusal"),
+    [
+        ("overflow_policy", "drop-oldest", "backpressure", "drop-all", "must be one of"),
+        ("receive_maximum", 8, 64, 0, "must be above 0"),
+    ],
+)
+def test_overflow_policy_and_receive_maximum_are_read_per_group_and_checked(
+    tmp_path, key, default, group, bad, refusal
+):
     path = tmp_path / "fleetgate.toml"
     path.write_text(
-        '[broker.limits]\noverflow_policy = "drop-oldest"\n'
-        '[broker.limits.groups.backend]\noverflow_policy = "backpressure"\n'
+        f"[broker.limits]\n{key} = {json.dumps(default)}\n"
+        f"[broker.limits.groups.backend]\n{key} = {json.dumps(group)}\n"
     )
     limits = load_config(tmp_path, {}).broker.limits
-    assert limits.default.overflow_policy == "drop-oldest"
-    assert limits.for_group("backend").overflow_policy == "backpressure"
-    path.write_text('[broker.limits]\noverflow_policy = "drop-all"\n')
-    with pytest.raises(ConfigError, match="overflow_policy must be one of"):
+    assert (getattr(limits.default, key), getattr(limits.for_group("backend"), key)) == (
+        default,
+        group,
+    )
+    path.write_text(f"[broker.limits]\n{key} = {json.dumps(bad)}\n")
+    with pytest.raises(ConfigError, match=f"{key} {refusal}"):
         load_config(tmp_path, {})
 
 
