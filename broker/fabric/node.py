@@ -96,7 +96,7 @@ MIN_SERVER_VERSION = (2, 10)
 """2.9 silently ignores a consumer's filter_subjects (a data leak) and maps no '.' in topics."""
 
 SETUP_TIMEOUT_S = 15.0
-"""How long start-up may take to find or create the retained stream and the will buckets."""
+"""How long start-up may take to find or create each of its streams and buckets."""
 QOS_HEADER = "Nmqtt-Pub"  # nats-server's MQTT listener reads and writes the QoS here
 EXPIRY_HEADER = "Fg-Expiry"  # MQTT 5 message expiry, whole seconds left
 PROPERTIES_HEADER = "Fg-Props"  # MQTT 5 message properties, encoded as on the wire, base64
@@ -312,14 +312,14 @@ class FabricNode:
         except FabricUnavailable:
             await self._nc.close()
             raise
-        await self._ensure_stream()
+        # A loaded or just-started cluster may take seconds to place replicated assets.
+        setup_s = max(settings.connect_timeout_s, SETUP_TIMEOUT_S)
+        await self._ensure_stream(setup_s)
         await self._nc.subscribe(self.ledger.ack_prefix + "*", cb=self._on_ack)
         await self.kicks.start(self._nc)
         core = self._core
         if core.subscriptions.match("#") or core.sessions:
             raise RuntimeError("the fabric must be started before any client connects")
-        # A loaded or just-started cluster may take seconds to place replicated assets.
-        setup_s = max(settings.connect_timeout_s, SETUP_TIMEOUT_S)
         js = self._nc.jetstream(timeout=setup_s)
         self.retained = FabricRetained(
             self.name, clock=self._clock, headers=nats_headers, decode=message_from_nats
@@ -584,10 +584,14 @@ class FabricNode:
                 except Exception as exc:  # resent when its acknowledgement is overdue
                     self._last_error = str(exc) or type(exc).__name__
 
-    async def _ensure_stream(self) -> None:
-        """Create ``FG_MSGS`` unless it exists (every node tries; the first one wins)."""
-        import nats.js.errors
+    async def _ensure_stream(self, timeout: float) -> None:
+        """Create ``FG_MSGS`` unless it exists (every node tries; the first one wins), trying
+        again until ``timeout``: a cluster that just started, or a stream another node has
+        just made, may not answer yet (one attempt within the connect timeout was not enough
+        for a busy machine's fresh cluster)."""
         from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+
+        from broker.fabric.streams import ensure_stream
 
         assert self._nc is not None
         js = self._nc.jetstream(timeout=self.settings.connect_timeout_s)
@@ -600,24 +604,11 @@ class FabricNode:
             max_age=MAX_AGE_S,
             duplicate_window=DUPLICATE_WINDOW_S,
         )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.connect_timeout_s
-        while True:  # a cluster that just started may not place a replicated stream yet
-            try:
-                try:
-                    info = await js.stream_info(STREAM)
-                except nats.js.errors.NotFoundError:
-                    info = await js.add_stream(config)
-                break
-            except Exception as exc:
-                if loop.time() < deadline:
-                    await asyncio.sleep(0.2)
-                    continue
-                await self._nc.close()
-                raise FabricUnavailable(
-                    f"the fabric has no usable JetStream stream {STREAM} "
-                    f"(R{self.settings.replicas}): {exc}"
-                ) from exc
+        try:
+            info = await ensure_stream(js, config, timeout)
+        except FabricUnavailable:
+            await self._nc.close()
+            raise
         if info.config.num_replicas != self.settings.replicas:
             log.warning(
                 "stream %s has %s replicas, [fabric] replicas says %s",
