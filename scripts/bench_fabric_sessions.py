@@ -331,6 +331,7 @@ async def _failover(
     for client in clients:
         client.abandon()
     finished: list[float] = []
+    connacked: list[float] = []
     resumed = 0
 
     async def resume(client: Client, n: int) -> None:
@@ -339,6 +340,7 @@ async def _failover(
         client.ack = True
         client.changed = asyncio.Event()
         present = await client.connect(survivor.port)
+        connacked.append(time.monotonic())
         resumed += present
         want = {p for p in expected if p.endswith(f"-{n}".encode())} | {f"dead-{n}".encode()}
         deadline = time.monotonic() + 60
@@ -348,9 +350,13 @@ async def _failover(
                 await asyncio.wait_for(client.changed.wait(), 1)
         finished.append(time.monotonic())
 
+    async def publish_dead() -> float:
+        await _publish_each(survivor.port, sessions, "dead")
+        return time.monotonic()
+
     # The devices come back while one more message each is published (their node is dead).
-    await asyncio.gather(
-        _publish_each(survivor.port, sessions, "dead"),
+    published, _ = await asyncio.gather(
+        publish_dead(),
         bounded([resume(c, n) for n, c in enumerate(clients)], reconnecting),
     )
     survivor_cpu = cpu_seconds(survivor.process.pid) - cpu_before
@@ -362,6 +368,9 @@ async def _failover(
     await bounded([c.disconnect() for c in clients], 64)
     return {
         "failover_s": max(finished) - killed,
+        # What bounds it: the last CONNACK, and the one publisher's last PUBACK (sequential).
+        "connacked_s": max(connacked) - killed,
+        "published_s": published - killed,
         "failover_lost": float(lost),
         "sessions": float(sessions),
         "resumed_present": float(resumed),

@@ -278,6 +278,44 @@ def test_a_node_that_cannot_reach_the_fabric_does_not_start(fleet: Fleet) -> Non
     node.stop()
 
 
+def test_a_node_whose_session_bucket_cannot_be_set_up_does_not_start(
+    fleet: Fleet, cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FG_SESSIONS taken by a stream of another shape: the node refuses to start, like for the
+    retained stream or the will buckets, and leaves no NATS connection behind."""
+    from nats.js.api import StreamConfig
+
+    import broker.fabric.node as node_module
+    from broker.fabric.sessions import BUCKET
+
+    monkeypatch.setattr(node_module, "SETUP_TIMEOUT_S", 1.0)  # the 3 s connect timeout rules
+    name = f"KV_{BUCKET}"
+
+    async def take_bucket(conflicting: bool) -> None:
+        nc = await nats.connect(cluster.nodes[0].url)
+        js = nc.jetstream(timeout=10)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(name)
+        if conflicting:  # not a KV bucket's shape: create_key_value refuses it
+            await js.add_stream(StreamConfig(name=name, subjects=["not.a.bucket.>"]))
+        await nc.close()
+
+    asyncio.run(take_bucket(True))
+    node = FabricBroker(fleet, [cluster.nodes[0].url], "no-sessions")
+    try:
+        with pytest.raises(FabricUnavailable, match="wills or sessions"):
+            node.start()
+        client_names = {
+            conn.get("name")
+            for server in cluster.nodes
+            for conn in (server.http_json("/connz") or {}).get("connections") or []
+        }
+        assert "fleetgate-no-sessions" not in client_names
+    finally:
+        node.stop()
+        asyncio.run(take_bucket(False))
+
+
 def test_bridges_and_the_fabric_together_are_refused(fleet: Fleet, cluster: NatsCluster) -> None:
     from fleetgate.config import BridgeSettings
 

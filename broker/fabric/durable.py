@@ -75,10 +75,16 @@ class DurableLedger:
     give_up_s: float = 30.0
     pending: dict[int, Pending] = field(default_factory=dict)
     _next: int = 1
+    _id_prefix: str = field(init=False, default="")
+    _ack_prefix: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:  # per-message strings, built once
+        self._id_prefix = f"{self.node}.{self.epoch}."
+        self._ack_prefix = f"{ACK_PREFIX}{self.node}."
 
     @property
     def ack_prefix(self) -> str:
-        return f"{ACK_PREFIX}{self.node}."
+        return self._ack_prefix
 
     def add(
         self,
@@ -87,17 +93,19 @@ class DurableLedger:
         headers: dict[str, str] | None,
         on_stored: Callable[[bool, float], None],
         now: float,
+        extra: dict[str, str] | None = None,
     ) -> int:
-        """Register a message; its number names its reply subject and its ``Nats-Msg-Id``."""
+        """Register a message; its number names its reply subject and its ``Nats-Msg-Id``.
+        ``headers`` (perhaps shared with other messages) is copied, with ``extra`` added."""
         number = self._next
         self._next += 1
-        stamped = dict(headers or {})
-        stamped[MSG_ID_HEADER] = f"{self.node}.{self.epoch}.{number}"
+        stamped = {**headers, **extra} if headers and extra else dict(headers or extra or {})
+        stamped[MSG_ID_HEADER] = f"{self._id_prefix}{number}"
         self.pending[number] = Pending(STREAM_PREFIX + subject, payload, stamped, on_stored, now)
         return number
 
     def reply_subject(self, number: int) -> str:
-        return f"{self.ack_prefix}{number}"
+        return f"{self._ack_prefix}{number}"
 
     def answered(self, reply_subject: str, body: bytes, status: str | None) -> int | None:
         """The message an acknowledgement is for, if it says stored; None otherwise (an error,

@@ -42,10 +42,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import secrets
 from collections import deque
 from collections.abc import Callable
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from broker.core import BrokerCore, GateVerdict
@@ -94,11 +96,13 @@ MIN_SERVER_VERSION = (2, 10)
 """2.9 silently ignores a consumer's filter_subjects (a data leak) and maps no '.' in topics."""
 
 SETUP_TIMEOUT_S = 15.0
-"""How long start-up may take to find or create the retained stream and the will buckets."""
+"""How long start-up may take to find or create each of its streams and buckets."""
 QOS_HEADER = "Nmqtt-Pub"  # nats-server's MQTT listener reads and writes the QoS here
 EXPIRY_HEADER = "Fg-Expiry"  # MQTT 5 message expiry, whole seconds left
 PROPERTIES_HEADER = "Fg-Props"  # MQTT 5 message properties, encoded as on the wire, base64
 
+CANONICAL_CACHE = 65536
+"""Topics whose routing filter the node remembers (cleared when full or when filters change)."""
 _ANY = SubscriptionOptions(QoS.AT_MOST_ONCE)
 _QOS = (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE, QoS.EXACTLY_ONCE)
 
@@ -122,12 +126,22 @@ def check_server_version(version: str) -> None:
         )
 
 
+_PLAIN_HEADERS: tuple[dict[str, str] | None, ...] = (
+    None,
+    {QOS_HEADER: "1"},
+    {QOS_HEADER: "2"},
+)
+"""The headers of a message with neither properties nor expiry, by QoS: shared, never changed
+(nats-py only reads them), so the common message builds no dict."""
+
+
 def nats_headers(message: Message, now: float) -> dict[str, str] | None:
     """What a message carries besides topic and payload; None for a plain QoS 0 message, which
-    then looks to NATS-native subscribers exactly like a NATS-native publish."""
+    then looks to NATS-native subscribers exactly like a NATS-native publish. The result may be
+    shared between messages: callers copy it before changing it."""
     props = message.properties
-    if message.qos == QoS.AT_MOST_ONCE and props is NO_PROPERTIES and message.expires_at is None:
-        return None
+    if props is NO_PROPERTIES and message.expires_at is None:
+        return _PLAIN_HEADERS[message.qos]
     headers = {QOS_HEADER: str(int(message.qos))}
     if message.expires_at is not None:
         headers[EXPIRY_HEADER] = str(max(0, round(message.expires_at - now)))
@@ -141,24 +155,41 @@ def message_from_nats(
 ) -> Message | None:
     """The MQTT message for a NATS message, or None if it cannot be one (a NATS-native subject
     whose topic has a wildcard, say, or headers that are not ours)."""
+    topic = topic_of(subject)
+    if topic is None:
+        return None
+    if not headers:  # QoS 0 without properties: the common message
+        return Message(topic, payload, QoS.AT_MOST_ONCE, False, NO_PROPERTIES, "", None)
+    if len(headers) == 1 and (plain := _QOS_BY_HEADER.get(headers.get(QOS_HEADER, ""))):
+        return Message(topic, payload, plain, False, NO_PROPERTIES, "", None)
+    qos, props, expires_at = QoS.AT_MOST_ONCE, NO_PROPERTIES, None
+    try:
+        qos = _QOS[int(headers.get(QOS_HEADER, "0"))]
+        if (expiry := headers.get(EXPIRY_HEADER)) is not None:
+            expires_at = now + int(expiry)
+        if (encoded := headers.get(PROPERTIES_HEADER)) is not None:
+            props = decode_properties(
+                Reader(base64.b64decode(encoded, validate=True)), PacketType.PUBLISH
+            )
+    except (ValueError, IndexError, ProtocolError):
+        return None
+    return Message(topic, payload, qos, False, props, "", expires_at)
+
+
+_QOS_BY_HEADER = {"1": QoS.AT_LEAST_ONCE, "2": QoS.EXACTLY_ONCE}
+"""A lone QoS header's values that need no parsing (QoS 0 comes without headers)."""
+
+
+@lru_cache(maxsize=65536)
+def topic_of(subject: str) -> str | None:
+    """The valid MQTT topic a subject shows as, or None (a NATS-native subject whose topic has a
+    wildcard, say). Cached: messages come on the same subjects over and over."""
     topic = subject_to_topic(subject)
     try:
         validate_topic_name(topic)
     except InvalidTopic:
         return None
-    qos, props, expires_at = QoS.AT_MOST_ONCE, NO_PROPERTIES, None
-    if headers:
-        try:
-            qos = _QOS[int(headers.get(QOS_HEADER, "0"))]
-            if (expiry := headers.get(EXPIRY_HEADER)) is not None:
-                expires_at = now + int(expiry)
-            if (encoded := headers.get(PROPERTIES_HEADER)) is not None:
-                props = decode_properties(
-                    Reader(base64.b64decode(encoded, validate=True)), PacketType.PUBLISH
-                )
-        except (ValueError, IndexError, ProtocolError):
-            return None
-    return Message(topic, payload, qos, False, props, "", expires_at)
+    return topic
 
 
 class InterestTree(SubscriptionTree):
@@ -228,6 +259,7 @@ class FabricNode:
         self._options: dict[str, Any] = {}
         self._share_nc: NatsClient | None = None  # queue subscriptions (module docstring)
         self._active = SubscriptionTree()  # filters whose NATS subscriptions the server has
+        self._canonical: dict[str, str] = {}  # topic -> the active filter that routes it
         self._tree: InterestTree | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._last_error: str = ""
@@ -256,6 +288,9 @@ class FabricNode:
             "no_echo": True,
             # Replies (JetStream API) on a '$' subject: MQTT '#' subscribers never see them.
             "inbox_prefix": "$FG.inbox",
+            # Every subject is built here from refused-if-unmappable topics (no whitespace, no
+            # CR/LF) and checked node names: nats-py's per-publish regex would only cost time.
+            "skip_subject_validation": True,
             "connect_timeout": settings.connect_timeout_s,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.5,
@@ -277,26 +312,18 @@ class FabricNode:
         except FabricUnavailable:
             await self._nc.close()
             raise
-        await self._ensure_stream()
+        # A loaded or just-started cluster may take seconds to place replicated assets.
+        setup_s = max(settings.connect_timeout_s, SETUP_TIMEOUT_S)
+        await self._ensure_stream(setup_s)
         await self._nc.subscribe(self.ledger.ack_prefix + "*", cb=self._on_ack)
         await self.kicks.start(self._nc)
         core = self._core
         if core.subscriptions.match("#") or core.sessions:
             raise RuntimeError("the fabric must be started before any client connects")
-        # A loaded or just-started cluster may take seconds to place replicated assets.
-        setup_s = max(settings.connect_timeout_s, SETUP_TIMEOUT_S)
         js = self._nc.jetstream(timeout=setup_s)
         self.retained = FabricRetained(
             self.name, clock=self._clock, headers=nats_headers, decode=message_from_nats
         )
-        try:
-            await self.retained.start(js, settings.replicas, setup_s)
-            await self.wills.start(js, settings.replicas, setup_s)
-        except (FabricUnavailable, TimeoutError) as exc:
-            await self._nc.close()
-            raise FabricUnavailable(f"the fabric's retained messages or wills: {exc}") from exc
-        core.retained = self.retained
-        core.will_keeper = self.wills
         self.sessions = SessionStore(
             self.name,
             core,
@@ -305,7 +332,17 @@ class FabricNode:
             clock=self._clock,
             wake=self._wake,
         )
-        await self.sessions.start(setup_s)
+        try:  # every bucket and stream the node needs, or no node: the link is closed
+            await self.retained.start(js, settings.replicas, setup_s)
+            await self.wills.start(js, settings.replicas, setup_s)
+            await self.sessions.start(setup_s)
+        except (FabricUnavailable, TimeoutError, nats.errors.Error) as exc:
+            await self._abort_start()
+            raise FabricUnavailable(
+                f"the fabric's retained messages, wills or sessions: {exc}"
+            ) from exc
+        core.retained = self.retained
+        core.will_keeper = self.wills
         core.session_hooks = self.sessions
         core.assigned_prefix = f"auto-{self.name}-"
         core.gate = core.will_gate = self
@@ -329,6 +366,18 @@ class FabricNode:
             "fabric connected",
             extra={"node": self.name, "server": self._nc.connected_url.netloc},  # type: ignore[union-attr]
         )
+
+    async def _abort_start(self) -> None:
+        """Undo a start that failed half-way: what did start stops, the link closes."""
+        assert self._nc is not None
+        with contextlib.suppress(Exception):
+            if self.sessions is not None:
+                await self.sessions.stop()
+            await self.wills.stop(0.0)
+            if self.retained is not None:
+                await self.retained.stop(0.0)
+        self.sessions = None
+        await self._nc.close()
 
     async def claim_session(
         self, device_id: str, client_id: str, clean_start: bool, expiry: int
@@ -493,9 +542,10 @@ class FabricNode:
         self._outbox_ready.set()
         if message.qos == QoS.AT_MOST_ONCE:
             return GateVerdict.ROUTE
-        stored_headers = dict(headers or {})
-        stored_headers[SENDER_HEADER] = message.sender  # for no-local, on the stored copy only
-        number = self.ledger.add(subject, message.payload, stored_headers, on_stored, now)
+        # The sender is for no-local, on the stored copy only.
+        number = self.ledger.add(
+            subject, message.payload, headers, on_stored, now, {SENDER_HEADER: message.sender}
+        )
         self._stored_outbox.append(number)
         return GateVerdict.HOLD
 
@@ -506,6 +556,7 @@ class FabricNode:
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
+            sent = 0
             while outbox:
                 subject, payload, headers = outbox.popleft()
                 try:
@@ -514,13 +565,15 @@ class FabricNode:
                     self.dropped += 1
                     self._last_error = str(exc) or type(exc).__name__
                 else:
-                    self.forwarded += 1
+                    sent += 1
+            self.forwarded += sent
+            now = self._clock()
             while self._stored_outbox:
                 number = self._stored_outbox.popleft()
                 item = self.ledger.pending.get(number)
                 if item is None:
                     continue
-                item.last_sent = self._clock()
+                item.last_sent = now
                 try:
                     await nc.publish(
                         item.subject,
@@ -531,10 +584,14 @@ class FabricNode:
                 except Exception as exc:  # resent when its acknowledgement is overdue
                     self._last_error = str(exc) or type(exc).__name__
 
-    async def _ensure_stream(self) -> None:
-        """Create ``FG_MSGS`` unless it exists (every node tries; the first one wins)."""
-        import nats.js.errors
+    async def _ensure_stream(self, timeout: float) -> None:
+        """Create ``FG_MSGS`` unless it exists (every node tries; the first one wins), trying
+        again until ``timeout``: a cluster that just started, or a stream another node has
+        just made, may not answer yet (one attempt within the connect timeout was not enough
+        for a busy machine's fresh cluster)."""
         from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+
+        from broker.fabric.streams import ensure_stream
 
         assert self._nc is not None
         js = self._nc.jetstream(timeout=self.settings.connect_timeout_s)
@@ -547,24 +604,11 @@ class FabricNode:
             max_age=MAX_AGE_S,
             duplicate_window=DUPLICATE_WINDOW_S,
         )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.connect_timeout_s
-        while True:  # a cluster that just started may not place a replicated stream yet
-            try:
-                try:
-                    info = await js.stream_info(STREAM)
-                except nats.js.errors.NotFoundError:
-                    info = await js.add_stream(config)
-                break
-            except Exception as exc:
-                if loop.time() < deadline:
-                    await asyncio.sleep(0.2)
-                    continue
-                await self._nc.close()
-                raise FabricUnavailable(
-                    f"the fabric has no usable JetStream stream {STREAM} "
-                    f"(R{self.settings.replicas}): {exc}"
-                ) from exc
+        try:
+            info = await ensure_stream(js, config, timeout)
+        except FabricUnavailable:
+            await self._nc.close()
+            raise
         if info.config.num_replicas != self.settings.replicas:
             log.warning(
                 "stream %s has %s replicas, [fabric] replicas says %s",
@@ -661,6 +705,7 @@ class FabricNode:
     def _interest_lost(self, topic_filter: str) -> None:
         # At once: messages still arriving on its subscriptions are no longer routed.
         self._active.remove(topic_filter, topic_filter)
+        self._canonical.clear()
         self._interest.append((topic_filter, False))
         self._interest_ready.set()
 
@@ -703,6 +748,7 @@ class FabricNode:
         assert self._tree is not None
         if self._tree.has(topic_filter):  # still wanted once the server had it
             self._active.add(topic_filter, topic_filter, _ANY)
+            self._canonical.clear()
 
     async def _subscribe_shared(self, topic_filter: str) -> None:
         """Queue subscriptions for the shared subscription ``$share/<group>/<filter>``."""
@@ -735,12 +781,23 @@ class FabricNode:
         if shared:
             self._core.publish_shared(topic_filter, message, now)
         else:
-            matching = self._active.match(message.topic)
-            if not matching or min(f for f, _ in matching) != topic_filter:
+            if self._canonical_filter(message.topic) != topic_filter:
                 return  # another of this node's filters routes this copy
             self._core.publish(message, now)
         self.received += 1
         self._wake()
+
+    def _canonical_filter(self, topic: str) -> str:
+        """The smallest active filter matching ``topic`` ("" if none), the one whose copy of a
+        message is routed. Cached per topic until the active filters change."""
+        found = self._canonical.get(topic)
+        if found is None:
+            matching = self._active.match(topic)
+            found = min(f for f, _ in matching) if matching else ""
+            if len(self._canonical) >= CANONICAL_CACHE:
+                self._canonical.clear()
+            self._canonical[topic] = found
+        return found
 
 
 def _server_version(nc: NatsClient) -> str:

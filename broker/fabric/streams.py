@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 
-async def _until(what: str, attempt: Callable[[], Awaitable[_T]], timeout: float) -> _T:
+async def until(what: str, attempt: Callable[[], Awaitable[_T]], timeout: float) -> _T:
+    """``attempt()`` again every 0.2 s until it succeeds; after ``timeout``, FabricUnavailable
+    naming ``what``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
@@ -44,7 +46,7 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, timeout: flo
         except nats.js.errors.NotFoundError:
             return await js.add_stream(config)
 
-    return await _until(f"JetStream stream {name} (R{config.num_replicas})", attempt, timeout)
+    return await until(f"JetStream stream {name} (R{config.num_replicas})", attempt, timeout)
 
 
 async def ensure_bucket(
@@ -69,4 +71,4 @@ async def ensure_bucket(
         except nats.js.errors.BucketNotFoundError:
             return await js.create_key_value(config)
 
-    return await _until(f"KV bucket {bucket} (R{replicas})", attempt, timeout)
+    return await until(f"KV bucket {bucket} (R{replicas})", attempt, timeout)

@@ -227,11 +227,14 @@ class WillKeeper:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self, js: JetStreamContext, replicas: int, timeout: float) -> None:
-        from broker.fabric.streams import ensure_bucket
+        from broker.fabric.streams import ensure_bucket, until
 
         nodes = await ensure_bucket(js, NODES_BUCKET, replicas, NODES_TTL_S, timeout)
         self._kv = await ensure_bucket(js, WILLS_BUCKET, replicas, None, timeout)
-        await nodes.put(self.node, self.owner.encode())
+        # A bucket just made by another node may have no leader yet (no responders).
+        await until(
+            f"KV bucket {NODES_BUCKET}", lambda: nodes.put(self.node, self.owner.encode()), timeout
+        )
         for kv, follow in ((nodes, self._follow_nodes), (self._kv, self._follow_wills)):
             watcher = await kv.watchall()
             self._watchers.append(watcher)
