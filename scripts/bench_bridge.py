@@ -61,7 +61,7 @@ from bench_broker import (
     start_mosquitto,
     stop_broker,
 )
-from benchlib import cpu_seconds
+from benchlib import cpu_seconds, fanin_options
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -88,11 +88,8 @@ MQTT5 = ProtocolLevel.MQTT_5
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--publishers", type=int, default=20, help="publishing devices (P)")
-    parser.add_argument("--window", type=int, default=16, help="QoS 1 in flight per publisher")
-    parser.add_argument("--duration", type=float, default=10.0, help="timed seconds per run")
+    fanin_options(parser, publishers=20, duration=10.0, window=16)
     parser.add_argument("--outage", type=float, default=30.0, help="upstream outage, seconds")
-    parser.add_argument("--payload", type=int, default=64, help="payload bytes")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument(
         "--no-outage", action="store_true", help="skip the outage run (quicker profiling rounds)"

@@ -99,7 +99,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import close_all, cpu_seconds, free_port, percentile
+from benchlib import (
+    chosen_names,
+    close_all,
+    cpu_seconds,
+    fanin_options,
+    free_port,
+    percentile,
+    run_options,
+)
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
@@ -165,10 +173,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--idle", type=int, default=5000, help="idle connections (N)")
     parser.add_argument("--connects", type=int, default=5000, help="timed connects (C)")
     parser.add_argument("--concurrency", type=int, default=64, help="connects in flight (K)")
-    parser.add_argument("--publishers", type=int, default=100, help="fan-in publishers (P)")
-    parser.add_argument("--duration", type=float, default=10.0, help="timed fan-in seconds (D)")
-    parser.add_argument("--window", type=int, default=8, help="messages in flight per publisher")
-    parser.add_argument("--payload", type=int, default=64, help="PUBLISH payload bytes")
+    fanin_options(parser, publishers=100, duration=10.0, window=8)
     parser.add_argument(
         "--sat-publishers", type=int, default=50, help="saturated QoS 1 fan-in publishers"
     )
@@ -194,7 +199,6 @@ def parse_args() -> argparse.Namespace:
         "after the idle phase); ratios of phases not run are nan",
     )
     parser.add_argument("--phase-timeout", type=float, default=60.0, help="bound on a phase, s")
-    parser.add_argument("--log-level", default="WARNING", help="fleetgate FLEETGATE_LOG_LEVEL")
     parser.add_argument(
         "--fleetgate-env",
         action="append",
@@ -202,15 +206,9 @@ def parse_args() -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="a FLEETGATE_* setting for fleetgate's broker (A/B runs; repeatable)",
     )
-    parser.add_argument(
-        "--profile", action="store_true", help="run fleetgate's broker under cProfile (slower)"
-    )
-    parser.add_argument("--top", type=int, default=30, help="profile rows to print")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    run_options(parser, profile_top=30)
     args = parser.parse_args()
-    args.phases = {p.strip() for p in args.phases.split(",") if p.strip()}
-    if not args.phases or not args.phases <= set(PHASES):
-        parser.error(f"--phases takes some of {','.join(PHASES)}")
+    args.phases = set(chosen_names(parser, "--phases", args.phases, PHASES))
     if args.connects > args.idle:
         parser.error("--connects may not exceed --idle (connects reuse the idle identities)")
     if args.publishers > args.idle or args.publishers < 1:

@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # nats_cluster: the same cluster the tests run
 
 import bench_broker as bb  # noqa: E402
-from benchlib import cpu_seconds, free_port, percentile  # noqa: E402
+from benchlib import cpu_seconds, fanin_options, free_port, percentile, run_options  # noqa: E402
 from nats_cluster import NatsCluster  # noqa: E402
 
 from broker.mqtt import QoS  # noqa: E402
@@ -91,21 +91,13 @@ TARGETS = {
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--publishers", type=int, default=50, help="fan-in publishers (P)")
-    parser.add_argument("--duration", type=float, default=8.0, help="timed fan-in seconds (D)")
-    parser.add_argument("--window", type=int, default=8, help="messages in flight per publisher")
-    parser.add_argument("--payload", type=int, default=64, help="PUBLISH payload bytes")
+    fanin_options(parser, publishers=50, duration=8.0, window=8)
     parser.add_argument("--rounds", type=int, default=1, help="embedded/fabric rounds (A/B)")
     parser.add_argument("--concurrency", type=int, default=32, help="connects in flight")
     parser.add_argument("--phase-timeout", type=float, default=30.0, help="bound on a connect")
-    parser.add_argument("--log-level", default="WARNING", help="fleetgate FLEETGATE_LOG_LEVEL")
     parser.add_argument("--no-hooks", action="store_true", help="skip the sessions/kick hooks")
     parser.add_argument("--qos", default="0,1", help="QoS levels to run, e.g. 1")
-    parser.add_argument(
-        "--profile", action="store_true", help="run the fabric nodes under cProfile (slower)"
-    )
-    parser.add_argument("--top", type=int, default=25, help="profile rows to print")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    run_options(parser, profile_top=25)
     args = parser.parse_args()
     if args.window < 2 or args.window * args.publishers > 900:
         parser.error("--window must be >= 2 and window * publishers <= 900")

@@ -3,6 +3,7 @@ a generator's links."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import os
@@ -67,3 +68,34 @@ async def close_all(links: Sequence[Closable], limit: float = 15.0) -> None:
     for link in links:
         if link.tcp is not None and not link.gone.done():
             link.tcp.abort()
+
+
+def fanin_options(
+    parser: argparse.ArgumentParser, *, publishers: int, duration: float, window: int
+) -> None:
+    """The load shape every fan-in benchmark takes, with that benchmark's defaults."""
+    parser.add_argument("--publishers", type=int, default=publishers, help="publishers (P)")
+    parser.add_argument("--duration", type=float, default=duration, help="timed seconds (D)")
+    parser.add_argument("--window", type=int, default=window, help="QoS 1 in flight per publisher")
+    parser.add_argument("--payload", type=int, default=64, help="PUBLISH payload bytes")
+
+
+def run_options(parser: argparse.ArgumentParser, *, profile_top: int | None = None) -> None:
+    """How a benchmark runs fleetgate: its log level, the temporary directory, cProfile."""
+    parser.add_argument("--log-level", default="WARNING", help="fleetgate FLEETGATE_LOG_LEVEL")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    if profile_top is not None:
+        parser.add_argument(
+            "--profile", action="store_true", help="run fleetgate under cProfile (slower)"
+        )
+        parser.add_argument("--top", type=int, default=profile_top, help="profile rows to print")
+
+
+def chosen_names(
+    parser: argparse.ArgumentParser, option: str, value: str, known: Sequence[str]
+) -> list[str]:
+    """A comma-separated ``option`` value split into names, each one of ``known``."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names or not set(names) <= set(known):
+        parser.error(f"{option} takes some of {','.join(known)}")
+    return names

@@ -79,7 +79,7 @@ from bench_broker import (
     start_fleetgate,
     stop_broker,
 )
-from benchlib import close_all, percentile
+from benchlib import chosen_names, close_all, percentile, run_options
 
 from broker.mqtt import (
     ConnAck,
@@ -137,13 +137,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="multiply each attack's volume and length (1 = the issue's figures)",
     )
     parser.add_argument("--concurrency", type=int, default=64, help="connects in flight")
-    parser.add_argument("--log-level", default="WARNING", help="fleetgate FLEETGATE_LOG_LEVEL")
     parser.add_argument(
         "--attacks",
         default=",".join(ATTACKS),
         help=f"comma-separated attacks to run in turn, of {','.join(ATTACKS)}",
     )
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    run_options(parser)
     parser.add_argument(
         "--samples",
         type=Path,
@@ -152,9 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--attacker-child", help=argparse.SUPPRESS)  # JSON: the child's brief
     args = parser.parse_args(argv)
-    args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    if not args.attacks or not set(args.attacks) <= set(ATTACKS):
-        parser.error(f"--attacks takes some of {','.join(ATTACKS)}")
+    args.attacks = chosen_names(parser, "--attacks", args.attacks, ATTACKS)
     if args.attacker_child is None and (
         args.conns < 1 or args.minutes <= 0 or args.period <= 0 or args.attack_scale <= 0
     ):
