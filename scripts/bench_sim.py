@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steady", type=float, default=60.0, help="s of steady traffic")
     parser.add_argument("--kill-after", type=float, default=5.0)
     parser.add_argument("--down", type=float, default=2.0)
-    parser.add_argument("--outage", type=float, default=45.0, help="s of the outage stage")
+    parser.add_argument("--outage", type=float, default=60.0, help="s of the outage stage")
     parser.add_argument("--keep", action="store_true", help="keep the data directory and logs")
     parser.add_argument("--timeline", type=Path, help="write each second's counts here (CSV)")
     return parser.parse_args()
