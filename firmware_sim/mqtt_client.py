@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -83,9 +84,17 @@ class Refused(Exception):
         return f"CONNACK {self.reason_code.name} (0x{int(self.reason_code):02x})"
 
 
-_RECEIVE = memoryview(bytearray(64 * 1024))
-"""One receive buffer for every client on this thread's event loop: a read is handed on at
-once (into the TLS pump or the decoder), so no connection keeps a buffer of its own."""
+_RECEIVE_SIZE = 64 * 1024
+_per_thread = threading.local()
+
+
+def _receive_buffer() -> memoryview:
+    """One receive buffer for every client on this thread's event loop: a read is handed on at
+    once (into the TLS pump or the decoder), so no connection keeps a buffer of its own."""
+    buffer: memoryview | None = getattr(_per_thread, "buffer", None)
+    if buffer is None:
+        buffer = _per_thread.buffer = memoryview(bytearray(_RECEIVE_SIZE))
+    return buffer
 
 
 class SimClient(asyncio.BufferedProtocol):
@@ -119,6 +128,7 @@ class SimClient(asyncio.BufferedProtocol):
         self._held: list[bytes] | None = None  # acknowledgements of the read being decoded
         self.session_present = False
         self._tcp: asyncio.Transport | None = None
+        self._buffer = _receive_buffer()
         self._ping: asyncio.TimerHandle | None = None
         self._last_sent = 0.0
 
@@ -192,10 +202,10 @@ class SimClient(asyncio.BufferedProtocol):
             transport.write(self._pump.start())  # ClientHello; CONNECT follows the handshake
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _RECEIVE
+        return self._buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        data = _RECEIVE[:nbytes]
+        data = self._buffer[:nbytes]
         pump = self._pump
         if pump is None:
             self._feed(bytes(data))
