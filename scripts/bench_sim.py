@@ -39,7 +39,7 @@ from pathlib import Path
 
 from firmware_sim.engine import Coordinator, Progress
 from firmware_sim.fleet import BACKEND_GROUP
-from firmware_sim.observations import DELIVERED, FaultMark, Observations
+from firmware_sim.observations import DELIVERED, RECOVERY_WINDOW_S, FaultMark, Observations
 from firmware_sim.progress import LiveLine
 from firmware_sim.scenario import Fault, FaultKind, Group, Scenario, Stage
 
@@ -292,9 +292,9 @@ async def main(args: argparse.Namespace) -> int:
 def back_text(obs: Observations, killed: float) -> str:
     """When each half of the recovery criterion came back (connected count, delivered rate),
     so the figure says which of the two bounded it."""
-    before = range(int(killed) - 3, int(killed))
-    connected = sum(obs.connected[s] for s in before) / 3
-    rate = sum(obs.counts[DELIVERED][s] for s in before) / 3
+    before = range(int(killed) - RECOVERY_WINDOW_S, int(killed))
+    connected = sum(obs.connected[s] for s in before) / len(before)
+    rate = sum(obs.counts[DELIVERED][s] for s in before) / len(before)
     parts = []
     for name, per_s, level in (
         ("connected count", obs.connected, connected),
