@@ -39,7 +39,13 @@ from pathlib import Path
 
 from firmware_sim.engine import Coordinator, Progress
 from firmware_sim.fleet import BACKEND_GROUP
-from firmware_sim.observations import DELIVERED, RECOVERY_WINDOW_S, FaultMark, Observations
+from firmware_sim.observations import (
+    DELIVERED,
+    RECOVERY_WINDOW_S,
+    FaultMark,
+    Observations,
+    within,
+)
 from firmware_sim.progress import LiveLine
 from firmware_sim.scenario import Fault, FaultKind, Group, Scenario, Stage
 
@@ -210,10 +216,11 @@ def back_at(per_s: Counter[int], start: float, level: float) -> float | None:
 def window_loss(obs: Observations, subscriber: str, start: float, end: float) -> tuple[int, int]:
     """(acknowledged, lost) for messages sent in [start, end) that ``subscriber`` was due."""
     acked = lost = 0
+    gaps = obs.unsubscribed.get(subscriber, [])  # due to no one: the broker lost its session
     for topic, seqs in obs.acked.items():
         got = set(obs.arrivals.get((subscriber, topic), ()))
         for seq, sent in zip(seqs, obs.acked_sent[topic], strict=True):
-            if start <= sent < end:
+            if start <= sent < end and not within(sent, gaps):
                 acked += 1
                 lost += seq not in got
     return acked, lost
