@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from broker.mqtt import Publish, QoS, ReasonCode
 from device_sdk.est import EstClient, EstError, client_context, device_csr
 from firmware_sim.deployment import Target
+from firmware_sim.est_link import EstLink
 from firmware_sim.mqtt_client import MQTT5, MQTT311, Refused, SessionClosed, SimClient, Unacked
 from firmware_sim.observations import (
     CONNECTS,
@@ -42,11 +43,12 @@ from firmware_sim.scenario import FaultKind, Group, Scenario
 
 HEAD = struct.Struct("!qd")  # seq, monotonic send time; the rest of a payload is padding
 SESSION_EXPIRY_S = 3600
-KEEP_ALIVE_S = 30
+KEEP_ALIVE_S = 60  # PINGREQ after 30 s of silence: 10,000 idle devices, 333 a second
 TICK_S = 0.1
 SEND_SLOT_S = 0.05  # telemetry goes out on a 20 Hz grid (see Shard._wait_slot)
 BACKOFF_BASE_S = 0.5
 CONNECTING = 128  # per shard: enrollments + handshakes in flight at once (a line's stations)
+EST_CONNECTIONS = 4  # per shard: the station's kept-alive EST connections (requests in flight)
 KICK = "DISCONNECT ADMINISTRATIVE_ACTION"
 REVOKED_CONNECT = "CONNACK NOT_AUTHORIZED"
 
@@ -94,6 +96,15 @@ def store_credentials(path: Path, key: ec.EllipticCurvePrivateKey, chain: list[b
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as file:
         file.write(pem + b"".join(chain))
+
+
+def save_credentials(
+    target: Target, device_id: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate
+) -> Path:
+    """A newly enrolled device's key and certificate where its connects will load them."""
+    path = credentials_path(target, device_id)
+    store_credentials(path, key, [cert.public_bytes(Encoding.PEM)])
+    return path
 
 
 def certificate_of(path: Path) -> x509.Certificate:
@@ -156,9 +167,7 @@ class Enroller:
     def enroll(self, device_id: str) -> Path:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = self._client().simpleenroll(device_csr(device_id, key))
-        path = credentials_path(self.target, device_id)
-        store_credentials(path, key, [cert.public_bytes(Encoding.PEM)])
-        return path
+        return save_credentials(self.target, device_id, key, cert)
 
     def renew(self, device_id: str, path: Path) -> x509.Certificate:
         """simplereenroll authenticated by the device's current certificate, new key."""
@@ -202,7 +211,10 @@ class Shard:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.scenario.seed * 1000 + self.index)  # noqa: S311 - timing
-        self.enroller = Enroller(self.target)
+        self.enroller = Enroller(self.target)  # renewals (rare): blocking, on a thread
+        target = self.target
+        station = client_context(target.root, target.station_cert, target.station_key)
+        self.est = EstLink(target.est_url, station, connections=EST_CONNECTIONS)
         self.revocations = revoked_ids(self.scenario, self.target.id_prefix)
         due = renewal_due(self.scenario)
         self.devices: dict[str, list[Device]] = {}
@@ -259,7 +271,11 @@ class Shard:
                         device.bounce = True
                         self._poke(device)
             if now >= next_sample:
-                self.obs.connected[int(now)] = self.connected
+                # every second up to now: a tick late by more than a second (a busy loop in a
+                # reconnect storm) must not leave a second at 0 connected, which would read as
+                # half the fleet gone once shards are merged
+                for second in range(next_sample, int(now) + 1):
+                    self.obs.connected[second] = self.connected
                 next_sample = math.floor(now) + 1
                 self.status(self)
             await asyncio.sleep(TICK_S)
@@ -279,6 +295,7 @@ class Shard:
             await asyncio.wait(tasks, timeout=15)
             for task in tasks:
                 task.cancel()
+        await self.est.close()
 
     def _start(self, device: Device) -> None:
         if device.task is None or device.task.done():
@@ -327,7 +344,14 @@ class Shard:
     async def _enroll(self, device: Device) -> bool:
         started = time.perf_counter()
         try:
-            device.credentials = await asyncio.to_thread(self.enroller.enroll, device.device_id)
+            key = ec.generate_private_key(ec.SECP256R1())
+            csr = device_csr(device.device_id, key).public_bytes(Encoding.DER)
+            cert = await self.est.simpleenroll(csr)
+            # on a thread: creating a file waits for the journal while the enrollment
+            # service commits, ~1 ms that would stall every device on this loop
+            device.credentials = await asyncio.to_thread(
+                save_credentials, self.target, device.device_id, key, cert
+            )
         except EstError as exc:
             if exc.status == 409 and self._revoked_by_now(device):
                 # revoked before it ever enrolled: refused for good, as it must be

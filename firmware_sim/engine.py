@@ -400,6 +400,7 @@ class Coordinator:
             self.obs.delivered(client_id, message.topic, seq, sent, self.clock.now())
             self.delivered_total += 1
 
+        down_since: float | None = None  # when the last connection ended
         while not self._stop.is_set():
             try:
                 client = await SimClient.connect(
@@ -424,10 +425,14 @@ class Coordinator:
                     if client_id not in self.subscribers:
                         self.subscribers.append(client_id)
                         self.obs.subscribed_at[client_id] = self.clock.now()
+                    elif down_since is not None:  # the broker lost the session (a restart)
+                        gap = (down_since, self.clock.now())
+                        self.obs.unsubscribed.setdefault(client_id, []).append(gap)
                 await client.closed
             except SessionClosed:
                 pass
             finally:
+                down_since = self.clock.now()
                 await client.disconnect()
 
     # -- misbehaviour ----------------------------------------------------------------------------

@@ -74,6 +74,9 @@ class Observations:
     sent_at: dict[tuple[str, str], array[float]] = field(default_factory=dict)
     subscribers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # id -> filters
     subscribed_at: dict[str, float] = field(default_factory=dict)  # checked subscribers
+    # checked subscriber -> [(from, to)]: its subscription died with the broker's memory and
+    # was not made again yet; what was published meanwhile was due to no one
+    unsubscribed: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     # (device or kind, what it did, the answer) for misbehaviour; expected answers alongside
     answers: list[tuple[str, str, str, tuple[str, ...]]] = field(default_factory=list)
     kicked: dict[str, float] = field(default_factory=dict)  # revoked device -> kick time
@@ -120,6 +123,8 @@ class Observations:
             self.sent_at.setdefault(key, array("d")).extend(other.sent_at[key])
         self.subscribers.update(other.subscribers)
         self.subscribed_at.update(other.subscribed_at)
+        for subscriber, gaps in other.unsubscribed.items():
+            self.unsubscribed.setdefault(subscriber, []).extend(gaps)
         self.answers += other.answers
         self.kicked.update(other.kicked)
         self.revoked_at.update(other.revoked_at)
@@ -191,15 +196,23 @@ def _missing(
     for subscriber in subscribers:
         filters = obs.subscribers.get(subscriber, ())
         since = obs.subscribed_at.get(subscriber, 0.0)
+        gaps = obs.unsubscribed.get(subscriber, [])
         for topic, acked in obs.acked.items():
             if not any(topic_matches(f, topic) for f in filters):
                 continue
             got = set(obs.arrivals.get((subscriber, topic), ()))
             due = zip(acked, obs.acked_sent[topic], strict=True)
-            missing = sorted({(s, t) for s, t in due if t >= since and s not in got})
+            missing = sorted(
+                {(s, t) for s, t in due if t >= since and s not in got and not within(t, gaps)}
+            )
             if missing:
                 result.append((subscriber, topic, missing))
     return result
+
+
+def within(t: float, gaps: list[tuple[float, float]]) -> bool:
+    """Whether ``t`` falls in one of the ``[from, to)`` intervals."""
+    return any(start <= t < end for start, end in gaps)
 
 
 def _violation(name: str, problems: list[str], count: int | None = None) -> Violation | None:
@@ -296,6 +309,8 @@ def _wrong_answers(obs: Observations) -> Violation | None:
 
 # -- recovery ------------------------------------------------------------------------------------
 
+RECOVERY_WINDOW_S = 10  # seconds before a fault that say what "back" means
+
 
 def recovery_time(
     obs: Observations,
@@ -304,13 +319,17 @@ def recovery_time(
     *,
     keep: float = 1.0,
     keep_rate: float | None = None,
-    window: int = 3,
+    window: int = RECOVERY_WINDOW_S,
 ) -> float | None:
     """Seconds from ``start`` until the fleet is back, for two seconds running, to its
     connected count (times ``keep``, for a fault that removes devices on purpose) and its
     delivered rate (times ``keep_rate``, or ``keep``) of the ``window`` seconds before the
     fault, both within 5 %; ``None`` if it never was before the run ended. Second ``s`` is
-    the gauge sampled at ``s`` and the messages delivered in ``[s, s + 1)``."""
+    the gauge sampled at ``s`` and the messages delivered in ``[s, s + 1)``.
+
+    The window is long because a subscriber catching up on a backlog delivers above the
+    fleet's rate for a second or two: a 3 s window once set the bar at 11,933 msg/s for a
+    fleet asked for 10,000 (bench-sim), which it could never be back to."""
     first = int(start)
     before = range(max(0, first - window), first)
     if not before:
@@ -333,6 +352,7 @@ def recovery_time(
 
 __all__ = [
     "INVARIANTS",
+    "RECOVERY_WINDOW_S",
     "FaultMark",
     "Observations",
     "Renewal",
@@ -341,4 +361,5 @@ __all__ = [
     "lost_messages",
     "lost_sent_times",
     "recovery_time",
+    "within",
 ]

@@ -33,18 +33,25 @@ import os
 import resource
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from firmware_sim.engine import Coordinator, Progress
 from firmware_sim.fleet import BACKEND_GROUP
-from firmware_sim.observations import FaultMark, Observations
+from firmware_sim.observations import (
+    DELIVERED,
+    RECOVERY_WINDOW_S,
+    FaultMark,
+    Observations,
+    within,
+)
 from firmware_sim.progress import LiveLine
 from firmware_sim.scenario import Fault, FaultKind, Group, Scenario, Stage
 
 TICKS = os.sysconf("SC_CLK_TCK")
 BACKEND_QUEUE = 500_000
+SHARDS = "simulator (device shards)"
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,8 +63,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steady", type=float, default=60.0, help="s of steady traffic")
     parser.add_argument("--kill-after", type=float, default=5.0)
     parser.add_argument("--down", type=float, default=2.0)
-    parser.add_argument("--outage", type=float, default=45.0, help="s of the outage stage")
+    parser.add_argument("--outage", type=float, default=60.0, help="s of the outage stage")
     parser.add_argument("--keep", action="store_true", help="keep the data directory and logs")
+    parser.add_argument("--timeline", type=Path, help="write each second's counts here (CSV)")
     return parser.parse_args()
 
 
@@ -120,13 +128,14 @@ class Sampler:
 
     coordinator: Coordinator
     samples: list[tuple[float, dict[str, float], float]] = field(default_factory=list)
+    shard_cpu: dict[int, float] = field(default_factory=dict)  # pid -> CPU seconds, last seen
 
     def roles(self) -> dict[str, list[int]]:
         roles: dict[str, list[int]] = defaultdict(list)
         roles["simulator (coordinator)"].append(os.getpid())
         for child in multiprocessing.active_children():
             if child.pid is not None:
-                roles["simulator (device shards)"].append(child.pid)
+                roles[SHARDS].append(child.pid)
         deployment = self.coordinator.deployment
         if deployment is not None:
             for name, process in deployment.processes.items():
@@ -146,6 +155,8 @@ class Sampler:
                         continue
                     used[role] += now - last.get(pid, now)
                     last[pid] = now
+                    if role == SHARDS:
+                        self.shard_cpu[pid] = now
             busy = machine_busy()
             share = (busy[0] - last_busy[0]) / max(1, busy[1] - last_busy[1])
             last_busy = busy
@@ -192,13 +203,24 @@ def online_s(obs: Observations, devices: int) -> float | None:
     return None
 
 
+def back_at(per_s: Counter[int], start: float, level: float) -> float | None:
+    """Seconds after ``start`` until ``per_s`` is at ``level`` or above, two seconds running."""
+    first = int(start) + 1
+    last = max(per_s, default=0)
+    for second in range(first, last):
+        if per_s[second] >= level and per_s[second + 1] >= level:
+            return second - start
+    return None
+
+
 def window_loss(obs: Observations, subscriber: str, start: float, end: float) -> tuple[int, int]:
     """(acknowledged, lost) for messages sent in [start, end) that ``subscriber`` was due."""
     acked = lost = 0
+    gaps = obs.unsubscribed.get(subscriber, [])  # due to no one: the broker lost its session
     for topic, seqs in obs.acked.items():
         got = set(obs.arrivals.get((subscriber, topic), ()))
         for seq, sent in zip(seqs, obs.acked_sent[topic], strict=True):
-            if start <= sent < end:
+            if start <= sent < end and not within(sent, gaps):
                 acked += 1
                 lost += seq not in got
     return acked, lost
@@ -252,7 +274,12 @@ async def main(args: argparse.Namespace) -> int:
         f"{args.down:g} s; recovery {recovered}; {kill_lost} of {kill_acked} acknowledged "
         "messages lost at the kill"
     )
+    if kill is not None:
+        print("  " + back_text(obs, kill.start))
     print("  " + bound(*sampler.phase(outage_from + args.kill_after, outage_from + args.outage)))
+    if sampler.shard_cpu:
+        spread = ", ".join(f"{cpu:.1f}" for cpu in sampler.shard_cpu.values())
+        print(f"CPU seconds of each device shard ({args.procs} processes): {spread}")
     for violation in result.violations:
         print(f"invariant broken: {violation.line()}")
     for note in result.notes[:5]:
@@ -260,11 +287,40 @@ async def main(args: argparse.Namespace) -> int:
     errors = obs.errors.most_common(5)
     if errors:
         print("network errors: " + "; ".join(f"{n} x {e}" for e, n in errors))
+    if args.timeline is not None:
+        write_timeline(args.timeline, obs)
     print(
         f"sim_devices={args.devices} online_s={fmt(online)} delivered_ratio={ratio:.6f} "
         f"lost={lost} recovery_s={fmt(recovery)}"
     )
     return 0
+
+
+def back_text(obs: Observations, killed: float) -> str:
+    """When each half of the recovery criterion came back (connected count, delivered rate),
+    so the figure says which of the two bounded it."""
+    before = range(int(killed) - RECOVERY_WINDOW_S, int(killed))
+    connected = sum(obs.connected[s] for s in before) / len(before)
+    rate = sum(obs.counts[DELIVERED][s] for s in before) / len(before)
+    parts = []
+    for name, per_s, level in (
+        ("connected count", obs.connected, connected),
+        ("delivered rate", obs.counts[DELIVERED], rate),
+    ):
+        at = back_at(per_s, killed, 0.95 * level)
+        when = "never" if at is None else f"{at:.0f} s after the kill"
+        parts.append(f"{name} back to 95 % of {level:,.0f}: {when}")
+    return "; ".join(parts)
+
+
+def write_timeline(path: Path, obs: Observations) -> None:
+    """second, connected, then each per-second counter: to see a phase second by second."""
+    names = sorted(obs.counts)
+    rows = [",".join(["second", "connected", *names])]
+    for second in range(obs.seconds()):
+        values = [obs.connected[second], *(obs.counts[n][second] for n in names)]
+        rows.append(",".join(str(v) for v in [second, *values]))
+    path.write_text("\n".join(rows) + "\n")
 
 
 def pct(samples: list[float], fraction: float) -> str:

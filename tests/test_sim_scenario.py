@@ -187,6 +187,21 @@ def test_messages_sent_before_a_subscriber_subscribed_are_not_due_to_it():
     assert broken(obs) == {}
 
 
+def test_messages_sent_while_a_restarted_broker_had_lost_the_subscription_are_not_due():
+    obs = observed(arrived=(0, 1, 2))
+    obs.acknowledged(TOPIC, 3, 5.0, sent=5.0)  # before the kill at 6 s: lost with the broker
+    obs.acknowledged(TOPIC, 4, 9.5, sent=9.5)  # restarted, not subscribed again until 10 s
+    obs.acknowledged(TOPIC, 5, 10.5, sent=10.5)  # after the new subscription: due
+    obs.unsubscribed[BACKEND] = [(6.0, 10.0)]
+    violation = broken(obs)[ACKED_DELIVERED]
+    assert violation.count == 2
+    assert violation.examples == ("backend lacks devices/d1/telemetry #3 and 1 more",)
+    other = Observations()
+    other.unsubscribed[BACKEND] = [(20.0, 21.0)]
+    obs.merge(other)
+    assert obs.unsubscribed[BACKEND] == [(6.0, 10.0), (20.0, 21.0)]
+
+
 def test_a_reordered_message_breaks_order():
     assert broken(observed(arrived=(0, 2, 1)))[ORDER].examples == (
         "backend got devices/d1/telemetry #1 after #2",
