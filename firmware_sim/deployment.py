@@ -36,6 +36,7 @@ from enrollment.registry import AuditRecord, DeviceState, Registry
 from enrollment.registry.schema import upgrade
 from enrollment.service import EnrollmentService
 from firmware_sim.fleet import retire_station
+from firmware_sim.scenario import Fault
 from firmware_sim.station import provision_station
 from fleetgate.config import CONFIG_FILE, PASSPHRASE_ENV, Config, load_config
 from fleetgate.ids import device_uri
@@ -122,6 +123,8 @@ class LocalDeployment:
             FLEETGATE_BROKER_PLAINTEXT_PORT="0",
         )
         self.config: Config = load_config(self.home, environ=self.env)
+        self.brokers = ["broker"]  # the services devices connect to
+        self.service_env: dict[str, dict[str, str]] = {}  # per service, over ``env``
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.service: EnrollmentService | None = None
         self.station_id = ""
@@ -147,8 +150,8 @@ class LocalDeployment:
     async def start_service(self, name: str) -> None:
         log = (self.home / f"sim-{name}.log").open("ab")
         process = subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
-            [str(FLEETGATE), "serve", name],
-            env=self.env,
+            [str(FLEETGATE), "serve", name.split("-")[0]],
+            env={**self.env, **self.service_env.get(name, {})},
             stdout=log,
             stderr=log,
             start_new_session=True,
@@ -192,8 +195,16 @@ class LocalDeployment:
             if not self.throwaway and self.station_id:
                 retire_station(self.service, self.station_id)  # its key stays on disk
             self.service.registry.close()
+        self.close_extra()
         if self.throwaway and not keep:
             shutil.rmtree(self.home, ignore_errors=True)
+
+    def close_extra(self) -> None:
+        """What a deployment with more than the two services stops after them."""
+
+    async def inject(self, fault: Fault) -> None:
+        """A fault only this kind of deployment can cause (the engine does the others)."""
+        raise ValueError(f"{fault.kind} needs a fabric deployment ([deployment] fabric = 2)")
 
     # -- what the operator side does -------------------------------------------------------------
 
@@ -250,7 +261,7 @@ class LocalDeployment:
         cert, key = self.station(workdir)
         return Target(
             est_url=f"https://localhost:{self.ports['enrollment']}",
-            brokers=((HOST, self.ports["broker"]),),
+            brokers=tuple((HOST, self.ports[name]) for name in self.brokers),
             root=self.config.ca_dir / "root.crt",
             station_cert=cert,
             station_key=key,

@@ -34,6 +34,7 @@ from firmware_sim.observations import (
     CONNECTS,
     DISCONNECTS,
     RESENT,
+    RESUMED,
     SENT,
     Observations,
     Renewal,
@@ -185,6 +186,7 @@ class Device:
     renew_at: float | None = None
     not_after: float | None = None
     broker: int = 0
+    session_broker: int = -1  # where its session was last open (a resume elsewhere counts)
     unacked: tuple[int, float, Unacked] | None = None  # seq, send time, what to send again
 
 
@@ -420,6 +422,9 @@ class Shard:
             client.on_message = lambda message: self._received(device, message)
             if not client.session_present:
                 await client.subscribe(topic, QoS(min(group.qos, 1)))
+            elif device.broker != device.session_broker:
+                self.obs.count(RESUMED, self.clock.now())  # on a fabric: taken over
+            device.session_broker = device.broker
             if device.unacked is not None:
                 seq, sent, unacked = device.unacked
                 self.obs.count(RESENT, self.clock.now())

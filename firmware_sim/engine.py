@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import multiprocessing
 import resource
 import secrets
@@ -43,6 +44,7 @@ from firmware_sim.devices import (
     store_credentials,
     tls_reason,
 )
+from firmware_sim.fabric_deployment import deployment_for
 from firmware_sim.fleet import BACKEND_ACL, BACKEND_GROUP
 from firmware_sim.impairment import Impairment, ImpairmentProxy
 from firmware_sim.mqtt_client import Refused, SessionClosed, SimClient
@@ -56,6 +58,7 @@ from firmware_sim.observations import (
 )
 from firmware_sim.scenario import (
     EXPECTED_REFUSAL,
+    FABRIC_FAULTS,
     Fault,
     FaultKind,
     Misbehaviour,
@@ -213,14 +216,17 @@ class Coordinator:
             return mark
         scenario = self.scenario
         keep, keep_rate = 1.0, 1.0
+        end = mark.end
         traffic = sum(g.devices * g.rate for g in scenario.groups) or 1.0
         for fault in scenario.faults:
+            if fault.kind in FABRIC_FAULTS and fault.label == mark.label:
+                end = mark.start  # the other nodes serve meanwhile: back before it restarts
             if fault.kind == FaultKind.REVOKE and fault.label == mark.label:
                 group = scenario.group(fault.group)
                 revoked = max(1, round(group.devices * fault.percent / 100))
                 keep -= revoked / scenario.devices
                 keep_rate -= revoked * group.rate / traffic
-        recovery = recovery_time(self.obs, mark.start, mark.end, keep=keep, keep_rate=keep_rate)
+        recovery = recovery_time(self.obs, mark.start, end, keep=keep, keep_rate=keep_rate)
         return replace(mark, recovery_s=recovery)
 
     # -- provisioning ----------------------------------------------------------------------------
@@ -246,7 +252,7 @@ class Coordinator:
             cert = x509.load_pem_x509_certificates(remote.subscriber.read_bytes())[0]
             name = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
             return target, (str(name), remote.subscriber)
-        deployment = self.deployment = LocalDeployment(self.home, self.scenario.broker_config)
+        deployment = self.deployment = deployment_for(self.scenario, self.home)
         await asyncio.to_thread(deployment.prepare)
         prefix = "" if self.home is None else f"{self.run_id}-"
         workdir = deployment.home / "sim" / self.run_id
@@ -393,7 +399,8 @@ class Coordinator:
             return
         context = client_context(target.root, credentials)
         self.obs.subscribers[client_id] = (TELEMETRY,)
-        host, port = target.brokers[0]
+        brokers = itertools.cycle(target.brokers)  # on a fabric: the next node when one fails
+        host, port = next(brokers)
 
         def received(message: Publish) -> None:
             seq, sent = HEAD.unpack_from(message.payload)
@@ -414,6 +421,7 @@ class Coordinator:
                 )
             except (OSError, SessionClosed, Refused, TimeoutError) as exc:
                 self.obs.errors[f"subscriber connect: {exc}"[:120]] += 1
+                host, port = next(brokers)
                 await asyncio.sleep(0.2)
                 continue
             try:
@@ -609,6 +617,9 @@ class Coordinator:
                 proxy.reset()
         elif fault.kind == FaultKind.REVOKE:
             await self._revoke(fault)
+        elif fault.kind in FABRIC_FAULTS:
+            assert self.deployment is not None
+            await self.deployment.inject(fault)
         self.marks.append(FaultMark(fault.label, start, self.clock.now()))
 
     async def _revoke(self, fault: Fault) -> None:
