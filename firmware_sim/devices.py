@@ -50,6 +50,7 @@ BACKOFF_BASE_S = 0.5
 CONNECTING = 128  # per shard: enrollments + handshakes in flight at once (a line's stations)
 KICK = "DISCONNECT ADMINISTRATIVE_ACTION"
 REVOKED_CONNECT = "CONNACK NOT_AUTHORIZED"
+SHUTDOWN = "DISCONNECT SERVER_SHUTTING_DOWN"  # not a refusal: counted with network errors
 
 
 def device_ids(scenario: Scenario, prefix: str) -> dict[str, list[str]]:
@@ -439,7 +440,9 @@ class Shard:
             self.obs.count(DISCONNECTS, now)
             await client.disconnect()
             reason = client.closed.result().split(" (")[0] if client.closed.done() else ""
-            if reason.startswith("DISCONNECT") and "NORMAL" not in reason:
+            if reason == SHUTDOWN:  # a graceful restart (broker-restart, node-restart)
+                self.obs.errors[f"session: {reason}"] += 1
+            elif reason.startswith("DISCONNECT") and "NORMAL" not in reason:
                 self.obs.refused(reason, now)
                 revoked = device.device_id in self.revocations
                 expected = (KICK,) if revoked else ()

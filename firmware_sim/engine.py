@@ -57,6 +57,7 @@ from firmware_sim.observations import (
     recovery_time,
 )
 from firmware_sim.scenario import (
+    DEPLOYMENT_FAULTS,
     EXPECTED_REFUSAL,
     FABRIC_FAULTS,
     Fault,
@@ -65,6 +66,7 @@ from firmware_sim.scenario import (
     MisbehaviourSpec,
     Scenario,
 )
+from firmware_sim.upstream import UPSTREAM_SUBSCRIBER
 from fleetgate.ids import device_uri
 
 TELEMETRY = "devices/+/telemetry"
@@ -169,6 +171,12 @@ class Coordinator:
                 asyncio.create_task(self._ticker()),
                 *(asyncio.create_task(self._misbehave(direct, m)) for m in self._misbehaviour()),
             ]
+            if self.deployment is not None and self.deployment.upstream is not None:
+                upstream = replace(direct, brokers=(self.deployment.upstream.address,))
+                subscriber = self._subscriber(
+                    upstream, UPSTREAM_SUBSCRIBER, backend[1], ack_delay_s=0
+                )
+                tasks.append(asyncio.create_task(subscriber))
             shard_obs = await self._shards(target, spawned)
             await self._drain(shard_obs)
             self._stop.set()
@@ -617,7 +625,7 @@ class Coordinator:
                 proxy.reset()
         elif fault.kind == FaultKind.REVOKE:
             await self._revoke(fault)
-        elif fault.kind in FABRIC_FAULTS:
+        elif fault.kind in DEPLOYMENT_FAULTS:
             assert self.deployment is not None
             await self.deployment.inject(fault)
         self.marks.append(FaultMark(fault.label, start, self.clock.now()))

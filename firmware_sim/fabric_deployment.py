@@ -19,6 +19,7 @@ from typing import Any
 from firmware_sim.deployment import LocalDeployment, free_port
 from firmware_sim.nats_cluster import NatsCluster
 from firmware_sim.scenario import Fault, FaultKind, Scenario
+from firmware_sim.upstream import Upstream
 
 NATS_HEALTHY_S = 60.0
 
@@ -62,6 +63,7 @@ class FabricDeployment(LocalDeployment):
             super().stop_service(each, kill=kill)
 
     def close_extra(self) -> None:
+        super().close_extra()
         self.cluster.stop()
 
     async def inject(self, fault: Fault) -> None:
@@ -86,13 +88,19 @@ class FabricDeployment(LocalDeployment):
 
 
 def deployment_for(scenario: Scenario, home: Path | None) -> LocalDeployment:
-    """The in-process deployment a scenario asks for: one broker, or nodes on the fabric."""
+    """The in-process deployment a scenario asks for: one broker, or nodes on the fabric;
+    with a bridge's upstream if it has a ``[bridge]``."""
     spec = scenario.deployment
-    if not spec.fabric:
-        return LocalDeployment(home, scenario.broker_config)
-    return FabricDeployment(
-        home, scenario.broker_config, nodes=spec.fabric, nats_nodes=spec.nats_nodes
+    deployment = (
+        FabricDeployment(
+            home, scenario.broker_config, nodes=spec.fabric, nats_nodes=spec.nats_nodes
+        )
+        if spec.fabric
+        else LocalDeployment(home, scenario.broker_config)
     )
+    if scenario.bridge is not None:
+        deployment.upstream = Upstream(deployment.config, scenario.bridge)
+    return deployment
 
 
 __all__ = ["FabricDeployment", "deployment_for"]

@@ -90,7 +90,14 @@ class NatsCluster:
         self.mqtt = mqtt
         self.extra = extra  # more server configuration (accounts, TLS)
         self.nodes = [
-            NatsNode(f"n{i + 1}", directory / f"n{i + 1}", *(free_port() for _ in range(4)))
+            NatsNode(
+                f"n{i + 1}",
+                directory / f"n{i + 1}",
+                client_port=free_port(),
+                route_port=free_port(),
+                http_port=free_port(),
+                mqtt_port=free_port(),
+            )
             for i in range(size)
         ]
 

@@ -59,7 +59,7 @@ class FaultKind(enum.StrEnum):
     RESET = "reset"  # every proxied connection reset at at_s
     REVOKE = "revoke"  # revoke percent % of group
     RENEWAL_WAVE = "renewal-wave"  # group's certificates expire at at_s + duration_s
-    UPSTREAM_OUTAGE = "upstream-outage"  # bridges: not built yet (refused at parse time)
+    UPSTREAM_OUTAGE = "upstream-outage"  # [bridge]: the upstream stopped for duration_s
     NODE_KILL = "node-kill"  # fabric: SIGKILL broker node ``node``, started again after duration_s
     NODE_RESTART = "node-restart"  # fabric: SIGTERM broker node ``node``, started again
     NATS_KILL = "nats-kill"  # fabric: SIGKILL nats-server ``node``, started again after duration_s
@@ -76,6 +76,10 @@ NEEDS_SERVICES = (
     | FABRIC_FAULTS
 )
 NEEDS_PROXY = frozenset({FaultKind.IMPAIR, FaultKind.PARTITION, FaultKind.RESET})
+DEPLOYMENT_FAULTS = FABRIC_FAULTS | {FaultKind.UPSTREAM_OUTAGE}  # done by the deployment
+UPSTREAMS = ("mosquitto",)
+# [[bridge]] settings the simulator sets itself; a scenario's [bridge] may set the others
+BRIDGE_OWN = frozenset({"name", "host", "port", "keystore", "ca_file", "server_name", "out", "in"})
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,9 @@ class Scenario:
     drain_s: float = 5.0  # after the last stage: wait this long for deliveries to arrive
     broker_config: Mapping[str, Any] = field(default_factory=dict)  # [broker] for in-process
     deployment: Deployment = Deployment()
+    # [bridge]: fleetgate's [[bridge]] settings (beyond what the simulator sets) for a bridge
+    # of every device's telemetry to an upstream the simulator starts; None: no bridge
+    bridge: Mapping[str, Any] | None = None
 
     @property
     def duration_s(self) -> float:
@@ -223,6 +230,8 @@ class Scenario:
             found.append("[broker] settings")
         if self.deployment.fabric:
             found.append("[deployment] fabric")
+        if self.bridge is not None:
+            found.append("[bridge]")
         found += [f"group {g.name}'s ACL" for g in self.groups if g.acl_publish or g.acl_subscribe]
         return found
 
@@ -321,10 +330,26 @@ def parse_scenario(table: Mapping[str, Any], *, default_name: str = "scenario") 
         faults=faults,
         broker_config=broker,
         deployment=_build(Deployment, "[deployment]", deployment, {}),
+        bridge=_bridge(top.pop("bridge", None)),
     )
     top.done()
     check_scenario(scenario)
     return scenario
+
+
+def _bridge(table: Any) -> dict[str, Any] | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ScenarioError('[bridge] must be a table (upstream = "mosquitto")')
+    settings = dict(table)
+    upstream = settings.pop("upstream", UPSTREAMS[0])
+    if upstream not in UPSTREAMS:
+        raise ScenarioError(f"[bridge] upstream = {upstream!r}: expected one of {list(UPSTREAMS)}")
+    own = sorted(BRIDGE_OWN & set(settings))
+    if own:
+        raise ScenarioError(f"[bridge]: the simulator sets {', '.join(own)} itself")
+    return settings
 
 
 def check_scenario(scenario: Scenario) -> None:
@@ -368,16 +393,19 @@ def check_scenario(scenario: Scenario) -> None:
     fabric = scenario.deployment
     _require(0 <= fabric.fabric <= 8, "[deployment] fabric: 0 (one broker) .. 8 broker nodes")
     _require(1 <= fabric.nats_nodes <= 5, "[deployment] nats_nodes: 1 .. 5 nats-servers")
+    _require(
+        scenario.bridge is None or not fabric.fabric,
+        "[bridge] with [deployment] fabric: every node would run the bridge; not simulated yet",
+    )
     for fault in scenario.faults:
         _check_fault(scenario, fault, names)
 
 
 def _check_fault(scenario: Scenario, fault: Fault, names: list[str]) -> None:
     where = f"fault {fault.kind} at {fault.at_s:g} s"
-    _require(
-        fault.kind != FaultKind.UPSTREAM_OUTAGE,
-        f"{where}: bridge upstream outages are not simulated yet",
-    )
+    if fault.kind == FaultKind.UPSTREAM_OUTAGE:
+        _require(scenario.bridge is not None, f"{where}: needs a [bridge] (its upstream)")
+        _require(fault.duration_s > 0, f"{where}: duration_s must be positive")
     _require(
         0 <= fault.at_s < scenario.duration_s,
         f"{where}: at_s must fall inside the run (0 .. {scenario.duration_s:g} s)",
@@ -495,6 +523,7 @@ def _coerce(name: str, value: Any, annotation: str, convert: Any) -> Any:
 
 __all__ = [
     "DEFAULT",
+    "DEPLOYMENT_FAULTS",
     "EXPECTED_REFUSAL",
     "FABRIC_FAULTS",
     "Deployment",

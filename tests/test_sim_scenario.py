@@ -107,8 +107,14 @@ def test_a_minimal_scenario_takes_its_defaults():
             "jitter_ms must be <= delay_ms",
         ),
         (
-            with_(faults=[{"kind": "upstream-outage", "at_s": 1}]),
-            "bridge upstream outages are not simulated yet",
+            with_(faults=[{"kind": "upstream-outage", "at_s": 1, "duration_s": 2}]),
+            "needs a [bridge] (its upstream)",
+        ),
+        (with_(bridge={"upstream": "hivemq"}), "expected one of ['mosquitto']"),
+        (with_(bridge={"port": 1883}), "[bridge]: the simulator sets port itself"),
+        (
+            with_(bridge={}, deployment={"fabric": 2}),
+            "[bridge] with [deployment] fabric: every node would run the bridge",
         ),
         (
             with_(faults=[{"kind": "node-kill", "at_s": 1, "duration_s": 2}]),
