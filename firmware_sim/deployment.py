@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -36,9 +36,13 @@ from enrollment.registry import AuditRecord, DeviceState, Registry
 from enrollment.registry.schema import upgrade
 from enrollment.service import EnrollmentService
 from firmware_sim.fleet import retire_station
+from firmware_sim.scenario import Fault, FaultKind
 from firmware_sim.station import provision_station
 from fleetgate.config import CONFIG_FILE, PASSPHRASE_ENV, Config, load_config
 from fleetgate.ids import device_uri
+
+if TYPE_CHECKING:
+    from firmware_sim.upstream import Upstream
 
 FLEETGATE = Path(sys.executable).with_name("fleetgate")
 HOST = "127.0.0.1"
@@ -122,6 +126,9 @@ class LocalDeployment:
             FLEETGATE_BROKER_PLAINTEXT_PORT="0",
         )
         self.config: Config = load_config(self.home, environ=self.env)
+        self.brokers = ["broker"]  # the services devices connect to
+        self.upstream: Upstream | None = None  # a bridge's upstream, set before start()
+        self.service_env: dict[str, dict[str, str]] = {}  # per service, over ``env``
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.service: EnrollmentService | None = None
         self.station_id = ""
@@ -142,13 +149,34 @@ class LocalDeployment:
 
     async def start(self) -> None:
         await self.start_service("enrollment")
+        if self.upstream is not None:
+            await asyncio.to_thread(self.start_upstream, self.upstream)
         await self.start_service("broker")
+
+    def start_upstream(self, upstream: Upstream) -> None:
+        """The bridge's identity (enrolled as this run's station's device, group ``bridges``),
+        its ``[[bridge]]`` in the throw-away fleetgate.toml, and the upstream itself."""
+        if not self.throwaway:
+            raise ValueError("a scenario's [bridge] applies only to a throw-away data directory")
+        device_id = f"{self.station_id}-bridge"
+        self.assign("bridges", [device_id], None)
+        key = ec.generate_private_key(ec.SECP256R1())
+        validity = dt.timedelta(days=self.config.ca.device_validity_days)
+        cert = self.backdated_enroll(
+            device_id, key.public_key(), dt.datetime.now(dt.UTC) + validity
+        )
+        assert self.service is not None
+        root = self.config.ca_dir / "root.crt"
+        upstream.write_identity(key, [cert, self.service.ca.anchors.issuing], root)
+        config = self.home / CONFIG_FILE
+        config.write_text(config.read_text() + upstream.bridge_table())
+        upstream.start()
 
     async def start_service(self, name: str) -> None:
         log = (self.home / f"sim-{name}.log").open("ab")
         process = subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
-            [str(FLEETGATE), "serve", name],
-            env=self.env,
+            [str(FLEETGATE), "serve", name.split("-")[0]],
+            env={**self.env, **self.service_env.get(name, {})},
             stdout=log,
             stderr=log,
             start_new_session=True,
@@ -192,8 +220,22 @@ class LocalDeployment:
             if not self.throwaway and self.station_id:
                 retire_station(self.service, self.station_id)  # its key stays on disk
             self.service.registry.close()
+        self.close_extra()
         if self.throwaway and not keep:
             shutil.rmtree(self.home, ignore_errors=True)
+
+    def close_extra(self) -> None:
+        """What a deployment with more than the two services stops after them."""
+        if self.upstream is not None:
+            self.upstream.stop()
+
+    async def inject(self, fault: Fault) -> None:
+        """A fault the engine leaves to the deployment: a bridge's upstream outage here, a
+        node's failure on the fabric."""
+        if fault.kind == FaultKind.UPSTREAM_OUTAGE and self.upstream is not None:
+            await self.upstream.outage(fault.duration_s)
+            return
+        raise ValueError(f"{fault.kind} needs a fabric deployment ([deployment] fabric = 2)")
 
     # -- what the operator side does -------------------------------------------------------------
 
@@ -250,7 +292,7 @@ class LocalDeployment:
         cert, key = self.station(workdir)
         return Target(
             est_url=f"https://localhost:{self.ports['enrollment']}",
-            brokers=((HOST, self.ports["broker"]),),
+            brokers=tuple((HOST, self.ports[name]) for name in self.brokers),
             root=self.config.ca_dir / "root.crt",
             station_cert=cert,
             station_key=key,

@@ -35,6 +35,7 @@ from firmware_sim.observations import (
     CONNECTS,
     DISCONNECTS,
     RESENT,
+    RESUMED,
     SENT,
     Observations,
     Renewal,
@@ -51,6 +52,7 @@ CONNECTING = 128  # per shard: enrollments + handshakes in flight at once (a lin
 EST_CONNECTIONS = 4  # per shard: the station's kept-alive EST connections (requests in flight)
 KICK = "DISCONNECT ADMINISTRATIVE_ACTION"
 REVOKED_CONNECT = "CONNACK NOT_AUTHORIZED"
+SHUTDOWN = "DISCONNECT SERVER_SHUTTING_DOWN"  # not a refusal: counted with network errors
 
 
 def device_ids(scenario: Scenario, prefix: str) -> dict[str, list[str]]:
@@ -194,6 +196,7 @@ class Device:
     renew_at: float | None = None
     not_after: float | None = None
     broker: int = 0
+    session_broker: int = -1  # where its session was last open (a resume elsewhere counts)
     unacked: tuple[int, float, Unacked] | None = None  # seq, send time, what to send again
 
 
@@ -444,6 +447,9 @@ class Shard:
             client.on_message = lambda message: self._received(device, message)
             if not client.session_present:
                 await client.subscribe(topic, QoS(min(group.qos, 1)))
+            elif device.broker != device.session_broker:
+                self.obs.count(RESUMED, self.clock.now())  # on a fabric: taken over
+            device.session_broker = device.broker
             if device.unacked is not None:
                 seq, sent, unacked = device.unacked
                 self.obs.count(RESENT, self.clock.now())
@@ -458,7 +464,9 @@ class Shard:
             self.obs.count(DISCONNECTS, now)
             await client.disconnect()
             reason = client.closed.result().split(" (")[0] if client.closed.done() else ""
-            if reason.startswith("DISCONNECT") and "NORMAL" not in reason:
+            if reason == SHUTDOWN:  # a graceful restart (broker-restart, node-restart)
+                self.obs.errors[f"session: {reason}"] += 1
+            elif reason.startswith("DISCONNECT") and "NORMAL" not in reason:
                 self.obs.refused(reason, now)
                 revoked = device.device_id in self.revocations
                 expected = (KICK,) if revoked else ()

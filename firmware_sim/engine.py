@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import multiprocessing
 import resource
 import secrets
@@ -43,6 +44,7 @@ from firmware_sim.devices import (
     store_credentials,
     tls_reason,
 )
+from firmware_sim.fabric_deployment import deployment_for
 from firmware_sim.fleet import BACKEND_ACL, BACKEND_GROUP
 from firmware_sim.impairment import Impairment, ImpairmentProxy
 from firmware_sim.mqtt_client import Refused, SessionClosed, SimClient
@@ -55,13 +57,16 @@ from firmware_sim.observations import (
     recovery_time,
 )
 from firmware_sim.scenario import (
+    DEPLOYMENT_FAULTS,
     EXPECTED_REFUSAL,
+    FABRIC_FAULTS,
     Fault,
     FaultKind,
     Misbehaviour,
     MisbehaviourSpec,
     Scenario,
 )
+from firmware_sim.upstream import UPSTREAM_SUBSCRIBER
 from fleetgate.ids import device_uri
 
 TELEMETRY = "devices/+/telemetry"
@@ -166,6 +171,12 @@ class Coordinator:
                 asyncio.create_task(self._ticker()),
                 *(asyncio.create_task(self._misbehave(direct, m)) for m in self._misbehaviour()),
             ]
+            if self.deployment is not None and self.deployment.upstream is not None:
+                upstream = replace(direct, brokers=(self.deployment.upstream.address,))
+                subscriber = self._subscriber(
+                    upstream, UPSTREAM_SUBSCRIBER, backend[1], ack_delay_s=0
+                )
+                tasks.append(asyncio.create_task(subscriber))
             shard_obs = await self._shards(target, spawned)
             await self._drain(shard_obs)
             self._stop.set()
@@ -213,14 +224,17 @@ class Coordinator:
             return mark
         scenario = self.scenario
         keep, keep_rate = 1.0, 1.0
+        end = mark.end
         traffic = sum(g.devices * g.rate for g in scenario.groups) or 1.0
         for fault in scenario.faults:
+            if fault.kind in FABRIC_FAULTS and fault.label == mark.label:
+                end = mark.start  # the other nodes serve meanwhile: back before it restarts
             if fault.kind == FaultKind.REVOKE and fault.label == mark.label:
                 group = scenario.group(fault.group)
                 revoked = max(1, round(group.devices * fault.percent / 100))
                 keep -= revoked / scenario.devices
                 keep_rate -= revoked * group.rate / traffic
-        recovery = recovery_time(self.obs, mark.start, mark.end, keep=keep, keep_rate=keep_rate)
+        recovery = recovery_time(self.obs, mark.start, end, keep=keep, keep_rate=keep_rate)
         return replace(mark, recovery_s=recovery)
 
     # -- provisioning ----------------------------------------------------------------------------
@@ -246,7 +260,7 @@ class Coordinator:
             cert = x509.load_pem_x509_certificates(remote.subscriber.read_bytes())[0]
             name = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
             return target, (str(name), remote.subscriber)
-        deployment = self.deployment = LocalDeployment(self.home, self.scenario.broker_config)
+        deployment = self.deployment = deployment_for(self.scenario, self.home)
         await asyncio.to_thread(deployment.prepare)
         prefix = "" if self.home is None else f"{self.run_id}-"
         workdir = deployment.home / "sim" / self.run_id
@@ -393,7 +407,8 @@ class Coordinator:
             return
         context = client_context(target.root, credentials)
         self.obs.subscribers[client_id] = (TELEMETRY,)
-        host, port = target.brokers[0]
+        brokers = itertools.cycle(target.brokers)  # on a fabric: the next node when one fails
+        host, port = next(brokers)
 
         def received(message: Publish) -> None:
             seq, sent = HEAD.unpack_from(message.payload)
@@ -415,6 +430,7 @@ class Coordinator:
                 )
             except (OSError, SessionClosed, Refused, TimeoutError) as exc:
                 self.obs.errors[f"subscriber connect: {exc}"[:120]] += 1
+                host, port = next(brokers)
                 await asyncio.sleep(0.2)
                 continue
             try:
@@ -614,6 +630,9 @@ class Coordinator:
                 proxy.reset()
         elif fault.kind == FaultKind.REVOKE:
             await self._revoke(fault)
+        elif fault.kind in DEPLOYMENT_FAULTS:
+            assert self.deployment is not None
+            await self.deployment.inject(fault)
         self.marks.append(FaultMark(fault.label, start, self.clock.now()))
 
     async def _revoke(self, fault: Fault) -> None:

@@ -23,6 +23,7 @@ DELIVERED = "delivered"
 CONNECTS = "connects"
 DISCONNECTS = "disconnects"
 RESENT = "resent"  # unacknowledged QoS 1/2 messages sent again after a reconnect
+RESUMED = "resumed"  # sessions found present on another broker node than before
 
 
 @dataclass

@@ -59,13 +59,37 @@ class FaultKind(enum.StrEnum):
     RESET = "reset"  # every proxied connection reset at at_s
     REVOKE = "revoke"  # revoke percent % of group
     RENEWAL_WAVE = "renewal-wave"  # group's certificates expire at at_s + duration_s
-    UPSTREAM_OUTAGE = "upstream-outage"  # bridges: not built yet (refused at parse time)
+    UPSTREAM_OUTAGE = "upstream-outage"  # [bridge]: the upstream stopped for duration_s
+    NODE_KILL = "node-kill"  # fabric: SIGKILL broker node ``node``, started again after duration_s
+    NODE_RESTART = "node-restart"  # fabric: SIGTERM broker node ``node``, started again
+    NATS_KILL = "nats-kill"  # fabric: SIGKILL nats-server ``node``, started again after duration_s
+    NATS_RESTART = "nats-restart"  # fabric: SIGTERM nats-server ``node``, started again
 
 
-NEEDS_SERVICES = frozenset(
-    {FaultKind.BROKER_KILL, FaultKind.BROKER_RESTART, FaultKind.REVOKE, FaultKind.RENEWAL_WAVE}
+FABRIC_FAULTS = frozenset(
+    {FaultKind.NODE_KILL, FaultKind.NODE_RESTART, FaultKind.NATS_KILL, FaultKind.NATS_RESTART}
+)
+NEEDS_SERVICES = (
+    frozenset(
+        {FaultKind.BROKER_KILL, FaultKind.BROKER_RESTART, FaultKind.REVOKE, FaultKind.RENEWAL_WAVE}
+    )
+    | FABRIC_FAULTS
 )
 NEEDS_PROXY = frozenset({FaultKind.IMPAIR, FaultKind.PARTITION, FaultKind.RESET})
+DEPLOYMENT_FAULTS = FABRIC_FAULTS | {FaultKind.UPSTREAM_OUTAGE}  # done by the deployment
+UPSTREAMS = ("mosquitto",)
+# [[bridge]] settings the simulator sets itself; a scenario's [bridge] may set the others
+BRIDGE_OWN = frozenset({"name", "host", "port", "keystore", "ca_file", "server_name", "out", "in"})
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """``[deployment]``: what the in-process mode runs. ``fabric = N`` (N >= 1) runs N broker
+    nodes sharing a ``nats_nodes``-server NATS JetStream cluster on loopback (durable sessions,
+    cross-node routing) instead of one broker with everything in memory (``fabric = 0``)."""
+
+    fabric: int = 0
+    nats_nodes: int = 3
 
 
 @dataclass(frozen=True)
@@ -125,9 +149,14 @@ class Fault:
     jitter_ms: float = 0.0
     loss: float = 0.0  # share of chunks held back one retransmission timeout
     bandwidth_kbps: float = 0.0  # per direction, shared by every connection; 0: unlimited
+    node: int = 1  # node-*, nats-*: which broker node or nats-server (1-based)
 
     @property
     def label(self) -> str:
+        if self.kind in (FaultKind.NODE_KILL, FaultKind.NODE_RESTART):
+            return f"{self.kind} broker-{self.node}"
+        if self.kind in (FaultKind.NATS_KILL, FaultKind.NATS_RESTART):
+            return f"{self.kind} n{self.node}"
         if self.kind == FaultKind.REVOKE:
             return f"revoke {self.percent:g}% of {self.group}"
         if self.kind == FaultKind.IMPAIR:
@@ -153,6 +182,10 @@ class Scenario:
     faults: tuple[Fault, ...] = ()
     drain_s: float = 5.0  # after the last stage: wait this long for deliveries to arrive
     broker_config: Mapping[str, Any] = field(default_factory=dict)  # [broker] for in-process
+    deployment: Deployment = Deployment()
+    # [bridge]: fleetgate's [[bridge]] settings (beyond what the simulator sets) for a bridge
+    # of every device's telemetry to an upstream the simulator starts; None: no bridge
+    bridge: Mapping[str, Any] | None = None
 
     @property
     def duration_s(self) -> float:
@@ -195,6 +228,10 @@ class Scenario:
         ]
         if self.broker_config:
             found.append("[broker] settings")
+        if self.deployment.fabric:
+            found.append("[deployment] fabric")
+        if self.bridge is not None:
+            found.append("[bridge]")
         found += [f"group {g.name}'s ACL" for g in self.groups if g.acl_publish or g.acl_subscribe]
         return found
 
@@ -279,6 +316,9 @@ def parse_scenario(table: Mapping[str, Any], *, default_name: str = "scenario") 
     broker = top.pop("broker", {})
     if not isinstance(broker, dict):
         raise ScenarioError("[broker] must be a table (fleetgate.toml's [broker] settings)")
+    deployment = top.pop("deployment", {})
+    if not isinstance(deployment, dict):
+        raise ScenarioError("[deployment] must be a table (fabric = 2)")
     scenario = Scenario(
         name=str(top.pop("name", default_name)),
         description=str(top.pop("description", "")),
@@ -289,10 +329,27 @@ def parse_scenario(table: Mapping[str, Any], *, default_name: str = "scenario") 
         misbehaviour=misbehaviour,
         faults=faults,
         broker_config=broker,
+        deployment=_build(Deployment, "[deployment]", deployment, {}),
+        bridge=_bridge(top.pop("bridge", None)),
     )
     top.done()
     check_scenario(scenario)
     return scenario
+
+
+def _bridge(table: Any) -> dict[str, Any] | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ScenarioError('[bridge] must be a table (upstream = "mosquitto")')
+    settings = dict(table)
+    upstream = settings.pop("upstream", UPSTREAMS[0])
+    if upstream not in UPSTREAMS:
+        raise ScenarioError(f"[bridge] upstream = {upstream!r}: expected one of {list(UPSTREAMS)}")
+    own = sorted(BRIDGE_OWN & set(settings))
+    if own:
+        raise ScenarioError(f"[bridge]: the simulator sets {', '.join(own)} itself")
+    return settings
 
 
 def check_scenario(scenario: Scenario) -> None:
@@ -333,16 +390,22 @@ def check_scenario(scenario: Scenario) -> None:
             f"misbehaviour {spec.kind}: at_s must fall inside the run "
             f"(0 .. {scenario.duration_s:g} s)",
         )
+    fabric = scenario.deployment
+    _require(0 <= fabric.fabric <= 8, "[deployment] fabric: 0 (one broker) .. 8 broker nodes")
+    _require(1 <= fabric.nats_nodes <= 5, "[deployment] nats_nodes: 1 .. 5 nats-servers")
+    _require(
+        scenario.bridge is None or not fabric.fabric,
+        "[bridge] with [deployment] fabric: every node would run the bridge; not simulated yet",
+    )
     for fault in scenario.faults:
         _check_fault(scenario, fault, names)
 
 
 def _check_fault(scenario: Scenario, fault: Fault, names: list[str]) -> None:
     where = f"fault {fault.kind} at {fault.at_s:g} s"
-    _require(
-        fault.kind != FaultKind.UPSTREAM_OUTAGE,
-        f"{where}: bridge upstream outages are not simulated yet",
-    )
+    if fault.kind == FaultKind.UPSTREAM_OUTAGE:
+        _require(scenario.bridge is not None, f"{where}: needs a [bridge] (its upstream)")
+        _require(fault.duration_s > 0, f"{where}: duration_s must be positive")
     _require(
         0 <= fault.at_s < scenario.duration_s,
         f"{where}: at_s must fall inside the run (0 .. {scenario.duration_s:g} s)",
@@ -356,6 +419,15 @@ def _check_fault(scenario: Scenario, fault: Fault, names: list[str]) -> None:
         _require(fault.duration_s >= 5, f"{where}: duration_s (the renewal window) >= 5 s")
     if fault.kind in (FaultKind.IMPAIR, FaultKind.PARTITION):
         _require(fault.duration_s > 0, f"{where}: duration_s must be positive")
+    if fault.kind in FABRIC_FAULTS:
+        nodes = scenario.deployment.fabric
+        if fault.kind in (FaultKind.NATS_KILL, FaultKind.NATS_RESTART):
+            nodes = scenario.deployment.nats_nodes if nodes else 0
+        _require(
+            scenario.deployment.fabric,
+            f"{where}: needs a fabric deployment ([deployment] fabric = 2)",
+        )
+        _require(1 <= fault.node <= nodes, f"{where}: node must be 1 .. {nodes}")
     if fault.kind == FaultKind.IMPAIR:
         _require(0 <= fault.loss < 1, f"{where}: loss is a share, 0 .. 1")
         _require(fault.jitter_ms <= fault.delay_ms, f"{where}: jitter_ms must be <= delay_ms")
@@ -451,7 +523,10 @@ def _coerce(name: str, value: Any, annotation: str, convert: Any) -> Any:
 
 __all__ = [
     "DEFAULT",
+    "DEPLOYMENT_FAULTS",
     "EXPECTED_REFUSAL",
+    "FABRIC_FAULTS",
+    "Deployment",
     "Fault",
     "FaultKind",
     "Group",

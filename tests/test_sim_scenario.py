@@ -45,6 +45,7 @@ def test_every_example_scenario_parses_and_names_its_faults():
     scenarios = {p.stem: load_scenario(p) for p in sorted(EXAMPLES.glob("*.toml"))}
     assert set(scenarios) == {
         "broker-outage-renewals",
+        "fabric-node-failure",
         "production-line-wave",
         "revocation-storm",
     }
@@ -53,6 +54,10 @@ def test_every_example_scenario_parses_and_names_its_faults():
     assert outage.needs_proxy()
     storm = scenarios["revocation-storm"]
     assert [f.percent for f in storm.faults if f.kind == FaultKind.REVOKE] == [20.0]
+    fabric = scenarios["fabric-node-failure"]
+    assert (fabric.deployment.fabric, fabric.deployment.nats_nodes) == (2, 3)
+    assert [f.label for f in fabric.faults] == ["node-kill broker-1", "nats-kill n2"]
+    assert "[deployment] fabric" in fabric.needs_services()
     line = scenarios["production-line-wave"]
     assert line.group("gateways").mqtt == 3 and line.group("gateways").qos == 2
     assert line.stages[0].connect_rate == 25
@@ -102,9 +107,35 @@ def test_a_minimal_scenario_takes_its_defaults():
             "jitter_ms must be <= delay_ms",
         ),
         (
-            with_(faults=[{"kind": "upstream-outage", "at_s": 1}]),
-            "bridge upstream outages are not simulated yet",
+            with_(faults=[{"kind": "upstream-outage", "at_s": 1, "duration_s": 2}]),
+            "needs a [bridge] (its upstream)",
         ),
+        (with_(bridge={"upstream": "hivemq"}), "expected one of ['mosquitto']"),
+        (with_(bridge={"port": 1883}), "[bridge]: the simulator sets port itself"),
+        (
+            with_(bridge={}, deployment={"fabric": 2}),
+            "[bridge] with [deployment] fabric: every node would run the bridge",
+        ),
+        (
+            with_(faults=[{"kind": "node-kill", "at_s": 1, "duration_s": 2}]),
+            "needs a fabric deployment ([deployment] fabric = 2)",
+        ),
+        (
+            with_(
+                deployment={"fabric": 2},
+                faults=[{"kind": "node-kill", "at_s": 1, "node": 3}],
+            ),
+            "node must be 1 .. 2",
+        ),
+        (
+            with_(
+                deployment={"fabric": 2, "nats_nodes": 3},
+                faults=[{"kind": "nats-restart", "at_s": 1, "node": 4}],
+            ),
+            "node must be 1 .. 3",
+        ),
+        (with_(deployment={"fabric": 2, "brokers": 2}), "[deployment]: unknown key(s) brokers"),
+        (with_(deployment={"fabric": -1}), "[deployment] fabric: 0 (one broker) .. 8"),
         (with_(misbehaviour=[{"kind": "teleport"}]), "kind = 'teleport': expected one of"),
         (with_(broker=[1]), "[broker] must be a table"),
     ],
