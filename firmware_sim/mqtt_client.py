@@ -175,7 +175,7 @@ class SimClient(asyncio.BufferedProtocol):
                 await loop.create_connection(lambda: client, host, port)
                 connack = await client._connack
         except BaseException:
-            client._abort()
+            client._drop_link()
             raise
         if not isinstance(connack, ConnAck):
             client._finish(f"expected CONNACK, got {type(connack).__name__}")
@@ -341,7 +341,7 @@ class SimClient(asyncio.BufferedProtocol):
                     tcp.write(self._pump.close())  # close_notify
             tcp.close()  # after what is buffered is written
 
-    def _abort(self) -> None:
+    def _drop_link(self) -> None:
         """A connect that failed or timed out: reset, nothing more to say."""
         if self._connack.done() and not self._connack.cancelled():
             self._connack.exception()  # retrieved: not "never retrieved" at collection
