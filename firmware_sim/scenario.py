@@ -428,7 +428,7 @@ def _check_hardware_group(group: Group, where: str) -> None:
     kind = group.key_store
     _require(
         group.devices <= MAX_HARDWARE_DEVICES,
-        f"{where}: a {kind} group has at most {MAX_HARDWARE_DEVICES} devices (each gets its "
+        f"{where}: a {kind} line has at most {MAX_HARDWARE_DEVICES} devices (each gets its "
         f'own virtual {kind}); use key_store = "file" for large groups',
     )
     _require(
