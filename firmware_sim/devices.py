@@ -397,6 +397,10 @@ class Shard:
             self.obs.errors[f"{device.group.key_store} enroll: {reason}"[:160]] += 1
             return False
         device.credentials = link.access.directory  # the key store, certificate installed
+        try:
+            await link.start()  # now, so that its start is not counted as its first connect's
+        except OSError as exc:  # tried again at the connect
+            self.obs.errors[f"{device.group.key_store} device process: {exc}"[:160]] += 1
         self.obs.hardware[device.device_id] = device.group.key_store
         self._enrolled(device, ms)
         return True
@@ -487,9 +491,10 @@ class Shard:
             topic = f"devices/{device.device_id}/commands/#"
             self.obs.subscribers.setdefault(device.device_id, (topic,))
             client.on_message = lambda message: self._received(device, message)
-            if not client.session_present:
+            if not client.session_present or device.link is not None:
+                # (a hardware device's SDK client is new each session: its handler too)
                 await client.subscribe(topic, QoS(min(group.qos, 1)))
-            elif device.broker != device.session_broker:
+            if client.session_present and device.broker != device.session_broker:
                 self.obs.count(RESUMED, self.clock.now())  # on a fabric: taken over
             device.session_broker = device.broker
             if device.unacked is not None:

@@ -188,6 +188,7 @@ class _ScenarioDevice:
         self.closing = threading.Event()  # our own disconnect: no news
 
     def serve(self) -> None:
+        emit("ready")  # imported: the shard's clock for its first connect starts after this
         while line := sys.stdin.readline():
             order: dict[str, Any] = json.loads(line)
             getattr(self, f"do_{order.pop('op')}")(**order)

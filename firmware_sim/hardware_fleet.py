@@ -195,9 +195,7 @@ class HardwareLink:
     ) -> HardwareClient:
         """One connection attempt; :class:`Refused` for a CONNACK refusal, ``OSError`` for
         anything else (the SDK's words)."""
-        if self.process is None or self.process.returncode is not None:
-            self.process = await self._spawn("scenario")
-            self.reader = asyncio.create_task(self._read(self.process))
+        await self.start()
         answer = await self.ask(
             "connect",
             host=host,
@@ -215,6 +213,24 @@ class HardwareLink:
             raise OSError(reason.split("; ")[0])
         self.session = HardwareClient(self, bool(answer["session_present"]))
         return self.session
+
+    async def start(self) -> None:
+        """The device's process, started (once) and ready: its imports (~1 s) are not counted
+        as the first connect's time."""
+        if self.process is not None and self.process.returncode is None:
+            return
+        ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.waiting["ready"] = ready
+        self.process = await self._spawn("scenario")
+        self.reader = asyncio.create_task(self._read(self.process))
+        try:
+            event = await asyncio.wait_for(ready, CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            event = {"event": "timeout"}
+        finally:
+            self.waiting.pop("ready", None)
+        if event["event"] != "ready":
+            raise OSError(f"{self.device_id}'s process did not start ({event['event']})")
 
     async def ask(self, op: str, *, timeout: float, key: str = "", **fields: Any) -> dict[str, Any]:
         """Send an order and wait for its answer (``key``: which answer; the op's by default)."""
@@ -255,8 +271,12 @@ class HardwareLink:
                 )
             elif name == "closed" and session is not None:
                 session.end(session_end(str(event["reason"])))
+        exited = f"the device process exited ({await process.wait()})"
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_result({"event": "exited", "reason": exited})
         if self.session is not None:
-            self.session.end(f"the device process exited ({await process.wait()})")
+            self.session.end(exited)
 
     async def close(self) -> None:
         """End the process: stdin closed is its cue; killed (by its PID) if it lingers."""
@@ -292,6 +312,7 @@ class HardwareClient:
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.on_message: Any = None  # Callable[[Publish], None] | None, as SimClient's
         self._ids = 0
+        self._leaving: asyncio.Future[None] | None = None
 
     def end(self, reason: str) -> None:
         if not self.closed.done():
@@ -337,6 +358,13 @@ class HardwareClient:
         return await self.publish(packet.topic, packet.payload, packet.qos)
 
     async def disconnect(self) -> None:
+        """DISCONNECT (the SDK's close); callers at once share one (a poke and the session's
+        own end both ask)."""
+        if self._leaving is None:
+            self._leaving = asyncio.ensure_future(self._leave())
+        await asyncio.shield(self._leaving)
+
+    async def _leave(self) -> None:
         if self.closed.done():
             return
         try:

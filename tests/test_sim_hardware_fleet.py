@@ -5,14 +5,15 @@ Each hardware device makes its key in its TPM or on its card, enrolls by attesta
 connects with mutual TLS signed by the hardware, and then lives the scenario like the file-key
 devices beside it, in two shard processes: its messages carry the engine's sequence payloads,
 count as sent, acknowledged and delivered, and keep the invariants; the broker's restart makes
-it reconnect; a revocation kicks it and refuses its reconnect.
+it reconnect, and so does churn; a revocation kicks it and refuses its reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
-from pathlib import Path
+
+from test_sim_hardware import processes_mentioning
 
 from enrollment.registry import DeviceState, Registry
 from firmware_sim.engine import Coordinator
@@ -41,26 +42,13 @@ SCENARIO = {
     ],
     "stages": [
         {"name": "ramp", "duration_s": 3, "connect_rate": 10},
-        {"name": "steady", "duration_s": 15},
+        {"name": "steady", "duration_s": 15, "churn": 0.03},
     ],
     "faults": [
         {"kind": "broker-restart", "at_s": 6, "duration_s": 1},
         {"kind": "revoke", "at_s": 13, "group": "tpms", "percent": 50},
     ],
 }
-
-
-def processes_mentioning(text: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(cmdline)
-    return found
 
 
 def test_tpm_and_smartcard_lines_live_the_scenario_beside_file_key_devices() -> None:
@@ -70,7 +58,8 @@ def test_tpm_and_smartcard_lines_live_the_scenario_beside_file_key_devices() -> 
     try:
         obs = result.obs
         assert [v.line() for v in result.violations] == []
-        assert result.notes == [], result.notes
+        # (a note on a stage's pace says the machine was short of CPU; any other is a failure)
+        assert [n for n in result.notes if not n.startswith("stage ")] == []
 
         # every hardware device enrolled by attestation and connected with its hardware key
         assert sorted(obs.hardware.values()) == ["smartcard"] * CARD + ["tpm"] * TPM
