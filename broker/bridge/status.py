@@ -94,6 +94,7 @@ class BridgeStatus:
     queue_full: bool
     oldest_age_s: float | None
     counters: BridgeCounters = field(default_factory=BridgeCounters)
+    owner: str | None = None  # fabric mode: the node running the link (the lease holder)
 
     @property
     def duplicates(self) -> int:
@@ -199,8 +200,9 @@ def render_table(statuses: Sequence[BridgeStatus]) -> list[str]:
         state = "connected" if s.connected else "DISCONNECTED"
         age = "-" if s.oldest_age_s is None else f"{s.oldest_age_s:.1f} s"
         c = s.counters
+        owner = "" if s.owner is None else f"  owner {s.owner or '-'}"
         out += [
-            f"{s.name}  {state} since {s.since or '-'}  ({s.protocol} to {s.upstream})",
+            f"{s.name}  {state} since {s.since or '-'}  ({s.protocol} to {s.upstream}){owner}",
             f"  queue      {s.queue_messages} messages, {s.queue_bytes} bytes, oldest {age}"
             + ("  FULL: bridged publishes refused" if s.queue_full else ""),
             f"  forwarded  {c.forwarded}   received {c.received}   duplicates {s.duplicates}"
