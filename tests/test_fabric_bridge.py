@@ -37,18 +37,21 @@ from conftest import PASSPHRASE, Fleet
 from nats_cluster import NatsCluster
 from sdk_helpers import Mosquitto
 from test_fabric_sessions import cluster  # noqa: F401 (one healthy cluster per module)
+from typer.testing import CliRunner
 
 # ruff: noqa: F811 - the tests take the `cluster` fixture imported from test_fabric_sessions
 from broker.bridge.plan import plan_bridge
 from broker.fabric.bridge import (
     LEASE_TTL_S,
     RENEW_S,
+    EchoFilter,
     Lease,
     consumer_name,
     holder_node,
     stream_subjects,
     subject_covers,
 )
+from fleetgate.cli import app
 from fleetgate.config import BridgeRule, BridgeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +90,18 @@ def test_a_lease_not_renewed_in_time_is_given_up_before_it_can_expire() -> None:
     assert not lease.valid(100.0 + LEASE_TTL_S - RENEW_S)  # another node may take it soon
     lease.lost("node-b.e2")
     assert lease.revision is None and holder_node(lease.holder) == "node-b"
+
+
+def test_an_inbound_qos_0_message_is_recognised_once_when_it_comes_back() -> None:
+    echoes = EchoFilter(window_s=10.0)
+    echoes.published("devices/d1/commands", b"x", 0.0)
+    echoes.published("devices/d1/commands", b"x", 1.0)
+    assert not echoes.echo("devices/d1/commands", b"y", 2.0)
+    assert echoes.echo("devices/d1/commands", b"x", 2.0)
+    assert echoes.echo("devices/d1/commands", b"x", 2.0)
+    assert not echoes.echo("devices/d1/commands", b"x", 2.0)  # a device's own, later: forwarded
+    echoes.published("devices/d1/commands", b"z", 3.0)
+    assert not echoes.echo("devices/d1/commands", b"z", 13.5)  # never came back: forgotten
 
 
 # -- real nodes, real upstream -------------------------------------------------------------------
@@ -212,7 +227,7 @@ def publish_until(device: Publisher, stop: threading.Event, interval: float = 0.
 
 
 def test_two_nodes_forward_each_message_once_and_commands_reach_both(
-    setup: Setup, fleet: Fleet
+    setup: Setup, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = setup.node("node-a", 0), setup.node("node-b", 1)
     owner = setup.owner()
@@ -264,14 +279,28 @@ def test_two_nodes_forward_each_message_once_and_commands_reach_both(
         for i, n in enumerate((a, b))
     }
     sender = setup.client(Publisher(setup.upstream.port, fleet.root, enroll(fleet, "backend-out")))
-    for device in listeners:
-        assert sender.publish(device.encode(), topic=f"sites/{SITE}/commands/{device}") == 0
+    assert sender.publish(b"l0", topic=f"sites/{SITE}/commands/l0") == 0  # QoS 1
+    sender.client.publish(f"sites/{SITE}/commands/l1", b"l1", qos=0)
     for device, listener in listeners.items():
         wait_for(lambda s=listener, d=device: s.payloads() == [d.encode()], 15, f"{device}'s")
+
+    # QoS 0 from a device on the standby node: forwarded once, by the owner (at most once).
+    other_device = on_b if other is b else on_a
+    other_device.client.publish(other_device.topic, b"qos0", qos=0)
+    wait_for(lambda: b"qos0" in up.payloads(), 15, "the QoS 0 message upstream")
     time.sleep(1.0)
     assert [len(s.payloads()) for s in listeners.values()] == [1, 1]
     assert owner.bridge(setup.name)["counters"]["received"] == 2
-    assert len(up.payloads()) == 402  # the telemetry and the two commands themselves, no echo
+    assert up.payloads().count(b"qos0") == 1
+    # the telemetry, the two commands themselves and the QoS 0 message; no echo
+    assert not [t for t, _ in up.received if "/echo/" in t]
+    assert len(up.payloads()) == 403
+
+    monkeypatch.setenv("FLEETGATE_BROKER_METRICS_PORT", str(other.metrics_port))
+    result = CliRunner().invoke(app, ["--home", str(fleet.config.home), "bridge", "status"])
+    assert result.exit_code == 0, result.output
+    assert f"{setup.name}  DISCONNECTED" in result.output  # this node is on standby ...
+    assert f"owner {owner.name}" in result.output  # ... and says who forwards
 
 
 def test_the_owner_killed_mid_stream_hands_over_and_loses_no_acknowledged_message(

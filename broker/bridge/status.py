@@ -26,6 +26,7 @@ class BridgeCounters:
     inbound_denied: int = 0  # inbound messages outside the bridge's local ACL
     store_errors: int = 0  # device publishes answered with an error: the queue write failed
     connect_failures: int = 0
+    dropped_qos0_fabric: int = 0  # fabric mode: QoS 0 bridged publishes not forwarded (link down)
 
 
 @dataclass
@@ -175,6 +176,11 @@ def render_metrics(statuses: Sequence[BridgeStatus], since: Sequence[float]) -> 
         "dropped_qos0_queue_full_total",
         "Bridged QoS 0 publishes dropped (queue full).",
         "dropped_qos0_full",
+    )
+    counter(
+        "dropped_qos0_fabric_total",
+        "Fabric mode: bridged QoS 0 publishes not forwarded (link down or full).",
+        "dropped_qos0_fabric",
     )
     counter("loops_dropped_total", "Messages that came back to this broker, not routed.", "loops")
     counter(

@@ -16,8 +16,9 @@ node, and loses nothing acknowledged when a node dies.
   consumer's ack floor. Messages the dead owner had fetched and not acknowledged come again
   after :data:`ACK_WAIT_S` (a clean stop hands them back at once). Even two owners at once (a
   partition) would not double the stream's messages: the consumer hands each one to one fetch.
-- **QoS 0** bridged messages are not in the stream: in fabric mode they are not forwarded
-  (counted as ``dropped_qos0_full``... no: see docs/architecture.md "Bridges in fabric mode").
+- **QoS 0** bridged messages are not in the stream, only on core NATS: the owner subscribes
+  to the out rules' subjects there and forwards them at most once, while its link is up
+  (others are counted in ``dropped_qos0_fabric``); they are not resent by the next owner.
 - **In.** Only the owner subscribes upstream. An inbound message goes through the fabric's gate
   like a device message (core NATS to every node, QoS 1 into the stream), and is published to
   this node's subscribers. Its stream copy names the sender ``bridge:<name>``: the consumer
@@ -35,6 +36,7 @@ import hashlib
 import logging
 import secrets
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -46,10 +48,11 @@ from broker.bridge.topics import first_remap
 from broker.core import BrokerCore, GateVerdict
 from broker.fabric.connect import auth_options
 from broker.fabric.durable import STREAM, STREAM_PREFIX
-from broker.fabric.node import FabricNode, message_from_nats
+from broker.fabric.node import QOS_HEADER, FabricNode, message_from_nats
 from broker.fabric.sessions import SENDER_HEADER
 from broker.fabric.subjects import filter_to_subjects
 from broker.metrics import family_lines
+from broker.mqtt import QoS
 from broker.routing import Message
 from enrollment.registry import Registry
 from fleetgate.config import Config
@@ -73,6 +76,9 @@ FETCH_MAX = 512
 FETCH_WAIT_S = 1.0
 SETUP_TIMEOUT_S = 15.0
 INBOUND_SENDER = "bridge:"
+ECHO_WINDOW_S = 10.0
+"""How long the owner remembers an inbound QoS 0 message it published, to skip it when core
+NATS brings it back to its own QoS 0 subscription (no sender header on a QoS 0 message)."""
 
 
 # -- pure rules -----------------------------------------------------------------------------------
@@ -102,11 +108,48 @@ def subject_covers(wide: str, narrow: str) -> bool:
     return len(w) == len(n)
 
 
-def stream_subjects(plan: BridgePlan) -> list[str]:
-    """The ``FG_MSGS`` subjects a bridge's out rules read, none covered by another one
-    (JetStream refuses a consumer whose filters overlap)."""
-    subjects = {STREAM_PREFIX + s for rule in plan.out for s in filter_to_subjects(rule.source)}
+def core_subjects(plan: BridgePlan) -> list[str]:
+    """The core NATS subjects of a bridge's out rules, none covered by another one."""
+    subjects = {s for rule in plan.out for s in filter_to_subjects(rule.source)}
     return sorted(s for s in subjects if not any(o != s and subject_covers(o, s) for o in subjects))
+
+
+def stream_subjects(plan: BridgePlan) -> list[str]:
+    """The ``FG_MSGS`` subjects a bridge's out rules read (JetStream refuses a consumer whose
+    filters overlap: none is covered by another)."""
+    return [STREAM_PREFIX + s for s in core_subjects(plan)]
+
+
+class EchoFilter:
+    """The inbound QoS 0 messages the owner published lately (no I/O): each one that comes back
+    on its QoS 0 subscription is skipped once, so nothing that came in goes out again."""
+
+    def __init__(self, window_s: float = ECHO_WINDOW_S) -> None:
+        self._window_s = window_s
+        self._recent: deque[tuple[float, tuple[str, bytes]]] = deque()
+        self._counts: Counter[tuple[str, bytes]] = Counter()
+
+    def published(self, topic: str, payload: bytes, now: float) -> None:
+        self._expire(now)
+        key = (topic, payload)
+        self._recent.append((now, key))
+        self._counts[key] += 1
+
+    def echo(self, topic: str, payload: bytes, now: float) -> bool:
+        """Whether this is one of those messages coming back (then it is forgotten)."""
+        self._expire(now)
+        return self._forget((topic, payload))
+
+    def _forget(self, key: tuple[str, bytes]) -> bool:
+        count = self._counts.pop(key, 0)
+        if count > 1:
+            self._counts[key] = count - 1
+        return count > 0
+
+    def _expire(self, now: float) -> None:
+        """Those that did not come back in time (no node subscribed, say) are forgotten."""
+        while self._recent and self._recent[0][0] < now - self._window_s:
+            self._forget(self._recent.popleft()[1])
 
 
 def cluster_origin(info: StreamInfo) -> str:
@@ -151,6 +194,7 @@ class _Term:
     next_seq: int = 0
     room: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    qos0: list[Any] = field(default_factory=list)  # core NATS subscriptions, QoS 0 messages
 
 
 def _no_acknowledgement(ok: bool, now: float) -> None:
@@ -178,6 +222,7 @@ class FabricBridges(BridgeRuntime):
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._kv: KeyValue | None = None
+        self._echoes = EchoFilter()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -317,6 +362,12 @@ class FabricBridges(BridgeRuntime):
         link = self._new_link(bridge, self)
         bridge.state.down("owner: connecting", time.time())
         term.tasks = [self._spawn(link.run()), self._spawn(self._fetch(bridge, term))]
+        assert self._nc is not None
+
+        async def on_qos0(msg: Msg) -> None:
+            self._forward_qos0(bridge, term, msg)
+
+        term.qos0 = [await self._nc.subscribe(s, cb=on_qos0) for s in core_subjects(plan)]
         log.info(
             "bridge %s: this node (%s) owns it now",
             plan.name,
@@ -335,8 +386,9 @@ class FabricBridges(BridgeRuntime):
         for msg, _ in term.held.values():
             with contextlib.suppress(Exception):
                 await msg.nak()
-        with contextlib.suppress(Exception):
-            await term.sub.unsubscribe()
+        for sub in (term.sub, *term.qos0):
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         bridge.link = None
         bridge.queue = new_queue(bridge.plan)
         bridge.state.down(f"standby: {reason}", time.time())
@@ -409,6 +461,32 @@ class FabricBridges(BridgeRuntime):
         term.stream_seqs.add(stream_seq)
         return True
 
+    def _forward_qos0(self, bridge: _Bridge, term: _Term, msg: Msg) -> None:
+        """A QoS 0 message on core NATS: to the upstream at most once, if the link is up."""
+        headers = msg.headers
+        if headers and headers.get(QOS_HEADER, "0") != "0":
+            return  # QoS 1/2: the stream's copy is forwarded
+        message = message_from_nats(msg.subject, msg.data, headers, time.time())
+        if message is None or self._echoes.echo(message.topic, message.payload, time.time()):
+            return
+        props = message.properties
+        if props.user_properties and carries_origin(props, self.origin):
+            bridge.counters.loops += 1
+            return
+        remote = first_remap(bridge.plan.out, message.topic)
+        if remote is None:
+            return
+        block = self._marked(props)
+        size = len(remote.encode()) + len(message.payload) + len(block)
+        now = time.time()
+        if not bridge.state.connected or not bridge.queue.reserve(size, now):
+            bridge.counters.dropped_qos0_fabric += 1
+            return
+        term.next_seq += 1
+        bridge.queue.stored(Queued(term.next_seq, remote, message.payload, False, block, now, size))
+        if bridge.link is not None:
+            bridge.link.wake()
+
     # -- LinkOwner -------------------------------------------------------------------------------
 
     def acked(self, name: str, items: list[Queued]) -> None:
@@ -450,6 +528,8 @@ class FabricBridges(BridgeRuntime):
 
     def _publish_inbound(self, message: Message, now: float) -> None:
         """To every node, through the fabric's gate as a device message, then here."""
+        if message.qos == QoS.AT_MOST_ONCE:
+            self._echoes.published(message.topic, message.payload, time.time())
         self._node.offer(message, False, _no_acknowledgement)
         self._core.publish(message, now)
 
