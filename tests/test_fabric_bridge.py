@@ -8,10 +8,7 @@ subscribers on every node. The pure rules (consumer subjects, the lease) are tes
 from __future__ import annotations
 
 import itertools
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -33,10 +30,10 @@ from bridge_helpers import (
     upstream_mosquitto,
 )
 from broker_helpers import Creds, enroll, free_port, wait_for
-from conftest import PASSPHRASE, Fleet
+from conftest import Fleet
 from nats_cluster import NatsCluster
 from sdk_helpers import Mosquitto
-from test_fabric_sessions import cluster  # noqa: F401 (one healthy cluster per module)
+from test_fabric_sessions import ProcessNode, cluster  # noqa: F401 (cluster: one per module)
 from typer.testing import CliRunner
 
 # ruff: noqa: F811 - the tests take the `cluster` fixture imported from test_fabric_sessions
@@ -107,32 +104,12 @@ def test_an_inbound_qos_0_message_is_recognised_once_when_it_comes_back() -> Non
 # -- real nodes, real upstream -------------------------------------------------------------------
 
 
-class NodeProcess:
-    """``fleetgate serve broker`` as a fabric node with its own MQTT and metrics ports."""
+class NodeProcess(ProcessNode):
+    """``fleetgate serve broker`` as a fabric node, with a metrics port to ask ``/bridges``."""
 
     def __init__(self, fleet: Fleet, servers: list[str], name: str) -> None:
+        super().__init__(fleet, servers, name, metrics_port=free_port())
         self.name = name
-        self.port = free_port()
-        self.metrics_port = free_port()
-        env = dict(os.environ)
-        env.update(
-            FLEETGATE_HOME=str(fleet.config.home),
-            FLEETGATE_CA_PASSPHRASE=PASSPHRASE,
-            FLEETGATE_FABRIC_SERVERS=",".join(servers),
-            FLEETGATE_FABRIC_NODE_NAME=name,
-            FLEETGATE_BROKER_PORT=str(self.port),
-            FLEETGATE_BROKER_METRICS_PORT=str(self.metrics_port),
-            FLEETGATE_LOG_LEVEL="INFO",
-        )
-        self.log = fleet.config.home / f"{name}.log"
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", "from fleetgate.cli import main; main()", "serve", "broker"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
         wait_for(self._answers, 60, f"{name} serving /bridges")
 
     def _answers(self) -> bool:
@@ -149,17 +126,11 @@ class NodeProcess:
     def bridge(self, name: str) -> dict[str, Any]:
         return one_bridge(self.status(), name)
 
-    def kill(self) -> None:
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(15)
-
     def stop(self) -> None:
+        """SIGTERM: the node hands its bridges over before it exits."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+            self.process.wait(30)
 
 
 def owned_by(node: NodeProcess, bridge: str) -> bool:
@@ -301,6 +272,14 @@ def test_two_nodes_forward_each_message_once_and_commands_reach_both(
     assert result.exit_code == 0, result.output
     assert f"{setup.name}  DISCONNECTED" in result.output  # this node is on standby ...
     assert f"owner {owner.name}" in result.output  # ... and says who forwards
+
+    # A clean stop hands the bridge over at once (lease deleted), not after the lease's TTL.
+    stopped_at = time.monotonic()
+    owner.stop()
+    wait_for(lambda: owned_by(other, setup.name), 10, "the other node owning the bridge")
+    handover_s = time.monotonic() - stopped_at
+    print(f"handover after SIGTERM {handover_s:.1f} s")
+    assert handover_s < LEASE_TTL_S
 
 
 def test_the_owner_killed_mid_stream_hands_over_and_loses_no_acknowledged_message(

@@ -203,6 +203,13 @@ class BridgeRuntime:
         self._origin_block = encode_properties(marker)
         self._origin_property = _strip_length(self._origin_block)
 
+    def _came_back(self, props: Properties) -> bool:
+        """A client publish carrying this broker's own origin marker: counted, not routed."""
+        if carries_origin(props, self.origin):
+            self.loops += 1
+            return True
+        return False
+
     def _marked(self, props: Properties) -> bytes:
         """The property block of a message going upstream: its properties and the marker."""
         if props is NO_PROPERTIES:
@@ -508,8 +515,7 @@ class BridgeManager(BridgeRuntime):
     ) -> GateVerdict:
         """Route-and-hold a bridged message until it is on disk; refuse it when a queue is full."""
         props = message.properties
-        if props.user_properties and carries_origin(props, self.origin):
-            self.loops += 1
+        if props.user_properties and self._came_back(props):
             return GateVerdict.LOOP
         routes = self._routes.get(message.topic)
         if routes is None:

@@ -318,9 +318,10 @@ class FabricBridges(BridgeRuntime):
             try:
                 if lease.revision is None:
                     lease.won(await kv.create(key, me), now)
-                    await self._take_over(bridge)
                 else:
                     lease.won(await kv.update(key, me, last=lease.revision), now)
+                if name not in self._terms:  # just won, or the last start failed
+                    await self._take_over(bridge)
             except nats.js.errors.KeyWrongLastSequenceError:
                 holder = await self._holder(key)
                 if lease.revision is not None or name in self._terms:
@@ -328,8 +329,11 @@ class FabricBridges(BridgeRuntime):
                 lease.lost(holder)
                 bridge.state.last_error = f"standby: {holder_node(holder)} owns the bridge"
             except (nats.errors.Error, TimeoutError, OSError) as exc:
-                if name in self._terms and not lease.valid(self._loop.time()):
-                    await self._step_down(bridge, f"the lease could not be renewed: {exc}")
+                reason = str(exc) or type(exc).__name__
+                if lease.revision is not None and name not in self._terms:
+                    bridge.state.last_error = f"owner, but the consumer did not start: {reason}"
+                if not lease.valid(self._loop.time()):
+                    await self._step_down(bridge, f"the lease could not be renewed: {reason}")
                     lease.lost()
             await self._count_backlog(bridge)
             await asyncio.sleep(RENEW_S)
@@ -355,6 +359,7 @@ class FabricBridges(BridgeRuntime):
         """This node holds the lease now: bind the consumer, start the link."""
         assert self._js is not None
         plan = bridge.plan
+        await self._consumer(bridge)  # again: it may have been deleted since the start
         sub = await self._js.pull_subscribe_bind(consumer=consumer_name(plan.name), stream=STREAM)
         term = _Term(sub, self._window(plan))
         self._terms[plan.name] = term
@@ -438,25 +443,15 @@ class FabricBridges(BridgeRuntime):
             return False  # came in over a bridge: never out over one
         stored_at = meta.timestamp.timestamp()
         message = message_from_nats(msg.subject[len(STREAM_PREFIX) :], msg.data, headers, stored_at)
-        if message is None:
+        if message is None or (message.expires_at is not None and message.expires_at < time.time()):
             return False
-        props = message.properties
-        if props.user_properties and carries_origin(props, self.origin):
-            bridge.counters.loops += 1
+        out = self._outgoing(bridge, message)
+        if out is None:
             return False
-        if message.expires_at is not None and message.expires_at < time.time():
-            return False
-        remote = first_remap(bridge.plan.out, message.topic)
-        if remote is None:
-            return False
-        block = self._marked(props)
-        size = len(remote.encode()) + len(message.payload) + len(block)
-        if not bridge.queue.reserve(size, stored_at):
+        if not bridge.queue.reserve(out[2], stored_at):
             return True  # beyond the bounds: delivered again after ACK_WAIT_S
-        term.next_seq += 1
-        sent = meta.num_delivered > 1  # another owner (or this one) may have sent it
-        item = Queued(term.next_seq, remote, message.payload, False, block, stored_at, size, sent)
-        bridge.queue.stored(item)
+        # sent before (num_delivered > 1): another owner, or this one, may have sent it
+        item = self._queue(bridge, term, message, out, stored_at, sent=meta.num_delivered > 1)
         term.held[item.seq] = (msg, stream_seq)
         term.stream_seqs.add(stream_seq)
         return True
@@ -466,26 +461,49 @@ class FabricBridges(BridgeRuntime):
         headers = msg.headers
         if headers and headers.get(QOS_HEADER, "0") != "0":
             return  # QoS 1/2: the stream's copy is forwarded
-        message = message_from_nats(msg.subject, msg.data, headers, time.time())
-        if message is None or self._echoes.echo(message.topic, message.payload, time.time()):
+        now = time.time()
+        message = message_from_nats(msg.subject, msg.data, headers, now)
+        if message is None or self._echoes.echo(message.topic, message.payload, now):
             return
+        out = self._outgoing(bridge, message)
+        if out is None:
+            return
+        if not bridge.state.connected or not bridge.queue.reserve(out[2], now):
+            bridge.counters.dropped_qos0_fabric += 1
+            return
+        self._queue(bridge, term, message, out, now, sent=False)
+        if bridge.link is not None:
+            bridge.link.wake()
+
+    def _outgoing(self, bridge: _Bridge, message: Message) -> tuple[str, bytes, int] | None:
+        """The upstream topic, property block and size of ``message`` on ``bridge``; None if
+        it does not go (no out rule, or an echo of what this cluster sent upstream)."""
         props = message.properties
         if props.user_properties and carries_origin(props, self.origin):
             bridge.counters.loops += 1
-            return
+            return None
         remote = first_remap(bridge.plan.out, message.topic)
         if remote is None:
-            return
+            return None
         block = self._marked(props)
-        size = len(remote.encode()) + len(message.payload) + len(block)
-        now = time.time()
-        if not bridge.state.connected or not bridge.queue.reserve(size, now):
-            bridge.counters.dropped_qos0_fabric += 1
-            return
+        return remote, block, len(remote.encode()) + len(message.payload) + len(block)
+
+    @staticmethod
+    def _queue(
+        bridge: _Bridge,
+        term: _Term,
+        message: Message,
+        out: tuple[str, bytes, int],
+        at: float,
+        *,
+        sent: bool,
+    ) -> Queued:
+        """Hand a message whose room is reserved to the link's queue."""
         term.next_seq += 1
-        bridge.queue.stored(Queued(term.next_seq, remote, message.payload, False, block, now, size))
-        if bridge.link is not None:
-            bridge.link.wake()
+        remote, block, size = out
+        item = Queued(term.next_seq, remote, message.payload, False, block, at, size, sent)
+        bridge.queue.stored(item)
+        return item
 
     # -- LinkOwner -------------------------------------------------------------------------------
 
@@ -520,9 +538,7 @@ class FabricBridges(BridgeRuntime):
         self, message: Message, dup: bool, on_stored: Callable[[bool, float], None]
     ) -> GateVerdict:
         """Refuse an echo of this cluster's own forwarded messages; the rest is the node's."""
-        props = message.properties
-        if props.user_properties and carries_origin(props, self.origin):
-            self.loops += 1
+        if message.properties.user_properties and self._came_back(message.properties):
             return GateVerdict.LOOP
         return self._node.offer(message, dup, on_stored)
 
