@@ -149,9 +149,20 @@ class Setup:
         self.upstream: Mosquitto = upstream_mosquitto(fleet, tmp_path / "mosquitto").start()
         keystore = bridge_identity(fleet, self.name)
         allow_bridges(fleet, publish=["devices/+/commands"])
-        configure(
-            fleet.config.home, bridge_toml(self.name, port=self.upstream.port, keystore=keystore)
+        out = (
+            ("devices/+/telemetry", "sites/{site}/devices/+/telemetry"),
+            ("devices/+/commands", "sites/{site}/echo/+"),  # what comes in must not go out
         )
+        toml = bridge_toml(self.name, port=self.upstream.port, keystore=keystore, out=out)
+        notices = bridge_toml(  # in rules only: no consumer, only the upstream subscription
+            f"{self.name}-in",
+            port=self.upstream.port,
+            keystore=keystore,
+            client_id=f"bridge-{self.name}-in",
+            out=(),
+            inbound=(("sites/{site}/notices/+", "devices/+/commands"),),
+        )
+        configure(fleet.config.home, toml, notices)
         self.nodes: list[NodeProcess] = []
         self.clients: list[Any] = []
 
@@ -254,18 +265,21 @@ def test_two_nodes_forward_each_message_once_and_commands_reach_both(
     sender.client.publish(f"sites/{SITE}/commands/l1", b"l1", qos=0)
     for device, listener in listeners.items():
         wait_for(lambda s=listener, d=device: s.payloads() == [d.encode()], 15, f"{device}'s")
+    wait_for(lambda: any(owned_by(n, f"{setup.name}-in") for n in (a, b)), 15, "the in bridge")
+    assert sender.publish(b"notice", topic=f"sites/{SITE}/notices/l1") == 0
+    wait_for(lambda: listeners["l1"].payloads() == [b"l1", b"notice"], 15, "the notice")
 
     # QoS 0 from a device on the standby node: forwarded once, by the owner (at most once).
     other_device = on_b if other is b else on_a
     other_device.client.publish(other_device.topic, b"qos0", qos=0)
     wait_for(lambda: b"qos0" in up.payloads(), 15, "the QoS 0 message upstream")
     time.sleep(1.0)
-    assert [len(s.payloads()) for s in listeners.values()] == [1, 1]
+    assert [len(s.payloads()) for s in listeners.values()] == [1, 2]  # once each
     assert owner.bridge(setup.name)["counters"]["received"] == 2
     assert up.payloads().count(b"qos0") == 1
-    # the telemetry, the two commands themselves and the QoS 0 message; no echo
+    # the telemetry, the three commands themselves and the QoS 0 message; no echo
     assert not [t for t, _ in up.received if "/echo/" in t]
-    assert len(up.payloads()) == 403
+    assert len(up.payloads()) == 404
 
     monkeypatch.setenv("FLEETGATE_BROKER_METRICS_PORT", str(other.metrics_port))
     result = CliRunner().invoke(app, ["--home", str(fleet.config.home), "bridge", "status"])
@@ -348,17 +362,27 @@ def test_an_upstream_outage_keeps_messages_in_the_stream_until_it_returns(
         setup.client(Publisher(n.port, fleet.root, enroll(fleet, f"d{i}")))
         for i, n in enumerate((a, b))
     ]
-    for device in devices:
-        device.run(100, device.creds.device_id)
-        assert len(device.acked) == 100  # acknowledged: stored in FG_MSGS
+    count = 500
+    workers = [
+        threading.Thread(target=device.run, args=(count, device.creds.device_id), daemon=True)
+        for device in devices
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [len(d.acked) for d in devices] == [count, count]  # acknowledged: in FG_MSGS
     for node in (a, b):
-        wait_for(lambda n=node: n.bridge(setup.name)["queue_messages"] == 200, 10, "200 waiting")
+        wait_for(lambda n=node: n.bridge(setup.name)["queue_messages"] == 2 * count, 10, "waiting")
         assert not node.bridge(setup.name)["connected"]
     assert owner.bridge(setup.name)["last_error"]
+    started = time.monotonic()
     setup.upstream.start()
     for device in devices:
         topic = upstream_topic(device.creds)
         wait_for(lambda t=topic, d=device: set(up.payloads(t)) >= set(d.acked), 60, f"{topic}")
+    drained_s = time.monotonic() - started
+    print(f"{2 * count} messages drained {drained_s:.1f} s after the upstream's restart")
     wait_for(lambda: a.bridge(setup.name)["queue_messages"] == 0, 20, "the backlog drained")
     for device in devices:
         assert up.payloads(upstream_topic(device.creds)) == device.acked  # once each, in order

@@ -187,7 +187,7 @@ class Lease:
 class _Term:
     """One bridge while this node owns it: the consumer, and what it handed over unacked."""
 
-    sub: Any  # nats-py's PullSubscription
+    sub: Any  # nats-py's PullSubscription; None for a bridge with in rules only
     limit: int
     held: dict[int, tuple[Msg, int]] = field(default_factory=dict)  # queue seq -> (msg, stream seq)
     stream_seqs: set[int] = field(default_factory=set)
@@ -285,6 +285,8 @@ class FabricBridges(BridgeRuntime):
 
         assert self._js is not None
         plan = bridge.plan
+        if not plan.out:  # in rules only: no filter would mean every subject
+            return
         await self._js.add_consumer(
             STREAM,
             ConsumerConfig(
@@ -349,6 +351,8 @@ class FabricBridges(BridgeRuntime):
     async def _count_backlog(self, bridge: _Bridge) -> None:
         """What waits for the upstream, from the consumer (every node can tell)."""
         assert self._js is not None
+        if not bridge.plan.out:
+            return
         try:
             info = await self._js.consumer_info(STREAM, consumer_name(bridge.plan.name))
         except Exception:
@@ -359,14 +363,19 @@ class FabricBridges(BridgeRuntime):
         """This node holds the lease now: bind the consumer, start the link."""
         assert self._js is not None
         plan = bridge.plan
-        await self._consumer(bridge)  # again: it may have been deleted since the start
-        sub = await self._js.pull_subscribe_bind(consumer=consumer_name(plan.name), stream=STREAM)
+        sub = None
+        if plan.out:
+            await self._consumer(bridge)  # again: it may have been deleted since the start
+            name = consumer_name(plan.name)
+            sub = await self._js.pull_subscribe_bind(consumer=name, stream=STREAM)
         term = _Term(sub, self._window(plan))
         self._terms[plan.name] = term
         bridge.queue = new_queue(plan)
         link = self._new_link(bridge, self)
         bridge.state.down("owner: connecting", time.time())
-        term.tasks = [self._spawn(link.run()), self._spawn(self._fetch(bridge, term))]
+        term.tasks = [self._spawn(link.run())]
+        if sub is not None:
+            term.tasks.append(self._spawn(self._fetch(bridge, term)))
         assert self._nc is not None
 
         async def on_qos0(msg: Msg) -> None:
@@ -392,8 +401,9 @@ class FabricBridges(BridgeRuntime):
             with contextlib.suppress(Exception):
                 await msg.nak()
         for sub in (term.sub, *term.qos0):
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
         bridge.link = None
         bridge.queue = new_queue(bridge.plan)
         bridge.state.down(f"standby: {reason}", time.time())
