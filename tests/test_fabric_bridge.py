@@ -47,9 +47,11 @@ from broker.fabric.bridge import (
     holder_node,
     stream_subjects,
     subject_covers,
+    subjects_overlap,
 )
 from fleetgate.cli import app
 from fleetgate.config import BridgeRule, BridgeSettings
+from fleetgate.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 _names = itertools.count(1)
@@ -77,6 +79,19 @@ def test_the_consumer_reads_each_out_rule_once_without_overlapping_filters(fleet
     assert consumer_name("central") == "FG_BRIDGE_central"
     assert "." not in consumer_name("up.1")
     assert holder_node("node-a.1f2e3d") == "node-a"
+
+
+def test_out_rules_that_overlap_partially_are_refused_in_fabric_mode(fleet: Fleet) -> None:
+    settings = BridgeSettings(
+        name="up",
+        host="localhost",
+        keystore="ks",
+        out=(BridgeRule(local="a/+/c", remote="x/+/c"), BridgeRule(local="a/b/+", remote="y/+")),
+    )
+    with pytest.raises(ConfigError, match="'a/\\+/c' and 'a/b/\\+' overlap"):
+        stream_subjects(plan_bridge(fleet.config, settings))
+    assert subjects_overlap("a.*.c", "a.b.*") and subjects_overlap("a.>", "a.b")
+    assert not subjects_overlap("a.b", "a.c") and not subjects_overlap("a.*", "a.b.c")
 
 
 def test_a_lease_not_renewed_in_time_is_given_up_before_it_can_expire() -> None:

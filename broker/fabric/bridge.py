@@ -50,12 +50,13 @@ from broker.fabric.connect import auth_options
 from broker.fabric.durable import STREAM, STREAM_PREFIX
 from broker.fabric.node import QOS_HEADER, FabricNode, message_from_nats
 from broker.fabric.sessions import SENDER_HEADER
-from broker.fabric.subjects import filter_to_subjects
+from broker.fabric.subjects import filter_to_subjects, subject_to_topic
 from broker.metrics import family_lines
 from broker.mqtt import QoS
 from broker.routing import Message
 from enrollment.registry import Registry
 from fleetgate.config import Config
+from fleetgate.errors import ConfigError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -108,10 +109,39 @@ def subject_covers(wide: str, narrow: str) -> bool:
     return len(w) == len(n)
 
 
+def subjects_overlap(one: str, other: str) -> bool:
+    """Whether some subject matches both NATS filters."""
+    a, b = one.split("."), other.split(".")
+    for x, y in zip(a, b, strict=False):
+        if x == ">" or y == ">":
+            return True
+        if x != "*" and y != "*" and x != y:
+            return False
+    return len(a) == len(b)
+
+
+def _filter_of(subject: str) -> str:
+    """The MQTT filter a subject of :func:`filter_to_subjects` stands for (fabric topics hold
+    no literal '*' or '>')."""
+    return subject_to_topic(subject).replace("*", "+").replace(">", "#")
+
+
 def core_subjects(plan: BridgePlan) -> list[str]:
-    """The core NATS subjects of a bridge's out rules, none covered by another one."""
+    """The core NATS subjects of a bridge's out rules, none covered by another one;
+    :class:`ConfigError` if two overlap without one covering the other (JetStream refuses a
+    consumer whose filters overlap)."""
     subjects = {s for rule in plan.out for s in filter_to_subjects(rule.source)}
-    return sorted(s for s in subjects if not any(o != s and subject_covers(o, s) for o in subjects))
+    kept = sorted(s for s in subjects if not any(o != s and subject_covers(o, s) for o in subjects))
+    for i, one in enumerate(kept):
+        for other in kept[i + 1 :]:
+            if subjects_overlap(one, other):
+                raise ConfigError(
+                    f"[[bridge]] {plan.name}: out rules for {_filter_of(one)!r} and "
+                    f"{_filter_of(other)!r} overlap without one containing the other; in "
+                    "fabric mode a bridge reads one JetStream consumer, whose filters must not "
+                    "overlap: make them disjoint or replace them with the wider filter"
+                )
+    return kept
 
 
 def stream_subjects(plan: BridgePlan) -> list[str]:
@@ -216,6 +246,8 @@ class FabricBridges(BridgeRuntime):
         super().__init__(config, core, registry, wake=wake)
         self._node = node
         self._me = f"{node.name}.{secrets.token_hex(6)}"
+        for bridge in self._bridges.values():
+            core_subjects(bridge.plan)  # a ConfigError before anything starts
         self._leases = {name: Lease(self._me) for name in self._bridges}
         self._terms: dict[str, _Term] = {}
         self._backlog: dict[str, int] = dict.fromkeys(self._bridges, 0)
@@ -324,6 +356,7 @@ class FabricBridges(BridgeRuntime):
                     lease.won(await kv.update(key, me, last=lease.revision), now)
                 if name not in self._terms:  # just won, or the last start failed
                     await self._take_over(bridge)
+                self._terms[name].room.set()  # fetching may go on (see _fetch)
             except nats.js.errors.KeyWrongLastSequenceError:
                 holder = await self._holder(key)
                 if lease.revision is not None or name in self._terms:
@@ -421,12 +454,14 @@ class FabricBridges(BridgeRuntime):
         link's queue; while the upstream is away they wait in the stream."""
         import nats.errors
 
+        loop = asyncio.get_running_loop()
         while True:
             await term.room.wait()
             term.room.clear()
             room = term.limit - len(term.held)
-            if not bridge.state.connected or room <= 0:
-                continue
+            lease = self._leases[bridge.plan.name]
+            if not bridge.state.connected or room <= 0 or not lease.valid(loop.time()):
+                continue  # woken again by an ack, the link, or the next renewal
             try:
                 msgs = await term.sub.fetch(min(room, FETCH_MAX), timeout=FETCH_WAIT_S)
             except (nats.errors.TimeoutError, TimeoutError):
