@@ -37,7 +37,7 @@ from broker.routing import (
     weight,
 )
 from broker.session import NEVER_EXPIRES, Delivery, PendingWill, Session
-from broker.shared import SharedSubscriptions, share_key
+from broker.shared import SharedDelivery, SharedSubscriptions, share_key
 from broker.timers import Deadlines
 from enrollment.registry import AclPatterns, AuditRecord, DeviceState
 
@@ -266,21 +266,17 @@ class BrokerCore:
     def subscribe(self, session: Session, topic_filter: str, options: SubscriptionOptions) -> bool:
         """Add or replace a subscription; True if the session did not have this filter."""
         session.subscriptions[topic_filter] = options
-        key = share_key(topic_filter)
-        if key is not None:  # shared subscriptions are not part of a fabric session's record
-            return self.shared.add(key, session.client_id, options)
         if session.fabric is not None and self.session_hooks is not None:
             self.session_hooks.subscribed(session, topic_filter, options)
+        key = share_key(topic_filter)
+        if key is not None:
+            return self.shared.add(key, session.client_id, options)
         return self.subscriptions.add(topic_filter, session.client_id, options)
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
-        if (
-            session.fabric is not None
-            and self.session_hooks is not None
-            and share_key(topic_filter) is None
-        ):
+        if session.fabric is not None and self.session_hooks is not None:
             self.session_hooks.unsubscribed(session, topic_filter)
         return self._forget(session.client_id, topic_filter)
 
@@ -400,8 +396,13 @@ class BrokerCore:
 
     def deliver(self, session: Session, delivery: Delivery, now: float) -> None:
         """Send now if the client is connected; keep QoS 1/2 for it while it is away. A
-        persistent session in the fabric gets QoS 1/2 from the stream, not from here."""
-        if session.fabric is not None and delivery.qos != QoS.AT_MOST_ONCE:
+        persistent session in the fabric gets QoS 1/2 from the stream, not from here, except
+        through a shared subscription (its queue group's copy is the only one it gets)."""
+        if (
+            session.fabric is not None
+            and delivery.qos != QoS.AT_MOST_ONCE
+            and type(delivery) is not SharedDelivery
+        ):
             return
         if session.connection is not None:
             session.connection.send(delivery, now)

@@ -19,7 +19,8 @@ acknowledged (queued behind its window, or sent and not yet PUBACKed/PUBRECed) g
 member when its *session ends* (clean session, expiry, revocation, a takeover with clean start).
 While a persistent session is merely disconnected they wait for it, as any session's do (the
 spec's MAY wait). A QoS 2 message the leaver received but had not PUBRECed may so reach two
-members: at least once, as the spec allows.
+members: at least once, as the spec allows. In fabric mode the hand-on stays within the node:
+the messages live in its memory only (docs/architecture.md, "QoS 1 across a member leaving").
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ other nodes come in for its local subscribers (issue 12, first slice).
   nats-server never picks the publishing connection's own queue subscription (measured), so
   a message from this node's clients could never reach this node's members. The core does not
   route shared subscriptions itself in fabric mode (``SharedSubscriptions.local``): the queue
-  groups decide for local and remote publishers alike.
+  groups decide for local and remote publishers alike. A persistent session's shared
+  subscriptions are in its fabric record, so a node that restores it joins the groups.
 
 Core NATS is at-most-once: a message sent while the link is down, or before a new filter's
 interest reached the other servers, is not delivered live (a QoS 1/2 one is still in the
@@ -336,6 +337,9 @@ class FabricNode:
             await self.retained.start(js, settings.replicas, setup_s)
             await self.wills.start(js, settings.replicas, setup_s)
             await self.sessions.start(setup_s)
+            # A will and its session settle together (broker.fabric.wills, "Sessions").
+            self.wills.sessions_kv = self.sessions.kv
+            self.sessions.on_ended = self.wills.session_ended
         except (FabricUnavailable, TimeoutError, nats.errors.Error) as exc:
             await self._abort_start()
             raise FabricUnavailable(
