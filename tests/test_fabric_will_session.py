@@ -9,6 +9,7 @@ real paho clients."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -29,7 +30,21 @@ from test_fabric_wills import (
     _with_delayed_will,
 )
 
-from broker.fabric.wills import decode_record
+from broker.fabric.records import record_key
+from broker.fabric.wills import decode_record, encode_record
+from broker.mqtt import Will
+
+
+def test_a_will_record_names_its_session_by_client_id_and_expiry() -> None:
+    will = Will(topic=WILL_TOPIC, payload=b"late")
+    record = decode_record(encode_record("node-k.e1", "sensor-1", "sensor-1", will, None, 300))
+    assert record is not None and record.expiry == 300
+    assert record.session_key() == record_key("sensor-1")  # its FG_SESSIONS record
+    clean = decode_record(encode_record("node-k.e1", "sensor-1", "sensor-1", will, None))
+    assert clean is not None and clean.session_key() is None  # ends with its connection
+    older = json.loads(encode_record("node-k.e1", "sensor-1", "sensor-1", will, 5.0, 300))
+    del older["expiry"]  # written by a node before this field
+    assert decode_record(json.dumps(older).encode()).expiry == 0  # type: ignore[union-attr]
 
 
 @pytest.fixture

@@ -498,7 +498,7 @@ class SessionStore:
         if node == self.node or session is None:
             return
         if session.connection is None:
-            if session.fabric is not None:  # an away copy that another node holds now
+            if session.fabric is not None and client_id not in self._claims:  # stale now
                 self._forget(session, with_will=_ends(msg))
                 self._wake()
         elif session.fabric is None:  # a clean session (a persistent one was asked to release)

@@ -411,7 +411,8 @@ class WillKeeper:
             if record is None:
                 return
             due = await self._due(record)
-            if due is None:  # the session is live on another node: that node settles it
+            if due is None:  # its session resumed on another node: that cancels the will
+                await self._kv.delete(key, last=revision)
                 return
             claim = encode_record(
                 self.owner,
