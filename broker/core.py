@@ -346,13 +346,19 @@ class BrokerCore:
             )
             self.deliver(self.sessions[client_id], delivery, now)
 
-    def publish_shared(self, key: str, message: Message, now: float) -> None:
+    def publish_shared(
+        self, key: str, message: Message, now: float, *, hand_on: bool = True
+    ) -> None:
         """One copy of ``message`` to one member of the shared subscription ``key``
-        (:meth:`broker.shared.ShareGroup.choose`); dropped if it has no member that can take it."""
+        (:meth:`broker.shared.ShareGroup.choose`); with no member here that can take it,
+        offered to the group's other nodes (fabric mode, once: not ``hand_on`` for a message
+        handed on already), else dropped."""
         group = self.shared.groups.get(key)
         session = None if group is None else group.choose(self.sessions, message.qos)
         if group is None or session is None:
-            self.metrics.dropped["shared_no_member"] += 1
+            offer = self.shared.hand_on
+            if not (hand_on and offer is not None and offer(key, message)):
+                self.metrics.dropped["shared_no_member"] += 1
             return
         self.deliver(session, self.shared.delivery(group, session, message), now)
 

@@ -1,9 +1,10 @@
 """A persistent session's shared subscriptions live in its fabric record (issue 12): a device
 whose session resumes on another node, after its node was SIGKILLed or after a clean
 disconnect, is a member of its shared groups again with session present = 1, without
-subscribing again, and gets the group's QoS 1 messages there. Real 3-node nats-server
-cluster, one broker node in its own process (to be killed), one in this process, real paho
-clients, MQTT 3.1.1 and 5."""
+subscribing again, and gets the group's QoS 1 messages there; a member whose session ends
+with QoS 1 messages unacknowledged hands them to the group's member on another node. Real
+3-node nats-server cluster, one broker node in its own process (to be killed), others in this
+process, real paho clients, MQTT 3.1.1 and 5."""
 
 # ruff: noqa: F811 - the tests take fixtures imported from other test modules
 
@@ -17,7 +18,7 @@ import pytest
 from broker_helpers import V5, V311, Creds, Paho, wait_for
 from conftest import Fleet
 from nats_cluster import NatsCluster
-from test_fabric_node import FabricBroker
+from test_fabric_node import FabricBroker, nodes  # noqa: F401
 from test_fabric_sessions import ProcessNode, _forget_sessions, cluster, record_of  # noqa: F401
 from test_fabric_shared import JOBS, connected, probe_until, received, workers  # noqa: F401
 
@@ -89,3 +90,31 @@ def test_a_shared_member_resumes_on_another_node_without_subscribing_again(
     finally:
         if first.process.poll() is None:
             first.kill()
+
+
+def test_a_leaving_members_unacknowledged_messages_go_to_the_member_on_another_node(
+    nodes: tuple[FabricBroker, FabricBroker], workers: list[Creds]
+) -> None:
+    """Node A's only member never acknowledges; it drops (a clean session: it ends). What
+    it held unacknowledged cannot stay on A (no member left there): it goes to node B's."""
+    a, b = nodes
+    leaver, member_b, publisher = connected(a, workers[0]), connected(b, workers[3]), None
+    try:
+        leaver.client.manual_ack_set(True)  # receives, never sends PUBACK
+        assert leaver.subscribe(JOBS, 1) == [1]
+        assert member_b.subscribe(JOBS, 1) == [1]
+        publisher = connected(b, workers[1])
+        probe_until(publisher, leaver, member_b)
+        sent = [f"job-{n}".encode() for n in range(20)]
+        for payload in sent:
+            assert publisher.publish("jobs/build", payload, qos=1) == 0
+        held, got_b = received(leaver), received(member_b)
+        assert held and Counter(held + got_b) == Counter(sent)
+        leaver.drop()
+        handed = received(member_b, 2.0)
+        assert Counter(handed) == Counter(held)  # each once, on B
+        assert a.metric("fabric_shared_handed_on_total", 'node="node-a"') >= len(held)
+    finally:
+        for client in (leaver, member_b, publisher):
+            if client is not None:
+                client.close()
