@@ -506,6 +506,10 @@ class WillKeeper:
         if session.away_since is None:
             if session.node != dead:
                 return None
+            seen = self._seen.get(dead)
+            if seen is not None and seen[0] != record.owner:
+                # Restarted under its name: it may hold the session again (the sweep asks it).
+                return min(due, now + record.expiry)
             session.away_since = now
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
                 await kv.update(key, session.encode(), last=entry.revision)
