@@ -200,22 +200,17 @@ def test_a_node_logs_in_with_a_bare_user_nkey_seed(fleet: Fleet, nkey_server: Na
         assert ours and ours[0]["authorized_user"] == public(NKEY_USER)
     finally:
         node.stop()
-    other = new_key(nkeys.PREFIX_BYTE_USER)
-    node = AuthNode(
-        fleet, nkey_server.urls, "other", nkey_seed_file=seed_file(fleet, other, "o.nk")
-    )
-    with pytest.raises(FabricUnavailable, match="Authorization Violation") as raised:
-        node.start()
-    node.stop()
-    assert seed(other) not in str(raised.value)
-    account = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
-    node = AuthNode(
-        fleet, nkey_server.urls, "acct", nkey_seed_file=seed_file(fleet, account, "a.nk")
-    )
-    with pytest.raises(ConfigError, match="not a user nkey seed") as raised_config:
-        node.start()
-    node.stop()
-    assert seed(account) not in str(raised_config.value)
+    for prefix, error, reason in [
+        (nkeys.PREFIX_BYTE_USER, FabricUnavailable, "Authorization Violation"),  # unlisted
+        (nkeys.PREFIX_BYTE_ACCOUNT, ConfigError, "not a user nkey seed"),
+    ]:
+        key = new_key(prefix)
+        path = seed_file(fleet, key, f"{prefix}.nk")
+        node = AuthNode(fleet, nkey_server.urls, "refused", nkey_seed_file=path)
+        with pytest.raises(error, match=reason) as raised:
+            node.start()
+        node.stop()
+        assert seed(key) not in str(raised.value)
 
 
 # -- configuration ---------------------------------------------------------------------------------
