@@ -35,6 +35,9 @@ FLEET = Account("FLEET")
 GATE_JWT, GATE_KEY = FLEET.user("fleetgate-nodes")
 REVOKED_JWT, REVOKED_KEY = FLEET.user("retired-gate")
 FLEET.revoke(REVOKED_KEY)
+REFUSED_BY_SERVER = "Authorization Violation|Connection reset by peer"
+"""nats-server answers -ERR 'Authorization Violation' and closes; now and then the close's
+reset reaches nats-py before the answer does (seen on main's test_fabric_auth too, 2 in 4)."""
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,7 @@ def test_a_revoked_unknown_expired_or_mismatched_user_does_not_start(
     stranger = Account("ELSEWHERE")  # an account these servers were never given
     stranger_jwt, stranger_key = stranger.user("fleetgate-nodes")
     expired_jwt, expired_key = FLEET.user("old-gate", expires=int(time.time()) - 60)
-    violation = (FabricUnavailable, "Authorization Violation")
+    violation = (FabricUnavailable, REFUSED_BY_SERVER)
     mismatch = f"nkey seed is of user {public(REVOKED_KEY)}, its JWT is of user {public(GATE_KEY)}"
     cases: list[tuple[str, tuple[type[Exception], str], Any]] = [
         (creds(fleet, "revoked", REVOKED_JWT, REVOKED_KEY), violation, REVOKED_KEY),
@@ -201,7 +204,7 @@ def test_a_node_logs_in_with_a_bare_user_nkey_seed(fleet: Fleet, nkey_server: Na
     finally:
         node.stop()
     for prefix, error, reason in [
-        (nkeys.PREFIX_BYTE_USER, FabricUnavailable, "Authorization Violation"),  # unlisted
+        (nkeys.PREFIX_BYTE_USER, FabricUnavailable, REFUSED_BY_SERVER),  # unlisted
         (nkeys.PREFIX_BYTE_ACCOUNT, ConfigError, "not a user nkey seed"),
     ]:
         key = new_key(prefix)

@@ -200,13 +200,16 @@ def test_only_the_caps_refusal_counts_as_full() -> None:
     assert not refused_as_full(b'"err_code":10077 but no json')
 
 
-def test_a_full_stream_takes_messages_again_only_with_a_hundredth_free() -> None:
+def test_a_full_stream_takes_qos_1_again_once_1_percent_and_the_refused_message_fit() -> None:
     room = StreamRoom(100_000)
-    assert room.filled() and not room.filled()  # one change, however many refusals
+    assert room.filled(500) and not room.filled(300)  # one change, however many refusals
     assert not room.measured(99_500, 100_000)
     assert room.measured(99_000, 100_000)
     assert not room.full and room.changes == 2
     assert not room.measured(0, 100_000)  # not full: nothing to end
+    assert room.filled(2_000)  # a large message: 1 % of the cap would not hold it
+    assert not room.measured(99_000, 100_000)
+    assert room.measured(98_000, 100_000)
     record = room.refusal("sensor-1", "a/b", 1)
     assert (record.actor, record.action, record.outcome, record.subject) == (
         "device:sensor-1",

@@ -679,10 +679,11 @@ class FabricNode:
         """FG_MSGS refused a message for its cap: that one is given up (0x83 or a close, as
         any store error), and new QoS 1/2 ones are refused at once until it has room."""
         number, now = self.ledger.number(reply_subject), self._clock()
-        if number in self.ledger.pending:
+        item = self.ledger.pending.get(number) if number is not None else None
+        if number is not None and item is not None:
             self._give_up([number], now)
         self._answered(now)  # the stream's leader answers: the fabric is up
-        if self.room.filled():
+        if self.room.filled(item.stored_size() if item is not None else 0):
             log.error(
                 "fabric: %s is full (stream_max_bytes %d): QoS 1/2 publishes refused until it "
                 "has room",
