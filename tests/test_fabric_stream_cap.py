@@ -210,6 +210,7 @@ def test_a_full_stream_takes_qos_1_again_once_1_percent_and_the_refused_message_
     assert room.filled(2_000)  # a large message: 1 % of the cap would not hold it
     assert not room.measured(99_000, 100_000)
     assert room.measured(98_000, 100_000)
+    assert room.filled(500) and room.measured(100_000, -1)  # an operator removed the cap
     record = room.refusal("sensor-1", "a/b", 1)
     assert (record.actor, record.action, record.outcome, record.subject) == (
         "device:sensor-1",

@@ -237,9 +237,11 @@ class StreamRoom:
         return True
 
     def measured(self, used: int, cap: int) -> bool:
-        """A probe's figures (the stream's bytes and its cap, perhaps raised by an operator);
-        True if that ends a full state."""
-        if not self.full or cap - used < max(cap * ROOM_FRACTION, self.wanted):
+        """A probe's figures (the stream's bytes and its cap, perhaps raised, or removed:
+        -1, by an operator); True if that ends a full state."""
+        if not self.full:
+            return False
+        if cap > 0 and cap - used < max(cap * ROOM_FRACTION, self.wanted):
             return False
         self.full, self.wanted = False, 0
         self.changes += 1

@@ -707,8 +707,8 @@ class FabricNode:
         except Exception as exc:
             self._last_error = str(exc) or type(exc).__name__
         else:
-            cap = info.config.max_bytes or 0
-            if cap > 0 and self.room.measured(info.state.bytes, cap):
+            cap = info.config.max_bytes or -1
+            if self.room.measured(info.state.bytes, cap):
                 log.warning(
                     "fabric: %s has room again (%d of %d bytes): QoS 1/2 publishes are taken",
                     STREAM,
