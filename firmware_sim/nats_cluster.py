@@ -136,7 +136,8 @@ http: 127.0.0.1:{node.http_port}
 jetstream {{
   store_dir: "{node.directory / "js"}"
   max_memory_store: 64MB
-  max_file_store: 1GB
+  # above FG_MSGS's default stream_max_bytes (4 GiB), which each server reserves up front
+  max_file_store: 8GB
 }}
 {cluster}
 {mqtt}

@@ -245,7 +245,11 @@ class FabricSettings:
     ``password_file`` logs in as a NATS user (the password is read from the file, owner-only,
     never from the command line or the environment). ``node_name`` is the older spelling of
     ``[broker] node_name`` (used when that is empty); ``replicas`` is the copy count of the
-    fabric's JetStream streams and KV buckets. ``local`` has the broker start and supervise one
+    fabric's JetStream streams and KV buckets. ``nkey_seed_file`` logs in with a bare NATS user
+    nkey (its seed, ``SU…``, owner-only) instead. ``stream_max_bytes`` and ``stream_max_age_s``
+    bound ``FG_MSGS``, the stored copies of QoS 1/2 messages: when it is full, new ones are
+    refused (0x97) rather than old ones dropped, so a device cannot fill the NATS servers'
+    disks and nothing acknowledged is lost. ``local`` has the broker start and supervise one
     nats-server (R1, store in the data directory, client port ``local_port`` on loopback, user
     ``fleetgate`` with a password made up on first start) instead of reaching ``servers``;
     ``local_binary`` names that server.
@@ -257,9 +261,12 @@ class FabricSettings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     credentials_file: str = ""
+    nkey_seed_file: str = ""
     user: str = ""
     password_file: str = ""
     replicas: int = 3
+    stream_max_bytes: int = 4 * 1024**3
+    stream_max_age_s: float = 24 * 3600.0
     connect_timeout_s: float = 5.0
     local: bool = False
     local_port: int = 4222
@@ -267,6 +274,7 @@ class FabricSettings:
 
 
 _FABRIC_SECTION = "fabric"
+MIN_STREAM_BYTES = 64 * 1024
 
 
 def _build_fabric(raw: dict[str, Any], env: Any) -> FabricSettings | None:
@@ -297,8 +305,19 @@ def _build_fabric(raw: dict[str, Any], env: Any) -> FabricSettings | None:
         raise ConfigError("[fabric] tls_cert_file and tls_key_file go together")
     if bool(fabric.user) != bool(fabric.password_file):
         raise ConfigError("[fabric] user and password_file go together")
-    if fabric.user and fabric.credentials_file:
-        raise ConfigError("[fabric] user/password_file or credentials_file, not both")
+    logins = [fabric.user, fabric.credentials_file, fabric.nkey_seed_file]
+    if sum(map(bool, logins)) > 1:
+        raise ConfigError(
+            "[fabric] user/password_file, credentials_file and nkey_seed_file are three ways "
+            "to log in: give one, not both"
+        )
+    if fabric.stream_max_bytes < MIN_STREAM_BYTES:
+        raise ConfigError(
+            f"[fabric] stream_max_bytes must be at least {MIN_STREAM_BYTES} (64 KiB); "
+            "size it as QoS 1/2 bytes per second x stream_max_age_s"
+        )
+    if fabric.stream_max_age_s <= 0:
+        raise ConfigError("[fabric] stream_max_age_s must be > 0")
     if not 1 <= fabric.replicas <= 5:
         raise ConfigError("[fabric] replicas must be between 1 and 5")
     _check_node_name("fabric", fabric.node_name)

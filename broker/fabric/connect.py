@@ -6,13 +6,24 @@ permissions only they have (docs/operations.md, "NATS accounts and permissions")
 settings are what keeps other NATS clients out of device subjects. Secrets come from files
 that only their owner may read, never from the command line or the environment, and no
 option built here is ever logged.
+
+Three logins: a user and password; a NATS credentials file (``.creds``, as ``nsc generate
+creds`` writes it: the user's JWT, signed by its account, and the user's nkey seed, which signs
+the server's nonce); or a bare user nkey seed. nats-py reads the file again at each reconnect,
+so credentials can be replaced in place. The file is checked here first, because nats-py
+would loop forever on a file without a JWT line, and the server only ever says "Authorization
+Violation": a seed that is not the JWT's user, an expired JWT or an account JWT get a reason.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import base64
+import binascii
+import json
+import re
 import ssl
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +85,76 @@ def auth_options(config: Config) -> dict[str, Any]:
         options["password"] = password
     if settings.credentials_file:
         creds = config.data_path(settings.credentials_file)
-        read_owner_only(creds, "credentials_file")
-        if importlib.util.find_spec("nkeys") is None:  # nats-py signs with it
-            raise ConfigError(
-                "[fabric] credentials_file needs the nkeys package, which fleetgate does not "
-                "install: use user and password_file"
-            )
+        check_credentials(creds, read_owner_only(creds, "credentials_file"))
         options["user_credentials"] = str(creds)
+    if settings.nkey_seed_file:
+        seed_file = config.data_path(settings.nkey_seed_file)
+        seed = read_owner_only(seed_file, "nkey_seed_file").strip()
+        _user_of_seed(seed, f"[fabric] nkey_seed_file {seed_file}")
+        options["nkeys_seed"] = str(seed_file)
     return options
+
+
+_JWT_LINES = re.compile(rb"-----BEGIN NATS USER JWT-----\n([A-Za-z0-9_.-]+)\n")
+_SEED_LINES = re.compile(rb"-----BEGIN USER NKEY SEED-----\n([A-Z2-7]+)\n")
+
+
+def check_credentials(path: Path, text: bytes) -> None:
+    """Refuse a ``.creds`` file nats-py could not use, or the servers would refuse, saying why
+    (never quoting the seed): each part on its own line after its BEGIN line, a user JWT that
+    has not expired, and the seed of that very user."""
+    where = f"[fabric] credentials_file {path}"
+    jwt, seed = _JWT_LINES.search(text), _SEED_LINES.search(text)
+    if jwt is None or seed is None:
+        missing = "user JWT" if jwt is None else "user nkey seed"
+        raise ConfigError(
+            f"{where} is not a NATS credentials file: no {missing} on its own line after its "
+            "BEGIN line (make one with `nsc generate creds`)"
+        )
+    claims = _jwt_claims(jwt.group(1), where)
+    nats = claims.get("nats")
+    kind = nats.get("type") if isinstance(nats, dict) else None
+    if kind != "user":
+        raise ConfigError(f"{where}: its JWT is a {kind or 'untyped'} JWT, not a user's")
+    expires = claims.get("exp")
+    if isinstance(expires, int) and expires <= time.time():
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires))
+        raise ConfigError(f"{where}: its user JWT expired at {when}: issue new credentials")
+    user = _user_of_seed(seed.group(1), where)
+    if user != claims.get("sub"):
+        raise ConfigError(
+            f"{where}: its nkey seed is of user {user}, its JWT is of user {claims.get('sub')}"
+        )
+
+
+def _jwt_claims(token: bytes, where: str) -> dict[str, Any]:
+    """The claims (middle part) of a JWT, unverified: the servers check its signature."""
+    parts = token.split(b".")
+    try:
+        if len(parts) != 3:
+            raise ValueError("not three parts")
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + b"=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error) as exc:
+        raise ConfigError(f"{where}: its JWT does not decode ({exc})") from exc
+    if not isinstance(claims, dict):
+        raise ConfigError(f"{where}: its JWT holds no claims")
+    return claims
+
+
+def _user_of_seed(seed: bytes, where: str) -> str:
+    """The public key (``U…``) of a user nkey seed (``SU…``); a reason without the seed."""
+    try:
+        import nkeys  # nats-py's nkeys extra, on PyNaCl
+    except ImportError as exc:  # an installation without the lock's dependencies
+        raise ConfigError(
+            f"{where} needs the nkeys package (pip install 'nats-py[nkeys]')"
+        ) from exc
+    if not seed.startswith(b"SU"):
+        raise ConfigError(f"{where}: not a user nkey seed (a user's starts with SU)")
+    try:
+        pair = nkeys.from_seed(bytearray(seed))
+    except (nkeys.NkeysError, ValueError, binascii.Error) as exc:
+        raise ConfigError(f"{where}: the nkey seed does not decode ({type(exc).__name__})") from exc
+    user: str = pair.public_key.decode()
+    pair.wipe()
+    return user

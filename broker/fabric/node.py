@@ -58,11 +58,12 @@ from broker.core import BrokerCore, GateVerdict
 from broker.fabric.connect import auth_options
 from broker.fabric.durable import (
     DUPLICATE_WINDOW_S,
-    MAX_AGE_S,
     STREAM,
     STREAM_PREFIX,
     Availability,
     DurableLedger,
+    StreamRoom,
+    refused_as_full,
 )
 from broker.fabric.kicks import KickRelay
 from broker.fabric.retained import FabricRetained
@@ -256,7 +257,9 @@ class FabricNode:
         self._outbox: deque[tuple[str, bytes, dict[str, str] | None]] = deque()
         self.ledger = DurableLedger(self.name, secrets.token_hex(6))
         self.availability = Availability()
+        self.room = StreamRoom(self.settings.stream_max_bytes)  # FG_MSGS at its byte cap
         self._probe: asyncio.Task[None] | None = None
+        self._room_probe: asyncio.Task[None] | None = None
         self.sessions: SessionStore | None = None
         self._stored_outbox: deque[int] = deque()  # ledger numbers to send to the stream
         self._outbox_ready = asyncio.Event()
@@ -414,8 +417,7 @@ class FabricNode:
         if self.retained is not None:  # the last retained writes, before the link goes
             await self.retained.stop(5.0)
         await self.wills.stop(5.0)
-        if self._probe is not None:
-            self._tasks.append(self._probe)
+        self._tasks.extend(task for task in (self._probe, self._room_probe) if task is not None)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -495,6 +497,7 @@ class FabricNode:
                 "QoS 1/2 messages waiting for FG_MSGS.",
                 len(self.ledger.pending),
             ),
+            *self.room.metric_families(),
             *retained_families(self.retained),
             (
                 "fabric_shared_handed_on_total",
@@ -558,6 +561,9 @@ class FabricNode:
             self.availability.refused += 1
             return GateVerdict.FULL  # 0x97 (MQTT 5) or a close without acknowledgement
         now = self._clock()
+        if message.qos != QoS.AT_MOST_ONCE and self.room.full:
+            self._refuse_full(message, now)
+            return GateVerdict.FULL
         headers = nats_headers(message, now)
         self._outbox.append((subject, message.payload, headers))
         self._outbox_ready.set()
@@ -610,7 +616,7 @@ class FabricNode:
         again until ``timeout``: a cluster that just started, or a stream another node has
         just made, may not answer yet (one attempt within the connect timeout was not enough
         for a busy machine's fresh cluster)."""
-        from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+        from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
         from broker.fabric.streams import ensure_stream
 
@@ -622,11 +628,14 @@ class FabricNode:
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             num_replicas=self.settings.replicas,
-            max_age=MAX_AGE_S,
+            max_age=self.settings.stream_max_age_s,
+            max_bytes=self.settings.stream_max_bytes,
+            discard=DiscardPolicy.NEW,  # full: refuse new ones, never drop acknowledged ones
             duplicate_window=DUPLICATE_WINDOW_S,
         )
         try:
-            info = await ensure_stream(js, config, timeout)
+            limits = ("max_age", "max_bytes", "discard")
+            info = await ensure_stream(js, config, timeout, limits=limits)
         except FabricUnavailable:
             await self._nc.close()
             raise
@@ -642,7 +651,9 @@ class FabricNode:
         """The stream's answer to one of this node's messages."""
         status = msg.headers.get("Status") if msg.headers else None
         number = self.ledger.answered(msg.subject, msg.data, status)
-        if number is None:  # an error or a 503: resent when overdue
+        if number is None:  # an error or a 503: resent when overdue, unless the stream is full
+            if status is None and refused_as_full(msg.data):
+                self._stream_full(msg.subject)
             return
         item = self.ledger.pending.pop(number)
         self.stored += 1
@@ -685,6 +696,49 @@ class FabricNode:
         if available.down and self._nc.is_connected and (self._probe is None or self._probe.done()):
             self._probe = asyncio.get_running_loop().create_task(self._probe_stream())
 
+    def _stream_full(self, reply_subject: str) -> None:
+        """FG_MSGS refused a message for its cap: that one is given up (0x83 or a close, as
+        any store error), and new QoS 1/2 ones are refused at once until it has room."""
+        number, now = self.ledger.number(reply_subject), self._clock()
+        item = self.ledger.pending.get(number) if number is not None else None
+        if number is not None and item is not None:
+            self._give_up([number], now)
+        self._answered(now)  # the stream's leader answers: the fabric is up
+        if self.room.filled(item.stored_size() if item is not None else 0):
+            log.error(
+                "fabric: %s is full (stream_max_bytes %d): QoS 1/2 publishes refused until it "
+                "has room",
+                STREAM,
+                self.room.max_bytes,
+                extra={"node": self.name, "stream": STREAM},
+            )
+
+    def _refuse_full(self, message: Message, now: float) -> None:
+        self.room.refused += 1
+        session = self._core.sessions.get(message.sender)
+        device = session.device_id if session is not None else None
+        record = self.room.refusal(device, message.topic, int(message.qos))
+        self._core.refused(message.sender, "fabric.stream_full", record, now)
+
+    async def _probe_room(self) -> None:
+        """While FG_MSGS is full: has it room again (aged out, purged, a higher cap)?"""
+        assert self._nc is not None
+        try:
+            info = await self._nc.jetstream(timeout=1.0).stream_info(STREAM)
+        except Exception as exc:
+            self._last_error = str(exc) or type(exc).__name__
+        else:
+            cap = info.config.max_bytes or -1
+            if self.room.measured(info.state.bytes, cap):
+                log.warning(
+                    "fabric: %s has room again (%d of %d bytes): QoS 1/2 publishes are taken",
+                    STREAM,
+                    info.state.bytes,
+                    cap,
+                    extra={"node": self.name, "stream": STREAM},
+                )
+        await asyncio.sleep(1.0)  # one probe a second at most
+
     def _give_up(self, numbers: list[int], now: float) -> None:
         for number in numbers:
             self.ledger.pending.pop(number).on_stored(False, now)
@@ -699,6 +753,8 @@ class FabricNode:
             await asyncio.sleep(min(0.25, ledger.ack_timeout_s / 4))
             now = self._clock()
             self._check_availability(now)
+            if self.room.full and (self._room_probe is None or self._room_probe.done()):
+                self._room_probe = asyncio.get_running_loop().create_task(self._probe_room())
             resend, failed = ledger.due(now)
             self._give_up(failed, now)
             if failed:

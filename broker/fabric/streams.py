@@ -5,6 +5,8 @@ attempt is retried until a deadline."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
 _T = TypeVar("_T")
+log = logging.getLogger("fleetgate.fabric")
 
 
 async def until(what: str, attempt: Callable[[], Awaitable[_T]], timeout: float) -> _T:
@@ -33,8 +36,12 @@ async def until(what: str, attempt: Callable[[], Awaitable[_T]], timeout: float)
             raise FabricUnavailable(f"the fabric has no usable {what}: {exc}") from exc
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig, timeout: float) -> StreamInfo:
-    """The stream's info, created with ``config`` if it does not exist."""
+async def ensure_stream(
+    js: JetStreamContext, config: StreamConfig, timeout: float, *, limits: tuple[str, ...] = ()
+) -> StreamInfo:
+    """The stream's info, created with ``config`` if it does not exist. An existing stream
+    whose ``limits`` (StreamConfig field names, e.g. ``max_bytes``) differ from ``config`` gets
+    ``config``'s, and a log line says so; its other settings (replicas, subjects) stay."""
     import nats.js.errors
 
     assert config.name is not None
@@ -42,11 +49,29 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, timeout: flo
 
     async def attempt() -> StreamInfo:
         try:
-            return await js.stream_info(name)
+            info = await js.stream_info(name)
         except nats.js.errors.NotFoundError:
             return await js.add_stream(config)
+        changed = {
+            field: (_shown(getattr(info.config, field)), _shown(getattr(config, field)))
+            for field in limits
+            if getattr(info.config, field) != getattr(config, field)
+        }
+        if not changed:
+            return info
+        log.warning(
+            "stream %s changed to this node's settings: %s",
+            name,
+            ", ".join(f"{field} {old} -> {new}" for field, (old, new) in changed.items()),
+        )
+        new = {field: getattr(config, field) for field in changed}
+        return await js.update_stream(dataclasses.replace(info.config, **new))
 
     return await until(f"JetStream stream {name} (R{config.num_replicas})", attempt, timeout)
+
+
+def _shown(value: object) -> object:
+    return getattr(value, "value", value)  # an enum's value: "new", not DiscardPolicy.NEW
 
 
 async def ensure_bucket(
