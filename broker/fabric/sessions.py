@@ -142,6 +142,12 @@ class SessionFeed:
         self.dirty = False
         self.lost = False  # another node took the record
         self.lock = asyncio.Lock()
+        # The write-ahead (module docstring, "Exactly once"): record snapshots taken so far,
+        # whether one is asked for, and the incoming QoS 2 ids the record may name (stored in
+        # the stream; session.incoming_qos2 also has those still being stored).
+        self.snapshots = 0
+        self.ahead_due = False
+        self.qos2_in = set(record.qos2_in)
 
     # -- hooks from the connection ----------------------------------------------------------------
 
@@ -158,6 +164,19 @@ class SessionFeed:
                 if feed is not None:
                     feed.handed = seq - 1
                     self.store.spawn(self.store.restart(self, feed))
+
+    def write_ahead(self, received: int | None = None) -> int:
+        """The connection holds a packet until the record names it: the number of the record
+        write that will (:meth:`Connection.recorded` is called with it once written). One
+        write covers every packet asked for before its snapshot. ``received``: the packet id
+        of an incoming QoS 2 PUBLISH now stored in the stream, for ``qos2_in``."""
+        if received is not None:
+            self.qos2_in.add(received)
+        self.dirty = True
+        if not self.ahead_due:
+            self.ahead_due = True
+            self.store.spawn(self.flush())
+        return self.snapshots + 1
 
     # -- the record -------------------------------------------------------------------------------
 
@@ -195,7 +214,8 @@ class SessionFeed:
         record = self.record
         record.subs = subs
         record.inflight = inflight
-        record.qos2_in = sorted(session.incoming_qos2)
+        self.qos2_in &= session.incoming_qos2  # released ones are done with
+        record.qos2_in = sorted(self.qos2_in)
         record.expiry = session.expiry_interval
         record.away_since = None if session.connection is not None else wall
         return record
@@ -205,18 +225,25 @@ class SessionFeed:
         import nats.js.errors
 
         async with self.lock:
+            self.ahead_due = False
             if not self.dirty or self.lost:
                 return
             self.dirty = False
+            self.snapshots += 1
+            number = self.snapshots
             data = self.snapshot(time.time()).encode()
             try:
                 self.revision = await self.store.kv.update(self.key, data, last=self.revision)
+                connection = self.session.connection
+                if connection is not None:  # what it held for this write goes out
+                    connection.recorded(number)
+                    self.store.wake()
             except nats.js.errors.KeyWrongLastSequenceError:
                 self.lost = True  # claimed elsewhere without asking this node (it was slow)
                 log.warning("fabric: session %r was claimed elsewhere", self.session.client_id)
                 self.store.let_go(self.session)
             except Exception as exc:  # the fabric is down: try again at the next checkpoint
-                self.dirty = True
+                self.dirty = True  # (held packets stay held until a write succeeds)
                 log.debug("fabric: session record write failed: %s", exc)
 
 
@@ -322,6 +349,10 @@ class SessionStore:
                 len(self._feeds),
             ),
         ]
+
+    def wake(self) -> None:
+        """Have the server write the connections' output at the end of this loop turn."""
+        self._wake()
 
     def spawn(self, job: Any) -> None:
         task = asyncio.get_running_loop().create_task(job)
@@ -779,7 +810,11 @@ class SessionStore:
     async def _checkpoints(self) -> None:
         while True:
             await asyncio.sleep(self.checkpoint_s)
-            dirty = [feed for feed in self._feeds if feed.dirty or feed.session.inflight]
+            dirty = [
+                feed
+                for feed in self._feeds
+                if feed.dirty or feed.session.inflight or feed.qos2_in - feed.session.incoming_qos2
+            ]
             for feed in dirty:
                 feed.dirty = True
             if dirty:
