@@ -137,7 +137,6 @@ class SessionFeed:
         self.filters: dict[str, FilterFeed] = {}
         self.pid_seq: dict[int, tuple[str, int]] = {}
         self.queued: dict[int, tuple[Delivery, str, int]] = {}
-        self.skip: set[int] = set()  # sequences resent from the record's in-flight list
         self.paused: dict[str, int] = {}  # filter -> first sequence not taken (queue full)
         self.dirty = False
         self.lost = False  # another node took the record
@@ -589,15 +588,18 @@ class SessionStore:
         feed = session.fabric
         if not isinstance(feed, SessionFeed) or feed.session is not session:
             feed = SessionFeed(self, session, record, revision)
+        # A filter's consumer starts after its highest sequence in flight: each one up to it
+        # is resent from the record or was completed (out of order: the cursor stays below).
+        resent: dict[str, int] = {}
         for pid, seq, topic_filter, _ in record.inflight:
+            resent[topic_filter] = max(resent.get(topic_filter, 0), seq)
             if pid in session.inflight:
                 feed.pid_seq[pid] = (topic_filter, seq)
-                feed.skip.add(seq)
         session.fabric = feed
         self._feeds.add(feed)
         for topic_filter, state in record.subs.items():
             if state.qos:
-                self._open(feed, topic_filter, state.cursor)
+                self._open(feed, topic_filter, max(state.cursor, resent.get(topic_filter, 0)))
 
     def detached(self, session: Session, now: float) -> None:
         feed = session.fabric
@@ -764,9 +766,6 @@ class SessionStore:
             return
         filter_feed.handed = seq
         feed.dirty = True
-        if seq in feed.skip:  # resent from the record's in-flight list
-            feed.skip.discard(seq)
-            return
         delivery = self._delivery(feed, filter_feed.filter, msg, stored_at, now)
         if delivery is None:
             return
