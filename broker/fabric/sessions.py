@@ -25,24 +25,30 @@ is away nothing else exists for it in NATS: no consumer, no subscription.
   client (or was not for it). Written to the record by a checkpoint about once a second while
   anything changed, and exactly at disconnect and takeover. Messages in flight are recorded
   with their packet ids and resent with DUP after a resume; a QoS 2 message whose PUBREL was
-  sent is resent as PUBREL, never as PUBLISH again.
+  sent is resent as PUBREL, never as PUBLISH again. A resumed filter reads on after its
+  cursor or its highest sequence in flight, whichever is later: each one up to that was
+  resent or completed (out of order, so the cursor stayed below it).
+- **Exactly once (the write-ahead).** The connection holds each outgoing QoS 2 PUBLISH and
+  PUBREL, and each PUBREC for an incoming QoS 2 PUBLISH once it is in the stream, until a
+  record naming that packet id and stage is written (:meth:`SessionFeed.write_ahead`, then
+  ``Connection.recorded``): one compare-and-swap covers every packet asked for before its
+  snapshot, started as a task at the first, so a loop turn's packets share it. A write that
+  fails keeps them held until one succeeds (the checkpoints try again); a disconnect or
+  takeover drops them unsent, and the exact state written then is what is resent.
 - **Expiry.** A record whose client has been away longer than its expiry is treated as absent
   at claim. The node that held it ends it at expiry (as today, with its will) and deletes the
   record; records of a node that died are deleted by the sweep every node runs
   (``sweep_interval_s``), with a compare-and-swap delete, so racing sweepers are harmless.
 
-What is not exact: after a node is killed, its sessions resume from the last checkpoint (at
-most ``checkpoint_s`` old), so QoS 1 messages completed since then come again (with DUP where
-they were in flight), and a QoS 2 message could come twice. Precisely, an outgoing QoS 2
-message is duplicated when, after the last checkpoint, (a) its PUBLISH was sent under a packet
-id the record does not have (it comes again under a new id: a new message to the client), or
-(b) its PUBREC arrived (the record still says PUBLISH: it is resent with DUP, and a client that
-already sent PUBCOMP takes it as new). Closing it needs a write-ahead in the connection, which
-this package does not own: hold each QoS 2 PUBLISH and each PUBREL of a fabric session until
-the record naming that packet id and stage is written (one compare-and-swap per session per
-event-loop turn covers all its packets, ~1 ms more latency for QoS 2 only). Incoming QoS 2 has
-the same window for ``qos2_in``: a PUBLISH resent by the client after it resumes on another
-node gets a new ``Nats-Msg-Id``, so JetStream's duplicate window does not catch it either.
+What is not exact: after a node is killed, its sessions resume from the last record written,
+so QoS 1 messages completed since the last checkpoint (at most ``checkpoint_s`` old) come
+again (with DUP where they were in flight). QoS 2 does not: the client never saw a stage the
+record lacks. Its PUBLISH is resent under the same id, or its PUBREL, never a PUBLISH after
+the PUBREL; a resent incoming PUBLISH whose id is in ``qos2_in`` gets PUBREC and is not stored
+again (an id there whose PUBCOMP went out after the last write is stale: a PUBLISH under it
+with DUP 0 is new). Left: an incoming QoS 2 message stored in the stream whose node dies
+before the record lists its id (so before its PUBREC) is stored again when the client resends
+it elsewhere, under a new ``Nats-Msg-Id``.
 """
 
 from __future__ import annotations
