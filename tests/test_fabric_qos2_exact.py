@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+import nats
 import pytest
 from broker_helpers import V5, Creds, RawClient
 from conftest import Fleet
@@ -30,6 +31,7 @@ from test_fabric_sessions import (  # noqa: F401 (cluster: the module's 3-node c
     publish_all,
 )
 
+from broker.fabric.sessions import BUCKET
 from broker.mqtt import (
     ConnAck,
     Packet,
@@ -92,7 +94,7 @@ class QoS2Receiver:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                packet = raw.receive(quiet_s if len(self.delivered) >= until else 15)
+                packet = raw.receive(quiet_s if len(self.delivered) >= until else 30)
             except (AssertionError, TimeoutError):  # quiet
                 got = len(self.delivered)
                 assert got >= until, f"{got} of {until} messages delivered, then silence"
@@ -197,3 +199,48 @@ def test_a_qos2_publish_resent_after_sigkill_of_its_node_is_published_once(
     ops.no_message(2.0)
     again.close()
     ops.close()
+
+
+def test_qos2_packets_wait_while_the_session_store_elects_a_leader_then_go_once(
+    fleet: Fleet, cluster: NatsCluster, pair: tuple[Creds, Creds]
+) -> None:
+    """SIGKILL of the nats-server leading ``FG_SESSIONS``: the record writes fail or stall
+    until a new leader is elected, the QoS 2 packets of the session wait meanwhile (its
+    connection stays), and then every message reaches the subscriber once."""
+    sensor_creds, ops_creds = pair
+    b = FabricBroker(fleet, [cluster.nodes[1].url], "node-b").start()
+    asyncio.run(_forget_sessions(cluster.nodes[0].url))
+    topic = f"{TOPIC}/elect{time.monotonic_ns()}"
+    payloads = [f"e{i}".encode() for i in range(10)]
+    ops, _ = resume(b, ops_creds)
+    wanted = Subscription(topic_filter=topic, qos=QoS.EXACTLY_ONCE)
+    ops.send(Subscribe(packet_id=1, subscriptions=(wanted,)))
+    expect(ops, SubAck, 1)
+    leader = asyncio.run(_leader(cluster.nodes[1].url, "KV_" + BUCKET))
+    (victim,) = [n for n in cluster.nodes if n.name == leader]
+    sensor = RawClient(b, sensor_creds)
+    assert sensor.connect(client_id="sensor-1").reason_code == 0
+    try:
+        cluster.kill(victim)
+        sensor.send(
+            *(
+                Publish(topic=topic, payload=p, qos=QoS.EXACTLY_ONCE, packet_id=i + 1)
+                for i, p in enumerate(payloads)
+            )
+        )
+        receiver = QoS2Receiver()
+        receiver.serve(ops, until=len(payloads))
+        assert sorted(receiver.delivered) == payloads
+        assert not receiver.held
+        sensor.close()
+        ops.close()
+    finally:
+        cluster.restart(victim)
+        b.stop()
+
+
+async def _leader(url: str, stream: str) -> str:
+    nc = await nats.connect(url)
+    info = await nc.jetstream().stream_info(stream)
+    await nc.close()
+    return str(info.cluster.leader)  # type: ignore[union-attr]
