@@ -37,7 +37,7 @@ from broker.routing import (
     weight,
 )
 from broker.session import NEVER_EXPIRES, Delivery, PendingWill, Session
-from broker.shared import SharedSubscriptions, share_key
+from broker.shared import SharedDelivery, SharedSubscriptions, share_key
 from broker.timers import Deadlines
 from enrollment.registry import AclPatterns, AuditRecord, DeviceState
 
@@ -266,21 +266,17 @@ class BrokerCore:
     def subscribe(self, session: Session, topic_filter: str, options: SubscriptionOptions) -> bool:
         """Add or replace a subscription; True if the session did not have this filter."""
         session.subscriptions[topic_filter] = options
-        key = share_key(topic_filter)
-        if key is not None:  # shared subscriptions are not part of a fabric session's record
-            return self.shared.add(key, session.client_id, options)
         if session.fabric is not None and self.session_hooks is not None:
             self.session_hooks.subscribed(session, topic_filter, options)
+        key = share_key(topic_filter)
+        if key is not None:
+            return self.shared.add(key, session.client_id, options)
         return self.subscriptions.add(topic_filter, session.client_id, options)
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
-        if (
-            session.fabric is not None
-            and self.session_hooks is not None
-            and share_key(topic_filter) is None
-        ):
+        if session.fabric is not None and self.session_hooks is not None:
             self.session_hooks.unsubscribed(session, topic_filter)
         return self._forget(session.client_id, topic_filter)
 
@@ -350,13 +346,19 @@ class BrokerCore:
             )
             self.deliver(self.sessions[client_id], delivery, now)
 
-    def publish_shared(self, key: str, message: Message, now: float) -> None:
+    def publish_shared(
+        self, key: str, message: Message, now: float, *, hand_on: bool = True
+    ) -> None:
         """One copy of ``message`` to one member of the shared subscription ``key``
-        (:meth:`broker.shared.ShareGroup.choose`); dropped if it has no member that can take it."""
+        (:meth:`broker.shared.ShareGroup.choose`); with no member here that can take it,
+        offered to the group's other nodes (fabric mode, once: not ``hand_on`` for a message
+        handed on already), else dropped."""
         group = self.shared.groups.get(key)
         session = None if group is None else group.choose(self.sessions, message.qos)
         if group is None or session is None:
-            self.metrics.dropped["shared_no_member"] += 1
+            offer = self.shared.hand_on
+            if not (hand_on and offer is not None and offer(key, message)):
+                self.metrics.dropped["shared_no_member"] += 1
             return
         self.deliver(session, self.shared.delivery(group, session, message), now)
 
@@ -400,8 +402,13 @@ class BrokerCore:
 
     def deliver(self, session: Session, delivery: Delivery, now: float) -> None:
         """Send now if the client is connected; keep QoS 1/2 for it while it is away. A
-        persistent session in the fabric gets QoS 1/2 from the stream, not from here."""
-        if session.fabric is not None and delivery.qos != QoS.AT_MOST_ONCE:
+        persistent session in the fabric gets QoS 1/2 from the stream, not from here, except
+        through a shared subscription (its queue group's copy is the only one it gets)."""
+        if (
+            session.fabric is not None
+            and delivery.qos != QoS.AT_MOST_ONCE
+            and type(delivery) is not SharedDelivery
+        ):
             return
         if session.connection is not None:
             session.connection.send(delivery, now)

@@ -33,7 +33,7 @@ from broker.admission import (
     read_admission_facts,
 )
 from broker.audit import AuditWriter
-from broker.bridge import BridgeManager
+from broker.bridge import BridgeManager, BridgeRuntime
 from broker.connection import AdmissionRequest, Connection
 from broker.core import BrokerCore, CoreSettings
 from broker.feed import PolicyChange, RevocationFeed
@@ -206,16 +206,20 @@ class Broker:
             on_policy=self._on_policy_change,
             outage=self.outage,
         )
-        self.bridges = (
-            BridgeManager(config, self.core, self.registry, wake=self.wake)
-            if config.bridges
-            else None
-        )
+        self.bridges: BridgeRuntime | None = None
         self.fabric = None
         if config.fabric is not None:  # several nodes on a NATS cluster (issue 12)
             from broker.fabric.node import FabricNode  # nats-py only in fabric mode
 
             self.fabric = FabricNode(config, self.core, wake=self.wake, clock=self.now)
+        if config.bridges and self.fabric is not None:  # read from the stream, one owner
+            from broker.fabric.bridge import FabricBridges
+
+            self.bridges = FabricBridges(
+                config, self.core, self.registry, node=self.fabric, wake=self.wake
+            )
+        elif config.bridges:
+            self.bridges = BridgeManager(config, self.core, self.registry, wake=self.wake)
         self.identities = CertificateIdentities()
         self.trust_changed = asyncio.Event()  # set when a rotated CA joins the trust (tests)
         self._admit_inline = self.registry.reads_locally
@@ -637,8 +641,6 @@ def _modified(path: Path) -> int:
 def _check_settings(config: Config) -> None:
     """Refuse settings that would open the broker wider than intended, or make no sense."""
     settings = config.broker
-    if config.fabric is not None and config.bridges:  # both would be the core's publish gate
-        raise ConfigError("[fabric] and [[bridge]] together are not supported yet")
     if settings.plaintext_port:
         host = settings.plaintext_host
         try:

@@ -19,7 +19,10 @@ acknowledged (queued behind its window, or sent and not yet PUBACKed/PUBRECed) g
 member when its *session ends* (clean session, expiry, revocation, a takeover with clean start).
 While a persistent session is merely disconnected they wait for it, as any session's do (the
 spec's MAY wait). A QoS 2 message the leaver received but had not PUBRECed may so reach two
-members: at least once, as the spec allows.
+members: at least once, as the spec allows. In fabric mode a message no member on this node
+can take is offered to the group's other nodes (``hand_on``); the messages live in the node's
+memory only, so a node that dies loses them (docs/architecture.md, "QoS 1 across a member
+leaving").
 """
 
 from __future__ import annotations
@@ -103,6 +106,9 @@ class SharedSubscriptions:
         self.local = True
         self.on_first: Callable[[str], None] | None = None
         self.on_last: Callable[[str], None] | None = None
+        # Fabric mode: offers a message no local member can take to the group's members on
+        # other nodes (key, message); False if it could not be sent.
+        self.hand_on: Callable[[str, Message], bool] | None = None
         self._sent: dict[str, dict[int, SharedDelivery]] = {}  # client id -> packet id -> sent
 
     def add(self, key: str, client_id: str, options: SubscriptionOptions) -> bool:

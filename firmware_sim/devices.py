@@ -16,7 +16,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -30,6 +30,7 @@ from broker.mqtt import Publish, QoS, ReasonCode
 from device_sdk.est import EstClient, EstError, client_context, device_csr
 from firmware_sim.deployment import Target
 from firmware_sim.est_link import EstLink
+from firmware_sim.hardware_fleet import HardwareAccess, HardwareClient, HardwareLink
 from firmware_sim.mqtt_client import MQTT5, MQTT311, Refused, SessionClosed, SimClient, Unacked
 from firmware_sim.observations import (
     CONNECTS,
@@ -186,7 +187,7 @@ class Device:
     device_id: str
     group: Group
     seq: int = 0
-    client: SimClient | None = None
+    client: SimClient | HardwareClient | None = None
     task: asyncio.Task[None] | None = None
     credentials: Path | None = None
     context: ssl.SSLContext | None = None
@@ -198,6 +199,8 @@ class Device:
     broker: int = 0
     session_broker: int = -1  # where its session was last open (a resume elsewhere counts)
     unacked: tuple[int, float, Unacked] | None = None  # seq, send time, what to send again
+    link: HardwareLink | None = None  # a tpm/smartcard device: its process
+    connected_once: bool = False
 
 
 @dataclass
@@ -211,6 +214,7 @@ class Shard:
     shards: int = 1
     obs: Observations = field(default_factory=Observations)
     status: Callable[[Shard], None] = lambda shard: None
+    hardware: Mapping[str, HardwareAccess] = field(default_factory=dict)  # tpm/smartcard devices
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.scenario.seed * 1000 + self.index)  # noqa: S311 - timing
@@ -226,6 +230,9 @@ class Shard:
             mine = [Device(d, group) for n, d in enumerate(ids) if n % self.shards == self.index]
             for device in mine:
                 device.broker = self.rng.randrange(len(self.target.brokers))
+                access = self.hardware.get(device.device_id)
+                if access is not None:
+                    device.link = HardwareLink(device.device_id, access, self.target)
                 if group_name in due:
                     expires, window = due[group_name]
                     path = credentials_path(self.target, device.device_id)
@@ -299,6 +306,8 @@ class Shard:
             for task in tasks:
                 task.cancel()
         await self.est.close()
+        links = [d.link for ds in self.devices.values() for d in ds if d.link is not None]
+        await asyncio.gather(*(link.close() for link in links))
 
     def _start(self, device: Device) -> None:
         if device.task is None or device.task.done():
@@ -345,6 +354,8 @@ class Shard:
         await asyncio.sleep(self.rng.uniform(0.1, 1.0) * cap)
 
     async def _enroll(self, device: Device) -> bool:
+        if device.link is not None:
+            return await self._enroll_hardware(device, device.link)
         started = time.perf_counter()
         try:
             key = ec.generate_private_key(ec.SECP256R1())
@@ -369,8 +380,29 @@ class Shard:
         except Exception as exc:  # OSError, http.client errors: the run goes on
             self.obs.errors[f"enroll: {type(exc).__name__}: {exc}"[:160]] += 1
             return False
-        self.obs.enroll_ms.append((time.perf_counter() - started) * 1000)
+        self._enrolled(device, (time.perf_counter() - started) * 1000)
+        return True
+
+    def _enrolled(self, device: Device, ms: float) -> None:
+        key_store = device.group.key_store
+        self.obs.enroll_ms.append(ms)
         self.obs.enrolled += 1
+        self.obs.by_key_store[key_store]["enrolled"] += 1
+        self.obs.key_store_ms[f"{key_store} enroll"].append(ms)
+
+    async def _enroll_hardware(self, device: Device, link: HardwareLink) -> bool:
+        """Key made in the device's TPM or card and attested over EST, by its own process."""
+        enrolled, reason, ms = await link.enroll()
+        if not enrolled:
+            self.obs.errors[f"{device.group.key_store} enroll: {reason}"[:160]] += 1
+            return False
+        device.credentials = link.access.directory  # the key store, certificate installed
+        try:
+            await link.start()  # now, so that its start is not counted as its first connect's
+        except OSError as exc:  # tried again at the connect
+            self.obs.errors[f"{device.group.key_store} device process: {exc}"[:160]] += 1
+        self.obs.hardware[device.device_id] = device.group.key_store
+        self._enrolled(device, ms)
         return True
 
     async def _renew(self, device: Device) -> None:
@@ -396,22 +428,29 @@ class Shard:
             device.context = client_context(self.target.root, device.credentials)
         return device.context
 
-    async def _connect(self, device: Device) -> SimClient | None:
+    async def _connect(self, device: Device) -> SimClient | HardwareClient | None:
         host, port = self.target.brokers[device.broker]
         group = device.group
         started = time.perf_counter()
         answer = ""
+        expiry = SESSION_EXPIRY_S if group.persistent else 0
+        client: SimClient | HardwareClient
         try:
-            client = await SimClient.connect(
-                host,
-                port,
-                client_id=device.device_id,
-                context=self._context(device),
-                server_hostname=self.target.server_hostname,
-                keep_alive=KEEP_ALIVE_S,
-                protocol=MQTT5 if group.mqtt == 5 else MQTT311,
-                session_expiry_s=SESSION_EXPIRY_S if group.persistent else 0,
-            )
+            if device.link is not None:
+                client = await device.link.connect(
+                    host, port, group, session_expiry=expiry, keepalive=KEEP_ALIVE_S
+                )
+            else:
+                client = await SimClient.connect(
+                    host,
+                    port,
+                    client_id=device.device_id,
+                    context=self._context(device),
+                    server_hostname=self.target.server_hostname,
+                    keep_alive=KEEP_ALIVE_S,
+                    protocol=MQTT5 if group.mqtt == 5 else MQTT311,
+                    session_expiry_s=expiry,
+                )
         except ssl.SSLError as exc:
             answer = tls_reason(exc)
         except Refused as exc:
@@ -433,11 +472,18 @@ class Shard:
         if device.device_id in self.revocations and now >= self.revocations[device.device_id] + 2:
             # admitted although revoked: say so, and let it talk (the invariant catches it)
             self.obs.answered(device.device_id, "connect", "CONNACK SUCCESS", (REVOKED_CONNECT,))
-        self.obs.connect_ms.append((time.perf_counter() - started) * 1000)
+        ms = (time.perf_counter() - started) * 1000
+        self.obs.connect_ms.append(ms)
         self.obs.count(CONNECTS, now)
+        counts = self.obs.by_key_store[group.key_store]
+        counts["connects"] += 1
+        self.obs.key_store_ms[f"{group.key_store} connect"].append(ms)
+        if not device.connected_once:
+            device.connected_once = True
+            counts["connected"] += 1
         return client
 
-    async def _session(self, device: Device, client: SimClient) -> None:
+    async def _session(self, device: Device, client: SimClient | HardwareClient) -> None:
         device.client = client
         self.connected += 1
         group = device.group
@@ -445,9 +491,10 @@ class Shard:
             topic = f"devices/{device.device_id}/commands/#"
             self.obs.subscribers.setdefault(device.device_id, (topic,))
             client.on_message = lambda message: self._received(device, message)
-            if not client.session_present:
+            if not client.session_present or device.link is not None:
+                # (a hardware device's SDK client is new each session: its handler too)
                 await client.subscribe(topic, QoS(min(group.qos, 1)))
-            elif device.broker != device.session_broker:
+            if client.session_present and device.broker != device.session_broker:
                 self.obs.count(RESUMED, self.clock.now())  # on a fabric: taken over
             device.session_broker = device.broker
             if device.unacked is not None:
@@ -474,7 +521,7 @@ class Shard:
                 if revoked and KICK in reason:
                     self.obs.kicked[device.device_id] = now
 
-    async def _publish_loop(self, device: Device, client: SimClient) -> None:
+    async def _publish_loop(self, device: Device, client: SimClient | HardwareClient) -> None:
         group = device.group
         topic = f"devices/{device.device_id}/telemetry"
         qos = QoS(group.qos)
@@ -498,6 +545,7 @@ class Shard:
             device.seq += 1
             sent = self.clock.now()
             self.obs.count(SENT, sent)
+            self.obs.by_key_store[group.key_store]["sent"] += 1
             payload = payload_for(seq, group.payload_bytes, sent)
             await self._send(device, seq, sent, client.publish(topic, payload, qos))
 
@@ -521,8 +569,9 @@ class Shard:
             self.obs.answered(device.device_id, "publish own telemetry", answer, ())
         elif device.group.qos != QoS.AT_MOST_ONCE:
             self.obs.acknowledged(topic, seq, now, sent=sent)
+            self.obs.by_key_store[device.group.key_store]["acknowledged"] += 1
 
-    async def _idle(self, device: Device, client: SimClient, now: float) -> None:
+    async def _idle(self, device: Device, client: SimClient | HardwareClient, now: float) -> None:
         """A silent device waits for the next stage, its renewal or its session's end, not in
         ticks: 10,000 connected devices polling every 0.1 s cost the shard a core."""
         until = self.scenario.stage_end(now)
@@ -546,7 +595,12 @@ class Shard:
 
 
 def run_shard_process(
-    scenario: Scenario, target: Target, index: int, shards: int, pipe: Connection
+    scenario: Scenario,
+    target: Target,
+    index: int,
+    shards: int,
+    pipe: Connection,
+    hardware: Mapping[str, HardwareAccess],
 ) -> None:
     """A worker process: says it is ready, receives the run's clock, runs one shard on its own
     event loop; status each second, then the observations, through ``pipe``."""
@@ -557,7 +611,7 @@ def run_shard_process(
         pipe.send(("status", index, (shard.connected, shard.obs.refusal_total)))
 
     async def main() -> Observations:
-        shard = Shard(scenario, target, clock, index, shards, status=status)
+        shard = Shard(scenario, target, clock, index, shards, status=status, hardware=hardware)
         return await shard.run()
 
     observations = asyncio.run(main())

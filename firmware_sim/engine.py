@@ -46,6 +46,7 @@ from firmware_sim.devices import (
 )
 from firmware_sim.fabric_deployment import deployment_for
 from firmware_sim.fleet import BACKEND_ACL, BACKEND_GROUP
+from firmware_sim.hardware_fleet import HardwareAccess, HardwareFleet, hardware_devices
 from firmware_sim.impairment import Impairment, ImpairmentProxy
 from firmware_sim.mqtt_client import Refused, SessionClosed, SimClient
 from firmware_sim.observations import (
@@ -62,6 +63,7 @@ from firmware_sim.scenario import (
     FABRIC_FAULTS,
     Fault,
     FaultKind,
+    KeyStore,
     Misbehaviour,
     MisbehaviourSpec,
     Scenario,
@@ -114,6 +116,7 @@ class RunResult:
     mode: str
     notes: list[str] = field(default_factory=list)
     data_dir: Path | None = None
+    hardware: dict[str, str] = field(default_factory=dict)  # key store -> what stood in for it
 
 
 class Coordinator:
@@ -145,6 +148,8 @@ class Coordinator:
         self.marks: list[FaultMark] = []
         self.notes: list[str] = []
         self.deployment: LocalDeployment | None = None
+        self.hardware_fleet: HardwareFleet | None = None
+        self.hardware: dict[str, HardwareAccess] = {}  # tpm/smartcard device id -> access
         self.proxies: list[ImpairmentProxy] = []
         self.shard_connected: dict[int, int] = {}
         self.shard_refusals: dict[int, int] = {}
@@ -190,6 +195,8 @@ class Coordinator:
                 await proxy.stop()
             if self.deployment is not None:
                 self.deployment.close(keep=self.keep)
+            if self.hardware_fleet is not None:
+                self.hardware_fleet.close()
         obs = self.obs
         for other in shard_obs:
             obs.merge(other)
@@ -205,6 +212,7 @@ class Coordinator:
             else f"in-process on {self.home}"
         )
         data_dir = self.deployment.home if self.deployment and self.keep else None
+        fleet = self.hardware_fleet
         return RunResult(
             self.scenario,
             obs,
@@ -215,6 +223,7 @@ class Coordinator:
             mode,
             self.notes,
             data_dir,
+            fleet.descriptions() if fleet is not None else {},
         )
 
     def _recovered(self, mark: FaultMark) -> FaultMark:
@@ -266,7 +275,7 @@ class Coordinator:
         workdir = deployment.home / "sim" / self.run_id
         target = deployment.target(workdir, prefix)
         ids = device_ids(self.scenario, prefix)
-        first = self.scenario.groups[0].name
+        first = first_file_group(self.scenario)
         for group, members in ids.items():
             extra = self._misbehaving_ids(prefix) if group == first else []
             spec = self.scenario.group(group)
@@ -274,6 +283,7 @@ class Coordinator:
             if spec.acl_publish or spec.acl_subscribe:
                 acl = {"publish": list(spec.acl_publish), "subscribe": list(spec.acl_subscribe)}
             await asyncio.to_thread(deployment.assign, group, members + extra, acl)
+        self._manufacture(deployment, workdir, ids)
         backend = f"{prefix}backend"
         slow = [
             f"{prefix}slow-subscriber-{n}"
@@ -291,6 +301,26 @@ class Coordinator:
                 await asyncio.to_thread(enroller.enroll, device_id)
         await asyncio.to_thread(self._backdate_renewal_groups, target, ids)
         return target, (backend, credentials_path(target, backend))
+
+    def _manufacture(
+        self, deployment: LocalDeployment, workdir: Path, ids: dict[str, list[str]]
+    ) -> None:
+        """A virtual TPM or card per device of a hardware group, each group requiring its key
+        store, and the EST service trusting this run's manufacturers. On this (the main)
+        thread, before the services start: card daemons die with the thread that made them."""
+        wanted = hardware_devices(list(self.scenario.groups), ids)
+        if not wanted:
+            return
+        assert deployment.service is not None
+        for group in self.scenario.groups:
+            if group.key_store != KeyStore.FILE:
+                deployment.service.registry.set_group_policy(
+                    group.name, str(group.key_store), actor="sim"
+                )
+        self.hardware_fleet = HardwareFleet(workdir)
+        self.hardware = self.hardware_fleet.manufacture(wanted)
+        enrollment = deployment.service_env.setdefault("enrollment", {})
+        enrollment.update(self.hardware_fleet.service_env())
 
     def _misbehaving_ids(self, prefix: str) -> list[str]:
         return [
@@ -336,7 +366,7 @@ class Coordinator:
             mine, theirs = context.Pipe()
             process = context.Process(
                 target=run_shard_process,
-                args=(self.scenario, target, index, self.procs, theirs),
+                args=(self.scenario, target, index, self.procs, theirs, self.hardware),
                 daemon=True,
             )
             process.start()
@@ -358,7 +388,7 @@ class Coordinator:
                 self.shard_connected[0] = shard.connected
                 self.shard_refusals[0] = shard.obs.refusal_total
 
-            shard = Shard(self.scenario, target, self.clock, status=status)
+            shard = Shard(self.scenario, target, self.clock, status=status, hardware=self.hardware)
             return [await shard.run()]
         for _, pipe in spawned:
             pipe.send(self.clock)
@@ -586,7 +616,7 @@ class Coordinator:
     def _publish_limit(self) -> tuple[float, int] | None:
         if self.deployment is None:
             return None
-        limits = self.deployment.config.broker.limits.for_group(self.scenario.groups[0].name)
+        limits = self.deployment.config.broker.limits.for_group(first_file_group(self.scenario))
         return limits.publish_rate, limits.publish_burst
 
     # -- faults ----------------------------------------------------------------------------------
@@ -668,6 +698,13 @@ class Coordinator:
                     stage=self.scenario.stage_at(now).name,
                 )
             )
+
+
+def first_file_group(scenario: Scenario) -> str:
+    """Where the misbehaving devices go: a software-key group (a hardware group's policy
+    would refuse their software keys at enrollment)."""
+    files = [g.name for g in scenario.groups if g.key_store == KeyStore.FILE]
+    return (files or [scenario.groups[0].name])[0]
 
 
 def pace_notes(scenario: Scenario, obs: Observations) -> list[str]:

@@ -12,6 +12,10 @@ device's hardware environment:
   commands, publishes ``--messages`` QoS 1 messages and waits for one command; then it stays
   connected until stdin closes, reporting a session the broker ends (a revocation's kick) and
   how its reconnect fares.
+- ``scenario``: the device in a scenario (:mod:`firmware_sim.hardware_fleet` drives it). It
+  does what its shard asks on stdin (connect, subscribe, publish, disconnect), one JSON line
+  each, and answers each; a session that ends is reported and not re-established: the shard
+  decides when to reconnect (its backoff, the same for every key store).
 
 Both speak JSON lines on stdout (``{"event": ...}``); times are wall clock (``time.time()``)
 so the line can compare them with its own.
@@ -26,13 +30,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cryptography import x509
 
 from device_sdk.backoff import Backoff
-from device_sdk.client import DeviceClient, Message
-from device_sdk.errors import AckTimeout, DeviceSdkError, PublishRefused
+from device_sdk.client import DeviceClient, Message, MqttVersion
+from device_sdk.errors import AckTimeout, DeviceSdkError, NotConnected, PublishRefused
 from device_sdk.piv import CardAbsent, PivCard
 from device_sdk.piv_provisioning import enroll_smartcard
 from device_sdk.smartcard_keystore import SmartcardKeyStore
@@ -47,8 +51,13 @@ CARD_TIMEOUT_S = 10.0
 POLL_S = 0.002  # how often the kick watcher looks at the session: the latency's resolution
 
 
+_emitting = threading.Lock()  # the scenario step emits from several threads
+
+
 def emit(event: str, **fields: Any) -> None:
-    print(json.dumps({"event": event, **fields}), flush=True)
+    line = json.dumps({"event": event, **fields})
+    with _emitting:
+        print(line, flush=True)
 
 
 def _key_store(args: argparse.Namespace) -> TpmKeyStore | SmartcardKeyStore:
@@ -170,10 +179,120 @@ def _watch(client: DeviceClient, leaving: threading.Event) -> None:
     emit("reconnect_failed", reason=f"no reconnect attempt finished within {CONNECT_TIMEOUT_S} s")
 
 
+class _ScenarioDevice:
+    """One device under a shard's orders: at most one ``DeviceClient`` (one session) at a time."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.client: DeviceClient | None = None
+        self.closing = threading.Event()  # our own disconnect: no news
+
+    def serve(self) -> None:
+        emit("ready")  # imported: the shard's clock for its first connect starts after this
+        while line := sys.stdin.readline():
+            order: dict[str, Any] = json.loads(line)
+            getattr(self, f"do_{order.pop('op')}")(**order)
+        self.do_disconnect()
+
+    def do_connect(
+        self, host: str, port: int, mqtt: MqttVersion, session_expiry: int, keepalive: int
+    ) -> None:
+        """One connection attempt: connected (then watched) or failed, with the SDK's words."""
+        self.do_disconnect()
+        self.closing.clear()
+        client = DeviceClient(
+            _key_store(self.args),
+            self.args.device_id,
+            host=host,
+            port=port,
+            mqtt_version=mqtt,
+            keepalive=keepalive,
+            session_expiry=session_expiry,
+            backoff=Backoff(initial=3600.0, maximum=3600.0),  # never: the shard reconnects
+            connect_timeout=CONNECT_TIMEOUT_S,
+        )
+        started = time.perf_counter()
+        client.start()
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while client.connection is None and client.last_error is None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(POLL_S)
+        info = client.connection
+        if info is None:
+            reason = client.last_error or f"not connected within {CONNECT_TIMEOUT_S} s"
+            client.close()
+            emit("connect_failed", reason=reason)
+            return
+        self.client = client
+        emit(
+            "connected",
+            session_present=info.session_present,
+            ms=(time.perf_counter() - started) * 1000,
+            tls=info.tls_version,
+            cipher=info.cipher,
+        )
+        threading.Thread(target=self._watch, args=(client,), daemon=True).start()
+
+    def _watch(self, client: DeviceClient) -> None:
+        """Report the session's end (a kick, a lost connection) and let the client go."""
+        while client.connection is not None:
+            if self.closing.wait(POLL_S):
+                return
+        if not self.closing.is_set():
+            emit("closed", reason=client.last_error or "the session ended")
+            client.close(timeout=2.0)
+
+    def do_subscribe(self, filter: str, qos: Literal[0, 1]) -> None:
+        client = self.client
+
+        def received(message: Message) -> None:
+            emit("message", topic=message.topic, payload=message.payload.hex(), qos=message.qos)
+
+        def wait() -> None:
+            try:
+                assert client is not None
+                client.subscribe(filter, received, qos=qos).wait(ACK_TIMEOUT_S)
+                emit("subscribed", ok=True)
+            except (DeviceSdkError, AssertionError) as exc:
+                emit("subscribed", ok=False, reason=str(exc))
+
+        threading.Thread(target=wait, daemon=True).start()
+
+    def do_publish(self, id: int, topic: str, payload: str, qos: Literal[0, 1]) -> None:
+        """Publish on a thread (its PUBACK may take a while); the answer names ``id``."""
+        client = self.client
+
+        def wait() -> None:
+            try:
+                if client is None:
+                    raise NotConnected(f"{self.args.device_id} is not connected", None)
+                client.publish(topic, bytes.fromhex(payload), qos=qos).wait(ACK_TIMEOUT_S)
+            except PublishRefused as exc:
+                emit("puback", id=id, code=exc.code)
+            except DeviceSdkError as exc:  # closed, not connected, no PUBACK in time
+                emit("puback", id=id, error=str(exc))
+            else:
+                emit("puback", id=id, code=0)
+
+        threading.Thread(target=wait, daemon=True).start()
+
+    def do_disconnect(self) -> None:
+        client, self.client = self.client, None
+        self.closing.set()
+        if client is not None:
+            client.close(timeout=5.0)
+            emit("closed", reason="DISCONNECT NORMAL_DISCONNECTION")
+
+
+def scenario(args: argparse.Namespace) -> None:
+    _ScenarioDevice(args).serve()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m firmware_sim.hardware_device")
     steps = parser.add_subparsers(dest="step", required=True)
-    for name in ("enroll", "run"):
+    for name in ("enroll", "run", "scenario"):
         step = steps.add_parser(name)
         step.add_argument("--key-store", choices=KEY_STORES, required=True)
         step.add_argument("--dir", type=Path, required=True)
@@ -190,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     running.add_argument("--port", type=int, required=True)
     running.add_argument("--messages", type=int, required=True)
     args = parser.parse_args(argv)
-    (enroll if args.step == "enroll" else run)(args)
+    {"enroll": enroll, "run": run, "scenario": scenario}[args.step](args)
 
 
 if __name__ == "__main__":

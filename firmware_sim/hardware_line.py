@@ -108,7 +108,7 @@ class _Unit:
 # -- the hardware -------------------------------------------------------------------------------
 
 
-class _TpmBench:
+class TpmBench:
     """One private D-Bus session, a sim-only TPM manufacturer, and one swtpm + abrmd per device."""
 
     description = "virtual TPM 2.0 (swtpm + tpm2-abrmd), EK certificates from a sim-only CA"
@@ -147,7 +147,7 @@ class _TpmBench:
             self.bus.stop()
 
 
-class _CardBench:
+class CardBench:
     """A sim-only card manufacturer, and one private pcscd with one card per device.
 
     A pcscd each, because libpcsclite binds a process to one pcscd socket and vpcd gives a pcscd
@@ -280,7 +280,7 @@ class HardwareLine:
             for n in range(plan.devices)
         ]
         self._started = time.perf_counter()  # "took" includes making the hardware
-        self._bench: _TpmBench | _CardBench | None = None
+        self._bench: TpmBench | CardBench | None = None
         # Unix sockets (D-Bus, pcscd) live here: their paths must stay under 108 bytes, which a
         # data directory's sim/<run id>/... path can exceed.
         self._sockets: Path | None = None
@@ -293,7 +293,7 @@ class HardwareLine:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._sockets = Path(tempfile.mkdtemp(prefix=f"fleetgate-{self.run_id}-"))
         try:
-            bench = _TpmBench if self.plan.kind == "tpm" else _CardBench
+            bench = TpmBench if self.plan.kind == "tpm" else CardBench
             self._bench = bench(self.workdir, self._sockets)
             for index, unit in enumerate(self.units):
                 unit.env, unit.access, unit.enroll_extra = self._bench.make(index)

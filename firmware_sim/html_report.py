@@ -191,7 +191,7 @@ h1 { font-size: 1.6em; margin-bottom: 0.1em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.2em; }
 td, th { text-align: left; padding: 0.25em 0.9em 0.25em 0; border-bottom: 1px solid #eee; }
 th { color: #555; font-weight: 600; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .held { color: #1e6b34; font-weight: 600; } .broken { color: #8a1c14; font-weight: 600; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; }
 figcaption { color: #666; font-size: 0.9em; }
@@ -232,6 +232,33 @@ def _invariant_row(name: str, verdict: dict[str, Any]) -> str:
     )
 
 
+def _key_store_table(stores: dict[str, dict[str, Any]]) -> str:
+    """What each key store's devices did: a tpm or smartcard line beside the file-key fleet."""
+    head = (
+        "<tr><th>key store</th><th>groups</th><th>devices</th><th>enrolled</th>"
+        "<th>connected</th><th>connects</th><th>sent</th><th>acknowledged</th>"
+        "<th>delivered</th><th>lost</th><th>enroll p50 / p99</th><th>connect p50 / p99</th></tr>"
+    )
+    rows = ""
+    for kind, store in stores.items():
+        counts = "".join(
+            f"<td class='num'>{store[what]}</td>"
+            for what in ("devices", "enrolled", "connected", "connects", "sent", "acknowledged")
+        )
+        lost = f"<td class='num{' broken' if store['lost'] else ''}'>{store['lost']}</td>"
+        hardware = (
+            f"<br><small>{html.escape(store['hardware'])}</small>" if store["hardware"] else ""
+        )
+        rows += (
+            f"<tr><td>{html.escape(kind)}{hardware}</td>"
+            f"<td>{html.escape(', '.join(store['groups']))}</td>{counts}"
+            f"<td class='num'>{store['delivered']}</td>{lost}"
+            f"<td class='num'>{_ms(store['enroll_ms'])}</td>"
+            f"<td class='num'>{_ms(store['connect_ms'])}</td></tr>"
+        )
+    return f"<h2>Key stores</h2><table>{head}{rows}</table>"
+
+
 def render(result: RunResult) -> str:
     """The whole report as one HTML document."""
     obs = result.obs
@@ -257,6 +284,7 @@ def render(result: RunResult) -> str:
             _card(_ms(lat["publish_to_deliver"]), "latency p50 / p99"),
             _card(_ms(lat["connect"]), "connect p50 / p99"),
             _card(sum(data["refusals"].values()), "refusals"),
+            _card(data["resumed"], "sessions resumed on another node"),
         ]
     )
     if data["revoked"]:
@@ -304,6 +332,7 @@ def render(result: RunResult) -> str:
     )
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in data["notes"])
     sections = ""
+    sections += _key_store_table(data["key_stores"])
     if fault_rows:
         head = "<tr><th>fault</th><th>at</th><th>until (expiry)</th><th>recovery</th></tr>"
         sections += f"<h2>Faults</h2><table>{head}{fault_rows}</table>"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -38,6 +39,17 @@ def nats_server_binary() -> Path:
         raise RuntimeError(
             f"{exc} (or set {BINARY_ENV}; `make bootstrap-test` runs the script)"
         ) from exc
+
+
+def server_version(binary: str | Path) -> tuple[int, int, int]:
+    """The (major, minor, patch) a nats-server binary says it is."""
+    argv = [str(binary), "--version"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout  # noqa: S603
+    found = re.search(r"v(\d+)\.(\d+)\.(\d+)", out)
+    if found is None:
+        raise RuntimeError(f"{binary} --version said {out!r}")
+    major, minor, patch = (int(part) for part in found.groups())
+    return major, minor, patch
 
 
 @dataclass

@@ -85,6 +85,13 @@ class Observations:
     renewals: list[Renewal] = field(default_factory=list)
     enrolled: int = 0
     refusal_total: int = 0
+    # per key store (file, tpm, smartcard): enrolled, connected (devices), connects, sent,
+    # acknowledged; and enroll/connect latencies ("tpm enroll" -> ms)
+    by_key_store: defaultdict[str, Counter[str]] = field(
+        default_factory=lambda: defaultdict(Counter)
+    )
+    key_store_ms: defaultdict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    hardware: dict[str, str] = field(default_factory=dict)  # hardware device id -> key store
 
     def count(self, name: str, t: float, n: int = 1) -> None:
         self.counts[name][int(t)] += n
@@ -132,6 +139,11 @@ class Observations:
         self.renewals += other.renewals
         self.enrolled += other.enrolled
         self.refusal_total += other.refusal_total
+        for key_store, counts in other.by_key_store.items():
+            self.by_key_store[key_store].update(counts)
+        for name, samples in other.key_store_ms.items():
+            self.key_store_ms[name].extend(samples)
+        self.hardware.update(other.hardware)
 
     def total(self, name: str) -> int:
         return sum(self.counts[name].values())
@@ -182,6 +194,14 @@ def check_invariants(obs: Observations, *, checked_subscribers: tuple[str, ...])
 
 def lost_messages(obs: Observations, subscribers: tuple[str, ...]) -> int:
     return sum(len(missing) for _, _, missing in _missing(obs, subscribers))
+
+
+def lost_by_topic(obs: Observations, subscribers: tuple[str, ...]) -> Counter[str]:
+    """Acknowledged messages missing at a checked subscriber, per topic."""
+    lost: Counter[str] = Counter()
+    for _, topic, missing in _missing(obs, subscribers):
+        lost[topic] += len(missing)
+    return lost
 
 
 def lost_sent_times(obs: Observations, subscribers: tuple[str, ...]) -> list[float]:
@@ -359,6 +379,7 @@ __all__ = [
     "Renewal",
     "Violation",
     "check_invariants",
+    "lost_by_topic",
     "lost_messages",
     "lost_sent_times",
     "recovery_time",

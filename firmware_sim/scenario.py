@@ -15,7 +15,8 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-MAX_HARDWARE_DEVICES = 20  # tpm/smartcard lines: one swtpm or virtual card per device
+MAX_HARDWARE_DEVICES = 20  # per tpm/smartcard group: one swtpm or virtual card per device
+MAX_HARDWARE_TOTAL = 40  # in a scenario: each is its daemons and a Python process
 
 
 class ScenarioError(ValueError):
@@ -233,6 +234,11 @@ class Scenario:
         if self.bridge is not None:
             found.append("[bridge]")
         found += [f"group {g.name}'s ACL" for g in self.groups if g.acl_publish or g.acl_subscribe]
+        found += [
+            f"group {g.name}'s key_store {g.key_store}"
+            for g in self.groups
+            if g.key_store != KeyStore.FILE
+        ]
         return found
 
     def needs_proxy(self) -> bool:
@@ -258,15 +264,27 @@ DEFAULT = Scenario(
 
 
 def resized(scenario: Scenario, devices: int) -> Scenario:
-    """The same scenario with ``devices`` devices, shared among the groups in proportion."""
+    """The same scenario with ``devices`` devices, shared among the file-key groups in
+    proportion; tpm and smartcard groups keep their (small) size."""
     if devices < len(scenario.groups):
         raise ScenarioError(f"--devices {devices}: at least one per group is needed")
-    total = scenario.devices
+    files = [n for n, g in enumerate(scenario.groups) if g.key_store == KeyStore.FILE]
+    hardware = scenario.devices - sum(scenario.groups[n].devices for n in files)
+    if not files or devices - hardware < len(files):
+        raise ScenarioError(
+            f"--devices {devices}: the tpm/smartcard groups keep their {hardware} devices; "
+            "the file-key groups need at least one each"
+        )
+    total = scenario.devices - hardware
+    wanted = devices - hardware
     groups = [
-        replace(g, devices=max(1, round(g.devices * devices / total))) for g in scenario.groups
+        replace(g, devices=max(1, round(g.devices * wanted / total))) if n in files else g
+        for n, g in enumerate(scenario.groups)
     ]
-    groups[0] = replace(
-        groups[0], devices=max(1, groups[0].devices + devices - sum(g.devices for g in groups))
+    first = files[0]
+    groups[first] = replace(
+        groups[first],
+        devices=max(1, groups[first].devices + devices - sum(g.devices for g in groups)),
     )
     resized = replace(scenario, groups=tuple(groups))
     check_scenario(resized)
@@ -365,15 +383,19 @@ def check_scenario(scenario: Scenario) -> None:
         _require(group.rate >= 0, f"{where}: rate must not be negative")
         _require(group.reconnect_max_s >= 0.5, f"{where}: reconnect_max_s must be >= 0.5")
         _require(0 <= group.payload_bytes <= 1 << 20, f"{where}: payload_bytes 0 .. 1 MiB")
-        _require(
-            group.key_store == KeyStore.FILE or group.devices <= MAX_HARDWARE_DEVICES,
-            f"{where}: a {group.key_store} line has at most {MAX_HARDWARE_DEVICES} devices",
-        )
-        _require(
-            group.key_store == KeyStore.FILE,
-            f"{where}: key_store {group.key_store} runs as a hardware line "
-            "(`fleetgate sim --key-store tpm|smartcard`), not inside a scenario yet",
-        )
+        if group.key_store != KeyStore.FILE:
+            _check_hardware_group(group, where)
+    hardware = sum(g.devices for g in scenario.groups if g.key_store != KeyStore.FILE)
+    _require(
+        hardware <= MAX_HARDWARE_TOTAL,
+        f"{hardware} tpm/smartcard devices: at most {MAX_HARDWARE_TOTAL} in a scenario "
+        "(each is a virtual TPM or card with its daemons, and a process)",
+    )
+    _require(
+        not scenario.misbehaviour or any(g.key_store == KeyStore.FILE for g in scenario.groups),
+        '[[misbehaviour]] needs a group with key_store = "file" (misbehaving devices hold '
+        "software keys, which a tpm or smartcard group refuses)",
+    )
     for stage in scenario.stages:
         where = f"stage {stage.name!r}"
         _require(stage.duration_s > 0, f"{where}: duration_s must be positive")
@@ -401,6 +423,20 @@ def check_scenario(scenario: Scenario) -> None:
         _check_fault(scenario, fault, names)
 
 
+def _check_hardware_group(group: Group, where: str) -> None:
+    """A tpm/smartcard group: small, and only what the device SDK on the hardware does."""
+    kind = group.key_store
+    _require(
+        group.devices <= MAX_HARDWARE_DEVICES,
+        f"{where}: a {kind} line has at most {MAX_HARDWARE_DEVICES} devices (each gets its "
+        f'own virtual {kind}); use key_store = "file" for large groups',
+    )
+    _require(
+        group.qos in (0, 1),
+        f"{where}: qos 0 or 1 with key_store {kind} (the device SDK does not publish QoS 2)",
+    )
+
+
 def _check_fault(scenario: Scenario, fault: Fault, names: list[str]) -> None:
     where = f"fault {fault.kind} at {fault.at_s:g} s"
     if fault.kind == FaultKind.UPSTREAM_OUTAGE:
@@ -417,6 +453,11 @@ def _check_fault(scenario: Scenario, fault: Fault, names: list[str]) -> None:
         _require(0 < fault.percent <= 100, f"{where}: percent must be in 0 .. 100")
     if fault.kind == FaultKind.RENEWAL_WAVE:
         _require(fault.duration_s >= 5, f"{where}: duration_s (the renewal window) >= 5 s")
+        _require(
+            scenario.group(fault.group).key_store == KeyStore.FILE,
+            f"{where}: renews software keys only (group {fault.group!r} is key_store "
+            f"{scenario.group(fault.group).key_store})",
+        )
     if fault.kind in (FaultKind.IMPAIR, FaultKind.PARTITION):
         _require(fault.duration_s > 0, f"{where}: duration_s must be positive")
     if fault.kind in FABRIC_FAULTS:
@@ -526,6 +567,8 @@ __all__ = [
     "DEPLOYMENT_FAULTS",
     "EXPECTED_REFUSAL",
     "FABRIC_FAULTS",
+    "MAX_HARDWARE_DEVICES",
+    "MAX_HARDWARE_TOTAL",
     "Deployment",
     "Fault",
     "FaultKind",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from firmware_sim.engine import RunResult
@@ -12,7 +13,10 @@ from firmware_sim.observations import (
     DELIVERED,
     INVARIANTS,
     RESENT,
+    RESUMED,
     SENT,
+    Observations,
+    lost_by_topic,
     lost_messages,
 )
 from firmware_sim.report import percentile
@@ -24,6 +28,57 @@ def _ms(samples: list[float]) -> dict[str, float | None]:
         return None if value is None else round(value, 2)
 
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1.0)}
+
+
+def by_key_store(result: RunResult) -> dict[str, dict[str, Any]]:
+    """Per key store (file, tpm, smartcard) in the scenario: its groups, what stood in for
+    the hardware, and how many devices enrolled and connected, and their messages."""
+    obs = result.obs
+    checked = result.checked_subscribers
+    delivered, lost = _per_device_key_store(obs, checked)
+    stores: dict[str, dict[str, Any]] = {}
+    for group in result.scenario.groups:
+        kind = str(group.key_store)
+        counts = obs.by_key_store[kind]
+        entry = stores.setdefault(
+            kind,
+            {
+                "groups": [],
+                "hardware": result.hardware.get(kind, ""),
+                "devices": 0,
+                **{what: counts[what] for what in KEY_STORE_COUNTS},
+                "delivered": delivered[kind],
+                "lost": lost[kind],
+                "enroll_ms": _ms(obs.key_store_ms[f"{kind} enroll"]),
+                "connect_ms": _ms(obs.key_store_ms[f"{kind} connect"]),
+            },
+        )
+        entry["groups"].append(group.name)
+        entry["devices"] += group.devices
+    return stores
+
+
+KEY_STORE_COUNTS = ("enrolled", "connected", "connects", "sent", "acknowledged")
+
+
+def _per_device_key_store(
+    obs: Observations, checked: tuple[str, ...]
+) -> tuple[Counter[str], Counter[str]]:
+    """Deliveries to the checked subscribers, and acknowledged messages they lack, by the
+    publishing device's key store (hardware devices are few and listed; the rest are file)."""
+
+    def key_store(topic: str) -> str:
+        parts = topic.split("/")
+        return obs.hardware.get(parts[1], "file") if len(parts) > 2 else "file"
+
+    delivered: Counter[str] = Counter()
+    for (subscriber, topic), seqs in obs.arrivals.items():
+        if subscriber in checked:
+            delivered[key_store(topic)] += len(seqs)
+    lost: Counter[str] = Counter()
+    for topic, count in lost_by_topic(obs, checked).items():
+        lost[key_store(topic)] += count
+    return delivered, lost
 
 
 def summary(result: RunResult) -> dict[str, Any]:
@@ -44,6 +99,7 @@ def summary(result: RunResult) -> dict[str, Any]:
         "enrolled": obs.enrolled,
         "peak_connected": max(obs.connected.values(), default=0),
         "connects": obs.total(CONNECTS),
+        "resumed": obs.total(RESUMED),
         "sent": obs.total(SENT),
         "resent": obs.total(RESENT),
         "acknowledged": acked,
@@ -52,6 +108,7 @@ def summary(result: RunResult) -> dict[str, Any]:
         "lost": lost,
         "delivered_ratio": round(1 - lost / acked, 6) if acked else None,
         "checked_subscribers": list(result.checked_subscribers),
+        "key_stores": by_key_store(result),
         "latency_ms": {
             "publish_to_deliver": _ms(latency),
             "connect": _ms(obs.connect_ms),
@@ -104,12 +161,20 @@ def to_text(result: RunResult) -> str:
     lines = [
         f"scenario     {data['scenario']} ({data['mode']})",
         f"devices      {data['devices']}: {data['enrolled']} enrolled, "
-        f"peak {data['peak_connected']} connected, {data['connects']} connects",
+        f"peak {data['peak_connected']} connected, {data['connects']} connects, "
+        f"{data['resumed']} sessions resumed on another node",
         f"messages     {data['sent']} sent ({data['resent']} sent again after a reconnect), "
         f"{data['acknowledged']} acknowledged, "
         f"{data['delivered']} delivered to {len(data['checked_subscribers'])} subscriber(s) "
         f"({data['delivered_unique']} unique), {data['lost']} lost",
     ]
+    for kind, store in data["key_stores"].items():
+        lines.append(
+            f"{'key store':12} {kind} ({', '.join(store['groups'])}): {store['devices']} "
+            f"devices, {store['enrolled']} enrolled, {store['connected']} connected, "
+            f"{store['acknowledged']} acknowledged, {store['delivered']} delivered, "
+            f"{store['lost']} lost; connect p50 {store['connect_ms']['p50']} ms"
+        )
     for name, label in (("publish_to_deliver", "latency"), ("connect", "connect"),
                         ("enroll", "enroll"), ("revoke_to_kick", "revoke→kick")):  # fmt: skip
         stats = latency[name]
@@ -148,4 +213,4 @@ def to_text(result: RunResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["summary", "to_json", "to_text"]
+__all__ = ["by_key_store", "summary", "to_json", "to_text"]

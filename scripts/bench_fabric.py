@@ -11,7 +11,7 @@ Per round, for QoS 0 and then QoS 1, P publishers -> 1 subscriber for D seconds:
 
 * **embedded**: one ``fleetgate serve broker`` without ``[fabric]``; publishers and subscriber
   on it.
-* **fabric**: a 3-node nats-server 2.10 cluster on loopback (``tests/nats_cluster.py``:
+* **fabric**: a 3-node nats-server 2.10 cluster on loopback (``firmware_sim/nats_cluster.py``:
   JetStream file storage, started and stopped by PID) and two ``fleetgate serve broker``
   nodes with ``[fabric]`` (``replicas`` 3): the publishers on node 1 (whose NATS server is
   n1), the subscriber on node 2 (n2). A QoS 1 message is stored R3 in ``FG_MSGS`` before its
@@ -57,13 +57,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # nats_cluster: the same cluster the tests run
 
 import bench_broker as bb  # noqa: E402
 from benchlib import cpu_seconds, fanin_options, free_port, percentile, run_options  # noqa: E402
-from nats_cluster import NatsCluster  # noqa: E402
 
 from broker.mqtt import QoS  # noqa: E402
+from firmware_sim.nats_cluster import NatsCluster, server_version  # noqa: E402
 
 NATS_CORE = bb.GENERATOR_CORE
 HOOKS = {
@@ -582,8 +581,6 @@ def main() -> int:
 
 
 def cluster_version(cluster: NatsCluster) -> tuple[int, int, int]:
-    from nats_cluster import server_version
-
     version: tuple[int, int, int] = server_version(cluster.binary)
     return version
 

@@ -13,7 +13,7 @@ the DISCONNECT's TLS write. What it leaves out: the feed poll of the first node 
 the change (at most ``[broker] feed_poll_interval_s``, 0.1 s by default, of the fastest node).
 
 Run standalone (``python scripts/bench_fabric_kick.py [--kicks 200]``): a 3-node nats-server
-cluster from ``tests/nats_cluster.py``, one ``fleetgate serve broker`` node process on NATS
+cluster from ``firmware_sim/nats_cluster.py``, one ``fleetgate serve broker`` node process on NATS
 server 2 (pinned to core 0 with ``--pin``), the announcer on server 1 and the device client in
 this process. Last line: ``kick_p50_ms=... kick_p99_ms=... kick_max_ms=... kicks=...``.
 """
@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # nats_cluster: the same cluster the tests run
 
 from benchlib import HOST, free_port, percentile  # noqa: E402
 
@@ -173,7 +172,8 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true", help="pin the broker node to core 0")
     args = parser.parse_args()
     from bench_broker import provision
-    from nats_cluster import NatsCluster
+
+    from firmware_sim.nats_cluster import NatsCluster
 
     with tempfile.TemporaryDirectory(prefix="bench-fabric-kick-") as scratch:
         tmp = Path(scratch)

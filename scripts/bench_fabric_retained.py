@@ -1,6 +1,6 @@
 """What each read path for the fabric's retained messages costs (issue 12), to choose one.
 
-On a fresh 3-node nats-server cluster (``tests/nats_cluster.py``) and an R3 stream shaped as
+On a fresh 3-node nats-server cluster (``firmware_sim/nats_cluster.py``) and an R3 stream shaped as
 ``FG_RETAINED`` (``max_msgs_per_subject = 1``), with N retained messages of 64 bytes on
 ``devices/<i>/status``, from one nats-py client (CPU is this process's, wall time is loopback):
 
@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
 
 from benchlib import percentile  # noqa: E402
 
@@ -128,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=2000)
     args = parser.parse_args()
-    from nats_cluster import NatsCluster
+    from firmware_sim.nats_cluster import NatsCluster
 
     with (
         tempfile.TemporaryDirectory(prefix="bench-fabric-retained-") as scratch,

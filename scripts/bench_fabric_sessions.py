@@ -1,8 +1,9 @@
 """Persistent sessions in the fabric, measured (issue 12): failover, takeover, memory.
 
-Each function starts what it needs (a 3-node nats-server cluster from ``tests/nats_cluster.py``,
-a throw-away data directory, ``fleetgate serve broker`` nodes as processes with the plaintext
-test listener, every client the one identity ``bench``) and returns numbers:
+Each function starts what it needs (a 3-node nats-server cluster from
+``firmware_sim/nats_cluster.py``, a throw-away data directory, ``fleetgate serve broker``
+nodes as processes with the plaintext test listener, every client the one identity
+``bench``) and returns numbers:
 
 * :func:`measure_failover`: ``sessions`` persistent sessions (MQTT 3.1.1, clean session 0, one
   QoS 1 subscription each) connected to node K, ``queued`` QoS 1 messages each sent from node S
@@ -42,10 +43,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
 from benchlib import cpu_seconds, free_port, percentile  # noqa: E402
-from nats_cluster import NatsCluster, healthy_cluster  # noqa: E402
+
+from firmware_sim.nats_cluster import NatsCluster, healthy_cluster  # noqa: E402
 
 PASSPHRASE = "bench-fabric-sessions-passphrase"
 IDENTITY = "bench"

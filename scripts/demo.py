@@ -389,8 +389,7 @@ def scale_out() -> None:
     """3 NATS servers and 2 broker nodes on loopback: a device on node 1 and a dashboard on
     node 2 talk; node 1 is killed and the device resumes its session on node 2 with what was
     queued; a revocation kicks it there; a retained message outlives both nodes."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from nats_cluster import NatsCluster, nats_server_binary
+    from firmware_sim.nats_cluster import NatsCluster, nats_server_binary
 
     try:
         nats_server_binary()

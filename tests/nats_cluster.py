@@ -2,17 +2,21 @@
 
 The cluster itself lives in :mod:`firmware_sim.nats_cluster` (the simulator's fabric
 deployment runs one too); this module re-exports it and adds what only the tests use: the
-server's version, and the accounts and TLS blocks of the fleet's NATS configuration.
+accounts and TLS blocks of the fleet's NATS configuration.
 """
 
 from __future__ import annotations
 
-import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from firmware_sim.nats_cluster import NatsCluster, NatsNode, healthy_cluster, nats_server_binary
+from firmware_sim.nats_cluster import (
+    NatsCluster,
+    NatsNode,
+    healthy_cluster,
+    nats_server_binary,
+    server_version,
+)
 
 __all__ = [
     "FabricUsers",
@@ -24,15 +28,6 @@ __all__ = [
     "server_version",
     "tls_block",
 ]
-
-
-def server_version(binary: str | Path) -> tuple[int, int, int]:
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
-    found = re.search(r"v(\d+)\.(\d+)\.(\d+)", out)
-    if found is None:
-        raise RuntimeError(f"{binary} --version said {out!r}")
-    major, minor, patch = (int(part) for part in found.groups())
-    return major, minor, patch
 
 
 # -- accounts, permissions and TLS (issue 12, "no way around the gate") ----------------------------

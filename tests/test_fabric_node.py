@@ -49,7 +49,6 @@ from broker.fabric.subjects import topic_to_subject
 from broker.mqtt import NO_PROPERTIES, Properties, QoS
 from broker.routing import Message, SubscriptionOptions
 from fleetgate.config import FabricSettings
-from fleetgate.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -314,18 +313,6 @@ def test_a_node_whose_session_bucket_cannot_be_set_up_does_not_start(
     finally:
         node.stop()
         asyncio.run(take_bucket(False))
-
-
-def test_bridges_and_the_fabric_together_are_refused(fleet: Fleet, cluster: NatsCluster) -> None:
-    from fleetgate.config import BridgeSettings
-
-    config = dataclasses.replace(
-        fleet.config,
-        fabric=FabricSettings(servers=(cluster.nodes[0].url,)),
-        bridges=(BridgeSettings(name="up", host="localhost"),),
-    )
-    with pytest.raises(ConfigError, match="not supported yet"):
-        ThreadedBroker(config)
 
 
 @pytest.mark.parametrize("version", ["2.9.10", "2.9.25", "1.4.1"])

@@ -346,9 +346,10 @@ def test_a_consumer_lost_with_its_nats_server_is_started_again(
 class ProcessNode:
     """``fleetgate serve broker`` as a node of the fabric, in its own process, to be killed."""
 
-    def __init__(self, fleet: Fleet, servers: list[str], name: str) -> None:
+    def __init__(self, fleet: Fleet, servers: list[str], name: str, metrics_port: int = 0) -> None:
         self.fleet = fleet
         self.port = free_port()
+        self.metrics_port = metrics_port
         env = dict(os.environ)
         env.update(
             FLEETGATE_HOME=str(fleet.config.home),
@@ -356,7 +357,7 @@ class ProcessNode:
             FLEETGATE_FABRIC_SERVERS=",".join(servers),
             FLEETGATE_FABRIC_NODE_NAME=name,
             FLEETGATE_BROKER_PORT=str(self.port),
-            FLEETGATE_BROKER_METRICS_PORT="0",
+            FLEETGATE_BROKER_METRICS_PORT=str(metrics_port),
         )
         self.log = fleet.config.home / f"{name}.log"
         with open(self.log, "ab") as out:

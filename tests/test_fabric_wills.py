@@ -154,11 +154,19 @@ def test_the_will_of_a_killed_node_is_published_once_by_a_survivor(
         c.stop()
 
 
-def _with_delayed_will(node: FabricBroker, creds: Creds, delay: int) -> Paho:
-    device = Paho(node, creds, session_expiry=60)
+def _delayed_will_client(
+    node: Any, creds: Creds, delay: int, *, expiry: int = 60, clean: bool = True
+) -> Paho:
+    """A device (not connected yet) whose will waits ``delay`` seconds."""
+    device = Paho(node, creds, session_expiry=expiry, clean=clean)
     props = PahoProperties(PacketTypes.WILLMESSAGE)
     props.WillDelayInterval = delay
     device.client.will_set(WILL_TOPIC, b"late", 1, False, properties=props)
+    return device
+
+
+def _with_delayed_will(node: Any, creds: Creds, delay: int, **session: Any) -> Paho:
+    device = _delayed_will_client(node, creds, delay, **session)
     assert device.connect()[0] == 0
     return device
 
@@ -172,10 +180,11 @@ def test_a_delayed_will_waits_and_a_reconnection_on_another_node_cancels_it(node
     device.drop()
     got = ops.message()
     assert got.payload == b"late" and time.monotonic() - dropped >= 1.9
-    # Dropped again, then back within the delay, on node B: the will is cancelled on node A.
+    # Dropped again, then its session resumed within the delay, on node B: the will is
+    # cancelled on node A (a clean start would end the session: the will would go at once).
     device = _with_delayed_will(a, sensor_creds, 2)
     device.drop()
-    back = connected(b, sensor_creds)
+    back = connected(b, sensor_creds, clean=False, session_expiry=60)
     ops.no_message(3.5)
     back.close()
     ops.close()

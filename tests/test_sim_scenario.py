@@ -46,6 +46,7 @@ def test_every_example_scenario_parses_and_names_its_faults():
     assert set(scenarios) == {
         "broker-outage-renewals",
         "fabric-node-failure",
+        "hardware-line",
         "production-line-wave",
         "revocation-storm",
     }

@@ -7,7 +7,7 @@ committed to ``<home>/bridge/queue.db``), and it keeps one mutual-TLS link per u
 :mod:`fleetgate.cli.bridge`.
 """
 
-from broker.bridge.manager import ORIGIN_PROPERTY, BridgeManager, queue_path
+from broker.bridge.manager import ORIGIN_PROPERTY, BridgeManager, BridgeRuntime, queue_path
 from broker.bridge.plan import BridgePlan, plan_bridges
 from broker.bridge.status import BridgeCounters, BridgeStatus
 from broker.bridge.topics import InvalidBridgeRule, TopicRule, compile_rule, first_remap, remap
@@ -17,6 +17,7 @@ __all__ = [
     "BridgeCounters",
     "BridgeManager",
     "BridgePlan",
+    "BridgeRuntime",
     "BridgeStatus",
     "InvalidBridgeRule",
     "TopicRule",

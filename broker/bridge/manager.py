@@ -26,7 +26,7 @@ from typing import Any, ParamSpec, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.acl import DEFAULT_TEMPLATE, AclTemplate, DeviceAcl
-from broker.bridge.link import BridgeLink
+from broker.bridge.link import BridgeLink, LinkOwner
 from broker.bridge.plan import BridgePlan, plan_bridges
 from broker.bridge.queue import OutQueue, Queued
 from broker.bridge.status import (
@@ -158,8 +158,16 @@ def _property_block(inner: bytes) -> bytes:
             return bytes(out) + inner
 
 
-class BridgeManager:
-    """Every ``[[bridge]]`` of one broker; :class:`broker.core.PublishGate` for its core."""
+def new_queue(plan: BridgePlan) -> OutQueue:
+    return OutQueue(
+        max_messages=plan.settings.queue_max_messages, max_bytes=plan.settings.queue_max_bytes
+    )
+
+
+class BridgeRuntime:
+    """What every kind of bridge source shares: the configured bridges, the origin marker, the
+    identity, the local ACL, inbound messages and the figures. :class:`BridgeManager` adds the
+    queue file; :class:`broker.fabric.bridge.FabricBridges` reads the fabric's stream."""
 
     def __init__(
         self,
@@ -173,89 +181,53 @@ class BridgeManager:
         self._core = core
         self._registry = registry
         self._wake_broker = wake
-        self._bridges = {
-            plan.name: _Bridge(
-                plan,
-                OutQueue(
-                    max_messages=plan.settings.queue_max_messages,
-                    max_bytes=plan.settings.queue_max_bytes,
-                ),
-            )
-            for plan in plan_bridges(config)
-        }
+        self._bridges = {plan.name: _Bridge(plan, new_queue(plan)) for plan in plan_bridges(config)}
         self.origin = ""
         self.loops = 0  # echoes refused at ingress: published here, forwarded, come back
-        self._store: QueueStore | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-queue")
-        self._pending: list[_Pending] = []
-        self._writing = False
-        self._routes: dict[str, list[tuple[_Bridge, str, int]]] = {}
         self._origin_property = b""  # the origin marker, encoded as one MQTT 5 property
         self._origin_block = b"\x00"  # ... as the whole property block of a plain message
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runners: list[asyncio.Task[Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    # -- lifecycle -------------------------------------------------------------------------------
-
     async def start(self) -> None:
-        """Open the queue, recover its backlog, load the bridges' ACLs, start the links."""
-        self._loop = asyncio.get_running_loop()
-        path = queue_path(self._config)
-        try:
-            self._store = store = await self._db(QueueStore, path)
-        except sqlite3.Error as exc:
-            raise OSError(f"the bridge queue {path} cannot be opened: {exc}") from exc
-        self.origin = store.origin
-        marker = Properties(user_properties=((ORIGIN_PROPERTY, self.origin),))
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    def _set_origin(self, origin: str) -> None:
+        self.origin = origin
+        marker = Properties(user_properties=((ORIGIN_PROPERTY, origin),))
         check_properties(marker, PacketType.PUBLISH)
         self._origin_block = encode_properties(marker)
         self._origin_property = _strip_length(self._origin_block)
-        for name, bridge in self._bridges.items():
-            backlog = await self._db(store.backlog, name)
-            bridge.queue.recovered(
-                messages=backlog.messages,
-                size=backlog.size,
-                last_seq=backlog.last_seq,
-                oldest=backlog.oldest,
-            )
-            bridge.sent_to = bridge.sent_saved = bridge.sent_at_start = backlog.sent_to
-            await self._load_acl(bridge)
-            bridge.state.down("not connected yet", time.time())
-            bridge.link = BridgeLink(
-                bridge.plan,
-                bridge.queue,
-                bridge.counters,
-                bridge.state,
-                self,
-                context=functools.partial(self._tls_context, bridge.plan),
-                client_id=functools.partial(self._client_id, bridge.plan),
-            )
-            if backlog.messages:
-                log.info(
-                    "bridge %s: %d message(s) queued from before the restart",
-                    name,
-                    backlog.messages,
-                    extra={"bridge": name},
-                )
-            self._runners.append(self._spawn(bridge.link.run()))
-        self._runners.append(self._spawn(self._housekeeping()))
-        self._core.gate = self
 
-    async def stop(self) -> None:
-        """Stop the links, then commit what is pending (acknowledgements included)."""
-        self._core.gate = None
-        for task in self._runners:
-            task.cancel()
-        while self._tasks:  # writes and reads in progress finish; links and timers end
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._pending or any(self._deletable(b) for b in self._bridges.values()):
-            await self._write()
-        for bridge in self._bridges.values():  # committed: their publishers may have them
-            self._release(bridge)
-        if self._store is not None:
-            await self._db(self._store.close)
-        self._thread.shutdown(wait=True)
+    def _came_back(self, props: Properties) -> bool:
+        """A client publish carrying this broker's own origin marker: counted, not routed."""
+        if carries_origin(props, self.origin):
+            self.loops += 1
+            return True
+        return False
+
+    def _marked(self, props: Properties) -> bytes:
+        """The property block of a message going upstream: its properties and the marker."""
+        if props is NO_PROPERTIES:
+            return self._origin_block
+        # user properties are the last PUBLISH property: the marker goes at the end
+        return _property_block(_strip_length(encode_properties(props)) + self._origin_property)
+
+    def _new_link(self, bridge: _Bridge, owner: LinkOwner) -> BridgeLink:
+        bridge.link = BridgeLink(
+            bridge.plan,
+            bridge.queue,
+            bridge.counters,
+            bridge.state,
+            owner,
+            context=functools.partial(self._tls_context, bridge.plan),
+            client_id=functools.partial(self._client_id, bridge.plan),
+        )
+        return bridge.link
 
     def _spawn(self, job: Any) -> asyncio.Task[Any]:
         assert self._loop is not None
@@ -268,11 +240,6 @@ class BridgeManager:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("bridge task failed", exc_info=task.exception())
-
-    async def _db(self, function: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        """Run a store call on the queue's own thread (SQLite wants one writer)."""
-        assert self._loop is not None
-        return await self._loop.run_in_executor(self._thread, lambda: function(*args, **kwargs))
 
     # -- identity and ACL ------------------------------------------------------------------------
 
@@ -308,7 +275,7 @@ class BridgeManager:
         bridge.group_has_acl = template is not None
         bridge.acl = (template or DEFAULT_TEMPLATE).for_device(bridge.plan.name)
 
-    # -- LinkOwner -------------------------------------------------------------------------------
+    # -- inbound -----------------------------------------------------------------------------------
 
     async def connected(self, name: str) -> None:
         """Re-read the local ACL on every connection: the operator may have changed it."""
@@ -336,7 +303,7 @@ class BridgeManager:
             props = replace(
                 props, topic_alias=None, subscription_identifiers=(), message_expiry_interval=None
             )
-        self._core.publish(
+        self._publish_inbound(
             Message(
                 topic=topic,
                 payload=publish.payload,
@@ -360,6 +327,138 @@ class BridgeManager:
             bridge.denied_topics.add(topic)  # logged once per topic; counted and audited always
             hint = "" if bridge.group_has_acl else f"; group {group} has no ACL: set one"
             log.warning("bridge %s: inbound %s%s", name, reason, hint, extra={"bridge": name})
+
+    def _publish_inbound(self, message: Message, now: float) -> None:
+        """Deliver an inbound message to this broker's subscribers."""
+        self._core.publish(message, now)
+
+    # -- figures -------------------------------------------------------------------------------
+
+    def statuses(self) -> list[BridgeStatus]:
+        now = time.time()
+        out = []
+        for bridge in self._bridges.values():
+            settings, queue = bridge.plan.settings, bridge.queue
+            oldest = queue.oldest()
+            out.append(
+                BridgeStatus(
+                    name=bridge.plan.name,
+                    upstream=f"{settings.host}:{settings.port}",
+                    protocol=settings.protocol,
+                    connected=bridge.state.connected,
+                    since=iso(bridge.state.since),
+                    last_error=bridge.state.last_error,
+                    queue_messages=self._waiting(bridge),
+                    queue_bytes=queue.bytes,
+                    queue_full=bridge.alarm.raised,
+                    oldest_age_s=None if oldest is None else round(max(0.0, now - oldest), 3),
+                    counters=replace(bridge.counters),
+                    owner=self._owner_of(bridge),
+                )
+            )
+        return out
+
+    def _waiting(self, bridge: _Bridge) -> int:
+        """Messages not yet acknowledged by the bridge's upstream."""
+        return bridge.queue.messages
+
+    def _owner_of(self, bridge: _Bridge) -> str | None:
+        """The node that runs the bridge's link (fabric mode); None: this broker, alone."""
+        return None
+
+    def status_json(self) -> dict[str, Any]:
+        """What ``GET /bridges`` answers and ``fleetgate bridge status`` prints."""
+        return {
+            "origin": self.origin,
+            "loops_dropped": self.loops,
+            "bridges": [status.to_json() for status in self.statuses()],
+        }
+
+    def render_metrics(self) -> str:
+        since = [bridge.state.since for bridge in self._bridges.values()]
+        text = render_metrics(self.statuses(), since)
+        loops = family_lines(
+            "bridge_ingress_loops_dropped_total",
+            "counter",
+            "Client publishes that carried this broker's own origin marker, not routed.",
+            [("", self.loops)],
+        )
+        return text + "\n".join(loops) + "\n"
+
+
+class BridgeManager(BridgeRuntime):
+    """Every ``[[bridge]]`` of one broker; :class:`broker.core.PublishGate` for its core."""
+
+    def __init__(
+        self,
+        config: Config,
+        core: BrokerCore,
+        registry: Registry,
+        *,
+        wake: Callable[[], None],
+    ) -> None:
+        super().__init__(config, core, registry, wake=wake)
+        self._store: QueueStore | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-queue")
+        self._pending: list[_Pending] = []
+        self._writing = False
+        self._routes: dict[str, list[tuple[_Bridge, str, int]]] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the queue, recover its backlog, load the bridges' ACLs, start the links."""
+        self._loop = asyncio.get_running_loop()
+        path = queue_path(self._config)
+        try:
+            self._store = store = await self._db(QueueStore, path)
+        except sqlite3.Error as exc:
+            raise OSError(f"the bridge queue {path} cannot be opened: {exc}") from exc
+        self._set_origin(store.origin)
+        for name, bridge in self._bridges.items():
+            backlog = await self._db(store.backlog, name)
+            bridge.queue.recovered(
+                messages=backlog.messages,
+                size=backlog.size,
+                last_seq=backlog.last_seq,
+                oldest=backlog.oldest,
+            )
+            bridge.sent_to = bridge.sent_saved = bridge.sent_at_start = backlog.sent_to
+            await self._load_acl(bridge)
+            bridge.state.down("not connected yet", time.time())
+            link = self._new_link(bridge, self)
+            if backlog.messages:
+                log.info(
+                    "bridge %s: %d message(s) queued from before the restart",
+                    name,
+                    backlog.messages,
+                    extra={"bridge": name},
+                )
+            self._runners.append(self._spawn(link.run()))
+        self._runners.append(self._spawn(self._housekeeping()))
+        self._core.gate = self
+
+    async def stop(self) -> None:
+        """Stop the links, then commit what is pending (acknowledgements included)."""
+        self._core.gate = None
+        for task in self._runners:
+            task.cancel()
+        while self._tasks:  # writes and reads in progress finish; links and timers end
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pending or any(self._deletable(b) for b in self._bridges.values()):
+            await self._write()
+        for bridge in self._bridges.values():  # committed: their publishers may have them
+            self._release(bridge)
+        if self._store is not None:
+            await self._db(self._store.close)
+        self._thread.shutdown(wait=True)
+
+    async def _db(self, function: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run a store call on the queue's own thread (SQLite wants one writer)."""
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._thread, lambda: function(*args, **kwargs))
+
+    # -- LinkOwner -------------------------------------------------------------------------------
 
     def acked(self, name: str, items: list[Queued]) -> None:
         bridge = self._bridges[name]
@@ -416,18 +515,14 @@ class BridgeManager:
     ) -> GateVerdict:
         """Route-and-hold a bridged message until it is on disk; refuse it when a queue is full."""
         props = message.properties
-        if props.user_properties and carries_origin(props, self.origin):
-            self.loops += 1
+        if props.user_properties and self._came_back(props):
             return GateVerdict.LOOP
         routes = self._routes.get(message.topic)
         if routes is None:
             routes = self._routes_for(message.topic)
         if not routes:
             return _ROUTE
-        if props is NO_PROPERTIES:
-            block = self._origin_block
-        else:  # user properties are the last PUBLISH property: the marker goes at the end
-            block = _property_block(_strip_length(encode_properties(props)) + self._origin_property)
+        block = self._marked(props)
         payload, now = message.payload, time.time()
         retain = 1 if message.retain else 0  # a bool costs sqlite3 a failed adapter lookup
         extra = len(payload) + len(block)
@@ -605,47 +700,3 @@ class BridgeManager:
                 if bridge.alarm.raised:
                     self._settle_alarm(bridge)
                 self.want_more(name)
-
-    # -- figures -------------------------------------------------------------------------------
-
-    def statuses(self) -> list[BridgeStatus]:
-        now = time.time()
-        out = []
-        for bridge in self._bridges.values():
-            settings, queue = bridge.plan.settings, bridge.queue
-            oldest = queue.oldest()
-            out.append(
-                BridgeStatus(
-                    name=bridge.plan.name,
-                    upstream=f"{settings.host}:{settings.port}",
-                    protocol=settings.protocol,
-                    connected=bridge.state.connected,
-                    since=iso(bridge.state.since),
-                    last_error=bridge.state.last_error,
-                    queue_messages=queue.messages,
-                    queue_bytes=queue.bytes,
-                    queue_full=bridge.alarm.raised,
-                    oldest_age_s=None if oldest is None else round(max(0.0, now - oldest), 3),
-                    counters=replace(bridge.counters),
-                )
-            )
-        return out
-
-    def status_json(self) -> dict[str, Any]:
-        """What ``GET /bridges`` answers and ``fleetgate bridge status`` prints."""
-        return {
-            "origin": self.origin,
-            "loops_dropped": self.loops,
-            "bridges": [status.to_json() for status in self.statuses()],
-        }
-
-    def render_metrics(self) -> str:
-        since = [bridge.state.since for bridge in self._bridges.values()]
-        text = render_metrics(self.statuses(), since)
-        loops = family_lines(
-            "bridge_ingress_loops_dropped_total",
-            "counter",
-            "Client publishes that carried this broker's own origin marker, not routed.",
-            [("", self.loops)],
-        )
-        return text + "\n".join(loops) + "\n"

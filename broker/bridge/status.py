@@ -26,6 +26,7 @@ class BridgeCounters:
     inbound_denied: int = 0  # inbound messages outside the bridge's local ACL
     store_errors: int = 0  # device publishes answered with an error: the queue write failed
     connect_failures: int = 0
+    dropped_qos0_fabric: int = 0  # fabric mode: QoS 0 bridged publishes not forwarded (link down)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class BridgeStatus:
     queue_full: bool
     oldest_age_s: float | None
     counters: BridgeCounters = field(default_factory=BridgeCounters)
+    owner: str | None = None  # fabric mode: the node running the link (the lease holder)
 
     @property
     def duplicates(self) -> int:
@@ -175,6 +177,11 @@ def render_metrics(statuses: Sequence[BridgeStatus], since: Sequence[float]) -> 
         "Bridged QoS 0 publishes dropped (queue full).",
         "dropped_qos0_full",
     )
+    counter(
+        "dropped_qos0_fabric_total",
+        "Fabric mode: bridged QoS 0 publishes not forwarded (link down or full).",
+        "dropped_qos0_fabric",
+    )
     counter("loops_dropped_total", "Messages that came back to this broker, not routed.", "loops")
     counter(
         "inbound_denied_total", "Inbound messages outside the bridge's local ACL.", "inbound_denied"
@@ -199,8 +206,9 @@ def render_table(statuses: Sequence[BridgeStatus]) -> list[str]:
         state = "connected" if s.connected else "DISCONNECTED"
         age = "-" if s.oldest_age_s is None else f"{s.oldest_age_s:.1f} s"
         c = s.counters
+        owner = "" if s.owner is None else f"  owner {s.owner or '-'}"
         out += [
-            f"{s.name}  {state} since {s.since or '-'}  ({s.protocol} to {s.upstream})",
+            f"{s.name}  {state} since {s.since or '-'}  ({s.protocol} to {s.upstream}){owner}",
             f"  queue      {s.queue_messages} messages, {s.queue_bytes} bytes, oldest {age}"
             + ("  FULL: bridged publishes refused" if s.queue_full else ""),
             f"  forwarded  {c.forwarded}   received {c.received}   duplicates {s.duplicates}"

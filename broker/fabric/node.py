@@ -30,7 +30,11 @@ other nodes come in for its local subscribers (issue 12, first slice).
   nats-server never picks the publishing connection's own queue subscription (measured), so
   a message from this node's clients could never reach this node's members. The core does not
   route shared subscriptions itself in fabric mode (``SharedSubscriptions.local``): the queue
-  groups decide for local and remote publishers alike.
+  groups decide for local and remote publishers alike. A persistent session's shared
+  subscriptions are in its fabric record, so a node that restores it joins the groups. A
+  message no member here can take (its member's session ended unacknowledged, or the last
+  member here just left) is handed on to the group's other nodes on
+  ``$FG.share.<queue>.<subject>``, once (:meth:`FabricNode._hand_on`).
 
 Core NATS is at-most-once: a message sent while the link is down, or before a new filter's
 interest reached the other servers, is not delivered live (a QoS 1/2 one is still in the
@@ -97,6 +101,9 @@ MIN_SERVER_VERSION = (2, 10)
 
 SETUP_TIMEOUT_S = 15.0
 """How long start-up may take to find or create each of its streams and buckets."""
+HAND_ON_PREFIX = "$FG.share."
+"""Shared-subscription messages a node hands on to the group's other nodes (one per group, in
+its queue group); ``$FG.>`` is the nodes' own."""
 QOS_HEADER = "Nmqtt-Pub"  # nats-server's MQTT listener reads and writes the QoS here
 EXPIRY_HEADER = "Fg-Expiry"  # MQTT 5 message expiry, whole seconds left
 PROPERTIES_HEADER = "Fg-Props"  # MQTT 5 message properties, encoded as on the wire, base64
@@ -255,6 +262,9 @@ class FabricNode:
         self._outbox_ready = asyncio.Event()
         self._interest: deque[tuple[str, bool]] = deque()
         self._interest_ready = asyncio.Event()
+        # Shared-subscription messages handed on to other nodes (_hand_on): sent in the order
+        # of the interest changes, so a group this node just left cannot pick it again.
+        self._handing: deque[tuple[str, bytes, dict[str, str] | None]] = deque()
         self._nats_subs: dict[str, list[Subscription]] = {}
         self._options: dict[str, Any] = {}
         self._share_nc: NatsClient | None = None  # queue subscriptions (module docstring)
@@ -269,6 +279,7 @@ class FabricNode:
         self.resent = 0
         self.not_stored = 0
         self.received = 0
+        self.handed_on = 0
         self.dropped = 0
         self.kicks = KickRelay(self.name, self._kick)
         self.retained: FabricRetained | None = None
@@ -336,6 +347,9 @@ class FabricNode:
             await self.retained.start(js, settings.replicas, setup_s)
             await self.wills.start(js, settings.replicas, setup_s)
             await self.sessions.start(setup_s)
+            # A will and its session settle together (broker.fabric.wills, "Sessions").
+            self.wills.sessions_kv = self.sessions.kv
+            self.sessions.on_ended = self.wills.session_ended
         except (FabricUnavailable, TimeoutError, nats.errors.Error) as exc:
             await self._abort_start()
             raise FabricUnavailable(
@@ -351,6 +365,7 @@ class FabricNode:
         # As "$share/<key>": no ordinary filter starts so (the core routes those to shared).
         core.shared.on_first = lambda key: self._interest_gained(SHARE_PREFIX + key)
         core.shared.on_last = lambda key: self._interest_lost(SHARE_PREFIX + key)
+        core.shared.hand_on = self._hand_on
         self._tree = core.subscriptions = InterestTree(self._interest_gained, self._interest_lost)
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -481,6 +496,12 @@ class FabricNode:
                 len(self.ledger.pending),
             ),
             *retained_families(self.retained),
+            (
+                "fabric_shared_handed_on_total",
+                "counter",
+                "Shared-subscription messages no member here could take, offered to other nodes.",
+                self.handed_on,
+            ),
             (
                 "fabric_wills_claimed_total",
                 "counter",
@@ -731,6 +752,13 @@ class FabricNode:
                         del self._nats_subs[f]
                 except Exception:
                     log.exception("fabric subscription change failed", extra={"filter": f})
+            while self._handing:  # after the UNSUBs above: never back to this node's group
+                subject, payload, headers = self._handing.popleft()
+                try:
+                    await nc.publish(subject, payload, headers=headers)
+                except Exception as exc:  # at most once: count it, go on
+                    self.dropped += 1
+                    self._last_error = str(exc) or type(exc).__name__
 
     async def _subscribe(self, nc: NatsClient, topic_filter: str) -> None:
         if topic_filter.startswith(SHARE_PREFIX):
@@ -763,10 +791,15 @@ class FabricNode:
         async def on_message(msg: Msg) -> None:
             self._on_message(key, msg, shared=True)
 
-        self._nats_subs[topic_filter] = [
+        async def on_handed(msg: Msg) -> None:
+            self._on_handed(key, msg)
+
+        subs = [
             await nc.subscribe(subject, queue=queue, cb=on_message)
             for subject in filter_to_subjects(key.partition("/")[2])
         ]
+        subs.append(await nc.subscribe(f"{HAND_ON_PREFIX}{queue}.>", queue=queue, cb=on_handed))
+        self._nats_subs[topic_filter] = subs
         await nc.flush()
 
     def _on_message(self, topic_filter: str, msg: Msg, *, shared: bool = False) -> None:
@@ -785,6 +818,34 @@ class FabricNode:
                 return  # another of this node's filters routes this copy
             self._core.publish(message, now)
         self.received += 1
+        self._wake()
+
+    def _hand_on(self, key: str, message: Message) -> bool:
+        """A message for the shared subscription ``key`` that no member on this node can take
+        (its session ended with it unacknowledged, or its last member here just left): to one
+        other node of the group, on ``$FG.share.<queue>.<subject>`` in the same queue group.
+        Core NATS: at most once, and dropped there if that node cannot place it either."""
+        try:
+            subject = topic_to_subject(message.topic)
+        except Unmappable:
+            return False
+        headers = nats_headers(message, self._clock())
+        self._handing.append(
+            (f"{HAND_ON_PREFIX}{queue_name(key)}.{subject}", message.payload, headers)
+        )
+        self._interest_ready.set()
+        self.handed_on += 1
+        return True
+
+    def _on_handed(self, key: str, msg: Msg) -> None:
+        """A message another node handed on to the group ``key``: to a member here, or none."""
+        subject = msg.subject.split(".", 3)[3]  # $FG.share.<queue>.<subject>
+        now = self._clock()
+        message = message_from_nats(subject, msg.data, msg.headers, now)
+        if message is None:
+            self.dropped += 1
+            return
+        self._core.publish_shared(key, message, now, hand_on=False)
         self._wake()
 
     def _canonical_filter(self, topic: str) -> str:

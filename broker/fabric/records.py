@@ -7,8 +7,11 @@ One record per client id, about 0.3-1 KiB of JSON: the device, the node that hol
 nodes), the session expiry interval, the subscriptions with, for each QoS 1/2 filter, the
 ``FG_MSGS`` sequence it has consumed up to (``cursor``) and the wall-clock time it was made
 (``since``: stream messages stored before it are not for it), the QoS 1/2 messages in flight
-to the client (packet id, stream sequence, filter, QoS or 3 for "PUBREL sent"), and the QoS 2
-packet ids received from the client and not yet released.
+to the client (packet id, stream sequence, filter, QoS or 3 for "PUBREL sent"), the QoS 2
+packet ids received from the client and not yet released, and its shared subscriptions
+(``$share/<group>/<filter>``: QoS, retain-as-published, subscription id; no cursor, as their
+messages come from the NATS queue groups, not from the stream). ``g`` is optional in the JSON:
+a record written before shared subscriptions were kept in it reads as having none.
 """
 
 from __future__ import annotations
@@ -51,6 +54,16 @@ class FilterState:
     cursor: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ShareState:
+    """One shared subscription of a persistent session (its options; a member of its group
+    again wherever the session resumes)."""
+
+    qos: int
+    as_published: bool = False
+    subscription_id: int | None = None
+
+
 @dataclass(slots=True)
 class SessionRecord:
     device_id: str
@@ -60,12 +73,19 @@ class SessionRecord:
     subs: dict[str, FilterState] = field(default_factory=dict)
     inflight: list[tuple[int, int, str, int]] = field(default_factory=list)
     qos2_in: list[int] = field(default_factory=list)
+    shares: dict[str, ShareState] = field(default_factory=dict)  # by $share/<group>/<filter>
+
+    def ends_at(self) -> float | None:
+        """Wall-clock time the session ends while its client stays away (None: connected, or
+        it never expires)."""
+        if self.away_since is None or self.expiry == NEVER_EXPIRES:
+            return None
+        return self.away_since + self.expiry
 
     def expired(self, wall: float) -> bool:
         """Whether the session ended while its client was away."""
-        if self.away_since is None or self.expiry == NEVER_EXPIRES:
-            return False
-        return wall >= self.away_since + self.expiry
+        ends = self.ends_at()
+        return ends is not None and wall >= ends
 
     def encode(self) -> bytes:
         subs = {
@@ -81,6 +101,10 @@ class SessionRecord:
             "f": self.inflight,
             "q": self.qos2_in,
         }
+        if self.shares:
+            body["g"] = {
+                f: [s.qos, s.as_published, s.subscription_id] for f, s in self.shares.items()
+            }
         return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
@@ -101,6 +125,10 @@ class SessionRecord:
                 subs=subs,
                 inflight=[(int(p), int(s), str(f), int(q)) for p, s, f, q in body["f"]],
                 qos2_in=[int(p) for p in body["q"]],
+                shares={
+                    str(f): ShareState(int(q), bool(rap), None if sid is None else int(sid))
+                    for f, (q, rap, sid) in body.get("g", {}).items()
+                },
             )
         except (ValueError, KeyError, TypeError):
             return None

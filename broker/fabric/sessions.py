@@ -39,6 +39,15 @@ is away nothing else exists for it in NATS: no consumer, no subscription.
   at claim. The node that held it ends it at expiry (as today, with its will) and deletes the
   record; records of a node that died are deleted by the sweep every node runs
   (``sweep_interval_s``), with a compare-and-swap delete, so racing sweepers are harmless.
+  A swept session's will, if a dead node's and still pending, is due then (``on_ended``,
+  :meth:`broker.fabric.wills.WillKeeper.session_ended`).
+- **Shared subscriptions** are in the record too (``shares``), without cursors: their
+  messages come from the NATS queue groups. A resumed session joins its groups again.
+- **Announcements.** A claim is announced on ``$FG.ctl.takeover``: a node with a live clean
+  session of that client id closes it (0x8E); a node with an away copy of the persistent
+  session forgets it (its shared subscriptions stop taking messages there). With ``Fg-Ends``
+  (the client starts a new session) the old session ends: its waiting will is published, by
+  its holder or the survivor that claimed it; without, a resumption cancels it.
 
 What is not exact: after a node is killed, its sessions resume from the last record written,
 so QoS 1 messages completed since the last checkpoint (at most ``checkpoint_s`` old) come
@@ -67,6 +76,7 @@ from broker.fabric.records import (
     RELEASED,
     FilterState,
     SessionRecord,
+    ShareState,
     client_id_of,
     record_key,
 )
@@ -74,6 +84,7 @@ from broker.fabric.subjects import filter_to_subjects
 from broker.mqtt import NO_PROPERTIES, Properties, Publish, PubRel, QoS
 from broker.routing import SubscriptionOptions
 from broker.session import Delivery, Session
+from broker.shared import share_key
 from fleetgate.topics import topic_matches
 
 if TYPE_CHECKING:
@@ -103,6 +114,14 @@ CLAIM_PATIENCE_S = 8.0
 JS_TIMEOUT_S = 2.0
 """A JetStream request not answered in this long is tried again (a claim, a consumer)."""
 _QOS = (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE, QoS.EXACTLY_ONCE)
+ENDS_HEADER = "Fg-Ends"
+"""On a release request or a takeover announcement: the client starts a new session, so the
+old one ends (a will waiting for its delay is published, not cancelled)."""
+_ENDS = {ENDS_HEADER: "1"}
+
+
+def _ends(msg: Msg) -> bool:
+    return bool(msg.headers and msg.headers.get(ENDS_HEADER) == "1")
 
 
 def _stream_position(reply: str) -> tuple[int, int, float]:
@@ -283,6 +302,8 @@ class SessionStore:
         self.resumed = 0
         self.taken_over = 0
         self.swept = 0
+        # A session ended in the fabric (swept, or a new one began): its client id.
+        self.on_ended: Callable[[str], None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -377,7 +398,7 @@ class SessionStore:
         import nats.errors
         import nats.js.errors
 
-        await self._let_go_locally(client_id)
+        await self._let_go_locally(client_id, ends=clean_start)
         key = record_key(client_id)
         asked, conflicts = False, 0
         loop = asyncio.get_running_loop()
@@ -393,7 +414,7 @@ class SessionStore:
                 holder = record.node if record is not None and record.away_since is None else ""
                 if holder and holder != self.node and not asked:
                     asked = True  # live on another node: ask it to let go, then read again
-                    if await self._ask_release(holder, client_id):
+                    if await self._ask_release(holder, client_id, clean_start):
                         continue
                 resumed = record is not None and not clean_start and not record.expired(time.time())
                 if not resumed:
@@ -402,7 +423,7 @@ class SessionStore:
                     if revision is not None:
                         await self.kv.delete(key, last=revision)
                     if not asked:
-                        await self._announce(client_id)
+                        await self._announce(client_id, ends=True)
                     self._claims[client_id] = None
                     return
                 if record is None:
@@ -426,15 +447,17 @@ class SessionStore:
             break
         self.claimed += 1
         if not asked:
-            await self._announce(client_id)
+            await self._announce(client_id, ends=not resumed)
         self._claims[client_id] = (record, revision)
         if resumed:
             self.resumed += 1
             await self._restore(client_id, record, revision)
 
-    async def _let_go_locally(self, client_id: str) -> None:
+    async def _let_go_locally(self, client_id: str, *, ends: bool = False) -> None:
         """This node's own copy of the session (a takeover on the same node, or a client
-        coming back): closed with 0x8E if live, its state written, forgotten."""
+        coming back): closed with 0x8E if live, its state written, forgotten; ``ends``: the
+        client starts a new session, so this one ends and a will waiting for its delay is
+        published now (MQTT 5 3.1.2.5), else the resumption cancels it."""
         session = self._core.sessions.get(client_id)
         if session is None:
             return
@@ -442,7 +465,7 @@ class SessionStore:
         feed = session.fabric
         if isinstance(feed, SessionFeed):
             await feed.flush()
-        self._forget(session)
+        self._forget(session, with_will=ends)
 
     def abandon(self, client_id: str) -> None:
         """A claim whose client left before its CONNACK: forget it here. Its record still
@@ -463,38 +486,58 @@ class SessionStore:
             session.connection.take_over(self._clock())
             self._wake()
 
-    def _forget(self, session: Session) -> None:
-        """Drop a session this node no longer holds, without its will or its record."""
+    def _forget(self, session: Session, *, with_will: bool = False) -> None:
+        """Drop a session this node no longer holds, without its record, and without its
+        will unless ``with_will`` (the session ends: a will waiting is published now)."""
         session.fabric = None
-        session.pending_will = None
+        if not with_will:
+            session.pending_will = None
         if session.connection is None and self._core.sessions.get(session.client_id) is session:
             self._core.end_session(session, self._clock())
 
-    async def _ask_release(self, node: str, client_id: str) -> bool:
+    async def _ask_release(self, node: str, client_id: str, ends: bool) -> bool:
         """True if the node answered (the record may have changed: read it again); False if
         it is gone or silent, and its last checkpoint stands."""
         try:
             await self._nc.request(
-                RELEASE_PREFIX + node, client_id.encode(), timeout=RELEASE_TIMEOUT_S
+                RELEASE_PREFIX + node,
+                client_id.encode(),
+                timeout=RELEASE_TIMEOUT_S,
+                headers=_ENDS if ends else None,
             )
         except Exception as exc:  # no responders: that node is gone
             log.info("fabric: node %s did not release %r: %s", node, client_id, exc)
             return False
         return True
 
-    async def _announce(self, client_id: str) -> None:
+    async def _announce(self, client_id: str, *, ends: bool) -> None:
         """Tell every node this client id connected here: one holding it live in a session
-        without a record (clean) closes that connection with 0x8E. At most once, like all of
-        core NATS: such a session has nothing to lose."""
+        without a record (clean) closes that connection with 0x8E, and one keeping an away
+        copy of its persistent session (stale now: the record names this node) forgets it,
+        so its shared subscriptions stop taking messages there, and publishes its waiting
+        will if ``ends`` (a new session), else drops it. At most once, like all of core NATS:
+        a copy missed is forgotten at its own expiry."""
+        if ends and self.on_ended is not None:  # no echo: this node hears not its own
+            self.on_ended(client_id)
         with contextlib.suppress(Exception):
-            await self._nc.publish(TAKEOVER_SUBJECT, f"{self.node}\n{client_id}".encode())
+            await self._nc.publish(
+                TAKEOVER_SUBJECT,
+                f"{self.node}\n{client_id}".encode(),
+                headers=_ENDS if ends else None,
+            )
 
     async def _on_takeover(self, msg: Msg) -> None:
         node, _, client_id = msg.data.decode(errors="replace").partition("\n")
+        if node != self.node and _ends(msg) and self.on_ended is not None:
+            self.on_ended(client_id)  # a will a survivor claimed for it is due now
         session = self._core.sessions.get(client_id)
-        if node == self.node or session is None or session.connection is None:
+        if node == self.node or session is None:
             return
-        if session.fabric is None:  # a clean session (a persistent one was asked to release)
+        if session.connection is None:
+            if session.fabric is not None and client_id not in self._claims:  # stale now
+                self._forget(session, with_will=_ends(msg))
+                self._wake()
+        elif session.fabric is None:  # a clean session (a persistent one was asked to release)
             self.taken_over += 1
             self._close_here(session)
 
@@ -528,7 +571,7 @@ class SessionStore:
         client_id = msg.data.decode(errors="replace")
         if self._core.sessions.get(client_id) is not None:
             self.taken_over += 1
-        await self._let_go_locally(client_id)
+        await self._let_go_locally(client_id, ends=_ends(msg))
         self._wake()
         with contextlib.suppress(Exception):
             await msg.respond(b"released")
@@ -570,6 +613,11 @@ class SessionStore:
                 _QOS[state.qos], state.no_local, state.as_published, state.subscription_id
             )
             self._core.subscribe(session, topic_filter, options)  # no hooks yet: fabric unset
+        for topic_filter, share in record.shares.items():  # a member of its groups again
+            options = SubscriptionOptions(
+                _QOS[share.qos], False, share.as_published, share.subscription_id
+            )
+            self._core.subscribe(session, topic_filter, options)
         # From now on live QoS 1/2 copies are not for it: they come from the stream.
         session.fabric = SessionFeed(self, session, record, revision)
 
@@ -627,6 +675,12 @@ class SessionStore:
         feed = session.fabric
         if not isinstance(feed, SessionFeed):
             return
+        if share_key(topic_filter) is not None:  # its messages come from the queue group
+            feed.record.shares[topic_filter] = ShareState(
+                int(options.qos), options.retain_as_published, options.subscription_id
+            )
+            feed.dirty = True
+            return
         old = feed.record.subs.get(topic_filter)
         feed.record.subs[topic_filter] = FilterState(
             int(options.qos),
@@ -647,6 +701,7 @@ class SessionStore:
         if not isinstance(feed, SessionFeed):
             return
         feed.record.subs.pop(topic_filter, None)
+        feed.record.shares.pop(topic_filter, None)
         feed.dirty = True
         if topic_filter in feed.filters:
             self._close_filter(feed, topic_filter)
@@ -879,5 +934,7 @@ class SessionStore:
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
                 await self.kv.delete(key, last=entry.revision)
                 deleted += 1
+                if self.on_ended is not None:  # its will, if still pending, is due now
+                    self.on_ended(client_id_of(key))
         self.swept += deleted
         return deleted

@@ -23,12 +23,29 @@ delay) and the fabric carries it to every node like any message (``BrokerCore.wi
   counts from the claim for a device that was still connected when its node died), through
   the core, so retained wills and the fabric gate work as for any will, then deletes the
   record.
+- **Will and session together** (MQTT 5 3.1.2.5: the will goes when its delay elapses or its
+  session ends, whichever is first; a resumption before then cancels it). The reference from
+  a will to its session is the client id plus the session expiry the record carries
+  (``expiry``; 0: a clean session, ended with its connection): a will with ``expiry > 0``
+  belongs to the ``FG_SESSIONS`` record :func:`broker.fabric.records.record_key` names. Not
+  a revision: the session record is rewritten every checkpoint, and what the will needs from
+  it is only when the session ends (away since + expiry) or whether it lives elsewhere. The
+  claiming survivor reads it (:meth:`WillKeeper._due`): still marked connected on the dead
+  node, it is marked away from the claim, so expiry and delay count from one instant; gone,
+  the session ended. A resumption anywhere rewrites or deletes the will record, which
+  cancels a claim waiting for its time; the claim's last step is a compare-and-swap delete,
+  so a resumption that got there first wins. A session that ends instead (swept as expired,
+  or replaced by a new session: :meth:`WillKeeper.session_ended`, called by
+  :mod:`broker.fabric.sessions`) publishes a claimed will at once; a dead node's will not yet
+  claimed goes to whichever node's compare-and-swap delete wins (``END``). Exactly once:
+  every publication follows a won compare-and-swap, or is the live holder's own.
 
 Costs: one KV write per connect with a will and one per disconnect (batched up to
 :data:`BATCH` in flight), one heartbeat per node per second, and on every node an index entry
 (~150 bytes) per pending will in the fleet. A will is found within DEAD_AFTER_S + HEARTBEAT_S
 of its node's death; a will in the 1-2 ms between a CONNECT and its record's write is lost
-with its node.
+with its node, and so is one whose client starts a new session elsewhere before any survivor
+has found the node dead (the new connection replaces the record unclaimed).
 """
 
 from __future__ import annotations
@@ -45,6 +62,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from broker.fabric.records import SessionRecord, record_key
 from broker.mqtt import NO_PROPERTIES, QoS, Will
 from broker.mqtt._wire import Reader
 from broker.mqtt.errors import ProtocolError
@@ -67,6 +85,7 @@ NODES_TTL_S = 24 * 3600.0
 BATCH = 64
 DROP = b"drop"
 CANCEL = b"cancel"
+END = b"end"
 
 
 def will_key(client_id: str) -> str:
@@ -78,9 +97,11 @@ def will_key(client_id: str) -> str:
 
 
 def encode_record(
-    owner: str, client_id: str, device_id: str, will: Will, due: float | None
+    owner: str, client_id: str, device_id: str, will: Will, due: float | None, expiry: int = 0
 ) -> bytes:
-    """A pending will as ``FG_WILLS`` holds it; ``due`` is wall-clock (None: still connected)."""
+    """A pending will as ``FG_WILLS`` holds it; ``due`` is wall-clock (None: still connected),
+    ``expiry`` the session expiry interval of the session it belongs to (0: a clean session,
+    which ends with its connection)."""
     props = will.properties
     return json.dumps(
         {
@@ -96,6 +117,7 @@ def encode_record(
             else "",
             "delay": props.will_delay_interval or 0,
             "due": due,
+            "expiry": expiry,
         }
     ).encode()
 
@@ -119,6 +141,11 @@ class Record:
     will: Will
     delay: int
     due: float | None
+    expiry: int = 0
+
+    def session_key(self) -> str | None:
+        """The ``FG_SESSIONS`` key of the session this will belongs to (None: a clean one)."""
+        return record_key(self.client_id) if self.expiry else None
 
 
 def decode_record(data: bytes) -> Record | None:
@@ -143,6 +170,7 @@ def decode_record(data: bytes) -> Record | None:
             will,
             int(body["delay"]),
             None if due is None else float(due),
+            int(body.get("expiry", 0)),
         )
     except (ValueError, KeyError, TypeError, ProtocolError):
         return None
@@ -167,7 +195,8 @@ class WillKeeper:
         self._clock = clock
         self._wall = wall
         # (key, record): put it; (key, DROP): delete this node's record (a compare-and-swap on
-        # the revision it wrote); (key, CANCEL): delete another node's record as it stands.
+        # the revision it wrote); (key, CANCEL): delete another node's record as it stands;
+        # (key, END): the session ended, publish a dead node's will now if still there.
         self._ops: deque[tuple[str, bytes]] = deque()
         self._ops_ready = asyncio.Event()
         self._idle = asyncio.Event()
@@ -177,6 +206,10 @@ class WillKeeper:
         self._index: dict[str, tuple[str, int]] = {}  # every record: key -> (owner, revision)
         self._seen: dict[str, tuple[str, float]] = {}  # node name -> (epoch owner, last change)
         self._claiming: set[str] = set()
+        # Claimed wills waiting for their time: key -> (record, the claim's revision, wake-up).
+        self._waiting: dict[str, tuple[Record, int, asyncio.Event]] = {}
+        self.sessions_kv: KeyValue | None = None  # FG_SESSIONS, once the session store runs
+        self._publishing: Session | None = None  # the claimed will the core is publishing
         self._tasks: list[asyncio.Task[None]] = []
         self._watchers: list[Any] = []
         self._kv: KeyValue | None = None
@@ -190,7 +223,14 @@ class WillKeeper:
         """A client connected (with ``will``, or without one, which cancels any left)."""
         key = will_key(session.client_id)
         if will is not None:
-            record = encode_record(self.owner, session.client_id, session.device_id, will, None)
+            record = encode_record(
+                self.owner,
+                session.client_id,
+                session.device_id,
+                will,
+                None,
+                session.expiry_interval,
+            )
             self._queue(key, record)
         elif key in self._mine:
             self._queue(key, DROP)
@@ -206,19 +246,27 @@ class WillKeeper:
                 self._queue(key, DROP)
             return
         due = self._wall() + (pending.due - self._clock())
-        record = encode_record(self.owner, session.client_id, session.device_id, pending.will, due)
+        record = encode_record(
+            self.owner,
+            session.client_id,
+            session.device_id,
+            pending.will,
+            due,
+            session.expiry_interval,
+        )
         self._queue(key, record)
 
     def will_published(self, session: Session) -> None:
-        """The core published the session's will: nothing left to keep."""
+        """The core published the session's will: nothing left to keep (a claimed will's
+        record is already gone: :meth:`_claim` deleted it first)."""
         key = will_key(session.client_id)
-        if key in self._mine:
+        if key in self._mine and session is not self._publishing:
             self._queue(key, DROP)
 
     def _queue(self, key: str, op: bytes) -> None:
         if op is DROP or op is CANCEL:
             self._mine.discard(key)
-        else:
+        elif op is not END:
             self._mine.add(key)
         self._ops.append((key, op))
         self._idle.clear()
@@ -275,7 +323,9 @@ class WillKeeper:
     async def _apply(self, key: str, op: bytes) -> None:
         assert self._kv is not None
         try:
-            if op is CANCEL:
+            if op is END:
+                await self._end(key)
+            elif op is CANCEL:
                 await self._kv.delete(key)
             elif op is DROP:
                 revision = self._revisions.pop(key, None)
@@ -320,6 +370,8 @@ class WillKeeper:
                 self._mine.discard(key)
                 self._revisions.pop(key, None)
                 self._cancel_waiting(key)
+                if (claimed := self._waiting.pop(key, None)) is not None:  # cancelled
+                    claimed[2].set()
 
     def _cancel_waiting(self, key: str) -> None:
         """The client reconnected on another node while its will waited for its delay here:
@@ -350,15 +402,26 @@ class WillKeeper:
             asyncio.get_running_loop().create_task(self._claim(key, revision))
 
     async def _claim(self, key: str, revision: int) -> None:
-        """Race the other survivors for the record; the winner publishes the will when due."""
+        """Race the other survivors for the record; the winner publishes the will when due:
+        at its delay or at its session's end, the sooner (:meth:`_due`)."""
         assert self._kv is not None
         try:
             entry = await self._kv.get(key, revision)
             record = decode_record(entry.value or b"")
             if record is None:
                 return
-            due = self._wall() + record.delay if record.due is None else record.due
-            claim = encode_record(self.owner, record.client_id, record.device_id, record.will, due)
+            due = await self._due(record)
+            if due is None:  # its session resumed on another node: that cancels the will
+                await self._kv.delete(key, last=revision)
+                return
+            claim = encode_record(
+                self.owner,
+                record.client_id,
+                record.device_id,
+                record.will,
+                due,
+                record.expiry,
+            )
             won = await self._kv.update(key, claim, last=revision)
         except Exception as exc:  # another survivor won, or the record changed
             log.debug("will %s not claimed: %s", key, exc)
@@ -372,10 +435,102 @@ class WillKeeper:
             "claimed the will of a client whose node is gone",
             extra={"node": self.node, "client": record.client_id, "from": record.owner},
         )
-        await asyncio.sleep(max(0.0, due - self._wall()))
-        if self._revisions.get(key) != won:  # the client came back meanwhile: cancelled
+        wake = asyncio.Event()
+        self._waiting[key] = (record, won, wake)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), max(0.0, due - self._wall()))
+        if self._waiting.pop(key, None) is None or self._revisions.get(key) != won:
+            return  # the client came back (cancelled), or its session ended (published)
+        self._mine.discard(key)
+        self._revisions.pop(key, None)
+        try:  # exactly once: a resumption that rewrote the record since wins
+            await self._kv.delete(key, last=won)
+        except Exception as exc:
+            log.debug("will %s not published: %s", key, exc)
             return
+        self._publish(record, mine=False)
+
+    def _publish(self, record: Record, *, mine: bool) -> None:
+        """Publish a claimed will through the core; ``mine``: its record is still this
+        node's to delete (DROP), else it is gone already."""
         self.wills_published += 1
         session = Session(record.client_id, record.device_id)
-        self._core.publish_will(session, record.will, self._clock())  # drops the record
+        if not mine:
+            self._publishing = session
+        try:
+            self._core.publish_will(session, record.will, self._clock())
+        finally:
+            self._publishing = None
         self._wake()
+
+    async def _end(self, key: str) -> None:
+        """The session of a dead node's will ended before a survivor claimed it: whichever
+        node deletes the record (compare-and-swap) publishes the will, once."""
+        assert self._kv is not None
+        entry = await self._kv.get(key)
+        record = decode_record(entry.value or b"")
+        if record is None or self._alive(record.owner) or key in self._mine:
+            return
+        await self._kv.delete(key, last=entry.revision)
+        self.claimed += 1
+        self._publish(record, mine=False)
+
+    async def _due(self, record: Record) -> float | None:
+        """Wall-clock time a claimed will is due: its delay (from the claim, for a client that
+        was connected when its node died) or its session's end, the sooner; None if the
+        session is live on another node (it resumed: the will is not this node's to settle).
+
+        The session's end is read from its ``FG_SESSIONS`` record (:meth:`Record.session_key`):
+        away since + expiry. A record still marked connected on the dead node is marked away
+        from now (compare-and-swap, as the session sweep does), so the session's expiry and
+        the will count from the same instant; a record gone means the session ended (the
+        sweep removed it): due now. A clean session ended with its node: due now."""
+        import nats.js.errors
+
+        now = self._wall()
+        due = now + record.delay if record.due is None else record.due
+        key = record.session_key()
+        if key is None:
+            return min(due, now)
+        kv = self.sessions_kv
+        if kv is None:  # no session store (it failed to start): the will's own delay
+            return min(due, now + record.expiry)
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return now
+        session = SessionRecord.decode(entry.value or b"")
+        if session is None:
+            return due
+        dead = record.owner.rsplit(".", 1)[0]
+        if session.away_since is None:
+            if session.node != dead:
+                return None
+            seen = self._seen.get(dead)
+            if seen is not None and seen[0] != record.owner:
+                # Restarted under its name: it may hold the session again (the sweep asks it).
+                return min(due, now + record.expiry)
+            session.away_since = now
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                await kv.update(key, session.encode(), last=entry.revision)
+        ends = session.ends_at()
+        return due if ends is None else min(due, ends)
+
+    def session_ended(self, client_id: str) -> None:
+        """A session ended in the fabric (the sweep deleted its expired record, or its client
+        started a new one): a will of a dead node's client still waiting for it is due now
+        (MQTT 5 3.1.2.5). A live node holding the session settles its will itself.
+
+        Claimed here: published at once, its record deleted by the ordered writes (before a
+        new connection's record of the same client). Not claimed yet: an ``END`` write, in
+        the same order, races the other nodes by compare-and-swap."""
+        key = will_key(client_id)
+        waiting = self._waiting.pop(key, None)
+        if waiting is not None:
+            record, _, wake = waiting
+            wake.set()
+            self._publish(record, mine=True)  # the core's will_published queues the DROP
+            return
+        entry = self._index.get(key)
+        if entry is not None and not self._alive(entry[0]):
+            self._queue(key, END)

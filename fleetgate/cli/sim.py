@@ -75,9 +75,9 @@ def sim(
     key_store: Annotated[
         str,
         typer.Option(
-            help="file: a scenario of software-key devices; tpm or smartcard: a line of at most "
-            "20 virtual hardware devices (attested enrollment, one revoked, one software key "
-            "refused)."
+            help="file: run the scenario (whose groups may have key_store tpm or smartcard); "
+            "tpm or smartcard: instead a line of at most 20 virtual hardware devices "
+            "(attested enrollment, one revoked, one software key refused)."
         ),
     ] = "file",
     messages: Annotated[
