@@ -1132,9 +1132,6 @@ class Connection:
             return
         session = self.session
         assert session is not None
-        fabric = session.fabric
-        if fabric is None or delivery.qos != _QOS2:
-            self._emit(data)
         session.inflight[packet_id] = Publish(
             topic=message.topic,
             payload=message.payload,
@@ -1143,10 +1140,15 @@ class Connection:
             packet_id=packet_id,
             properties=props,
         )
-        if fabric is not None:
+        fabric = session.fabric
+        if fabric is None:
+            self._emit(data)
+        else:
             fabric.sent(packet_id, delivery)
             if delivery.qos == _QOS2:
                 self._write_ahead(data)
+            else:
+                self._emit(data)
         if type(delivery) is SharedDelivery:  # handed on if its session ends unacked
             self.core.shared.sent(session, packet_id, delivery)
 
