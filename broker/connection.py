@@ -194,6 +194,7 @@ class Connection:
     """The server side of one MQTT connection."""
 
     __slots__ = (
+        "_ahead",
         "_aliases",
         "_allowed",
         "_connect",
@@ -267,6 +268,9 @@ class Connection:
         self._allowed: dict[str, ReasonCode] = {}
         self._send_window = core.settings.receive_maximum
         self._held: deque[_HeldAck] = deque()
+        # Fabric mode, persistent session: QoS 2 packets held until the session record names
+        # them (number of the record write, bytes), in order (:meth:`recorded`).
+        self._ahead: deque[tuple[int, bytes]] = deque()
         self.limits: DeviceLimits = core.limits.default  # its group's once admitted
         self._publish_rate = TokenBucket(self.limits.publish_rate, self.limits.publish_burst, now)
         self._stalled: Packet | PlainPublish | None = None
@@ -393,6 +397,20 @@ class Connection:
         else:
             expiry = 0 if packet.clean_start else NEVER_EXPIRES
         return self.client_id, packet.clean_start, expiry
+
+    def recorded(self, number: int) -> None:
+        """Fabric mode: the session record as of write ``number`` is stored, so the packets
+        held for it (:meth:`_write_ahead`) go out, in the order they were made."""
+        ahead = self._ahead
+        while ahead and ahead[0][0] <= number:
+            self._emit(ahead.popleft()[1])
+
+    def _write_ahead(self, data: bytes, received: int | None = None) -> None:
+        """Hold a QoS 2 packet of a fabric session until the record naming its packet id and
+        stage is written: a node killed meanwhile leaves a record the client's state agrees
+        with (broker.fabric.sessions, "Exactly once")."""
+        assert self.session is not None and self.session.fabric is not None
+        self._ahead.append((self.session.fabric.write_ahead(received), data))
 
     def take_output(self) -> bytes:
         data = b"".join(self._out)
@@ -762,8 +780,15 @@ class Connection:
         if qos == _QOS2:
             assert packet_id is not None
             if packet_id in self.session.incoming_qos2:  # a resend: delivered once already
-                self._write(PubRec(packet_id=packet_id))
-                return
+                if self.session.fabric is None:
+                    self._write(PubRec(packet_id=packet_id))
+                    return
+                if dup:
+                    self._write_ahead(encode(PubRec(packet_id=packet_id), self.level))
+                    return
+                # Not a resend (DUP 0): an id the record still listed after its PUBCOMP
+                # (a node killed before the next checkpoint), taken again by the client.
+                self.session.incoming_qos2.discard(packet_id)
             if self.level is _V5 and len(self.session.incoming_qos2) >= self._receive_maximum:
                 self._violation(
                     _R.RECEIVE_MAXIMUM_EXCEEDED,
@@ -902,12 +927,23 @@ class Connection:
                 held.packet = PubAck(packet_id=int.from_bytes(held.packet[2:4]), reason_code=error)
             else:
                 held.packet = replace(held.packet, reason_code=error)
+                if type(held.packet) is PubRec and self.session is not None:
+                    # The flow ends with the refusal: the id is free again (not a resend).
+                    self.session.incoming_qos2.discard(held.packet.packet_id)
         held.ready = True
         queue = self._held
+        session = self.session
         while queue and queue[0].ready:
             packet = queue.popleft().packet
             if type(packet) is bytes:  # a success PUBACK, the hot path: its four bytes as is
                 self._emit(packet)
+            elif (
+                type(packet) is PubRec
+                and packet.reason_code == _SUCCESS
+                and session is not None
+                and session.fabric is not None
+            ):  # stored in the stream: PUBREC once the record lists the id in qos2_in
+                self._write_ahead(encode(packet, self.level, validate=False), packet.packet_id)
             else:
                 assert packet is not None and not isinstance(packet, bytes)
                 self._write(packet)
@@ -932,7 +968,10 @@ class Connection:
             pending = PubRel(packet_id=packet.packet_id)
             self.session.inflight[packet.packet_id] = pending
         if isinstance(pending, PubRel):
-            self._write(pending)
+            if self.session.fabric is None:
+                self._write(pending)
+            else:  # once the record says "PUBREL sent": the PUBLISH is never resent
+                self._write_ahead(encode(pending, self.level, validate=False))
         elif pending is None:
             code = _R.SUCCESS if self.level is _V3 else _R.PACKET_IDENTIFIER_NOT_FOUND
             self._write(PubRel(packet_id=packet.packet_id, reason_code=code))
@@ -1088,22 +1127,30 @@ class Connection:
         if not self._fits(data, packet_id):
             return
         self.core.metrics.messages_sent[delivery.qos] += 1
-        self._emit(data)
-        if packet_id is not None:
-            session = self.session
-            assert session is not None
-            session.inflight[packet_id] = Publish(
-                topic=message.topic,
-                payload=message.payload,
-                qos=delivery.qos,
-                retain=delivery.retain,
-                packet_id=packet_id,
-                properties=props,
-            )
-            if session.fabric is not None:
-                session.fabric.sent(packet_id, delivery)
-            if type(delivery) is SharedDelivery:  # handed on if its session ends unacked
-                self.core.shared.sent(session, packet_id, delivery)
+        if packet_id is None:
+            self._emit(data)
+            return
+        session = self.session
+        assert session is not None
+        session.inflight[packet_id] = Publish(
+            topic=message.topic,
+            payload=message.payload,
+            qos=delivery.qos,
+            retain=delivery.retain,
+            packet_id=packet_id,
+            properties=props,
+        )
+        fabric = session.fabric
+        if fabric is None:
+            self._emit(data)
+        else:
+            fabric.sent(packet_id, delivery)
+            if delivery.qos == _QOS2:
+                self._write_ahead(data)
+            else:
+                self._emit(data)
+        if type(delivery) is SharedDelivery:  # handed on if its session ends unacked
+            self.core.shared.sent(session, packet_id, delivery)
 
     def _encode_aliased(
         self, aliases: dict[str, int], delivery: Delivery, packet_id: int | None, props: Properties
@@ -1291,6 +1338,7 @@ class Connection:
 
     def _close(self, now: float, *, publish_will: bool) -> None:
         self._held.clear()  # never sent: the client resends those messages
+        self._ahead.clear()  # never sent: the record (written at detach) has their stage
         if self._holders:
             self.core.forget_publisher(self, self._holders)
             self._holders.clear()

@@ -47,6 +47,10 @@ class SessionFeedHook(Protocol):
 
     def sent(self, packet_id: int, delivery: Delivery) -> None: ...
 
+    def write_ahead(self, received: int | None = None) -> int:
+        """Ask for a record write covering the session as it is now; its number."""
+        ...
+
 
 class Session:
     """One client id's session; ``connection`` is ``None`` while the client is away."""

@@ -25,7 +25,16 @@ is away nothing else exists for it in NATS: no consumer, no subscription.
   client (or was not for it). Written to the record by a checkpoint about once a second while
   anything changed, and exactly at disconnect and takeover. Messages in flight are recorded
   with their packet ids and resent with DUP after a resume; a QoS 2 message whose PUBREL was
-  sent is resent as PUBREL, never as PUBLISH again.
+  sent is resent as PUBREL, never as PUBLISH again. A resumed filter reads on after its
+  cursor or its highest sequence in flight, whichever is later: each one up to that was
+  resent or completed (out of order, so the cursor stayed below it).
+- **Exactly once (the write-ahead).** The connection holds each outgoing QoS 2 PUBLISH and
+  PUBREL, and each PUBREC for an incoming QoS 2 PUBLISH once it is in the stream, until a
+  record naming that packet id and stage is written (:meth:`SessionFeed.write_ahead`, then
+  ``Connection.recorded``): one compare-and-swap covers every packet asked for before its
+  snapshot, started as a task at the first, so a loop turn's packets share it. A write that
+  fails keeps them held until one succeeds (the checkpoints try again); a disconnect or
+  takeover drops them unsent, and the exact state written then is what is resent.
 - **Expiry.** A record whose client has been away longer than its expiry is treated as absent
   at claim. The node that held it ends it at expiry (as today, with its will) and deletes the
   record; records of a node that died are deleted by the sweep every node runs
@@ -40,18 +49,15 @@ is away nothing else exists for it in NATS: no consumer, no subscription.
   (the client starts a new session) the old session ends: its waiting will is published, by
   its holder or the survivor that claimed it; without, a resumption cancels it.
 
-What is not exact: after a node is killed, its sessions resume from the last checkpoint (at
-most ``checkpoint_s`` old), so QoS 1 messages completed since then come again (with DUP where
-they were in flight), and a QoS 2 message could come twice. Precisely, an outgoing QoS 2
-message is duplicated when, after the last checkpoint, (a) its PUBLISH was sent under a packet
-id the record does not have (it comes again under a new id: a new message to the client), or
-(b) its PUBREC arrived (the record still says PUBLISH: it is resent with DUP, and a client that
-already sent PUBCOMP takes it as new). Closing it needs a write-ahead in the connection, which
-this package does not own: hold each QoS 2 PUBLISH and each PUBREL of a fabric session until
-the record naming that packet id and stage is written (one compare-and-swap per session per
-event-loop turn covers all its packets, ~1 ms more latency for QoS 2 only). Incoming QoS 2 has
-the same window for ``qos2_in``: a PUBLISH resent by the client after it resumes on another
-node gets a new ``Nats-Msg-Id``, so JetStream's duplicate window does not catch it either.
+What is not exact: after a node is killed, its sessions resume from the last record written,
+so QoS 1 messages completed since the last checkpoint (at most ``checkpoint_s`` old) come
+again (with DUP where they were in flight). QoS 2 does not: the client never saw a stage the
+record lacks. Its PUBLISH is resent under the same id, or its PUBREL, never a PUBLISH after
+the PUBREL; a resent incoming PUBLISH whose id is in ``qos2_in`` gets PUBREC and is not stored
+again (an id there whose PUBCOMP went out after the last write is stale: a PUBLISH under it
+with DUP 0 is new). Left: an incoming QoS 2 message stored in the stream whose node dies
+before the record lists its id (so before its PUBREC) is stored again when the client resends
+it elsewhere, under a new ``Nats-Msg-Id``.
 """
 
 from __future__ import annotations
@@ -156,11 +162,16 @@ class SessionFeed:
         self.filters: dict[str, FilterFeed] = {}
         self.pid_seq: dict[int, tuple[str, int]] = {}
         self.queued: dict[int, tuple[Delivery, str, int]] = {}
-        self.skip: set[int] = set()  # sequences resent from the record's in-flight list
         self.paused: dict[str, int] = {}  # filter -> first sequence not taken (queue full)
         self.dirty = False
         self.lost = False  # another node took the record
         self.lock = asyncio.Lock()
+        # The write-ahead (module docstring, "Exactly once"): record snapshots taken so far,
+        # whether one is asked for, and the incoming QoS 2 ids the record may name (stored in
+        # the stream; session.incoming_qos2 also has those still being stored).
+        self.snapshots = 0
+        self.ahead_due = False
+        self.qos2_in = set(record.qos2_in)
 
     # -- hooks from the connection ----------------------------------------------------------------
 
@@ -177,6 +188,19 @@ class SessionFeed:
                 if feed is not None:
                     feed.handed = seq - 1
                     self.store.spawn(self.store.restart(self, feed))
+
+    def write_ahead(self, received: int | None = None) -> int:
+        """The connection holds a packet until the record names it: the number of the record
+        write that will (:meth:`Connection.recorded` is called with it once written). One
+        write covers every packet asked for before its snapshot. ``received``: the packet id
+        of an incoming QoS 2 PUBLISH now stored in the stream, for ``qos2_in``."""
+        if received is not None:
+            self.qos2_in.add(received)
+        self.dirty = True
+        if not self.ahead_due:
+            self.ahead_due = True
+            self.store.spawn(self.flush())
+        return self.snapshots + 1
 
     # -- the record -------------------------------------------------------------------------------
 
@@ -214,7 +238,8 @@ class SessionFeed:
         record = self.record
         record.subs = subs
         record.inflight = inflight
-        record.qos2_in = sorted(session.incoming_qos2)
+        self.qos2_in &= session.incoming_qos2  # released ones are done with
+        record.qos2_in = sorted(self.qos2_in)
         record.expiry = session.expiry_interval
         record.away_since = None if session.connection is not None else wall
         return record
@@ -224,18 +249,25 @@ class SessionFeed:
         import nats.js.errors
 
         async with self.lock:
+            self.ahead_due = False
             if not self.dirty or self.lost:
                 return
             self.dirty = False
+            self.snapshots += 1
+            number = self.snapshots
             data = self.snapshot(time.time()).encode()
             try:
                 self.revision = await self.store.kv.update(self.key, data, last=self.revision)
+                connection = self.session.connection
+                if connection is not None:  # what it held for this write goes out
+                    connection.recorded(number)
+                    self.store.wake()
             except nats.js.errors.KeyWrongLastSequenceError:
                 self.lost = True  # claimed elsewhere without asking this node (it was slow)
                 log.warning("fabric: session %r was claimed elsewhere", self.session.client_id)
                 self.store.let_go(self.session)
             except Exception as exc:  # the fabric is down: try again at the next checkpoint
-                self.dirty = True
+                self.dirty = True  # (held packets stay held until a write succeeds)
                 log.debug("fabric: session record write failed: %s", exc)
 
 
@@ -343,6 +375,10 @@ class SessionStore:
                 len(self._feeds),
             ),
         ]
+
+    def wake(self) -> None:
+        """Have the server write the connections' output at the end of this loop turn."""
+        self._wake()
 
     def spawn(self, job: Any) -> None:
         task = asyncio.get_running_loop().create_task(job)
@@ -606,15 +642,18 @@ class SessionStore:
         feed = session.fabric
         if not isinstance(feed, SessionFeed) or feed.session is not session:
             feed = SessionFeed(self, session, record, revision)
+        # A filter's consumer starts after its highest sequence in flight: each one up to it
+        # is resent from the record or was completed (out of order: the cursor stays below).
+        resent: dict[str, int] = {}
         for pid, seq, topic_filter, _ in record.inflight:
+            resent[topic_filter] = max(resent.get(topic_filter, 0), seq)
             if pid in session.inflight:
                 feed.pid_seq[pid] = (topic_filter, seq)
-                feed.skip.add(seq)
         session.fabric = feed
         self._feeds.add(feed)
         for topic_filter, state in record.subs.items():
             if state.qos:
-                self._open(feed, topic_filter, state.cursor)
+                self._open(feed, topic_filter, max(state.cursor, resent.get(topic_filter, 0)))
 
     def detached(self, session: Session, now: float) -> None:
         feed = session.fabric
@@ -788,9 +827,6 @@ class SessionStore:
             return
         filter_feed.handed = seq
         feed.dirty = True
-        if seq in feed.skip:  # resent from the record's in-flight list
-            feed.skip.discard(seq)
-            return
         delivery = self._delivery(feed, filter_feed.filter, msg, stored_at, now)
         if delivery is None:
             return
@@ -834,7 +870,11 @@ class SessionStore:
     async def _checkpoints(self) -> None:
         while True:
             await asyncio.sleep(self.checkpoint_s)
-            dirty = [feed for feed in self._feeds if feed.dirty or feed.session.inflight]
+            dirty = [
+                feed
+                for feed in self._feeds
+                if feed.dirty or feed.session.inflight or feed.qos2_in - feed.session.incoming_qos2
+            ]
             for feed in dirty:
                 feed.dirty = True
             if dirty:
