@@ -3,7 +3,9 @@ nats-server under QoS 1/2 load: nothing acknowledged is lost, nothing delivered 
 persistent QoS 2 subscriber on another node. Every nats-server stopped, then
 started again. QoS 1/2 publishes are refused at once while it stays down (0x97 on MQTT 5, a
 close without PUBACK on 3.1.1), with one log line per state change and /metrics, and taken
-again once the stream answers. The down/up decision itself is tested without I/O."""
+again once the stream answers. QoS 1 messages in flight through the election reach a
+persistent subscriber in the order published. The down/up decision itself is tested without
+I/O."""
 
 # ruff: noqa: F811 - the tests take the `pair` fixture imported from test_broker_delivery
 
@@ -115,6 +117,73 @@ def test_a_killed_stream_leader_loses_nothing_and_a_qos_2_subscriber_gets_each_o
         assert set(payloads) >= sent  # none lost
         assert len(payloads) == len(set(payloads))  # none twice, QoS 1 or 2
         assert a.metric("fabric_available", 'node="node-a"') == 1  # a stall, not down
+        sensor.close()
+        ops.close()
+    finally:
+        a.stop()
+        b.stop()
+        if victim is not None:
+            cluster.restart(victim)
+
+
+def test_qos_1_messages_in_flight_through_a_leader_election_arrive_in_order(
+    fleet: Fleet, cluster: NatsCluster, pair: tuple[Creds, Creds]
+) -> None:
+    """A device on node A publishes QoS 1 without waiting for acknowledgements (its receive
+    maximum in flight, sent over several of the node's resend ticks) while the FG_MSGS
+    leader's nats-server is killed; a persistent session on node B gets every message in
+    the order published (MQTT 5 §4.6). Resent one per tick, the messages of the election's
+    last tick came back stored before earlier ones (issue 12); the ledger's hold keeps them
+    behind the oldest (DurableLedger.due)."""
+    sensor_creds, ops_creds = pair
+    a = FabricBroker(fleet, cluster.urls, "node-a").start()
+    b = FabricBroker(fleet, cluster.urls, "node-b").start()
+    topic = f"devices/sensor-1/telemetry/order{time.monotonic_ns()}"
+    victim = None
+    try:
+        ops = Paho(b, ops_creds, version=V5, clean=False, session_expiry=300)
+        assert ops.connect()[0] == 0
+        assert ops.subscribe("devices/+/telemetry/#", qos=1) == [1]
+        sensor = connected(a, sensor_creds, version=V5)
+        payloads = [f"{index:05d}".encode() for index in range(150)]
+        published = threading.Event()
+
+        def publish() -> None:
+            for payload in payloads:
+                sensor.client.publish(topic, payload, qos=1)  # paho queues past 20 in flight
+                published.wait(0.02)  # a device's pace: spread over the node's ticks
+            published.set()
+
+        (victim,) = [
+            n for n in cluster.nodes if n.name == asyncio.run(_stream_leader(cluster.urls[0]))
+        ]
+        acks: list[tuple[int, int]] = []
+
+        def acked(count: int) -> bool:
+            while not sensor.events.published.empty():
+                acks.append(sensor.events.published.get())
+            return len(acks) >= count
+
+        publisher = threading.Thread(target=publish, daemon=True)
+        publisher.start()
+        try:
+            wait_for(lambda: acked(30), 15, "30 acknowledged")
+            cluster.kill(victim)
+            wait_for(lambda: acked(len(payloads)), 60, "every message acknowledged")
+        finally:
+            published.set()
+            publisher.join(30)
+        assert {code for _, code in acks} == {0}
+        assert a.metric("fabric_resent_total", 'node="node-a"') > 0  # the election was felt
+        received: list[bytes] = []
+        while len(set(received)) < len(payloads):
+            message = ops.message(30)
+            if message.topic == topic:
+                received.append(message.payload)
+        firsts = list(dict.fromkeys(received))  # a QoS 1 redelivery may repeat one
+        assert firsts == payloads, [
+            (earlier, later) for earlier, later in itertools.pairwise(firsts) if later < earlier
+        ]
         sensor.close()
         ops.close()
     finally:
