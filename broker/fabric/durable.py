@@ -194,9 +194,10 @@ class DurableLedger:
         return [], failed
 
     def release(self) -> list[int]:
-        """After a stored answer during a hold: if the oldest waiting message was the one
-        stored, the hold ends and every message still waiting is to be sent again, oldest
-        first (the same ``Nats-Msg-Id``: the stream stores each once); else nothing."""
+        """After a stored answer (or a give-up) during a hold: if the oldest waiting message
+        is no longer waiting, the hold ends and every message still waiting is to be sent
+        again, oldest first (the same ``Nats-Msg-Id``: the stream stores each once); else
+        nothing."""
         if self._probe in self.pending:
             return []  # the oldest is still out: the answer was a later message's
         self.holding = False

@@ -758,6 +758,8 @@ class FabricNode:
         self.not_stored += len(numbers)
         if numbers:
             self._wake()
+            if self.ledger.holding:  # the oldest given up (a full stream): the rest go on
+                self._send_again(self.ledger.release())
 
     async def _watch_stored(self) -> None:
         """Resend overdue messages (same Nats-Msg-Id) one at a time, oldest first, holding
