@@ -8,7 +8,14 @@ until the stream's answer names the message stored on the configured replicas.
 
 Without an answer within :attr:`DurableLedger.ack_timeout_s`, or with an error (503: no
 stream leader, during a leader election), the same message is sent again with the same
-``Nats-Msg-Id``: JetStream stores it once within its duplicate window. After
+``Nats-Msg-Id``: JetStream stores it once within its duplicate window. The stream's order is
+the order subscribers get (sessions read it by sequence), so a resend must not land behind
+later messages (MQTT 5 §4.6: one publisher's QoS 1 messages on a topic arrive in order): an
+overdue message starts a *hold* (:meth:`DurableLedger.due`). Until the oldest waiting message
+is stored, only it is sent again; the others, and new ones, wait behind it, and are sent again
+in order once it is (:meth:`DurableLedger.release`). Resent each at its own timeout, the
+messages of one tick reached a just-elected leader before those of the tick before, which had
+gone out while there was none (measured: 50-59 stored ahead of 40-49). After
 :attr:`DurableLedger.give_up_s` the message counts as not stored, and the device gets PUBACK
 0x83 (MQTT 5) or a close without acknowledgement (3.1.1, which then resends).
 
@@ -109,6 +116,8 @@ class DurableLedger:
     ack_timeout_s: float = 1.0
     give_up_s: float = 30.0
     pending: dict[int, Pending] = field(default_factory=dict)
+    holding: bool = False  # only the oldest waiting message is sent until it is stored
+    _probe: int = 0  # that message, during a hold
     _next: int = 1
     _id_prefix: str = field(init=False, default="")
     _ack_prefix: str = field(init=False, default="")
@@ -158,15 +167,41 @@ class DurableLedger:
             return None
 
     def due(self, now: float) -> tuple[list[int], list[int]]:
-        """(to send again, to give up on): unanswered for ``ack_timeout_s`` since the last
-        send, or for ``give_up_s`` since the first."""
+        """(to send again, to give up on): unanswered for ``give_up_s`` since the first send
+        is given up. One unanswered for ``ack_timeout_s`` since its last send starts a hold
+        (or one goes on): then only the oldest message that waits is sent again, when it is
+        overdue or was never sent, and the others wait behind it, unsent (``last_sent`` None)
+        until :meth:`release`."""
         resend, failed = [], []
         for number, item in self.pending.items():
             if now - item.first_sent >= self.give_up_s:
                 failed.append(number)
             elif item.last_sent is not None and now - item.last_sent >= self.ack_timeout_s:
                 resend.append(number)
-        return resend, failed
+        if not resend and not self.holding:
+            return resend, failed
+        gone = set(failed)
+        waiting = [number for number in self.pending if number not in gone]
+        self.holding = bool(waiting)
+        if not waiting:
+            return [], failed
+        self._probe = waiting[0]
+        for number in waiting[1:]:
+            self.pending[number].last_sent = None  # held: neither overdue nor sent again
+        oldest = self.pending[self._probe]
+        if oldest.last_sent is None or now - oldest.last_sent >= self.ack_timeout_s:
+            return waiting[:1], failed
+        return [], failed
+
+    def release(self) -> list[int]:
+        """After a stored answer (or a give-up) during a hold: if the oldest waiting message
+        is no longer waiting, the hold ends and every message still waiting is to be sent
+        again, oldest first (the same ``Nats-Msg-Id``: the stream stores each once); else
+        nothing."""
+        if self._probe in self.pending:
+            return []  # the oldest is still out: the answer was a later message's
+        self.holding = False
+        return list(self.pending)
 
     def oldest(self) -> float | None:
         """When the longest-waiting message was first sent, if any waits."""

@@ -570,10 +570,12 @@ class FabricNode:
         if message.qos == QoS.AT_MOST_ONCE:
             return GateVerdict.ROUTE
         # The sender is for no-local, on the stored copy only.
-        number = self.ledger.add(
+        ledger = self.ledger
+        number = ledger.add(
             subject, message.payload, headers, on_stored, now, {SENDER_HEADER: message.sender}
         )
-        self._stored_outbox.append(number)
+        if not ledger.holding:  # else it waits behind the oldest unstored one (durable.py)
+            self._stored_outbox.append(number)
         return GateVerdict.HOLD
 
     async def _send(self) -> None:
@@ -661,6 +663,17 @@ class FabricNode:
         item.on_stored(True, now)
         self._answered(now)
         self._wake()
+        if self.ledger.holding:  # the oldest one stored? then the rest follow, in order
+            self._send_again(self.ledger.release())
+
+    def _send_again(self, numbers: list[int]) -> None:
+        """Queue ledger messages to be sent to the stream again, in the order given."""
+        if numbers:
+            self.resent += len(numbers)
+            for number in numbers:
+                self.ledger.pending[number].last_sent = None  # not overdue while queued
+            self._stored_outbox.extend(numbers)
+            self._outbox_ready.set()
 
     def _answered(self, now: float) -> None:
         if self.availability.answered(now):
@@ -745,9 +758,12 @@ class FabricNode:
         self.not_stored += len(numbers)
         if numbers:
             self._wake()
+            if self.ledger.holding:  # the oldest given up (a full stream): the rest go on
+                self._send_again(self.ledger.release())
 
     async def _watch_stored(self) -> None:
-        """Resend overdue messages (same Nats-Msg-Id); give up on the hopeless."""
+        """Resend overdue messages (same Nats-Msg-Id) one at a time, oldest first, holding
+        the rest so none overtakes it (:meth:`DurableLedger.due`); give up on the hopeless."""
         ledger = self.ledger
         while True:
             await asyncio.sleep(min(0.25, ledger.ack_timeout_s / 4))
@@ -765,12 +781,9 @@ class FabricNode:
                     ledger.give_up_s,
                     extra={"node": self.name, "reason": self._last_error},
                 )
-            if resend:
-                self.resent += len(resend)
-                for number in resend:
-                    ledger.pending[number].last_sent = None  # not overdue while queued
-                self._stored_outbox.extend(resend)
-                self._outbox_ready.set()
+            if ledger.holding:  # queued ones not sent yet wait behind the oldest
+                self._stored_outbox.clear()
+            self._send_again(resend)
 
     # -- in: interest and delivery ---------------------------------------------------------------
 
