@@ -401,3 +401,49 @@ def test_an_upstream_outage_keeps_messages_in_the_stream_until_it_returns(
     wait_for(lambda: a.bridge(setup.name)["queue_messages"] == 0, 20, "the backlog drained")
     for device in devices:
         assert up.payloads(upstream_topic(device.creds)) == device.acked  # once each, in order
+
+
+def test_inbound_messages_the_upstream_acknowledged_survive_the_owner_killed_mid_stream(
+    setup: Setup, fleet: Fleet
+) -> None:
+    """The owner acknowledges an inbound QoS 1 message upstream only once FG_MSGS has it: an
+    owner SIGKILLed mid-stream leaves the rest with the upstream's session for the next one."""
+    a = setup.node("node-a", 0)
+    wait_for(lambda: owned_by(a, setup.name), 30, "node-a owning the bridge")
+    b = setup.node("node-b", 1)
+    listener = setup.client(
+        Subscriber(b.port, fleet.root, enroll(fleet, "l1"), "devices/l1/commands", persistent=True)
+    )
+    sender = setup.client(Publisher(setup.upstream.port, fleet.root, enroll(fleet, "backend-out")))
+    topic = f"sites/{SITE}/commands/l1"
+    stop = threading.Event()
+
+    def send() -> None:
+        for n in itertools.count():
+            if stop.is_set() or sender.publish(f"c-{n:05d}".encode(), topic=topic) is None:
+                return
+            time.sleep(0.005)
+
+    worker = threading.Thread(target=send, daemon=True)
+    worker.start()
+    try:
+        wait_for(lambda: len(listener.payloads()) >= 200, 30, "200 commands on node-b")
+        killed_at = time.monotonic()
+        a.kill()
+        wait_for(lambda: owned_by(b, setup.name), 30, "node-b taking the bridge over")
+        takeover_s = time.monotonic() - killed_at
+        after = len(sender.acked)
+        wait_for(lambda: len(sender.acked) >= after + 100, 30, "100 more commands upstream")
+    finally:
+        stop.set()
+        worker.join(30)
+    acked = set(sender.acked)
+    wait_for(lambda: set(listener.payloads()) >= acked, 60, "every acknowledged command")
+    time.sleep(1.0)
+    received = listener.payloads()
+    duplicates = len(received) - len(set(received))
+    print(
+        f"{len(acked)} commands acknowledged by the upstream, {len(received)} received on "
+        f"node-b ({duplicates} duplicates); takeover {takeover_s:.1f} s"
+    )
+    assert set(received) == acked  # at least once, nothing the upstream did not take

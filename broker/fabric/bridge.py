@@ -21,7 +21,9 @@ node, and loses nothing acknowledged when a node dies.
   (others are counted in ``dropped_qos0_fabric``); they are not resent by the next owner.
 - **In.** Only the owner subscribes upstream. An inbound message goes through the fabric's gate
   like a device message (core NATS to every node, QoS 1 into the stream), and is published to
-  this node's subscribers. Its stream copy names the sender ``bridge:<name>``: the consumer
+  this node's subscribers. A QoS 1 one is acknowledged upstream only once the stream has it
+  (in arrival order, :class:`broker.bridge.link.InboundAcks`); one the fabric does not take
+  drops the connection, so the upstream's session sends it again. Its stream copy names the sender ``bridge:<name>``: the consumer
   skips it, so nothing that came in over a bridge goes out over one (as with the queue file).
 - **Loops.** The origin marker is the cluster's, made from the stream's creation time, so every
   node adds and recognises the same one.
@@ -225,10 +227,6 @@ class _Term:
     room: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     qos0: list[Any] = field(default_factory=list)  # core NATS subscriptions, QoS 0 messages
-
-
-def _no_acknowledgement(ok: bool, now: float) -> None:
-    """An inbound message's stream outcome: the upstream was acknowledged already."""
 
 
 class FabricBridges(BridgeRuntime):
@@ -587,11 +585,26 @@ class FabricBridges(BridgeRuntime):
             return GateVerdict.LOOP
         return self._node.offer(message, dup, on_stored)
 
-    def _publish_inbound(self, message: Message, now: float) -> None:
-        """To every node, through the fabric's gate as a device message, then here."""
+    def _publish_inbound(
+        self, message: Message, now: float, settle: Callable[[bool], None]
+    ) -> None:
+        """To every node, through the fabric's gate as a device message, then here. A QoS 1
+        message is acknowledged upstream once ``FG_MSGS`` has it, as a device's is: if it is
+        not stored (the fabric down, or no answer in time) the link reconnects and the
+        upstream sends it again, so an owner killed in between loses nothing."""
         if message.qos == QoS.AT_MOST_ONCE:
             self._echoes.published(message.topic, message.payload, time.time())
-        self._node.offer(message, False, _no_acknowledgement)
+        verdict = self._node.offer(message, False, lambda ok, _: settle(ok))
+        if verdict is GateVerdict.FULL:
+            settle(False)  # the fabric refuses QoS 1 now: routed when it comes again
+            return
+        if verdict is GateVerdict.INVALID:
+            log.warning(
+                "bridge: inbound topic %r has no NATS subject; delivered on this node only",
+                message.topic,
+            )
+        if verdict is not GateVerdict.HOLD:
+            settle(True)
         self._core.publish(message, now)
 
     # -- figures -------------------------------------------------------------------------------
