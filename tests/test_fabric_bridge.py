@@ -447,3 +447,27 @@ def test_inbound_messages_the_upstream_acknowledged_survive_the_owner_killed_mid
         f"node-b ({duplicates} duplicates); takeover {takeover_s:.1f} s"
     )
     assert set(received) == acked  # at least once, nothing the upstream did not take
+
+
+def test_retained_messages_go_upstream_retained_and_others_do_not(
+    setup: Setup, fleet: Fleet
+) -> None:
+    a = setup.node("node-a", 0)
+    wait_for(lambda: owned_by(a, setup.name), 30, "node-a owning the bridge")
+    up = setup.client(
+        Subscriber(setup.upstream.port, fleet.root, enroll(fleet, "backend"), f"sites/{SITE}/#")
+    )
+    devices = [
+        setup.client(Publisher(a.port, fleet.root, enroll(fleet, f"d{i}"))) for i in (1, 2, 3)
+    ]
+    # QoS 1 retained (the stream's copy), QoS 0 retained (core NATS), QoS 1 not retained
+    for device, qos, retain in zip(devices, (1, 0, 1), (True, True, False), strict=True):
+        device.client.publish(device.topic, device.creds.device_id.encode(), qos=qos, retain=retain)
+    wait_for(lambda: len(up.payloads()) == 3, 15, "the three messages upstream")
+    later = setup.client(
+        Subscriber(setup.upstream.port, fleet.root, enroll(fleet, "backend-2"), f"sites/{SITE}/#")
+    )
+    wanted = {upstream_topic(d.creds): d.creds.device_id.encode() for d in devices[:2]}
+    wait_for(lambda: len(later.received) >= 2, 15, "the retained messages for a new subscriber")
+    time.sleep(0.5)
+    assert dict(later.received) == wanted  # the upstream retained these two, not the third

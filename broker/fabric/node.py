@@ -100,6 +100,9 @@ SETUP_TIMEOUT_S = 15.0
 QOS_HEADER = "Nmqtt-Pub"  # nats-server's MQTT listener reads and writes the QoS here
 EXPIRY_HEADER = "Fg-Expiry"  # MQTT 5 message expiry, whole seconds left
 PROPERTIES_HEADER = "Fg-Props"  # MQTT 5 message properties, encoded as on the wire, base64
+RETAIN_HEADER = "Fg-Retain"
+"""``1`` on a retained message's stream copy (and a retained QoS 0 message), for bridges to
+forward it with RETAIN; absent otherwise, so an ordinary message carries nothing more."""
 
 CANONICAL_CACHE = 65536
 """Topics whose routing filter the node remembers (cleared when full or when filters change)."""
@@ -538,14 +541,17 @@ class FabricNode:
             return GateVerdict.FULL  # 0x97 (MQTT 5) or a close without acknowledgement
         now = self._clock()
         headers = nats_headers(message, now)
+        if message.retain and message.qos == QoS.AT_MOST_ONCE:  # a copy: headers are shared
+            headers = {**(headers or {}), RETAIN_HEADER: "1"}
         self._outbox.append((subject, message.payload, headers))
         self._outbox_ready.set()
         if message.qos == QoS.AT_MOST_ONCE:
             return GateVerdict.ROUTE
-        # The sender is for no-local, on the stored copy only.
-        number = self.ledger.add(
-            subject, message.payload, headers, on_stored, now, {SENDER_HEADER: message.sender}
-        )
+        # The sender is for no-local, and the retain flag for bridges: on the stored copy only.
+        extra = {SENDER_HEADER: message.sender}
+        if message.retain:
+            extra[RETAIN_HEADER] = "1"
+        number = self.ledger.add(subject, message.payload, headers, on_stored, now, extra)
         self._stored_outbox.append(number)
         return GateVerdict.HOLD
 
