@@ -8,6 +8,7 @@ subscribers on every node. The pure rules (consumer subjects, the lease) are tes
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import threading
 import time
@@ -471,3 +472,39 @@ def test_retained_messages_go_upstream_retained_and_others_do_not(
     wait_for(lambda: len(later.received) >= 2, 15, "the retained messages for a new subscriber")
     time.sleep(0.5)
     assert dict(later.received) == wanted  # the upstream retained these two, not the third
+
+
+def test_bridge_status_with_the_broker_down_reads_the_backlog_from_the_fabric(
+    setup: Setup, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No queue file in fabric mode: ``bridge status`` asks the consumer, not a file that is
+    not there (which would say 0 messages wait)."""
+    a = setup.node("node-a", 0)
+    wait_for(lambda: owned_by(a, setup.name), 30, "node-a owning the bridge")
+    setup.upstream.stop()
+    wait_for(lambda: not a.bridge(setup.name)["connected"], 20, "the link down")
+    device = setup.client(Publisher(a.port, fleet.root, enroll(fleet, "d1")))
+    device.run(20, "d1")
+    assert len(device.acked) == 20
+    wait_for(lambda: a.bridge(setup.name)["queue_messages"] == 20, 10, "20 waiting")
+    a.kill()
+    monkeypatch.setenv("FLEETGATE_BROKER_METRICS_PORT", str(a.metrics_port))  # nobody answers
+    monkeypatch.setenv("FLEETGATE_FABRIC_SERVERS", setup.cluster.nodes[1].url)
+    home = ["--home", str(fleet.config.home), "bridge", "status"]
+    result = CliRunner().invoke(app, home)
+    assert result.exit_code == 0, result.output
+    print(result.output)
+    assert "fabric mode: no queue file" in result.output
+    assert f"backlog    20 messages (FG_MSGS consumer FG_BRIDGE_{setup.name})" in result.output
+    assert "backlog    none (in rules only)" in result.output  # the -in bridge
+    result = CliRunner().invoke(app, [*home, "--json"])
+    report = json.loads(result.output)
+    assert not report["live"] and report["fabric"]
+    assert one_bridge(report, setup.name)["backlog"] == 20
+
+    monkeypatch.setenv("FLEETGATE_FABRIC_SERVERS", f"nats://127.0.0.1:{free_port()}")
+    result = CliRunner().invoke(app, home)
+    assert result.exit_code == 0, result.output
+    print(result.output)
+    assert "NATS: " in result.output
+    assert f"backlog    unknown (in FG_MSGS consumer FG_BRIDGE_{setup.name})" in result.output
