@@ -439,7 +439,14 @@ def test_inbound_messages_the_upstream_acknowledged_survive_the_owner_killed_mid
         stop.set()
         worker.join(30)
     acked = set(sender.acked)
-    wait_for(lambda: set(listener.payloads()) >= acked, 60, "every acknowledged command")
+    try:
+        wait_for(lambda: set(listener.payloads()) >= acked, 60, "every acknowledged command")
+    except AssertionError:
+        missing = sorted(acked - set(listener.payloads()))
+        raise AssertionError(
+            f"{len(missing)} of {len(acked)} acknowledged commands missing: {missing[:30]}; "
+            f"last received {listener.payloads()[-5:]}; node-b: {b.bridge(setup.name)}"
+        ) from None
     time.sleep(1.0)
     received = listener.payloads()
     duplicates = len(received) - len(set(received))

@@ -18,6 +18,7 @@ from broker.bridge.protocol import (
     AckedMany,
     Acknowledged,
     ConnectRefused,
+    Event,
     Received,
     ServerClosed,
     Subscribed,
@@ -243,7 +244,7 @@ class BridgeLink:
         settings = self.plan.settings
         writer.write(session.connect())
         try:
-            accepted = await asyncio.wait_for(
+            accepted, early = await asyncio.wait_for(
                 self._handshake(reader, session, upstream), settings.connect_timeout_s
             )
         except TimeoutError:
@@ -261,7 +262,9 @@ class BridgeLink:
         window = min(settings.max_inflight, accepted.receive_maximum)
         acks = InboundAcks(session.puback)
         tasks = [
-            asyncio.create_task(self._read(reader, writer, session, acks, upstream, filters)),
+            asyncio.create_task(
+                self._read(reader, writer, session, acks, upstream, filters, early)
+            ),
             asyncio.create_task(self._send(writer, session, window)),
             asyncio.create_task(self._ack_late(writer, acks)),
         ]
@@ -287,7 +290,10 @@ class BridgeLink:
 
     async def _handshake(
         self, reader: asyncio.StreamReader, session: UpstreamSession, upstream: str
-    ) -> Accepted:
+    ) -> tuple[Accepted, list[Event]]:
+        """CONNACK, and what came in the same read after it: an upstream resuming the
+        bridge's session sends its queued messages at once, often in the same TCP segment
+        (dropping them left them unacknowledged until the next reconnect)."""
         while True:
             try:
                 data = await reader.read(65536)
@@ -307,7 +313,7 @@ class BridgeLink:
                 if isinstance(event, ConnectRefused):
                     raise LinkDown(f"{upstream} refused CONNECT: 0x{event.code:02x} {event.reason}")
                 if isinstance(event, Accepted):
-                    return event
+                    return event, events[events.index(event) + 1 :]
                 raise LinkDown(f"{upstream} sent {type(event).__name__} before CONNACK")
 
     async def _read(
@@ -318,17 +324,11 @@ class BridgeLink:
         acks: InboundAcks,
         upstream: str,
         filters: tuple[str, ...],
+        events: list[Event],
     ) -> None:
+        """Handle ``events`` (what came with CONNACK), then each read's."""
         name = self.plan.name
         while True:
-            data = await reader.read(65536)
-            if not data:
-                raise LinkDown(f"{upstream} closed the connection", failure=False)
-            self._last_received = asyncio.get_running_loop().time()
-            try:
-                events = session.receive(data)
-            except ProtocolError as exc:
-                raise LinkDown(f"{upstream} broke the protocol: {exc.message}") from None
             done: list[Queued] = []
             acks.reading = True
             for event in events:
@@ -373,6 +373,14 @@ class BridgeLink:
             self._write_acks(writer, acks)
             if done and self._out is not None and not self._fill():
                 self._wake.set()  # the sender asks for more from disk
+            data = await reader.read(65536)
+            if not data:
+                raise LinkDown(f"{upstream} closed the connection", failure=False)
+            self._last_received = asyncio.get_running_loop().time()
+            try:
+                events = session.receive(data)
+            except ProtocolError as exc:
+                raise LinkDown(f"{upstream} broke the protocol: {exc.message}") from None
 
     def _write_acks(self, writer: asyncio.StreamWriter, acks: InboundAcks) -> None:
         """PUBACKs whose messages were taken; a message not taken ends the connection."""
