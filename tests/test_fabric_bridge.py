@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,11 +218,46 @@ def upstream_topic(creds: Creds) -> str:
     return f"sites/{SITE}/devices/{creds.device_id}/telemetry"
 
 
-def publish_until(device: Publisher, stop: threading.Event, interval: float = 0.005) -> None:
+def publish_until(
+    device: Publisher, stop: threading.Event, interval: float = 0.005, topic: str | None = None
+) -> None:
     for n in itertools.count():
-        if stop.is_set() or device.publish(f"{device.creds.device_id}-{n:05d}".encode()) is None:
+        payload = f"{device.creds.device_id}-{n:05d}".encode()
+        if stop.is_set() or device.publish(payload, topic=topic) is None:
             return
         time.sleep(interval)
+
+
+def kill_the_owner_mid_stream(
+    setup: Setup,
+    senders: list[tuple[Publisher, str | None]],
+    seen: Callable[[], int],
+    acked: Callable[[], int],
+) -> float:
+    """``senders`` publish every 5 ms (to their topic); once 200 messages are through, SIGKILL
+    node-a (the owner) and wait until node-b owns the bridge and 100 more are acknowledged.
+    The takeover's seconds."""
+    a, b = setup.nodes
+    stop = threading.Event()
+    workers = [
+        threading.Thread(target=publish_until, args=(s, stop, 0.005, t), daemon=True)
+        for s, t in senders
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        wait_for(lambda: seen() >= 200, 30, "200 messages through")
+        killed_at = time.monotonic()
+        a.kill()
+        wait_for(lambda: owned_by(b, setup.name), 30, "node-b taking the bridge over")
+        takeover_s = time.monotonic() - killed_at
+        after = acked()
+        wait_for(lambda: acked() >= after + 100, 30, "100 more acknowledged")
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+    return takeover_s
 
 
 def test_two_nodes_forward_each_message_once_and_commands_reach_both(
@@ -322,25 +358,9 @@ def test_the_owner_killed_mid_stream_hands_over_and_loses_no_acknowledged_messag
     up = setup.client(Subscriber(setup.upstream.port, fleet.root, backend, f"sites/{SITE}/#"))
     on_a = setup.client(Publisher(a.port, fleet.root, enroll(fleet, "d1")))
     on_b = setup.client(Publisher(b.port, fleet.root, enroll(fleet, "d2")))
-    stop = threading.Event()
-    workers = [
-        threading.Thread(target=publish_until, args=(device, stop), daemon=True)
-        for device in (on_a, on_b)
-    ]
-    for worker in workers:
-        worker.start()
-    try:
-        wait_for(lambda: len(up.payloads()) >= 200, 30, "200 messages upstream")
-        killed_at = time.monotonic()
-        a.kill()
-        wait_for(lambda: owned_by(b, setup.name), 30, "node-b taking the bridge over")
-        takeover_s = time.monotonic() - killed_at
-        after = len(on_b.acked)
-        wait_for(lambda: len(on_b.acked) >= after + 100, 30, "100 more on node-b")
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join(30)
+    takeover_s = kill_the_owner_mid_stream(
+        setup, [(on_a, None), (on_b, None)], lambda: len(up.payloads()), lambda: len(on_b.acked)
+    )
     acked = {upstream_topic(d.creds): d.acked for d in (on_a, on_b)}
 
     def arrived() -> bool:
@@ -417,27 +437,9 @@ def test_inbound_messages_the_upstream_acknowledged_survive_the_owner_killed_mid
     )
     sender = setup.client(Publisher(setup.upstream.port, fleet.root, enroll(fleet, "backend-out")))
     topic = f"sites/{SITE}/commands/l1"
-    stop = threading.Event()
-
-    def send() -> None:
-        for n in itertools.count():
-            if stop.is_set() or sender.publish(f"c-{n:05d}".encode(), topic=topic) is None:
-                return
-            time.sleep(0.005)
-
-    worker = threading.Thread(target=send, daemon=True)
-    worker.start()
-    try:
-        wait_for(lambda: len(listener.payloads()) >= 200, 30, "200 commands on node-b")
-        killed_at = time.monotonic()
-        a.kill()
-        wait_for(lambda: owned_by(b, setup.name), 30, "node-b taking the bridge over")
-        takeover_s = time.monotonic() - killed_at
-        after = len(sender.acked)
-        wait_for(lambda: len(sender.acked) >= after + 100, 30, "100 more commands upstream")
-    finally:
-        stop.set()
-        worker.join(30)
+    takeover_s = kill_the_owner_mid_stream(
+        setup, [(sender, topic)], lambda: len(listener.payloads()), lambda: len(sender.acked)
+    )
     acked = set(sender.acked)
     try:
         wait_for(lambda: set(listener.payloads()) >= acked, 60, "every acknowledged command")
