@@ -47,9 +47,10 @@ class FabricDeployment(LocalDeployment):
             }
 
     async def start(self) -> None:
+        """The cluster, then what one broker starts (enrollment, a bridge's upstream, the
+        broker: here every node, each running the bridge, one forwarding it at a time)."""
         await asyncio.to_thread(self.cluster.start, NATS_HEALTHY_S)
-        await self.start_service("enrollment")
-        await self.start_service("broker")
+        await super().start()
 
     async def start_service(self, name: str) -> None:
         """``broker`` (what a ``broker-kill`` fault restarts) is every node, one after the

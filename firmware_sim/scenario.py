@@ -415,10 +415,6 @@ def check_scenario(scenario: Scenario) -> None:
     fabric = scenario.deployment
     _require(0 <= fabric.fabric <= 8, "[deployment] fabric: 0 (one broker) .. 8 broker nodes")
     _require(1 <= fabric.nats_nodes <= 5, "[deployment] nats_nodes: 1 .. 5 nats-servers")
-    _require(
-        scenario.bridge is None or not fabric.fabric,
-        "[bridge] with [deployment] fabric: every node would run the bridge; not simulated yet",
-    )
     for fault in scenario.faults:
         _check_fault(scenario, fault, names)
 

@@ -8,10 +8,12 @@ subscribers on every node. The pure rules (consumer subjects, the lease) are tes
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -216,11 +218,46 @@ def upstream_topic(creds: Creds) -> str:
     return f"sites/{SITE}/devices/{creds.device_id}/telemetry"
 
 
-def publish_until(device: Publisher, stop: threading.Event, interval: float = 0.005) -> None:
+def publish_until(
+    device: Publisher, stop: threading.Event, interval: float = 0.005, topic: str | None = None
+) -> None:
     for n in itertools.count():
-        if stop.is_set() or device.publish(f"{device.creds.device_id}-{n:05d}".encode()) is None:
+        payload = f"{device.creds.device_id}-{n:05d}".encode()
+        if stop.is_set() or device.publish(payload, topic=topic) is None:
             return
         time.sleep(interval)
+
+
+def kill_the_owner_mid_stream(
+    setup: Setup,
+    senders: list[tuple[Publisher, str | None]],
+    seen: Callable[[], int],
+    acked: Callable[[], int],
+) -> float:
+    """``senders`` publish every 5 ms (to their topic); once 200 messages are through, SIGKILL
+    node-a (the owner) and wait until node-b owns the bridge and 100 more are acknowledged.
+    The takeover's seconds."""
+    a, b = setup.nodes
+    stop = threading.Event()
+    workers = [
+        threading.Thread(target=publish_until, args=(s, stop, 0.005, t), daemon=True)
+        for s, t in senders
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        wait_for(lambda: seen() >= 200, 30, "200 messages through")
+        killed_at = time.monotonic()
+        a.kill()
+        wait_for(lambda: owned_by(b, setup.name), 30, "node-b taking the bridge over")
+        takeover_s = time.monotonic() - killed_at
+        after = acked()
+        wait_for(lambda: acked() >= after + 100, 30, "100 more acknowledged")
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+    return takeover_s
 
 
 def test_two_nodes_forward_each_message_once_and_commands_reach_both(
@@ -321,25 +358,9 @@ def test_the_owner_killed_mid_stream_hands_over_and_loses_no_acknowledged_messag
     up = setup.client(Subscriber(setup.upstream.port, fleet.root, backend, f"sites/{SITE}/#"))
     on_a = setup.client(Publisher(a.port, fleet.root, enroll(fleet, "d1")))
     on_b = setup.client(Publisher(b.port, fleet.root, enroll(fleet, "d2")))
-    stop = threading.Event()
-    workers = [
-        threading.Thread(target=publish_until, args=(device, stop), daemon=True)
-        for device in (on_a, on_b)
-    ]
-    for worker in workers:
-        worker.start()
-    try:
-        wait_for(lambda: len(up.payloads()) >= 200, 30, "200 messages upstream")
-        killed_at = time.monotonic()
-        a.kill()
-        wait_for(lambda: owned_by(b, setup.name), 30, "node-b taking the bridge over")
-        takeover_s = time.monotonic() - killed_at
-        after = len(on_b.acked)
-        wait_for(lambda: len(on_b.acked) >= after + 100, 30, "100 more on node-b")
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join(30)
+    takeover_s = kill_the_owner_mid_stream(
+        setup, [(on_a, None), (on_b, None)], lambda: len(up.payloads()), lambda: len(on_b.acked)
+    )
     acked = {upstream_topic(d.creds): d.acked for d in (on_a, on_b)}
 
     def arrived() -> bool:
@@ -401,3 +422,98 @@ def test_an_upstream_outage_keeps_messages_in_the_stream_until_it_returns(
     wait_for(lambda: a.bridge(setup.name)["queue_messages"] == 0, 20, "the backlog drained")
     for device in devices:
         assert up.payloads(upstream_topic(device.creds)) == device.acked  # once each, in order
+
+
+def test_inbound_messages_the_upstream_acknowledged_survive_the_owner_killed_mid_stream(
+    setup: Setup, fleet: Fleet
+) -> None:
+    """The owner acknowledges an inbound QoS 1 message upstream only once FG_MSGS has it: an
+    owner SIGKILLed mid-stream leaves the rest with the upstream's session for the next one."""
+    a = setup.node("node-a", 0)
+    wait_for(lambda: owned_by(a, setup.name), 30, "node-a owning the bridge")
+    b = setup.node("node-b", 1)
+    listener = setup.client(
+        Subscriber(b.port, fleet.root, enroll(fleet, "l1"), "devices/l1/commands", persistent=True)
+    )
+    sender = setup.client(Publisher(setup.upstream.port, fleet.root, enroll(fleet, "backend-out")))
+    topic = f"sites/{SITE}/commands/l1"
+    takeover_s = kill_the_owner_mid_stream(
+        setup, [(sender, topic)], lambda: len(listener.payloads()), lambda: len(sender.acked)
+    )
+    acked = set(sender.acked)
+    try:
+        wait_for(lambda: set(listener.payloads()) >= acked, 60, "every acknowledged command")
+    except AssertionError:
+        missing = sorted(acked - set(listener.payloads()))
+        raise AssertionError(
+            f"{len(missing)} of {len(acked)} acknowledged commands missing: {missing[:30]}; "
+            f"last received {listener.payloads()[-5:]}; node-b: {b.bridge(setup.name)}"
+        ) from None
+    time.sleep(1.0)
+    received = listener.payloads()
+    duplicates = len(received) - len(set(received))
+    print(
+        f"{len(acked)} commands acknowledged by the upstream, {len(received)} received on "
+        f"node-b ({duplicates} duplicates); takeover {takeover_s:.1f} s"
+    )
+    assert set(received) == acked  # at least once, nothing the upstream did not take
+
+
+def test_retained_messages_go_upstream_retained_and_others_do_not(
+    setup: Setup, fleet: Fleet
+) -> None:
+    a = setup.node("node-a", 0)
+    wait_for(lambda: owned_by(a, setup.name), 30, "node-a owning the bridge")
+    up = setup.client(
+        Subscriber(setup.upstream.port, fleet.root, enroll(fleet, "backend"), f"sites/{SITE}/#")
+    )
+    devices = [
+        setup.client(Publisher(a.port, fleet.root, enroll(fleet, f"d{i}"))) for i in (1, 2, 3)
+    ]
+    # QoS 1 retained (the stream's copy), QoS 0 retained (core NATS), QoS 1 not retained
+    for device, qos, retain in zip(devices, (1, 0, 1), (True, True, False), strict=True):
+        device.client.publish(device.topic, device.creds.device_id.encode(), qos=qos, retain=retain)
+    wait_for(lambda: len(up.payloads()) == 3, 15, "the three messages upstream")
+    later = setup.client(
+        Subscriber(setup.upstream.port, fleet.root, enroll(fleet, "backend-2"), f"sites/{SITE}/#")
+    )
+    wanted = {upstream_topic(d.creds): d.creds.device_id.encode() for d in devices[:2]}
+    wait_for(lambda: len(later.received) >= 2, 15, "the retained messages for a new subscriber")
+    time.sleep(0.5)
+    assert dict(later.received) == wanted  # the upstream retained these two, not the third
+
+
+def test_bridge_status_with_the_broker_down_reads_the_backlog_from_the_fabric(
+    setup: Setup, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No queue file in fabric mode: ``bridge status`` asks the consumer, not a file that is
+    not there (which would say 0 messages wait)."""
+    a = setup.node("node-a", 0)
+    wait_for(lambda: owned_by(a, setup.name), 30, "node-a owning the bridge")
+    setup.upstream.stop()
+    wait_for(lambda: not a.bridge(setup.name)["connected"], 20, "the link down")
+    device = setup.client(Publisher(a.port, fleet.root, enroll(fleet, "d1")))
+    device.run(20, "d1")
+    assert len(device.acked) == 20
+    wait_for(lambda: a.bridge(setup.name)["queue_messages"] == 20, 10, "20 waiting")
+    a.kill()
+    monkeypatch.setenv("FLEETGATE_BROKER_METRICS_PORT", str(a.metrics_port))  # nobody answers
+    monkeypatch.setenv("FLEETGATE_FABRIC_SERVERS", setup.cluster.nodes[1].url)
+    home = ["--home", str(fleet.config.home), "bridge", "status"]
+    result = CliRunner().invoke(app, home)
+    assert result.exit_code == 0, result.output
+    print(result.output)
+    assert "fabric mode: no queue file" in result.output
+    assert f"backlog    20 messages (FG_MSGS consumer FG_BRIDGE_{setup.name})" in result.output
+    assert "backlog    none (in rules only)" in result.output  # the -in bridge
+    result = CliRunner().invoke(app, [*home, "--json"])
+    report = json.loads(result.output)
+    assert not report["live"] and report["fabric"]
+    assert one_bridge(report, setup.name)["backlog"] == 20
+
+    monkeypatch.setenv("FLEETGATE_FABRIC_SERVERS", f"nats://127.0.0.1:{free_port()}")
+    result = CliRunner().invoke(app, home)
+    assert result.exit_code == 0, result.output
+    print(result.output)
+    assert "NATS: " in result.output
+    assert f"backlog    unknown (in FG_MSGS consumer FG_BRIDGE_{setup.name})" in result.output

@@ -1,12 +1,15 @@
 """A scenario with a ``[bridge]`` (issue 13): the simulator starts Mosquitto as the upstream,
 the broker bridges every device's telemetry to it, and a subscriber there is a checked
 subscriber. The upstream is stopped for 4 s: the bridge queues and catches up, and every
-message acknowledged to a device reaches the upstream. With a bridge queue too small for the
+message acknowledged to a device reaches the upstream, with one broker or on a fabric of two
+nodes (each running the bridge, one forwarding it). With a bridge queue too small for the
 outage the broker refuses publishes (0x97) instead, and still loses nothing it acknowledged."""
 
 from __future__ import annotations
 
 import asyncio
+
+import pytest
 
 from firmware_sim.engine import Coordinator, RunResult
 from firmware_sim.observations import REASONS, lost_messages
@@ -14,12 +17,13 @@ from firmware_sim.scenario import parse_scenario
 from firmware_sim.upstream import UPSTREAM_SUBSCRIBER
 
 
-def run(bridge: dict[str, object]) -> RunResult:
+def run(bridge: dict[str, object], **more: object) -> RunResult:
     scenario = parse_scenario(
         {
             "name": "bridge",
             "drain_s": 6,
             "bridge": bridge,
+            **more,
             "groups": [
                 {"name": "meters", "devices": 8, "rate": 2.0, "qos": 1, "reconnect_max_s": 1},
                 {"name": "valves", "devices": 4, "rate": 2.0, "qos": 2, "reconnect_max_s": 1},
@@ -34,8 +38,10 @@ def run(bridge: dict[str, object]) -> RunResult:
     return asyncio.run(Coordinator(scenario).run())
 
 
-def test_every_acknowledged_message_reaches_the_upstream_across_its_outage():
-    result = run({"upstream": "mosquitto"})
+@pytest.mark.parametrize("fabric", [0, 2], ids=["one broker", "fabric of 2"])
+def test_every_acknowledged_message_reaches_the_upstream_across_its_outage(fabric: int) -> None:
+    """On the fabric every node runs the bridge and one forwards it, from ``FG_MSGS``."""
+    result = run({"upstream": "mosquitto"}, deployment={"fabric": fabric})
     assert [v.line() for v in result.violations] == []
     assert UPSTREAM_SUBSCRIBER in result.checked_subscribers
     assert lost_messages(result.obs, (UPSTREAM_SUBSCRIBER,)) == 0
@@ -51,7 +57,7 @@ def test_every_acknowledged_message_reaches_the_upstream_across_its_outage():
     assert mark.recovery_s is not None
 
 
-def test_a_bridge_queue_too_small_for_the_outage_refuses_publishes_and_loses_nothing():
+def test_a_bridge_queue_too_small_for_the_outage_refuses_publishes_and_loses_nothing() -> None:
     """The broker's answer to a full bridge queue is backpressure, not loss: PUBACK 0x97 to
     the devices (an unexpected refusal for an ordinary device, so the run is red), and every
     message it did acknowledge still reaches the upstream."""

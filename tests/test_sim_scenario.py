@@ -114,10 +114,6 @@ def test_a_minimal_scenario_takes_its_defaults():
         (with_(bridge={"upstream": "hivemq"}), "expected one of ['mosquitto']"),
         (with_(bridge={"port": 1883}), "[bridge]: the simulator sets port itself"),
         (
-            with_(bridge={}, deployment={"fabric": 2}),
-            "[bridge] with [deployment] fabric: every node would run the bridge",
-        ),
-        (
             with_(faults=[{"kind": "node-kill", "at_s": 1, "duration_s": 2}]),
             "needs a fabric deployment ([deployment] fabric = 2)",
         ),

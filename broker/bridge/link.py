@@ -8,6 +8,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import NoReturn, Protocol
 
@@ -17,6 +18,7 @@ from broker.bridge.protocol import (
     AckedMany,
     Acknowledged,
     ConnectRefused,
+    Event,
     Received,
     ServerClosed,
     Subscribed,
@@ -54,7 +56,10 @@ class LinkOwner(Protocol):
 
     async def connected(self, name: str) -> None: ...
 
-    def inbound(self, name: str, publish: Publish) -> None: ...
+    def inbound(self, name: str, publish: Publish, settle: Callable[[bool], None]) -> None:
+        """A message from the upstream; ``settle(True)`` once it may be acknowledged upstream
+        (now or later), ``settle(False)`` if it was not taken (the link reconnects, so the
+        upstream sends it again)."""
 
     def acked(self, name: str, items: list[Queued]) -> None: ...
 
@@ -63,6 +68,56 @@ class LinkOwner(Protocol):
     def disconnected(self, name: str) -> None: ...
 
     def want_more(self, name: str) -> None: ...
+
+
+def _no_ack(ok: bool) -> None:
+    """A QoS 0 message from the upstream: nothing to acknowledge."""
+
+
+class InboundAcks:
+    """The QoS 1 messages of one upstream connection not yet acknowledged (no I/O). A PUBACK
+    goes out once its message is settled and every one before it is (MQTT acknowledges QoS 1
+    in the order the PUBLISHes came); a message not taken marks the connection ``failed``.
+    Settling after the connection ended does nothing: the upstream resends on reconnect.
+    ``ready`` is set when something is settled outside a read (``reading`` off)."""
+
+    def __init__(self, puback: Callable[[int], bytes]) -> None:
+        self._puback = puback
+        self.ready = asyncio.Event()
+        self.reading = False
+        self._order: deque[tuple[int, int]] = deque()  # (number, packet id), arrival order
+        self._settled: set[int] = set()
+        self._count = 0
+        self.out: list[bytes] = []  # PUBACKs ready to write
+        self.failed = False
+        self.closed = False
+
+    def expect(self, packet_id: int) -> Callable[[bool], None]:
+        """The ``settle`` of the next QoS 1 message."""
+        self._count += 1
+        number = self._count
+        self._order.append((number, packet_id))
+        return lambda ok: self._settle(number, ok)
+
+    def _settle(self, number: int, ok: bool) -> None:
+        if self.closed:
+            return
+        if not ok:
+            self.failed = True
+        else:
+            self._settled.add(number)
+            order, settled = self._order, self._settled
+            while order and order[0][0] in settled:
+                done, packet_id = order.popleft()
+                settled.discard(done)
+                self.out.append(self._puback(packet_id))
+        if not self.reading:
+            self.ready.set()
+
+    def take(self) -> bytes:
+        """The PUBACKs to write now."""
+        out, self.out = b"".join(self.out), []
+        return out
 
 
 class BridgeLink:
@@ -189,7 +244,7 @@ class BridgeLink:
         settings = self.plan.settings
         writer.write(session.connect())
         try:
-            accepted = await asyncio.wait_for(
+            accepted, early = await asyncio.wait_for(
                 self._handshake(reader, session, upstream), settings.connect_timeout_s
             )
         except TimeoutError:
@@ -205,9 +260,13 @@ class BridgeLink:
         if filters:
             writer.write(session.subscribe(SUBSCRIBE_PACKET_ID, filters))
         window = min(settings.max_inflight, accepted.receive_maximum)
+        acks = InboundAcks(session.puback)
         tasks = [
-            asyncio.create_task(self._read(reader, writer, session, upstream, filters)),
+            asyncio.create_task(
+                self._read(reader, writer, session, acks, upstream, filters, early)
+            ),
             asyncio.create_task(self._send(writer, session, window)),
+            asyncio.create_task(self._ack_late(writer, acks)),
         ]
         if settings.keepalive_s:
             tasks.append(asyncio.create_task(self._keep_alive(writer, session)))
@@ -215,6 +274,7 @@ class BridgeLink:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._out = None
+            acks.closed = True
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -230,7 +290,10 @@ class BridgeLink:
 
     async def _handshake(
         self, reader: asyncio.StreamReader, session: UpstreamSession, upstream: str
-    ) -> Accepted:
+    ) -> tuple[Accepted, list[Event]]:
+        """CONNACK, and what came in the same read after it: an upstream resuming the
+        bridge's session sends its queued messages at once, often in the same TCP segment
+        (dropping them left them unacknowledged until the next reconnect)."""
         while True:
             try:
                 data = await reader.read(65536)
@@ -250,7 +313,7 @@ class BridgeLink:
                 if isinstance(event, ConnectRefused):
                     raise LinkDown(f"{upstream} refused CONNECT: 0x{event.code:02x} {event.reason}")
                 if isinstance(event, Accepted):
-                    return event
+                    return event, events[events.index(event) + 1 :]
                 raise LinkDown(f"{upstream} sent {type(event).__name__} before CONNACK")
 
     async def _read(
@@ -258,21 +321,16 @@ class BridgeLink:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         session: UpstreamSession,
+        acks: InboundAcks,
         upstream: str,
         filters: tuple[str, ...],
+        events: list[Event],
     ) -> None:
+        """Handle ``events`` (what came with CONNACK), then each read's."""
         name = self.plan.name
         while True:
-            data = await reader.read(65536)
-            if not data:
-                raise LinkDown(f"{upstream} closed the connection", failure=False)
-            self._last_received = asyncio.get_running_loop().time()
-            try:
-                events = session.receive(data)
-            except ProtocolError as exc:
-                raise LinkDown(f"{upstream} broke the protocol: {exc.message}") from None
-            acks: list[bytes] = []
             done: list[Queued] = []
+            acks.reading = True
             for event in events:
                 match event:
                     case AckedMany(packet_ids=packet_ids):
@@ -288,9 +346,9 @@ class BridgeLink:
                         if item is not None:
                             done.append(item)
                     case Received(publish=publish):
-                        self._owner.inbound(name, publish)
-                        if publish.packet_id is not None:
-                            acks.append(session.puback(publish.packet_id))
+                        pid = publish.packet_id
+                        settle = _no_ack if pid is None else acks.expect(pid)
+                        self._owner.inbound(name, publish, settle)
                     case Subscribed(codes=codes):
                         refused = [f for f, c in zip(filters, codes, strict=False) if c >= 0x80]
                         if refused:
@@ -308,14 +366,40 @@ class BridgeLink:
                             f"{upstream} sent DISCONNECT 0x{code:02x} {reason}".rstrip(),
                             failure=code >= 0x80,
                         )
-            if acks:
-                writer.write(b"".join(acks))
-            if not done:
-                continue
-            self.counters.forwarded += len(done)
-            self._owner.acked(name, done)
-            if self._out is not None and not self._fill():
+            acks.reading = False
+            if done:
+                self.counters.forwarded += len(done)
+                self._owner.acked(name, done)
+            self._write_acks(writer, acks)
+            if done and self._out is not None and not self._fill():
                 self._wake.set()  # the sender asks for more from disk
+            data = await reader.read(65536)
+            if not data:
+                raise LinkDown(f"{upstream} closed the connection", failure=False)
+            self._last_received = asyncio.get_running_loop().time()
+            try:
+                events = session.receive(data)
+            except ProtocolError as exc:
+                raise LinkDown(f"{upstream} broke the protocol: {exc.message}") from None
+
+    def _write_acks(self, writer: asyncio.StreamWriter, acks: InboundAcks) -> None:
+        """PUBACKs whose messages were taken; a message not taken ends the connection."""
+        if acks.out:
+            writer.write(acks.take())
+        if acks.failed:
+            raise LinkDown(
+                "an inbound message was not stored; reconnecting so that the upstream sends "
+                "it again",
+                failure=True,
+            )
+
+    async def _ack_late(self, writer: asyncio.StreamWriter, acks: InboundAcks) -> None:
+        """PUBACKs for messages the owner settled after :meth:`_read` handed them over (the
+        fabric stores them first)."""
+        while True:
+            await acks.ready.wait()
+            acks.ready.clear()
+            self._write_acks(writer, acks)
 
     async def _send(
         self, writer: asyncio.StreamWriter, session: UpstreamSession, window: int

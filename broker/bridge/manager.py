@@ -281,18 +281,22 @@ class BridgeRuntime:
         """Re-read the local ACL on every connection: the operator may have changed it."""
         await self._load_acl(self._bridges[name])
 
-    def inbound(self, name: str, publish: Publish) -> None:
-        """A message from the upstream: renamed, checked, published locally as the bridge."""
+    def inbound(self, name: str, publish: Publish, settle: Callable[[bool], None]) -> None:
+        """A message from the upstream: renamed, checked, published locally as the bridge;
+        ``settle`` says when the upstream may have its acknowledgement."""
         bridge = self._bridges[name]
         props = publish.properties
         if props.user_properties and carries_origin(props, self.origin):
             bridge.counters.loops += 1
+            settle(True)
             return
         topic = first_remap(bridge.plan.inbound, publish.topic)
         if topic is None:
+            settle(True)
             return  # an upstream sent a topic no in rule asked for
         if not bridge.acl.may_publish(topic):
             self._deny_inbound(bridge, topic)
+            settle(True)
             return
         if publish.dup:
             bridge.counters.duplicates_in += 1
@@ -314,6 +318,7 @@ class BridgeRuntime:
                 expires_at=None if expiry is None else now + expiry,
             ),
             now,
+            settle,
         )
         bridge.counters.received += 1
         self._wake_broker()
@@ -328,9 +333,13 @@ class BridgeRuntime:
             hint = "" if bridge.group_has_acl else f"; group {group} has no ACL: set one"
             log.warning("bridge %s: inbound %s%s", name, reason, hint, extra={"bridge": name})
 
-    def _publish_inbound(self, message: Message, now: float) -> None:
-        """Deliver an inbound message to this broker's subscribers."""
+    def _publish_inbound(
+        self, message: Message, now: float, settle: Callable[[bool], None]
+    ) -> None:
+        """Deliver an inbound message to this broker's subscribers (taken at once: a message
+        from the upstream is not kept through a restart here, as a device's QoS 1 is not)."""
         self._core.publish(message, now)
+        settle(True)
 
     # -- figures -------------------------------------------------------------------------------
 

@@ -82,7 +82,7 @@ class Subscribed:
 @dataclass(frozen=True, slots=True)
 class Received:
     """A message from the upstream; QoS 1 is acknowledged with :meth:`UpstreamSession.puback`
-    once it is published locally."""
+    once the broker has taken it (in fabric mode: once the stream stored it)."""
 
     publish: Publish
 

@@ -21,8 +21,11 @@ node, and loses nothing acknowledged when a node dies.
   (others are counted in ``dropped_qos0_fabric``); they are not resent by the next owner.
 - **In.** Only the owner subscribes upstream. An inbound message goes through the fabric's gate
   like a device message (core NATS to every node, QoS 1 into the stream), and is published to
-  this node's subscribers. Its stream copy names the sender ``bridge:<name>``: the consumer
-  skips it, so nothing that came in over a bridge goes out over one (as with the queue file).
+  this node's subscribers. A QoS 1 one is acknowledged upstream only once the stream has it
+  (in arrival order, :class:`broker.bridge.link.InboundAcks`); one the fabric does not take
+  drops the connection, so the upstream's session sends it again. Its stream copy names the
+  sender ``bridge:<name>``: the consumer skips it, so nothing that came in over a bridge goes
+  out over one (as with the queue file).
 - **Loops.** The origin marker is the cluster's, made from the stream's creation time, so every
   node adds and recognises the same one.
 """
@@ -48,7 +51,7 @@ from broker.bridge.topics import first_remap
 from broker.core import BrokerCore, GateVerdict
 from broker.fabric.connect import auth_options
 from broker.fabric.durable import STREAM, STREAM_PREFIX
-from broker.fabric.node import QOS_HEADER, FabricNode, message_from_nats
+from broker.fabric.node import QOS_HEADER, RETAIN_HEADER, FabricNode, message_from_nats
 from broker.fabric.sessions import SENDER_HEADER
 from broker.fabric.subjects import filter_to_subjects, subject_to_topic
 from broker.metrics import family_lines
@@ -225,10 +228,6 @@ class _Term:
     room: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     qos0: list[Any] = field(default_factory=list)  # core NATS subscriptions, QoS 0 messages
-
-
-def _no_acknowledgement(ok: bool, now: float) -> None:
-    """An inbound message's stream outcome: the upstream was acknowledged already."""
 
 
 class FabricBridges(BridgeRuntime):
@@ -496,7 +495,10 @@ class FabricBridges(BridgeRuntime):
         if not bridge.queue.reserve(out[2], stored_at):
             return True  # beyond the bounds: delivered again after ACK_WAIT_S
         # sent before (num_delivered > 1): another owner, or this one, may have sent it
-        item = self._queue(bridge, term, message, out, stored_at, sent=meta.num_delivered > 1)
+        retain = RETAIN_HEADER in headers if headers else False
+        item = self._queue(
+            bridge, term, message, out, stored_at, sent=meta.num_delivered > 1, retain=retain
+        )
         term.held[item.seq] = (msg, stream_seq)
         term.stream_seqs.add(stream_seq)
         return True
@@ -516,7 +518,8 @@ class FabricBridges(BridgeRuntime):
         if not bridge.state.connected or not bridge.queue.reserve(out[2], now):
             bridge.counters.dropped_qos0_fabric += 1
             return
-        self._queue(bridge, term, message, out, now, sent=False)
+        retain = RETAIN_HEADER in headers if headers else False
+        self._queue(bridge, term, message, out, now, sent=False, retain=retain)
         if bridge.link is not None:
             bridge.link.wake()
 
@@ -542,11 +545,13 @@ class FabricBridges(BridgeRuntime):
         at: float,
         *,
         sent: bool,
+        retain: bool,
     ) -> Queued:
-        """Hand a message whose room is reserved to the link's queue."""
+        """Hand a message whose room is reserved to the link's queue; ``retain``: it goes
+        upstream with RETAIN (the stream copy's :data:`RETAIN_HEADER`)."""
         term.next_seq += 1
         remote, block, size = out
-        item = Queued(term.next_seq, remote, message.payload, False, block, at, size, sent)
+        item = Queued(term.next_seq, remote, message.payload, retain, block, at, size, sent)
         bridge.queue.stored(item)
         return item
 
@@ -587,11 +592,26 @@ class FabricBridges(BridgeRuntime):
             return GateVerdict.LOOP
         return self._node.offer(message, dup, on_stored)
 
-    def _publish_inbound(self, message: Message, now: float) -> None:
-        """To every node, through the fabric's gate as a device message, then here."""
+    def _publish_inbound(
+        self, message: Message, now: float, settle: Callable[[bool], None]
+    ) -> None:
+        """To every node, through the fabric's gate as a device message, then here. A QoS 1
+        message is acknowledged upstream once ``FG_MSGS`` has it, as a device's is: if it is
+        not stored (the fabric down, or no answer in time) the link reconnects and the
+        upstream sends it again, so an owner killed in between loses nothing."""
         if message.qos == QoS.AT_MOST_ONCE:
             self._echoes.published(message.topic, message.payload, time.time())
-        self._node.offer(message, False, _no_acknowledgement)
+        verdict = self._node.offer(message, False, lambda ok, _: settle(ok))
+        if verdict is GateVerdict.FULL:
+            settle(False)  # the fabric refuses QoS 1 now: routed when it comes again
+            return
+        if verdict is GateVerdict.INVALID:
+            log.warning(
+                "bridge: inbound topic %r has no NATS subject; delivered on this node only",
+                message.topic,
+            )
+        if verdict is not GateVerdict.HOLD:
+            settle(True)
         self._core.publish(message, now)
 
     # -- figures -------------------------------------------------------------------------------

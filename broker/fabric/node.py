@@ -108,6 +108,9 @@ its queue group); ``$FG.>`` is the nodes' own."""
 QOS_HEADER = "Nmqtt-Pub"  # nats-server's MQTT listener reads and writes the QoS here
 EXPIRY_HEADER = "Fg-Expiry"  # MQTT 5 message expiry, whole seconds left
 PROPERTIES_HEADER = "Fg-Props"  # MQTT 5 message properties, encoded as on the wire, base64
+RETAIN_HEADER = "Fg-Retain"
+"""``1`` on a retained message's stream copy (and a retained QoS 0 message), for bridges to
+forward it with RETAIN; absent otherwise, so an ordinary message carries nothing more."""
 
 CANONICAL_CACHE = 65536
 """Topics whose routing filter the node remembers (cleared when full or when filters change)."""
@@ -565,15 +568,18 @@ class FabricNode:
             self._refuse_full(message, now)
             return GateVerdict.FULL
         headers = nats_headers(message, now)
+        if message.retain and message.qos == QoS.AT_MOST_ONCE:  # a copy: headers are shared
+            headers = {**(headers or {}), RETAIN_HEADER: "1"}
         self._outbox.append((subject, message.payload, headers))
         self._outbox_ready.set()
         if message.qos == QoS.AT_MOST_ONCE:
             return GateVerdict.ROUTE
-        # The sender is for no-local, on the stored copy only.
+        # The sender is for no-local, and the retain flag for bridges: on the stored copy only.
+        extra = {SENDER_HEADER: message.sender}
+        if message.retain:
+            extra[RETAIN_HEADER] = "1"
         ledger = self.ledger
-        number = ledger.add(
-            subject, message.payload, headers, on_stored, now, {SENDER_HEADER: message.sender}
-        )
+        number = ledger.add(subject, message.payload, headers, on_stored, now, extra)
         if not ledger.holding:  # else it waits behind the oldest unstored one (durable.py)
             self._stored_outbox.append(number)
         return GateVerdict.HOLD

@@ -1,11 +1,15 @@
 """``fleetgate bridge status``: each bridge's link, queue and counters, from the running broker.
 
 The broker answers ``GET /bridges`` on its metrics port (127.0.0.1). When it does not answer,
-the queue file still tells how many messages wait and how old the oldest is.
+the queue file still tells how many messages wait and how old the oldest is; in fabric mode
+there is no queue file, so each bridge's backlog is asked of its ``FG_MSGS`` consumer (and its
+owner of the lease bucket) on NATS, if NATS answers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import urllib.request
@@ -34,6 +38,10 @@ def status(
     report = live_status(config) or offline_status(config)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
+        return
+    if report.get("fabric"):
+        for line in render_fabric_offline(report):
+            typer.echo(line)
         return
     if not report["live"]:
         typer.echo(f"broker not answering on {report['url']}: figures from the queue file only")
@@ -74,6 +82,8 @@ def live_status(config: Config) -> dict[str, Any] | None:
 
 def offline_status(config: Config) -> dict[str, Any]:
     """What the queue file holds for each configured bridge, the broker being down."""
+    if config.fabric is not None:
+        return fabric_offline_status(config)
     path = queue_path(config)
     now = time.time()
     bridges = []
@@ -113,3 +123,116 @@ def offline_status(config: Config) -> dict[str, Any]:
         "loops_dropped": 0,
         "bridges": bridges,
     }
+
+
+FABRIC_ASK_S = 3.0
+"""How long ``bridge status`` waits for NATS when the broker does not answer (fabric mode)."""
+
+
+def fabric_offline_status(config: Config) -> dict[str, Any]:
+    """Fabric mode, the broker down: no queue file; each bridge's backlog is its consumer's
+    (pending + unacknowledged) and its owner the lease's holder, if NATS answers in time."""
+    from broker.fabric.bridge import consumer_name
+
+    try:
+        found, reason = asyncio.run(asyncio.wait_for(_ask_fabric(config), 2 * FABRIC_ASK_S))
+    except TimeoutError:
+        found, reason = {}, f"no answer within {2 * FABRIC_ASK_S:g} s"
+    except Exception as exc:  # unreachable, refused: say so, guess nothing
+        found, reason = {}, str(exc) or type(exc).__name__
+    bridges = []
+    for settings in config.bridges:
+        backlog, owner = found.get(settings.name, (None, "unknown"))
+        bridges.append(
+            {
+                "name": settings.name,
+                "upstream": f"{settings.host}:{settings.port}",
+                "protocol": settings.protocol,
+                "consumer": consumer_name(settings.name) if settings.out else None,
+                "backlog": backlog,
+                "owner": owner,
+            }
+        )
+    return {
+        "live": False,
+        "fabric": True,
+        "url": _url(config),
+        "nats_error": reason,
+        "checked_at": iso(time.time()),
+        "bridges": bridges,
+    }
+
+
+async def _ask_fabric(config: Config) -> tuple[dict[str, tuple[int | None, str | None]], str]:
+    """Each bridge's consumer backlog and lease holder; an error reason per missing answer."""
+    import nats
+
+    from broker.fabric.bridge import LEASE_BUCKET, consumer_name, holder_node, lease_key
+    from broker.fabric.connect import auth_options
+    from broker.fabric.durable import STREAM
+
+    assert config.fabric is not None
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc) or type(exc).__name__)
+
+    try:
+        nc = await nats.connect(
+            servers=list(config.fabric.servers),
+            name="fleetgate-cli-bridge-status",
+            inbox_prefix="$FG.inbox",
+            connect_timeout=FABRIC_ASK_S,
+            max_reconnect_attempts=1,  # one try of each server (0 would mean: try forever)
+            reconnect_time_wait=0.1,
+            error_cb=on_error,
+            **auth_options(config),
+        )
+    except nats.errors.NoServersError:
+        raise OSError(errors[-1] if errors else "no NATS server answered") from None
+    found: dict[str, tuple[int | None, str | None]] = {}
+    reason = ""
+    try:
+        js = nc.jetstream(timeout=FABRIC_ASK_S)
+        try:
+            kv = await js.key_value(LEASE_BUCKET)
+        except Exception as exc:
+            kv, reason = None, f"lease bucket: {exc or type(exc).__name__}"
+        for settings in config.bridges:
+            backlog = owner = None
+            if settings.out:
+                try:
+                    info = await js.consumer_info(STREAM, consumer_name(settings.name))
+                    backlog = int(info.num_pending or 0) + int(info.num_ack_pending)
+                except Exception as exc:
+                    reason = f"consumer {consumer_name(settings.name)}: {exc or type(exc).__name__}"
+            if kv is not None:
+                with contextlib.suppress(Exception):  # no key: nobody owns it now
+                    entry = await kv.get(lease_key(settings.name))
+                    owner = holder_node(entry.value.decode()) if entry.value else None
+            found[settings.name] = (backlog, owner)
+    finally:
+        await nc.close()
+    return found, reason
+
+
+def render_fabric_offline(report: dict[str, Any]) -> list[str]:
+    """What ``bridge status`` prints in fabric mode while this node's broker is down."""
+    out = [
+        f"broker not answering on {report['url']}; fabric mode: no queue file, each bridge's "
+        "backlog is its FG_MSGS consumer's"
+    ]
+    if report["nats_error"]:
+        out.append(f"NATS: {report['nats_error']}")
+    for bridge in report["bridges"]:
+        owner = f"  owner {bridge['owner']}" if bridge["owner"] else "  owner none"
+        out.append(f"{bridge['name']}  ({bridge['protocol']} to {bridge['upstream']}){owner}")
+        if bridge["consumer"] is None:
+            out.append("  backlog    none (in rules only)")
+        elif bridge["backlog"] is None:
+            out.append(f"  backlog    unknown (in FG_MSGS consumer {bridge['consumer']})")
+        else:
+            out.append(
+                f"  backlog    {bridge['backlog']} messages (FG_MSGS consumer {bridge['consumer']})"
+            )
+    return out
