@@ -405,6 +405,16 @@ class Connection:
         while ahead and ahead[0][0] <= number:
             self._emit(ahead.popleft()[1])
 
+    def _write_flow(self, packet: PubRec | PubRel, received: int | None = None) -> None:
+        """A QoS 2 PUBREC or PUBREL: at once, or for a fabric session once the record names
+        its packet id and stage (``received``: the id of a stored incoming message, for
+        ``qos2_in``)."""
+        session = self.session
+        if session is None or session.fabric is None:
+            self._write(packet)
+        else:
+            self._write_ahead(encode(packet, self.level, validate=False), received)
+
     def _write_ahead(self, data: bytes, received: int | None = None) -> None:
         """Hold a QoS 2 packet of a fabric session until the record naming its packet id and
         stage is written: a node killed meanwhile leaves a record the client's state agrees
@@ -779,12 +789,9 @@ class Connection:
         self.core.metrics.messages_received[qos] += 1
         if qos == _QOS2:
             assert packet_id is not None
-            if packet_id in self.session.incoming_qos2:  # a resend: delivered once already
-                if self.session.fabric is None:
-                    self._write(PubRec(packet_id=packet_id))
-                    return
-                if dup:
-                    self._write_ahead(encode(PubRec(packet_id=packet_id), self.level))
+            if packet_id in self.session.incoming_qos2:
+                if dup or self.session.fabric is None:  # a resend: delivered once already
+                    self._write_flow(PubRec(packet_id=packet_id))
                     return
                 # Not a resend (DUP 0): an id the record still listed after its PUBCOMP
                 # (a node killed before the next checkpoint), taken again by the client.
@@ -932,18 +939,12 @@ class Connection:
                     self.session.incoming_qos2.discard(held.packet.packet_id)
         held.ready = True
         queue = self._held
-        session = self.session
         while queue and queue[0].ready:
             packet = queue.popleft().packet
             if type(packet) is bytes:  # a success PUBACK, the hot path: its four bytes as is
                 self._emit(packet)
-            elif (
-                type(packet) is PubRec
-                and packet.reason_code == _SUCCESS
-                and session is not None
-                and session.fabric is not None
-            ):  # stored in the stream: PUBREC once the record lists the id in qos2_in
-                self._write_ahead(encode(packet, self.level, validate=False), packet.packet_id)
+            elif type(packet) is PubRec and packet.reason_code == _SUCCESS:
+                self._write_flow(packet, received=packet.packet_id)  # the message is stored
             else:
                 assert packet is not None and not isinstance(packet, bytes)
                 self._write(packet)
@@ -967,11 +968,8 @@ class Connection:
         if isinstance(pending, Publish) and pending.qos == QoS.EXACTLY_ONCE:
             pending = PubRel(packet_id=packet.packet_id)
             self.session.inflight[packet.packet_id] = pending
-        if isinstance(pending, PubRel):
-            if self.session.fabric is None:
-                self._write(pending)
-            else:  # once the record says "PUBREL sent": the PUBLISH is never resent
-                self._write_ahead(encode(pending, self.level, validate=False))
+        if isinstance(pending, PubRel):  # fabric: once the record says "PUBREL sent"
+            self._write_flow(pending)
         elif pending is None:
             code = _R.SUCCESS if self.level is _V3 else _R.PACKET_IDENTIFIER_NOT_FOUND
             self._write(PubRel(packet_id=packet.packet_id, reason_code=code))
