@@ -189,6 +189,7 @@ class BridgeRuntime:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runners: list[asyncio.Task[Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._routes: dict[str, list[tuple[_Bridge, str, int]]] = {}
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -209,6 +210,28 @@ class BridgeRuntime:
             self.loops += 1
             return True
         return False
+
+    def _looped(self, bridge: _Bridge, props: Properties) -> bool:
+        """A message on ``bridge`` carrying this broker's own origin marker (it went upstream
+        from here and came back): counted on that bridge, not forwarded."""
+        if props.user_properties and carries_origin(props, self.origin):
+            bridge.counters.loops += 1
+            return True
+        return False
+
+    def _routes_for(self, topic: str) -> list[tuple[_Bridge, str, int]]:
+        """The bridges a topic goes to, with its upstream name and that name's size."""
+        routes = self._routes.get(topic)
+        if routes is None:
+            if len(self._routes) >= ROUTE_CACHE:
+                self._routes.clear()
+            routes = []
+            for bridge in self._bridges.values():
+                remote = first_remap(bridge.plan.out, topic)
+                if remote is not None:
+                    routes.append((bridge, remote, len(remote.encode())))
+            self._routes[topic] = routes
+        return routes
 
     def _marked(self, props: Properties) -> bytes:
         """The property block of a message going upstream: its properties and the marker."""
@@ -286,8 +309,7 @@ class BridgeRuntime:
         ``settle`` says when the upstream may have its acknowledgement."""
         bridge = self._bridges[name]
         props = publish.properties
-        if props.user_properties and carries_origin(props, self.origin):
-            bridge.counters.loops += 1
+        if self._looped(bridge, props):
             settle(True)
             return
         topic = first_remap(bridge.plan.inbound, publish.topic)
@@ -411,7 +433,6 @@ class BridgeManager(BridgeRuntime):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridge-queue")
         self._pending: list[_Pending] = []
         self._writing = False
-        self._routes: dict[str, list[tuple[_Bridge, str, int]]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -566,20 +587,6 @@ class BridgeManager(BridgeRuntime):
             self._writing = True
             self._spawn(self._write_all())
         return _HOLD
-
-    def _routes_for(self, topic: str) -> list[tuple[_Bridge, str, int]]:
-        """The bridges a topic goes to, with its upstream name and that name's size."""
-        routes = self._routes.get(topic)
-        if routes is None:
-            if len(self._routes) >= ROUTE_CACHE:
-                self._routes.clear()
-            routes = []
-            for bridge in self._bridges.values():
-                remote = first_remap(bridge.plan.out, topic)
-                if remote is not None:
-                    routes.append((bridge, remote, len(remote.encode())))
-            self._routes[topic] = routes
-        return routes
 
     def _refuse_full(self, bridge: _Bridge, qos: int) -> None:
         if qos:

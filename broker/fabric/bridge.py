@@ -44,10 +44,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from broker.bridge.manager import BridgeRuntime, _Bridge, carries_origin, new_queue
+from broker.bridge.manager import BridgeRuntime, _Bridge, new_queue
 from broker.bridge.plan import BridgePlan
 from broker.bridge.queue import RAM_LIMIT, Queued
-from broker.bridge.topics import first_remap
 from broker.core import BrokerCore, GateVerdict
 from broker.fabric.connect import auth_options
 from broker.fabric.durable import STREAM, STREAM_PREFIX
@@ -64,7 +63,7 @@ from fleetgate.errors import ConfigError
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
-    from nats.js.api import StreamInfo
+    from nats.js.api import ConsumerInfo, StreamInfo
     from nats.js.client import JetStreamContext
     from nats.js.kv import KeyValue
 
@@ -93,6 +92,12 @@ def consumer_name(bridge: str) -> str:
     if "." in bridge:
         return "FG_BRIDGE_x" + bridge.encode().hex()
     return "FG_BRIDGE_" + bridge
+
+
+def consumer_backlog(info: ConsumerInfo) -> int:
+    """A bridge's backlog as its consumer shows it: messages not yet delivered to the owner,
+    and those delivered but not acknowledged (not yet PUBACKed upstream)."""
+    return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
 
 def lease_key(bridge: str) -> str:
@@ -389,7 +394,7 @@ class FabricBridges(BridgeRuntime):
             info = await self._js.consumer_info(STREAM, consumer_name(bridge.plan.name))
         except Exception:
             return
-        self._backlog[bridge.plan.name] = int(info.num_pending or 0) + int(info.num_ack_pending)
+        self._backlog[bridge.plan.name] = consumer_backlog(info)
 
     async def _take_over(self, bridge: _Bridge) -> None:
         """This node holds the lease now: bind the consumer, start the link."""
@@ -527,14 +532,14 @@ class FabricBridges(BridgeRuntime):
         """The upstream topic, property block and size of ``message`` on ``bridge``; None if
         it does not go (no out rule, or an echo of what this cluster sent upstream)."""
         props = message.properties
-        if props.user_properties and carries_origin(props, self.origin):
-            bridge.counters.loops += 1
+        if self._looped(bridge, props):
             return None
-        remote = first_remap(bridge.plan.out, message.topic)
-        if remote is None:
+        route = next((r for r in self._routes_for(message.topic) if r[0] is bridge), None)
+        if route is None:
             return None
+        _, remote, remote_size = route
         block = self._marked(props)
-        return remote, block, len(remote.encode()) + len(message.payload) + len(block)
+        return remote, block, remote_size + len(message.payload) + len(block)
 
     @staticmethod
     def _queue(

@@ -167,7 +167,13 @@ async def _ask_fabric(config: Config) -> tuple[dict[str, tuple[int | None, str |
     """Each bridge's consumer backlog and lease holder; an error reason per missing answer."""
     import nats
 
-    from broker.fabric.bridge import LEASE_BUCKET, consumer_name, holder_node, lease_key
+    from broker.fabric.bridge import (
+        LEASE_BUCKET,
+        consumer_backlog,
+        consumer_name,
+        holder_node,
+        lease_key,
+    )
     from broker.fabric.connect import auth_options
     from broker.fabric.durable import STREAM
 
@@ -203,7 +209,7 @@ async def _ask_fabric(config: Config) -> tuple[dict[str, tuple[int | None, str |
             if settings.out:
                 try:
                     info = await js.consumer_info(STREAM, consumer_name(settings.name))
-                    backlog = int(info.num_pending or 0) + int(info.num_ack_pending)
+                    backlog = consumer_backlog(info)
                 except Exception as exc:
                     reason = f"consumer {consumer_name(settings.name)}: {exc or type(exc).__name__}"
             if kv is not None:
