@@ -17,7 +17,6 @@ from firmware_sim.observations import (
     SENT,
     Observations,
     lost_by_topic,
-    lost_messages,
 )
 from firmware_sim.report import percentile
 
@@ -30,12 +29,12 @@ def _ms(samples: list[float]) -> dict[str, float | None]:
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": at(1.0)}
 
 
-def by_key_store(result: RunResult) -> dict[str, dict[str, Any]]:
+def by_key_store(result: RunResult, lost_topics: Counter[str]) -> dict[str, dict[str, Any]]:
     """Per key store (file, tpm, smartcard) in the scenario: its groups, what stood in for
-    the hardware, and how many devices enrolled and connected, and their messages."""
+    the hardware, and how many devices enrolled and connected, and their messages
+    (``lost_topics``: :func:`lost_by_topic` of the checked subscribers)."""
     obs = result.obs
-    checked = result.checked_subscribers
-    delivered, lost = _per_device_key_store(obs, checked)
+    delivered, lost = _per_device_key_store(obs, result.checked_subscribers, lost_topics)
     stores: dict[str, dict[str, Any]] = {}
     for group in result.scenario.groups:
         kind = str(group.key_store)
@@ -62,7 +61,7 @@ KEY_STORE_COUNTS = ("enrolled", "connected", "connects", "sent", "acknowledged")
 
 
 def _per_device_key_store(
-    obs: Observations, checked: tuple[str, ...]
+    obs: Observations, checked: tuple[str, ...], lost_topics: Counter[str]
 ) -> tuple[Counter[str], Counter[str]]:
     """Deliveries to the checked subscribers, and acknowledged messages they lack, by the
     publishing device's key store (hardware devices are few and listed; the rest are file)."""
@@ -76,7 +75,7 @@ def _per_device_key_store(
         if subscriber in checked:
             delivered[key_store(topic)] += len(seqs)
     lost: Counter[str] = Counter()
-    for topic, count in lost_by_topic(obs, checked).items():
+    for topic, count in lost_topics.items():
         lost[key_store(topic)] += count
     return delivered, lost
 
@@ -88,7 +87,8 @@ def summary(result: RunResult) -> dict[str, Any]:
     broken = {v.invariant: v for v in result.violations}
     acked = obs.total(ACKED)
     delivered_unique = sum(len(set(seqs)) for seqs in obs.arrivals.values())
-    lost = lost_messages(obs, result.checked_subscribers)
+    lost_topics = lost_by_topic(obs, result.checked_subscribers)  # one pass, two uses
+    lost = sum(lost_topics.values())
     return {
         "scenario": scenario.name,
         "description": scenario.description,
@@ -108,7 +108,7 @@ def summary(result: RunResult) -> dict[str, Any]:
         "lost": lost,
         "delivered_ratio": round(1 - lost / acked, 6) if acked else None,
         "checked_subscribers": list(result.checked_subscribers),
-        "key_stores": by_key_store(result),
+        "key_stores": by_key_store(result, lost_topics),
         "latency_ms": {
             "publish_to_deliver": _ms(latency),
             "connect": _ms(obs.connect_ms),

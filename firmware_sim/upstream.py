@@ -3,7 +3,7 @@ broker's ``[[bridge]]`` to it, and the outage fault.
 
 The bridge forwards every device's telemetry (``devices/+/telemetry``, same topic upstream)
 with store-and-forward (broker/bridge/). Its client identity is a fleet certificate
-(``sim-bridge``, group ``bridges``) in a device-SDK key store under the data directory;
+(``<station>-bridge``, group ``bridges``) in a device-SDK key store under the data directory;
 Mosquitto requires a client certificate and verifies it against the fleet chain. Mosquitto
 keeps persistent sessions (saved when it stops), so the simulator's subscriber there, which
 counts as a checked subscriber (every acknowledged message must reach it), keeps its
@@ -25,8 +25,6 @@ from firmware_sim.mosquitto import Mosquitto
 from fleetgate.config import Config
 from fleetgate.keyfiles import write_certificates, write_private_key
 
-BRIDGE_ID = "sim-bridge"
-BRIDGE_GROUP = "bridges"
 BRIDGED = "devices/+/telemetry"
 UPSTREAM_SUBSCRIBER = "sim-upstream"
 
@@ -47,7 +45,6 @@ class Upstream:
             # bridge's); sessions saved when it stops, not after every change
             extra=("max_queued_messages 0", "autosave_on_changes false", "autosave_interval 3600"),
         )
-        self.outages = 0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -89,10 +86,9 @@ class Upstream:
     async def outage(self, duration_s: float) -> None:
         """Mosquitto stopped (SIGTERM: it saves its sessions) for ``duration_s``, then started
         again on the same port: the bridge's connection drops and reconnects are refused."""
-        self.outages += 1
         await asyncio.to_thread(self.mosquitto.stop)
         await asyncio.sleep(duration_s)
         await asyncio.to_thread(self.mosquitto.start)
 
 
-__all__ = ["BRIDGED", "BRIDGE_GROUP", "BRIDGE_ID", "UPSTREAM_SUBSCRIBER", "Upstream"]
+__all__ = ["BRIDGED", "UPSTREAM_SUBSCRIBER", "Upstream"]
