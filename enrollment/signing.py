@@ -183,7 +183,7 @@ def _stand_in(curve_name: str) -> ec.EllipticCurvePrivateKey:
 
 def _resign(signed: bytes, key: ExternalKey, algorithm: SignatureHash) -> bytes:
     """SEQUENCE { tbs, algorithm, BIT STRING signature } with the signature replaced."""
-    tbs, algorithm_id, _old = children(signed)[:3]
-    rest = b"".join(children(signed)[3:])  # an OCSP response's [0] certs, if any
+    tbs, algorithm_id, _old, *more = children(signed)
+    rest = b"".join(more)  # an OCSP response's [0] certs, if any
     signature = key.sign(tbs, ec.ECDSA(algorithm))
     return tlv(0x30, tbs + algorithm_id + tlv(0x03, b"\x00" + signature) + rest)
