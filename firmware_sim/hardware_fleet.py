@@ -26,7 +26,13 @@ from typing import Any
 
 from broker.mqtt import Publish, QoS, ReasonCode
 from firmware_sim.deployment import Target
-from firmware_sim.hardware_line import CardBench, TpmBench
+from firmware_sim.hardware_line import (
+    CardBench,
+    TpmBench,
+    identity_args,
+    install_manufacturer,
+    trust_dir,
+)
 from firmware_sim.mqtt_client import Refused, SessionClosed, Unacked
 from firmware_sim.scenario import Group, KeyStore
 from firmware_sim.vcard import VirtualCardError
@@ -84,21 +90,17 @@ class HardwareFleet:
             directory = self.workdir / "devices" / device_id
             made[device_id] = HardwareAccess(kind, directory, env, tuple(access), tuple(extra))
         for kind, bench in self.benches.items():
-            store = self.trust_dir(kind)
-            store.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(bench.root, store / "sim-manufacturer.pem")
+            install_manufacturer(self.workdir, kind, bench.root)
         return made
-
-    def trust_dir(self, kind: KeyStore) -> Path:
-        return self.workdir / "trust" / kind
 
     def service_env(self) -> dict[str, str]:
         """The EST service's attestation trust stores: this run's manufacturers, and only
         theirs (never the data directory's own stores)."""
         env = {}
         for kind, name in TRUST_ENV.items():
-            self.trust_dir(kind).mkdir(parents=True, exist_ok=True)
-            env[name] = str(self.trust_dir(kind))
+            store = trust_dir(self.workdir, kind)
+            store.mkdir(parents=True, exist_ok=True)
+            env[name] = str(store)
         return env
 
     def descriptions(self) -> dict[str, str]:
@@ -137,15 +139,7 @@ class HardwareLink:
 
     def _identity(self) -> list[str]:
         access = self.access
-        return [
-            "--key-store",
-            access.key_store,
-            "--dir",
-            str(access.directory),
-            "--device-id",
-            self.device_id,
-            *access.access,
-        ]
+        return identity_args(access.key_store, access.directory, self.device_id, access.access)
 
     async def _spawn(self, step: str, *arguments: str) -> asyncio.subprocess.Process:
         self.logs.mkdir(parents=True, exist_ok=True)

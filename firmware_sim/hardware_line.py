@@ -52,7 +52,10 @@ __all__ = [
     "HardwareLine",
     "HardwareLineError",
     "LinePlan",
+    "identity_args",
+    "install_manufacturer",
     "parse_kind",
+    "trust_dir",
 ]
 
 HardwareKind = Literal["tpm", "smartcard"]
@@ -76,6 +79,23 @@ def parse_kind(text: str) -> HardwareKind:
     if text not in kinds:
         raise HardwareLineError(f"--key-store is file, tpm or smartcard, not {text!r}")
     return kinds[text]
+
+
+def trust_dir(workdir: Path, kind: str) -> Path:
+    """A run's attestation trust store for one kind of hardware (its manufacturer only)."""
+    return workdir / "trust" / kind
+
+
+def install_manufacturer(workdir: Path, kind: str, root: Path) -> None:
+    """Put the run's manufacturer CA for ``kind`` in that kind's trust store."""
+    store = trust_dir(workdir, kind)
+    store.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(root, store / "sim-manufacturer.pem")
+
+
+def identity_args(kind: str, directory: Path, device_id: str, access: tuple[str, ...]) -> list[str]:
+    """The arguments that name a hardware device to ``hardware_device.py``."""
+    return ["--key-store", kind, "--dir", str(directory), "--device-id", device_id, *access]
 
 
 @dataclass(frozen=True)
@@ -303,12 +323,7 @@ class HardwareLine:
                 f"cannot make the virtual {self.plan.kind} hardware: {exc}"
             ) from exc
         self.report.hardware = self._bench.description
-        store = self._trust_dir(self.plan.kind)
-        store.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self._bench.root, store / "sim-manufacturer.pem")
-
-    def _trust_dir(self, kind: HardwareKind) -> Path:
-        return self.workdir / "trust" / kind
+        install_manufacturer(self.workdir, self.plan.kind, self._bench.root)
 
     def trusting(self, config: Config) -> Config:
         """``config`` whose attestation trust stores are this run's, and only this run's: the
@@ -317,8 +332,8 @@ class HardwareLine:
             config,
             attestation=replace(
                 config.attestation,
-                tpm_manufacturer_cas=str(self._trust_dir("tpm")),
-                card_manufacturer_cas=str(self._trust_dir("smartcard")),
+                tpm_manufacturer_cas=str(trust_dir(self.workdir, "tpm")),
+                card_manufacturer_cas=str(trust_dir(self.workdir, "smartcard")),
             ),
         )
 
@@ -389,15 +404,7 @@ class HardwareLine:
         return self.workdir / "backend.pem"
 
     def _identity_args(self, unit: _Unit) -> list[str]:
-        return [
-            "--key-store",
-            self.plan.kind,
-            "--dir",
-            str(unit.directory),
-            "--device-id",
-            unit.device_id,
-            *unit.access,
-        ]
+        return identity_args(self.plan.kind, unit.directory, unit.device_id, tuple(unit.access))
 
     async def _spawn(self, unit: _Unit, arguments: list[str], log: Path) -> _DeviceProcess:
         """``python -m firmware_sim.hardware_device ...`` in the unit's hardware environment."""
